@@ -1,0 +1,43 @@
+# kubetrain: every entry point a user or CI needs. `make help` lists them.
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt $(PIP_EXTRA)
+ARGS   ?=
+TARGET ?= local
+PYTEST_ARGS ?=
+
+.PHONY: help install install-test run compile render test bench lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+$(VENV)/.run: pyproject.toml constraints.txt
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 or pass PYTHON=/path/to/python3.11"; exit 2; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "kubetrain | installing into $(VENV) (first time: about 2 minutes)"
+	$(PIP) -e .
+	@touch $@
+
+$(VENV)/.test: $(VENV)/.run
+	$(PIP) -e ".[test]"
+	@touch $@
+
+install: $(VENV)/.run ## create .venv and install kubetrain
+
+install-test: $(VENV)/.test ## install kubetrain with the test tools
+
+run: install ## run the whole pipeline locally (kfp.local); ARGS="--dataset breast_cancer --epochs 5"
+	$(VENV)/bin/kubetrain run $(ARGS)
+
+compile: install ## write the pipeline YAML to pipelines/compiled/ (TARGET=local|cluster)
+	$(VENV)/bin/kubetrain compile --target $(TARGET) $(ARGS)
+
+test: install-test ## run the test suite
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: install ## measure pipeline and stage speed
+	$(PY) -m kubetrain.bench $(ARGS)
+
+clean: ## remove runs, compiled YAML and caches (keeps .venv)
+	rm -rf runs pipelines/compiled .pytest_cache

@@ -1,0 +1,19 @@
+"""KFP component: augment."""
+
+from kfp.dsl import HTML, Dataset, Input, Output
+
+from kubetrain.components.common import component
+
+
+@component
+def augment(train: Input[Dataset], augment_copies: int, max_shift: int, max_rotation: float,
+            flip_horizontal: bool, flip_vertical: bool, noise_std: float, brightness: float,
+            oversample: bool, seed: int, augmented: Output[Dataset], report: Output[HTML]):
+    """Augment the training split only: image warps/noise, or table oversampling/jitter."""
+    from kubetrain.stages import augment_stage
+
+    settings = dict(augment_copies=augment_copies, max_shift=max_shift,
+                    max_rotation=max_rotation, flip_horizontal=flip_horizontal,
+                    flip_vertical=flip_vertical, noise_std=noise_std, brightness=brightness,
+                    oversample=oversample, seed=seed)
+    augmented.metadata.update(augment_stage(train.path, augmented.path, report.path, settings))

@@ -1,0 +1,45 @@
+"""KFP components: compress, and the record left when the quality gate stops it."""
+
+from typing import NamedTuple
+
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
+
+from kubetrain.components.common import component
+
+
+@component
+def compress(trained_model: Input[Model], test: Input[Dataset], accuracy_budget: float,
+             prune_amount: float, compressed_model: Output[Model], metrics: Output[Metrics],
+             report: Output[HTML]) -> NamedTuple("Compressed", [("summary", dict)]):
+    """Prune, quantize to int8 and export ONNX; keep the smallest variant within budget."""
+    import json
+
+    from kubetrain.stages import compress_stage
+
+    settings = dict(accuracy_budget=accuracy_budget, prune_amount=prune_amount)
+    summary = compress_stage(trained_model.path, test.path, compressed_model.path,
+                             report.path, settings)
+    chosen = next(v for v in summary["variants"] if v["name"] == summary["chosen"])
+    for name in ("bytes", "gzip_bytes", "accuracy", "cpu_latency_ms"):
+        metrics.log_metric(name, float(chosen[name]))
+    with open(metrics.path, "w") as f:
+        json.dump(metrics.metadata, f)
+    compressed_model.metadata.update({"format": "onnx", "variant": summary["chosen"],
+                                      "file": "model.onnx"})
+    return (dict(summary, uri=compressed_model.uri),)
+
+
+@component
+def skip_compression(evaluation: Input[Artifact], compressed_model: Output[Model],
+                     metrics: Output[Metrics],
+                     report: Output[HTML]) -> NamedTuple("Compressed", [("summary", dict)]):
+    """Runs instead of compress when the quality gate fails: records the reason."""
+    import json
+
+    from kubetrain.stages import skip_compression_stage
+
+    summary = skip_compression_stage(evaluation.path, compressed_model.path, report.path)
+    with open(metrics.path, "w") as f:
+        json.dump({"skipped": 1}, f)
+    compressed_model.metadata.update({"skipped": True, "reason": summary["reason"]})
+    return (dict(summary, uri=compressed_model.uri),)

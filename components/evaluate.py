@@ -1,0 +1,30 @@
+"""KFP component: evaluate (and the quality gate's verdict)."""
+
+from typing import NamedTuple
+
+from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metrics, Model, Output
+
+from kubetrain.components.common import component
+
+@component
+def evaluate(trained_model: Input[Model], test: Input[Dataset], min_accuracy: float,
+             metrics: Output[Metrics], classification: Output[ClassificationMetrics],
+             evaluation: Output[Artifact], report: Output[HTML]) -> NamedTuple("Verdict", [("gate", str), ("accuracy", float)]):
+    """Test-split metrics, confusion matrix and ROC for the Kubeflow UI; gate pass/fail."""
+    import json
+
+    from kubetrain.stages import evaluate_stage
+
+    result = evaluate_stage(trained_model.path, test.path, evaluation.path, report.path,
+                            min_accuracy)
+    for name in ("accuracy", "macro_f1", "precision_macro", "recall_macro", "roc_auc"):
+        metrics.log_metric(name, float(result[name]))
+    classification.log_confusion_matrix(result["class_names"], result["confusion_matrix"])
+    roc = result["roc"]["micro"]
+    classification.log_roc_curve(roc["fpr"], roc["tpr"], roc["thresholds"])
+    # kfp.local caches only outputs that exist as files; Metrics write none by themselves.
+    for artifact in (metrics, classification):
+        with open(artifact.path, "w") as f:
+            json.dump(artifact.metadata, f)
+    evaluation.metadata.update({"gate": result["gate"], "accuracy": result["accuracy"]})
+    return (result["gate"], result["accuracy"])

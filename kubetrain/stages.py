@@ -1,0 +1,225 @@
+"""Stage entrypoints: paths in, paths out, a metadata dict back.
+
+Each KFP component in `components/` calls exactly one function here and only
+maps its artifacts to paths; each function here calls the stage's logic module
+and renders the stage's report for the Kubeflow UI. The local CLI, the
+per-stage command line (`python -m kubetrain.stage_cli`) and the tests call the
+same functions, so a stage behaves the same everywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from kubetrain import plots, progress
+from kubetrain.config import RunConfig
+from kubetrain.datasets import load_split, write_json
+from kubetrain.report import Section, write_html, write_markdown
+
+
+def _cfg(settings: dict[str, Any] | None) -> RunConfig:
+    return RunConfig.from_dict(dict(settings or {}))
+
+
+def ingest_stage(source: str, label_column: str, dataset_path: str, profile_path: str,
+                 fingerprint: str = "") -> dict[str, Any]:
+    from kubetrain.ingest import ingest
+
+    progress.log("ingest", f"reading {source}")
+    meta = ingest(source, label_column, dataset_path, fingerprint)
+    progress.log("ingest", f"{meta['rows']} rows, {meta['features']} features, "
+                           f"{len(meta['classes'])} classes, hash {meta['content_hash'][:12]}")
+    rows = [{"class": k, "rows": v} for k, v in meta["class_counts"].items()]
+    write_markdown(profile_path, f"Dataset: {source}", [
+        Section("Summary", facts={"kind": meta["kind"], "rows": meta["rows"],
+                                  "features": meta["features"],
+                                  "missing values": meta["missing_values"],
+                                  "content sha256": meta["content_hash"][:16]}),
+        Section("Class counts", tables=[rows]),
+    ])
+    return meta
+
+
+def clean_stage(table_path: str, train_path: str, val_path: str, test_path: str,
+                report_path: str, settings: dict[str, Any]) -> dict[str, Any]:
+    from kubetrain.clean import clean, quality_report
+
+    meta = clean(table_path, train_path, val_path, test_path, _cfg(settings))
+    Path(report_path).parent.mkdir(parents=True, exist_ok=True)
+    write_json_text(report_path, quality_report(meta))
+    sizes = ", ".join(f"{k} {v['rows']}" for k, v in meta["splits"].items())
+    progress.log("clean", f"{meta['duplicates_removed']} duplicates removed, "
+                          f"{meta['missing_values']} missing values filled; splits: {sizes}")
+    return meta
+
+
+def write_json_text(path: str, text: str) -> None:
+    from kubetrain.datasets import atomic_file
+
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def augment_stage(train_path: str, out_path: str, report_path: str,
+                  settings: dict[str, Any]) -> dict[str, Any]:
+    from kubetrain.augment import augment
+
+    meta = augment(train_path, out_path, _cfg(settings))
+    progress.log("augment", f"{meta['rows_before']} -> {meta['rows_after']} training rows")
+    write_html(report_path, "Augmentation", [Section(
+        "Training rows per class", facts={"rows before": meta["rows_before"],
+                                          "rows after": meta["rows_after"]},
+        images=[(plots.class_balance_compare(meta["class_counts_before"],
+                                             meta["class_counts_after"]),
+                 "Only the training split is augmented")])])
+    return meta
+
+
+def tune_stage(train_path: str, val_path: str, trials_path: str, report_path: str,
+               settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    from kubetrain.tuning import GOALS, tune
+
+    cfg = _cfg(settings)
+    started = time.perf_counter()
+    X, y, schema = load_split(train_path)
+    Xv, yv, _ = load_split(val_path)
+    best, trials = tune(cfg, (X, y), (Xv, yv), schema)
+    progress.log("tune", f"best hyperparameters: {best}")
+    meta = {"stage": "tune", "algorithm": cfg.tune_algorithm, "objective": cfg.tune_objective,
+            "goal": GOALS[cfg.tune_objective], "trials": len(trials),
+            "best_hyperparameters": best, "seconds": round(time.perf_counter() - started, 3)}
+    return best, _write_trials(trials_path, report_path, trials, meta)
+
+
+def default_hyperparameters_stage(trials_path: str, report_path: str,
+                                  settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What the Else branch runs when tune_trials=0: the configured values, no trials."""
+    from kubetrain.training import tuned_values
+    from kubetrain.tuning import GOALS
+
+    cfg = _cfg(settings)
+    best = tuned_values(cfg)
+    progress.log("tune", f"skipped (tune_trials=0); using {best}")
+    meta = {"stage": "tune", "algorithm": "none", "objective": cfg.tune_objective,
+            "goal": GOALS[cfg.tune_objective], "trials": 0, "best_hyperparameters": best,
+            "seconds": 0.0}
+    return best, _write_trials(trials_path, report_path, [], meta)
+
+
+def _write_trials(trials_path: str, report_path: str, trials: list[dict],
+                  meta: dict) -> dict[str, Any]:
+    """Write the trials table and its report; return it (`{"meta", "trials"}`)."""
+    tuning = {"meta": meta, "trials": trials}
+    write_json(trials_path, tuning)
+    rows = [{"trial": t["number"], "state": t["state"], meta["objective"]: t.get("value"),
+             **t["params"]} for t in trials]
+    write_html(report_path, "Hyperparameter tuning", [
+        Section("Search", facts={"algorithm": meta["algorithm"], "trials": meta["trials"],
+                                 "objective": f"{meta['objective']} ({meta['goal']})"},
+                text="" if trials else "Tuning was skipped (tune_trials=0)."),
+        Section("Best hyperparameters", tables=[[meta["best_hyperparameters"]]]),
+        Section("Trials", images=[plots.tuning_trials(trials, meta["objective"], meta["goal"])]
+                if trials else [], tables=[rows] if rows else []),
+    ])
+    return json.loads(json.dumps(tuning, default=str))
+
+
+def train_stage(train_path: str, val_path: str, hyperparameters: dict[str, Any],
+                model_path: str, metrics_path: str, report_path: str,
+                settings: dict[str, Any], checkpoint_dir: str | None = None) -> dict[str, Any]:
+    from kubetrain.models import save_model
+    from kubetrain.training import describe, fit, with_hyperparameters
+
+    cfg = with_hyperparameters(_cfg(settings), hyperparameters or {})
+    X, y, schema = load_split(train_path)
+    Xv, yv, _ = load_split(val_path)
+    progress.log("train", f"{len(X)} rows, {len(schema.feature_names)} features, "
+                          f"{schema.num_classes} classes, hyperparameters "
+                          f"{ {k: v for k, v in describe(cfg).items()} }")
+    result = fit(cfg, (X, y), (Xv, yv), schema, checkpoint_dir=checkpoint_dir)
+    info = {"hyperparameters": describe(cfg), "history": result.history,
+            "metrics": result.metrics, "schema": schema.extra.get("preprocessing", {}),
+            "feature_names": schema.feature_names}
+    save_model(model_path, result.model, result.spec, info)
+    write_json(metrics_path, result.metrics)
+    write_html(report_path, "Training", [
+        Section("Result", facts={"validation accuracy": result.metrics["val_accuracy"],
+                                 "validation loss": result.metrics["val_loss"],
+                                 "best epoch": result.best_epoch,
+                                 "epochs run": result.metrics["epochs_run"],
+                                 "device": result.metrics["device"]}),
+        Section("Learning curves", images=[plots.learning_curves(result.history)]),
+        Section("Hyperparameters", tables=[[describe(cfg)]]),
+    ])
+    return {"stage": "train", **result.metrics, "hyperparameters": describe(cfg),
+            "arch": result.spec.arch}
+
+
+def evaluate_stage(model_path: str, test_path: str, evaluation_path: str, report_path: str,
+                   min_accuracy: float) -> dict[str, Any]:
+    from kubetrain.evaluation import evaluate
+
+    result = evaluate(model_path, test_path, min_accuracy)
+    write_json(evaluation_path, result)
+    progress.log("evaluate", f"accuracy {result['accuracy']:.4f} | macro_f1 "
+                             f"{result['macro_f1']:.4f} | roc_auc {result['roc_auc']:.4f}")
+    progress.log("evaluate", result["gate_reason"])
+    write_html(report_path, "Evaluation on the held-out test split", evaluation_sections(result))
+    return result
+
+
+def evaluation_sections(result: dict[str, Any]) -> list[Section]:
+    return [
+        Section("Test metrics", facts={k: result[k] for k in (
+            "accuracy", "macro_f1", "precision_macro", "recall_macro", "roc_auc", "test_rows")},
+                text=result["gate_reason"]),
+        Section("Confusion matrix", images=[plots.confusion_matrix(
+            result["confusion_matrix"], result["class_names"])]),
+        Section("ROC", images=[plots.roc_curves(
+            {k: v for k, v in result["roc"].items()})]),
+        Section("Per class", tables=[result["per_class"]]),
+    ]
+
+
+def compress_stage(model_path: str, test_path: str, out_path: str, report_path: str,
+                   settings: dict[str, Any]) -> dict[str, Any]:
+    from kubetrain.compression import compress
+
+    cfg = _cfg(settings)
+    X, y, _ = load_split(test_path)
+    progress.log("compress", f"pruning {cfg.prune_amount:.0%}, int8 quantization, ONNX export")
+    summary = compress(model_path, X, y, cfg.accuracy_budget, cfg.prune_amount, out_dir=out_path)
+    chosen = next(v for v in summary["variants"] if v["name"] == summary["chosen"])
+    progress.log("compress", f"kept {chosen['name']}: {chosen['bytes']} bytes, accuracy "
+                             f"{chosen['accuracy']:.4f}, {chosen['cpu_latency_ms']:.3f} ms")
+    write_html(report_path, "Compression", compression_sections(summary, cfg.accuracy_budget))
+    return summary
+
+
+def compression_sections(summary: dict[str, Any], budget: float) -> list[Section]:
+    variants = [dict(v, chosen=v["name"] == summary["chosen"]) for v in summary["variants"]]
+    return [
+        Section("Kept variant", facts={"variant": summary["chosen"],
+                                       "baseline accuracy": summary["baseline_accuracy"],
+                                       "accuracy budget": budget}),
+        Section("Size vs accuracy", images=[plots.compression_tradeoff(
+            variants, summary["baseline_accuracy"], budget)], tables=[variants]),
+    ]
+
+
+def skip_compression_stage(evaluation_path: str, out_path: str, report_path: str) -> dict[str, Any]:
+    """The Else branch of the quality gate: record why nothing was compressed."""
+    from kubetrain.datasets import atomic_dir
+
+    result = json.loads(Path(evaluation_path).read_text())
+    summary = {"skipped": True, "reason": result["gate_reason"], "variants": [],
+               "chosen": None}
+    with atomic_dir(out_path) as tmp:
+        (tmp / "compression.json").write_text(json.dumps(summary, indent=2))
+    write_html(report_path, "Compression skipped", [Section("Quality gate",
+                                                            text=result["gate_reason"])])
+    progress.log("compress", f"skipped: {result['gate_reason']}")
+    return summary
