@@ -7,7 +7,11 @@ ARGS   ?=
 TARGET ?= local
 PYTEST_ARGS ?=
 
-.PHONY: help install install-test run compile render test bench lint clean
+OVERLAY ?= gpu-cluster
+KUBECTL ?= $(VENV)/bin/kubectl
+S3_ENV  := manifests/base/s3-credentials.env
+
+.PHONY: help install install-test run compile render test bench deploy clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -37,7 +41,17 @@ test: install-test ## run the test suite
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install ## measure pipeline and stage speed
-	$(PY) -m kubetrain.bench $(ARGS)
+	$(PY) -m kubetrain.bench -- $(ARGS)
+
+deploy: install-test ## apply the platform manifests to the current kube context (OVERLAY=gpu-cluster|single-node)
+	@test -f manifests/overlays/$(OVERLAY)/kustomization.yaml || { \
+	  echo "error: no overlay '$(OVERLAY)'; use OVERLAY=$$(ls manifests/overlays | paste -sd'|' -)"; exit 2; }
+	@test -f $(S3_ENV) || { \
+	  echo "error: $(S3_ENV) is missing; create it from the example and fill in the keys (it is git-ignored):"; \
+	  echo "  cp $(S3_ENV).example $(S3_ENV) && \$${EDITOR:-vi} $(S3_ENV)"; exit 2; }
+	@grep -Eq '^AWS_ACCESS_KEY_ID=.+' $(S3_ENV) && grep -Eq '^AWS_SECRET_ACCESS_KEY=.+' $(S3_ENV) || { \
+	  echo "error: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY in $(S3_ENV)"; exit 2; }
+	$(KUBECTL) apply -k manifests/overlays/$(OVERLAY)
 
 clean: ## remove runs, compiled YAML and caches (keeps .venv)
 	rm -rf runs pipelines/compiled .pytest_cache

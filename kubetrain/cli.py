@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kubetrain import config
+from kubetrain import cluster_config, config
 from kubetrain.errors import KubetrainError
 
 COMPILED = Path("pipelines/compiled")
@@ -33,9 +33,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compile(args: argparse.Namespace) -> int:
+    from kubetrain import cluster_config
     from kubetrain.compile import compile_pipeline
 
-    path = compile_pipeline(args.target, Path(args.output) if args.output else None)
+    path = compile_pipeline(args.target, Path(args.output) if args.output else None,
+                            cluster_config.from_arguments(args))
     print(f"kubetrain | compile | wrote {path}")
     return 0
 
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compile", help="write the pipeline YAML for the Kubeflow UI")
     comp.add_argument("--target", choices=("local", "cluster"), default="local")
     comp.add_argument("--output", default="", help="YAML path (default pipelines/compiled/)")
+    cluster_config.add_arguments(comp.add_argument_group("cluster placement (--target cluster)"))
     comp.set_defaults(func=_compile)
     return parser
 

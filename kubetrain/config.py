@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -121,6 +122,11 @@ class RunConfig:
                                   stage="compress")
     prune_amount: float = _opt(0.5, "Share of smallest-magnitude weights pruned.",
                                low=0, high=0.99, stage="compress")
+    # publish
+    publish_uri: str = _opt("", "Where the model bundle is published (s3://bucket/models or a "
+                            "local folder); empty skips publishing.", stage="publish")
+    model_name: str = _opt("kubetrain-model", "Model name: the bundle goes to "
+                           "<publish_uri>/<model_name>/<version>/.", stage="publish")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -129,6 +135,9 @@ class RunConfig:
             raise KubetrainError(
                 f"test_fraction + val_fraction is {self.test_fraction + self.val_fraction:.2f};"
                 " keep it below 0.8 so enough rows remain for training")
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?", self.model_name):
+            raise KubetrainError(f"model_name={self.model_name!r} must be lower-case letters, "
+                                 "digits, '.', '_' or '-' (it becomes an object-store path)")
         if self.tune_parallel > max(self.tune_trials, 1):
             raise KubetrainError(
                 f"tune_parallel ({self.tune_parallel}) exceeds tune_trials "
@@ -171,7 +180,9 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         if value.lower() in ("false", "0", "no", "off"):
             return False
         raise KubetrainError(f"{f.name} must be true or false, got {value!r}")
-    if kind is int and isinstance(value, float) and value.is_integer():
+    if kind is int and isinstance(value, float):
+        if not value.is_integer():
+            raise KubetrainError(f"{f.name} must be a whole number, got {value!r}")
         return int(value)  # KFP hands ints inside dicts back as floats
     try:
         return kind(value)

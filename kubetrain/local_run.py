@@ -31,8 +31,9 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")
 EXCEPTION = re.compile(r"^\s*[\w.]*(Error|Exception|Interrupt)\b: ")
 TASK_STAGE = {"ingest": "ingest", "clean": "clean", "augment": "augment", "tune": "tune",
               "default-hyperparameters": "tune", "train": "train", "evaluate": "evaluate",
-              "compress": "compress", "skip-compression": "compress"}
+              "compress": "compress", "skip-compression": "compress", "publish": "publish"}
 STAGES = ("ingest", "clean", "augment", "tune", "train", "evaluate", "compress")
+PUBLISHED = re.compile(r"model bundle published to (\S+)")
 
 
 @dataclass
@@ -68,12 +69,12 @@ class StageClock:
                              "status": "skipped" if skipped and status == "succeeded" else status,
                              "seconds": round(seconds, 2), "task": task}
 
-    def table(self) -> list[dict[str, Any]]:
+    def table(self, publish: bool = False) -> list[dict[str, Any]]:
         """One row per stage of a finished run; a stage kfp.local never logged was
         served from its cache as part of a cached sub-DAG."""
         by_stage = {rec["name"]: rec for rec in self.stages.values()}
         return [by_stage.get(s, {"name": s, "status": "cached", "seconds": 0.0, "task": ""})
-                for s in STAGES]
+                for s in STAGES + (("publish",) if publish else ())]
 
 
 class ConsoleFilter(io.TextIOBase):
@@ -84,6 +85,7 @@ class ConsoleFilter(io.TextIOBase):
         self.buffer_ = ""
         self.error: str | None = None  # first KubetrainError message of a failed task
         self.last_exception: str | None = None  # any other exception's last line
+        self.published: str | None = None
 
     def writable(self) -> bool:
         return True
@@ -101,6 +103,8 @@ class ConsoleFilter(io.TextIOBase):
             self.error = line.split(KubetrainError.LOG_PREFIX, 1)[1].strip()
         elif EXCEPTION.match(line):
             self.last_exception = line.strip()
+        if m := PUBLISHED.search(line):
+            self.published = m.group(1)
         shown = self.clock.feed(line)
         if shown is None and progress.PREFIX in line:
             shown = line[line.index(progress.PREFIX):]
@@ -124,15 +128,40 @@ def fingerprint(source: str) -> str:
     return digest.hexdigest()
 
 
+def _absolute_source(cfg: RunConfig) -> RunConfig:
+    """Tasks may run in another working directory: pass local files by absolute path."""
+    import dataclasses
+
+    path = Path(cfg.dataset)
+    if path.exists():
+        return dataclasses.replace(cfg, dataset=str(path.resolve()))
+    return cfg
+
+
 def new_run_id(cfg: RunConfig) -> str:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     tag = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:6]
     return f"{stamp}-{tag}"
 
 
+def _unshadow_docker() -> None:
+    """Keep the repo's docker/ folder from posing as the `docker` package.
+
+    Run as `python -m ...` from the repo root, Python would import the folder
+    of Dockerfiles as a namespace package named `docker`, and kfp.local's
+    optional Docker runner would then crash on import instead of being skipped.
+    """
+    import importlib.util
+
+    spec = importlib.util.find_spec("docker")
+    if spec is not None and spec.origin in (None, "namespace"):
+        sys.modules["docker"] = None  # type: ignore[assignment]  # import raises ImportError
+
+
 def run_local(cfg: RunConfig, runs_dir: str | os.PathLike = "runs", cache: bool = True,
               console=None) -> dict[str, Any]:
     """Run the whole pipeline locally; returns the summary (also written to disk)."""
+    _unshadow_docker()
     from kfp import local
 
     from kubetrain.pipelines.training import training_pipeline
@@ -153,12 +182,15 @@ def run_local(cfg: RunConfig, runs_dir: str | os.PathLike = "runs", cache: bool 
         out = ConsoleFilter(console, log, clock)
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-                task = training_pipeline(**cfg.to_dict(), fingerprint=fingerprint(cfg.dataset))
+                task = training_pipeline(**_absolute_source(cfg).to_dict(),
+                                         fingerprint=fingerprint(cfg.dataset))
         except Exception as exc:  # kfp.local raises RuntimeError for a failed task
             cause = out.error or out.last_exception or ANSI.sub("", str(exc)).splitlines()[0]
             raise KubetrainError(f"{cause} (full log: {run_dir / 'pipeline.log'})") from None
     seconds = time.perf_counter() - started
-    summary = summarize(cfg, run_id, run_dir, task.outputs, clock.table(), seconds)
+    summary = summarize(cfg, run_id, run_dir, task.outputs,
+                        clock.table(publish=bool(cfg.publish_uri)), seconds)
+    summary["published"] = out.published
     _write_run(runs, run_dir, summary, task.outputs)
     return summary
 

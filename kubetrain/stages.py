@@ -223,3 +223,14 @@ def skip_compression_stage(evaluation_path: str, out_path: str, report_path: str
                                                             text=result["gate_reason"])])
     progress.log("compress", f"skipped: {result['gate_reason']}")
     return summary
+
+
+def publish_stage(trained_model: str, compressed_model: str, evaluation_path: str,
+                  dataset_meta: dict[str, Any], hyperparameters: dict[str, Any],
+                  publish_uri: str, model_name: str) -> str:
+    from kubetrain.publish import publish_model
+    from kubetrain.training import tuned_values, with_hyperparameters
+
+    best = tuned_values(with_hyperparameters(RunConfig(), hyperparameters or {}))
+    return publish_model(trained_model, compressed_model, evaluation_path, dataset_meta, best,
+                         publish_uri, model_name)

@@ -132,18 +132,26 @@ def fit(cfg: RunConfig, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndar
     start_epoch, history = 1, []
     best = {"loss": float("inf"), "epoch": 0, "state": None}
     ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
+    bad_epochs = 0
     if ckpt and ckpt.exists():
         state = torch.load(ckpt, map_location=device, weights_only=False)
-        if state.get("config") == cfg.to_dict():
+        # The schedule depends on the epoch count, so a checkpoint resumes only the same run.
+        if state.get("config") == cfg.to_dict() and state.get("epochs") == epochs:
             model.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["schedule"])
             history, best = state["history"], state["best"]
             start_epoch = state["epoch"] + 1
+            bad_epochs = state["epoch"] - best["epoch"]
             gen.set_state(state["generator"])
+            torch.set_rng_state(state["rng"].cpu())  # dropout masks continue as if never stopped
+            if device.type == "cuda" and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
             if verbose:
                 progress.log(stage, f"resumed from checkpoint at epoch {state['epoch']}")
-    stopped_by_hook, bad_epochs, started = False, 0, time.perf_counter()
+    if bad_epochs >= cfg.patience:  # the checkpointed run had already stopped early
+        start_epoch = epochs + 1
+    stopped_by_hook, started = False, time.perf_counter()
     n, bs = len(Xt), min(cfg.batch_size, len(Xt))
     for epoch in range(start_epoch, epochs + 1):
         t0 = time.perf_counter()
@@ -163,9 +171,10 @@ def fit(cfg: RunConfig, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndar
         lr = opt.param_groups[0]["lr"]
         sched.step()
         val_loss, val_acc = _evaluate(model, Xv, yv, autocast)
-        if not np.isfinite(val_loss):
-            raise KubetrainError(f"training diverged at epoch {epoch} (validation loss "
-                                 f"{val_loss}); lower --learning-rate (now {cfg.learning_rate})")
+        if not (np.isfinite(val_loss) and np.isfinite(total)):
+            raise KubetrainError(f"training diverged at epoch {epoch} (train loss {total / n}, "
+                                 f"validation loss {val_loss}); lower --learning-rate "
+                                 f"(now {cfg.learning_rate})")
         row = {"epoch": epoch, "train_loss": total / n, "val_loss": val_loss,
                "val_accuracy": val_acc, "lr": lr, "seconds": time.perf_counter() - t0}
         history.append(row)
@@ -177,7 +186,7 @@ def fit(cfg: RunConfig, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndar
         else:
             bad_epochs += 1
         if ckpt:
-            _save_checkpoint(ckpt, model, opt, sched, gen, cfg, epoch, history, best)
+            _save_checkpoint(ckpt, model, opt, sched, gen, cfg, epochs, epoch, history, best)
         if verbose:
             progress.log(stage, f"epoch {epoch}/{epochs} | train_loss {row['train_loss']:.4f}"
                                 f" | val_loss {val_loss:.4f} | val_acc {val_acc:.4f} | "
@@ -202,12 +211,17 @@ def fit(cfg: RunConfig, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndar
                      metrics=metrics, stopped_by_hook=stopped_by_hook, config=cfg.to_dict())
 
 
-def _save_checkpoint(path: Path, model, opt, sched, gen, cfg, epoch, history, best) -> None:
+def _save_checkpoint(path: Path, model, opt, sched, gen, cfg, epochs, epoch, history,
+                     best) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
+    on_cuda = next(model.parameters()).is_cuda
     torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                 "schedule": sched.state_dict(), "generator": gen.get_state(),
-                "config": cfg.to_dict(), "epoch": epoch, "history": history, "best": best}, tmp)
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if on_cuda else None,
+                "config": cfg.to_dict(), "epochs": epochs, "epoch": epoch,
+                "history": history, "best": best}, tmp)
     os.replace(tmp, path)
 
 

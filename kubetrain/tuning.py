@@ -80,7 +80,10 @@ def for_algorithm(space: list[Param], algorithm: str) -> list[Param]:
                       else np.linspace(p.min, p.max, GRID_POINTS))
             out.append(Param(p.name, "categorical", values=tuple(f"{v:.3g}" for v in points)))
         elif p.type == "int":
-            values = np.unique(np.linspace(p.min, p.max, GRID_POINTS).round().astype(int))
+            step = p.step or 1  # grid points stay on the feasible space's step
+            points = np.linspace(p.min, p.max, GRID_POINTS)
+            points = p.min + np.round((points - p.min) / step) * step
+            values = np.unique(np.clip(points, p.min, p.max).astype(int))
             out.append(Param(p.name, "categorical", values=tuple(str(v) for v in values)))
         else:
             out.append(p)

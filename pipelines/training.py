@@ -22,6 +22,7 @@ from kubetrain.components.clean import clean
 from kubetrain.components.compress import compress, skip_compression
 from kubetrain.components.evaluate import evaluate
 from kubetrain.components.ingest import ingest
+from kubetrain.components.publish import publish
 from kubetrain.components.train import train
 from kubetrain.components.tune import default_hyperparameters, tune
 from kubetrain.config import RunConfig, fields_of
@@ -59,8 +60,9 @@ class TaskPolicy:
     configure: Optional[Callable[[dsl.PipelineTask, str], None]] = None
 
 
-def _task(task: dsl.PipelineTask, stage: str, policy: TaskPolicy, version: str) -> dsl.PipelineTask:
-    task.set_display_name(stage)
+def _task(task: dsl.PipelineTask, stage: str, policy: TaskPolicy, version: str,
+          display: str = "") -> dsl.PipelineTask:
+    task.set_display_name(display or stage)
     task.set_env_variable("KUBETRAIN_CODE_VERSION", version)
     if policy.retries:
         task.set_retry(num_retries=policy.retries, backoff_duration=f"{policy.backoff_seconds}s",
@@ -74,8 +76,8 @@ def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:
     """The pipeline function for one target (local runs retry nothing: errors are ours)."""
     version = code_version()
 
-    def t(task: dsl.PipelineTask, stage: str) -> dsl.PipelineTask:
-        return _task(task, stage, policy, version)
+    def t(task: dsl.PipelineTask, stage: str, display: str = "") -> dsl.PipelineTask:
+        return _task(task, stage, policy, version, display)
 
     def training_pipeline(
         dataset: str = D.dataset, label_column: str = D.label_column, fingerprint: str = "",
@@ -96,6 +98,7 @@ def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:
         tune_epochs: int = D.tune_epochs, tune_max_failed: int = D.tune_max_failed,
         tune_objective: str = D.tune_objective, min_accuracy: float = D.min_accuracy,
         accuracy_budget: float = D.accuracy_budget, prune_amount: float = D.prune_amount,
+        publish_uri: str = D.publish_uri, model_name: str = D.model_name,
     ) -> Outputs:
         raw = t(ingest(source=dataset, label_column=label_column, fingerprint=fingerprint),
                 "ingest")
@@ -120,7 +123,7 @@ def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:
             defaults = t(default_hyperparameters(
                 learning_rate=learning_rate, weight_decay=weight_decay, dropout=dropout,
                 width=width, batch_size=batch_size, tune_objective=tune_objective),
-                "tune (skipped)")
+                "defaults", "tune (skipped)")
         best = dsl.OneOf(tuned.outputs["best_hyperparameters"],
                          defaults.outputs["best_hyperparameters"])
         # kfp.local selects only parameters with OneOf, so the branch results the
@@ -138,9 +141,15 @@ def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:
             small = t(compress(trained_model=trained.outputs["trained_model"],
                                test=splits.outputs["test"], accuracy_budget=accuracy_budget,
                                prune_amount=prune_amount), "compress")
+            with dsl.If(publish_uri != "", name="publish-requested"):
+                t(publish(trained_model=trained.outputs["trained_model"],
+                          compressed_model=small.outputs["compressed_model"],
+                          evaluation=judged.outputs["evaluation"], dataset=raw.outputs["dataset"],
+                          best_hyperparameters=best, publish_uri=publish_uri,
+                          model_name=model_name), "publish")
         with dsl.Else(name="quality-gate-failed"):
             skipped = t(skip_compression(evaluation=judged.outputs["evaluation"]),
-                        "compress (skipped: quality gate)")
+                        "skip", "compress (skipped: quality gate)")
         return Outputs(
             dataset=raw.outputs["dataset"], train_split=splits.outputs["train"],
             augmented=aug.outputs["augmented"], tuning=tuning, best_hyperparameters=best,
@@ -150,8 +159,8 @@ def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:
 
     training_pipeline.__doc__ = _docstring()
     return dsl.pipeline(name=PIPELINE_NAME, description=(
-        "Train, tune (Katib semantics), evaluate and compress a classifier: "
-        "ingest -> clean -> augment -> tune -> train -> evaluate -> compress."))(training_pipeline)
+        "Train, tune (Katib semantics), evaluate, compress and publish a classifier: "
+        "ingest -> clean -> augment -> tune -> train -> evaluate -> compress -> publish."))(training_pipeline)
 
 
 def _docstring() -> str:

@@ -1,0 +1,339 @@
+"""Train stage library (`kubetrain.training`, `kubetrain.models`): real tiny
+networks on sklearn's breast_cancer (table) and digits (8x8 images), no KFP.
+Every run is a few epochs on a few hundred rows: seconds on 2 cores."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_breast_cancer, load_digits
+from sklearn.model_selection import train_test_split
+
+from kubetrain.config import RunConfig
+from kubetrain.datasets import Schema
+from kubetrain.errors import KubetrainError
+from kubetrain.models import load_model, predict_proba, save_model
+from kubetrain.training import TUNABLE, fit, with_hyperparameters
+
+TABLE = dict(dataset="breast_cancer")  # RunConfig defaults describe digits
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def cancer():
+    """Standardized breast_cancer: ((X, y), (Xv, yv), schema) with a table schema."""
+    data = load_breast_cancer()
+    X, y = data.data.astype(np.float32), data.target.astype(np.int64)
+    X_tr, X_va, y_tr, y_va = train_test_split(X, y, test_size=0.25, random_state=0, stratify=y)
+    mean, std = X_tr.mean(0), X_tr.std(0)
+    scale = lambda a: ((a - mean) / std).astype(np.float32)  # noqa: E731
+    schema = Schema("table", list(data.feature_names), list(data.target_names))
+    return (scale(X_tr), y_tr), (scale(X_va), y_va), schema
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """Digits standardized globally, as an image dataset [1, 8, 8]."""
+    data = load_digits()
+    X = data.data.astype(np.float32)
+    X = ((X - X.mean()) / X.std()).astype(np.float32)
+    X_tr, X_va, y_tr, y_va = train_test_split(X, data.target.astype(np.int64), test_size=0.25,
+                                              random_state=0, stratify=data.target)
+    schema = Schema("image", [f"pixel_{i}" for i in range(64)], [str(i) for i in range(10)],
+                    image_shape=[1, 8, 8])
+    return (X_tr, y_tr), (X_va, y_va), schema
+
+
+def _accuracy(model, X, y) -> float:
+    return float((predict_proba(model, X).argmax(1).numpy() == y).mean())
+
+
+def _val_loss(model, X, y) -> float:
+    with torch.no_grad():
+        return torch.nn.functional.cross_entropy(model(torch.as_tensor(X)),
+                                                 torch.as_tensor(y)).item()
+
+
+def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def _without_time(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+# --- learning -------------------------------------------------------------------------
+
+def test_mlp_learns_breast_cancer(cancer):
+    train, val, schema = cancer
+    result = fit(RunConfig(**TABLE, width=32, epochs=5, learning_rate=1e-2), train, val, schema,
+                 verbose=False)
+    assert result.spec.arch == "mlp"  # model=auto on a table
+    assert result.metrics["val_accuracy"] > 0.93
+    # the reported metric is the returned model's, measured again from the outside
+    assert _accuracy(result.model, *val) == pytest.approx(result.metrics["val_accuracy"], abs=1e-6)
+    assert [r["epoch"] for r in result.history] == list(range(1, len(result.history) + 1))
+    assert not result.model.training  # handed back in eval mode
+
+
+def test_cnn_learns_digits(digits):
+    train, val, schema = digits
+    result = fit(RunConfig(width=32, epochs=3, learning_rate=5e-3), train, val, schema,
+                 verbose=False)
+    assert result.spec.arch == "cnn"  # model=auto on images
+    assert result.spec.image_shape == [1, 8, 8]
+    assert result.metrics["val_accuracy"] > 0.9
+    assert _accuracy(result.model, *val) == pytest.approx(result.metrics["val_accuracy"], abs=1e-6)
+
+
+# --- determinism ----------------------------------------------------------------------
+
+def test_same_seed_same_model_different_seed_different_model(cancer):
+    train, val, schema = cancer
+    cfg = RunConfig(**TABLE, width=16, epochs=3, dropout=0.2, seed=7)
+    a = fit(cfg, train, val, schema, verbose=False)
+    b = fit(cfg, train, val, schema, verbose=False)
+    c = fit(RunConfig(**TABLE, width=16, epochs=3, dropout=0.2, seed=8), train, val, schema,
+            verbose=False)
+    assert _same_weights(a.model, b.model)
+    assert _without_time(a.history) == _without_time(b.history)
+    assert not _same_weights(a.model, c.model)
+    assert _without_time(a.history) != _without_time(c.history)
+
+
+# --- early stopping -------------------------------------------------------------------
+
+def test_early_stopping_returns_best_epoch_model(cancer):
+    (X, y), val, schema = cancer
+    # 40 training rows, no regularization, a high constant rate: validation loss falls for
+    # a few epochs, then rises as the network overfits
+    cfg = RunConfig(**TABLE, width=64, epochs=60, learning_rate=3e-3, optimizer="adam",
+                    dropout=0.0, weight_decay=0.0, patience=2, batch_size=8, lr_schedule="none")
+    result = fit(cfg, (X[:40], y[:40]), val, schema, verbose=False)
+    losses = [r["val_loss"] for r in result.history]
+    assert len(result.history) < cfg.epochs
+    assert result.metrics["epochs_run"] == len(result.history)
+    assert result.best_epoch == int(np.argmin(losses)) + 1
+    assert 1 < result.best_epoch < len(result.history)  # it improved, then stalled
+    assert len(result.history) - result.best_epoch == cfg.patience
+    assert result.metrics["val_loss"] == min(losses)
+    # the weights handed back are the best epoch's, not the last one's
+    assert _val_loss(result.model, *val) == pytest.approx(min(losses), abs=1e-5)
+    assert _val_loss(result.model, *val) < losses[-1] - 1e-3
+
+
+# --- optimizers and schedules ---------------------------------------------------------
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
+@pytest.mark.parametrize("schedule", ["cosine", "step", "none"])
+def test_optimizer_and_schedule(cancer, optimizer, schedule):
+    train, val, schema = cancer
+    lr = 1e-2
+    cfg = RunConfig(**TABLE, width=16, epochs=6, learning_rate=lr, optimizer=optimizer,
+                    lr_schedule=schedule, patience=100)
+    result = fit(cfg, train, val, schema, verbose=False)
+    assert len(result.history) == 6
+    assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]  # it learns
+    lrs = [r["lr"] for r in result.history]
+    assert lrs[0] == pytest.approx(lr)
+    if schedule == "cosine":
+        assert all(b < a for a, b in zip(lrs, lrs[1:]))
+        assert lrs[-1] < 0.1 * lr
+    elif schedule == "step":  # step_size = epochs // 3 = 2, gamma 0.1
+        assert lrs == pytest.approx([lr, lr, lr / 10, lr / 10, lr / 100, lr / 100])
+    else:
+        assert lrs == pytest.approx([lr] * 6)
+
+
+def test_l1_shrinks_weights(cancer):
+    train, val, schema = cancer
+
+    def weight_l1(model):
+        return sum(p.abs().sum().item() for p in model.parameters() if p.ndim > 1)
+
+    plain = fit(RunConfig(**TABLE, width=16, epochs=4, l1=0.0), train, val, schema, verbose=False)
+    sparse = fit(RunConfig(**TABLE, width=16, epochs=4, l1=1e-3), train, val, schema,
+                 verbose=False)
+    assert weight_l1(sparse.model) < 0.97 * weight_l1(plain.model)
+
+
+# --- hook and checkpoints -------------------------------------------------------------
+
+def test_hook_stops_training(cancer):
+    train, val, schema = cancer
+    seen = []
+
+    def hook(epoch, metrics):
+        seen.append((epoch, dict(metrics)))
+        return epoch == 2
+
+    result = fit(RunConfig(**TABLE, width=16, epochs=6), train, val, schema, hook=hook,
+                 verbose=False)
+    assert result.stopped_by_hook
+    assert [r["epoch"] for r in result.history] == [1, 2]
+    assert [e for e, _ in seen] == [1, 2]
+    assert set(seen[0][1]) == {"validation-accuracy", "validation-loss"}
+    assert seen[1][1]["validation-loss"] == result.history[1]["val_loss"]
+    plain = fit(RunConfig(**TABLE, width=16, epochs=3), train, val, schema, verbose=False)
+    assert not plain.stopped_by_hook and len(plain.history) == 3
+
+
+def test_checkpoint_each_epoch_and_resume(cancer, tmp_path):
+    train, val, schema = cancer
+    cfg = RunConfig(**TABLE, width=16, epochs=5, dropout=0.2, patience=100)
+    ckpt = tmp_path / "ckpt"
+    uninterrupted = fit(cfg, train, val, schema, verbose=False)
+
+    saved = []
+
+    def preempted_after_epoch_2(epoch, metrics):
+        state = torch.load(ckpt / "last.pt", weights_only=False)  # written before the hook
+        saved.append(state["epoch"])
+        return epoch == 2
+
+    first = fit(cfg, train, val, schema, checkpoint_dir=str(ckpt), hook=preempted_after_epoch_2,
+                verbose=False)
+    assert saved == [1, 2] and len(first.history) == 2
+
+    epochs_trained = []
+    resumed = fit(cfg, train, val, schema, checkpoint_dir=str(ckpt), verbose=False,
+                  hook=lambda epoch, m: epochs_trained.append(epoch) and False)
+    assert epochs_trained == [3, 4, 5]  # continued, did not restart at epoch 1
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4, 5]
+    # resuming is exact: same weights, losses and learning rates as never stopping
+    assert _without_time(resumed.history) == _without_time(uninterrupted.history)
+    assert _same_weights(resumed.model, uninterrupted.model)
+    assert resumed.best_epoch == uninterrupted.best_epoch
+
+    # a finished run's checkpoint: nothing left to train, same result
+    again = fit(cfg, train, val, schema, checkpoint_dir=str(ckpt), verbose=False,
+                hook=lambda epoch, m: pytest.fail("trained past the finished checkpoint"))
+    assert _without_time(again.history) == _without_time(uninterrupted.history)
+    assert _same_weights(again.model, uninterrupted.model)
+
+    # other settings, or another epoch count (the schedule differs): a fresh run
+    other = fit(RunConfig(**TABLE, width=16, epochs=5, dropout=0.2, patience=100, seed=1),
+                train, val, schema, checkpoint_dir=str(ckpt), epochs=2, verbose=False)
+    assert [r["epoch"] for r in other.history] == [1, 2]
+    longer = fit(cfg, train, val, schema, checkpoint_dir=str(ckpt), epochs=3, verbose=False)
+    assert [r["epoch"] for r in longer.history] == [1, 2, 3]
+
+
+def test_resume_keeps_early_stopping_count(cancer, tmp_path):
+    (X, y), val, schema = cancer
+    cfg = RunConfig(**TABLE, width=64, epochs=60, learning_rate=3e-3, optimizer="adam",
+                    dropout=0.0, weight_decay=0.0, patience=2, batch_size=8, lr_schedule="none")
+    train = (X[:40], y[:40])
+    straight = fit(cfg, train, val, schema, verbose=False)
+    stop_at = straight.best_epoch + 1  # one epoch without improvement already counted
+    fit(cfg, train, val, schema, checkpoint_dir=str(tmp_path), verbose=False,
+        hook=lambda epoch, m: epoch == stop_at)
+    resumed = fit(cfg, train, val, schema, checkpoint_dir=str(tmp_path), verbose=False)
+    assert len(resumed.history) == len(straight.history)
+    assert resumed.best_epoch == straight.best_epoch
+
+
+# --- settings and errors --------------------------------------------------------------
+
+def test_with_hyperparameters_coerces_and_rejects_unknown():
+    cfg = with_hyperparameters(RunConfig(), {"width": 64.0, "batch_size": 32.0,
+                                             "learning_rate": 0.01, "dropout": 0})
+    assert cfg.width == 64 and type(cfg.width) is int
+    assert cfg.batch_size == 32 and type(cfg.batch_size) is int
+    assert cfg.learning_rate == 0.01 and cfg.dropout == 0.0
+    assert RunConfig().optimizer == cfg.optimizer  # everything else unchanged
+    with pytest.raises(KubetrainError, match="cannot tune epochs"):
+        with_hyperparameters(RunConfig(), {"epochs": 3, "width": 64})
+    with pytest.raises(KubetrainError):
+        with_hyperparameters(RunConfig(), {"width": "wide"})
+    assert set(TUNABLE) == {"learning_rate", "weight_decay", "dropout", "width", "batch_size"}
+
+
+def test_cnn_on_a_table_is_a_user_error(cancer):
+    train, val, schema = cancer
+    with pytest.raises(KubetrainError, match="model=cnn needs image data"):
+        fit(RunConfig(**TABLE, model="cnn", epochs=1), train, val, schema, verbose=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
+def test_cuda_without_gpu_is_a_one_line_error(cancer):
+    train, val, schema = cancer
+    with pytest.raises(KubetrainError) as info:
+        fit(RunConfig(**TABLE, device="cuda", epochs=1), train, val, schema, verbose=False)
+    message = str(info.value)
+    assert "cuda" in message.lower() and "\n" not in message
+
+
+def test_empty_or_mismatched_splits_are_user_errors(cancer):
+    (X, y), (Xv, yv), schema = cancer
+    cfg = RunConfig(**TABLE, epochs=1, width=8)
+    with pytest.raises(KubetrainError, match="must not be empty"):
+        fit(cfg, (X, y), (Xv[:0], yv[:0]), schema, verbose=False)
+    with pytest.raises(KubetrainError, match="feature count mismatch"):
+        fit(cfg, (X[:, :5], y), (Xv[:, :5], yv), schema, verbose=False)
+
+
+def test_divergence_names_the_learning_rate(digits):
+    train, val, schema = digits
+    cfg = RunConfig(model="cnn", optimizer="sgd", learning_rate=10.0, epochs=2, width=16)
+    with pytest.raises(KubetrainError, match="diverged at epoch 1.*--learning-rate"):
+        fit(cfg, train, val, schema, verbose=False)
+
+
+def test_non_finite_input_is_reported_as_divergence(cancer):
+    (X, y), val, schema = cancer
+    X = X.copy()
+    X[3, 2] = np.inf
+    with pytest.raises(KubetrainError, match="--learning-rate"):
+        fit(RunConfig(**TABLE, width=16, epochs=2), (X, y), val, schema, verbose=False)
+
+
+@pytest.mark.parametrize("lr", [1.0, 3.0, 10.0])
+def test_unstable_sgd_never_returns_a_non_finite_history(cancer, lr):
+    """Either training raises the divergence error, or every recorded loss is finite
+    (a history with inf would also break the JSON metrics artifacts)."""
+    train, val, schema = cancer
+    cfg = RunConfig(**TABLE, optimizer="sgd", learning_rate=lr, width=32, epochs=5,
+                    patience=100)
+    try:
+        result = fit(cfg, train, val, schema, verbose=False)
+    except KubetrainError as exc:
+        assert "--learning-rate" in str(exc)
+        return
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"])
+               for r in result.history)
+
+
+# --- model bundle ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("which", ["cancer", "digits"])
+def test_model_bundle_round_trip(which, cancer, digits, tmp_path):
+    train, (Xv, yv), schema = {"cancer": cancer, "digits": digits}[which]
+    result = fit(RunConfig(width=16, epochs=1, dataset=TABLE["dataset"] if which == "cancer"
+                           else "digits"), train, (Xv, yv), schema, verbose=False)
+    save_model(tmp_path / "model", result.model, result.spec, {"note": "round trip"})
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
+        "info.json", "spec.json", "weights.pt"]
+    model, spec, info = load_model(tmp_path / "model")
+    assert spec == result.spec and info == {"note": "round trip"}
+    assert not model.training
+    assert torch.equal(predict_proba(model, Xv), predict_proba(result.model, Xv))
+
+
+def test_loading_a_directory_without_weights_is_a_user_error(tmp_path):
+    (tmp_path / "spec.json").write_text("{}")
+    with pytest.raises(KubetrainError, match="no weights.pt"):
+        load_model(tmp_path)
+    with pytest.raises(KubetrainError, match="no weights.pt"):
+        load_model(tmp_path / "missing")

@@ -1,0 +1,332 @@
+"""Tune stage library (`kubetrain.tuning`): Katib's search-space vocabulary on Optuna.
+
+Real studies run on a small breast_cancer split (3 trials x 2 epochs each); the
+early-stopping, objective and failure tests replace `fit` (or `run_trial`) with a
+scripted learning curve so the outcome is exact and instant. No KFP, no Katib."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import numpy as np
+import optuna
+import pytest
+import torch
+from sklearn.datasets import load_breast_cancer
+from sklearn.model_selection import train_test_split
+
+from kubetrain import tuning
+from kubetrain.config import TUNE_ALGORITHMS, RunConfig
+from kubetrain.datasets import Schema
+from kubetrain.errors import KubetrainError
+from kubetrain.training import TUNABLE
+from kubetrain.tuning import (GRID_POINTS, MEDIANSTOP, Param, for_algorithm, make_pruner,
+                              make_sampler, run_trial, search_space, tune)
+
+TABLE = dict(dataset="breast_cancer")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def one_core(monkeypatch):
+    """`tune` gives each parallel trial cpu_count // tune_parallel torch threads; on a
+    shared CI box one thread per trial is fastest for these tiny networks."""
+    monkeypatch.setattr(tuning.os, "cpu_count", lambda: 1)
+
+
+@pytest.fixture(scope="module")
+def cancer():
+    """160 standardized training rows and 100 validation rows of breast_cancer."""
+    data = load_breast_cancer()
+    X, y = data.data.astype(np.float32), data.target.astype(np.int64)
+    X_tr, X_va, y_tr, y_va = train_test_split(X, y, train_size=160, test_size=100,
+                                              random_state=0, stratify=y)
+    mean, std = X_tr.mean(0), X_tr.std(0)
+    scale = lambda a: ((a - mean) / std).astype(np.float32)  # noqa: E731
+    schema = Schema("table", list(data.feature_names), list(data.target_names))
+    return (scale(X_tr), y_tr), (scale(X_va), y_va), schema
+
+
+def _in_space(params: dict, space: list[Param]) -> bool:
+    """Whether `params` is a point of the (Katib-style) search space."""
+    if set(params) != {p.name for p in space}:
+        return False
+    for p in space:
+        value = params[p.name]
+        if p.type == "categorical":
+            if value not in [p.cast(v) for v in p.values]:
+                return False
+        elif not (p.min <= value <= p.max):
+            return False
+        elif p.type == "int" and (not isinstance(value, int)
+                                  or (p.step and (value - p.min) % p.step)):
+            return False
+    return True
+
+
+class ScriptedFit:
+    """Stands in for `kubetrain.training.fit`: each call plays a scripted learning curve
+    through the trial's hook, like the real loop, and returns what `fit` would."""
+
+    def __init__(self, curve):
+        self.curve = curve  # (cfg, call index, epoch) -> (accuracy, loss)
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, cfg, train, val, schema, epochs=None, hook=None, **_):
+        with self.lock:
+            index, self.calls = self.calls, self.calls + 1
+        history, stopped = [], False
+        for epoch in range(1, (epochs or cfg.epochs) + 1):
+            acc, loss = self.curve(cfg, index, epoch)
+            history.append((acc, loss))
+            if hook and hook(epoch, {"validation-accuracy": acc, "validation-loss": loss}):
+                stopped = True
+                break
+        acc, loss = min(history, key=lambda h: h[1])
+        return SimpleNamespace(metrics={"val_accuracy": acc, "val_loss": loss,
+                                        "epochs_run": len(history)},
+                               stopped_by_hook=stopped)
+
+
+# --- search space ---------------------------------------------------------------------
+
+def test_search_space_covers_the_tunable_settings():
+    space = search_space()
+    assert [p.name for p in space] == list(TUNABLE)
+    kinds = {p.name: p.type for p in space}
+    assert kinds == {"learning_rate": "double", "weight_decay": "double", "dropout": "double",
+                     "width": "int", "batch_size": "categorical"}
+    for p in space:
+        if p.type != "categorical":
+            assert p.min < p.max
+
+
+def test_grid_turns_ranges_into_categorical_points():
+    space = search_space()
+    grid = {p.name: p for p in for_algorithm(space, "grid")}
+    original = {p.name: p for p in space}
+    assert all(p.type == "categorical" for p in grid.values())
+
+    lr = [float(v) for v in grid["learning_rate"].values]  # log-uniform: geometric points
+    assert len(lr) == GRID_POINTS
+    assert lr[0] == pytest.approx(original["learning_rate"].min)
+    assert lr[-1] == pytest.approx(original["learning_rate"].max)
+    ratios = [b / a for a, b in zip(lr, lr[1:])]
+    assert ratios == pytest.approx([ratios[0]] * len(ratios), rel=1e-2)
+    wd = [float(v) for v in grid["weight_decay"].values]
+    assert wd == pytest.approx([1e-6, 1e-4, 1e-2])
+
+    dropout = [float(v) for v in grid["dropout"].values]  # uniform: evenly spaced points
+    assert dropout == pytest.approx(list(np.linspace(0.0, 0.5, GRID_POINTS)))
+
+    width = [int(v) for v in grid["width"].values]  # ints: on the range and on its step
+    w = original["width"]
+    assert width == sorted(set(width)) and len(width) == GRID_POINTS
+    assert width[0] == w.min and width[-1] == w.max
+    assert all((v - w.min) % w.step == 0 for v in width)
+
+    assert grid["batch_size"] == original["batch_size"]  # already finite
+    for algorithm in TUNE_ALGORITHMS:
+        if algorithm != "grid":
+            assert for_algorithm(space, algorithm) == space
+
+
+def test_param_cast():
+    cat = Param("x", "categorical", values=("32", "0.25", "1e-06", "relu"))
+    assert cat.cast("32") == 32 and type(cat.cast("32")) is int
+    assert cat.cast("0.25") == 0.25
+    assert cat.cast("1e-06") == 1e-06
+    assert cat.cast("relu") == "relu"
+    assert Param("w", "int", 1, 10).cast("64.0") == 64
+    assert Param("d", "double", 0, 1).cast("0.5") == 0.5
+
+
+def test_every_katib_algorithm_has_a_sampler_and_unknown_is_an_error():
+    space = search_space()
+    for algorithm in TUNE_ALGORITHMS:
+        sampler = make_sampler(algorithm, 0, for_algorithm(space, algorithm), trials=5)
+        assert isinstance(sampler, optuna.samplers.BaseSampler)
+    with pytest.raises(KubetrainError, match="unknown tune algorithm"):
+        make_sampler("hyperband", 0, space, 5)
+    pruner = make_pruner("medianstop")
+    assert isinstance(pruner, optuna.pruners.MedianPruner)
+    assert isinstance(make_pruner("none"), optuna.pruners.NopPruner)
+
+
+# --- real studies ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("algorithm", TUNE_ALGORITHMS)
+def test_tune_with_every_algorithm(cancer, algorithm):
+    train, val, schema = cancer
+    cfg = RunConfig(**TABLE, tune_algorithm=algorithm, tune_trials=3, tune_epochs=2, width=16)
+    seen = []
+    best, rows = tune(cfg, train, val, schema, on_trial=seen.append)
+    assert len(rows) == cfg.tune_trials == len(seen)
+    assert [r["number"] for r in rows] == [0, 1, 2]
+    assert all(r["state"] in ("COMPLETE", "PRUNED", "FAIL") for r in rows)
+    assert _in_space(best, search_space())
+    if algorithm == "grid":  # and exactly on the grid
+        assert _in_space(best, for_algorithm(search_space(), "grid"))
+    for row in rows:
+        assert _in_space(row["params"], for_algorithm(search_space(), algorithm))
+    done = [r for r in rows if r["state"] == "COMPLETE"]
+    top = max(done, key=lambda r: r["value"])  # accuracy is maximized
+    assert best == top["params"]
+    assert all(0.0 <= r["value"] <= 1.0 for r in done)
+
+
+def test_parallel_trials(cancer):
+    train, val, schema = cancer
+    cfg = RunConfig(**TABLE, tune_algorithm="random", tune_trials=3, tune_parallel=2,
+                    tune_epochs=2, tune_early_stopping="none")
+    before = torch.get_num_threads()
+    best, rows = tune(cfg, train, val, schema)
+    assert torch.get_num_threads() == before  # the thread split is undone
+    assert len(rows) == 3 and [r["number"] for r in rows] == [0, 1, 2]
+    assert all(r["state"] == "COMPLETE" for r in rows)
+    assert _in_space(best, search_space())
+
+
+def test_parallel_trials_really_overlap(cancer, monkeypatch):
+    """Two trials must be inside `fit` at the same time, or the barrier times out."""
+    train, val, schema = cancer
+    barrier = threading.Barrier(2, timeout=10)
+
+    def curve(cfg, index, epoch):
+        if epoch == 1 and index < 2:
+            barrier.wait()
+        return 0.9, 0.3
+
+    monkeypatch.setattr(tuning, "fit", ScriptedFit(curve))
+    cfg = RunConfig(**TABLE, tune_algorithm="random", tune_trials=4, tune_parallel=2,
+                    tune_epochs=2)
+    _, rows = tune(cfg, train, val, schema)
+    assert len(rows) == 4
+
+
+def test_run_trial_reports_both_metrics(cancer):
+    train, val, schema = cancer
+    cfg = RunConfig(**TABLE, epochs=50, tune_epochs=2)
+    params = {"learning_rate": 5e-3, "weight_decay": 1e-4, "dropout": 0.1, "width": 32.0,
+              "batch_size": "64"}
+    out = run_trial(cfg, params, train, val, schema)
+    assert {"validation-accuracy", "validation-loss"} <= set(out)
+    assert 0.5 < out["validation-accuracy"] <= 1.0
+    assert 0.0 < out["validation-loss"] < 1.0
+    assert out["epochs"] == 2 and out["stopped"] is False  # tune_epochs, not epochs
+    stopped = run_trial(cfg, params, train, val, schema, hook=lambda epoch, m: True)
+    assert stopped["epochs"] == 1 and stopped["stopped"] is True
+    with pytest.raises(KubetrainError, match="cannot tune"):
+        run_trial(cfg, {**params, "optimizer": "sgd"}, train, val, schema)
+
+
+# --- early stopping, objectives and failures (scripted curves) -------------------------
+
+def test_medianstop_prunes_trials_below_the_median(cancer, monkeypatch):
+    train, val, schema = cancer
+    # the first three trials learn well; later ones stay far below their median
+    fake = ScriptedFit(lambda cfg, index, epoch: (0.9, 0.3) if index < 3 else (0.5, 0.7))
+    monkeypatch.setattr(tuning, "fit", fake)
+    cfg = RunConfig(**TABLE, tune_algorithm="random", tune_trials=5, tune_epochs=6,
+                    tune_early_stopping="medianstop")
+    best, rows = tune(cfg, train, val, schema)
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 3 + ["PRUNED"] * 2
+    for row in rows[3:]:  # stopped at Katib's start_step, not before, not after
+        assert row["epochs"] == MEDIANSTOP["start_step"]
+        assert row["intermediate"] == [0.5] * MEDIANSTOP["start_step"]
+    assert all(r["epochs"] == 6 for r in rows[:3])
+    assert best in [r["params"] for r in rows[:3]]
+
+
+def test_no_early_stopping_prunes_nothing(cancer, monkeypatch):
+    train, val, schema = cancer
+    fake = ScriptedFit(lambda cfg, index, epoch: (0.9, 0.3) if index < 3 else (0.5, 0.7))
+    monkeypatch.setattr(tuning, "fit", fake)
+    cfg = RunConfig(**TABLE, tune_algorithm="random", tune_trials=5, tune_epochs=6,
+                    tune_early_stopping="none")
+    _, rows = tune(cfg, train, val, schema)
+    assert [r["state"] for r in rows] == ["COMPLETE"] * 5
+    assert all(r["epochs"] == 6 for r in rows)
+
+
+@pytest.mark.parametrize("objective", ["validation-accuracy", "validation-loss"])
+def test_objective_direction(cancer, monkeypatch, objective):
+    """Accuracy and loss both grow with the learning rate here, so the best trial is the
+    highest rate when accuracy is maximized and the lowest when loss is minimized."""
+    train, val, schema = cancer
+    fake = ScriptedFit(lambda cfg, index, epoch: (cfg.learning_rate * 10, cfg.learning_rate * 50))
+    monkeypatch.setattr(tuning, "fit", fake)
+    cfg = RunConfig(**TABLE, tune_algorithm="random", tune_trials=5, tune_epochs=2,
+                    tune_objective=objective)
+    best, rows = tune(cfg, train, val, schema)
+    done = [r for r in rows if r["state"] == "COMPLETE"]
+    assert len(done) == 5
+    rates = [r["params"]["learning_rate"] for r in done]
+    assert len(set(rates)) == 5
+    if objective == "validation-loss":
+        assert best["learning_rate"] == min(rates)
+        assert all(r["value"] == pytest.approx(r["params"]["learning_rate"] * 50) for r in done)
+    else:
+        assert best["learning_rate"] == max(rates)
+        assert all(r["value"] == pytest.approx(r["params"]["learning_rate"] * 10) for r in done)
+
+
+def test_real_loss_objective_picks_the_lowest_loss(cancer):
+    train, val, schema = cancer
+    cfg = RunConfig(**TABLE, tune_algorithm="random", tune_trials=3, tune_epochs=2,
+                    tune_objective="validation-loss", tune_early_stopping="none")
+    best, rows = tune(cfg, train, val, schema)
+    lowest = min(rows, key=lambda r: r["value"])
+    assert best == lowest["params"]
+    assert all(r["value"] > 0 for r in rows)
+
+
+def test_too_many_failed_trials_stop_the_study(cancer, monkeypatch):
+    train, val, schema = cancer
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        raise KubetrainError("training diverged at epoch 1; lower --learning-rate")
+
+    monkeypatch.setattr(tuning, "run_trial", failing)
+    cfg = RunConfig(**TABLE, tune_algorithm="random", tune_trials=8, tune_max_failed=1)
+    with pytest.raises(KubetrainError, match=r"2 tuning trials failed .*maxFailedTrialCount 1"
+                                             r".*diverged"):
+        tune(cfg, train, val, schema)
+    assert len(calls) == 2  # stopped as soon as the limit was passed, not after 8 trials
+
+
+def test_failures_within_the_limit_are_recorded(cancer, monkeypatch):
+    train, val, schema = cancer
+    fake = ScriptedFit(lambda cfg, index, epoch: (0.9, 0.3))
+    real_run_trial = tuning.run_trial
+    calls = []
+
+    def sometimes_failing(cfg, params, *args, **kwargs):
+        calls.append(1)
+        if len(calls) in (1, 3):
+            raise KubetrainError("training diverged at epoch 1; lower --learning-rate")
+        return real_run_trial(cfg, params, *args, **kwargs)
+
+    monkeypatch.setattr(tuning, "fit", fake)
+    monkeypatch.setattr(tuning, "run_trial", sometimes_failing)
+    cfg = RunConfig(**TABLE, tune_algorithm="random", tune_trials=5, tune_max_failed=2)
+    best, rows = tune(cfg, train, val, schema)
+    assert [r["state"] for r in rows] == ["FAIL", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
+    assert "diverged" in rows[0]["error"] and rows[0]["value"] is None
+    assert best in [r["params"] for r in rows if r["state"] == "COMPLETE"]
+
+    monkeypatch.setattr(tuning, "run_trial", lambda *a, **k: (_ for _ in ()).throw(
+        KubetrainError("always fails")))
+    with pytest.raises(KubetrainError, match="no tuning trial completed"):
+        tune(RunConfig(**TABLE, tune_trials=2, tune_max_failed=3), train, val, schema)
