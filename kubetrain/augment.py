@@ -35,17 +35,20 @@ def augment_images(X: np.ndarray, shape: list[int], cfg: RunConfig,
     if cfg.flip_vertical:
         sy = torch.where(torch.rand(n, generator=rng) < 0.5, -1.0, 1.0)
     cos, sin = torch.cos(angle), torch.sin(angle)
+    # theta works in [-1, 1] coordinates; h/w and w/h make it a true rotation in pixels
+    # for non-square images (for square ones they are 1).
     theta = torch.stack([
-        torch.stack([cos * sx, -sin * sy, shift[:, 0] * 2 / w], dim=1),
-        torch.stack([sin * sx, cos * sy, shift[:, 1] * 2 / h], dim=1),
+        torch.stack([cos * sx, -sin * sy * h / w, shift[:, 0] * 2 / w], dim=1),
+        torch.stack([sin * sx * w / h, cos * sy, shift[:, 1] * 2 / h], dim=1),
     ], dim=1)
     grid = F.affine_grid(theta, list(imgs.shape), align_corners=False)
-    # Border padding repeats edge pixels, which are background for centred digits;
-    # zero padding would inject the (scaled) mean intensity instead.
-    out = F.grid_sample(imgs, grid, padding_mode="border", align_corners=False)
+    # Pixels shifted in from outside the frame are background (each image's minimum).
+    # Not "border" padding: digits' strokes often touch the edge and would be smeared
+    # (duplicated); not plain zeros: 0 is the mean intensity in scaled units.
+    low = imgs.amin(dim=(1, 2, 3), keepdim=True)
+    out = low + F.grid_sample(imgs - low, grid, padding_mode="zeros", align_corners=False)
     if cfg.brightness > 0:
         factor = 1 + (torch.rand(n, 1, 1, 1, generator=rng) * 2 - 1) * cfg.brightness
-        low = imgs.amin(dim=(1, 2, 3), keepdim=True)
         out = low + (out - low) * factor
     if cfg.noise_std > 0:
         out = out + torch.randn(out.shape, generator=rng) * cfg.noise_std
@@ -82,10 +85,11 @@ def augment_arrays(X: np.ndarray, y: np.ndarray, schema: Schema,
     rng = np.random.default_rng(cfg.seed)
     base_X, base_y = X, y
     if cfg.oversample:
-        X_over, y_over = oversample(X, y, rng)
-        added = X_over[len(X):]
+        # Copies below are drawn from the balanced set, so they keep the classes balanced.
+        base_X, base_y = oversample(X, y, rng)
+        added = base_X[len(X):]
         X = np.concatenate([X, jitter(added, schema, cfg.noise_std, rng)]) if len(added) else X
-        y = y_over
+        y = base_y
     copies = [jitter(base_X, schema, cfg.noise_std, rng) for _ in range(cfg.augment_copies)]
     return (np.concatenate([X, *copies]).astype(np.float32),
             np.concatenate([y, *([base_y] * len(copies))]))

@@ -81,6 +81,9 @@ class Preprocessor:
         categories: dict[str, list[str]] = {}
         for c in categorical:
             values = frame[c].dropna().astype(str)
+            if values.empty:  # all-missing text/null column: same error as a numeric one
+                raise KubetrainError(f"feature column {c!r} has no values in the training "
+                                     "split; drop the column or fill it before ingest")
             distinct = sorted(values.unique())
             if len(distinct) > MAX_CATEGORIES:
                 raise KubetrainError(

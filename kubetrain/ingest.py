@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +68,10 @@ def _load_file(path: Path, label_column: str, shown_as: str) -> tuple[pd.DataFra
         return _load_npz(path, shown_as)
     try:
         frame = pd.read_csv(path) if suffix == ".csv" else pd.read_parquet(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, OSError, ValueError) as exc:
+    except pd.errors.EmptyDataError:
+        raise KubetrainError(f"{shown_as} is empty (no header, no rows); give a table with a "
+                             "header and data rows") from None
+    except (pd.errors.ParserError, OSError, ValueError) as exc:
         raise KubetrainError(f"cannot parse {shown_as}: {str(exc).splitlines()[0]}; "
                              "check that it is a valid file of that type") from None
     return _table(frame, label_column, shown_as)
@@ -89,6 +93,9 @@ def _table(frame: pd.DataFrame, label_column: str, shown_as: str) -> tuple[pd.Da
             f"{_preview(columns)} (pass --label-column NAME)")
     features = [c for c in columns if c != label_column]
     require(bool(features), f"{shown_as} has only the label column; add feature columns")
+    require(LABEL not in features,
+            f"{shown_as} has a feature column named {LABEL!r} besides the label column "
+            f"{label_column!r}; rename that column (or pass --label-column {LABEL})")
     labels = frame[label_column]
     frame = frame[features].copy()
     frame[LABEL] = _label_strings(labels, label_column, shown_as)
@@ -98,9 +105,14 @@ def _table(frame: pd.DataFrame, label_column: str, shown_as: str) -> tuple[pd.Da
 
 def _load_npz(path: Path, shown_as: str) -> tuple[pd.DataFrame, Schema]:
     try:
-        arrays = dict(np.load(path, allow_pickle=False))
-    except (ValueError, OSError) as exc:
-        raise KubetrainError(f"cannot read {shown_as} as NPZ: {exc}") from None
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array named .npz
+            raise ValueError("it holds one array, not an archive of named arrays")
+        with loaded:
+            arrays = dict(loaded)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise KubetrainError(f"cannot read {shown_as} as NPZ: {str(exc).rstrip('.')}; save "
+                             "it with numpy.savez(path, X=features, y=labels)") from None
     x_key = next((k for k in ("X", "x", "features", "images") if k in arrays), None)
     y_key = next((k for k in ("y", "labels", "label", "target") if k in arrays), None)
     require(x_key is not None and y_key is not None,

@@ -1,0 +1,266 @@
+"""kubetrain.augment: image warps that keep digits recognisable (and unmirrored),
+table oversampling and jitter that leaves one-hot columns alone."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from kubetrain.augment import augment, augment_arrays
+from kubetrain.clean import clean
+from kubetrain.config import RunConfig
+from kubetrain.datasets import Schema, load_split, save_split
+from kubetrain.ingest import ingest
+
+STILL = dict(max_rotation=0.0, max_shift=0, noise_std=0.0, brightness=0.0)
+
+
+def cfg_with(**changes) -> RunConfig:
+    return dataclasses.replace(RunConfig(), **changes)
+
+
+@pytest.fixture(scope="module")
+def digits_train(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    ingest("digits", "", str(root / "table"))
+    clean(str(root / "table"), str(root / "train"), str(root / "val"), str(root / "test"),
+          RunConfig())
+    X, y, schema = load_split(root / "train")
+    return X[:300], y[:300], schema
+
+
+def image_schema(h: int, w: int) -> Schema:
+    return Schema(kind="image", feature_names=[f"pixel_{i}" for i in range(h * w)],
+                  class_names=["a", "b"], image_shape=[1, h, w])
+
+
+def asymmetric_images(n: int = 40) -> np.ndarray:
+    """An 'L' shape (not symmetric left-right or up-down), scaled differently per row."""
+    img = np.zeros((6, 7), np.float32)
+    img[1:5, 1] = 1.0
+    img[4, 1:4] = 1.0
+    img[1, 5] = 0.5
+    return (img[None] * np.linspace(1.0, 2.0, n)[:, None, None]).reshape(n, -1)
+
+
+SHIFTS = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+
+
+def shifted(X: np.ndarray, dy: int, dx: int, hw=(8, 8)) -> np.ndarray:
+    """Rows of X as images moved by (dy, dx) pixels, background (row minimum) filled in."""
+    h, w = hw
+    imgs = X.reshape(len(X), h, w)
+    out = np.repeat(imgs.min(axis=(1, 2), keepdims=True), h, 1).repeat(w, 2)
+    ys, xs = slice(max(dy, 0), h + min(dy, 0)), slice(max(dx, 0), w + min(dx, 0))
+    yt, xt = slice(max(-dy, 0), h + min(-dy, 0)), slice(max(-dx, 0), w + min(-dx, 0))
+    out[:, ys, xs] = imgs[:, yt, xt]
+    return out.reshape(len(X), -1)
+
+
+def correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a - a.mean(1, keepdims=True)
+    b = b - b.mean(1, keepdims=True)
+    return (a * b).sum(1) / np.sqrt((a * a).sum(1) * (b * b).sum(1))
+
+
+# --- images --------------------------------------------------------------------------
+
+def test_image_copies_follow_originals(digits_train):
+    X, y, schema = digits_train
+    X_aug, y_aug = augment_arrays(X, y, schema, cfg_with(augment_copies=2))
+    n = len(X)
+    assert X_aug.shape == (3 * n, 64) and X_aug.dtype == np.float32
+    np.testing.assert_array_equal(X_aug[:n], X)  # originals first, unchanged
+    np.testing.assert_array_equal(y_aug, np.concatenate([y, y, y]))
+    others = np.roll(X, 1, axis=0)  # another digit for each row
+    for k in (1, 2):
+        copy = X_aug[k * n:(k + 1) * n]
+        assert np.abs(copy - X).max(axis=1).min() > 0.05  # every image changed
+        # still the same digit: close to its original up to the (<= 1 px) shift
+        best = np.max([correlations(copy, shifted(X, dy, dx)) for dy, dx in SHIFTS], axis=0)
+        assert np.median(best) > 0.85 and np.mean(best > 0.5) > 0.95
+        other = np.max([correlations(copy, shifted(others, dy, dx)) for dy, dx in SHIFTS],
+                       axis=0)
+        assert np.median(best) > np.median(other) + 0.15
+    assert not np.allclose(X_aug[n:2 * n], X_aug[2 * n:])  # the two copies differ
+
+
+def test_image_close_without_shift(digits_train):
+    X, y, schema = digits_train
+    cfg = cfg_with(max_shift=0)  # rotation, brightness and noise only
+    copy = augment_arrays(X, y, schema, cfg)[0][len(X):]
+    corr = correlations(copy, X)
+    assert np.median(corr) > 0.9 and corr.min() > 0.5
+
+
+def test_shift_moves_strokes_without_smearing():
+    X = asymmetric_images()
+    X[:, 2:5] = 0.7  # ink in the top row, as in most digits
+    low = X.min(axis=1, keepdims=True)
+    y = np.arange(len(X)) % 2
+    cfg = cfg_with(augment_copies=2, **{**STILL, "max_shift": 1})
+    copies = augment_arrays(X, y, image_schema(6, 7), cfg)[0][len(X):]
+    source = np.tile(X, (2, 1))
+    candidates = np.stack([shifted(source, dy, dx, (6, 7)) for dy, dx in SHIFTS])
+    exact = np.abs(candidates - copies[None]).max(axis=2) < 1e-5
+    assert exact.any(axis=0).all()  # every copy is an integer shift, background filled in
+    assert exact[SHIFTS.index((0, 0))].sum() < len(copies)  # and most really moved
+    ink = (copies - np.tile(low, (2, 1))).sum(1)
+    assert (ink <= (source - np.tile(low, (2, 1))).sum(1) + 1e-4).all()  # no ink created
+
+
+def test_image_augmentation_deterministic(digits_train):
+    X, y, schema = digits_train
+    first = augment_arrays(X, y, schema, cfg_with(seed=3))[0]
+    again = augment_arrays(X, y, schema, cfg_with(seed=3))[0]
+    other = augment_arrays(X, y, schema, cfg_with(seed=4))[0]
+    np.testing.assert_array_equal(first, again)
+    assert not np.allclose(first[len(X):], other[len(X):])
+
+
+def test_no_flip_means_no_mirroring():
+    X = asymmetric_images()
+    y = np.arange(len(X)) % 2
+    X_aug, _ = augment_arrays(X, y, image_schema(6, 7), cfg_with(augment_copies=3, **STILL))
+    for k in range(1, 4):
+        np.testing.assert_allclose(X_aug[k * len(X):(k + 1) * len(X)], X, atol=1e-5)
+
+
+@pytest.mark.parametrize("flip, axis", [("flip_horizontal", 2), ("flip_vertical", 1)])
+def test_flips_mirror_exactly(flip, axis):
+    X = asymmetric_images()
+    y = np.arange(len(X)) % 2
+    cfg = cfg_with(augment_copies=2, **STILL, **{flip: True})
+    X_aug, _ = augment_arrays(X, y, image_schema(6, 7), cfg)
+    imgs = X.reshape(-1, 6, 7)
+    mirrored = np.flip(imgs, axis=axis).reshape(len(X), -1)
+    copies = X_aug[len(X):]
+    same = np.abs(copies - np.tile(X, (2, 1))).max(axis=1) < 1e-5
+    flipped = np.abs(copies - np.tile(mirrored, (2, 1))).max(axis=1) < 1e-5
+    assert (same | flipped).all() and not (same & flipped).any()
+    assert 10 < flipped.sum() < 70  # about half of the 80 copies
+
+
+def test_rotation_is_rigid_for_non_square_images():
+    h, w, n = 9, 21, 40
+    X = np.zeros((n, h, w), np.float32)
+    X[:, 4, 16] = 1.0  # 6 px right of the centre (4, 10)
+    X[:, 4, 3] = 1.0   # 7 px left of it
+    cfg = cfg_with(**{**STILL, "max_rotation": 25.0})  # dots stay inside the frame
+    out = augment_arrays(X.reshape(n, -1), np.arange(n) % 2, image_schema(h, w), cfg)[0]
+    out = out[n:].reshape(n, h, w)
+    yy, xx = np.mgrid[0:h, 0:w]
+    moved = 0
+    for img in out:
+        for side, radius in ((xx > 10, 6.0), (xx < 10, 7.0)):
+            m = img * side
+            cy, cx = (m * yy).sum() / m.sum() - 4, (m * xx).sum() / m.sum() - 10
+            assert np.hypot(cy, cx) == pytest.approx(radius, abs=0.25)
+            moved += abs(cy) > 1
+    assert moved > n // 2  # the dots really turned
+
+
+def test_image_brightness_and_noise_stay_small():
+    X = asymmetric_images()
+    y = np.arange(len(X)) % 2
+    cfg = cfg_with(augment_copies=1, max_rotation=0.0, max_shift=0, noise_std=0.05,
+                   brightness=0.1)
+    X_aug, _ = augment_arrays(X, y, image_schema(6, 7), cfg)
+    delta = X_aug[len(X):] - X
+    assert 0.02 < delta.std() < 0.2
+    assert np.abs(delta).max() < 0.2 * X.max() + 5 * 0.05
+
+
+# --- tables --------------------------------------------------------------------------
+
+def table_split(counts=(12, 5, 3)):
+    """Continuous columns 0-1 (column 0 spaced 5 apart, an identity even after jitter),
+    one-hot columns 2-3 (as clean writes them: scaled)."""
+    rng = np.random.default_rng(5)
+    y = np.concatenate([np.full(c, k) for k, c in enumerate(counts)])
+    n = len(y)
+    onehot = np.eye(2, dtype=np.float32)[rng.integers(0, 2, n)] * 3.0 - 1.0
+    continuous = np.stack([np.arange(n) * 5.0, rng.normal(size=n)], axis=1)
+    X = np.concatenate([continuous.astype(np.float32), onehot], axis=1)
+    schema = Schema(kind="table", feature_names=["x0", "x1", "c=p", "c=q"],
+                    class_names=["big", "mid", "small"],
+                    extra={"categorical_columns": [2, 3]})
+    return X, y, schema
+
+
+def test_oversampling_balances_classes():
+    X, y, schema = table_split()
+    X_aug, y_aug = augment_arrays(X, y, schema, cfg_with(augment_copies=0, oversample=True))
+    assert np.bincount(y_aug).tolist() == [12, 12, 12]
+    np.testing.assert_array_equal(X_aug[:len(X)], X)
+    np.testing.assert_array_equal(y_aug[:len(y)], y)
+
+
+@pytest.mark.parametrize("copies", [1, 3])
+def test_copies_keep_the_balance(copies):
+    X, y, schema = table_split()
+    X_aug, y_aug = augment_arrays(X, y, schema, cfg_with(augment_copies=copies))
+    assert np.bincount(y_aug).tolist() == [12 * (1 + copies)] * 3
+
+
+def test_jitter_leaves_one_hot_columns_alone():
+    X, y, schema = table_split()
+    X_aug, y_aug = augment_arrays(X, y, schema, cfg_with(augment_copies=2, noise_std=0.3))
+    extra = X_aug[len(X):]
+    assert set(np.unique(extra[:, 2:])) <= set(np.unique(X[:, 2:]))  # still -1/2 exactly
+    assert (extra[:, 2:].sum(1) == 1.0).all()  # one 'hot' (2) and one 'cold' (-1) each
+    # each jittered row is a source row moved on the continuous columns only
+    for row, label in zip(extra, y_aug[len(X):]):
+        same_class = X[y == label]
+        nearest = same_class[np.abs(same_class[:, :2] - row[:2]).sum(1).argmin()]
+        np.testing.assert_array_equal(row[2:], nearest[2:])
+    last = X_aug[-36:-16]  # the last copy of the 36 balanced rows starts with the originals
+    assert 0.2 < (last[:, :2] - X[:, :2]).std() < 0.4
+    np.testing.assert_array_equal(last[:, 2:], X[:, 2:])
+
+
+def test_no_copies_no_oversampling_is_identity():
+    X, y, schema = table_split()
+    X_aug, y_aug = augment_arrays(X, y, schema, cfg_with(augment_copies=0, oversample=False))
+    np.testing.assert_array_equal(X_aug, X)
+    np.testing.assert_array_equal(y_aug, y)
+
+
+def test_table_augmentation_deterministic():
+    X, y, schema = table_split()
+    first = augment_arrays(X, y, schema, cfg_with(seed=1))
+    again = augment_arrays(X, y, schema, cfg_with(seed=1))
+    other = augment_arrays(X, y, schema, cfg_with(seed=2))
+    np.testing.assert_array_equal(first[0], again[0])
+    np.testing.assert_array_equal(first[1], again[1])
+    assert not np.array_equal(first[0], other[0])
+
+
+# --- the stage -----------------------------------------------------------------------
+
+def test_augment_stage_metadata(tmp_path):
+    X, y, schema = table_split()
+    save_split(tmp_path / "train", X, y, schema)
+    meta = augment(str(tmp_path / "train"), str(tmp_path / "out"),
+                   cfg_with(augment_copies=1, oversample=True))
+    assert meta["stage"] == "augment" and meta["kind"] == "table" and meta["copies"] == 1
+    assert meta["rows_before"] == 20 and meta["rows_after"] == 72
+    assert meta["class_counts_before"] == {"big": 12, "mid": 5, "small": 3}
+    assert meta["class_counts_after"] == {"big": 24, "mid": 24, "small": 24}
+    X_out, y_out, schema_out = load_split(tmp_path / "out")
+    assert len(X_out) == len(y_out) == 72
+    assert schema_out == schema
+    np.testing.assert_array_equal(X_out[:20], X)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "train"]  # no temp dirs
+
+
+def test_augment_stage_images(tmp_path, digits_train):
+    X, y, schema = digits_train
+    save_split(tmp_path / "train", X[:50], y[:50], schema)
+    meta = augment(str(tmp_path / "train"), str(tmp_path / "out"), cfg_with(augment_copies=2))
+    assert meta["kind"] == "image" and meta["rows_before"] == 50 and meta["rows_after"] == 150
+    assert meta["class_counts_after"] == {k: 3 * v for k, v in
+                                          meta["class_counts_before"].items()}
+    assert load_split(tmp_path / "out")[2].image_shape == [1, 8, 8]

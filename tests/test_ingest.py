@@ -1,0 +1,285 @@
+"""kubetrain.ingest: every source type into one canonical table, and every bad input
+into one `KubetrainError` line with nothing written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kubetrain import storage
+from kubetrain.datasets import LABEL, load_table
+from kubetrain.errors import KubetrainError
+from kubetrain.ingest import ingest, load_source
+
+
+def run(source, tmp_path: Path, label_column: str = ""):
+    out = tmp_path / "out" / "table"
+    meta = ingest(str(source), label_column, str(out))
+    frame, schema = load_table(out)
+    return meta, frame, schema
+
+
+def fails(source, tmp_path: Path, *needles: str, label_column: str = "") -> str:
+    """Ingest must raise one-line KubetrainError mentioning `needles`, writing nothing."""
+    parent = tmp_path / "out"
+    parent.mkdir(exist_ok=True)
+    out = parent / "table"
+    with pytest.raises(KubetrainError) as info:
+        ingest(str(source), label_column, str(out))
+    message = str(info.value)
+    assert "\n" not in message and message.strip() == message
+    for needle in needles:
+        assert needle.lower() in message.lower(), (needle, message)
+    assert not out.exists()
+    assert list(parent.iterdir()) == [], "temp dirs left behind"
+    return message
+
+
+def write_csv(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+# --- built-ins -------------------------------------------------------------------------
+
+def test_digits_is_an_image_dataset(tmp_path):
+    meta, frame, schema = run("digits", tmp_path)
+    assert schema.kind == meta["kind"] == "image"
+    assert schema.image_shape == meta["image_shape"] == [1, 8, 8]
+    assert len(schema.feature_names) == meta["features"] == 64
+    assert meta["rows"] == len(frame) == 1797
+    assert schema.class_names == meta["classes"] == [str(i) for i in range(10)]
+    assert sum(meta["class_counts"].values()) == 1797
+    assert meta["class_counts"]["0"] == 178
+    assert list(frame.columns) == schema.feature_names + [LABEL]
+    assert meta["missing_values"] == 0
+    assert schema.extra["source"] == "digits"
+    # pixel values in row-major order: first image's pixel (2, 3) from sklearn
+    from sklearn.datasets import load_digits
+    assert frame["pixel_2_3"].iloc[0] == load_digits().images[0][2, 3]
+
+
+@pytest.mark.parametrize("name, rows, features, classes", [
+    ("breast_cancer", 569, 30, {"malignant": 212, "benign": 357}),
+    ("wine", 178, 13, {"class_0": 59, "class_1": 71, "class_2": 48}),
+])
+def test_table_builtins(tmp_path, name, rows, features, classes):
+    meta, frame, schema = run(name, tmp_path)
+    assert schema.kind == "table" and schema.image_shape is None and meta["image_shape"] == []
+    assert meta["rows"] == len(frame) == rows
+    assert len(schema.feature_names) == features
+    assert meta["class_counts"] == classes
+    assert sorted(schema.class_names) == sorted(classes)
+
+
+# --- files ---------------------------------------------------------------------------
+
+def test_csv_with_string_labels_categorical_and_missing(tmp_path):
+    path = write_csv(tmp_path / "pets.csv",
+                     "weight,colour,species\n"
+                     "4.5,black,dog\n"
+                     ",white,cat\n"
+                     "3.0,,cat\n"
+                     "7.25,black,dog\n"
+                     "2.0,ginger,cat\n")
+    meta, frame, schema = run(path, tmp_path, label_column="species")
+    assert schema.kind == "table"
+    assert schema.feature_names == ["weight", "colour"]
+    assert schema.class_names == meta["classes"] == ["cat", "dog"]
+    assert meta["class_counts"] == {"cat": 3, "dog": 2}
+    assert meta["missing_values"] == 2
+    assert frame[LABEL].tolist() == ["dog", "cat", "cat", "dog", "cat"]
+    assert frame["weight"].isna().tolist() == [False, True, False, False, False]
+    assert frame["weight"].iloc[3] == 7.25
+    assert frame["colour"].tolist()[:2] == ["black", "white"] and pd.isna(frame["colour"][2])
+
+
+def test_parquet(tmp_path):
+    path = tmp_path / "data.parquet"
+    pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0], "b": ["x", "y", "x", "y"],
+                  "target": [1, 0, 1, 0]}).to_parquet(path)
+    meta, frame, schema = run(path, tmp_path)
+    assert schema.feature_names == ["a", "b"]
+    assert schema.class_names == ["0", "1"]
+    assert frame[LABEL].tolist() == ["1", "0", "1", "0"]
+    assert frame["b"].tolist() == ["x", "y", "x", "y"]
+
+
+def test_npz_images(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.random((12, 5, 6)).astype(np.float32)
+    y = np.array([0, 1, 2] * 4)
+    np.savez(tmp_path / "imgs.npz", X=X, y=y)
+    meta, frame, schema = run(tmp_path / "imgs.npz", tmp_path)
+    assert schema.kind == "image" and schema.image_shape == [1, 5, 6]
+    assert len(schema.feature_names) == 30 and meta["rows"] == 12
+    assert schema.class_names == ["0", "1", "2"]
+    np.testing.assert_array_equal(frame[schema.feature_names].to_numpy(), X.reshape(12, -1))
+
+
+def test_npz_channel_images(tmp_path):
+    X = np.zeros((6, 3, 4, 4), np.float32)
+    np.savez(tmp_path / "rgb.npz", X=X, y=np.array([0, 1] * 3))
+    _, _, schema = run(tmp_path / "rgb.npz", tmp_path)
+    assert schema.kind == "image" and schema.image_shape == [3, 4, 4]
+    assert len(schema.feature_names) == 48
+
+
+def test_npz_features(tmp_path):
+    X = np.arange(24, dtype=np.float64).reshape(8, 3)
+    np.savez(tmp_path / "feats.npz", X=X, y=np.array(["b", "a"] * 4))
+    meta, frame, schema = run(tmp_path / "feats.npz", tmp_path)
+    assert schema.kind == "table" and schema.image_shape is None
+    assert schema.feature_names == ["feature_0", "feature_1", "feature_2"]
+    assert schema.class_names == ["a", "b"]
+    np.testing.assert_array_equal(frame[schema.feature_names].to_numpy(), X)
+
+
+def test_s3_csv(tmp_path, s3_server, monkeypatch):
+    for name in ("AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+                 "AWS_MAX_ATTEMPTS", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("S3_ENDPOINT_URL", s3_server.endpoint_url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server.region)
+    bucket = s3_server.make_bucket()
+    local = write_csv(tmp_path / "remote.csv", "x1,x2,class\n1,2,a\n3,4,b\n5,6,a\n7,8,b\n")
+    uri = f"s3://{bucket}/data/remote.csv"
+    storage.upload(local, uri)
+    meta, frame, schema = run(uri, tmp_path)
+    assert meta["source"] == schema.extra["source"] == uri
+    assert meta["rows"] == 4 and schema.class_names == ["a", "b"]
+    assert frame["x2"].tolist() == [2, 4, 6, 8]
+    # same content locally and remotely: same hash
+    local_meta = ingest(str(local), "", str(tmp_path / "local"))
+    assert meta["content_hash"] == local_meta["content_hash"]
+    (tmp_path / "missing").mkdir()
+    fails(f"s3://{bucket}/data/absent.csv", tmp_path / "missing", "absent.csv")
+
+
+@pytest.mark.parametrize("name", ["label", "target", "class", "Class"])
+def test_label_autodetection(tmp_path, name):
+    path = write_csv(tmp_path / "t.csv", f"a,{name},b\n1,x,2\n3,y,4\n5,x,6\n")
+    meta, frame, schema = run(path, tmp_path)
+    assert schema.feature_names == ["a", "b"]
+    assert frame[LABEL].tolist() == ["x", "y", "x"]
+    assert frame["b"].tolist() == [2, 4, 6]
+
+
+def test_numeric_classes_sort_numerically(tmp_path):
+    path = write_csv(tmp_path / "n.csv", "f,label\n1,10\n2,2\n3,10\n4,2\n5,1\n")
+    meta, frame, schema = run(path, tmp_path)
+    assert schema.class_names == ["1", "2", "10"]
+    assert meta["class_counts"] == {"1": 1, "2": 2, "10": 2}
+    # numeric NPZ labels too
+    np.savez(tmp_path / "n.npz", X=np.zeros((4, 2)), y=np.array([10, 2, 10, 2]))
+    assert load_source(str(tmp_path / "n.npz"))[1].class_names == ["2", "10"]
+
+
+def test_content_hash_stable_and_sensitive(tmp_path):
+    text = "a,b,label\n1.5,x,p\n2.5,y,q\n3.5,x,p\n"
+    path = write_csv(tmp_path / "h.csv", text)
+    first = ingest(str(path), "", str(tmp_path / "one"))["content_hash"]
+    second = ingest(str(path), "", str(tmp_path / "two"))["content_hash"]
+    assert first == second and len(first) == 64
+    write_csv(path, text.replace("2.5", "2.6"))
+    assert ingest(str(path), "", str(tmp_path / "three"))["content_hash"] != first
+    write_csv(path, text.replace("y,q", "y,p").replace("3.5,x,p", "3.5,x,q"))
+    assert ingest(str(path), "", str(tmp_path / "four"))["content_hash"] != first
+
+
+def test_rewrite_replaces_previous_output(tmp_path):
+    out = tmp_path / "t"
+    (out).mkdir()
+    (out / "stale.txt").write_text("old")
+    ingest("wine", "", str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["data.parquet", "meta.json"]
+
+
+# --- bad input -------------------------------------------------------------------------
+
+def test_missing_file(tmp_path):
+    fails(tmp_path / "nope.csv", tmp_path, "nope.csv", "not found", "pass an existing")
+
+
+def test_unsupported_extension(tmp_path):
+    path = write_csv(tmp_path / "data.txt", "a,label\n1,x\n")
+    fails(path, tmp_path, "unsupported file type .txt", ".csv", "digits")
+
+
+@pytest.mark.parametrize("content", ["a,b,label\n", ""], ids=["header-only", "zero-bytes"])
+def test_empty_csv(tmp_path, content):
+    path = write_csv(tmp_path / "empty.csv", content)
+    fails(path, tmp_path, "empty.csv", "is empty", "give a table with a header and data rows")
+
+
+def test_zero_byte_parquet(tmp_path):
+    path = write_csv(tmp_path / "empty.parquet", "")
+    fails(path, tmp_path, "cannot parse", "empty.parquet", "valid file")
+
+
+def test_unknown_label_column(tmp_path):
+    path = write_csv(tmp_path / "t.csv", "alpha,beta,gamma\n1,2,x\n3,4,y\n")
+    msg = fails(path, tmp_path, "'species'", "alpha, beta, gamma", "--label-column",
+                label_column="species")
+    assert "not in" in msg
+
+
+def test_no_label_column_to_guess(tmp_path):
+    path = write_csv(tmp_path / "t.csv", "alpha,beta\n1,x\n3,y\n")
+    fails(path, tmp_path, "no label column", "alpha, beta", "--label-column")
+
+
+def test_feature_named_label_is_not_overwritten(tmp_path):
+    # 'label' is a feature here; the real labels are in 'species': must not leak
+    path = write_csv(tmp_path / "t.csv", "label,species\n1,a\n2,b\n3,a\n")
+    fails(path, tmp_path, "feature column named 'label'", "rename", label_column="species")
+
+
+def test_only_one_class(tmp_path):
+    path = write_csv(tmp_path / "one.csv", "a,label\n1,x\n2,x\n3,x\n")
+    fails(path, tmp_path, "only one class", "'x'", "at least two")
+
+
+def test_nan_labels(tmp_path):
+    path = write_csv(tmp_path / "nan.csv", "a,label\n1,x\n2,\n3,y\n4,\n5,\n")
+    fails(path, tmp_path, "3 missing value(s)", "first at row 1", "fill or drop")
+
+
+@pytest.mark.parametrize("X, y, needles", [
+    (np.zeros((5, 3)), np.zeros(4), ("X has 5 rows but y has 4", "must match")),
+    (np.zeros((4, 3)), np.zeros((4, 1)), ("y must be 1-D", "(4, 1)")),
+    (np.zeros((2, 1, 1, 2, 2)), np.zeros(2), ("X must be", "(2, 1, 1, 2, 2)")),
+    (np.array([["a"], ["b"]]), np.array([0, 1]), ("X must be numeric",)),
+    (np.zeros((3, 2)), np.array([0.0, np.nan, 1.0]), ("1 missing value(s)", "row 1")),
+], ids=["rows-mismatch", "y-2d", "x-5d", "x-text", "y-nan"])
+def test_bad_npz_shapes(tmp_path, X, y, needles):
+    np.savez(tmp_path / "bad.npz", X=X, y=y)
+    fails(tmp_path / "bad.npz", tmp_path, "bad.npz", *needles)
+
+
+def test_npz_missing_arrays(tmp_path):
+    np.savez(tmp_path / "arr.npz", data=np.zeros((3, 2)), classes=np.zeros(3))
+    fails(tmp_path / "arr.npz", tmp_path, "needs arrays named X and y", "data, classes")
+
+
+@pytest.mark.parametrize("content", [b"", b"PK\x03\x04truncated", b"plain text"],
+                         ids=["zero-bytes", "broken-zip", "not-a-zip"])
+def test_unreadable_npz(tmp_path, content):
+    (tmp_path / "broken.npz").write_bytes(content)
+    fails(tmp_path / "broken.npz", tmp_path, "cannot read", "as NPZ", "numpy.savez")
+
+
+def test_npy_saved_as_npz(tmp_path):
+    np.save(tmp_path / "single.npy", np.zeros((3, 2)))
+    (tmp_path / "single.npy").rename(tmp_path / "single.npz")
+    fails(tmp_path / "single.npz", tmp_path, "one array", "numpy.savez")
+
+
+@pytest.mark.parametrize("uri", ["s3://bad bucket/data.csv", "s3:///data.csv", "s3://"])
+def test_malformed_s3_uri(tmp_path, uri):
+    fails(uri, tmp_path, "s3://BUCKET/KEY", "bucket")
