@@ -11,7 +11,7 @@ OVERLAY ?= gpu-cluster
 KUBECTL ?= $(VENV)/bin/kubectl
 S3_ENV  := manifests/base/s3-credentials.env
 
-.PHONY: help install install-test run compile render test bench deploy clean
+.PHONY: help install install-test run compile render test bench deploy submit clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -36,6 +36,9 @@ run: install ## run the whole pipeline locally (kfp.local); ARGS="--dataset brea
 
 compile: install ## write the pipeline YAML to pipelines/compiled/ (TARGET=local|cluster)
 	$(VENV)/bin/kubetrain compile --target $(TARGET) $(ARGS)
+
+submit: install ## compile for the cluster, upload and run on Kubeflow; ARGS="--host http://localhost:8080 --param epochs=50 --wait"
+	$(VENV)/bin/kubetrain submit $(ARGS)
 
 test: install-test ## run the test suite
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--output", default="", help="YAML path (default pipelines/compiled/)")
     cluster_config.add_arguments(comp.add_argument_group("cluster placement (--target cluster)"))
     comp.set_defaults(func=_compile)
+    from kubetrain import submit
+
+    submit.add_parser(sub)
     return parser
 
 
