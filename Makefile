@@ -7,11 +7,18 @@ ARGS   ?=
 TARGET ?= local
 PYTEST_ARGS ?=
 
+IMAGE_REGISTRY ?= ghcr.io/kubetrain
+IMAGE_TAG      ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE          := $(IMAGE_REGISTRY)/kubetrain
+DOCKER         ?= docker
+REVISION       := $(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+BUILD_ARGS     := --build-arg VERSION=$(IMAGE_TAG) --build-arg REVISION=$(REVISION)
+
 OVERLAY ?= gpu-cluster
 KUBECTL ?= $(VENV)/bin/kubectl
 S3_ENV  := manifests/base/s3-credentials.env
 
-.PHONY: help install install-test run compile render test bench deploy submit clean
+.PHONY: help install install-test run compile render test bench deploy submit images push clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -35,7 +42,7 @@ run: install ## run the whole pipeline locally (kfp.local); ARGS="--dataset brea
 	$(VENV)/bin/kubetrain run $(ARGS)
 
 compile: install ## write the pipeline YAML to pipelines/compiled/ (TARGET=local|cluster)
-	$(VENV)/bin/kubetrain compile --target $(TARGET) $(ARGS)
+	$(VENV)/bin/kubetrain compile --target $(TARGET) --image-registry $(IMAGE_REGISTRY) --image-tag $(IMAGE_TAG) $(ARGS)
 
 submit: install ## compile for the cluster, upload and run on Kubeflow; ARGS="--host http://localhost:8080 --param epochs=50 --wait"
 	$(VENV)/bin/kubetrain submit $(ARGS)
@@ -45,6 +52,14 @@ test: install-test ## run the test suite
 
 bench: install ## measure pipeline and stage speed
 	$(PY) -m kubetrain.bench -- $(ARGS)
+
+images: ## build the CPU and CUDA component images (IMAGE_REGISTRY, IMAGE_TAG)
+	$(DOCKER) build -f docker/Dockerfile.cpu  $(BUILD_ARGS) -t $(IMAGE):$(IMAGE_TAG)-cpu .
+	$(DOCKER) build -f docker/Dockerfile.cuda $(BUILD_ARGS) -t $(IMAGE):$(IMAGE_TAG)-cuda .
+
+push: images ## push both images to IMAGE_REGISTRY
+	$(DOCKER) push $(IMAGE):$(IMAGE_TAG)-cpu
+	$(DOCKER) push $(IMAGE):$(IMAGE_TAG)-cuda
 
 deploy: install-test ## apply the platform manifests to the current kube context (OVERLAY=gpu-cluster|single-node)
 	@test -f manifests/overlays/$(OVERLAY)/kustomization.yaml || { \

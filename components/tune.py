@@ -10,9 +10,14 @@ from kubetrain.components.common import component
 def tune(train: Input[Dataset], validation: Input[Dataset], model: str, optimizer: str,
          momentum: float, l1: float, lr_schedule: str, patience: int, seed: int, device: str,
          tune_trials: int, tune_parallel: int, tune_algorithm: str, tune_early_stopping: str,
-         tune_epochs: int, tune_max_failed: int, tune_objective: str,
+         tune_epochs: int, tune_max_failed: int, tune_objective: str, backend: str,
+         cluster: dict, run_id: str,
          trials: Output[Dataset], report: Output[HTML]) -> NamedTuple("Tuned", [("best_hyperparameters", dict), ("tuning", dict)]):
-    """Search learning rate, weight decay, dropout, width and batch size (Katib semantics)."""
+    """Search learning rate, weight decay, dropout, width and batch size (Katib semantics).
+
+    backend "optuna" runs the trials in this pod; "katib" creates a Katib Experiment
+    whose trials run on the GPU pool (cluster: the ClusterConfig it was compiled with).
+    """
     from kubetrain.stages import tune_stage
 
     settings = dict(model=model, optimizer=optimizer, momentum=momentum, l1=l1,
@@ -21,7 +26,9 @@ def tune(train: Input[Dataset], validation: Input[Dataset], model: str, optimize
                     tune_algorithm=tune_algorithm, tune_early_stopping=tune_early_stopping,
                     tune_epochs=tune_epochs, tune_max_failed=tune_max_failed,
                     tune_objective=tune_objective)
-    best, tuning = tune_stage(train.path, validation.path, trials.path, report.path, settings)
+    best, tuning = tune_stage(train.path, validation.path, trials.path, report.path, settings,
+                              backend=backend, cluster=cluster, train_uri=train.uri,
+                              val_uri=validation.uri, run_id=run_id)
     trials.metadata.update(tuning["meta"])
     return (best, tuning)
 

@@ -9,6 +9,7 @@ Secret (never a value in the YAML), and retries with exponential backoff.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from kfp import compiler, dsl
@@ -17,7 +18,8 @@ from kubetrain.cluster_config import ClusterConfig
 from kubetrain.errors import KubetrainError
 
 COMPILED_DIR = Path("pipelines/compiled")
-GPU_STAGES = frozenset({"tune", "train"})
+#: Stages whose pod needs a GPU; tune only creates a Katib Experiment (its trials get GPUs).
+GPU_STAGES = frozenset({"train"})
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
@@ -71,7 +73,8 @@ def pipeline_for(target: str, cluster: ClusterConfig | None = None):
     cluster = cluster or ClusterConfig()
     return build_pipeline(TaskPolicy(
         retries=cluster.retries, backoff_seconds=cluster.backoff_seconds,
-        configure=lambda task, stage: place_on_cluster(task, stage, cluster)))
+        configure=lambda task, stage: place_on_cluster(task, stage, cluster),
+        tune_backend="katib", cluster=dataclasses.asdict(cluster)))
 
 
 def compile_pipeline(target: str = "local", output: Path | None = None,

@@ -17,6 +17,7 @@ from typing import Any
 from kubetrain import plots, progress
 from kubetrain.config import RunConfig
 from kubetrain.datasets import load_split, write_json
+from kubetrain.errors import KubetrainError
 from kubetrain.report import Section, write_html, write_markdown
 
 
@@ -79,19 +80,40 @@ def augment_stage(train_path: str, out_path: str, report_path: str,
 
 
 def tune_stage(train_path: str, val_path: str, trials_path: str, report_path: str,
-               settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+               settings: dict[str, Any], backend: str = "optuna", cluster: dict | None = None,
+               train_uri: str = "", val_uri: str = "",
+               run_id: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Tune in this process (Optuna) or through a Katib Experiment on the cluster."""
     from kubetrain.tuning import GOALS, tune
 
     cfg = _cfg(settings)
     started = time.perf_counter()
-    X, y, schema = load_split(train_path)
-    Xv, yv, _ = load_split(val_path)
-    best, trials = tune(cfg, (X, y), (Xv, yv), schema)
+    extra: dict[str, Any] = {"backend": backend}
+    if backend == "katib":
+        from kubetrain import katib
+        from kubetrain.cluster_config import ClusterConfig
+
+        placement = ClusterConfig(**(cluster or {}))
+        best, trials, extra = katib.tune(
+            cfg, placement, _s3(train_uri), _s3(val_uri), katib.experiment_name(run_id),
+            timeout_s=placement.wait_timeout, keep=placement.finished_jobs == "keep")
+    elif backend == "optuna":
+        X, y, schema = load_split(train_path)
+        Xv, yv, _ = load_split(val_path)
+        best, trials = tune(cfg, (X, y), (Xv, yv), schema)
+    else:
+        raise KubetrainError(f"unknown tune backend {backend!r}; use optuna or katib")
     progress.log("tune", f"best hyperparameters: {best}")
     meta = {"stage": "tune", "algorithm": cfg.tune_algorithm, "objective": cfg.tune_objective,
             "goal": GOALS[cfg.tune_objective], "trials": len(trials),
-            "best_hyperparameters": best, "seconds": round(time.perf_counter() - started, 3)}
+            "best_hyperparameters": best, "seconds": round(time.perf_counter() - started, 3),
+            **extra}
     return best, _write_trials(trials_path, report_path, trials, meta)
+
+
+def _s3(uri: str) -> str:
+    """KFP's MinIO pipeline roots say minio://; trials read them with an S3 client."""
+    return "s3://" + uri[len("minio://"):] if uri.startswith("minio://") else uri
 
 
 def default_hyperparameters_stage(trials_path: str, report_path: str,

@@ -58,6 +58,10 @@ class TaskPolicy:
     retries: int = 0
     backoff_seconds: int = 10
     configure: Optional[Callable[[dsl.PipelineTask, str], None]] = None
+    #: Where tuning trials run: "optuna" in the tune pod, "katib" as an Experiment.
+    tune_backend: str = "optuna"
+    #: ClusterConfig (as a dict) handed to stages that create cluster resources.
+    cluster: Optional[dict] = None
 
 
 def _task(task: dsl.PipelineTask, stage: str, policy: TaskPolicy, version: str,
@@ -75,6 +79,7 @@ def _task(task: dsl.PipelineTask, stage: str, policy: TaskPolicy, version: str,
 def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:
     """The pipeline function for one target (local runs retry nothing: errors are ours)."""
     version = code_version()
+    run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER if policy.cluster else ""
 
     def t(task: dsl.PipelineTask, stage: str, display: str = "") -> dsl.PipelineTask:
         return _task(task, stage, policy, version, display)
@@ -118,7 +123,8 @@ def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:
                            tune_trials=tune_trials, tune_parallel=tune_parallel,
                            tune_algorithm=tune_algorithm, tune_early_stopping=tune_early_stopping,
                            tune_epochs=tune_epochs, tune_max_failed=tune_max_failed,
-                           tune_objective=tune_objective), "tune")
+                           tune_objective=tune_objective, backend=policy.tune_backend,
+                           cluster=policy.cluster or {}, run_id=run_id), "tune")
         with dsl.Else(name="tuning-skipped"):
             defaults = t(default_hyperparameters(
                 learning_rate=learning_rate, weight_decay=weight_decay, dropout=dropout,

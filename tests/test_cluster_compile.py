@@ -124,3 +124,22 @@ def test_bad_cluster_settings_are_one_line_errors(field, value, message):
     with pytest.raises(KubetrainError, match=message) as err:
         ClusterConfig(**{field: value})
     assert "\n" not in str(err.value)
+
+
+def test_tune_creates_a_katib_experiment_from_the_compiled_placement(tmp_path):
+    _, spec, platform = compiled(tmp_path, ClusterConfig(gpus=2))
+    tune = next(t for _, t, c in all_tasks(spec) if c == "comp-tune")
+    params = tune["inputs"]["parameters"]
+    assert params["backend"]["runtimeValue"]["constant"] == "katib"
+    placement = params["cluster"]["runtimeValue"]["constant"]
+    assert ClusterConfig(**placement) == ClusterConfig(gpus=2)  # round-trips exactly
+    assert params["run_id"]["runtimeValue"]["constant"] == "{{$.pipeline_job_uuid}}"
+    # the tune pod only drives Katib: no GPU for it, its trials get them
+    container = spec["deploymentSpec"]["executors"]["exec-tune"]["container"]
+    assert "accelerator" not in container.get("resources", {})
+
+
+def test_local_target_tunes_in_process(tmp_path):
+    spec = yaml.safe_load(compile_pipeline("local", tmp_path / "l.yaml").read_text())
+    tune = next(t for _, t, c in all_tasks(spec) if c == "comp-tune")
+    assert tune["inputs"]["parameters"]["backend"]["runtimeValue"]["constant"] == "optuna"

@@ -36,12 +36,13 @@ from kfp.pipeline_spec import pipeline_spec_pb2
 
 from kubetrain import submit
 from kubetrain.cluster_config import ClusterConfig
+from kubetrain.compile import GPU_STAGES
 from kubetrain.errors import KubetrainError
 
 TOKEN = "kt-secret-token-0123456789"
 API = "/apis/v2beta1"
 CREATED = "2025-06-01T03:00:00Z"
-GPU_COMPONENTS = ("comp-train", "comp-tune")
+GPU_COMPONENTS = tuple(f"comp-{s}" for s in sorted(GPU_STAGES))
 LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
