@@ -144,7 +144,7 @@ def new_run_id(cfg: RunConfig) -> str:
     return f"{stamp}-{tag}"
 
 
-def _unshadow_docker() -> None:
+def unshadow_docker() -> None:
     """Keep the repo's docker/ folder from posing as the `docker` package.
 
     Run as `python -m ...` from the repo root, Python would import the folder
@@ -161,7 +161,7 @@ def _unshadow_docker() -> None:
 def run_local(cfg: RunConfig, runs_dir: str | os.PathLike = "runs", cache: bool = True,
               console=None) -> dict[str, Any]:
     """Run the whole pipeline locally; returns the summary (also written to disk)."""
-    _unshadow_docker()
+    unshadow_docker()
     from kfp import local
 
     from kubetrain.pipelines.training import training_pipeline

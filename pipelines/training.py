@@ -16,7 +16,6 @@ from typing import Callable, NamedTuple, Optional
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Model
 
-import kubetrain
 from kubetrain.components.augment import augment
 from kubetrain.components.clean import clean
 from kubetrain.components.compress import compress, skip_compression
@@ -38,16 +37,20 @@ Outputs = NamedTuple("Outputs", [
 
 
 def code_version() -> str:
-    """Hash of the library's source: part of every task's cache key.
+    """Hash of the library, component and pipeline sources: part of every task's cache key.
 
     KFP keys its cache on the component's command, which holds only the thin
     component body; without this, a change in the library behind it would be
-    served stale results.
+    served stale results. Each package is found through its own module, so an
+    editable checkout and an installed image hash the same sources alike.
     """
+    import importlib
+
     digest = hashlib.sha256()
-    root = Path(kubetrain.__file__).parent
-    for path in sorted(root.rglob("*.py")):
-        digest.update(path.relative_to(root).as_posix().encode() + path.read_bytes())
+    for package in ("kubetrain", "kubetrain.components", "kubetrain.pipelines"):
+        root = Path(importlib.import_module(package).__file__).parent
+        for path in sorted(root.glob("*.py")):
+            digest.update(f"{package}/{path.name}".encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
