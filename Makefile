@@ -44,6 +44,9 @@ run: install ## run the whole pipeline locally (kfp.local); ARGS="--dataset brea
 compile: install ## write the pipeline YAML to pipelines/compiled/ (TARGET=local|cluster)
 	$(VENV)/bin/kubetrain compile --target $(TARGET) --image-registry $(IMAGE_REGISTRY) --image-tag $(IMAGE_TAG) $(ARGS)
 
+render: install ## write the Katib Experiment and TrainJob a cluster run creates; ARGS="--num-nodes 2"
+	$(VENV)/bin/kubetrain render --image-registry $(IMAGE_REGISTRY) --image-tag $(IMAGE_TAG) $(ARGS)
+
 submit: install ## compile for the cluster, upload and run on Kubeflow; ARGS="--host http://localhost:8080 --param epochs=50 --wait"
 	$(VENV)/bin/kubetrain submit $(ARGS)
 

@@ -2,6 +2,8 @@
 
     kubetrain run --dataset breast_cancer --epochs 5
     kubetrain compile --target cluster
+    kubetrain submit --host http://localhost:8080 --wait
+    kubetrain render --num-nodes 2
 
 Errors a user can fix print as one line (`error: ...`) with exit code 2; a
 run whose model fails the quality gate exits 3.
@@ -55,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--output", default="", help="YAML path (default pipelines/compiled/)")
     cluster_config.add_arguments(comp.add_argument_group("cluster placement (--target cluster)"))
     comp.set_defaults(func=_compile)
-    from kubetrain import submit
+    from kubetrain import render, submit
 
     submit.add_parser(sub)
+    render.add_parser(sub)
     return parser
 
 

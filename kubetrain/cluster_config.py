@@ -36,7 +36,9 @@ class ClusterConfig:
     service_account: str = _opt("kubetrain-pipeline-runner",
                                 "Service account the pipeline pods run as.")
     gpu_resource: str = _opt("nvidia.com/gpu", "Accelerator resource name GPU stages request.")
-    gpus: int = _opt(1, "GPUs per GPU stage (train, tune) on one node.")
+    gpus: int = _opt(1, "GPUs per node for training and each Katib trial.")
+    num_nodes: int = _opt(1, "Nodes for the train step; more than 1 (or gpus > 1) runs it as a "
+                             "Kubeflow Trainer TrainJob (DDP).")
     gpu_node_selector: str = _opt("kubetrain.io/node-pool=gpu",
                                   "key=value label of the GPU node pool.")
     gpu_toleration: str = _opt("nvidia.com/gpu=present:NoSchedule",
@@ -74,6 +76,8 @@ class ClusterConfig:
                                  "key[=value]:NoSchedule|PreferNoSchedule|NoExecute")
         if self.gpus < 0 or self.retries < 0 or self.backoff_seconds < 0:
             raise KubetrainError("gpus, retries and backoff_seconds must be >= 0")
+        if self.num_nodes < 1:
+            raise KubetrainError(f"num_nodes={self.num_nodes} must be at least 1")
         if self.wait_timeout < 1:
             raise KubetrainError(f"wait_timeout={self.wait_timeout} must be at least 1 second")
         if self.finished_jobs not in ("delete", "keep"):
@@ -81,6 +85,41 @@ class ClusterConfig:
         if not self.pipeline_root.startswith(("s3://", "minio://", "gs://")):
             raise KubetrainError(f"pipeline_root={self.pipeline_root!r} must be an object "
                                  "store URI such as s3://bucket/pipeline-root")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ClusterConfig":
+        """From a KFP dict parameter: protobuf Structs hand ints back as floats."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise KubetrainError(f"unknown cluster setting(s) {', '.join(unknown)}")
+        return cls(**{k: int(v) if fields[k].type == "int" else v for k, v in values.items()})
+
+    @property
+    def trainjob(self) -> bool:
+        """Whether the train step runs as a Trainer TrainJob (several nodes or GPUs)."""
+        return self.num_nodes > 1 or self.gpus > 1
+
+    def cpu_limit(self) -> str:
+        """Twice the CPU request ('1' -> '2', '500m' -> '1000m'): burst room for CPU stages."""
+        if self.cpu_cpu.endswith("m"):
+            return f"{int(self.cpu_cpu[:-1]) * 2}m"
+        return f"{float(self.cpu_cpu) * 2:g}"
+
+    def gpu_scheduling(self) -> dict:
+        """Pod spec fields (nodeSelector, tolerations) that put a pod on the GPU pool."""
+        spec: dict = {}
+        if self.gpu_node_selector:
+            key, value = self.node_label
+            spec["nodeSelector"] = {key: value}
+        if self.gpu_toleration:
+            key, value, effect = self.taint
+            toleration = {"key": key, "operator": "Equal" if value else "Exists",
+                          "effect": effect}
+            if value:
+                toleration["value"] = value
+            spec["tolerations"] = [toleration]
+        return spec
 
     def image(self, flavor: str) -> str:
         """`cpu` or `cuda` image reference."""

@@ -27,7 +27,8 @@ def place_on_cluster(task: dsl.PipelineTask, stage: str, cluster: ClusterConfig)
     """Image, resources and scheduling of one task; GPU stages go to the GPU pool only."""
     from kfp import kubernetes
 
-    gpu = stage in GPU_STAGES and cluster.gpus > 0
+    # a TrainJob-mode train pod only submits and follows the job: the job's pods get the GPUs
+    gpu = stage in GPU_STAGES and cluster.gpus > 0 and not cluster.trainjob
     task.set_container_image(cluster.image("cuda" if gpu else "cpu"))
     label_key, label_value = cluster.node_label
     if gpu:
@@ -42,7 +43,7 @@ def place_on_cluster(task: dsl.PipelineTask, stage: str, cluster: ClusterConfig)
             kubernetes.add_toleration(task, key=key, operator="Equal" if value else "Exists",
                                       value=value or None, effect=effect)
     else:
-        task.set_cpu_request(cluster.cpu_cpu).set_cpu_limit(_double(cluster.cpu_cpu))
+        task.set_cpu_request(cluster.cpu_cpu).set_cpu_limit(cluster.cpu_limit())
         task.set_memory_request(cluster.cpu_memory).set_memory_limit(cluster.cpu_memory)
         if cluster.gpu_node_selector:  # keep CPU work off the expensive nodes, taint or not
             kubernetes.add_node_affinity(task, match_expressions=[
@@ -54,13 +55,6 @@ def place_on_cluster(task: dsl.PipelineTask, stage: str, cluster: ClusterConfig)
     task.set_env_variable("AWS_DEFAULT_REGION", cluster.s3_region)
     if cluster.s3_endpoint_url:
         task.set_env_variable("S3_ENDPOINT_URL", cluster.s3_endpoint_url)
-
-
-def _double(quantity: str) -> str:
-    """Twice a CPU quantity ('1' -> '2', '500m' -> '1000m'): burst room for CPU stages."""
-    if quantity.endswith("m"):
-        return f"{int(quantity[:-1]) * 2}m"
-    return f"{float(quantity) * 2:g}"
 
 
 def pipeline_for(target: str, cluster: ClusterConfig | None = None):

@@ -98,6 +98,9 @@ class RunConfig:
                      stage="train")
     device: str = _opt("auto", "Where to train: 'auto' uses CUDA when present.",
                        ("auto", "cpu", "cuda"), stage="train")
+    nproc: int = _opt(1, "Data-parallel training processes in the train step (DDP: gloo on "
+                         "CPU, NCCL on GPUs); on a cluster --num-nodes/--gpus decide.",
+                      low=1, high=512, stage="train")
     # tune
     tune_trials: int = _opt(8, "Katib maxTrialCount; 0 skips tuning and trains with the "
                             "values above.", low=0, high=10_000, stage="tune")

@@ -186,13 +186,6 @@ def fixed_settings(cfg: RunConfig, space: list[tuning.Param]) -> dict[str, Any]:
     return fixed
 
 
-def _double(quantity: str) -> str:
-    """Twice a CPU quantity ('1' -> '2', '500m' -> '1000m'), like compile.place_on_cluster."""
-    if quantity.endswith("m"):
-        return f"{int(quantity[:-1]) * 2}m"
-    return f"{float(quantity) * 2:g}"
-
-
 def _pod_placement(cluster: ClusterConfig) -> dict[str, Any]:
     """Resources and scheduling of a trial pod, the same as the pipeline's GPU steps."""
     spec: dict[str, Any] = {}
@@ -200,19 +193,10 @@ def _pod_placement(cluster: ClusterConfig) -> dict[str, Any]:
         amounts = {"cpu": cluster.gpu_cpu, "memory": cluster.gpu_memory,
                    cluster.gpu_resource: str(cluster.gpus)}
         spec["resources"] = {"requests": dict(amounts), "limits": dict(amounts)}
-        if cluster.gpu_node_selector:
-            key, value = cluster.node_label
-            spec["nodeSelector"] = {key: value}
-        if cluster.gpu_toleration:
-            key, value, effect = cluster.taint
-            toleration = {"key": key, "operator": "Equal" if value else "Exists",
-                          "effect": effect}
-            if value:
-                toleration["value"] = value
-            spec["tolerations"] = [toleration]
+        spec.update(cluster.gpu_scheduling())
     else:
         spec["resources"] = {"requests": {"cpu": cluster.cpu_cpu, "memory": cluster.cpu_memory},
-                             "limits": {"cpu": _double(cluster.cpu_cpu),
+                             "limits": {"cpu": cluster.cpu_limit(),
                                         "memory": cluster.cpu_memory}}
         if cluster.cpu_node_selector:
             key, value = cluster.cpu_node_selector.split("=", 1)

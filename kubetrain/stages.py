@@ -93,7 +93,7 @@ def tune_stage(train_path: str, val_path: str, trials_path: str, report_path: st
         from kubetrain import katib
         from kubetrain.cluster_config import ClusterConfig
 
-        placement = ClusterConfig(**(cluster or {}))
+        placement = ClusterConfig.from_dict(cluster or {})
         best, trials, extra = katib.tune(
             cfg, placement, _s3(train_uri), _s3(val_uri), katib.experiment_name(run_id),
             timeout_s=placement.wait_timeout, keep=placement.finished_jobs == "keep")
@@ -109,6 +109,15 @@ def tune_stage(train_path: str, val_path: str, trials_path: str, report_path: st
             "best_hyperparameters": best, "seconds": round(time.perf_counter() - started, 3),
             **extra}
     return best, _write_trials(trials_path, report_path, trials, meta)
+
+
+def _job_name(prefix: str, run_id: str) -> str:
+    """A stable per-run name (a retried task finds its own job), or a fresh one locally."""
+    import hashlib
+    import uuid
+
+    suffix = hashlib.sha256(run_id.encode()).hexdigest() if run_id else uuid.uuid4().hex
+    return f"{prefix}-{suffix[:10]}"
 
 
 def _s3(uri: str) -> str:
@@ -151,10 +160,29 @@ def _write_trials(trials_path: str, report_path: str, trials: list[dict],
 
 def train_stage(train_path: str, val_path: str, hyperparameters: dict[str, Any],
                 model_path: str, metrics_path: str, report_path: str,
-                settings: dict[str, Any], checkpoint_dir: str | None = None) -> dict[str, Any]:
+                settings: dict[str, Any], checkpoint_dir: str | None = None,
+                cluster: dict | None = None, train_uri: str = "", val_uri: str = "",
+                output_uri: str = "", run_id: str = "") -> dict[str, Any]:
+    """Train here (one process or `nproc` DDP processes) or as a TrainJob on the cluster."""
+    from kubetrain import distributed
     from kubetrain.models import save_model
     from kubetrain.training import describe, fit, with_hyperparameters
 
+    if cluster:
+        from kubetrain.cluster_config import ClusterConfig
+        from kubetrain.trainjob import train_on_cluster
+
+        placement = ClusterConfig.from_dict(cluster)
+        if placement.trainjob:
+            return train_on_cluster(settings, placement, _s3(train_uri), _s3(val_uri),
+                                    _s3(output_uri), hyperparameters, placement.num_nodes,
+                                    model_path, metrics_path, report_path,
+                                    name=_job_name("kubetrain-train", run_id))
+    nproc = int((settings or {}).get("nproc", 1))
+    if distributed.should_launch(nproc):
+        return distributed.train_distributed(train_path, val_path, hyperparameters, model_path,
+                                             metrics_path, report_path, settings, nproc,
+                                             checkpoint_dir=checkpoint_dir)
     cfg = with_hyperparameters(_cfg(settings), hyperparameters or {})
     X, y, schema = load_split(train_path)
     Xv, yv, _ = load_split(val_path)

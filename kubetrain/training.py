@@ -4,6 +4,14 @@ The final training, each local Optuna trial and each Katib trial call `fit`,
 so tuned values mean the same thing everywhere. Data stay resident on the
 device as tensors (no DataLoader: the datasets this template targets fit in
 memory, and index batching is several times faster on small rows).
+
+Inside a torch.distributed process group (`kubetrain.distributed.init`, under
+torchrun) `fit` trains data-parallel: the model is wrapped in DDP, each rank
+trains on its own slice of every epoch's permutation with ``batch_size //
+world`` rows per step (the global batch stays ``batch_size``), validation is
+sharded and all-reduced so every rank sees the same numbers and takes the same
+early-stopping decision, and only rank 0 logs and writes checkpoints. Outside
+a group nothing changes.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from kubetrain import progress
+from kubetrain import distributed, progress
 from kubetrain.config import RunConfig
 from kubetrain.datasets import Schema
 from kubetrain.errors import KubetrainError, require
@@ -101,6 +109,22 @@ def _evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, autocast) -> t
     return loss, acc
 
 
+@torch.no_grad()
+def _evaluate_sharded(model: nn.Module, X: torch.Tensor, y: torch.Tensor, autocast, rank: int,
+                      world_size: int) -> tuple[float, float]:
+    """`_evaluate` over all ranks: each scores rows ``rank::world``, the sums are all-reduced."""
+    model.eval()
+    Xs, ys = X[rank::world_size], y[rank::world_size]
+    loss_sum = correct = 0.0
+    if len(ys):
+        with autocast():
+            logits = model(Xs).float()
+        loss_sum = nn.functional.cross_entropy(logits, ys, reduction="sum").item()
+        correct = (logits.argmax(1) == ys).sum().item()
+    loss_sum, correct, count = distributed.all_reduce_sum([loss_sum, correct, len(ys)])
+    return loss_sum / count, correct / count
+
+
 def fit(cfg: RunConfig, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
         schema: Schema, epochs: int | None = None, hook: EpochHook | None = None,
         checkpoint_dir: str | None = None, stage: str = "train", verbose: bool = True) -> FitResult:
@@ -115,9 +139,15 @@ def fit(cfg: RunConfig, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndar
             f"schema {len(schema.feature_names)}; re-run clean on the same table")
     seed_everything(cfg.seed)
     device = pick_device(cfg.device)
+    ddp = distributed.is_active()
+    rank, local_rank, world_size = distributed.world() if ddp else (0, 0, 1)
+    if ddp and device.type == "cuda":  # this rank's GPU (init() made it the current one)
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    verbose = verbose and rank == 0
     spec = spec_for(schema, cfg.model, cfg.width, cfg.dropout)
-    model = build(spec).to(device)
-    opt = make_optimizer(model, cfg)
+    net = build(spec).to(device)  # same seed, same initial weights on every rank
+    model = distributed.wrap(net, device) if ddp else net
+    opt = make_optimizer(net, cfg)
     sched = make_schedule(opt, cfg, epochs)
     use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else (
@@ -127,17 +157,21 @@ def fit(cfg: RunConfig, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndar
     yt = torch.as_tensor(y_tr, dtype=torch.int64, device=device)
     Xv = torch.as_tensor(X_va, dtype=torch.float32, device=device)
     yv = torch.as_tensor(y_va, dtype=torch.int64, device=device)
-    weights = [p for p in model.parameters() if p.ndim > 1]
+    weights = [p for p in net.parameters() if p.ndim > 1]
     gen = torch.Generator().manual_seed(cfg.seed)
     start_epoch, history = 1, []
     best = {"loss": float("inf"), "epoch": 0, "state": None}
     ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
     bad_epochs = 0
-    if ckpt and ckpt.exists():
-        state = torch.load(ckpt, map_location=device, weights_only=False)
+    state = None
+    if ckpt and rank == 0 and ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu" if ddp else device, weights_only=False)
+    if ddp:  # rank 0 alone reads the checkpoint; every rank resumes from the same state
+        state = distributed.broadcast_object(state)
+    if state is not None:
         # The schedule depends on the epoch count, so a checkpoint resumes only the same run.
         if state.get("config") == cfg.to_dict() and state.get("epochs") == epochs:
-            model.load_state_dict(state["model"])
+            net.load_state_dict(state["model"])
             opt.load_state_dict(state["optimizer"])
             sched.load_state_dict(state["schedule"])
             history, best = state["history"], state["best"]
@@ -153,12 +187,18 @@ def fit(cfg: RunConfig, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndar
         start_epoch = epochs + 1
     stopped_by_hook, started = False, time.perf_counter()
     n, bs = len(Xt), min(cfg.batch_size, len(Xt))
+    if ddp:  # the global batch stays batch_size: each rank takes its share of it
+        bs = max(1, bs // world_size)
     for epoch in range(start_epoch, epochs + 1):
         t0 = time.perf_counter()
         model.train()
-        perm = torch.randperm(n, generator=gen).to(device)
+        perm = torch.randperm(n, generator=gen)
+        if ddp:  # same permutation on every rank; each takes its slice (same batch count)
+            perm = distributed.shard_order(perm, rank, world_size)
+            torch.manual_seed(distributed.rank_seed(cfg.seed, epoch, rank))  # own dropout masks
+        perm = perm.to(device)
         total = 0.0
-        for i in range(0, n, bs):
+        for i in range(0, len(perm), bs):
             idx = perm[i:i + bs]
             with autocast():
                 loss = nn.functional.cross_entropy(model(Xt[idx]).float(), yt[idx])
@@ -170,7 +210,12 @@ def fit(cfg: RunConfig, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndar
             total += loss.item() * len(idx)
         lr = opt.param_groups[0]["lr"]
         sched.step()
-        val_loss, val_acc = _evaluate(model, Xv, yv, autocast)
+        if ddp:  # all-reduced: every rank sees the same numbers and decides the same
+            total, seen = distributed.all_reduce_sum([total, len(perm)])
+            total = total * n / seen  # mean over the rows seen, scaled like the 1-process sum
+            val_loss, val_acc = _evaluate_sharded(net, Xv, yv, autocast, rank, world_size)
+        else:
+            val_loss, val_acc = _evaluate(model, Xv, yv, autocast)
         if not (np.isfinite(val_loss) and np.isfinite(total)):
             raise KubetrainError(f"training diverged at epoch {epoch} (train loss {total / n}, "
                                  f"validation loss {val_loss}); lower --learning-rate "
@@ -181,18 +226,22 @@ def fit(cfg: RunConfig, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndar
         if val_loss < best["loss"] - 1e-5:
             best = {"loss": val_loss, "epoch": epoch,
                     "state": copy.deepcopy({k: v.detach().cpu() for k, v in
-                                            model.state_dict().items()})}
+                                            net.state_dict().items()})}
             bad_epochs = 0
         else:
             bad_epochs += 1
-        if ckpt:
-            _save_checkpoint(ckpt, model, opt, sched, gen, cfg, epochs, epoch, history, best)
+        if ckpt and rank == 0:
+            _save_checkpoint(ckpt, net, opt, sched, gen, cfg, epochs, epoch, history, best)
         if verbose:
             progress.log(stage, f"epoch {epoch}/{epochs} | train_loss {row['train_loss']:.4f}"
                                 f" | val_loss {val_loss:.4f} | val_acc {val_acc:.4f} | "
                                 f"{row['seconds']:.2f}s/epoch | ETA "
                                 f"{progress.eta(started, epoch - start_epoch + 1, epochs - start_epoch + 1)}")
-        if hook and hook(epoch, {"validation-accuracy": val_acc, "validation-loss": val_loss}):
+        stop = bool(hook and hook(epoch, {"validation-accuracy": val_acc,
+                                          "validation-loss": val_loss}))
+        if ddp:
+            stop = distributed.any_rank(stop)  # no rank may leave the loop alone (it would hang)
+        if stop:
             stopped_by_hook = True
             break
         if bad_epochs >= cfg.patience:
@@ -201,13 +250,15 @@ def fit(cfg: RunConfig, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndar
                                     f"epochs; best epoch {best['epoch']}")
             break
     if best["state"] is not None:
-        model.load_state_dict(best["state"])
-    model.eval()
+        net.load_state_dict(best["state"])
+    net.eval()
     best_row = next(r for r in history if r["epoch"] == best["epoch"]) if best["epoch"] else history[-1]
     metrics = {"val_loss": best_row["val_loss"], "val_accuracy": best_row["val_accuracy"],
                "best_epoch": best_row["epoch"], "epochs_run": len(history),
                "seconds": round(time.perf_counter() - started, 3), "device": device.type}
-    return FitResult(model=model.cpu(), spec=spec, history=history, best_epoch=best_row["epoch"],
+    if ddp:
+        metrics["processes"] = world_size
+    return FitResult(model=net.cpu(), spec=spec, history=history, best_epoch=best_row["epoch"],
                      metrics=metrics, stopped_by_hook=stopped_by_hook, config=cfg.to_dict())
 
 

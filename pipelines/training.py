@@ -101,6 +101,7 @@ def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:
         momentum: float = D.momentum, weight_decay: float = D.weight_decay, l1: float = D.l1,
         dropout: float = D.dropout, width: int = D.width, lr_schedule: str = D.lr_schedule,
         patience: int = D.patience, seed: int = D.seed, device: str = D.device,
+        nproc: int = D.nproc,
         tune_trials: int = D.tune_trials, tune_parallel: int = D.tune_parallel,
         tune_algorithm: str = D.tune_algorithm, tune_early_stopping: str = D.tune_early_stopping,
         tune_epochs: int = D.tune_epochs, tune_max_failed: int = D.tune_max_failed,
@@ -143,7 +144,8 @@ def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:
                           batch_size=batch_size, learning_rate=learning_rate,
                           optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
                           l1=l1, dropout=dropout, width=width, lr_schedule=lr_schedule,
-                          patience=patience, seed=seed, device=device), "train")
+                          patience=patience, seed=seed, device=device, nproc=nproc,
+                          cluster=policy.cluster or {}, run_id=run_id), "train")
         judged = t(evaluate(trained_model=trained.outputs["trained_model"],
                             test=splits.outputs["test"], min_accuracy=min_accuracy), "evaluate")
         with dsl.If(judged.outputs["gate"] == "pass", name="quality-gate-passed"):

@@ -136,3 +136,15 @@ def test_s3_dataset_in_and_model_bundle_out(tmp_path, s3_env):
     uri = f"s3://{s3_env}/models/cancer/{versions.pop()}/"
     assert storage.is_published(uri) and s["published"] == uri
     assert s["dataset"]["content_hash"] in storage.read_bytes(uri + "model_card.md").decode()
+
+
+def test_ddp_over_two_processes_with_another_katib_algorithm(tmp_path):
+    runs = tmp_path / "runs"
+    proc = kubetrain(runs, "--dataset", "breast_cancer", "--nproc", "2", "--tune-algorithm",
+                     "cmaes", "--tune-trials", "2", "--tune-epochs", "2", "--epochs", "4")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    s = summary_of(runs)
+    assert s["config"]["nproc"] == 2 and s["config"]["tune_algorithm"] == "cmaes"
+    assert s["test_metrics"]["accuracy"] > 0.85
+    info = json.loads((Path(s["artifacts"]["trained_model"]) / "info.json").read_text())
+    assert info["metrics"]["processes"] == 2

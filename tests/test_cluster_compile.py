@@ -93,12 +93,12 @@ def test_placement_settings_come_from_flags(tmp_path):
     assert main(["compile", "--target", "cluster", "--output", str(out),
                  "--image-registry", "registry.example.com/ml", "--image-tag", "2.0",
                  "--gpu-node-selector", "cloud.google.com/gke-accelerator=nvidia-h100-80gb",
-                 "--gpu-toleration", "dedicated=gpu:NoExecute", "--gpus", "2",
+                 "--gpu-toleration", "dedicated=gpu:NoExecute", "--gpu-memory", "40Gi",
                  "--retries", "5"]) == 0
     spec, platform = yaml.safe_load_all(out.read_text())
     train = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
     assert train["image"] == "registry.example.com/ml/kubetrain:2.0-cuda"
-    assert train["resources"]["accelerator"]["resourceCount"] == "2"
+    assert train["resources"]["resourceMemoryLimit"] == "40Gi"
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
     assert k8s["nodeSelector"]["labels"] == {
         "cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
@@ -143,3 +143,19 @@ def test_local_target_tunes_in_process(tmp_path):
     spec = yaml.safe_load(compile_pipeline("local", tmp_path / "l.yaml").read_text())
     tune = next(t for _, t, c in all_tasks(spec) if c == "comp-tune")
     assert tune["inputs"]["parameters"]["backend"]["runtimeValue"]["constant"] == "optuna"
+
+
+@pytest.mark.parametrize("flags", [["--num-nodes", "2"], ["--gpus", "4"]])
+def test_multi_node_or_multi_gpu_training_runs_as_a_trainjob(tmp_path, flags):
+    out = tmp_path / "tj.yaml"
+    assert main(["compile", "--target", "cluster", "--output", str(out), *flags]) == 0
+    spec, platform = yaml.safe_load_all(out.read_text())
+    train = next(t for _, t, c in all_tasks(spec) if c == "comp-train")
+    placement = ClusterConfig.from_dict(train["inputs"]["parameters"]["cluster"]
+                                        ["runtimeValue"]["constant"])
+    assert placement.trainjob
+    # the train pod only submits and follows the TrainJob: CPU image, no GPU, off GPU nodes
+    container = spec["deploymentSpec"]["executors"]["exec-train"]["container"]
+    assert container["image"].endswith("-cpu") and "accelerator" not in container["resources"]
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]["exec-train"]
+    assert "tolerations" not in k8s and k8s["nodeAffinity"]

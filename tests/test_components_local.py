@@ -58,6 +58,7 @@ ALL_COMPONENTS = (ingest, clean, augment, tune, default_hyperparameters, train, 
 # component parameters that are not RunConfig settings
 NOT_SETTINGS = {"ingest": {"source", "fingerprint"}, "train": {"hyperparameters"},
                 "publish": {"best_hyperparameters"}, "tune": {"backend", "cluster", "run_id"}}
+NOT_SETTINGS["train"] |= {"cluster", "run_id"}
 # what the local target passes for those that are not data (see pipelines/training.py)
 LOCAL_EXTRAS = {"backend": "optuna", "cluster": {}, "run_id": ""}
 

@@ -1,0 +1,37 @@
+"""`kubetrain render`: the Katib Experiment and TrainJob files an admin reviews or applies."""
+
+from __future__ import annotations
+
+import yaml
+
+from kubetrain import katib, trainjob
+from kubetrain.cli import main
+
+
+def test_render_writes_valid_experiment_and_trainjob(tmp_path, capsys):
+    assert main(["render", "--num-nodes", "2", "--gpus", "2", "--tune-algorithm", "grid",
+                 "--tune-trials", "6", "--output-dir", str(tmp_path)]) == 0
+    exp = yaml.safe_load((tmp_path / "katib-experiment.yaml").read_text())
+    katib.validate(exp)  # the webhook's rules and Katib's API models, after a YAML round trip
+    assert exp["spec"]["algorithm"]["algorithmName"] == "grid"
+    assert exp["metadata"]["namespace"] == "kubetrain"
+    for p in exp["spec"]["parameters"]:
+        assert all(isinstance(v, str) for v in p["feasibleSpace"].get("list", []))
+    job = yaml.safe_load((tmp_path / "trainjob.yaml").read_text())
+    trainjob.validate(job)
+    assert job["spec"]["trainer"]["numNodes"] == 2
+    assert job["spec"]["trainer"]["numProcPerNode"] == 2
+    assert job["spec"]["trainer"]["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "2"
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_render_says_when_training_would_stay_in_its_pod(tmp_path, capsys):
+    assert main(["render", "--output-dir", str(tmp_path)]) == 0
+    assert "trains in its own pod" in capsys.readouterr().out
+
+
+def test_render_rejects_bad_settings_in_one_line(tmp_path, capsys):
+    assert main(["render", "--num-nodes", "0", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: num_nodes=0") and "\n" not in err
+    assert not (tmp_path / "trainjob.yaml").exists()

@@ -1,0 +1,465 @@
+"""The Kubeflow Trainer v2 TrainJob of multi-node training (`kubetrain.trainjob`).
+
+The generated documents are checked against the Trainer API's own models
+(`kubeflow-trainer-api`); following and error handling run against status
+documents and a fake Kubernetes API; one test runs the TrainJob's command the
+way the Trainer's torch plugin starts it (torchrun reading ``PET_*``) against a
+real S3 server, so the command line, the S3 wiring and `collect` are real."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+from kubernetes.client.exceptions import ApiException
+
+from kubetrain import storage, train_entry, trainjob as tj
+from kubetrain.cluster_config import ClusterConfig
+from kubetrain.config import RunConfig
+from kubetrain.errors import KubetrainError
+
+GPU_CLUSTER = ClusterConfig(gpus=4, gpu_resource="nvidia.com/gpu",
+                            gpu_node_selector="kubetrain.io/node-pool=gpu",
+                            gpu_toleration="nvidia.com/gpu=present:NoSchedule",
+                            gpu_cpu="8", gpu_memory="32Gi", s3_secret="team-s3",
+                            s3_endpoint_url="http://minio.kubeflow:9000", s3_region="eu-west-1",
+                            namespace="ml-team", trainer_runtime="torch-distributed-gpu",
+                            wait_timeout=7200)
+CFG = RunConfig(epochs=7, width=64)
+URIS = ("s3://bucket/run/train", "minio://bucket/run/validation", "s3://bucket/run/out")
+RESERVED = {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR",
+            "PET_MASTER_PORT"}
+
+
+def _job(cluster: ClusterConfig = GPU_CLUSTER, num_nodes: int = 3, **kwargs) -> dict:
+    return tj.trainjob(CFG, cluster, *URIS, {"learning_rate": 0.01}, num_nodes,
+                       name=kwargs.pop("name", "train-abc"), **kwargs)
+
+
+def _pod_patch(job: dict) -> dict:
+    (patch,) = job["spec"]["runtimePatches"]
+    (rj,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert rj["name"] == "node"  # the torch runtimes' trainer replicated job
+    return rj["template"]["spec"]["template"]["spec"]
+
+
+# --- the document ---------------------------------------------------------------------
+
+def test_trainjob_validates_against_the_trainer_api_and_round_trips():
+    job = _job()
+    model = TrainerV1alpha1TrainJob.from_dict(job)
+    assert model.to_dict() == job  # nothing unknown, nothing dropped
+    assert model.api_version == "trainer.kubeflow.org/v1alpha1" and model.kind == "TrainJob"
+    assert model.metadata.name == "train-abc" and model.metadata.namespace == "ml-team"
+    ref = model.spec.runtime_ref
+    assert (ref.name, ref.kind, ref.api_group) == ("torch-distributed-gpu",
+                                                  "ClusterTrainingRuntime",
+                                                  "trainer.kubeflow.org")
+    trainer = model.spec.trainer
+    assert trainer.num_nodes == 3 and trainer.num_proc_per_node == 4  # one process per GPU
+    assert trainer.image == GPU_CLUSTER.image("cuda")
+    for side in (trainer.resources_per_node.limits, trainer.resources_per_node.requests):
+        assert {k: v.actual_instance for k, v in side.items()} == {
+            "nvidia.com/gpu": "4", "cpu": "8", "memory": "32Gi"}
+    assert model.spec.active_deadline_seconds == GPU_CLUSTER.wait_timeout
+
+
+def test_scheduling_goes_through_a_runtime_patch_of_the_trainer_nodes():
+    job = _job()
+    model = TrainerV1alpha1TrainJob.from_dict(job)
+    (patch,) = model.spec.runtime_patches
+    assert patch.manager == tj.PATCH_MANAGER and patch.time is None  # the webhook stamps time
+    pod = patch.training_runtime_spec.template.spec.replicated_jobs[0].template.spec.template.spec
+    assert pod.node_selector == {"kubetrain.io/node-pool": "gpu"}
+    (tol,) = pod.tolerations
+    assert (tol.key, tol.operator, tol.value, tol.effect) == (
+        "nvidia.com/gpu", "Equal", "present", "NoSchedule")
+    # a value-less taint is tolerated with Exists
+    exists = _pod_patch(_job(ClusterConfig(gpu_toleration="nvidia.com/gpu:NoExecute")))
+    assert exists["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
+                                      "effect": "NoExecute"}]
+    # nothing to place: no patch at all
+    plain = _job(ClusterConfig(gpu_node_selector="", gpu_toleration=""))
+    assert "runtimePatches" not in plain["spec"]
+
+
+def test_s3_credentials_come_from_the_secret_never_as_values(monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIA-LOCAL-ID")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "local-secret-value")
+    job = _job()
+    env = {e["name"]: e for e in job["spec"]["trainer"]["env"]}
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": "team-s3",
+                                                                        "key": key}}}
+    assert env["S3_ENDPOINT_URL"]["value"] == "http://minio.kubeflow:9000"
+    assert env["AWS_DEFAULT_REGION"]["value"] == "eu-west-1"
+    text = json.dumps(job)
+    assert "AKIA-LOCAL-ID" not in text and "local-secret-value" not in text
+    assert not RESERVED & set(env)  # the torch plugin sets these; its webhook rejects ours
+    no_endpoint = _job(ClusterConfig())
+    assert "S3_ENDPOINT_URL" not in {e["name"] for e in no_endpoint["spec"]["trainer"]["env"]}
+
+
+def test_command_runs_train_entry_under_torchrun_with_the_run_settings():
+    trainer = _job()["spec"]["trainer"]
+    assert trainer["command"] == ["torchrun", "-m", "kubetrain.train_entry"]
+    args = train_entry.parser().parse_args(trainer["args"])
+    # KFP's minio:// artifact URIs name the same object store
+    assert (args.train, args.validation, args.output) == (
+        "s3://bucket/run/train", "s3://bucket/run/validation", "s3://bucket/run/out")
+    assert json.loads(args.hyperparameters) == {"learning_rate": 0.01}
+    settings = train_entry.settings_of(args)
+    assert {k: settings[k] for k in CFG.stage("train")} == CFG.stage("train")
+
+
+def test_cpu_pool_job_has_no_gpus_and_one_process_per_node():
+    cpu = ClusterConfig(gpus=0, cpu_node_selector="pool=cpu")
+    job = _job(cpu, num_nodes=2)
+    trainer = job["spec"]["trainer"]
+    assert trainer["image"] == cpu.image("cpu") and trainer["numProcPerNode"] == 1
+    assert set(trainer["resourcesPerNode"]["limits"]) == {"cpu", "memory"}
+    assert _pod_patch(job) == {"nodeSelector": {"pool": "cpu"}}
+    assert _job(cpu, nproc_per_node=3)["spec"]["trainer"]["numProcPerNode"] == 3
+
+
+@pytest.mark.parametrize("num_nodes", [0, -1, 1.5, True, "2"])
+def test_bad_num_nodes_is_a_user_error(num_nodes):
+    with pytest.raises(KubetrainError, match="at least 1 node"):
+        _job(num_nodes=num_nodes)
+
+
+def test_bad_names_uris_and_process_counts_are_user_errors():
+    for name in ("Train", "1train", "train_x", "t" * 49, "train-"):
+        with pytest.raises(KubetrainError, match="TrainJob name"):
+            _job(name=name)
+    assert tj.default_name().startswith("kubetrain-train-")
+    _job(name=tj.default_name())
+    with pytest.raises(KubetrainError, match="s3://"):
+        tj.trainjob(CFG, GPU_CLUSTER, "/local/train", *URIS[1:], {}, 2)
+    with pytest.raises(KubetrainError, match="one GPU per process"):
+        _job(nproc_per_node=8)
+    assert tj.needs_trainjob(2, ClusterConfig(gpus=1))
+    assert tj.needs_trainjob(1, ClusterConfig(gpus=2))
+    assert not tj.needs_trainjob(1, ClusterConfig(gpus=1))
+
+
+def test_validate_rejects_what_the_trainer_api_does_not_define():
+    job = _job()
+    wrong = json.loads(json.dumps(job))
+    wrong["spec"]["podTemplateOverrides"] = [{"targetJobs": [{"name": "node"}]}]  # not in 2.3
+    with pytest.raises(KubetrainError, match="podTemplateOverrides"):
+        tj.validate(wrong)
+    typo = json.loads(json.dumps(job))
+    typo["spec"]["trainer"]["numNode"] = typo["spec"]["trainer"].pop("numNodes")
+    with pytest.raises(KubetrainError, match="numNode"):
+        tj.validate(typo)
+    auto = json.loads(json.dumps(job))
+    auto["spec"]["trainer"]["numProcPerNode"] = "auto"  # an int in this API version
+    with pytest.raises(KubetrainError, match="Trainer API"):
+        tj.validate(auto)
+    no_ref = json.loads(json.dumps(job))
+    del no_ref["spec"]["runtimeRef"]
+    with pytest.raises(KubetrainError, match="Trainer API"):
+        tj.validate(no_ref)
+
+
+def test_cluster_settings_survive_kfp_dict_parameters():
+    from kubetrain.cluster_config import ClusterConfig
+
+    as_dict = dataclasses.asdict(GPU_CLUSTER)
+    assert ClusterConfig.from_dict({k: float(v) if isinstance(v, int) else v
+                                    for k, v in as_dict.items()}) == GPU_CLUSTER
+    with pytest.raises(KubetrainError, match="unknown cluster setting"):
+        ClusterConfig.from_dict({"gpuz": 1})
+
+
+# --- status and following -----------------------------------------------------------
+
+def _condition(kind: str, reason: str, message: str = "", status: str = "True") -> dict:
+    return {"type": kind, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}
+
+
+def _jobs(active=0, ready=0, succeeded=0, failed=0) -> list[dict]:
+    return [{"name": "node", "active": active, "ready": ready, "succeeded": succeeded,
+             "failed": failed, "suspended": 0}]
+
+
+def _with_status(job: dict, **status) -> dict:
+    doc = {**job, "status": status}
+    TrainerV1alpha1TrainJob.from_dict(doc)  # a status the real API could report
+    return doc
+
+
+def test_progress_of_reads_conditions_and_child_jobs():
+    job = _job()
+    assert tj.progress_of(job).phase == "Pending"
+    created = _with_status(job, conditions=[_condition("Created", "JobsCreationSucceeded")])
+    assert tj.progress_of(created).phase == "Created"
+    running = _with_status(job, jobsStatus=_jobs(active=3, ready=3),
+                           trainerStatus={"progressPercentage": 40,
+                                          "lastUpdatedTime": "2026-01-01T00:00:00Z"})
+    state = tj.progress_of(running)
+    assert state.phase == "Running" and state.detail == "node: 3 active 3 ready, 40%"
+    suspended = _with_status(job, conditions=[_condition("Suspended", "Suspended")])
+    assert tj.progress_of(suspended).phase == "Suspended"
+    resumed = _with_status(job, conditions=[_condition("Suspended", "Resumed", status="False")])
+    assert tj.progress_of(resumed).phase == "Pending"
+    done = _with_status(job, conditions=[_condition("Complete", "JobsCompleted")],
+                        jobsStatus=_jobs(succeeded=3))
+    assert tj.progress_of(done).phase == "Complete" and tj.progress_of(done).done
+    failed = _with_status(job, conditions=[_condition("Failed", "DeadlineExceeded", "too long"),
+                                           _condition("Complete", "x", status="False")])
+    state = tj.progress_of(failed)
+    assert (state.phase, state.reason, state.message) == ("Failed", "DeadlineExceeded", "too long")
+
+
+class Clock:
+    def __init__(self):
+        self.t = 0.0
+        self.sleeps: list[float] = []
+
+    def now(self) -> float:
+        return self.t
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.t += seconds
+
+
+def _sequence(docs: list[dict]):
+    it = iter(docs)
+    last = {}
+
+    def get():
+        nonlocal last
+        last = next(it, last)
+        return last
+    return get
+
+
+def test_follow_returns_the_completed_job_logging_each_change_once():
+    job = _job()
+    docs = [job, _with_status(job, conditions=[_condition("Created", "JobsCreationSucceeded")]),
+            _with_status(job, jobsStatus=_jobs(active=3)), _with_status(job, jobsStatus=_jobs(active=3)),
+            _with_status(job, conditions=[_condition("Complete", "JobsCompleted")],
+                         jobsStatus=_jobs(succeeded=3))]
+    clock, logs = Clock(), []
+    final = tj.follow(_sequence(docs), 3600, poll_s=5, sleep=clock.sleep, now=clock.now,
+                      log=logs.append)
+    assert final is docs[-1]
+    assert logs == ["TrainJob train-abc: Pending", "TrainJob train-abc: Created",
+                    "TrainJob train-abc: Running (node: 3 active)",
+                    "TrainJob train-abc: Complete (node: 3 succeeded): JobsCompleted"]
+    assert clock.sleeps == [5] * 4
+
+
+def test_follow_fails_with_the_jobs_reason():
+    job = _job()
+    failed = _with_status(job, conditions=[_condition(
+        "Failed", "FailedJobs", 'jobset failed: job "train-abc-node-0" has failed')])
+    clock = Clock()
+    with pytest.raises(KubetrainError) as info:
+        tj.follow(_sequence([job, failed]), 3600, sleep=clock.sleep, now=clock.now,
+                  log=lambda m: None)
+    message = str(info.value)
+    assert "ml-team/train-abc failed: FailedJobs" in message
+    assert 'job "train-abc-node-0" has failed' in message
+    assert "kubectl -n ml-team logs -l jobset.sigs.k8s.io/jobset-name=train-abc" in message
+
+
+def test_follow_times_out_with_a_describe_hint():
+    job = _with_status(_job(), jobsStatus=_jobs(active=3))
+    clock = Clock()
+    with pytest.raises(KubetrainError) as info:
+        tj.follow(lambda: job, 60, poll_s=25, sleep=clock.sleep, now=clock.now,
+                  log=lambda m: None)
+    assert clock.t == 60 and clock.sleeps == [25, 25, 10]
+    message = str(info.value)
+    assert "did not finish within 60 s" in message and "Running" in message
+    assert "kubectl -n ml-team describe trainjob train-abc" in message
+
+
+# --- the Kubernetes API (fake) --------------------------------------------------------
+
+def _api_exception(status: int, message: str) -> ApiException:
+    exc = ApiException(status=status, reason="x")
+    exc.body = json.dumps({"kind": "Status", "message": message, "code": status})
+    return exc
+
+
+class FakeApi:
+    """CustomObjectsApi's three calls; `statuses` are what successive gets report."""
+
+    def __init__(self, statuses=(), create_error=None, get_errors=(), on_create=None):
+        self.statuses, self.create_error = list(statuses), create_error
+        self.get_errors, self.on_create = list(get_errors), on_create
+        self.created, self.deleted, self.gets = [], [], 0
+        self.job = None
+
+    def create_namespaced_custom_object(self, group, version, namespace, plural, body):
+        self.created.append((group, version, namespace, plural))
+        if self.create_error:
+            raise self.create_error
+        self.job = body
+        if self.on_create:
+            self.statuses = [self.on_create(body)]
+
+    def get_namespaced_custom_object(self, group, version, namespace, plural, name):
+        self.gets += 1
+        if self.get_errors:
+            raise self.get_errors.pop(0)
+        status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        return {**self.job, "status": status}
+
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name,
+                                        propagation_policy=None):
+        self.deleted.append((namespace, name, propagation_policy))
+
+
+def _run(api, job=None, **kwargs):
+    clock = Clock()
+    return tj.run(job or _job(), api=api, poll_s=1, sleep=clock.sleep, now=clock.now,
+                  log=lambda m: None, **kwargs)
+
+
+COMPLETE = {"conditions": [_condition("Complete", "JobsCompleted")]}
+
+
+def test_run_creates_follows_and_deletes():
+    api = FakeApi([{}, {"jobsStatus": _jobs(active=3)}, COMPLETE])
+    final = _run(api)
+    assert api.created == [("trainer.kubeflow.org", "v1alpha1", "ml-team", "trainjobs")]
+    assert api.job == _job() and final["status"] == COMPLETE and api.gets == 3
+    assert api.deleted == [("ml-team", "train-abc", "Background")]
+    kept = FakeApi([COMPLETE])
+    _run(kept, keep=True)
+    assert kept.deleted == []
+
+
+def test_a_failed_job_is_still_deleted():
+    api = FakeApi([{"conditions": [_condition("Failed", "FailedJobs", "rank 3 OOM")]}])
+    with pytest.raises(KubetrainError, match="FailedJobs: rank 3 OOM"):
+        _run(api)
+    assert api.deleted == [("ml-team", "train-abc", "Background")]
+
+
+def test_missing_trainer_install_and_rbac_are_named():
+    with pytest.raises(KubetrainError, match=r"Kubeflow Trainer v2 is not installed \(no "
+                                             r"trainjobs.trainer.kubeflow.org CRD\)"):
+        _run(FakeApi(create_error=_api_exception(
+            404, "the server could not find the requested resource")))
+    with pytest.raises(KubetrainError, match="namespace 'ml-team' does not exist"):
+        _run(FakeApi(create_error=_api_exception(404, 'namespaces "ml-team" not found')))
+    with pytest.raises(KubetrainError) as info:
+        _run(FakeApi(create_error=_api_exception(
+            403, 'trainjobs.trainer.kubeflow.org is forbidden: User "system:serviceaccount:'
+                 'ml-team:runner" cannot create resource "trainjobs"')))
+    assert "not allowed to create trainjobs.trainer.kubeflow.org in namespace ml-team" in \
+        str(info.value) and "role.yaml" in str(info.value)
+    with pytest.raises(KubetrainError, match="rejected TrainJob train-abc: admission webhook"):
+        _run(FakeApi(create_error=_api_exception(
+            403, 'admission webhook "validator.trainjob.trainer.kubeflow.org" denied the '
+                 'request: spec.trainer.env: must not have reserved envs')))
+    with pytest.raises(KubetrainError, match="already exists"):
+        _run(FakeApi(create_error=_api_exception(409, "exists")))
+
+
+def test_transient_api_errors_are_retried_a_deleted_job_is_not():
+    api = FakeApi([COMPLETE], get_errors=[_api_exception(503, "etcd busy"),
+                                          ConnectionResetError("reset")])
+    assert _run(api)["status"] == COMPLETE and api.gets == 3
+    gone = FakeApi([COMPLETE], get_errors=[_api_exception(404, 'trainjobs "train-abc" not found')])
+    with pytest.raises(KubetrainError, match="disappeared"):
+        _run(gone)
+
+
+# --- the TrainJob's command, run the way the torch plugin starts it -------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def local_trainer(secrets: dict[str, dict[str, str]]):
+    """A stand-in for Trainer + JobSet on one node: run the trainer container's command with
+    the PET_* variables the torch plugin injects and env resolved from `secrets`."""
+
+    def start(job: dict) -> dict:
+        trainer = job["spec"]["trainer"]
+        assert trainer["numNodes"] == 1
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
+        for var in trainer["env"]:
+            ref = var.get("valueFrom", {}).get("secretKeyRef")
+            env[var["name"]] = secrets[ref["name"]][ref["key"]] if ref else var["value"]
+        env.update(PET_NNODES="1", PET_NPROC_PER_NODE=str(trainer["numProcPerNode"]),
+                   PET_NODE_RANK="0", PET_MASTER_ADDR="127.0.0.1",
+                   PET_MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+        command = trainer["command"] + trainer["args"]
+        assert command[0] == "torchrun"  # the image's torchrun; here this venv's
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", *command[1:]],
+                              env=env, capture_output=True, text=True, timeout=300)
+        start.output = proc.stdout + proc.stderr
+        if proc.returncode:
+            return {"conditions": [_condition("Failed", "FailedJobs", proc.stderr[-300:])]}
+        return {"conditions": [_condition("Complete", "JobsCompleted")]}
+
+    start.output = ""
+    return start
+
+
+def test_train_on_cluster_runs_the_trainjob_command_and_collects_its_outputs(
+        s3_env, s3_server, tmp_path):
+    from sklearn.datasets import load_breast_cancer
+
+    from kubetrain.datasets import Schema, save_split
+    from kubetrain.models import load_model, predict_proba
+
+    data = load_breast_cancer()
+    X = ((data.data - data.data.mean(0)) / data.data.std(0)).astype(np.float32)
+    y = data.target.astype(np.int64)
+    schema = Schema("table", list(data.feature_names), list(data.target_names))
+    save_split(tmp_path / "train", X[:400], y[:400], schema)
+    save_split(tmp_path / "val", X[400:], y[400:], schema)
+    base = f"s3://{s3_env}/pipeline-root/run-1"
+    storage.upload(tmp_path / "train", f"{base}/train")
+    storage.upload(tmp_path / "val", f"{base}/val")
+    cluster = ClusterConfig(gpus=0, s3_secret="kubetrain-s3",
+                            s3_endpoint_url=s3_server.endpoint_url, s3_region=s3_server.region)
+    start = local_trainer({"kubetrain-s3": {"AWS_ACCESS_KEY_ID": s3_server.access_key,
+                                            "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}})
+    api = FakeApi(on_create=start)
+    clock, logs = Clock(), []
+    out = tmp_path / "outputs"
+    meta = tj.train_on_cluster(
+        {"epochs": 3, "width": 16, "batch_size": 32, "learning_rate": 0.01}, cluster,
+        f"{base}/train", f"minio://{s3_env}/pipeline-root/run-1/val", f"{base}/trainjob",
+        {"dropout": 0.0}, 1, str(out / "model"), str(out / "metrics.json"),
+        str(out / "report.html"), name="train-e2e", api=api, nproc_per_node=2,
+        poll_s=1, sleep=clock.sleep, now=clock.now, log=logs.append)
+    assert "data-parallel over 2 process(es)" in start.output, start.output[-2000:]
+    assert start.output.count("kubetrain | train | epoch 1/3") == 1  # rank 0 only
+    assert meta["processes"] == 2 and meta["epochs_run"] == 3
+    assert meta["hyperparameters"]["dropout"] == 0.0
+    model, _, _ = load_model(out / "model")
+    accuracy = float((predict_proba(model, X[400:]).argmax(1).numpy() == y[400:]).mean())
+    assert accuracy == pytest.approx(meta["val_accuracy"], abs=1e-6) and accuracy > 0.9
+    assert json.loads((out / "metrics.json").read_text())["processes"] == 2
+    assert "Training" in (out / "report.html").read_text()
+    assert api.deleted == [("kubetrain", "train-e2e", "Background")]
+    assert logs[0].startswith("created TrainJob kubetrain/train-e2e: 1 node(s) x 2 process(es)")
+    assert any("Complete" in line for line in logs)
+
+
+def test_collect_without_outputs_is_a_user_error(s3_env):
+    with pytest.raises(KubetrainError, match="wrote no"):
+        tj.collect(f"s3://{s3_env}/nothing", "m", "x.json", "r.html")
