@@ -12,6 +12,17 @@ from s3_server import S3Server, start
 unshadow_docker()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Small models train faster on one thread, and parallel test work shares 2 cores."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory):
     """A real SeaweedFS S3 server (own ports, temp data) for the session; killed at teardown.

@@ -29,12 +29,7 @@ SETTINGS = dict(dataset="breast_cancer", epochs=4, width=32, batch_size=32, lear
 TOLERANCE = 0.03  # accuracy gap allowed between 2 processes and 1
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -138,15 +138,8 @@ def test_npz_features(tmp_path):
     np.testing.assert_array_equal(frame[schema.feature_names].to_numpy(), X)
 
 
-def test_s3_csv(tmp_path, s3_server, monkeypatch):
-    for name in ("AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                 "AWS_MAX_ATTEMPTS", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("S3_ENDPOINT_URL", s3_server.endpoint_url)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server.region)
-    bucket = s3_server.make_bucket()
+def test_s3_csv(tmp_path, s3_env):
+    bucket = s3_env
     local = write_csv(tmp_path / "remote.csv", "x1,x2,class\n1,2,a\n3,4,b\n5,6,a\n7,8,b\n")
     uri = f"s3://{bucket}/data/remote.csv"
     storage.upload(local, uri)

@@ -31,6 +31,7 @@ from kubetrain import config, katib, storage, trial, tuning
 from kubetrain.cluster_config import ClusterConfig
 from kubetrain.config import TUNE_ALGORITHMS, RunConfig
 from kubetrain.errors import KubetrainError
+from fakes import Clock
 
 KATIB_REGEX = re.compile(r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)")
 METRICS = ("validation-accuracy", "validation-loss")
@@ -346,19 +347,6 @@ def status_doc(*phases: str, succeeded=0, failed=0, running=0, pending=0, early_
 BEST = {"trial": f"{NAME}-x7k2p9qd", "accuracy": "0.9812",
         "params": {"learning-rate": "0.0012", "weight-decay": "3.5e-05", "dropout": "0.2",
                    "width": "96", "batch-size": "64"}}
-
-
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-        self.sleeps: list[float] = []
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.t += seconds
 
 
 def follow(docs: list[dict], timeout_s: float = 600, poll_s: float = 10):

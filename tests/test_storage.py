@@ -38,15 +38,8 @@ class Bucket:
 
 
 @pytest.fixture
-def s3(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Bucket:
-    for name in ("AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                 "AWS_MAX_ATTEMPTS", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("S3_ENDPOINT_URL", s3_server.endpoint_url)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server.region)
-    return Bucket(s3_server.make_bucket(), s3_server.client(), s3_server)
+def s3(s3_server: S3Server, s3_env: str) -> Bucket:
+    return Bucket(s3_env, s3_server.client(), s3_server)
 
 
 def make_tree(root: Path) -> dict[str, bytes]:

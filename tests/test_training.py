@@ -21,12 +21,7 @@ from kubetrain.training import TUNABLE, fit, with_hyperparameters
 TABLE = dict(dataset="breast_cancer")  # RunConfig defaults describe digits
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from kubetrain import storage, train_entry, trainjob as tj
 from kubetrain.cluster_config import ClusterConfig
 from kubetrain.config import RunConfig
 from kubetrain.errors import KubetrainError
+from fakes import Clock
 
 GPU_CLUSTER = ClusterConfig(gpus=4, gpu_resource="nvidia.com/gpu",
                             gpu_node_selector="kubetrain.io/node-pool=gpu",
@@ -220,19 +221,6 @@ def test_progress_of_reads_conditions_and_child_jobs():
                                            _condition("Complete", "x", status="False")])
     state = tj.progress_of(failed)
     assert (state.phase, state.reason, state.message) == ("Failed", "DeadlineExceeded", "too long")
-
-
-class Clock:
-    def __init__(self):
-        self.t = 0.0
-        self.sleeps: list[float] = []
-
-    def now(self) -> float:
-        return self.t
-
-    def sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-        self.t += seconds
 
 
 def _sequence(docs: list[dict]):

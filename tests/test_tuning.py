@@ -27,12 +27,7 @@ from kubetrain.tuning import (GRID_POINTS, MEDIANSTOP, Param, for_algorithm, mak
 TABLE = dict(dataset="breast_cancer")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(autouse=True)
