@@ -121,6 +121,16 @@ class ClusterConfig:
             spec["tolerations"] = [toleration]
         return spec
 
+    def s3_env(self) -> list[dict]:
+        """Container env for object storage: keys by reference to the Secret, never values."""
+        env: list[dict] = [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": self.s3_secret, "key": key}}}
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+        env.append({"name": "AWS_DEFAULT_REGION", "value": self.s3_region})
+        if self.s3_endpoint_url:
+            env.append({"name": "S3_ENDPOINT_URL", "value": self.s3_endpoint_url})
+        return env
+
     def image(self, flavor: str) -> str:
         """`cpu` or `cuda` image reference."""
         return f"{self.image_registry}/kubetrain:{self.image_tag}-{flavor}"

@@ -260,6 +260,11 @@ def write_report(path: Path, summary: dict[str, Any], outputs: dict[str, Any]) -
     model_info = json.loads((Path(outputs["trained_model"].path) / "info.json").read_text())
     evaluation = json.loads(Path(outputs["evaluation"].path).read_text())
     compression = outputs["compression"]
+    classes = [str(c) for c in ingest_meta.get("classes", [])]
+
+    def ordered(counts: dict) -> dict:  # KFP metadata maps come back unordered
+        return {c: counts[c] for c in classes if c in counts} or counts
+
     sections = [
         Section("Run", facts={"run": summary["run_id"], "dataset": ingest_meta.get("source"),
                               "pipeline seconds": summary["pipeline_seconds"],
@@ -268,12 +273,13 @@ def write_report(path: Path, summary: dict[str, Any], outputs: dict[str, Any]) -
         Section("Data: class balance", facts={
             "rows": ingest_meta.get("rows"), "features": ingest_meta.get("features"),
             "content sha256": str(ingest_meta.get("content_hash", ""))[:16]},
-            images=[plots.class_balance(ingest_meta.get("class_counts", {}))]),
+            images=[plots.class_balance(ordered(ingest_meta.get("class_counts", {})))]),
         Section("Cleaning", tables=[[{k: clean_meta.get(k) for k in (
             "rows_in", "duplicates_removed", "missing_values", "features_out", "scaling",
             "impute", "outliers") if k in clean_meta}]]),
         Section("Augmentation (training split)", images=[plots.class_balance_compare(
-            aug_meta.get("class_counts_before", {}), aug_meta.get("class_counts_after", {}))]),
+            ordered(aug_meta.get("class_counts_before", {})),
+            ordered(aug_meta.get("class_counts_after", {})))]),
         Section("Tuning trials", facts={"algorithm": trials_doc["meta"]["algorithm"],
                                         "trials": trials_doc["meta"]["trials"]},
                 images=[plots.tuning_trials(trials_doc["trials"], trials_doc["meta"]["objective"],

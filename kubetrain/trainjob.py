@@ -35,7 +35,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from kubetrain import distributed, progress
+from kubetrain import distributed, k8s, progress
 from kubetrain.cluster_config import ClusterConfig
 from kubetrain.config import RunConfig
 from kubetrain.errors import KubetrainError, require
@@ -48,7 +48,6 @@ TRAINER_JOB = "node"
 PATCH_MANAGER = "kubetrain.io/scheduling"
 #: Pod label JobSet puts on every pod of the TrainJob's JobSet (named like the TrainJob).
 POD_SELECTOR = "jobset.sigs.k8s.io/jobset-name"
-S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 #: Pod hostnames are <name>-node-<i>-0 and must fit a 63-character DNS label.
 MAX_NAME = 48
 _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
@@ -135,14 +134,7 @@ def trainjob(cfg: RunConfig, cluster: ClusterConfig, train_uri: str, val_uri: st
 
 
 def _env(cluster: ClusterConfig) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [
-        {"name": key, "valueFrom": {"secretKeyRef": {"name": cluster.s3_secret, "key": key}}}
-        for key in S3_KEYS]
-    env.append({"name": "AWS_DEFAULT_REGION", "value": cluster.s3_region})
-    if cluster.s3_endpoint_url:
-        env.append({"name": "S3_ENDPOINT_URL", "value": cluster.s3_endpoint_url})
-    env.append({"name": "PYTHONUNBUFFERED", "value": "1"})
-    return env
+    return cluster.s3_env() + [{"name": "PYTHONUNBUFFERED", "value": "1"}]
 
 
 def _scheduling_patch(cluster: ClusterConfig) -> dict[str, Any] | None:
@@ -258,89 +250,66 @@ def follow(get: Callable[[], dict[str, Any]], timeout_s: float, poll_s: float = 
     Each change of phase is logged once. A Failed condition raises with its
     reason and message; running past ``timeout_s`` raises with a kubectl hint.
     """
-    log = log or (lambda message: progress.log("train", message))
-    deadline = now() + timeout_s
-    last = None
-    while True:
-        job = get()
-        meta = job.get("metadata") or {}
-        name, namespace = meta.get("name", "?"), meta.get("namespace", "default")
-        state = progress_of(job)
-        if state.line() != last:
-            last = state.line()
-            log(f"TrainJob {name}: {last}")
-        if state.phase == "Complete":
-            return job
-        if state.phase == "Failed":
-            why = ": ".join(filter(None, [state.reason, state.message])) or "no reason given"
-            raise KubetrainError(
-                f"TrainJob {namespace}/{name} failed: {why}; see the ranks' logs with "
-                f"kubectl -n {namespace} logs -l {POD_SELECTOR}={name} --prefix --tail 50")
-        left = deadline - now()
-        if left <= 0:
-            raise KubetrainError(
-                f"TrainJob {namespace}/{name} did not finish within {timeout_s:g} s (last "
-                f"state: {last}); inspect it with kubectl -n {namespace} describe trainjob "
-                f"{name}, or raise --wait-timeout")
-        sleep(min(poll_s, left))
+    return k8s.follow(get, _outcome, _describe, _timed_out, timeout_s, poll_s, sleep, now,
+                      log or (lambda message: progress.log("train", message)))
+
+
+def _where(job: dict[str, Any]) -> tuple[str, str]:
+    meta = job.get("metadata") or {}
+    return meta.get("name", "?"), meta.get("namespace", "default")
+
+
+def _describe(job: dict[str, Any]) -> str:
+    return f"TrainJob {_where(job)[0]}: {progress_of(job).line()}"
+
+
+def _timed_out(job: dict[str, Any], timeout_s: float) -> str:
+    name, namespace = _where(job)
+    return (f"TrainJob {namespace}/{name} did not finish within {timeout_s:g} s (last state: "
+            f"{progress_of(job).line()}); inspect it with kubectl -n {namespace} describe "
+            f"trainjob {name}, or raise --wait-timeout")
+
+
+def _outcome(job: dict[str, Any]) -> dict[str, Any] | None:
+    """The job once Complete, None while it runs; raises once it Failed."""
+    state = progress_of(job)
+    if state.phase == "Complete":
+        return job
+    if state.phase == "Failed":
+        name, namespace = _where(job)
+        why = ": ".join(filter(None, [state.reason, state.message])) or "no reason given"
+        raise KubetrainError(
+            f"TrainJob {namespace}/{name} failed: {why}; see the ranks' logs with "
+            f"kubectl -n {namespace} logs -l {POD_SELECTOR}={name} --prefix --tail 50")
+    return None
 
 
 # --- the Kubernetes API ---------------------------------------------------------------
-
-def _custom_objects_api() -> Any:
-    from kubernetes import client, config
-
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        try:
-            config.load_kube_config()
-        except Exception as exc:  # noqa: BLE001 - any config problem reads the same
-            raise KubetrainError(f"no Kubernetes credentials ({exc}); run inside the cluster "
-                                 "or point KUBECONFIG at it") from None
-    return client.CustomObjectsApi()
-
 
 _VERBS = {"creating": "create", "following": "get", "deleting": "delete"}
 
 
 def _api_error(exc: Any, action: str, namespace: str, name: str) -> KubetrainError:
-    status = getattr(exc, "status", None)
-    body = str(getattr(exc, "body", "") or "")
-    try:
-        detail = json.loads(body).get("message", "") if body else ""
-    except (ValueError, AttributeError):
-        detail = body[:300]
-    detail = detail or str(getattr(exc, "reason", "") or exc)
-    if status == 404 and 'namespaces "' in detail:
+    detail = k8s.detail_of(exc)
+    if getattr(exc, "status", None) == 404 and 'namespaces "' in detail:
         return KubetrainError(f"namespace {namespace!r} does not exist: set --namespace to "
                               "your Kubeflow profile's namespace")
-    if status == 404 and action == "creating":
-        return KubetrainError(
+    rejected = f"the API server rejected TrainJob {name}: {detail}"
+    return k8s.api_error(
+        exc, action == "creating", f"{action} TrainJob {namespace}/{name}",
+        not_installed=(
             "Kubeflow Trainer v2 is not installed (no trainjobs.trainer.kubeflow.org CRD); "
             "install it (https://www.kubeflow.org/docs/components/trainer/) or train with "
-            "num_nodes=1 and one GPU")
-    if status == 404:
-        return KubetrainError(f"TrainJob {namespace}/{name} disappeared while {action} "
-                              "(deleted by someone?)")
-    if status == 403 and "admission webhook" not in detail:
-        return KubetrainError(
+            "num_nodes=1 and one GPU"),
+        gone=f"TrainJob {namespace}/{name} disappeared while {action} (deleted by someone?)",
+        # an admission webhook refuses with 403 too: that is the document, not RBAC
+        forbidden=rejected if "admission webhook" in detail else (
             f"not allowed to {_VERBS.get(action, action)} trainjobs.trainer.kubeflow.org in "
             f"namespace {namespace} ({detail}); grant the step's service account create/get/"
-            "delete on trainjobs (manifests/base/role.yaml)")
-    if status == 409:
-        return KubetrainError(f"a TrainJob named {name} already exists in {namespace}; "
-                              "delete it or pick another name")
-    if status in (400, 403, 422):
-        return KubetrainError(f"the API server rejected TrainJob {name}: {detail}")
-    return KubetrainError(f"Kubernetes API error while {action} TrainJob {namespace}/{name}: "
-                          f"{status or ''} {detail}".strip())
-
-
-def _transient(exc: Exception) -> bool:
-    status = getattr(exc, "status", None)
-    return status is None and not isinstance(exc, KubetrainError) or (
-        isinstance(status, int) and (status >= 500 or status == 429 or status == 0))
+            "delete on trainjobs (manifests/base/role.yaml)"),
+        exists=(f"a TrainJob named {name} already exists in {namespace}; "
+                "delete it or pick another name"),
+        rejected=rejected)
 
 
 def run(job: dict[str, Any], namespace: str | None = None, api: Any = None,
@@ -358,7 +327,7 @@ def run(job: dict[str, Any], namespace: str | None = None, api: Any = None,
     namespace = namespace or job["metadata"].get("namespace") or "default"
     name = job["metadata"]["name"]
     log = log or (lambda message: progress.log("train", message))
-    api = api or _custom_objects_api()
+    api = api or k8s.custom_objects_api()
     try:
         api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
     except ApiException as exc:
@@ -376,7 +345,7 @@ def run(job: dict[str, Any], namespace: str | None = None, api: Any = None,
                 failures = 0
                 return found
             except Exception as exc:  # noqa: BLE001 - classified below
-                if not _transient(exc) or failures >= 5:
+                if not k8s.transient(exc) or failures >= 5:
                     raise (_api_error(exc, "following", namespace, name)
                            if isinstance(exc, ApiException) else exc) from None
                 failures += 1
@@ -384,7 +353,8 @@ def run(job: dict[str, Any], namespace: str | None = None, api: Any = None,
                 sleep(poll_s)
 
     try:
-        return follow(get, timeout_s, poll_s, sleep, now, log)
+        with k8s.sigterm_raises("a TrainJob"):  # a cancelled run still deletes its GPU pods
+            return follow(get, timeout_s, poll_s, sleep, now, log)
     finally:
         if not keep:
             with contextlib.suppress(Exception):
