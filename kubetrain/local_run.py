@@ -210,8 +210,8 @@ def summarize(cfg: RunConfig, run_id: str, run_dir: Path, outputs: dict[str, Any
         compressed: dict[str, Any] = {"skipped": True, "reason": compression["reason"]}
     else:
         chosen = next(v for v in compression["variants"] if v["name"] == compression["chosen"])
-        compressed = {"format": "onnx", "variant": chosen["name"], "bytes": chosen["bytes"],
-                      "gzip_bytes": chosen["gzip_bytes"], "accuracy": chosen["accuracy"],
+        compressed = {"format": "onnx", "variant": chosen["name"], "bytes": int(chosen["bytes"]),
+                      "gzip_bytes": int(chosen["gzip_bytes"]), "accuracy": chosen["accuracy"],
                       "cpu_latency_ms": chosen["cpu_latency_ms"],
                       "baseline_accuracy": compression["baseline_accuracy"]}
     return {
