@@ -76,8 +76,8 @@ class Preprocessor:
                 raise KubetrainError(f"feature column {c!r} has no values in the training "
                                      "split; drop the column or fill it before ingest")
             strategy = cfg.impute if cfg.impute != "drop" else "median"
-            fill[c] = float({"mean": col.mean, "median": col.median}.get(
-                strategy, lambda: col.mode().iloc[0])())
+            fill[c] = float(col.mean() if strategy == "mean" else col.median()
+                            if strategy == "median" else col.mode().iloc[0])
         categories: dict[str, list[str]] = {}
         for c in categorical:
             values = frame[c].dropna().astype(str)

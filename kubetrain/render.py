@@ -58,7 +58,7 @@ def _main(args: argparse.Namespace) -> int:
     paths = render(cfg, cluster, args.train_uri or f"{root}/rendered/augment/augmented",
                    args.validation_uri or f"{root}/rendered/clean/validation",
                    Path(args.output_dir))
-    for kind, path in paths.items():
+    for path in paths.values():
         progress.log("render", f"wrote {path}")
     if not cluster.trainjob:
         progress.log("render", "note: with num_nodes=1 and gpus<=1 the train step trains in "

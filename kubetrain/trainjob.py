@@ -27,7 +27,6 @@ Every document is validated against the Trainer API models of the
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import re
 import time
