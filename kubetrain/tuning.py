@@ -198,10 +198,10 @@ def tune(cfg: RunConfig, train, val, schema: Schema,
         with lock:
             rows.append(row)
             best = best_of(rows, goal)
-            best_text = f"best {best['value']:.4f} (trial {best['number']})" if best else "best -"
+            best_text = f"best {best['value']:.4f} (#{best['number']})" if best else "best -"
             value = "-" if row["value"] is None else f"{row['value']:.4f}"
-            progress.log("tune", f"trial {len(rows)}/{total} | {row['state']} {value} | "
-                                 f"{best_text} | {row['seconds']:.1f}s | ETA "
+            progress.log("tune", f"trial {len(rows)}/{total} (#{row['number']}) | {row['state']} "
+                                 f"{value} | {best_text} | {row['seconds']:.1f}s | ETA "
                                  f"{progress.eta(started, len(rows), total)}")
             failed = sum(r["state"] == "FAIL" for r in rows)
             if failed > cfg.tune_max_failed:
