@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -212,18 +213,41 @@ def _check_field(f: dataclasses.Field, value: Any) -> None:
                                  f"{low} and {high}")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One `--flag` per setting, named like the field with dashes."""
-    for f in fields_of():
-        flag = "--" + f.name.replace("_", "-")
-        kind = _type_of(f)
-        if kind is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=None, help=f"{f.metadata['help']} (default: {f.default})")
-        else:
-            parser.add_argument(flag, dest=f.name, type=str, default=None,
-                                metavar=kind.__name__.upper(),
-                                help=f"{f.metadata['help']} (default: {f.default})")
+def add_argument(parser, f: dataclasses.Field, flag: str = "") -> None:
+    """The `--flag` of one setting (named like the field with dashes unless `flag` is given).
+
+    Values stay strings (None when absent): `RunConfig.from_dict` types and checks them,
+    so a flag and a pipeline parameter fail with the same message.
+    """
+    flag = flag or "--" + f.name.replace("_", "-")
+    choices = f.metadata.get("choices")
+    help_ = (f"{f.metadata['help']}{' One of: ' + ', '.join(choices) + '.' if choices else ''}"
+             f" (default: {f.default})")
+    kind = _type_of(f)
+    if kind is bool:
+        parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                            default=None, help=help_)
+    else:
+        parser.add_argument(flag, dest=f.name, type=str, default=None,
+                            metavar=kind.__name__.upper(), help=help_)
+
+
+def add_arguments(parser: argparse.ArgumentParser, stage: str | None = None) -> None:
+    """One `--flag` per setting (of one stage, or all)."""
+    for f in fields_of(stage):
+        add_argument(parser, f)
+
+
+def json_object(text: str, flag: str) -> dict[str, Any]:
+    """A JSON object given on the command line, with a one-line error naming the flag."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise KubetrainError(f"{flag} is not valid JSON ({exc.msg}); pass an object such as "
+                             "'{\"width\": 64}'") from None
+    if not isinstance(value, dict):
+        raise KubetrainError(f"{flag} must be a JSON object, got {type(value).__name__}")
+    return value
 
 
 def from_arguments(args: argparse.Namespace) -> RunConfig:

@@ -35,7 +35,6 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -85,11 +84,6 @@ def is_active() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def is_main() -> bool:
-    """Whether this process writes outputs: rank 0, or the only process."""
-    return not is_active() or dist.get_rank() == 0
-
-
 @contextlib.contextmanager
 def init(backend: str | None = None, timeout_s: float = 1800.0) -> Iterator[World]:
     """Join the process group torchrun describes for the block; leave it afterwards.
@@ -137,16 +131,6 @@ def shard_order(order: torch.Tensor, rank: int, world_size: int) -> torch.Tensor
     return padded[rank::world_size]
 
 
-def shard(X: np.ndarray, y: np.ndarray, rank: int, world_size: int,
-          seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Rank ``rank``'s rows of ``(X, y)`` (after a seeded permutation when ``seed`` is given)."""
-    require(len(X) == len(y), f"features have {len(X)} rows but labels {len(y)}")
-    order = (torch.from_numpy(np.random.default_rng(seed).permutation(len(X)))
-             if seed is not None else torch.arange(len(X)))
-    idx = shard_order(order, rank, world_size).numpy()
-    return X[idx], y[idx]
-
-
 def rank_seed(seed: int, epoch: int, rank: int) -> int:
     """Seed of one rank's dropout masks in one epoch (distinct per rank, same on resume)."""
     return (seed * 1_000_003 + epoch * 7919 + rank * 104_729) % 2**63
@@ -166,17 +150,6 @@ def all_reduce_sum(values: Sequence[float]) -> list[float]:
     t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_device())
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t.tolist()
-
-
-def all_reduce_mean(value: float | torch.Tensor) -> float | torch.Tensor:
-    """Mean of ``value`` (a number or a tensor) over all ranks."""
-    if not is_active():
-        return value
-    if isinstance(value, torch.Tensor):
-        out = value.detach().clone()
-        dist.all_reduce(out, op=dist.ReduceOp.SUM)
-        return out / dist.get_world_size()
-    return all_reduce_sum([value])[0] / dist.get_world_size()
 
 
 def any_rank(flag: bool) -> bool:

@@ -12,7 +12,9 @@ written by the caller, next to its API.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import re
 import signal
 import threading
 from typing import Any, Callable, Iterator, TypeVar
@@ -21,6 +23,19 @@ from kubetrain.errors import KubetrainError
 
 State = TypeVar("State")
 Result = TypeVar("Result")
+
+
+def run_name(run_id: str, prefix: str, max_len: int) -> str:
+    """A per-run resource name: `prefix-` + 10 hex digits of sha256(run_id).
+
+    Hashing keeps any run id (KFP's UUIDs, local names with '_') inside the
+    DNS-label rules and `max_len`, and a retried step of the same run finds the
+    resource it created.
+    """
+    prefix = re.sub(r"[^a-z0-9-]+", "-", prefix.lower()).strip("-")[:max_len - 11] or "kt"
+    if not prefix[0].isalpha():
+        prefix = "kt-" + prefix[:max_len - 14]
+    return f"{prefix}-{hashlib.sha256(run_id.encode()).hexdigest()[:10]}"
 
 
 def custom_objects_api() -> Any:

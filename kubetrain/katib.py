@@ -25,7 +25,7 @@ import dataclasses
 import re
 from typing import Any, Mapping
 
-from kubetrain import tuning
+from kubetrain import k8s, tuning
 from kubetrain.cluster_config import ClusterConfig
 from kubetrain.config import RunConfig
 from kubetrain.errors import KubetrainError
@@ -50,17 +50,8 @@ JOB_FAILURE = 'status.conditions.#(type=="Failed")#|#(status=="True")#'
 # --------------------------------------------------------------------------- build
 
 def experiment_name(run_id: str, prefix: str = "kubetrain-tune") -> str:
-    """A per-run Experiment name Katib accepts: `prefix-` + 10 hex digits of sha256(run_id).
-
-    Hashing keeps any run id (KFP's UUIDs, local names with '_') inside the
-    name rules and MAX_NAME, and a re-run of the same run id finds its Experiment.
-    """
-    import hashlib
-
-    prefix = re.sub(r"[^a-z0-9-]+", "-", prefix.lower()).strip("-")[:MAX_NAME - 11] or "kt"
-    if not prefix[0].isalpha():
-        prefix = "kt-" + prefix[:MAX_NAME - 14]
-    return f"{prefix}-{hashlib.sha256(run_id.encode()).hexdigest()[:10]}"
+    """The run's Experiment name, within Katib's name rules and MAX_NAME."""
+    return k8s.run_name(run_id, prefix, MAX_NAME)
 
 
 def katib_name(field: str) -> str:

@@ -118,14 +118,9 @@ class ConsoleFilter(io.TextIOBase):
 
 def fingerprint(source: str) -> str:
     """Content hash of a local dataset file (cache key input); empty for other sources."""
-    path = Path(source)
-    if source.startswith("s3://") or not path.is_file():
-        return ""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    from kubetrain.datasets import sha256_file
+
+    return sha256_file(source) if Path(source).is_file() else ""
 
 
 def _absolute_source(cfg: RunConfig) -> RunConfig:

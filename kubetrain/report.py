@@ -30,7 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from kubetrain.datasets import atomic_file
+from kubetrain.datasets import write_text
 
 __all__ = [
     "Image",
@@ -457,7 +457,7 @@ def write_html(path: str | os.PathLike, title: str, sections: Iterable[Section |
                subtitle: str = "", generated_at: datetime | str | None = None) -> Path:
     """Render `html_page` and write it atomically to `path`; returns the path."""
     text = html_page(title, sections, subtitle=subtitle, generated_at=generated_at)
-    return _write(path, text)
+    return write_text(path, text)
 
 
 def write_markdown(path: str | os.PathLike, title: str,
@@ -465,13 +465,4 @@ def write_markdown(path: str | os.PathLike, title: str,
                    generated_at: datetime | str | None = None) -> Path:
     """Render `markdown_page` and write it atomically to `path`; returns the path."""
     text = markdown_page(title, sections, subtitle=subtitle, generated_at=generated_at)
-    return _write(path, text)
-
-
-def _write(path: str | os.PathLike, text: str) -> Path:
-    target = Path(path)
-    with atomic_file(target) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-        tmp.chmod(0o644)  # mkstemp makes it 0600; a report is meant to be read
-    return target
-
+    return write_text(path, text)

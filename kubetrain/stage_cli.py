@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import inspect
 import json
 import sys
 from typing import Any, Callable
 
 from kubetrain import stages
-from kubetrain.config import RunConfig, fields_of
+from kubetrain.config import RunConfig, add_argument, fields_of, json_object
 from kubetrain.errors import KubetrainError
 
 #: stage -> (function, RunConfig stages whose fields make up its `settings`, description).
@@ -52,18 +51,6 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_setting(group: argparse._ArgumentGroup, f: dataclasses.Field, flag: str) -> None:
-    choices = f.metadata.get("choices")
-    one_of = f" One of: {', '.join(choices)}." if choices else ""
-    help_ = f"{f.metadata['help']}{one_of} (default: {f.default!r})"
-    if isinstance(f.default, bool):
-        group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
-                           default=None, help=help_)
-    else:
-        group.add_argument(flag, dest=f.name, default=None, help=help_,
-                           metavar=type(f.default).__name__.upper())
-
-
 def _add_stage(sub: argparse._SubParsersAction, name: str) -> None:
     func, setting_stages, doc = STAGES[name]
     parser = sub.add_parser(name, help=doc, description=f"{doc} Calls "
@@ -75,9 +62,9 @@ def _add_stage(sub: argparse._SubParsersAction, name: str) -> None:
         if p.name == "settings":
             for stage in setting_stages:
                 for f in fields_of(stage):
-                    _add_setting(settings, f, _flag(f.name))
+                    add_argument(settings, f)
         elif field is not None:
-            _add_setting(settings, field, _flag(p.name))
+            add_argument(settings, field, _flag(p.name))
         elif p.name.endswith(("_path", "_dir")):
             required = p.default is inspect.Parameter.empty
             paths.add_argument(_flag(p.name), dest=p.name, required=required, metavar="PATH",
@@ -118,13 +105,7 @@ def _call(args: argparse.Namespace) -> Any:
             cfg = RunConfig.from_dict({} if value is None else {name: value})
             kwargs[p.name] = getattr(cfg, name)
         elif p.name == "hyperparameters":
-            try:
-                kwargs[p.name] = json.loads(args.hyperparameters)
-            except json.JSONDecodeError as e:
-                raise KubetrainError(f"--hyperparameters is not valid JSON ({e}); pass an "
-                                     'object such as \'{"learning_rate": 0.001}\'') from None
-            if not isinstance(kwargs[p.name], dict):
-                raise KubetrainError("--hyperparameters must be a JSON object")
+            kwargs[p.name] = json_object(args.hyperparameters, "--hyperparameters")
         else:
             kwargs[p.name] = given[p.name]
     with contextlib.redirect_stdout(sys.stderr):  # progress lines; stdout is the JSON

@@ -16,7 +16,7 @@ from typing import Any
 
 from kubetrain import plots, progress
 from kubetrain.config import RunConfig
-from kubetrain.datasets import load_split, write_json
+from kubetrain.datasets import load_split, write_json, write_text
 from kubetrain.errors import KubetrainError
 from kubetrain.report import Section, write_html, write_markdown
 
@@ -49,19 +49,11 @@ def clean_stage(table_path: str, train_path: str, val_path: str, test_path: str,
     from kubetrain.clean import clean, quality_report
 
     meta = clean(table_path, train_path, val_path, test_path, _cfg(settings))
-    Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-    write_json_text(report_path, quality_report(meta))
+    write_text(report_path, quality_report(meta))
     sizes = ", ".join(f"{k} {v['rows']}" for k, v in meta["splits"].items())
     progress.log("clean", f"{meta['duplicates_removed']} duplicates removed, "
                           f"{meta['missing_values']} missing values filled; splits: {sizes}")
     return meta
-
-
-def write_json_text(path: str, text: str) -> None:
-    from kubetrain.datasets import atomic_file
-
-    with atomic_file(path) as tmp:
-        tmp.write_text(text)
 
 
 def augment_stage(train_path: str, out_path: str, report_path: str,
@@ -90,12 +82,13 @@ def tune_stage(train_path: str, val_path: str, trials_path: str, report_path: st
     started = time.perf_counter()
     extra: dict[str, Any] = {"backend": backend}
     if backend == "katib":
-        from kubetrain import katib
+        from kubetrain import katib, storage
         from kubetrain.cluster_config import ClusterConfig
 
         placement = ClusterConfig.from_dict(cluster or {})
         best, trials, extra = katib.tune(
-            cfg, placement, _s3(train_uri), _s3(val_uri), katib.experiment_name(run_id),
+            cfg, placement, storage.object_uri(train_uri), storage.object_uri(val_uri),
+            katib.experiment_name(run_id),
             timeout_s=placement.wait_timeout, keep=placement.finished_jobs == "keep")
     elif backend == "optuna":
         X, y, schema = load_split(train_path)
@@ -109,20 +102,6 @@ def tune_stage(train_path: str, val_path: str, trials_path: str, report_path: st
             "best_hyperparameters": best, "seconds": round(time.perf_counter() - started, 3),
             **extra}
     return best, _write_trials(trials_path, report_path, trials, meta)
-
-
-def _job_name(prefix: str, run_id: str) -> str:
-    """A stable per-run name (a retried task finds its own job), or a fresh one locally."""
-    import hashlib
-    import uuid
-
-    suffix = hashlib.sha256(run_id.encode()).hexdigest() if run_id else uuid.uuid4().hex
-    return f"{prefix}-{suffix[:10]}"
-
-
-def _s3(uri: str) -> str:
-    """KFP's MinIO pipeline roots say minio://; trials read them with an S3 client."""
-    return "s3://" + uri[len("minio://"):] if uri.startswith("minio://") else uri
 
 
 def default_hyperparameters_stage(trials_path: str, report_path: str,
@@ -169,28 +148,29 @@ def train_stage(train_path: str, val_path: str, hyperparameters: dict[str, Any],
     from kubetrain.training import describe, fit, with_hyperparameters
 
     if cluster:
+        from kubetrain import k8s
         from kubetrain.cluster_config import ClusterConfig
-        from kubetrain.trainjob import train_on_cluster
+        from kubetrain.trainjob import MAX_NAME, train_on_cluster
 
         placement = ClusterConfig.from_dict(cluster)
         if placement.trainjob:
-            return train_on_cluster(settings, placement, _s3(train_uri), _s3(val_uri),
-                                    _s3(output_uri), hyperparameters, placement.num_nodes,
-                                    model_path, metrics_path, report_path,
-                                    name=_job_name("kubetrain-train", run_id))
+            return train_on_cluster(settings, placement, train_uri, val_uri, output_uri,
+                                    hyperparameters, placement.num_nodes, model_path,
+                                    metrics_path, report_path,
+                                    name=k8s.run_name(run_id, "kubetrain-train", MAX_NAME))
     nproc = int((settings or {}).get("nproc", 1))
     if distributed.should_launch(nproc):
         return distributed.train_distributed(train_path, val_path, hyperparameters, model_path,
                                              metrics_path, report_path, settings, nproc,
                                              checkpoint_dir=checkpoint_dir)
     cfg = with_hyperparameters(_cfg(settings), hyperparameters or {})
+    described = describe(cfg)
     X, y, schema = load_split(train_path)
     Xv, yv, _ = load_split(val_path)
     progress.log("train", f"{len(X)} rows, {len(schema.feature_names)} features, "
-                          f"{schema.num_classes} classes, hyperparameters "
-                          f"{ {k: v for k, v in describe(cfg).items()} }")
+                          f"{schema.num_classes} classes, hyperparameters {described}")
     result = fit(cfg, (X, y), (Xv, yv), schema, checkpoint_dir=checkpoint_dir)
-    info = {"hyperparameters": describe(cfg), "history": result.history,
+    info = {"hyperparameters": described, "history": result.history,
             "metrics": result.metrics, "schema": schema.extra.get("preprocessing", {}),
             "feature_names": schema.feature_names}
     save_model(model_path, result.model, result.spec, info)
@@ -202,9 +182,9 @@ def train_stage(train_path: str, val_path: str, hyperparameters: dict[str, Any],
                                  "epochs run": result.metrics["epochs_run"],
                                  "device": result.metrics["device"]}),
         Section("Learning curves", images=[plots.learning_curves(result.history)]),
-        Section("Hyperparameters", tables=[[describe(cfg)]]),
+        Section("Hyperparameters", tables=[[described]]),
     ])
-    return {"stage": "train", **result.metrics, "hyperparameters": describe(cfg),
+    return {"stage": "train", **result.metrics, "hyperparameters": described,
             "arch": result.spec.arch}
 
 
@@ -228,8 +208,7 @@ def evaluation_sections(result: dict[str, Any]) -> list[Section]:
                 text=result["gate_reason"]),
         Section("Confusion matrix", images=[plots.confusion_matrix(
             result["confusion_matrix"], result["class_names"])]),
-        Section("ROC", images=[plots.roc_curves(
-            {k: v for k, v in result["roc"].items()})]),
+        Section("ROC", images=[plots.roc_curves(result["roc"])]),
         Section("Per class", tables=[result["per_class"]]),
     ]
 

@@ -39,6 +39,7 @@ from boto3.exceptions import RetriesExceededError, S3UploadFailedError
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
+from kubetrain.datasets import sha256_file
 from kubetrain.errors import KubetrainError
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,26 @@ _CREDENTIAL_FIX = ("check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
 def is_s3(uri: PathLike) -> bool:
     """True for ``s3://`` URIs; anything else is a local path."""
     return str(uri).startswith(_SCHEME)
+
+
+def object_uri(uri: PathLike) -> str:
+    """An artifact URI that pods on the cluster can read: s3:// (KFP's minio:// is the
+    same store, reached through S3_ENDPOINT_URL); a local path is refused."""
+    text = str(uri)
+    if text.startswith("minio://"):
+        text = "s3://" + text[len("minio://"):]
+    if not is_s3(text):
+        raise KubetrainError(f"{str(uri)!r} is not in object storage; pods on the cluster read "
+                             "and write s3:// URIs only (set pipeline_root to s3://BUCKET/PREFIX)")
+    return text
+
+
+def local_dir(uri: PathLike, dest: PathLike) -> Path:
+    """A local folder holding the directory at ``uri``: downloaded into ``dest`` when it is
+    an s3:// prefix, the path itself otherwise (pods read upstream artifacts this way)."""
+    if is_s3(uri):
+        return download(str(uri).rstrip("/") + "/", dest)
+    return Path(uri)
 
 
 def split_uri(uri: PathLike) -> tuple[str, str]:
@@ -416,11 +437,6 @@ def _safe_relative(rel: str, uri: PathLike) -> str:
     return rel
 
 
-def _sha256_file(path: Path) -> str:
-    with path.open("rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _metadata(extra: Mapping[str, str] | None, digest: str) -> dict[str, str]:
     return {**{str(k): str(v) for k, v in (extra or {}).items()}, SHA256: digest}
 
@@ -452,7 +468,7 @@ def _put_file(s3: Any, path: Path, bucket: str, key: str, metadata: Mapping[str,
               threshold: int) -> dict[str, Any]:
     """Upload one file with its sha256 in the metadata; return its size and sha256."""
     with _local_errors(path):
-        size, digest = path.stat().st_size, _sha256_file(path)
+        size, digest = path.stat().st_size, sha256_file(path)
         s3.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": _metadata(metadata, digest)},
                        Config=_transfer_config(threshold))
     log.debug("uploaded %s to s3://%s/%s (%d bytes)", path, bucket, key, size)
@@ -467,7 +483,7 @@ def _get_file(s3: Any, bucket: str, key: str, dest: Path, threshold: int) -> Non
         tmp = dest.with_name(f".{dest.name}.{uuid.uuid4().hex[:8]}.part")
         try:
             s3.download_file(bucket, key, str(tmp), Config=_transfer_config(threshold))
-            _verify(f"{_SCHEME}{bucket}/{key}", _sha256_file(tmp), expected)
+            _verify(f"{_SCHEME}{bucket}/{key}", sha256_file(tmp), expected)
             os.replace(tmp, dest)
         finally:
             tmp.unlink(missing_ok=True)
@@ -526,7 +542,7 @@ def _publish_local(files: list[tuple[Path, str]], dest: Path, overwrite: bool) -
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, tmp / rel)
                 entries.append({"path": rel, "size": (tmp / rel).stat().st_size,
-                                SHA256: _sha256_file(tmp / rel)})
+                                SHA256: sha256_file(tmp / rel)})
             (tmp / MANIFEST).write_text(json.dumps({"files": entries}, indent=1))
             if dest.exists():
                 dest.rename(old)

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetrain import config, distributed, progress, storage
-from kubetrain.errors import KubetrainError, require
+from kubetrain.errors import KubetrainError
 
 
 def parser() -> argparse.ArgumentParser:
@@ -57,29 +57,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _json_object(text: str, flag: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise KubetrainError(f"{flag} is not valid JSON ({exc.msg}); pass an object such as "
-                             "'{\"width\": 64}'") from None
-    require(isinstance(value, dict), f"{flag} must be a JSON object, got {type(value).__name__}")
-    return value
-
-
 def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     """``--settings`` overridden by explicit flags, validated as a RunConfig."""
-    given = _json_object(args.settings, "--settings")
+    given = config.json_object(args.settings, "--settings")
     flags = {f.name: getattr(args, f.name) for f in config.fields_of()
              if getattr(args, f.name, None) is not None}
     return config.RunConfig.from_dict(given | flags).to_dict()
-
-
-def _fetch(uri: str, dest: Path) -> Path:
-    """A local folder holding ``uri`` (downloaded when it is an s3:// URI)."""
-    if storage.is_s3(uri):
-        return storage.download(uri.rstrip("/") + "/", dest)
-    return Path(uri)
 
 
 def _publish(local: Path, output: str) -> None:
@@ -98,14 +81,14 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
     from kubetrain.training import fit, with_hyperparameters
 
     settings = settings_of(args)
-    hyperparameters = _json_object(args.hyperparameters, "--hyperparameters")
+    hyperparameters = config.json_object(args.hyperparameters, "--hyperparameters")
     cfg = with_hyperparameters(config.RunConfig.from_dict(settings), hyperparameters)
     backend = "gloo" if cfg.device == "cpu" else None
     with distributed.init(backend=backend) as me, \
             tempfile.TemporaryDirectory(prefix=f"kubetrain-rank{me.rank}-") as tmp:
         work = Path(tmp)
-        train_dir = _fetch(args.train, work / "train")
-        val_dir = _fetch(args.validation, work / "validation")
+        train_dir = storage.local_dir(args.train, work / "train")
+        val_dir = storage.local_dir(args.validation, work / "validation")
         if me.rank == 0:
             from kubetrain.stages import train_stage  # reports and plots: rank 0 only
 

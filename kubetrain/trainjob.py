@@ -34,7 +34,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from kubetrain import distributed, k8s, progress
+from kubetrain import distributed, k8s, progress, storage
 from kubetrain.cluster_config import ClusterConfig
 from kubetrain.config import RunConfig
 from kubetrain.errors import KubetrainError, require
@@ -54,24 +54,8 @@ _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 # --- the document -----------------------------------------------------------------
 
-def needs_trainjob(num_nodes: int, cluster: ClusterConfig) -> bool:
-    """Whether the train step should run as a TrainJob (several nodes or GPUs)."""
-    return num_nodes > 1 or cluster.gpus > 1
-
-
 def default_name(prefix: str = "kubetrain-train") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-def object_uri(uri: str) -> str:
-    """An artifact URI the training pods can read: s3:// (KFP's minio:// is the same store)."""
-    text = str(uri)
-    if text.startswith("minio://"):
-        text = "s3://" + text[len("minio://"):]
-    require(text.startswith("s3://"),
-            f"{uri!r} is not in object storage; TrainJob pods read and write s3:// URIs "
-            "only (set pipeline_root to s3://BUCKET/PREFIX)")
-    return text
 
 
 def trainjob(cfg: RunConfig, cluster: ClusterConfig, train_uri: str, val_uri: str,
@@ -96,8 +80,9 @@ def trainjob(cfg: RunConfig, cluster: ClusterConfig, train_uri: str, val_uri: st
             f"{nproc} processes per node but {gpus} GPU(s) per node: NCCL needs one GPU per "
             "process; raise gpus or lower nproc_per_node")
     settings = cfg.stage("train")
-    args = ["--train", object_uri(train_uri), "--validation", object_uri(val_uri),
-            "--output", object_uri(output_uri),
+    args = ["--train", storage.object_uri(train_uri),
+            "--validation", storage.object_uri(val_uri),
+            "--output", storage.object_uri(output_uri),
             "--hyperparameters", json.dumps(hyperparameters or {}, sort_keys=True),
             "--settings", json.dumps(settings, sort_keys=True)]
     quantities = {"cpu": cluster.gpu_cpu, "memory": cluster.gpu_memory}
@@ -367,9 +352,7 @@ def run(job: dict[str, Any], namespace: str | None = None, api: Any = None,
 def collect(output_uri: str, model_path: str, metrics_path: str,
             report_path: str) -> dict[str, Any]:
     """Fetch what the TrainJob's rank 0 wrote to ``output_uri``; returns its meta."""
-    from kubetrain import storage
-
-    base = object_uri(output_uri).rstrip("/")
+    base = storage.object_uri(output_uri).rstrip("/")
     require(storage.exists(f"{base}/{distributed.OUTPUT_META}"),
             f"the TrainJob finished but wrote no {base}/{distributed.OUTPUT_META}; see its logs")
     storage.download(f"{base}/{distributed.OUTPUT_MODEL}/", model_path)

@@ -69,14 +69,6 @@ def report(metrics: Mapping[str, float], out: TextIO | None = None) -> None:
     out.flush()
 
 
-def _split(uri: str, dest: Path):
-    """A split from s3:// (downloaded into `dest`) or a local directory (read in place)."""
-    if storage.is_s3(uri):
-        storage.download(uri if uri.endswith("/") else uri + "/", dest)
-        return load_split(dest)
-    return load_split(uri)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run one trial; 0 on success, 2 with one `error: ...` line on a fixable problem."""
     try:
@@ -86,8 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         params = {p.name: getattr(cfg, p.name) for p in tuning.search_space()}
         with tempfile.TemporaryDirectory(prefix="kubetrain-trial-") as tmp:
-            X, y, schema = _split(args.train, Path(tmp) / "train")
-            Xv, yv, _ = _split(args.validation, Path(tmp) / "validation")
+            X, y, schema = load_split(storage.local_dir(args.train, Path(tmp) / "train"))
+            Xv, yv, _ = load_split(storage.local_dir(args.validation, Path(tmp) / "validation"))
         progress.log("trial", f"{len(X)} training / {len(Xv)} validation rows; "
                               + ", ".join(f"{k} {v}" for k, v in params.items())
                               + f"; {cfg.tune_epochs} epochs")

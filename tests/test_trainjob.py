@@ -147,9 +147,9 @@ def test_bad_names_uris_and_process_counts_are_user_errors():
         tj.trainjob(CFG, GPU_CLUSTER, "/local/train", *URIS[1:], {}, 2)
     with pytest.raises(KubetrainError, match="one GPU per process"):
         _job(nproc_per_node=8)
-    assert tj.needs_trainjob(2, ClusterConfig(gpus=1))
-    assert tj.needs_trainjob(1, ClusterConfig(gpus=2))
-    assert not tj.needs_trainjob(1, ClusterConfig(gpus=1))
+    assert ClusterConfig(num_nodes=2, gpus=1).trainjob
+    assert ClusterConfig(num_nodes=1, gpus=2).trainjob
+    assert not ClusterConfig(num_nodes=1, gpus=1).trainjob
 
 
 def test_validate_rejects_what_the_trainer_api_does_not_define():
