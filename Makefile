@@ -54,7 +54,7 @@ test: install-test ## run the test suite
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install ## measure pipeline and stage speed
-	$(PY) -m kubetrain.bench $(ARGS)
+	$(PY) -m kubetrain.local.bench $(ARGS)
 
 images: ## build the CPU and CUDA component images (IMAGE_REGISTRY, IMAGE_TAG)
 	$(DOCKER) build -f docker/Dockerfile.cpu  $(BUILD_ARGS) -t $(IMAGE):$(IMAGE_TAG)-cpu .

@@ -3,7 +3,7 @@
 Each KFP component in `components/` calls exactly one function here and only
 maps its artifacts to paths; each function here calls the stage's logic module
 and renders the stage's report for the Kubeflow UI. The local CLI, the
-per-stage command line (`python -m kubetrain.stage_cli`) and the tests call the
+per-stage command line (`python -m kubetrain.cli.stage`) and the tests call the
 same functions, so a stage behaves the same everywhere.
 """
 
@@ -14,11 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from kubetrain import plots, progress
-from kubetrain.config import RunConfig
-from kubetrain.datasets import load_split, write_json, write_text
-from kubetrain.errors import KubetrainError
-from kubetrain.report import Section, write_html, write_markdown
+from kubetrain.report import plots
+
+from kubetrain.core import progress
+from kubetrain.config.settings import RunConfig
+from kubetrain.data.datasets import load_split, write_json, write_text
+from kubetrain.core.errors import KubetrainError
+from kubetrain.report.html import Section, write_html, write_markdown
 
 
 def _cfg(settings: dict[str, Any] | None) -> RunConfig:
@@ -27,7 +29,7 @@ def _cfg(settings: dict[str, Any] | None) -> RunConfig:
 
 def ingest_stage(source: str, label_column: str, dataset_path: str, profile_path: str,
                  fingerprint: str = "") -> dict[str, Any]:
-    from kubetrain.ingest import ingest
+    from kubetrain.data.ingest import ingest
 
     progress.log("ingest", f"reading {source}")
     meta = ingest(source, label_column, dataset_path, fingerprint)
@@ -46,7 +48,7 @@ def ingest_stage(source: str, label_column: str, dataset_path: str, profile_path
 
 def clean_stage(table_path: str, train_path: str, val_path: str, test_path: str,
                 report_path: str, settings: dict[str, Any]) -> dict[str, Any]:
-    from kubetrain.clean import clean, quality_report
+    from kubetrain.data.clean import clean, quality_report
 
     meta = clean(table_path, train_path, val_path, test_path, _cfg(settings))
     write_text(report_path, quality_report(meta))
@@ -58,7 +60,7 @@ def clean_stage(table_path: str, train_path: str, val_path: str, test_path: str,
 
 def augment_stage(train_path: str, out_path: str, report_path: str,
                   settings: dict[str, Any]) -> dict[str, Any]:
-    from kubetrain.augment import augment
+    from kubetrain.data.augment import augment
 
     meta = augment(train_path, out_path, _cfg(settings))
     progress.log("augment", f"{meta['rows_before']} -> {meta['rows_after']} training rows")
@@ -76,14 +78,15 @@ def tune_stage(train_path: str, val_path: str, trials_path: str, report_path: st
                train_uri: str = "", val_uri: str = "",
                run_id: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
     """Tune in this process (Optuna) or through a Katib Experiment on the cluster."""
-    from kubetrain.tuning import GOALS, tune
+    from kubetrain.training.tuning import GOALS, tune
 
     cfg = _cfg(settings)
     started = time.perf_counter()
     extra: dict[str, Any] = {"backend": backend}
     if backend == "katib":
-        from kubetrain import katib, storage
-        from kubetrain.cluster_config import ClusterConfig
+        from kubetrain.cluster import katib
+        from kubetrain.core import storage
+        from kubetrain.config.cluster import ClusterConfig
 
         placement = ClusterConfig.from_dict(cluster or {})
         best, trials, extra = katib.tune(
@@ -107,8 +110,8 @@ def tune_stage(train_path: str, val_path: str, trials_path: str, report_path: st
 def default_hyperparameters_stage(trials_path: str, report_path: str,
                                   settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """What the Else branch runs when tune_trials=0: the configured values, no trials."""
-    from kubetrain.training import tuned_values
-    from kubetrain.tuning import GOALS
+    from kubetrain.training.loop import tuned_values
+    from kubetrain.training.tuning import GOALS
 
     cfg = _cfg(settings)
     best = tuned_values(cfg)
@@ -143,14 +146,14 @@ def train_stage(train_path: str, val_path: str, hyperparameters: dict[str, Any],
                 cluster: dict | None = None, train_uri: str = "", val_uri: str = "",
                 output_uri: str = "", run_id: str = "") -> dict[str, Any]:
     """Train here (one process or `nproc` DDP processes) or as a TrainJob on the cluster."""
-    from kubetrain import distributed
-    from kubetrain.models import save_model
-    from kubetrain.training import describe, fit, with_hyperparameters
+    from kubetrain.training import distributed
+    from kubetrain.training.models import save_model
+    from kubetrain.training.loop import describe, fit, with_hyperparameters
 
     if cluster:
-        from kubetrain import k8s
-        from kubetrain.cluster_config import ClusterConfig
-        from kubetrain.trainjob import MAX_NAME, train_on_cluster
+        from kubetrain.cluster import k8s
+        from kubetrain.config.cluster import ClusterConfig
+        from kubetrain.cluster.trainjob import MAX_NAME, train_on_cluster
 
         placement = ClusterConfig.from_dict(cluster)
         if placement.trainjob:
@@ -190,7 +193,7 @@ def train_stage(train_path: str, val_path: str, hyperparameters: dict[str, Any],
 
 def evaluate_stage(model_path: str, test_path: str, evaluation_path: str, report_path: str,
                    min_accuracy: float) -> dict[str, Any]:
-    from kubetrain.evaluation import evaluate
+    from kubetrain.assessment.evaluation import evaluate
 
     result = evaluate(model_path, test_path, min_accuracy)
     write_json(evaluation_path, result)
@@ -215,7 +218,7 @@ def evaluation_sections(result: dict[str, Any]) -> list[Section]:
 
 def compress_stage(model_path: str, test_path: str, out_path: str, report_path: str,
                    settings: dict[str, Any]) -> dict[str, Any]:
-    from kubetrain.compression import compress
+    from kubetrain.assessment.compression import compress
 
     cfg = _cfg(settings)
     X, y, _ = load_split(test_path)
@@ -241,7 +244,7 @@ def compression_sections(summary: dict[str, Any], budget: float) -> list[Section
 
 def skip_compression_stage(evaluation_path: str, out_path: str, report_path: str) -> dict[str, Any]:
     """The Else branch of the quality gate: record why nothing was compressed."""
-    from kubetrain.datasets import atomic_dir
+    from kubetrain.data.datasets import atomic_dir
 
     result = json.loads(Path(evaluation_path).read_text())
     summary = {"skipped": True, "reason": result["gate_reason"], "variants": [],
@@ -257,8 +260,8 @@ def skip_compression_stage(evaluation_path: str, out_path: str, report_path: str
 def publish_stage(trained_model: str, compressed_model: str, evaluation_path: str,
                   dataset_meta: dict[str, Any], hyperparameters: dict[str, Any],
                   publish_uri: str, model_name: str) -> str:
-    from kubetrain.publish import publish_model
-    from kubetrain.training import tuned_values, with_hyperparameters
+    from kubetrain.assessment.publish import publish_model
+    from kubetrain.training.loop import tuned_values, with_hyperparameters
 
     best = tuned_values(with_hyperparameters(RunConfig(), hyperparameters or {}))
     return publish_model(trained_model, compressed_model, evaluation_path, dataset_meta, best,

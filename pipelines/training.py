@@ -24,7 +24,7 @@ from kubetrain.components.ingest import ingest
 from kubetrain.components.publish import publish
 from kubetrain.components.train import train
 from kubetrain.components.tune import default_hyperparameters, tune
-from kubetrain.config import RunConfig, fields_of
+from kubetrain.config.settings import RunConfig, fields_of
 
 PIPELINE_NAME = "kubetrain-training"
 D = RunConfig()  # the defaults every parameter below starts from
@@ -49,8 +49,8 @@ def code_version() -> str:
     digest = hashlib.sha256()
     for package in ("kubetrain", "kubetrain.components", "kubetrain.pipelines"):
         root = Path(importlib.import_module(package).__file__).parent
-        for path in sorted(root.glob("*.py")):
-            digest.update(f"{package}/{path.name}".encode() + path.read_bytes())
+        for path in sorted(root.rglob("*.py")):
+            digest.update(f"{package}/{path.relative_to(root)}".encode() + path.read_bytes())
     return digest.hexdigest()[:16]
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kubetrain.local_run import unshadow_docker
+from kubetrain.local.runner import unshadow_docker
 from s3_server import S3Server, start
 
 # pytest puts the repo root on sys.path, where docker/ (Dockerfiles) would pose as

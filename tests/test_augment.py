@@ -1,4 +1,4 @@
-"""kubetrain.augment: image warps that keep digits recognisable (and unmirrored),
+"""kubetrain.data.augment: image warps that keep digits recognisable (and unmirrored),
 table oversampling and jitter that leaves one-hot columns alone."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ import dataclasses
 import numpy as np
 import pytest
 
-from kubetrain.augment import augment, augment_arrays
-from kubetrain.clean import clean
-from kubetrain.config import RunConfig
-from kubetrain.datasets import Schema, load_split, save_split
-from kubetrain.ingest import ingest
+from kubetrain.data.augment import augment, augment_arrays
+from kubetrain.data.clean import clean
+from kubetrain.config.settings import RunConfig
+from kubetrain.data.datasets import Schema, load_split, save_split
+from kubetrain.data.ingest import ingest
 
 STILL = dict(max_rotation=0.0, max_shift=0, noise_std=0.0, brightness=0.0)
 

@@ -1,4 +1,4 @@
-"""kubetrain.clean: duplicates, imputation, categories, outliers and scaling, every
+"""kubetrain.data.clean: duplicates, imputation, categories, outliers and scaling, every
 statistic fitted on the training split only, and an honest stratified split."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kubetrain.clean import clean, quality_report, split_indices
-from kubetrain.config import RunConfig
-from kubetrain.datasets import LABEL, Schema, load_split, load_table, save_table
-from kubetrain.errors import KubetrainError
-from kubetrain.ingest import ingest
+from kubetrain.data.clean import clean, quality_report, split_indices
+from kubetrain.config.settings import RunConfig
+from kubetrain.data.datasets import LABEL, Schema, load_split, load_table, save_table
+from kubetrain.core.errors import KubetrainError
+from kubetrain.data.ingest import ingest
 
 SPLITS = ("train", "validation", "test")
 N_PER_CLASS = 30

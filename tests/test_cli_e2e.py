@@ -115,7 +115,7 @@ def test_bad_input_is_one_line_error_exit_2(tmp_path, args, expected):
 
 def test_s3_dataset_in_and_model_bundle_out(tmp_path, s3_env):
     """The whole pipeline against a real S3 server: ingest from s3://, publish to s3://."""
-    from kubetrain import storage
+    from kubetrain.core import storage
 
     bunch = load_breast_cancer(as_frame=True)
     local_csv = tmp_path / "cancer.csv"

@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from kubetrain.cli import main
-from kubetrain.cluster_config import ClusterConfig
-from kubetrain.compile import GPU_STAGES, compile_pipeline
-from kubetrain.errors import KubetrainError
+from kubetrain.config.cluster import ClusterConfig
+from kubetrain.cluster.compile import GPU_STAGES, compile_pipeline
+from kubetrain.core.errors import KubetrainError
 
 SECRET = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEYxy"
 ACCESS = "AKIAIOSFODNN7EXAMPLEX"

@@ -37,10 +37,10 @@ from kubetrain.components.ingest import ingest
 from kubetrain.components.publish import publish
 from kubetrain.components.train import train
 from kubetrain.components.tune import default_hyperparameters, tune
-from kubetrain.config import RunConfig, fields_of
-from kubetrain.datasets import load_split
-from kubetrain.training import TUNABLE
-from kubetrain.tuning import search_space
+from kubetrain.config.settings import RunConfig, fields_of
+from kubetrain.data.datasets import load_split
+from kubetrain.training.loop import TUNABLE
+from kubetrain.training.tuning import search_space
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:You may be attemping to run a task that uses custom:RuntimeWarning")

@@ -16,10 +16,10 @@ from onnx import numpy_helper
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from kubetrain import compression
-from kubetrain.compression import choose, compress, export_onnx, onnx_predict, verify_export
-from kubetrain.errors import KubetrainError
-from kubetrain.models import ModelSpec, build, load_model, predict_proba, save_model
+from kubetrain.assessment import compression
+from kubetrain.assessment.compression import choose, compress, export_onnx, onnx_predict, verify_export
+from kubetrain.core.errors import KubetrainError
+from kubetrain.training.models import ModelSpec, build, load_model, predict_proba, save_model
 
 NUM_FEATURES = 64
 CLASSES = [str(i) for i in range(10)]

@@ -1,5 +1,5 @@
-"""Data-parallel training (`kubetrain.distributed`, DDP in `kubetrain.training.fit`,
-`kubetrain.train_entry`): real 2-process gloo runs on CPU under torchrun, on
+"""Data-parallel training (`kubetrain.training.distributed`, DDP in `kubetrain.training.loop.fit`,
+`kubetrain.cli.train_entry`): real 2-process gloo runs on CPU under torchrun, on
 breast_cancer splits made by the real ingest and clean stages.
 
 Three torchrun launches (~10 s each on 2 cores): a probe script that runs `fit`
@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetrain import distributed
-from kubetrain.config import RunConfig
-from kubetrain.datasets import load_split
-from kubetrain.errors import KubetrainError
-from kubetrain.models import build, load_model, predict_proba, spec_for
+from kubetrain.training import distributed
+from kubetrain.config.settings import RunConfig
+from kubetrain.data.datasets import load_split
+from kubetrain.core.errors import KubetrainError
+from kubetrain.training.models import build, load_model, predict_proba, spec_for
 from kubetrain.stages import clean_stage, ingest_stage, train_stage
 
 SETTINGS = dict(dataset="breast_cancer", epochs=4, width=32, batch_size=32, learning_rate=1e-2,
@@ -119,10 +119,10 @@ PROBE = textwrap.dedent('''
 
     import torch
 
-    from kubetrain import distributed
-    from kubetrain.config import RunConfig
-    from kubetrain.datasets import load_split
-    from kubetrain.training import fit
+    from kubetrain.training import distributed
+    from kubetrain.config.settings import RunConfig
+    from kubetrain.data.datasets import load_split
+    from kubetrain.training.loop import fit
 
     train_path, val_path, out, settings = sys.argv[1:5]
     cfg = RunConfig.from_dict(json.loads(settings))
@@ -274,7 +274,7 @@ def test_a_failing_rank_fails_the_launch_with_its_own_error(tmp_path):
 
 
 def test_a_rank_reports_its_error_in_one_line(splits, tmp_path, capsys, monkeypatch):
-    from kubetrain import train_entry
+    from kubetrain.cli import train_entry
 
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
@@ -292,7 +292,7 @@ def test_a_rank_reports_its_error_in_one_line(splits, tmp_path, capsys, monkeypa
 
 
 def test_train_entry_runs_as_one_process_without_torchrun(splits, tmp_path, monkeypatch):
-    from kubetrain import train_entry
+    from kubetrain.cli import train_entry
 
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)

@@ -1,4 +1,4 @@
-"""Evaluate stage library (`kubetrain.evaluation`): metrics against sklearn and hand
+"""Evaluate stage library (`kubetrain.assessment.evaluation`): metrics against sklearn and hand
 counts, the ROC curves the Kubeflow UI draws, the quality gate, and `evaluate` on a
 real saved model and test split. No KFP."""
 
@@ -13,12 +13,12 @@ from sklearn import metrics as skm
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 
-from kubetrain.config import RunConfig
-from kubetrain.datasets import Schema, save_split
-from kubetrain.errors import KubetrainError
-from kubetrain.evaluation import ROC_POINTS, compute_metrics, evaluate, gate, roc_curves
-from kubetrain.models import save_model
-from kubetrain.training import fit
+from kubetrain.config.settings import RunConfig
+from kubetrain.data.datasets import Schema, save_split
+from kubetrain.core.errors import KubetrainError
+from kubetrain.assessment.evaluation import ROC_POINTS, compute_metrics, evaluate, gate, roc_curves
+from kubetrain.training.models import save_model
+from kubetrain.training.loop import fit
 
 
 def _proba(rng: np.random.Generator, y: np.ndarray, classes: int, signal: float) -> np.ndarray:

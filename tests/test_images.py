@@ -6,7 +6,7 @@
   bakes in no secrets;
 - docker/install.sh, the exact install step of the images, runs once per
   session into a clean venv; from that venv every component module imports,
-  every stage's `python -m kubetrain.stage_cli <stage> --help` works and one
+  every stage's `python -m kubetrain.cli.stage <stage> --help` works and one
   stage runs end to end.
 """
 
@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 
 from kubetrain import stages
-from kubetrain.config import fields_of
+from kubetrain.config.settings import fields_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile*"))
@@ -280,17 +280,17 @@ def expected_flags(stage: str) -> list[str]:
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_stage_cli_help_from_the_image_venv(image_venv: Path, tmp_path: Path, stage: str):
-    proc = in_venv(image_venv, "-m", "kubetrain.stage_cli", stage, "--help", cwd=tmp_path)
+    proc = in_venv(image_venv, "-m", "kubetrain.cli.stage", stage, "--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     usage = proc.stdout
-    assert usage.startswith(f"usage: python -m kubetrain.stage_cli {stage}")
+    assert usage.startswith(f"usage: python -m kubetrain.cli.stage {stage}")
     missing = [f for f in expected_flags(stage) if not re.search(rf"{f}\b", usage)]
     assert not missing, f"`{stage} --help` does not mention {missing}:\n{usage}"
 
 
 def test_stage_cli_runs_ingest_end_to_end_from_the_image_venv(image_venv: Path,
                                                              tmp_path: Path):
-    proc = in_venv(image_venv, "-m", "kubetrain.stage_cli", "ingest", "--source", "digits",
+    proc = in_venv(image_venv, "-m", "kubetrain.cli.stage", "ingest", "--source", "digits",
                    "--dataset-path", "out/dataset", "--profile-path", "out/profile.md",
                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -311,7 +311,7 @@ def test_stage_cli_errors_are_one_line_with_exit_2(image_venv: Path, tmp_path: P
              ["train", "--train-path", "a", "--val-path", "b", "--model-path", "m",
               "--metrics-path", "x", "--report-path", "r", "--hyperparameters", "[1]"]]
     for argv in cases:
-        proc = in_venv(image_venv, "-m", "kubetrain.stage_cli", *argv, cwd=tmp_path)
+        proc = in_venv(image_venv, "-m", "kubetrain.cli.stage", *argv, cwd=tmp_path)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), \
             (argv, proc.stderr)

@@ -1,4 +1,4 @@
-"""kubetrain.ingest: every source type into one canonical table, and every bad input
+"""kubetrain.data.ingest: every source type into one canonical table, and every bad input
 into one `KubetrainError` line with nothing written."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kubetrain import storage
-from kubetrain.datasets import LABEL, load_table
-from kubetrain.errors import KubetrainError
-from kubetrain.ingest import ingest, load_source
+from kubetrain.core import storage
+from kubetrain.data.datasets import LABEL, load_table
+from kubetrain.core.errors import KubetrainError
+from kubetrain.data.ingest import ingest, load_source
 
 
 def run(source, tmp_path: Path, label_column: str = ""):

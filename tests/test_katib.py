@@ -1,4 +1,4 @@
-"""Cluster tuning (`kubetrain.katib`, `kubetrain.trial`): the Katib Experiment and its trials.
+"""Cluster tuning (`kubetrain.cluster.katib`, `kubetrain.cli.trial`): the Katib Experiment and its trials.
 
 No cluster: the generated Experiment is checked the way Katib's admission
 webhook and suggestion services check it (their rules re-implemented in
@@ -27,10 +27,18 @@ import yaml
 from kubeflow_katib_api.models import V1beta1Experiment, V1beta1Trial
 from kubernetes.client.exceptions import ApiException
 
-from kubetrain import config, katib, storage, trial, tuning
-from kubetrain.cluster_config import ClusterConfig
-from kubetrain.config import TUNE_ALGORITHMS, RunConfig
-from kubetrain.errors import KubetrainError
+from kubetrain.config import settings as config
+
+from kubetrain.cluster import katib
+
+from kubetrain.core import storage
+
+from kubetrain.cli import trial
+
+from kubetrain.training import tuning
+from kubetrain.config.cluster import ClusterConfig
+from kubetrain.config.settings import TUNE_ALGORITHMS, RunConfig
+from kubetrain.core.errors import KubetrainError
 from fakes import Clock
 
 KATIB_REGEX = re.compile(r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)")
@@ -179,7 +187,7 @@ def test_trial_job_runs_the_entrypoint_on_the_gpu_pool_with_s3_credentials():
     assert pod["serviceAccountName"] == cluster.service_account
     assert c["name"] == exp["spec"]["trialTemplate"]["primaryContainerName"] == "training"
     assert c["image"] == cluster.image("cuda")
-    assert c["command"][:7] == ["python", "-m", "kubetrain.trial", "--train", TRAIN_URI,
+    assert c["command"][:7] == ["python", "-m", "kubetrain.cli.trial", "--train", TRAIN_URI,
                                 "--validation", VAL_URI]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert c["resources"]["limits"]["cpu"] == cluster.gpu_cpu
@@ -670,7 +678,7 @@ def test_trial_reads_splits_straight_from_s3(splits, s3_env, s3_server):
 
 
 def test_trial_bad_arguments_exit_2_with_one_line(splits, capsys):
-    out = subprocess.run([sys.executable, "-m", "kubetrain.trial", "--train", str(splits[0])],
+    out = subprocess.run([sys.executable, "-m", "kubetrain.cli.trial", "--train", str(splits[0])],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: ")

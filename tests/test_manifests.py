@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from kubetrain.cluster_config import ClusterConfig
+from kubetrain.config.cluster import ClusterConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "manifests"
@@ -37,10 +37,10 @@ ENV_FILE = Path("base/s3-credentials.env")  # relative to manifests/, git-ignore
 OVERLAYS = sorted(p.name for p in (MANIFESTS / "overlays").iterdir()
                   if (p / "kustomization.yaml").is_file())
 EXTRA_SETTINGS: dict[str, str] = {}  # keys beyond ClusterConfig fields (none today)
-# The S3 variables the compiled pipeline maps from the Secret (kubetrain/compile.py),
+# The S3 variables the compiled pipeline maps from the Secret (kubetrain/cluster/compile.py),
 # read without importing kfp.
 S3_KEYS = next(ast.literal_eval(node.value) for node in
-               ast.parse((ROOT / "kubetrain/compile.py").read_text()).body
+               ast.parse((ROOT / "kubetrain/cluster/compile.py").read_text()).body
                if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "S3_KEYS")
 # The kfp-launcher S3 provider fields KFP's launcher parses (backend/src/v2/config/s3.go).
 KFP_S3_DEFAULT_FIELDS = {"endpoint", "region", "disableSSL", "forcePathStyle", "maxRetries",

@@ -25,10 +25,10 @@ from google.protobuf import json_format
 from kfp.kubernetes import kubernetes_executor_config_pb2
 from kfp.pipeline_spec import pipeline_spec_pb2
 
-from kubetrain import cli
-from kubetrain.compile import compile_pipeline
+from kubetrain.cli import main as cli
+from kubetrain.cluster.compile import compile_pipeline
 from kubetrain.components.common import BASE_IMAGE
-from kubetrain.config import RunConfig, fields_of
+from kubetrain.config.settings import RunConfig, fields_of
 from kubetrain.pipelines.training import PIPELINE_NAME, code_version
 
 # component name -> (output artifacts {name: schemaTitle}, output parameters {name: type})
@@ -454,7 +454,7 @@ def test_compiles_identically_in_another_process(tmp_path):
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     for _ in range(3):  # retry only if the library source changed in between
         version = code_version()
-        proc = subprocess.run([sys.executable, "-m", "kubetrain.cli", "compile", "--output",
+        proc = subprocess.run([sys.executable, "-m", "kubetrain.cli.main", "compile", "--output",
                                str(out)], cwd=tmp_path, env=env, capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0, proc.stderr

@@ -7,10 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from kubetrain import stages, storage
-from kubetrain.config import RunConfig
-from kubetrain.errors import KubetrainError
-from kubetrain.publish import publish_model, version_for
+from kubetrain import stages
+
+from kubetrain.core import storage
+from kubetrain.config.settings import RunConfig
+from kubetrain.core.errors import KubetrainError
+from kubetrain.assessment.publish import publish_model, version_for
 
 
 @pytest.fixture(scope="module")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import yaml
 
-from kubetrain import katib, trainjob
+from kubetrain.cluster import katib
+
+from kubetrain.cluster import trainjob
 from kubetrain.cli import main
 
 

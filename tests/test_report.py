@@ -14,8 +14,10 @@ import matplotlib.image as mpimg
 import numpy as np
 import pytest
 
-from kubetrain import plots, report
-from kubetrain.report import Image, Section, Table
+from kubetrain.report import plots
+
+from kubetrain.report import html as report
+from kubetrain.report.html import Image, Section, Table
 
 EVIL = "<script>alert(1)</script>"
 STAMP = "2025-01-02T03:04:05+00:00"

@@ -1,4 +1,4 @@
-"""kubetrain.storage against a real S3 server (SeaweedFS from the `s3_server` fixture).
+"""kubetrain.core.storage against a real S3 server (SeaweedFS from the `s3_server` fixture).
 
 No mocks: every S3 test talks HTTP to `weed mini`, and configuration reaches
 the code only through the environment variables users set.
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from kubetrain import storage
-from kubetrain.errors import KubetrainError
+from kubetrain.core import storage
+from kubetrain.core.errors import KubetrainError
 from s3_server import S3Server, free_ports
 
 MiB = 1024 * 1024

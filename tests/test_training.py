@@ -1,4 +1,4 @@
-"""Train stage library (`kubetrain.training`, `kubetrain.models`): real tiny
+"""Train stage library (`kubetrain.training.loop`, `kubetrain.training.models`): real tiny
 networks on sklearn's breast_cancer (table) and digits (8x8 images), no KFP.
 Every run is a few epochs on a few hundred rows: seconds on 2 cores."""
 
@@ -12,11 +12,11 @@ import torch
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.model_selection import train_test_split
 
-from kubetrain.config import RunConfig
-from kubetrain.datasets import Schema
-from kubetrain.errors import KubetrainError
-from kubetrain.models import load_model, predict_proba, save_model
-from kubetrain.training import TUNABLE, fit, with_hyperparameters
+from kubetrain.config.settings import RunConfig
+from kubetrain.data.datasets import Schema
+from kubetrain.core.errors import KubetrainError
+from kubetrain.training.models import load_model, predict_proba, save_model
+from kubetrain.training.loop import TUNABLE, fit, with_hyperparameters
 
 TABLE = dict(dataset="breast_cancer")  # RunConfig defaults describe digits
 

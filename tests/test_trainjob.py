@@ -1,4 +1,4 @@
-"""The Kubeflow Trainer v2 TrainJob of multi-node training (`kubetrain.trainjob`).
+"""The Kubeflow Trainer v2 TrainJob of multi-node training (`kubetrain.cluster.trainjob`).
 
 The generated documents are checked against the Trainer API's own models
 (`kubeflow-trainer-api`); following and error handling run against status
@@ -21,10 +21,14 @@ import pytest
 from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
 from kubernetes.client.exceptions import ApiException
 
-from kubetrain import storage, train_entry, trainjob as tj
-from kubetrain.cluster_config import ClusterConfig
-from kubetrain.config import RunConfig
-from kubetrain.errors import KubetrainError
+from kubetrain.core import storage
+
+from kubetrain.cli import train_entry
+
+from kubetrain.cluster import trainjob as tj
+from kubetrain.config.cluster import ClusterConfig
+from kubetrain.config.settings import RunConfig
+from kubetrain.core.errors import KubetrainError
 from fakes import Clock
 
 GPU_CLUSTER = ClusterConfig(gpus=4, gpu_resource="nvidia.com/gpu",
@@ -111,7 +115,7 @@ def test_s3_credentials_come_from_the_secret_never_as_values(monkeypatch):
 
 def test_command_runs_train_entry_under_torchrun_with_the_run_settings():
     trainer = _job()["spec"]["trainer"]
-    assert trainer["command"] == ["torchrun", "-m", "kubetrain.train_entry"]
+    assert trainer["command"] == ["torchrun", "-m", "kubetrain.cli.train_entry"]
     args = train_entry.parser().parse_args(trainer["args"])
     # KFP's minio:// artifact URIs name the same object store
     assert (args.train, args.validation, args.output) == (
@@ -173,7 +177,7 @@ def test_validate_rejects_what_the_trainer_api_does_not_define():
 
 
 def test_cluster_settings_survive_kfp_dict_parameters():
-    from kubetrain.cluster_config import ClusterConfig
+    from kubetrain.config.cluster import ClusterConfig
 
     as_dict = dataclasses.asdict(GPU_CLUSTER)
     assert ClusterConfig.from_dict({k: float(v) if isinstance(v, int) else v
@@ -409,8 +413,8 @@ def test_train_on_cluster_runs_the_trainjob_command_and_collects_its_outputs(
         s3_env, s3_server, tmp_path):
     from sklearn.datasets import load_breast_cancer
 
-    from kubetrain.datasets import Schema, save_split
-    from kubetrain.models import load_model, predict_proba
+    from kubetrain.data.datasets import Schema, save_split
+    from kubetrain.training.models import load_model, predict_proba
 
     data = load_breast_cancer()
     X = ((data.data - data.data.mean(0)) / data.data.std(0)).astype(np.float32)

@@ -1,4 +1,4 @@
-"""Tune stage library (`kubetrain.tuning`): Katib's search-space vocabulary on Optuna.
+"""Tune stage library (`kubetrain.training.tuning`): Katib's search-space vocabulary on Optuna.
 
 Real studies run on a small breast_cancer split (3 trials x 2 epochs each); the
 early-stopping, objective and failure tests replace `fit` (or `run_trial`) with a
@@ -16,12 +16,12 @@ import torch
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 
-from kubetrain import tuning
-from kubetrain.config import TUNE_ALGORITHMS, RunConfig
-from kubetrain.datasets import Schema
-from kubetrain.errors import KubetrainError
-from kubetrain.training import TUNABLE
-from kubetrain.tuning import (GRID_POINTS, MEDIANSTOP, Param, for_algorithm, make_pruner,
+from kubetrain.training import tuning
+from kubetrain.config.settings import TUNE_ALGORITHMS, RunConfig
+from kubetrain.data.datasets import Schema
+from kubetrain.core.errors import KubetrainError
+from kubetrain.training.loop import TUNABLE
+from kubetrain.training.tuning import (GRID_POINTS, MEDIANSTOP, Param, for_algorithm, make_pruner,
                               make_sampler, run_trial, search_space, tune)
 
 TABLE = dict(dataset="breast_cancer")
@@ -68,7 +68,7 @@ def _in_space(params: dict, space: list[Param]) -> bool:
 
 
 class ScriptedFit:
-    """Stands in for `kubetrain.training.fit`: each call plays a scripted learning curve
+    """Stands in for `kubetrain.training.loop.fit`: each call plays a scripted learning curve
     through the trial's hook, like the real loop, and returns what `fit` would."""
 
     def __init__(self, curve):

@@ -1,0 +1,1 @@
+"""After training: evaluate, compress, publish."""

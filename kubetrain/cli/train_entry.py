@@ -1,0 +1,137 @@
+"""What every rank of a distributed training runs (under torchrun).
+
+    torchrun --nproc-per-node N -m kubetrain.cli.train_entry \\
+        --train URI --validation URI --output URI \\
+        [--hyperparameters JSON] [--settings JSON] [--checkpoint-dir DIR] [--epochs 5 ...]
+
+Locally `kubetrain.training.distributed.run_local_ddp` starts it (``--nproc N``); on a
+cluster it is the command of the Kubeflow Trainer TrainJob
+(`kubetrain.cluster.trainjob`), whose torch plugin hands torchrun the node topology
+through ``PET_*`` variables. URIs are ``s3://`` (credentials from the standard
+AWS variables plus ``S3_ENDPOINT_URL``) or local paths.
+
+Every rank fetches both splits and trains (`kubetrain.training.loop.fit` shards the
+work); rank 0 trains through `kubetrain.stages.train_stage`, so the model
+bundle, metrics and report are exactly the single-process stage's, written to
+a temporary folder and then copied to ``--output``::
+
+    <output>/model/{weights.pt,spec.json,info.json}
+    <output>/metrics.json
+    <output>/report.html
+    <output>/meta.json        (train_stage's return value; written last)
+
+A failing rank prints ``kubetrain | train | rank R failed: <Error>: <message>``
+and exits 1; torchrun then stops the other ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+from kubetrain.config import settings as config
+
+from kubetrain.training import distributed
+
+from kubetrain.core import progress
+
+from kubetrain.core import storage
+from kubetrain.core.errors import KubetrainError
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kubetrain.cli.train_entry",
+                                description="One rank of a data-parallel training (run it "
+                                            "with torchrun).")
+    p.add_argument("--train", required=True, help="Training split: s3:// URI or local folder.")
+    p.add_argument("--validation", required=True, help="Validation split: s3:// URI or folder.")
+    p.add_argument("--output", required=True,
+                   help="Where rank 0 writes model/, metrics.json, report.html, meta.json.")
+    p.add_argument("--hyperparameters", default="{}",
+                   help="JSON object of tuned values (learning_rate, width, ...).")
+    p.add_argument("--settings", default="{}",
+                   help="JSON object of RunConfig settings; the flags below override it.")
+    p.add_argument("--checkpoint-dir", default=None,
+                   help="Folder of rank 0's per-epoch checkpoint (resumes from it).")
+    config.add_arguments(p)
+    return p
+
+
+def settings_of(args: argparse.Namespace) -> dict[str, Any]:
+    """``--settings`` overridden by explicit flags, validated as a RunConfig."""
+    given = config.json_object(args.settings, "--settings")
+    flags = {f.name: getattr(args, f.name) for f in config.fields_of()
+             if getattr(args, f.name, None) is not None}
+    return config.RunConfig.from_dict(given | flags).to_dict()
+
+
+def _publish(local: Path, output: str) -> None:
+    """Copy rank 0's outputs to ``output``; meta.json last, so its presence means done."""
+    meta = local / distributed.OUTPUT_META
+    dest = output.rstrip("/")
+    for item in sorted(local.iterdir()):
+        if item != meta:
+            storage.upload(item, f"{dest}/{item.name}")
+    storage.upload(meta, f"{dest}/{meta.name}")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any] | None:
+    """Train this rank; rank 0 returns train_stage's meta, the others None."""
+    from kubetrain.data.datasets import load_split
+    from kubetrain.training.loop import fit, with_hyperparameters
+
+    settings = settings_of(args)
+    hyperparameters = config.json_object(args.hyperparameters, "--hyperparameters")
+    cfg = with_hyperparameters(config.RunConfig.from_dict(settings), hyperparameters)
+    backend = "gloo" if cfg.device == "cpu" else None
+    with distributed.init(backend=backend) as me, \
+            tempfile.TemporaryDirectory(prefix=f"kubetrain-rank{me.rank}-") as tmp:
+        work = Path(tmp)
+        train_dir = storage.local_dir(args.train, work / "train")
+        val_dir = storage.local_dir(args.validation, work / "validation")
+        if me.rank == 0:
+            from kubetrain.stages import train_stage  # reports and plots: rank 0 only
+
+            progress.log("train", f"data-parallel over {me.world_size} process(es), "
+                                  f"backend {backend or 'auto'}")
+            out = work / "out"
+            out.mkdir()
+            # The same call sequence as the other ranks below: train_stage -> fit(cfg, ...).
+            meta = train_stage(str(train_dir), str(val_dir), hyperparameters,
+                               str(out / distributed.OUTPUT_MODEL),
+                               str(out / distributed.OUTPUT_METRICS),
+                               str(out / distributed.OUTPUT_REPORT), settings,
+                               checkpoint_dir=args.checkpoint_dir)
+            meta = {**meta, "processes": me.world_size}
+            (out / distributed.OUTPUT_META).write_text(json.dumps(meta, indent=2, default=str))
+            _publish(out, args.output)
+            return meta
+        # What train_stage does before and around fit, minus every write.
+        X, y, schema = load_split(train_dir)
+        Xv, yv, _ = load_split(val_dir)
+        fit(cfg, (X, y), (Xv, yv), schema, checkpoint_dir=args.checkpoint_dir)
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        run(args)
+    except Exception as exc:  # noqa: BLE001 - one line per failing rank, then exit 1
+        rank = os.environ.get("RANK", "0")
+        if not isinstance(exc, KubetrainError):
+            traceback.print_exc()
+        print(f"{progress.PREFIX} train | rank {rank} failed: {type(exc).__name__}: {exc}",
+              file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

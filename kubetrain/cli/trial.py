@@ -1,0 +1,105 @@
+"""One Katib trial: `python -m kubetrain.cli.trial --train URI --validation URI --learning-rate X ...`.
+
+Katib runs this in each trial pod (see `kubetrain.cluster.katib.experiment`). It reads
+both splits straight from the upstream artifacts' URIs (s3:// or a local
+directory; no PVC), then calls `tuning.run_trial`, the same function every
+local Optuna trial calls, so a trial means the same thing on a laptop and on
+the cluster. Every RunConfig setting is a flag (`kubetrain.config.settings.add_arguments`),
+the searched ones (`tuning.search_space()`) included.
+
+Output follows Katib's StdOut metrics collector: per epoch one
+`<RFC3339 timestamp> <metric>=<value>` line per metric (the timestamp is how
+Katib's median stopping orders the reports), then the restored best epoch's
+metrics last, which the Experiment's `latest` metric strategy picks up. Other
+lines never contain a metric name, so the collector ignores them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Mapping, Sequence, TextIO
+
+from kubetrain.config import settings as config
+
+from kubetrain.core import progress
+
+from kubetrain.core import storage
+from kubetrain.data.datasets import load_split
+from kubetrain.core.errors import KubetrainError
+
+#: The keys of `tuning.GOALS` (a test pins them equal), written out so that a bad
+#: command line fails before torch is imported.
+METRICS = ("validation-accuracy", "validation-loss")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises instead of printing usage: errors stay one line."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise KubetrainError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="python -m kubetrain.cli.trial",
+                     description="Run one tuning trial and print metrics for Katib.")
+    parser.add_argument("--train", required=True,
+                        help="Training split: s3:// URI or local directory "
+                             "(arrays.npz + meta.json).")
+    parser.add_argument("--validation", required=True,
+                        help="Validation split: s3:// URI or local directory.")
+    config.add_arguments(parser)  # every RunConfig field, the searched ones included
+    return parser
+
+
+def timestamp() -> str:
+    """UTC RFC 3339 with microseconds, which Go's time.RFC3339Nano parses (Katib's collector)."""
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def metric_lines(metrics: Mapping[str, float], when: str | None = None) -> list[str]:
+    """`<timestamp> name=value` per metric; repr keeps full precision and parses back exactly."""
+    when = when or timestamp()
+    return [f"{when} {name}={float(metrics[name])!r}" for name in METRICS]
+
+
+def report(metrics: Mapping[str, float], out: TextIO | None = None) -> None:
+    out = out or sys.stdout
+    for line in metric_lines(metrics):
+        print(line, file=out)
+    out.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run one trial; 0 on success, 2 with one `error: ...` line on a fixable problem."""
+    try:
+        args = build_parser().parse_args(argv)
+        cfg = config.from_arguments(args)
+        from kubetrain.training import tuning  # torch: only once the arguments are known good
+
+        params = {p.name: getattr(cfg, p.name) for p in tuning.search_space()}
+        with tempfile.TemporaryDirectory(prefix="kubetrain-trial-") as tmp:
+            X, y, schema = load_split(storage.local_dir(args.train, Path(tmp) / "train"))
+            Xv, yv, _ = load_split(storage.local_dir(args.validation, Path(tmp) / "validation"))
+        progress.log("trial", f"{len(X)} training / {len(Xv)} validation rows; "
+                              + ", ".join(f"{k} {v}" for k, v in params.items())
+                              + f"; {cfg.tune_epochs} epochs")
+
+        def hook(epoch: int, metrics: dict[str, float]) -> bool:
+            report(metrics)
+            return False  # Katib's median stopping ends weak trials from outside
+
+        final = tuning.run_trial(cfg, params, (X, y), (Xv, yv), schema, hook)
+        report(final)  # the restored best epoch: what `latest` scores the trial by
+        progress.log("trial", f"done after {final['epochs']} epochs")
+        return 0
+    except KubetrainError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

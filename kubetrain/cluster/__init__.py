@@ -1,0 +1,1 @@
+"""Everything that talks to Kubernetes: compile, submit, render, Katib, Trainer TrainJobs."""

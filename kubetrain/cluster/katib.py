@@ -1,0 +1,263 @@
+"""Tune on the cluster: one Katib `kubeflow.org/v1beta1` Experiment per run.
+
+The Experiment is written from the same search space (`tuning.search_space`,
+`tuning.for_algorithm`), algorithm names, median-stopping rule and trial limits
+as the local Optuna backend, and every trial runs `python -m kubetrain.cli.trial`,
+which calls `tuning.run_trial`, the function each local trial calls. Local and
+cluster tuning therefore share one search space and one trial function.
+
+This module builds the Experiment and runs the whole step (`tune`); what Katib
+accepts is checked in `kubetrain.cluster.katib_checks`, following and deleting it is
+`kubetrain.cluster.katib_follow`. Their public names are re-exported here, so callers
+need only `kubetrain.cluster.katib`.
+
+Where Katib's suggestion services differ from the local Optuna samplers (read
+from their sources): `random` and `tpe` run on hyperopt, whose TPE starts with
+one batch of random trials and takes no `n_startup_trials`; goptuna (`cmaes`,
+`sobol`) ignores `distribution: logUniform` and samples those ranges uniformly;
+skopt (`bayesianoptimization`) ignores an int parameter's `step`. Same space,
+same trial function, but not bit-identical suggestions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Mapping
+
+from kubetrain.cluster import k8s
+
+from kubetrain.training import tuning
+from kubetrain.config.cluster import ClusterConfig
+from kubetrain.config.settings import RunConfig
+from kubetrain.core.errors import KubetrainError
+from kubetrain.cluster.katib_checks import ALGORITHM_SETTINGS, API_VERSION, MAX_NAME, grid_size
+from kubetrain.cluster.katib_follow import PRIMARY_CONTAINER, run
+
+# Re-exported, so callers need only `kubetrain.cluster.katib`:
+from kubetrain.cluster.katib_checks import problems_of, validate  # noqa: F401
+from kubetrain.cluster.katib_follow import (api_error, cast_params, follow, progress_of,  # noqa: F401
+                                    trial_row, trial_rows, trial_table)
+
+#: The regex Katib's StdOut/File metrics collector applies when no filter is set
+#: (pkg/metricscollector/v1beta1/common: DefaultFilter). Trials print to match it.
+DEFAULT_METRICS_FORMAT = r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)"
+
+#: Katib's defaults for Job trials (experiment_defaults.go); written out so the
+#: Experiment does not depend on the mutating webhook having run.
+JOB_SUCCESS = 'status.conditions.#(type=="Complete")#|#(status=="True")#'
+JOB_FAILURE = 'status.conditions.#(type=="Failed")#|#(status=="True")#'
+
+
+# --------------------------------------------------------------------------- build
+
+def experiment_name(run_id: str, prefix: str = "kubetrain-tune") -> str:
+    """The run's Experiment name, within Katib's name rules and MAX_NAME."""
+    return k8s.run_name(run_id, prefix, MAX_NAME)
+
+
+def katib_name(field: str) -> str:
+    """Katib parameter name of a RunConfig field: its CLI flag without dashes in front."""
+    return field.replace("_", "-")
+
+
+def trial_parameter(field: str) -> str:
+    """Trial template placeholder (camelCase, Katib's convention): learning_rate -> learningRate."""
+    head, *rest = field.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def algorithm_settings(algorithm: str, seed: int, trials: int) -> list[dict[str, str]]:
+    """The settings matching `tuning.make_sampler`, limited to what Katib's service accepts.
+
+    hyperopt's tpe fixes its random start-up to one suggestion batch and refuses
+    `n_startup_trials`, so only multivariate-tpe (optuna) gets the local value.
+    """
+    startup = min(10, max(2, trials // 3))
+    state = str(seed % 2**31)  # hyperopt/skopt want 0 <= random_state < 2**32
+    values = {"random_state": state, "n_startup_trials": str(startup),
+              "n_initial_points": str(startup)}
+    wanted = {"multivariate-tpe": ("random_state", "n_startup_trials"),
+              "bayesianoptimization": ("random_state", "n_initial_points")}.get(
+        algorithm, ("random_state",))
+    allowed = ALGORITHM_SETTINGS.get(algorithm, frozenset())
+    return [{"name": k, "value": values[k]} for k in wanted if k in allowed]
+
+
+def parameters(space: list[tuning.Param]) -> list[dict[str, Any]]:
+    """Katib `spec.parameters`: every feasible-space value a string, as the API types it."""
+    out = []
+    for p in space:
+        if p.type == "categorical":
+            feasible: dict[str, Any] = {"list": [str(v) for v in p.values]}
+        else:
+            num = (lambda v: str(int(v))) if p.type == "int" else (lambda v: repr(float(v)))
+            feasible = {"min": num(p.min), "max": num(p.max)}
+            if p.step is not None:
+                feasible["step"] = num(p.step)
+            if p.log:
+                feasible["distribution"] = "logUniform"
+        out.append({"name": katib_name(p.name), "parameterType": p.type,
+                    "feasibleSpace": feasible})
+    return out
+
+
+def _flag(field: str, value: Any) -> list[str]:
+    flag = "--" + katib_name(field)
+    if isinstance(value, bool):
+        return [flag if value else "--no-" + katib_name(field)]
+    return [flag, repr(value) if isinstance(value, float) else str(value)]
+
+
+def fixed_settings(cfg: RunConfig, space: list[tuning.Param]) -> dict[str, Any]:
+    """Training settings every trial gets unchanged: the train stage's minus the searched ones.
+
+    `epochs` is left out because trials train `tune_epochs`; derived, not listed,
+    so a new training setting reaches Katib trials without touching this file.
+    """
+    searched = {p.name for p in space}
+    fixed = {k: v for k, v in cfg.stage("train").items() if k not in searched and k != "epochs"}
+    fixed.update(tune_epochs=cfg.tune_epochs, tune_objective=cfg.tune_objective)
+    return fixed
+
+
+def _pod_placement(cluster: ClusterConfig) -> dict[str, Any]:
+    """Resources and scheduling of a trial pod, the same as the pipeline's GPU steps."""
+    spec: dict[str, Any] = {}
+    if cluster.gpus > 0:
+        amounts = {"cpu": cluster.gpu_cpu, "memory": cluster.gpu_memory,
+                   cluster.gpu_resource: str(cluster.gpus)}
+        spec["resources"] = {"requests": dict(amounts), "limits": dict(amounts)}
+        spec.update(cluster.gpu_scheduling())
+    else:
+        spec["resources"] = {"requests": {"cpu": cluster.cpu_cpu, "memory": cluster.cpu_memory},
+                             "limits": {"cpu": cluster.cpu_limit(),
+                                        "memory": cluster.cpu_memory}}
+        if cluster.cpu_node_selector:
+            key, value = cluster.cpu_node_selector.split("=", 1)
+            spec["nodeSelector"] = {key: value}
+    return spec
+
+
+def experiment(cfg: RunConfig, cluster: ClusterConfig, train_uri: str, val_uri: str,
+               name: str, resume_policy: str = "Never") -> dict[str, Any]:
+    """The Experiment manifest (a plain dict) for `cfg`'s tuning settings.
+
+    Trials read both splits straight from the upstream artifacts' URIs (s3:// on
+    the cluster), so no PVC is shared between the pipeline step and the trials.
+    """
+    if cfg.tune_trials < 1:
+        raise KubetrainError("tune_trials is 0: tuning is skipped, so there is no Katib "
+                             "Experiment to build; set --tune-trials 1 or more")
+    if cluster.gpus == 0 and cfg.device == "cuda":
+        raise KubetrainError("device=cuda but the cluster config requests no GPU (gpus=0); "
+                             "use --device auto or cpu, or set --gpus 1")
+    space = tuning.for_algorithm(tuning.search_space(), cfg.tune_algorithm)
+    params = parameters(space)
+    max_trials = cfg.tune_trials
+    if cfg.tune_algorithm == "grid":  # optuna's grid refuses more trials than points
+        max_trials = min(max_trials, grid_size(params))
+    other = next(m for m in tuning.GOALS if m != cfg.tune_objective)
+    command = ["python", "-m", "kubetrain.cli.trial", "--train", str(train_uri),
+               "--validation", str(val_uri)]
+    for p in space:
+        command += ["--" + katib_name(p.name), f"${{trialParameters.{trial_parameter(p.name)}}}"]
+    for field, value in fixed_settings(cfg, space).items():
+        command += _flag(field, value)
+    placement = _pod_placement(cluster)
+    container = {"name": PRIMARY_CONTAINER,
+                 "image": cluster.image("cuda" if cluster.gpus > 0 else "cpu"),
+                 "command": command, "env": cluster.s3_env(),
+                 "resources": placement.pop("resources")}
+    job = {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "spec": {
+            "backoffLimit": 0,  # a failed trial is Katib's to count, not the Job's to retry
+            "template": {
+                # Istio's sidecar never exits, so a trial Job with one never completes.
+                "metadata": {"annotations": {"sidecar.istio.io/inject": "false"}},
+                "spec": {"restartPolicy": "Never",
+                         "serviceAccountName": cluster.service_account,
+                         **placement, "containers": [container]}}}}
+    help_of = {f.name: f.metadata["help"] for f in dataclasses.fields(RunConfig)}
+    spec: dict[str, Any] = {
+        "objective": {
+            "type": tuning.GOALS[cfg.tune_objective],
+            "objectiveMetricName": cfg.tune_objective,
+            "additionalMetricNames": [other],
+            # The trial prints the restored best epoch's metrics last: "latest" is
+            # the value the local backend scores a trial by.
+            "metricStrategies": [{"name": cfg.tune_objective, "value": "latest"},
+                                 {"name": other, "value": "latest"}],
+        },
+        "algorithm": {"algorithmName": cfg.tune_algorithm,
+                      "algorithmSettings": algorithm_settings(cfg.tune_algorithm, cfg.seed,
+                                                              cfg.tune_trials)},
+        "parallelTrialCount": min(cfg.tune_parallel, max_trials),
+        "maxTrialCount": max_trials,
+        # Katib fails the Experiment once failed >= maxFailedTrialCount; the local
+        # backend once failed > tune_max_failed. +1 makes both stop at the same trial.
+        "maxFailedTrialCount": min(cfg.tune_max_failed + 1, max_trials),
+        "resumePolicy": resume_policy,
+        "metricsCollectorSpec": {"collector": {"kind": "StdOut"}},
+        "parameters": params,
+        "trialTemplate": {
+            "primaryContainerName": PRIMARY_CONTAINER,
+            "successCondition": JOB_SUCCESS,
+            "failureCondition": JOB_FAILURE,
+            "trialParameters": [{"name": trial_parameter(p.name), "reference": katib_name(p.name),
+                                 "description": help_of.get(p.name, p.name)} for p in space],
+            "trialSpec": job,
+        },
+    }
+    if cfg.tune_early_stopping == "medianstop":
+        spec["earlyStopping"] = {"algorithmName": "medianstop", "algorithmSettings": [
+            {"name": k, "value": str(v)} for k, v in tuning.MEDIANSTOP.items()]}
+    return {"apiVersion": API_VERSION, "kind": "Experiment",
+            "metadata": {"name": name, "namespace": cluster.namespace,
+                         "labels": {"app.kubernetes.io/part-of": "kubetrain",
+                                    "app.kubernetes.io/component": "tune"}},
+            "spec": spec}
+
+
+# --------------------------------------------------------------------------- YAML
+
+#: Plain scalars a YAML 1.1 or 1.2 loader (PyYAML, go-yaml behind kubectl) reads
+#: as something other than a string. PyYAML's own resolver misses e.g. "1e-05".
+_NON_STRING = re.compile(
+    r"[-+]?(\.[0-9]+|[0-9][0-9_]*(\.[0-9_]*)?)([eE][-+]?[0-9]+)?"
+    r"|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)|0[xX][0-9a-fA-F_]+|0o[0-7_]+|0b[01_]+"
+    r"|[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?"
+    r"|~|null|Null|NULL|true|True|TRUE|false|False|FALSE|yes|Yes|YES|no|No|NO"
+    r"|on|On|ON|off|Off|OFF|y|Y|n|N|=|<<")
+
+
+def to_yaml(exp: Mapping[str, Any]) -> str:
+    """YAML for kubectl/the UI; every string that could read back as a number is quoted."""
+    import yaml
+
+    class _Dumper(yaml.SafeDumper):
+        pass
+
+    def _str(dumper: yaml.SafeDumper, value: str):
+        style = "'" if _NON_STRING.fullmatch(value) else None
+        return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
+
+    _Dumper.add_representer(str, _str)
+    return yaml.dump(dict(exp), Dumper=_Dumper, sort_keys=False, default_flow_style=False,
+                     width=1000)
+
+
+# ----------------------------------------------------------------------- the step
+
+def tune(cfg: RunConfig, cluster: ClusterConfig, train_uri: str, val_uri: str, name: str,
+         timeout_s: float = 6 * 3600, keep: bool = False, resume_policy: str = "Never",
+         api=None, poll_s: float = 10.0) -> tuple[dict[str, Any], list[dict], dict[str, Any]]:
+    """Build, validate, run: (best hyperparameters, trial rows, meta for the artifacts)."""
+    exp = experiment(cfg, cluster, train_uri, val_uri, name, resume_policy)
+    result, rows = run(exp, cluster.namespace, api=api, timeout_s=timeout_s, keep=keep,
+                       poll_s=poll_s)
+    meta = {"backend": "katib", "experiment": name, "namespace": cluster.namespace,
+            "kept": keep, "best_trial": result["trial"], "best_value": result["value"],
+            "trials_summary": result["trials"]}
+    return result["hyperparameters"], rows, meta

@@ -1,0 +1,72 @@
+"""`kubetrain render`: the cluster resources a run would create, for review or `kubectl apply`.
+
+Writes the Katib Experiment the tune step creates and the TrainJob the train
+step creates (with --num-nodes > 1 or --gpus > 1), from the same `RunConfig`
+and `ClusterConfig` as `compile --target cluster`. On a real run the data URIs
+are the upstream artifacts' URIs; here they default to a path under the
+pipeline root that you can point at real splits with --train-uri/--validation-uri.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from kubetrain.config import cluster as cluster_config
+
+from kubetrain.config import settings as config
+
+from kubetrain.core import progress
+
+COMPILED_DIR = Path("pipelines/compiled")
+
+
+def render(cfg: config.RunConfig, cluster: cluster_config.ClusterConfig, train_uri: str,
+           val_uri: str, out_dir: Path, run_id: str = "rendered") -> dict[str, Path]:
+    """Build, validate and write both manifests; returns their paths."""
+    import yaml
+
+    from kubetrain.cluster import katib
+
+    from kubetrain.cluster import trainjob
+    from kubetrain.training.loop import tuned_values
+
+    exp = katib.experiment(cfg, cluster, train_uri, val_uri, katib.experiment_name(run_id))
+    katib.validate(exp)
+    exp["metadata"]["namespace"] = cluster.namespace
+    job = trainjob.trainjob(cfg, cluster, train_uri, val_uri,
+                            f"{cluster.pipeline_root.rstrip('/')}/{run_id}/trainjob-output",
+                            tuned_values(cfg), cluster.num_nodes, name=f"kubetrain-train-{run_id}")
+    job["metadata"]["namespace"] = cluster.namespace
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"experiment": out_dir / "katib-experiment.yaml", "trainjob": out_dir / "trainjob.yaml"}
+    paths["experiment"].write_text(katib.to_yaml(exp))
+    paths["trainjob"].write_text(yaml.safe_dump(job, sort_keys=False))
+    return paths
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("render", help="write the Katib Experiment and TrainJob a cluster "
+                                           "run would create")
+    config.add_arguments(parser.add_argument_group("run settings"))
+    cluster_config.add_arguments(parser.add_argument_group("cluster placement"))
+    parser.add_argument("--train-uri", default="", help="training split URI (default: under "
+                                                        "--pipeline-root)")
+    parser.add_argument("--validation-uri", default="", help="validation split URI")
+    parser.add_argument("--output-dir", default=str(COMPILED_DIR))
+    parser.set_defaults(func=_main)
+
+
+def _main(args: argparse.Namespace) -> int:
+    cfg = config.from_arguments(args)
+    cluster = cluster_config.from_arguments(args)
+    root = cluster.pipeline_root.rstrip("/")
+    paths = render(cfg, cluster, args.train_uri or f"{root}/rendered/augment/augmented",
+                   args.validation_uri or f"{root}/rendered/clean/validation",
+                   Path(args.output_dir))
+    for path in paths.values():
+        progress.log("render", f"wrote {path}")
+    if not cluster.trainjob:
+        progress.log("render", "note: with num_nodes=1 and gpus<=1 the train step trains in "
+                               "its own pod; the TrainJob is what --num-nodes N would create")
+    return 0

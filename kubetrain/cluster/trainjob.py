@@ -1,0 +1,385 @@
+"""Multi-node / multi-GPU training as a Kubeflow Trainer v2 ``TrainJob``.
+
+When the train step needs more than one process (``num_nodes > 1`` or more
+than one GPU per node), the train component does not train itself: it submits
+a ``trainer.kubeflow.org/v1alpha1`` TrainJob against the ``torch-distributed``
+ClusterTrainingRuntime (`ClusterConfig.trainer_runtime`), follows it, and
+collects what its rank 0 wrote. The TrainJob, as the Trainer API defines it:
+
+* ``spec.runtimeRef``: the runtime (kind ClusterTrainingRuntime, apiGroup
+  trainer.kubeflow.org);
+* ``spec.trainer``: the project image, the command (``torchrun -m
+  kubetrain.cli.train_entry ...``), ``numNodes``, ``numProcPerNode`` (GPUs per
+  node) and ``resourcesPerNode`` (GPUs, CPU, memory), plus S3 settings as
+  ``env`` with the credentials as ``secretKeyRef`` (never a value). The
+  torch plugin adds ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``,
+  ``PET_MASTER_ADDR`` (``<name>-node-0-0.<name>``) and ``PET_MASTER_PORT``
+  (29500), which torchrun reads; the webhook rejects a TrainJob that sets them.
+* ``spec.runtimePatches``: scheduling. Trainer 2.x has no per-job nodeSelector
+  field; a runtime patch (keyed by its ``manager``) patches the runtime's
+  JobSet template: replicated job ``node`` (the runtime's trainer job) gets
+  the GPU pool's ``nodeSelector`` and ``tolerations``.
+
+Every document is validated against the Trainer API models of the
+``kubeflow-trainer-api`` package before it is sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from kubetrain.training import distributed
+
+from kubetrain.cluster import k8s
+
+from kubetrain.core import progress
+
+from kubetrain.core import storage
+from kubetrain.config.cluster import ClusterConfig
+from kubetrain.config.settings import RunConfig
+from kubetrain.core.errors import KubetrainError, require
+
+GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
+API_VERSION = f"{GROUP}/{VERSION}"
+#: Replicated job (and container) of the torch runtimes that runs the trainer nodes.
+TRAINER_JOB = "node"
+#: Owner of our runtime patch (``runtimePatches`` is a map keyed by manager).
+PATCH_MANAGER = "kubetrain.io/scheduling"
+#: Pod label JobSet puts on every pod of the TrainJob's JobSet (named like the TrainJob).
+POD_SELECTOR = "jobset.sigs.k8s.io/jobset-name"
+#: Pod hostnames are <name>-node-<i>-0 and must fit a 63-character DNS label.
+MAX_NAME = 48
+_NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+
+# --- the document -----------------------------------------------------------------
+
+def default_name(prefix: str = "kubetrain-train") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+def trainjob(cfg: RunConfig, cluster: ClusterConfig, train_uri: str, val_uri: str,
+             output_uri: str, hyperparameters: dict[str, Any] | None, num_nodes: int,
+             name: str | None = None, nproc_per_node: int | None = None) -> dict[str, Any]:
+    """The TrainJob that trains ``cfg`` data-parallel on ``num_nodes`` nodes (validated).
+
+    Processes per node: ``nproc_per_node``, else one per GPU (``cluster.gpus``),
+    else 1 on CPU-only pools. Rank 0 writes the train stage's outputs under
+    ``output_uri`` (see `kubetrain.cli.train_entry`); `collect` fetches them.
+    """
+    name = name or default_name()
+    require(isinstance(num_nodes, int) and not isinstance(num_nodes, bool) and num_nodes >= 1,
+            f"num_nodes={num_nodes!r}: a TrainJob needs at least 1 node")
+    require(len(name) <= MAX_NAME and _NAME.match(name) is not None,
+            f"TrainJob name {name!r} must be lower-case letters, digits and '-', start with "
+            f"a letter and have at most {MAX_NAME} characters (pod hostnames add -node-N-0)")
+    gpus = cluster.gpus
+    nproc = nproc_per_node if nproc_per_node is not None else max(gpus, 1)
+    require(isinstance(nproc, int) and nproc >= 1, f"nproc_per_node={nproc!r} must be >= 1")
+    require(gpus == 0 or nproc <= gpus,
+            f"{nproc} processes per node but {gpus} GPU(s) per node: NCCL needs one GPU per "
+            "process; raise gpus or lower nproc_per_node")
+    settings = cfg.stage("train")
+    args = ["--train", storage.object_uri(train_uri),
+            "--validation", storage.object_uri(val_uri),
+            "--output", storage.object_uri(output_uri),
+            "--hyperparameters", json.dumps(hyperparameters or {}, sort_keys=True),
+            "--settings", json.dumps(settings, sort_keys=True)]
+    quantities = {"cpu": cluster.gpu_cpu, "memory": cluster.gpu_memory}
+    if gpus:
+        quantities[cluster.gpu_resource] = str(gpus)
+    trainer = {
+        "image": cluster.image("cuda" if gpus else "cpu"),
+        "command": ["torchrun", "-m", distributed.ENTRY_MODULE],
+        "args": args,
+        "numNodes": num_nodes,
+        "numProcPerNode": nproc,
+        "resourcesPerNode": {"limits": dict(quantities), "requests": dict(quantities)},
+        "env": _env(cluster),
+    }
+    job: dict[str, Any] = {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": name, "namespace": cluster.namespace,
+                     "labels": {"app.kubernetes.io/name": "kubetrain",
+                                "app.kubernetes.io/component": "train"}},
+        "spec": {
+            "runtimeRef": {"name": cluster.trainer_runtime, "kind": "ClusterTrainingRuntime",
+                           "apiGroup": GROUP},
+            "trainer": trainer,
+            # The pods stop by themselves once nobody would wait for them any more.
+            "activeDeadlineSeconds": cluster.wait_timeout,
+        },
+    }
+    patch = _scheduling_patch(cluster)
+    if patch:
+        job["spec"]["runtimePatches"] = [patch]
+    return validate(job)
+
+
+def _env(cluster: ClusterConfig) -> list[dict[str, Any]]:
+    return cluster.s3_env() + [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+
+
+def _scheduling_patch(cluster: ClusterConfig) -> dict[str, Any] | None:
+    """The runtime patch that puts the trainer pods on the GPU pool (or the CPU pool)."""
+    pod: dict[str, Any] = {}
+    if cluster.gpus:
+        pod.update(cluster.gpu_scheduling())
+    elif cluster.cpu_node_selector:
+        key, value = cluster.cpu_node_selector.split("=", 1)
+        pod["nodeSelector"] = {key: value}
+    if not pod:
+        return None
+    return {"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {
+        "replicatedJobs": [{"name": TRAINER_JOB,
+                            "template": {"spec": {"template": {"spec": pod}}}}]}}}}
+
+
+def validate(job: dict[str, Any]) -> dict[str, Any]:
+    """``job`` unchanged if it is a TrainJob the Trainer API models accept field for field.
+
+    The models ignore unknown keys, so the document must also survive a
+    round trip unchanged: a misspelt or misplaced field fails here.
+    """
+    from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+    from pydantic import ValidationError
+
+    try:
+        model = TrainerV1alpha1TrainJob.from_dict(job)
+    except (ValidationError, ValueError, TypeError) as exc:
+        raise KubetrainError(f"the TrainJob does not match the Trainer API: {exc}") from None
+    back = model.to_dict() if model is not None else None
+    if back != job:
+        raise KubetrainError("the TrainJob has fields the Trainer API does not define: "
+                             f"{'; '.join(_differences(job, back))}")
+    require(job.get("apiVersion") == API_VERSION and job.get("kind") == KIND,
+            f"not a TrainJob: apiVersion {job.get('apiVersion')!r}, kind {job.get('kind')!r}")
+    return job
+
+
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(set(a) | set(b)):
+            where = f"{path}.{key}" if path else str(key)
+            if key not in b:
+                out.append(f"{where} (unknown)")
+            elif key not in a:
+                out.append(f"{where} (added)")
+            else:
+                out += _differences(a[key], b[key], where)
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path} ({a!r} became {b!r})"]
+
+
+# --- status -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a TrainJob stands, from its status alone."""
+
+    phase: str  # Pending, Created, Running, Suspended, Complete, Failed
+    reason: str = ""
+    message: str = ""
+    detail: str = ""
+
+    @property
+    def done(self) -> bool:
+        return self.phase in ("Complete", "Failed")
+
+    def line(self) -> str:
+        text = self.phase
+        if self.detail:
+            text += f" ({self.detail})"
+        if self.reason and self.phase in ("Failed", "Suspended", "Complete"):
+            text += f": {self.reason}"
+        return text
+
+
+def progress_of(job: dict[str, Any] | None) -> Progress:
+    """The phase of ``job`` from ``status.conditions`` (Complete, Failed, Suspended,
+    and Created on older Trainer releases) and ``status.jobsStatus``."""
+    status = (job or {}).get("status") or {}
+    conditions = {c.get("type"): c for c in status.get("conditions") or []
+                  if str(c.get("status")) == "True"}
+    jobs = status.get("jobsStatus") or []
+    detail = ", ".join(
+        f"{j.get('name')}: " + " ".join(f"{j.get(k, 0)} {k}" for k in
+                                        ("active", "ready", "succeeded", "failed")
+                                        if j.get(k))
+        for j in jobs if any(j.get(k) for k in ("active", "ready", "succeeded", "failed")))
+    trainer = status.get("trainerStatus") or {}
+    if trainer.get("progressPercentage") is not None:
+        detail = ", ".join(filter(None, [detail, f"{trainer['progressPercentage']}%"]))
+    for phase in ("Failed", "Complete", "Suspended"):
+        if phase in conditions:
+            c = conditions[phase]
+            return Progress(phase, c.get("reason", ""), c.get("message", ""), detail)
+    if any(j.get("active") for j in jobs):
+        return Progress("Running", detail=detail)
+    if "Created" in conditions or jobs:
+        return Progress("Created", detail=detail)
+    return Progress("Pending", detail=detail)
+
+
+def follow(get: Callable[[], dict[str, Any]], timeout_s: float, poll_s: float = 10.0,
+           sleep: Callable[[float], None] = time.sleep,
+           now: Callable[[], float] = time.monotonic,
+           log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Poll ``get()`` until the TrainJob completes (returns it) or fails (raises).
+
+    Each change of phase is logged once. A Failed condition raises with its
+    reason and message; running past ``timeout_s`` raises with a kubectl hint.
+    """
+    return k8s.follow(get, _outcome, _describe, _timed_out, timeout_s, poll_s, sleep, now,
+                      log or (lambda message: progress.log("train", message)))
+
+
+def _where(job: dict[str, Any]) -> tuple[str, str]:
+    meta = job.get("metadata") or {}
+    return meta.get("name", "?"), meta.get("namespace", "default")
+
+
+def _describe(job: dict[str, Any]) -> str:
+    return f"TrainJob {_where(job)[0]}: {progress_of(job).line()}"
+
+
+def _timed_out(job: dict[str, Any], timeout_s: float) -> str:
+    name, namespace = _where(job)
+    return (f"TrainJob {namespace}/{name} did not finish within {timeout_s:g} s (last state: "
+            f"{progress_of(job).line()}); inspect it with kubectl -n {namespace} describe "
+            f"trainjob {name}, or raise --wait-timeout")
+
+
+def _outcome(job: dict[str, Any]) -> dict[str, Any] | None:
+    """The job once Complete, None while it runs; raises once it Failed."""
+    state = progress_of(job)
+    if state.phase == "Complete":
+        return job
+    if state.phase == "Failed":
+        name, namespace = _where(job)
+        why = ": ".join(filter(None, [state.reason, state.message])) or "no reason given"
+        raise KubetrainError(
+            f"TrainJob {namespace}/{name} failed: {why}; see the ranks' logs with "
+            f"kubectl -n {namespace} logs -l {POD_SELECTOR}={name} --prefix --tail 50")
+    return None
+
+
+# --- the Kubernetes API ---------------------------------------------------------------
+
+_VERBS = {"creating": "create", "following": "get", "deleting": "delete"}
+
+
+def _api_error(exc: Any, action: str, namespace: str, name: str) -> KubetrainError:
+    detail = k8s.detail_of(exc)
+    if getattr(exc, "status", None) == 404 and 'namespaces "' in detail:
+        return KubetrainError(f"namespace {namespace!r} does not exist: set --namespace to "
+                              "your Kubeflow profile's namespace")
+    rejected = f"the API server rejected TrainJob {name}: {detail}"
+    return k8s.api_error(
+        exc, action == "creating", f"{action} TrainJob {namespace}/{name}",
+        not_installed=(
+            "Kubeflow Trainer v2 is not installed (no trainjobs.trainer.kubeflow.org CRD); "
+            "install it (https://www.kubeflow.org/docs/components/trainer/) or train with "
+            "num_nodes=1 and one GPU"),
+        gone=f"TrainJob {namespace}/{name} disappeared while {action} (deleted by someone?)",
+        # an admission webhook refuses with 403 too: that is the document, not RBAC
+        forbidden=rejected if "admission webhook" in detail else (
+            f"not allowed to {_VERBS.get(action, action)} trainjobs.trainer.kubeflow.org in "
+            f"namespace {namespace} ({detail}); grant the step's service account create/get/"
+            "delete on trainjobs (manifests/base/role.yaml)"),
+        exists=(f"a TrainJob named {name} already exists in {namespace}; "
+                "delete it or pick another name"),
+        rejected=rejected)
+
+
+def run(job: dict[str, Any], namespace: str | None = None, api: Any = None,
+        timeout_s: float = 86400, keep: bool = False, poll_s: float = 10.0,
+        sleep: Callable[[float], None] = time.sleep, now: Callable[[], float] = time.monotonic,
+        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Create ``job``, follow it to the end and delete it (unless ``keep``); returns it.
+
+    Transient API errors while following (5xx, 429, dropped connections) are
+    retried for a few polls; a deleted job, RBAC or webhook refusals are not.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    validate(job)
+    namespace = namespace or job["metadata"].get("namespace") or "default"
+    name = job["metadata"]["name"]
+    log = log or (lambda message: progress.log("train", message))
+    api = api or k8s.custom_objects_api()
+    try:
+        api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
+    except ApiException as exc:
+        raise _api_error(exc, "creating", namespace, name) from None
+    log(f"created TrainJob {namespace}/{name}: {job['spec']['trainer']['numNodes']} node(s) x "
+        f"{job['spec']['trainer']['numProcPerNode']} process(es), runtime "
+        f"{job['spec']['runtimeRef']['name']}")
+    failures = 0
+
+    def get() -> dict[str, Any]:
+        nonlocal failures
+        while True:
+            try:
+                found = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
+                failures = 0
+                return found
+            except Exception as exc:  # noqa: BLE001 - classified below
+                if not k8s.transient(exc) or failures >= 5:
+                    raise (_api_error(exc, "following", namespace, name)
+                           if isinstance(exc, ApiException) else exc) from None
+                failures += 1
+                log(f"Kubernetes API hiccup while following {name} ({exc}); retrying")
+                sleep(poll_s)
+
+    try:
+        with k8s.sigterm_raises("a TrainJob"):  # a cancelled run still deletes its GPU pods
+            return follow(get, timeout_s, poll_s, sleep, now, log)
+    finally:
+        if not keep:
+            with contextlib.suppress(Exception):
+                api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
+                                                    propagation_policy="Background")
+                log(f"deleted TrainJob {namespace}/{name}")
+
+
+# --- the whole step -----------------------------------------------------------------
+
+def collect(output_uri: str, model_path: str, metrics_path: str,
+            report_path: str) -> dict[str, Any]:
+    """Fetch what the TrainJob's rank 0 wrote to ``output_uri``; returns its meta."""
+    base = storage.object_uri(output_uri).rstrip("/")
+    require(storage.exists(f"{base}/{distributed.OUTPUT_META}"),
+            f"the TrainJob finished but wrote no {base}/{distributed.OUTPUT_META}; see its logs")
+    storage.download(f"{base}/{distributed.OUTPUT_MODEL}/", model_path)
+    storage.download(f"{base}/{distributed.OUTPUT_METRICS}", metrics_path)
+    storage.download(f"{base}/{distributed.OUTPUT_REPORT}", report_path)
+    return json.loads(storage.read_bytes(f"{base}/{distributed.OUTPUT_META}"))
+
+
+def train_on_cluster(settings: dict[str, Any], cluster: ClusterConfig, train_uri: str,
+                     val_uri: str, output_uri: str, hyperparameters: dict[str, Any] | None,
+                     num_nodes: int, model_path: str, metrics_path: str, report_path: str,
+                     name: str | None = None, api: Any = None, nproc_per_node: int | None = None,
+                     **follow_options: Any) -> dict[str, Any]:
+    """The train step as a TrainJob: build, submit, follow, collect; same outputs as train_stage.
+
+    ``settings`` are RunConfig values (the train component's parameters);
+    ``follow_options`` go to `run` (poll_s, sleep, now, log).
+    """
+    cfg = RunConfig.from_dict(dict(settings or {}))
+    job = trainjob(cfg, cluster, train_uri, val_uri, output_uri, hyperparameters, num_nodes,
+                   name=name, nproc_per_node=nproc_per_node)
+    run(job, api=api, timeout_s=cluster.wait_timeout, keep=cluster.finished_jobs == "keep",
+        **follow_options)
+    return collect(output_uri, model_path, metrics_path, report_path)

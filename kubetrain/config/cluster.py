@@ -1,0 +1,160 @@
+"""Where and how the pipeline runs on a Kubeflow cluster: one typed object.
+
+The run settings (`RunConfig`) say *what* to train; these say *where*: images,
+GPU node pool, resources, object storage, retries. `kubetrain compile --target
+cluster`, `kubetrain submit`, `kubetrain render` and the platform ConfigMap in
+`manifests/` all read this one object, each field overridable by a flag of the
+same name (`--image-registry`, `--gpu-node-selector`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+from dataclasses import dataclass, field
+
+from kubetrain import __version__
+from kubetrain.core.errors import KubetrainError
+
+_QUANTITY = re.compile(r"^\d+(\.\d+)?(m|Ki|Mi|Gi|Ti|K|M|G|T)?$")
+_LABEL = re.compile(r"^([\w.-]+/)?[\w.-]+=[\w.-]*$")
+_TAINT = re.compile(r"^([\w.-]+/)?[\w.-]+(=[\w.-]*)?:(NoSchedule|PreferNoSchedule|NoExecute)$")
+
+
+def _opt(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Cluster placement; defaults suit a Kubeflow 1.10+ install with an NVIDIA GPU pool."""
+
+    image_registry: str = _opt("ghcr.io/kubetrain", "Registry/repository prefix of the images.")
+    image_tag: str = _opt(__version__, "Tag of the images `make images` built.")
+    namespace: str = _opt("kubetrain", "Kubernetes namespace (Kubeflow profile) runs go to.")
+    service_account: str = _opt("kubetrain-pipeline-runner",
+                                "Service account the pipeline pods run as.")
+    gpu_resource: str = _opt("nvidia.com/gpu", "Accelerator resource name GPU stages request.")
+    gpus: int = _opt(1, "GPUs per node for training and each Katib trial.")
+    num_nodes: int = _opt(1, "Nodes for the train step; more than 1 (or gpus > 1) runs it as a "
+                             "Kubeflow Trainer TrainJob (DDP).")
+    gpu_node_selector: str = _opt("kubetrain.io/node-pool=gpu",
+                                  "key=value label of the GPU node pool.")
+    gpu_toleration: str = _opt("nvidia.com/gpu=present:NoSchedule",
+                               "key[=value]:effect taint of the GPU nodes that GPU stages tolerate.")
+    cpu_node_selector: str = _opt("", "Optional key=value label pinning CPU stages to a pool.")
+    gpu_cpu: str = _opt("4", "CPU request and limit of GPU stages.")
+    gpu_memory: str = _opt("16Gi", "Memory request and limit of GPU stages.")
+    cpu_cpu: str = _opt("1", "CPU request of CPU stages (limit: twice).")
+    cpu_memory: str = _opt("2Gi", "Memory request and limit of CPU stages.")
+    s3_secret: str = _opt("kubetrain-s3", "Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.")
+    s3_endpoint_url: str = _opt("", "S3-compatible endpoint (MinIO, Ceph); empty for AWS.")
+    s3_region: str = _opt("us-east-1", "Object storage region.")
+    pipeline_root: str = _opt("s3://kubetrain/pipeline-root",
+                              "Default pipeline root the kfp-launcher ConfigMap sets.")
+    retries: int = _opt(3, "Retries of every task (exponential backoff).")
+    backoff_seconds: int = _opt(30, "First retry delay; doubles each time, 10 minutes at most.")
+    trainer_runtime: str = _opt("torch-distributed",
+                                "Kubeflow Trainer ClusterTrainingRuntime of multi-node TrainJobs.")
+    wait_timeout: int = _opt(86400, "Longest wait, in seconds, for a Katib Experiment or a "
+                                    "TrainJob to finish.")
+    finished_jobs: str = _opt("delete", "What happens to a finished Katib Experiment or "
+                                        "TrainJob: delete or keep.")
+
+    def __post_init__(self) -> None:
+        for name in ("gpu_cpu", "gpu_memory", "cpu_cpu", "cpu_memory"):
+            if not _QUANTITY.match(getattr(self, name)):
+                raise KubetrainError(f"{name}={getattr(self, name)!r} is not a Kubernetes "
+                                     "quantity; use e.g. 4, 500m, 16Gi")
+        for name in ("gpu_node_selector", "cpu_node_selector"):
+            value = getattr(self, name)
+            if value and not _LABEL.match(value):
+                raise KubetrainError(f"{name}={value!r} must be key=value (a node label)")
+        if self.gpu_toleration and not _TAINT.match(self.gpu_toleration):
+            raise KubetrainError(f"gpu_toleration={self.gpu_toleration!r} must be "
+                                 "key[=value]:NoSchedule|PreferNoSchedule|NoExecute")
+        if self.gpus < 0 or self.retries < 0 or self.backoff_seconds < 0:
+            raise KubetrainError("gpus, retries and backoff_seconds must be >= 0")
+        if self.num_nodes < 1:
+            raise KubetrainError(f"num_nodes={self.num_nodes} must be at least 1")
+        if self.wait_timeout < 1:
+            raise KubetrainError(f"wait_timeout={self.wait_timeout} must be at least 1 second")
+        if self.finished_jobs not in ("delete", "keep"):
+            raise KubetrainError(f"finished_jobs={self.finished_jobs!r} must be delete or keep")
+        if not self.pipeline_root.startswith(("s3://", "minio://", "gs://")):
+            raise KubetrainError(f"pipeline_root={self.pipeline_root!r} must be an object "
+                                 "store URI such as s3://bucket/pipeline-root")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ClusterConfig":
+        """From a KFP dict parameter: protobuf Structs hand ints back as floats."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise KubetrainError(f"unknown cluster setting(s) {', '.join(unknown)}")
+        return cls(**{k: int(v) if fields[k].type == "int" else v for k, v in values.items()})
+
+    @property
+    def trainjob(self) -> bool:
+        """Whether the train step runs as a Trainer TrainJob (several nodes or GPUs)."""
+        return self.num_nodes > 1 or self.gpus > 1
+
+    def cpu_limit(self) -> str:
+        """Twice the CPU request ('1' -> '2', '500m' -> '1000m'): burst room for CPU stages."""
+        if self.cpu_cpu.endswith("m"):
+            return f"{int(self.cpu_cpu[:-1]) * 2}m"
+        return f"{float(self.cpu_cpu) * 2:g}"
+
+    def gpu_scheduling(self) -> dict:
+        """Pod spec fields (nodeSelector, tolerations) that put a pod on the GPU pool."""
+        spec: dict = {}
+        if self.gpu_node_selector:
+            key, value = self.node_label
+            spec["nodeSelector"] = {key: value}
+        if self.gpu_toleration:
+            key, value, effect = self.taint
+            toleration = {"key": key, "operator": "Equal" if value else "Exists",
+                          "effect": effect}
+            if value:
+                toleration["value"] = value
+            spec["tolerations"] = [toleration]
+        return spec
+
+    def s3_env(self) -> list[dict]:
+        """Container env for object storage: keys by reference to the Secret, never values."""
+        env: list[dict] = [
+            {"name": key, "valueFrom": {"secretKeyRef": {"name": self.s3_secret, "key": key}}}
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+        env.append({"name": "AWS_DEFAULT_REGION", "value": self.s3_region})
+        if self.s3_endpoint_url:
+            env.append({"name": "S3_ENDPOINT_URL", "value": self.s3_endpoint_url})
+        return env
+
+    def image(self, flavor: str) -> str:
+        """`cpu` or `cuda` image reference."""
+        return f"{self.image_registry}/kubetrain:{self.image_tag}-{flavor}"
+
+    @property
+    def node_label(self) -> tuple[str, str]:
+        key, _, value = self.gpu_node_selector.partition("=")
+        return key, value
+
+    @property
+    def taint(self) -> tuple[str, str, str]:
+        key_value, _, effect = self.gpu_toleration.rpartition(":")
+        key, _, value = key_value.partition("=")
+        return key, value, effect
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for f in dataclasses.fields(ClusterConfig):
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                            type=int if f.type == "int" else str,
+                            help=f"{f.metadata['help']} (default: {f.default})")
+
+
+def from_arguments(args: argparse.Namespace) -> ClusterConfig:
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ClusterConfig)
+             if getattr(args, f.name, None) is not None}
+    return ClusterConfig(**given)

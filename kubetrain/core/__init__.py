@@ -1,0 +1,1 @@
+"""Shared plumbing every layer may use: errors, progress lines, object storage."""

@@ -1,0 +1,1 @@
+"""Data stages: ingest, clean, augment, and the dataset artifact format between them."""

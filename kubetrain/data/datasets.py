@@ -1,0 +1,156 @@
+"""On-disk formats of the data artifacts that flow between stages.
+
+Two shapes, both directories so one KFP artifact carries data and schema:
+
+* a *table* (ingest's output): ``data.parquet`` with raw, possibly
+  categorical or missing features plus the label column, and ``meta.json``;
+* a *split* (clean's and augment's outputs): ``arrays.npz`` with numeric
+  ``X`` (float32) and ``y`` (int64 class indices), and ``meta.json``.
+
+Writes are atomic (a temporary sibling directory, then one rename), so a
+failed stage never leaves a half-written artifact behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pandas as pd
+
+from kubetrain.core.errors import KubetrainError
+
+LABEL = "label"  # name of the label column inside a canonical table
+
+
+@dataclass
+class Schema:
+    """What downstream stages need to know about a dataset besides its values."""
+
+    kind: str  # "image" or "table"
+    feature_names: list[str]
+    class_names: list[str]
+    image_shape: list[int] | None = None  # (channels, height, width) for images
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Schema":
+        return cls(**data)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary directory that becomes `path` only if the block succeeds."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        tmp.chmod(0o755)  # mkdtemp makes 0700
+        if target.exists():
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file path that is renamed onto `path` only on success."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.chmod(0o644)  # mkstemp makes 0600; artifacts are meant to be read by others
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write `text` atomically (reports, JSON): readers see the old file or the new one."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    write_text(path, json.dumps(data, indent=2, sort_keys=True, default=_json_default))
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (dataset fingerprints, object metadata)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")
+
+
+def save_table(path: str | os.PathLike, frame: pd.DataFrame, schema: Schema) -> None:
+    with atomic_dir(path) as tmp:
+        frame.to_parquet(tmp / "data.parquet", index=False)
+        (tmp / "meta.json").write_text(json.dumps(asdict(schema), indent=2))
+
+
+def load_table(path: str | os.PathLike) -> tuple[pd.DataFrame, Schema]:
+    root = _existing_dir(path, "data.parquet")
+    schema = Schema.from_json(json.loads((root / "meta.json").read_text()))
+    return pd.read_parquet(root / "data.parquet"), schema
+
+
+def save_split(path: str | os.PathLike, X: np.ndarray, y: np.ndarray, schema: Schema) -> None:
+    if len(X) != len(y):
+        raise KubetrainError(f"features have {len(X)} rows but labels {len(y)}; "
+                             "they must match")
+    with atomic_dir(path) as tmp:
+        np.savez(tmp / "arrays.npz", X=np.asarray(X, np.float32), y=np.asarray(y, np.int64))
+        (tmp / "meta.json").write_text(json.dumps(asdict(schema), indent=2))
+
+
+def load_split(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, Schema]:
+    root = _existing_dir(path, "arrays.npz")
+    schema = Schema.from_json(json.loads((root / "meta.json").read_text()))
+    with np.load(root / "arrays.npz") as arrays:
+        return arrays["X"], arrays["y"], schema
+
+
+def _existing_dir(path: str | os.PathLike, member: str) -> Path:
+    root = Path(path)
+    if not (root / member).is_file():
+        raise KubetrainError(f"{root} is not a kubetrain dataset artifact (no {member}); "
+                             "pass the output of the previous stage")
+    return root
+
+
+def content_hash(frame: pd.DataFrame) -> str:
+    """Stable hash of a table's values and column names, for lineage and caching."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps([str(c) for c in frame.columns]).encode())
+    digest.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
+    return digest.hexdigest()
+
+
+def class_counts(y: np.ndarray, class_names: list[str]) -> dict[str, int]:
+    counts = np.bincount(np.asarray(y, np.int64), minlength=len(class_names))
+    return {name: int(c) for name, c in zip(class_names, counts)}

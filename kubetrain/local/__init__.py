@@ -1,0 +1,1 @@
+"""The local runner (kfp.local) and benchmarks."""

@@ -1,0 +1,1 @@
+"""Models, the training loop, tuning (Optuna) and data-parallel training."""

@@ -1,0 +1,244 @@
+"""Tune: Katib's vocabulary, Optuna's engine.
+
+The search space, algorithm names, early-stopping rule and trial limits are
+written the way a Katib Experiment has them, and the local backend maps each to
+the Optuna sampler/pruner Katib itself runs for that name. One trial function,
+`run_trial`, serves the local study and the Katib trial container, so local
+and cluster tuning cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from kubetrain.core import progress
+from kubetrain.config.settings import RunConfig
+from kubetrain.data.datasets import Schema
+from kubetrain.core.errors import KubetrainError
+from kubetrain.training.loop import EpochHook, fit, with_hyperparameters
+
+GOALS = {"validation-accuracy": "maximize", "validation-loss": "minimize"}
+MEDIANSTOP = {"min_trials_required": 3, "start_step": 4}  # Katib's defaults
+GRID_POINTS = 3  # values per continuous parameter when the algorithm is grid
+
+
+@dataclass(frozen=True)
+class Param:
+    """One Katib `parameters[]` entry: parameterType double|int|categorical."""
+
+    name: str
+    type: str
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    values: tuple[str, ...] = field(default_factory=tuple)
+    log: bool = False  # Katib feasibleSpace.distribution: logUniform
+
+    def cast(self, value: Any) -> Any:
+        if self.type == "int":
+            return int(float(value))
+        if self.type == "double":
+            return float(value)
+        # categorical values travel as strings (Katib); numbers come back as numbers
+        try:
+            number = float(value)
+            return int(number) if number.is_integer() and "." not in str(value) else number
+        except ValueError:
+            return value
+
+
+def search_space() -> list[Param]:
+    """Learning rate, weight decay, dropout, width and batch size, as the issue defines."""
+    return [
+        Param("learning_rate", "double", 3e-4, 1e-2, log=True),
+        Param("weight_decay", "double", 1e-6, 1e-2, log=True),
+        Param("dropout", "double", 0.0, 0.5),
+        Param("width", "int", 32, 256, step=32),
+        Param("batch_size", "categorical", values=("32", "64", "128")),
+    ]
+
+
+def for_algorithm(space: list[Param], algorithm: str) -> list[Param]:
+    """Grid search needs finite values: continuous ranges become GRID_POINTS values.
+
+    Katib's grid rejects doubles without a step, and a log-uniform range is
+    better gridded geometrically, so both backends get the same categorical list.
+    """
+    if algorithm != "grid":
+        return space
+    out = []
+    for p in space:
+        if p.type == "double" and p.step is None:
+            points = (np.geomspace(p.min, p.max, GRID_POINTS) if p.log
+                      else np.linspace(p.min, p.max, GRID_POINTS))
+            out.append(Param(p.name, "categorical", values=tuple(f"{v:.3g}" for v in points)))
+        elif p.type == "int":
+            step = p.step or 1  # grid points stay on the feasible space's step
+            points = np.linspace(p.min, p.max, GRID_POINTS)
+            points = p.min + np.round((points - p.min) / step) * step
+            values = np.unique(np.clip(points, p.min, p.max).astype(int))
+            out.append(Param(p.name, "categorical", values=tuple(str(v) for v in values)))
+        else:
+            out.append(p)
+    return out
+
+
+def make_sampler(algorithm: str, seed: int, space: list[Param], trials: int):
+    """The Optuna sampler behind each Katib algorithm name."""
+    import optuna.samplers as s
+
+    startup = min(10, max(2, trials // 3))
+    if algorithm == "random":
+        return s.RandomSampler(seed=seed)
+    if algorithm == "grid":
+        grid = {p.name: list(p.values) for p in space}
+        return s.GridSampler(grid, seed=seed)
+    if algorithm in ("tpe", "multivariate-tpe"):
+        return s.TPESampler(seed=seed, n_startup_trials=startup,
+                            multivariate=algorithm == "multivariate-tpe")
+    if algorithm == "cmaes":
+        return s.CmaEsSampler(seed=seed, n_startup_trials=1, warn_independent_sampling=False)
+    if algorithm == "sobol":
+        return s.QMCSampler(qmc_type="sobol", seed=seed, warn_independent_sampling=False)
+    if algorithm == "bayesianoptimization":
+        return s.GPSampler(seed=seed, n_startup_trials=startup)
+    raise KubetrainError(f"unknown tune algorithm {algorithm!r}")
+
+
+def make_pruner(early_stopping: str):
+    import optuna.pruners as p
+
+    if early_stopping == "medianstop":
+        return p.MedianPruner(n_startup_trials=MEDIANSTOP["min_trials_required"],
+                              n_warmup_steps=MEDIANSTOP["start_step"])
+    return p.NopPruner()
+
+
+def suggest(trial, space: list[Param]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for p in space:
+        if p.type == "double":
+            values[p.name] = trial.suggest_float(p.name, p.min, p.max, log=p.log,
+                                                 step=None if p.log else p.step)
+        elif p.type == "int":
+            values[p.name] = trial.suggest_int(p.name, int(p.min), int(p.max),
+                                               step=int(p.step or 1), log=p.log)
+        else:
+            values[p.name] = p.cast(trial.suggest_categorical(p.name, list(p.values)))
+    return values
+
+
+def run_trial(cfg: RunConfig, params: dict[str, Any], train, val, schema: Schema,
+              hook: EpochHook | None = None) -> dict[str, float]:
+    """One trial: train for `tune_epochs` with `params`; returns its final metrics.
+
+    Called by the local Optuna study and by the Katib trial entrypoint.
+    """
+    trial_cfg = with_hyperparameters(cfg, params)
+    result = fit(trial_cfg, train, val, schema, epochs=cfg.tune_epochs, hook=hook,
+                 verbose=False, stage="tune")
+    return {"validation-accuracy": result.metrics["val_accuracy"],
+            "validation-loss": result.metrics["val_loss"],
+            "epochs": result.metrics["epochs_run"], "stopped": result.stopped_by_hook}
+
+
+def tune(cfg: RunConfig, train, val, schema: Schema,
+         on_trial: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict[str, Any], list[dict]]:
+    """Run the study; returns (best hyperparameters, trials table)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    space = for_algorithm(search_space(), cfg.tune_algorithm)
+    goal = GOALS[cfg.tune_objective]
+    study = optuna.create_study(direction=goal, sampler=make_sampler(
+        cfg.tune_algorithm, cfg.seed, space, cfg.tune_trials),
+        pruner=make_pruner(cfg.tune_early_stopping))
+    total, started, lock = cfg.tune_trials, time.perf_counter(), threading.Lock()
+    rows: list[dict[str, Any]] = []
+    progress.log("tune", f"{cfg.tune_algorithm} search, {total} trials x {cfg.tune_epochs} "
+                         f"epochs, {cfg.tune_parallel} in parallel, objective "
+                         f"{cfg.tune_objective} ({goal}), early stopping "
+                         f"{cfg.tune_early_stopping}")
+
+    def objective(trial) -> float:
+        params = suggest(trial, space)
+        curve: list[float] = []
+
+        def hook(epoch: int, metrics: dict[str, float]) -> bool:
+            value = metrics[cfg.tune_objective]
+            curve.append(value)
+            trial.report(value, epoch)
+            return trial.should_prune()
+
+        t0 = time.perf_counter()
+        row = {"number": trial.number, "params": params, "intermediate": curve}
+        try:
+            metrics = run_trial(cfg, params, train, val, schema, hook)
+        except KubetrainError as exc:  # e.g. diverged: a failed trial, like Katib's
+            row.update(state="FAIL", value=None, error=str(exc),
+                       seconds=round(time.perf_counter() - t0, 3))
+            _record(row)
+            raise _TrialFailed(str(exc)) from None
+        value = metrics[cfg.tune_objective]
+        row.update(state="PRUNED" if metrics["stopped"] else "COMPLETE", value=value,
+                   epochs=metrics["epochs"], seconds=round(time.perf_counter() - t0, 3))
+        _record(row)
+        if metrics["stopped"]:
+            raise optuna.TrialPruned()
+        return value
+
+    def _record(row: dict[str, Any]) -> None:
+        with lock:
+            rows.append(row)
+            best = best_of(rows, goal)
+            best_text = f"best {best['value']:.4f} (#{best['number']})" if best else "best -"
+            value = "-" if row["value"] is None else f"{row['value']:.4f}"
+            progress.log("tune", f"trial {len(rows)}/{total} (#{row['number']}) | {row['state']} "
+                                 f"{value} | {best_text} | {row['seconds']:.1f}s | ETA "
+                                 f"{progress.eta(started, len(rows), total)}")
+            failed = sum(r["state"] == "FAIL" for r in rows)
+            if failed > cfg.tune_max_failed:
+                study.stop()
+        if on_trial:
+            on_trial(row)
+
+    threads = max(1, (os.cpu_count() or 1) // cfg.tune_parallel)
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        study.optimize(objective, n_trials=total, n_jobs=cfg.tune_parallel,
+                       catch=(_TrialFailed,))
+    finally:
+        torch.set_num_threads(previous)
+    failed = sum(r["state"] == "FAIL" for r in rows)
+    if failed > cfg.tune_max_failed:
+        raise KubetrainError(f"{failed} tuning trials failed (maxFailedTrialCount "
+                             f"{cfg.tune_max_failed}); first error: "
+                             f"{next(r['error'] for r in rows if r['state'] == 'FAIL')}")
+    best = best_of(rows, goal)
+    if best is None:
+        raise KubetrainError("no tuning trial completed; raise --tune-trials or use "
+                             "--tune-early-stopping none")
+    rows.sort(key=lambda r: r["number"])
+    return dict(best["params"]), rows
+
+
+class _TrialFailed(Exception):
+    """A trial that raised: recorded as FAIL, counted against maxFailedTrialCount."""
+
+
+def best_of(trials: list[dict[str, Any]], goal: str) -> dict[str, Any] | None:
+    done = [t for t in trials if t.get("state") == "COMPLETE" and t.get("value") is not None
+            and math.isfinite(t["value"])]
+    if not done:
+        return None
+    return (max if goal == "maximize" else min)(done, key=lambda t: t["value"])
