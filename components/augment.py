@@ -10,10 +10,9 @@ def augment(train: Input[Dataset], augment_copies: int, max_shift: int, max_rota
             flip_horizontal: bool, flip_vertical: bool, noise_std: float, brightness: float,
             oversample: bool, seed: int, augmented: Output[Dataset], report: Output[HTML]):
     """Augment the training split only: image warps/noise, or table oversampling/jitter."""
+    from kubetrain.config import RunConfig
     from kubetrain.stages import augment_stage
 
-    settings = dict(augment_copies=augment_copies, max_shift=max_shift,
-                    max_rotation=max_rotation, flip_horizontal=flip_horizontal,
-                    flip_vertical=flip_vertical, noise_std=noise_std, brightness=brightness,
-                    oversample=oversample, seed=seed)
-    augmented.metadata.update(augment_stage(train.path, augmented.path, report.path, settings))
+    cfg = RunConfig.pick(locals())
+    augmented.metadata.update(augment_stage(train.path, augmented.path, report.path,
+                                            cfg.augment, cfg.seed))

@@ -11,12 +11,12 @@ def clean(table: Input[Dataset], impute: str, outliers: str, outlier_action: str
           seed: int, train: Output[Dataset], validation: Output[Dataset], test: Output[Dataset],
           report: Output[Markdown]):
     """Deduplicate, impute, handle outliers, encode, split (stratified) and scale."""
+    from kubetrain.config import RunConfig
     from kubetrain.stages import clean_stage
 
-    settings = dict(impute=impute, outliers=outliers, outlier_action=outlier_action,
-                    outlier_threshold=outlier_threshold, scaling=scaling,
-                    test_fraction=test_fraction, val_fraction=val_fraction, seed=seed)
-    meta = clean_stage(table.path, train.path, validation.path, test.path, report.path, settings)
+    cfg = RunConfig.pick(locals())
+    meta = clean_stage(table.path, train.path, validation.path, test.path, report.path,
+                       cfg.clean, cfg.seed)
     for artifact, name in ((train, "train"), (validation, "validation"), (test, "test")):
         artifact.metadata.update(meta["splits"][name])
     train.metadata.update({k: v for k, v in meta.items() if k != "splits"})

@@ -14,11 +14,12 @@ def compress(trained_model: Input[Model], test: Input[Dataset], accuracy_budget:
     """Prune, quantize to int8 and export ONNX; keep the smallest variant within budget."""
     import json
 
+    from kubetrain.config import RunConfig
     from kubetrain.stages import compress_stage
 
-    settings = dict(accuracy_budget=accuracy_budget, prune_amount=prune_amount)
+    cfg = RunConfig.pick(locals())
     summary = compress_stage(trained_model.path, test.path, compressed_model.path,
-                             report.path, settings)
+                             report.path, cfg.compress)
     chosen = next(v for v in summary["variants"] if v["name"] == summary["chosen"])
     for name in ("bytes", "gzip_bytes", "accuracy", "cpu_latency_ms"):
         metrics.log_metric(name, float(chosen[name]))

@@ -6,6 +6,7 @@ from kfp.dsl import HTML, Artifact, ClassificationMetrics, Dataset, Input, Metri
 
 from kubetrain.components.common import component
 
+
 @component
 def evaluate(trained_model: Input[Model], test: Input[Dataset], min_accuracy: float,
              metrics: Output[Metrics], classification: Output[ClassificationMetrics],
@@ -13,10 +14,12 @@ def evaluate(trained_model: Input[Model], test: Input[Dataset], min_accuracy: fl
     """Test-split metrics, confusion matrix and ROC for the Kubeflow UI; gate pass/fail."""
     import json
 
+    from kubetrain.config import RunConfig
     from kubetrain.stages import evaluate_stage
 
+    cfg = RunConfig.pick(locals())
     result = evaluate_stage(trained_model.path, test.path, evaluation.path, report.path,
-                            min_accuracy)
+                            cfg.gate)
     for name in ("accuracy", "macro_f1", "precision_macro", "recall_macro", "roc_auc"):
         metrics.log_metric(name, float(result[name]))
     classification.log_confusion_matrix(result["class_names"], result["confusion_matrix"])

@@ -6,10 +6,11 @@ from kubetrain.components.common import component
 
 
 @component
-def ingest(source: str, label_column: str, fingerprint: str, dataset: Output[Dataset],
+def ingest(dataset: str, label_column: str, fingerprint: str, table: Output[Dataset],
            profile: Output[Markdown]):
     """Read a built-in dataset, CSV/Parquet/NPZ file or s3:// URI into a validated table."""
+    from kubetrain.config import RunConfig
     from kubetrain.stages import ingest_stage
 
-    dataset.metadata.update(ingest_stage(source, label_column, dataset.path, profile.path,
-                                         fingerprint))
+    cfg = RunConfig.pick(locals())
+    table.metadata.update(ingest_stage(table.path, profile.path, cfg.data, fingerprint))

@@ -7,10 +7,12 @@ from kubetrain.components.common import component
 
 @component
 def publish(trained_model: Input[Model], compressed_model: Input[Model],
-            evaluation: Input[Artifact], dataset: Input[Dataset], best_hyperparameters: dict,
-            publish_uri: str, model_name: str) -> str:
+            evaluation: Input[Artifact], table: Input[Dataset], best_hyperparameters: dict,
+            publish_uri: str, model_name: str, run_id: str) -> str:
     """Upload ONNX + PyTorch weights + metrics + model card atomically; returns its URI."""
+    from kubetrain.config import RunConfig
     from kubetrain.stages import publish_stage
 
+    cfg = RunConfig.pick(locals())
     return publish_stage(trained_model.path, compressed_model.path, evaluation.path,
-                         dict(dataset.metadata), best_hyperparameters, publish_uri, model_name)
+                         dict(table.metadata), best_hyperparameters, cfg.publish, run_id)

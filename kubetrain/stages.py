@@ -5,38 +5,89 @@ maps its artifacts to paths; each function here calls the stage's logic module
 and renders the stage's report for the Kubeflow UI. The local CLI, the
 per-stage command line (`python -m kubetrain.cli.stage`) and the tests call the
 same functions, so a stage behaves the same everywhere.
+
+A function takes only the config sections it reads, as parameters named after
+them (`clean: CleanConfig`, `seed: int`): `kubetrain.registry` derives each
+stage's settings, its CLI flags and its component's parameters from that.
+Where a stage can run in different places (tuning with Optuna here or Katib on
+the cluster; training in this process, over torchrun or as a TrainJob), it
+takes a backend callable, chosen once by `kubetrain.cluster.backends`.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from kubetrain.report import plots
-
+from kubetrain.config.settings import (
+    AugmentConfig,
+    CleanConfig,
+    CompressConfig,
+    DataConfig,
+    FinalConfig,
+    GateConfig,
+    HyperConfig,
+    PublishConfig,
+    TrainConfig,
+    TuneConfig,
+)
 from kubetrain.core import progress
-from kubetrain.config.settings import RunConfig
 from kubetrain.data.datasets import load_split, write_json, write_text
-from kubetrain.core.errors import KubetrainError
+from kubetrain.report import plots
 from kubetrain.report.html import Section, write_html, write_markdown
 
 
-def _cfg(settings: dict[str, Any] | None) -> RunConfig:
-    return RunConfig.from_dict(dict(settings or {}))
+@dataclass(frozen=True)
+class TuneRequest:
+    """What any tuning backend needs: the splits (as paths here and URIs on the cluster)."""
+
+    train_path: str
+    val_path: str
+    train: TrainConfig
+    tune: TuneConfig
+    seed: int
+    train_uri: str = ""
+    val_uri: str = ""
 
 
-def ingest_stage(source: str, label_column: str, dataset_path: str, profile_path: str,
+@dataclass(frozen=True)
+class TrainRequest:
+    """What any training backend needs; `hyper` already holds the tuned values."""
+
+    train_path: str
+    val_path: str
+    model_path: str
+    metrics_path: str
+    report_path: str
+    train: TrainConfig
+    hyper: HyperConfig
+    final: FinalConfig
+    seed: int
+    checkpoint_dir: str | None = None
+    train_uri: str = ""
+    val_uri: str = ""
+    output_uri: str = ""
+
+
+#: A tuning backend: returns (best hyperparameters, trial rows, extra metadata).
+Tuner = Callable[[TuneRequest], tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]
+#: A training backend: writes the model, metrics and report; returns the stage metadata.
+Trainer = Callable[[TrainRequest], dict[str, Any]]
+
+
+def ingest_stage(dataset_path: str, profile_path: str, data: DataConfig,
                  fingerprint: str = "") -> dict[str, Any]:
     from kubetrain.data.ingest import ingest
 
-    progress.log("ingest", f"reading {source}")
-    meta = ingest(source, label_column, dataset_path, fingerprint)
+    progress.log("ingest", f"reading {data.dataset}")
+    meta = ingest(data.dataset, data.label_column, dataset_path, fingerprint)
     progress.log("ingest", f"{meta['rows']} rows, {meta['features']} features, "
                            f"{len(meta['classes'])} classes, hash {meta['content_hash'][:12]}")
     rows = [{"class": k, "rows": v} for k, v in meta["class_counts"].items()]
-    write_markdown(profile_path, f"Dataset: {source}", [
+    write_markdown(profile_path, f"Dataset: {data.dataset}", [
         Section("Summary", facts={"kind": meta["kind"], "rows": meta["rows"],
                                   "features": meta["features"],
                                   "missing values": meta["missing_values"],
@@ -47,10 +98,11 @@ def ingest_stage(source: str, label_column: str, dataset_path: str, profile_path
 
 
 def clean_stage(table_path: str, train_path: str, val_path: str, test_path: str,
-                report_path: str, settings: dict[str, Any]) -> dict[str, Any]:
-    from kubetrain.data.clean import clean, quality_report
+                report_path: str, clean: CleanConfig, seed: int) -> dict[str, Any]:
+    from kubetrain.data.clean import clean as clean_table
+    from kubetrain.data.clean import quality_report
 
-    meta = clean(table_path, train_path, val_path, test_path, _cfg(settings))
+    meta = clean_table(table_path, train_path, val_path, test_path, clean, seed)
     write_text(report_path, quality_report(meta))
     sizes = ", ".join(f"{k} {v['rows']}" for k, v in meta["splits"].items())
     progress.log("clean", f"{meta['duplicates_removed']} duplicates removed, "
@@ -58,11 +110,11 @@ def clean_stage(table_path: str, train_path: str, val_path: str, test_path: str,
     return meta
 
 
-def augment_stage(train_path: str, out_path: str, report_path: str,
-                  settings: dict[str, Any]) -> dict[str, Any]:
-    from kubetrain.data.augment import augment
+def augment_stage(train_path: str, out_path: str, report_path: str, augment: AugmentConfig,
+                  seed: int) -> dict[str, Any]:
+    from kubetrain.data.augment import augment as augment_split
 
-    meta = augment(train_path, out_path, _cfg(settings))
+    meta = augment_split(train_path, out_path, augment, seed)
     progress.log("augment", f"{meta['rows_before']} -> {meta['rows_after']} training rows")
     write_html(report_path, "Augmentation", [Section(
         "Training rows per class", facts={"rows before": meta["rows_before"],
@@ -73,51 +125,42 @@ def augment_stage(train_path: str, out_path: str, report_path: str,
     return meta
 
 
+def tune_here(req: TuneRequest) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    """The local tuning backend: Optuna trials in this process."""
+    from kubetrain.training.tuning import tune
+
+    X, y, schema = load_split(req.train_path)
+    Xv, yv, _ = load_split(req.val_path)
+    best, trials = tune(req.train, req.tune, req.seed, (X, y), (Xv, yv), schema)
+    return best, trials, {"backend": "optuna"}
+
+
 def tune_stage(train_path: str, val_path: str, trials_path: str, report_path: str,
-               settings: dict[str, Any], backend: str = "optuna", cluster: dict | None = None,
-               train_uri: str = "", val_uri: str = "",
-               run_id: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
-    """Tune in this process (Optuna) or through a Katib Experiment on the cluster."""
-    from kubetrain.training.tuning import GOALS, tune
+               train: TrainConfig, tune: TuneConfig, seed: int, tuner: Tuner = tune_here,
+               train_uri: str = "", val_uri: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """Search the hyperparameters with whichever backend was chosen (Optuna here, Katib there)."""
+    from kubetrain.training.tuning import GOALS
 
-    cfg = _cfg(settings)
     started = time.perf_counter()
-    extra: dict[str, Any] = {"backend": backend}
-    if backend == "katib":
-        from kubetrain.cluster import katib
-        from kubetrain.core import storage
-        from kubetrain.config.cluster import ClusterConfig
-
-        placement = ClusterConfig.from_dict(cluster or {})
-        best, trials, extra = katib.tune(
-            cfg, placement, storage.object_uri(train_uri), storage.object_uri(val_uri),
-            katib.experiment_name(run_id),
-            timeout_s=placement.wait_timeout, keep=placement.finished_jobs == "keep")
-    elif backend == "optuna":
-        X, y, schema = load_split(train_path)
-        Xv, yv, _ = load_split(val_path)
-        best, trials = tune(cfg, (X, y), (Xv, yv), schema)
-    else:
-        raise KubetrainError(f"unknown tune backend {backend!r}; use optuna or katib")
+    best, trials, extra = tuner(TuneRequest(train_path, val_path, train, tune, seed,
+                                            train_uri, val_uri))
     progress.log("tune", f"best hyperparameters: {best}")
-    meta = {"stage": "tune", "algorithm": cfg.tune_algorithm, "objective": cfg.tune_objective,
-            "goal": GOALS[cfg.tune_objective], "trials": len(trials),
+    meta = {"stage": "tune", "algorithm": tune.tune_algorithm, "objective": tune.tune_objective,
+            "goal": GOALS[tune.tune_objective], "trials": len(trials),
             "best_hyperparameters": best, "seconds": round(time.perf_counter() - started, 3),
             **extra}
     return best, _write_trials(trials_path, report_path, trials, meta)
 
 
-def default_hyperparameters_stage(trials_path: str, report_path: str,
-                                  settings: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+def default_hyperparameters_stage(trials_path: str, report_path: str, hyper: HyperConfig,
+                                  tune: TuneConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """What the Else branch runs when tune_trials=0: the configured values, no trials."""
-    from kubetrain.training.loop import tuned_values
     from kubetrain.training.tuning import GOALS
 
-    cfg = _cfg(settings)
-    best = tuned_values(cfg)
+    best = hyper.to_dict()
     progress.log("tune", f"skipped (tune_trials=0); using {best}")
-    meta = {"stage": "tune", "algorithm": "none", "objective": cfg.tune_objective,
-            "goal": GOALS[cfg.tune_objective], "trials": 0, "best_hyperparameters": best,
+    meta = {"stage": "tune", "algorithm": "none", "objective": tune.tune_objective,
+            "goal": GOALS[tune.tune_objective], "trials": 0, "best_hyperparameters": best,
             "seconds": 0.0}
     return best, _write_trials(trials_path, report_path, [], meta)
 
@@ -140,45 +183,24 @@ def _write_trials(trials_path: str, report_path: str, trials: list[dict],
     return json.loads(json.dumps(tuning, default=str))
 
 
-def train_stage(train_path: str, val_path: str, hyperparameters: dict[str, Any],
-                model_path: str, metrics_path: str, report_path: str,
-                settings: dict[str, Any], checkpoint_dir: str | None = None,
-                cluster: dict | None = None, train_uri: str = "", val_uri: str = "",
-                output_uri: str = "", run_id: str = "") -> dict[str, Any]:
-    """Train here (one process or `nproc` DDP processes) or as a TrainJob on the cluster."""
-    from kubetrain.training import distributed
+def train_here(req: TrainRequest) -> dict[str, Any]:
+    """The in-process training backend (also rank 0 of a DDP run): fit, then write outputs."""
+    from kubetrain.training.loop import describe, fit
     from kubetrain.training.models import save_model
-    from kubetrain.training.loop import describe, fit, with_hyperparameters
 
-    if cluster:
-        from kubetrain.cluster import k8s
-        from kubetrain.config.cluster import ClusterConfig
-        from kubetrain.cluster.trainjob import MAX_NAME, train_on_cluster
-
-        placement = ClusterConfig.from_dict(cluster)
-        if placement.trainjob:
-            return train_on_cluster(settings, placement, train_uri, val_uri, output_uri,
-                                    hyperparameters, placement.num_nodes, model_path,
-                                    metrics_path, report_path,
-                                    name=k8s.run_name(run_id, "kubetrain-train", MAX_NAME))
-    nproc = int((settings or {}).get("nproc", 1))
-    if distributed.should_launch(nproc):
-        return distributed.train_distributed(train_path, val_path, hyperparameters, model_path,
-                                             metrics_path, report_path, settings, nproc,
-                                             checkpoint_dir=checkpoint_dir)
-    cfg = with_hyperparameters(_cfg(settings), hyperparameters or {})
-    described = describe(cfg)
-    X, y, schema = load_split(train_path)
-    Xv, yv, _ = load_split(val_path)
+    described = describe(req.train, req.hyper, req.seed, req.final.epochs)
+    X, y, schema = load_split(req.train_path)
+    Xv, yv, _ = load_split(req.val_path)
     progress.log("train", f"{len(X)} rows, {len(schema.feature_names)} features, "
                           f"{schema.num_classes} classes, hyperparameters {described}")
-    result = fit(cfg, (X, y), (Xv, yv), schema, checkpoint_dir=checkpoint_dir)
+    result = fit(req.train, req.hyper, req.seed, (X, y), (Xv, yv), schema, req.final.epochs,
+                 checkpoint_dir=req.checkpoint_dir)
     info = {"hyperparameters": described, "history": result.history,
             "metrics": result.metrics, "schema": schema.extra.get("preprocessing", {}),
             "feature_names": schema.feature_names}
-    save_model(model_path, result.model, result.spec, info)
-    write_json(metrics_path, result.metrics)
-    write_html(report_path, "Training", [
+    save_model(req.model_path, result.model, result.spec, info)
+    write_json(req.metrics_path, result.metrics)
+    write_html(req.report_path, "Training", [
         Section("Result", facts={"validation accuracy": result.metrics["val_accuracy"],
                                  "validation loss": result.metrics["val_loss"],
                                  "best epoch": result.best_epoch,
@@ -191,11 +213,22 @@ def train_stage(train_path: str, val_path: str, hyperparameters: dict[str, Any],
             "arch": result.spec.arch}
 
 
+def train_stage(train_path: str, val_path: str, model_path: str, metrics_path: str,
+                report_path: str, train: TrainConfig, hyper: HyperConfig, final: FinalConfig,
+                seed: int, hyperparameters: dict[str, Any] | None = None,
+                checkpoint_dir: str | None = None, trainer: Trainer = train_here,
+                train_uri: str = "", val_uri: str = "", output_uri: str = "") -> dict[str, Any]:
+    """Train the final model with the tuned values on whichever backend was chosen."""
+    return trainer(TrainRequest(train_path, val_path, model_path, metrics_path, report_path,
+                                train, hyper.replace(hyperparameters or {}), final, seed,
+                                checkpoint_dir, train_uri, val_uri, output_uri))
+
+
 def evaluate_stage(model_path: str, test_path: str, evaluation_path: str, report_path: str,
-                   min_accuracy: float) -> dict[str, Any]:
+                   gate: GateConfig) -> dict[str, Any]:
     from kubetrain.assessment.evaluation import evaluate
 
-    result = evaluate(model_path, test_path, min_accuracy)
+    result = evaluate(model_path, test_path, gate.min_accuracy)
     write_json(evaluation_path, result)
     progress.log("evaluate", f"accuracy {result['accuracy']:.4f} | macro_f1 "
                              f"{result['macro_f1']:.4f} | roc_auc {result['roc_auc']:.4f}")
@@ -217,17 +250,19 @@ def evaluation_sections(result: dict[str, Any]) -> list[Section]:
 
 
 def compress_stage(model_path: str, test_path: str, out_path: str, report_path: str,
-                   settings: dict[str, Any]) -> dict[str, Any]:
-    from kubetrain.assessment.compression import compress
+                   compress: CompressConfig) -> dict[str, Any]:
+    from kubetrain.assessment.compression import compress as compress_model
 
-    cfg = _cfg(settings)
     X, y, _ = load_split(test_path)
-    progress.log("compress", f"pruning {cfg.prune_amount:.0%}, int8 quantization, ONNX export")
-    summary = compress(model_path, X, y, cfg.accuracy_budget, cfg.prune_amount, out_dir=out_path)
+    progress.log("compress", f"pruning {compress.prune_amount:.0%}, int8 quantization, "
+                             "ONNX export")
+    summary = compress_model(model_path, X, y, compress.accuracy_budget, compress.prune_amount,
+                             out_dir=out_path)
     chosen = next(v for v in summary["variants"] if v["name"] == summary["chosen"])
     progress.log("compress", f"kept {chosen['name']}: {chosen['bytes']} bytes, accuracy "
                              f"{chosen['accuracy']:.4f}, {chosen['cpu_latency_ms']:.3f} ms")
-    write_html(report_path, "Compression", compression_sections(summary, cfg.accuracy_budget))
+    write_html(report_path, "Compression", compression_sections(summary,
+                                                                compress.accuracy_budget))
     return summary
 
 
@@ -259,10 +294,9 @@ def skip_compression_stage(evaluation_path: str, out_path: str, report_path: str
 
 def publish_stage(trained_model: str, compressed_model: str, evaluation_path: str,
                   dataset_meta: dict[str, Any], hyperparameters: dict[str, Any],
-                  publish_uri: str, model_name: str) -> str:
+                  publish: PublishConfig, run_id: str = "") -> str:
     from kubetrain.assessment.publish import publish_model
-    from kubetrain.training.loop import tuned_values, with_hyperparameters
 
-    best = tuned_values(with_hyperparameters(RunConfig(), hyperparameters or {}))
+    best = HyperConfig().replace(hyperparameters or {}).to_dict()
     return publish_model(trained_model, compressed_model, evaluation_path, dataset_meta, best,
-                         publish_uri, model_name)
+                         publish.publish_uri, publish.model_name)

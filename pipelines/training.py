@@ -1,33 +1,27 @@
 """The kubetrain training pipeline: ingest -> clean -> augment -> tune -> train -> evaluate -> compress.
 
-Every pipeline parameter is a `RunConfig` field with the same default and
-description, so the Kubeflow UI, the CLI and the library agree. Branches:
+The pipeline's parameters are the run settings (`kubetrain.config.settings`),
+generated with their defaults and descriptions: a setting is written once, and
+the Kubeflow UI, the CLI and the library agree. Each task gets exactly the
+settings of its stage's config sections (`kubetrain.registry`). Branches:
 tuning runs only when ``tune_trials > 0`` (else the configured values are
 used), and compression only when the evaluation passes the quality gate; the
 `dsl.OneOf` outputs let the pipeline return one value whichever branch ran.
 """
 
-
 import hashlib
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Model
 
-from kubetrain.components.augment import augment
-from kubetrain.components.clean import clean
-from kubetrain.components.compress import compress, skip_compression
-from kubetrain.components.evaluate import evaluate
-from kubetrain.components.ingest import ingest
-from kubetrain.components.publish import publish
-from kubetrain.components.train import train
-from kubetrain.components.tune import default_hyperparameters, tune
-from kubetrain.config.settings import RunConfig, fields_of
+from kubetrain import registry
+from kubetrain.config.settings import RunConfig, fields_of, kfp_type
 
 PIPELINE_NAME = "kubetrain-training"
-D = RunConfig()  # the defaults every parameter below starts from
 
 Outputs = NamedTuple("Outputs", [
     ("dataset", Dataset), ("train_split", Dataset), ("augmented", Dataset),
@@ -61,9 +55,7 @@ class TaskPolicy:
     retries: int = 0
     backoff_seconds: int = 10
     configure: Optional[Callable[[dsl.PipelineTask, str], None]] = None
-    #: Where tuning trials run: "optuna" in the tune pod, "katib" as an Experiment.
-    tune_backend: str = "optuna"
-    #: ClusterConfig (as a dict) handed to stages that create cluster resources.
+    #: ClusterConfig (as a dict) handed to the stages whose backend it chooses (Katib, TrainJob).
     cluster: Optional[dict] = None
 
 
@@ -79,99 +71,83 @@ def _task(task: dsl.PipelineTask, stage: str, policy: TaskPolicy, version: str,
     return task
 
 
+def _parameters() -> list[inspect.Parameter]:
+    """The pipeline's signature: every setting with its type and default, then `fingerprint`."""
+    defaults = RunConfig().flat()
+    params = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults[f.name],
+                                annotation=kfp_type(f)) for f in fields_of()]
+    params.append(inspect.Parameter("fingerprint", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="",
+                                    annotation=str))
+    return params
+
+
+def _settings(p: dict[str, Any], task: str) -> dict[str, Any]:
+    """The pipeline parameters a task takes: the fields of its stage's config sections."""
+    sections = registry.by_task(task).sections
+    return {f.name: p[f.name] for f in fields_of(*sections)} if sections else {}
+
+
 def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:
     """The pipeline function for one target (local runs retry nothing: errors are ours)."""
     version = code_version()
     run_id = dsl.PIPELINE_JOB_ID_PLACEHOLDER if policy.cluster else ""
+    cluster = policy.cluster or {}
 
-    def t(task: dsl.PipelineTask, stage: str, display: str = "") -> dsl.PipelineTask:
-        return _task(task, stage, policy, version, display)
+    def step(task: str, **inputs: Any) -> dsl.PipelineTask:
+        entry = registry.by_task(task)
+        made = entry.component(**inputs, **_settings(p, task))
+        return _task(made, entry.task, policy, version, entry.display)
 
-    def training_pipeline(
-        dataset: str = D.dataset, label_column: str = D.label_column, fingerprint: str = "",
-        impute: str = D.impute, outliers: str = D.outliers, outlier_action: str = D.outlier_action,
-        outlier_threshold: float = D.outlier_threshold, scaling: str = D.scaling,
-        test_fraction: float = D.test_fraction, val_fraction: float = D.val_fraction,
-        augment_copies: int = D.augment_copies, max_shift: int = D.max_shift,
-        max_rotation: float = D.max_rotation, flip_horizontal: bool = D.flip_horizontal,
-        flip_vertical: bool = D.flip_vertical, noise_std: float = D.noise_std,
-        brightness: float = D.brightness, oversample: bool = D.oversample,
-        model: str = D.model, epochs: int = D.epochs, batch_size: int = D.batch_size,
-        learning_rate: float = D.learning_rate, optimizer: str = D.optimizer,
-        momentum: float = D.momentum, weight_decay: float = D.weight_decay, l1: float = D.l1,
-        dropout: float = D.dropout, width: int = D.width, lr_schedule: str = D.lr_schedule,
-        patience: int = D.patience, seed: int = D.seed, device: str = D.device,
-        nproc: int = D.nproc,
-        tune_trials: int = D.tune_trials, tune_parallel: int = D.tune_parallel,
-        tune_algorithm: str = D.tune_algorithm, tune_early_stopping: str = D.tune_early_stopping,
-        tune_epochs: int = D.tune_epochs, tune_max_failed: int = D.tune_max_failed,
-        tune_objective: str = D.tune_objective, min_accuracy: float = D.min_accuracy,
-        accuracy_budget: float = D.accuracy_budget, prune_amount: float = D.prune_amount,
-        publish_uri: str = D.publish_uri, model_name: str = D.model_name,
-    ) -> Outputs:
-        raw = t(ingest(source=dataset, label_column=label_column, fingerprint=fingerprint),
-                "ingest")
-        splits = t(clean(table=raw.outputs["dataset"], impute=impute, outliers=outliers,
-                         outlier_action=outlier_action, outlier_threshold=outlier_threshold,
-                         scaling=scaling, test_fraction=test_fraction,
-                         val_fraction=val_fraction, seed=seed), "clean")
-        aug = t(augment(train=splits.outputs["train"], augment_copies=augment_copies,
-                        max_shift=max_shift, max_rotation=max_rotation,
-                        flip_horizontal=flip_horizontal, flip_vertical=flip_vertical,
-                        noise_std=noise_std, brightness=brightness, oversample=oversample,
-                        seed=seed), "augment")
-        with dsl.If(tune_trials > 0, name="tuning-requested"):
-            tuned = t(tune(train=aug.outputs["augmented"], validation=splits.outputs["validation"],
-                           model=model, optimizer=optimizer, momentum=momentum, l1=l1,
-                           lr_schedule=lr_schedule, patience=patience, seed=seed, device=device,
-                           tune_trials=tune_trials, tune_parallel=tune_parallel,
-                           tune_algorithm=tune_algorithm, tune_early_stopping=tune_early_stopping,
-                           tune_epochs=tune_epochs, tune_max_failed=tune_max_failed,
-                           tune_objective=tune_objective, backend=policy.tune_backend,
-                           cluster=policy.cluster or {}, run_id=run_id), "tune")
+    p: dict[str, Any] = {}
+
+    signature = inspect.Signature(_parameters(), return_annotation=Outputs)
+
+    def training_pipeline(*args: Any, **kwargs: Any) -> Outputs:
+        # KFP calls this with one channel per parameter of `signature`, in order.
+        params = signature.bind(*args, **kwargs).arguments
+        p.clear()
+        p.update(params)
+        raw = step("ingest", fingerprint=params["fingerprint"])
+        splits = step("clean", table=raw.outputs["table"])
+        aug = step("augment", train=splits.outputs["train"])
+        with dsl.If(params["tune_trials"] > 0, name="tuning-requested"):
+            tuned = step("tune", train=aug.outputs["augmented"],
+                         validation=splits.outputs["validation"], cluster=cluster, run_id=run_id)
         with dsl.Else(name="tuning-skipped"):
-            defaults = t(default_hyperparameters(
-                learning_rate=learning_rate, weight_decay=weight_decay, dropout=dropout,
-                width=width, batch_size=batch_size, tune_objective=tune_objective),
-                "defaults", "tune (skipped)")
+            defaults = step("default-hyperparameters")
         best = dsl.OneOf(tuned.outputs["best_hyperparameters"],
                          defaults.outputs["best_hyperparameters"])
         # kfp.local selects only parameters with OneOf, so the branch results the
         # run report needs travel as dicts; the artifacts stay on each task for the UI.
         tuning = dsl.OneOf(tuned.outputs["tuning"], defaults.outputs["tuning"])
-        trained = t(train(train=aug.outputs["augmented"], validation=splits.outputs["validation"],
-                          hyperparameters=best, model=model, epochs=epochs,
-                          batch_size=batch_size, learning_rate=learning_rate,
-                          optimizer=optimizer, momentum=momentum, weight_decay=weight_decay,
-                          l1=l1, dropout=dropout, width=width, lr_schedule=lr_schedule,
-                          patience=patience, seed=seed, device=device, nproc=nproc,
-                          cluster=policy.cluster or {}, run_id=run_id), "train")
-        judged = t(evaluate(trained_model=trained.outputs["trained_model"],
-                            test=splits.outputs["test"], min_accuracy=min_accuracy), "evaluate")
+        trained = step("train", train=aug.outputs["augmented"],
+                       validation=splits.outputs["validation"], hyperparameters=best,
+                       cluster=cluster, run_id=run_id)
+        judged = step("evaluate", trained_model=trained.outputs["trained_model"],
+                      test=splits.outputs["test"])
         with dsl.If(judged.outputs["gate"] == "pass", name="quality-gate-passed"):
-            small = t(compress(trained_model=trained.outputs["trained_model"],
-                               test=splits.outputs["test"], accuracy_budget=accuracy_budget,
-                               prune_amount=prune_amount), "compress")
-            with dsl.If(publish_uri != "", name="publish-requested"):
-                t(publish(trained_model=trained.outputs["trained_model"],
-                          compressed_model=small.outputs["compressed_model"],
-                          evaluation=judged.outputs["evaluation"], dataset=raw.outputs["dataset"],
-                          best_hyperparameters=best, publish_uri=publish_uri,
-                          model_name=model_name), "publish")
+            small = step("compress", trained_model=trained.outputs["trained_model"],
+                         test=splits.outputs["test"])
+            with dsl.If(params["publish_uri"] != "", name="publish-requested"):
+                step("publish", trained_model=trained.outputs["trained_model"],
+                     compressed_model=small.outputs["compressed_model"],
+                     evaluation=judged.outputs["evaluation"], table=raw.outputs["table"],
+                     best_hyperparameters=best, run_id=run_id)
         with dsl.Else(name="quality-gate-failed"):
-            skipped = t(skip_compression(evaluation=judged.outputs["evaluation"]),
-                        "skip", "compress (skipped: quality gate)")
+            skipped = step("skip-compression", evaluation=judged.outputs["evaluation"])
         return Outputs(
-            dataset=raw.outputs["dataset"], train_split=splits.outputs["train"],
+            dataset=raw.outputs["table"], train_split=splits.outputs["train"],
             augmented=aug.outputs["augmented"], tuning=tuning, best_hyperparameters=best,
             trained_model=trained.outputs["trained_model"],
             evaluation=judged.outputs["evaluation"],
             compression=dsl.OneOf(small.outputs["summary"], skipped.outputs["summary"]))
 
+    training_pipeline.__signature__ = signature
     training_pipeline.__doc__ = _docstring()
     return dsl.pipeline(name=PIPELINE_NAME, description=(
         "Train, tune (Katib semantics), evaluate, compress and publish a classifier: "
-        "ingest -> clean -> augment -> tune -> train -> evaluate -> compress -> publish."))(training_pipeline)
+        "ingest -> clean -> augment -> tune -> train -> evaluate -> compress -> "
+        "publish."))(training_pipeline)
 
 
 def _docstring() -> str:

@@ -18,7 +18,12 @@ STILL = dict(max_rotation=0.0, max_shift=0, noise_std=0.0, brightness=0.0)
 
 
 def cfg_with(**changes) -> RunConfig:
-    return dataclasses.replace(RunConfig(), **changes)
+    return RunConfig.from_flat(changes)
+
+
+def of(cfg: RunConfig) -> tuple:
+    """What augment reads: its section and the seed."""
+    return cfg.augment, cfg.seed
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +31,7 @@ def digits_train(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
     ingest("digits", "", str(root / "table"))
     clean(str(root / "table"), str(root / "train"), str(root / "val"), str(root / "test"),
-          RunConfig())
+          RunConfig().clean, RunConfig().seed)
     X, y, schema = load_split(root / "train")
     return X[:300], y[:300], schema
 
@@ -69,7 +74,7 @@ def correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def test_image_copies_follow_originals(digits_train):
     X, y, schema = digits_train
-    X_aug, y_aug = augment_arrays(X, y, schema, cfg_with(augment_copies=2))
+    X_aug, y_aug = augment_arrays(X, y, schema, cfg_with(augment_copies=2).augment, 42)
     n = len(X)
     assert X_aug.shape == (3 * n, 64) and X_aug.dtype == np.float32
     np.testing.assert_array_equal(X_aug[:n], X)  # originals first, unchanged
@@ -90,7 +95,7 @@ def test_image_copies_follow_originals(digits_train):
 def test_image_close_without_shift(digits_train):
     X, y, schema = digits_train
     cfg = cfg_with(max_shift=0)  # rotation, brightness and noise only
-    copy = augment_arrays(X, y, schema, cfg)[0][len(X):]
+    copy = augment_arrays(X, y, schema, cfg.augment, cfg.seed)[0][len(X):]
     corr = correlations(copy, X)
     assert np.median(corr) > 0.9 and corr.min() > 0.5
 
@@ -101,7 +106,7 @@ def test_shift_moves_strokes_without_smearing():
     low = X.min(axis=1, keepdims=True)
     y = np.arange(len(X)) % 2
     cfg = cfg_with(augment_copies=2, **{**STILL, "max_shift": 1})
-    copies = augment_arrays(X, y, image_schema(6, 7), cfg)[0][len(X):]
+    copies = augment_arrays(X, y, image_schema(6, 7), cfg.augment, cfg.seed)[0][len(X):]
     source = np.tile(X, (2, 1))
     candidates = np.stack([shifted(source, dy, dx, (6, 7)) for dy, dx in SHIFTS])
     exact = np.abs(candidates - copies[None]).max(axis=2) < 1e-5
@@ -113,9 +118,9 @@ def test_shift_moves_strokes_without_smearing():
 
 def test_image_augmentation_deterministic(digits_train):
     X, y, schema = digits_train
-    first = augment_arrays(X, y, schema, cfg_with(seed=3))[0]
-    again = augment_arrays(X, y, schema, cfg_with(seed=3))[0]
-    other = augment_arrays(X, y, schema, cfg_with(seed=4))[0]
+    first = augment_arrays(X, y, schema, *of(cfg_with(seed=3)))[0]
+    again = augment_arrays(X, y, schema, *of(cfg_with(seed=3)))[0]
+    other = augment_arrays(X, y, schema, *of(cfg_with(seed=4)))[0]
     np.testing.assert_array_equal(first, again)
     assert not np.allclose(first[len(X):], other[len(X):])
 
@@ -123,7 +128,7 @@ def test_image_augmentation_deterministic(digits_train):
 def test_no_flip_means_no_mirroring():
     X = asymmetric_images()
     y = np.arange(len(X)) % 2
-    X_aug, _ = augment_arrays(X, y, image_schema(6, 7), cfg_with(augment_copies=3, **STILL))
+    X_aug, _ = augment_arrays(X, y, image_schema(6, 7), *of(cfg_with(augment_copies=3, **STILL)))
     for k in range(1, 4):
         np.testing.assert_allclose(X_aug[k * len(X):(k + 1) * len(X)], X, atol=1e-5)
 
@@ -133,7 +138,7 @@ def test_flips_mirror_exactly(flip, axis):
     X = asymmetric_images()
     y = np.arange(len(X)) % 2
     cfg = cfg_with(augment_copies=2, **STILL, **{flip: True})
-    X_aug, _ = augment_arrays(X, y, image_schema(6, 7), cfg)
+    X_aug, _ = augment_arrays(X, y, image_schema(6, 7), cfg.augment, cfg.seed)
     imgs = X.reshape(-1, 6, 7)
     mirrored = np.flip(imgs, axis=axis).reshape(len(X), -1)
     copies = X_aug[len(X):]
@@ -149,7 +154,7 @@ def test_rotation_is_rigid_for_non_square_images():
     X[:, 4, 16] = 1.0  # 6 px right of the centre (4, 10)
     X[:, 4, 3] = 1.0   # 7 px left of it
     cfg = cfg_with(**{**STILL, "max_rotation": 25.0})  # dots stay inside the frame
-    out = augment_arrays(X.reshape(n, -1), np.arange(n) % 2, image_schema(h, w), cfg)[0]
+    out = augment_arrays(X.reshape(n, -1), np.arange(n) % 2, image_schema(h, w), cfg.augment, cfg.seed)[0]
     out = out[n:].reshape(n, h, w)
     yy, xx = np.mgrid[0:h, 0:w]
     moved = 0
@@ -167,7 +172,7 @@ def test_image_brightness_and_noise_stay_small():
     y = np.arange(len(X)) % 2
     cfg = cfg_with(augment_copies=1, max_rotation=0.0, max_shift=0, noise_std=0.05,
                    brightness=0.1)
-    X_aug, _ = augment_arrays(X, y, image_schema(6, 7), cfg)
+    X_aug, _ = augment_arrays(X, y, image_schema(6, 7), cfg.augment, cfg.seed)
     delta = X_aug[len(X):] - X
     assert 0.02 < delta.std() < 0.2
     assert np.abs(delta).max() < 0.2 * X.max() + 5 * 0.05
@@ -192,7 +197,7 @@ def table_split(counts=(12, 5, 3)):
 
 def test_oversampling_balances_classes():
     X, y, schema = table_split()
-    X_aug, y_aug = augment_arrays(X, y, schema, cfg_with(augment_copies=0, oversample=True))
+    X_aug, y_aug = augment_arrays(X, y, schema, *of(cfg_with(augment_copies=0, oversample=True)))
     assert np.bincount(y_aug).tolist() == [12, 12, 12]
     np.testing.assert_array_equal(X_aug[:len(X)], X)
     np.testing.assert_array_equal(y_aug[:len(y)], y)
@@ -201,13 +206,13 @@ def test_oversampling_balances_classes():
 @pytest.mark.parametrize("copies", [1, 3])
 def test_copies_keep_the_balance(copies):
     X, y, schema = table_split()
-    X_aug, y_aug = augment_arrays(X, y, schema, cfg_with(augment_copies=copies))
+    X_aug, y_aug = augment_arrays(X, y, schema, *of(cfg_with(augment_copies=copies)))
     assert np.bincount(y_aug).tolist() == [12 * (1 + copies)] * 3
 
 
 def test_jitter_leaves_one_hot_columns_alone():
     X, y, schema = table_split()
-    X_aug, y_aug = augment_arrays(X, y, schema, cfg_with(augment_copies=2, noise_std=0.3))
+    X_aug, y_aug = augment_arrays(X, y, schema, *of(cfg_with(augment_copies=2, noise_std=0.3)))
     extra = X_aug[len(X):]
     assert set(np.unique(extra[:, 2:])) <= set(np.unique(X[:, 2:]))  # still -1/2 exactly
     assert (extra[:, 2:].sum(1) == 1.0).all()  # one 'hot' (2) and one 'cold' (-1) each
@@ -223,16 +228,16 @@ def test_jitter_leaves_one_hot_columns_alone():
 
 def test_no_copies_no_oversampling_is_identity():
     X, y, schema = table_split()
-    X_aug, y_aug = augment_arrays(X, y, schema, cfg_with(augment_copies=0, oversample=False))
+    X_aug, y_aug = augment_arrays(X, y, schema, *of(cfg_with(augment_copies=0, oversample=False)))
     np.testing.assert_array_equal(X_aug, X)
     np.testing.assert_array_equal(y_aug, y)
 
 
 def test_table_augmentation_deterministic():
     X, y, schema = table_split()
-    first = augment_arrays(X, y, schema, cfg_with(seed=1))
-    again = augment_arrays(X, y, schema, cfg_with(seed=1))
-    other = augment_arrays(X, y, schema, cfg_with(seed=2))
+    first = augment_arrays(X, y, schema, *of(cfg_with(seed=1)))
+    again = augment_arrays(X, y, schema, *of(cfg_with(seed=1)))
+    other = augment_arrays(X, y, schema, *of(cfg_with(seed=2)))
     np.testing.assert_array_equal(first[0], again[0])
     np.testing.assert_array_equal(first[1], again[1])
     assert not np.array_equal(first[0], other[0])
@@ -244,7 +249,7 @@ def test_augment_stage_metadata(tmp_path):
     X, y, schema = table_split()
     save_split(tmp_path / "train", X, y, schema)
     meta = augment(str(tmp_path / "train"), str(tmp_path / "out"),
-                   cfg_with(augment_copies=1, oversample=True))
+                   cfg_with(augment_copies=1, oversample=True).augment, 42)
     assert meta["stage"] == "augment" and meta["kind"] == "table" and meta["copies"] == 1
     assert meta["rows_before"] == 20 and meta["rows_after"] == 72
     assert meta["class_counts_before"] == {"big": 12, "mid": 5, "small": 3}
@@ -259,7 +264,8 @@ def test_augment_stage_metadata(tmp_path):
 def test_augment_stage_images(tmp_path, digits_train):
     X, y, schema = digits_train
     save_split(tmp_path / "train", X[:50], y[:50], schema)
-    meta = augment(str(tmp_path / "train"), str(tmp_path / "out"), cfg_with(augment_copies=2))
+    meta = augment(str(tmp_path / "train"), str(tmp_path / "out"),
+                   cfg_with(augment_copies=2).augment, 42)
     assert meta["kind"] == "image" and meta["rows_before"] == 50 and meta["rows_after"] == 150
     assert meta["class_counts_after"] == {k: 3 * v for k, v in
                                           meta["class_counts_before"].items()}

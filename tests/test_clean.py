@@ -21,7 +21,7 @@ N_PER_CLASS = 30
 
 
 def cfg_with(**changes) -> RunConfig:
-    return dataclasses.replace(RunConfig(), **changes)
+    return RunConfig.from_flat(changes)
 
 
 def table(tmp_path: Path, frame: pd.DataFrame, classes=("a", "b"), kind="table",
@@ -35,7 +35,7 @@ def table(tmp_path: Path, frame: pd.DataFrame, classes=("a", "b"), kind="table",
 
 def run_clean(tmp_path: Path, table_path: str, cfg: RunConfig, tag: str = ""):
     paths = [str(tmp_path / f"{name}{tag}") for name in SPLITS]
-    stats = clean(table_path, *paths, cfg)
+    stats = clean(table_path, *paths, cfg.clean, cfg.seed)
     splits = {name: load_split(p) for name, p in zip(SPLITS, paths)}
     return stats, splits
 
@@ -49,7 +49,7 @@ def planned_split(cfg: RunConfig, n_per_class: int = N_PER_CLASS):
 
     Tests re-check membership through the `key` column of the output, so they
     do not rely on this plan being right."""
-    return split_indices(labels(n_per_class), cfg)
+    return split_indices(labels(n_per_class), cfg.clean, cfg.seed)
 
 
 def base_frame(n_per_class: int = N_PER_CLASS) -> pd.DataFrame:
@@ -328,8 +328,8 @@ def test_stratified_split_proportions(digits_splits):
         val = stats["splits"]["validation"]["class_counts"][cls]
         train = stats["splits"]["train"]["class_counts"][cls]
         assert train + val + test == n
-        assert abs(test - n * cfg.test_fraction) <= 1, (cls, test, n)
-        assert abs(val - n * cfg.val_fraction) <= 1, (cls, val, n)
+        assert abs(test - n * cfg.clean.test_fraction) <= 1, (cls, test, n)
+        assert abs(val - n * cfg.clean.val_fraction) <= 1, (cls, val, n)
     for name in SPLITS:
         X, y, _ = splits[name]
         assert stats["splits"][name]["rows"] == len(X) == len(y)

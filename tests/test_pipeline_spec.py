@@ -33,7 +33,7 @@ from kubetrain.pipelines.training import PIPELINE_NAME, code_version
 
 # component name -> (output artifacts {name: schemaTitle}, output parameters {name: type})
 STAGE_OUTPUTS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
-    "comp-ingest": ({"dataset": "system.Dataset", "profile": "system.Markdown"}, {}),
+    "comp-ingest": ({"table": "system.Dataset", "profile": "system.Markdown"}, {}),
     "comp-clean": ({"train": "system.Dataset", "validation": "system.Dataset",
                     "test": "system.Dataset", "report": "system.Markdown"}, {}),
     "comp-augment": ({"augmented": "system.Dataset", "report": "system.HTML"}, {}),
@@ -64,7 +64,7 @@ STAGE_INPUT_ARTIFACTS = {
     "comp-compress": {"trained_model": "system.Model", "test": "system.Dataset"},
     "comp-skip-compression": {"evaluation": "system.Artifact"},
     "comp-publish": {"trained_model": "system.Model", "compressed_model": "system.Model",
-                     "evaluation": "system.Artifact", "dataset": "system.Dataset"},
+                     "evaluation": "system.Artifact", "table": "system.Dataset"},
 }
 DISPLAY_NAMES = {
     "comp-ingest": "ingest", "comp-clean": "clean", "comp-augment": "augment",
@@ -294,7 +294,7 @@ def test_data_flows_stage_to_stage(compiled):
             return out["producerTask"], out["outputArtifactKey"]
         return "parent", ref["componentInputArtifact"]
 
-    assert source("comp-clean", "table") == ("ingest", "dataset")
+    assert source("comp-clean", "table") == ("ingest", "table")
     assert source("comp-augment", "train") == ("clean", "train")
     assert source("comp-train", "train") == ("augment", "augmented")
     assert source("comp-train", "validation") == ("clean", "validation")
@@ -308,7 +308,7 @@ def test_data_flows_stage_to_stage(compiled):
         "parent", "pipelinechannel--evaluate-evaluation")
     assert source("comp-publish", "compressed_model") == (
         "parent", "pipelinechannel--compress-compressed_model")
-    assert source("comp-publish", "dataset") == ("parent", "pipelinechannel--ingest-dataset")
+    assert source("comp-publish", "table") == ("parent", "pipelinechannel--ingest-table")
     # train takes whichever branch's best_hyperparameters ran (dsl.OneOf)
     hyper = leaves["comp-train"][0]["inputs"]["parameters"]["hyperparameters"]
     assert hyper["taskOutputParameter"]["producerTask"].startswith("condition-branches-")
@@ -397,7 +397,7 @@ def test_parameter_types_defaults_and_descriptions_match_run_config(compiled):
     yaml_params = compiled.doc["root"]["inputDefinitions"]["parameters"]
     type_enum = pipeline_spec_pb2.ParameterType.ParameterTypeEnum
     for f in fields_of():
-        expected: Any = getattr(defaults, f.name)
+        expected: Any = defaults.flat()[f.name]
         kind = str(f.type)
         p = yaml_params[f.name]
         assert p["parameterType"] == PARAMETER_TYPES[kind], f.name
@@ -417,7 +417,7 @@ def test_parameter_types_defaults_and_descriptions_match_run_config(compiled):
                 assert float(value.number_value).is_integer(), f.name
     # and the defaults, read back as KFP hands them over, are a valid RunConfig again
     back = {f.name: yaml_params[f.name]["defaultValue"] for f in fields_of()}
-    assert RunConfig.from_dict(back) == defaults
+    assert RunConfig.from_flat(back) == defaults
     fingerprint = yaml_params["fingerprint"]
     assert fingerprint["parameterType"] == "STRING" and fingerprint["defaultValue"] == ""
 

@@ -16,8 +16,7 @@ import sys
 from pathlib import Path
 
 from kubetrain.config import cluster as cluster_config
-
-from kubetrain.config import settings as config
+from kubetrain.config import flags
 from kubetrain.core.errors import KubetrainError
 
 COMPILED = Path("pipelines/compiled")
@@ -26,7 +25,7 @@ COMPILED = Path("pipelines/compiled")
 def _run(args: argparse.Namespace) -> int:
     from kubetrain.local.runner import run_local, summary_table
 
-    cfg = config.from_arguments(args)
+    cfg = flags.from_arguments(args)
     summary = run_local(cfg, runs_dir=args.runs_dir, cache=not args.no_cache)
     print(summary_table(summary))
     if not summary["quality_gate"]["passed"]:
@@ -37,7 +36,6 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _compile(args: argparse.Namespace) -> int:
-    from kubetrain.config import cluster as cluster_config
     from kubetrain.cluster.compile import compile_pipeline
 
     path = compile_pipeline(args.target, Path(args.output) if args.output else None,
@@ -50,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kubetrain", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run the whole pipeline locally with kfp.local")
-    config.add_arguments(run)
+    flags.add_arguments(run)
     run.add_argument("--runs-dir", default="runs", help="where runs/<run-id>/ goes")
     run.add_argument("--no-cache", action="store_true", help="re-run every stage")
     run.set_defaults(func=_run)

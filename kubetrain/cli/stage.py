@@ -2,13 +2,14 @@
 
 How an operator debugs a single stage inside the image, outside Kubeflow:
 
-    docker run IMAGE python -m kubetrain.cli.stage ingest --source digits \\
+    docker run IMAGE python -m kubetrain.cli.stage ingest --dataset digits \\
         --dataset-path /tmp/ds --profile-path /tmp/profile.md
 
 Each subcommand calls the same `kubetrain.stages` function its KFP component
-calls. Artifact flags (`--<name>-path`, `--checkpoint-dir`) come from that
-function's signature; setting flags come from `RunConfig` (same names, help
-and defaults as `kubetrain run`). Progress lines go to stderr, the stage's
+calls (`kubetrain.registry` lists them). Artifact flags (`--<name>-path`,
+`--checkpoint-dir`) come from that function's signature; setting flags are
+exactly those of the config sections the function takes, with the same names,
+help and defaults as `kubetrain run`. Progress lines go to stderr, the stage's
 metadata as JSON to stdout; a `KubetrainError` prints `error: ...` and exits 2.
 """
 
@@ -19,56 +20,32 @@ import contextlib
 import inspect
 import json
 import sys
-from typing import Any, Callable
+from typing import Any
 
-from kubetrain import stages
-from kubetrain.config.settings import RunConfig, add_argument, fields_of, json_object
+from kubetrain.cluster.backends import trainer_for, tuner_for
+from kubetrain.config import flags
+from kubetrain.config.settings import SECTIONS, SEED, RunConfig
 from kubetrain.core.errors import KubetrainError
+from kubetrain.registry import CLI_STAGES, Stage
 
-#: stage -> (function, RunConfig stages whose fields make up its `settings`, description).
-STAGES: dict[str, tuple[Callable[..., Any], tuple[str, ...], str]] = {
-    "ingest": (stages.ingest_stage, (), "Read a dataset into a validated table "
-               "(writes --dataset-path, --profile-path)."),
-    "clean": (stages.clean_stage, ("clean",), "Impute, handle outliers, scale and split "
-              "--table-path into --train-path, --val-path, --test-path."),
-    "augment": (stages.augment_stage, ("augment",), "Augment the training split "
-                "--train-path into --out-path."),
-    "tune": (stages.tune_stage, ("train", "tune"), "Search hyperparameters on --train-path "
-             "/ --val-path; prints best_hyperparameters for `train --hyperparameters`."),
-    "train": (stages.train_stage, ("train",), "Train on --train-path with early stopping "
-              "on --val-path; writes --model-path and --metrics-path."),
-    "evaluate": (stages.evaluate_stage, (), "Score --model-path on --test-path and apply "
-                 "the --min-accuracy quality gate."),
-    "compress": (stages.compress_stage, ("compress",), "Prune, quantize and export "
-                 "--model-path to ONNX under --out-path; keep the smallest within budget."),
-}
-#: function parameters that are a RunConfig field under another name.
-ALIASES = {"source": "dataset"}
-FIELDS = {f.name: f for f in fields_of()}
+#: Parameters filled here, not from flags: the backends chosen for a local run.
+BACKENDS = ("tuner", "trainer")
 
 
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def _add_stage(sub: argparse._SubParsersAction, name: str) -> None:
-    func, setting_stages, doc = STAGES[name]
-    parser = sub.add_parser(name, help=doc, description=f"{doc} Calls "
-                            f"kubetrain.stages.{func.__name__}, like the KFP component.")
+def _add_stage(sub: argparse._SubParsersAction, stage: Stage) -> None:
+    func = stage.function
+    parser = sub.add_parser(stage.stage, help=stage.description, description=(
+        f"{stage.description} Calls kubetrain.stages.{func.__name__}, like the KFP component."))
     paths = parser.add_argument_group("artifacts")
-    settings = parser.add_argument_group("settings")
+    if stage.sections:
+        flags.add_arguments(parser.add_argument_group("settings"), *stage.sections)
     for p in inspect.signature(func).parameters.values():
-        field = FIELDS.get(ALIASES.get(p.name, p.name))
-        if p.name == "settings":
-            for stage in setting_stages:
-                for f in fields_of(stage):
-                    add_argument(settings, f)
-        elif field is not None:
-            add_argument(settings, field, _flag(p.name))
-        elif p.name.endswith(("_path", "_dir")):
+        if p.name in SECTIONS or p.name == SEED or p.name in BACKENDS:
+            continue
+        if p.name.endswith(("_path", "_dir")):
             required = p.default is inspect.Parameter.empty
-            paths.add_argument(_flag(p.name), dest=p.name, required=required, metavar="PATH",
-                               default=None if required else p.default,
+            paths.add_argument(flags.flag_of(p.name), dest=p.name, required=required,
+                               metavar="PATH", default=None if required else p.default,
                                help="artifact directory or file" if required
                                else f"(default: {p.default})")
         elif p.name == "hyperparameters":
@@ -76,41 +53,42 @@ def _add_stage(sub: argparse._SubParsersAction, name: str) -> None:
                                 help="tuned values as a JSON object, e.g. the tune stage's "
                                      "best_hyperparameters (default: {})")
         else:
-            parser.add_argument(_flag(p.name), dest=p.name, metavar="TEXT",
+            parser.add_argument(flags.flag_of(p.name), dest=p.name, metavar="TEXT",
                                 default="" if p.default is inspect.Parameter.empty
                                 else p.default, help=f"{p.name} (default: {p.default!r})")
-    parser.set_defaults(stage=name)
+    parser.set_defaults(stage=stage)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m kubetrain.cli.stage",
                                      description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
-    for name in STAGES:
-        _add_stage(sub, name)
+    sub = parser.add_subparsers(dest="stage_name", required=True, metavar="STAGE")
+    for stage in CLI_STAGES:
+        _add_stage(sub, stage)
     return parser
 
 
 def _call(args: argparse.Namespace) -> Any:
-    func, setting_stages, _ = STAGES[args.stage]
-    given = vars(args)
+    stage: Stage = args.stage
+    # parsed and validated once; a stage without settings sections reads none
+    cfg = flags.from_arguments(args, *stage.sections) if stage.sections else RunConfig()
     kwargs: dict[str, Any] = {}
-    for p in inspect.signature(func).parameters.values():
-        name = ALIASES.get(p.name, p.name)
-        if p.name == "settings":
-            kwargs[p.name] = {f.name: given[f.name] for s in setting_stages
-                              for f in fields_of(s) if given[f.name] is not None}
-        elif name in FIELDS:  # validated and typed like any other setting
-            value = given[name]
-            cfg = RunConfig.from_dict({} if value is None else {name: value})
-            kwargs[p.name] = getattr(cfg, name)
+    for p in inspect.signature(stage.function).parameters.values():
+        if p.name == SEED:
+            kwargs[p.name] = cfg.seed
+        elif p.name in SECTIONS:
+            kwargs[p.name] = getattr(cfg, p.name)
+        elif p.name == "tuner":
+            kwargs[p.name] = tuner_for(None)
+        elif p.name == "trainer":
+            kwargs[p.name] = trainer_for(cfg.final)
         elif p.name == "hyperparameters":
-            kwargs[p.name] = json_object(args.hyperparameters, "--hyperparameters")
+            kwargs[p.name] = flags.json_object(args.hyperparameters, "--hyperparameters")
         else:
-            kwargs[p.name] = given[p.name]
+            kwargs[p.name] = getattr(args, p.name)
     with contextlib.redirect_stdout(sys.stderr):  # progress lines; stdout is the JSON
-        result = func(**kwargs)
-    if args.stage == "tune":
+        result = stage.function(**kwargs)
+    if stage.stage == "tune":
         best, tuning = result
         result = {"best_hyperparameters": best, "tuning": tuning}
     return result

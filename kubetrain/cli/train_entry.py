@@ -27,6 +27,7 @@ and exits 1; torchrun then stops the other ranks.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -35,7 +36,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from kubetrain.config import settings as config
+from kubetrain.config import flags
+from kubetrain.config.settings import RunConfig
 
 from kubetrain.training import distributed
 
@@ -59,16 +61,17 @@ def parser() -> argparse.ArgumentParser:
                    help="JSON object of RunConfig settings; the flags below override it.")
     p.add_argument("--checkpoint-dir", default=None,
                    help="Folder of rank 0's per-epoch checkpoint (resumes from it).")
-    config.add_arguments(p)
+    flags.add_arguments(p, "seed", "train", "hyper", "final")
     return p
 
 
-def settings_of(args: argparse.Namespace) -> dict[str, Any]:
-    """``--settings`` overridden by explicit flags, validated as a RunConfig."""
-    given = config.json_object(args.settings, "--settings")
-    flags = {f.name: getattr(args, f.name) for f in config.fields_of()
-             if getattr(args, f.name, None) is not None}
-    return config.RunConfig.from_dict(given | flags).to_dict()
+def config_of(args: argparse.Namespace) -> RunConfig:
+    """``--settings`` overridden by explicit flags, then ``--hyperparameters``: parsed once."""
+    given = flags.json_object(args.settings, "--settings") | flags.given(
+        args, "seed", "train", "hyper", "final")
+    cfg = RunConfig.from_flat(given)
+    tuned = flags.json_object(args.hyperparameters, "--hyperparameters")
+    return dataclasses.replace(cfg, hyper=cfg.hyper.replace(tuned))
 
 
 def _publish(local: Path, output: str) -> None:
@@ -82,40 +85,38 @@ def _publish(local: Path, output: str) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
-    """Train this rank; rank 0 returns train_stage's meta, the others None."""
+    """Train this rank; rank 0 returns the train stage's meta, the others None."""
     from kubetrain.data.datasets import load_split
-    from kubetrain.training.loop import fit, with_hyperparameters
+    from kubetrain.training.loop import fit
 
-    settings = settings_of(args)
-    hyperparameters = config.json_object(args.hyperparameters, "--hyperparameters")
-    cfg = with_hyperparameters(config.RunConfig.from_dict(settings), hyperparameters)
-    backend = "gloo" if cfg.device == "cpu" else None
+    cfg = config_of(args)
+    backend = "gloo" if cfg.train.device == "cpu" else None
     with distributed.init(backend=backend) as me, \
             tempfile.TemporaryDirectory(prefix=f"kubetrain-rank{me.rank}-") as tmp:
         work = Path(tmp)
         train_dir = storage.local_dir(args.train, work / "train")
         val_dir = storage.local_dir(args.validation, work / "validation")
         if me.rank == 0:
-            from kubetrain.stages import train_stage  # reports and plots: rank 0 only
+            from kubetrain.stages import TrainRequest, train_here  # reports and plots: rank 0
 
             progress.log("train", f"data-parallel over {me.world_size} process(es), "
                                   f"backend {backend or 'auto'}")
             out = work / "out"
             out.mkdir()
-            # The same call sequence as the other ranks below: train_stage -> fit(cfg, ...).
-            meta = train_stage(str(train_dir), str(val_dir), hyperparameters,
-                               str(out / distributed.OUTPUT_MODEL),
-                               str(out / distributed.OUTPUT_METRICS),
-                               str(out / distributed.OUTPUT_REPORT), settings,
-                               checkpoint_dir=args.checkpoint_dir)
+            # The same call sequence as the other ranks below: train_here -> fit(...).
+            meta = train_here(TrainRequest(
+                str(train_dir), str(val_dir), str(out / distributed.OUTPUT_MODEL),
+                str(out / distributed.OUTPUT_METRICS), str(out / distributed.OUTPUT_REPORT),
+                cfg.train, cfg.hyper, cfg.final, cfg.seed, checkpoint_dir=args.checkpoint_dir))
             meta = {**meta, "processes": me.world_size}
             (out / distributed.OUTPUT_META).write_text(json.dumps(meta, indent=2, default=str))
             _publish(out, args.output)
             return meta
-        # What train_stage does before and around fit, minus every write.
+        # What train_here does before and around fit, minus every write.
         X, y, schema = load_split(train_dir)
         Xv, yv, _ = load_split(val_dir)
-        fit(cfg, (X, y), (Xv, yv), schema, checkpoint_dir=args.checkpoint_dir)
+        fit(cfg.train, cfg.hyper, cfg.seed, (X, y), (Xv, yv), schema, cfg.final.epochs,
+            checkpoint_dir=args.checkpoint_dir)
         return None
 
 

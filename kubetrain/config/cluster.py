@@ -20,6 +20,7 @@ from kubetrain.core.errors import KubetrainError
 _QUANTITY = re.compile(r"^\d+(\.\d+)?(m|Ki|Mi|Gi|Ti|K|M|G|T)?$")
 _LABEL = re.compile(r"^([\w.-]+/)?[\w.-]+=[\w.-]*$")
 _TAINT = re.compile(r"^([\w.-]+/)?[\w.-]+(=[\w.-]*)?:(NoSchedule|PreferNoSchedule|NoExecute)$")
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")  # OCI image digest (lower-case hex)
 
 
 def _opt(default, help: str):
@@ -32,9 +33,16 @@ class ClusterConfig:
 
     image_registry: str = _opt("ghcr.io/kubetrain", "Registry/repository prefix of the images.")
     image_tag: str = _opt(__version__, "Tag of the images `make images` built.")
+    cpu_image_digest: str = _opt("", "Digest (sha256:<64 hex>) of the pushed CPU image; set, "
+                                     "pods pull repo:tag@digest, never a moved tag.")
+    cuda_image_digest: str = _opt("", "Digest (sha256:<64 hex>) of the pushed CUDA image; set, "
+                                      "pods pull repo:tag@digest, never a moved tag.")
     namespace: str = _opt("kubetrain", "Kubernetes namespace (Kubeflow profile) runs go to.")
     service_account: str = _opt("kubetrain-pipeline-runner",
                                 "Service account the pipeline pods run as.")
+    workload_service_account: str = _opt(
+        "kubetrain-workload", "Service account of Katib trial and TrainJob pods: no RBAC, no "
+                              "API token; S3 keys reach them only as env from s3_secret.")
     gpu_resource: str = _opt("nvidia.com/gpu", "Accelerator resource name GPU stages request.")
     gpus: int = _opt(1, "GPUs per node for training and each Katib trial.")
     num_nodes: int = _opt(1, "Nodes for the train step; more than 1 (or gpus > 1) runs it as a "
@@ -63,6 +71,11 @@ class ClusterConfig:
                                         "TrainJob: delete or keep.")
 
     def __post_init__(self) -> None:
+        for name in ("cpu_image_digest", "cuda_image_digest"):
+            value = getattr(self, name)
+            if value and not _DIGEST.fullmatch(value):
+                raise KubetrainError(f"{name}={value!r} must be sha256: followed by 64 lower-case "
+                                     "hex digits (docker buildx imagetools inspect IMAGE)")
         for name in ("gpu_cpu", "gpu_memory", "cpu_cpu", "cpu_memory"):
             if not _QUANTITY.match(getattr(self, name)):
                 raise KubetrainError(f"{name}={getattr(self, name)!r} is not a Kubernetes "
@@ -74,6 +87,10 @@ class ClusterConfig:
         if self.gpu_toleration and not _TAINT.match(self.gpu_toleration):
             raise KubetrainError(f"gpu_toleration={self.gpu_toleration!r} must be "
                                  "key[=value]:NoSchedule|PreferNoSchedule|NoExecute")
+        if self.workload_service_account == self.service_account:
+            raise KubetrainError(f"workload_service_account={self.workload_service_account!r} "
+                                 "must differ from service_account: trial and TrainJob pods "
+                                 "would get the pipeline runner's RBAC")
         if self.gpus < 0 or self.retries < 0 or self.backoff_seconds < 0:
             raise KubetrainError("gpus, retries and backoff_seconds must be >= 0")
         if self.num_nodes < 1:
@@ -132,8 +149,14 @@ class ClusterConfig:
         return env
 
     def image(self, flavor: str) -> str:
-        """`cpu` or `cuda` image reference."""
-        return f"{self.image_registry}/kubetrain:{self.image_tag}-{flavor}"
+        """`cpu` or `cuda` image reference: repo:tag, or repo:tag@sha256:... with a digest.
+
+        With a digest the runtime pulls by digest (the tag only tells people the
+        release), so a re-pushed tag cannot change what runs.
+        """
+        reference = f"{self.image_registry}/kubetrain:{self.image_tag}-{flavor}"
+        digest = getattr(self, f"{flavor}_image_digest", "")
+        return f"{reference}@{digest}" if digest else reference
 
     @property
     def node_label(self) -> tuple[str, str]:

@@ -16,11 +16,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from kubetrain.config.settings import RunConfig
+from kubetrain.config.settings import AugmentConfig
 from kubetrain.data.datasets import Schema, class_counts, load_split, save_split
 
 
-def augment_images(X: np.ndarray, shape: list[int], cfg: RunConfig,
+def augment_images(X: np.ndarray, shape: list[int], cfg: AugmentConfig,
                    rng: torch.Generator) -> np.ndarray:
     """One randomly warped copy of every image in `X` (flat rows)."""
     n = len(X)
@@ -73,16 +73,16 @@ def jitter(X: np.ndarray, schema: Schema, std: float, rng: np.random.Generator) 
     return X + noise
 
 
-def augment_arrays(X: np.ndarray, y: np.ndarray, schema: Schema,
-                   cfg: RunConfig) -> tuple[np.ndarray, np.ndarray]:
+def augment_arrays(X: np.ndarray, y: np.ndarray, schema: Schema, cfg: AugmentConfig,
+                   seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Original rows first, then the augmented ones; deterministic given the seed."""
     if schema.kind == "image":
-        rng = torch.Generator().manual_seed(cfg.seed)
+        rng = torch.Generator().manual_seed(seed)
         copies = [augment_images(X, schema.image_shape, cfg, rng)
                   for _ in range(cfg.augment_copies)]
         return (np.concatenate([X, *copies]).astype(np.float32),
                 np.concatenate([y] * (1 + len(copies))))
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng(seed)
     base_X, base_y = X, y
     if cfg.oversample:
         # Copies below are drawn from the balanced set, so they keep the classes balanced.
@@ -95,11 +95,11 @@ def augment_arrays(X: np.ndarray, y: np.ndarray, schema: Schema,
             np.concatenate([y, *([base_y] * len(copies))]))
 
 
-def augment(train_path: str, out_path: str, cfg: RunConfig) -> dict[str, Any]:
+def augment(train_path: str, out_path: str, cfg: AugmentConfig, seed: int) -> dict[str, Any]:
     """The augment stage; returns metadata (rows and class counts before and after)."""
     started = time.perf_counter()
     X, y, schema = load_split(train_path)
-    X_aug, y_aug = augment_arrays(X, y, schema, cfg)
+    X_aug, y_aug = augment_arrays(X, y, schema, cfg, seed)
     save_split(out_path, X_aug, y_aug, schema)
     return {
         "stage": "augment", "kind": schema.kind, "rows_before": int(len(y)),

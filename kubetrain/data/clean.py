@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from kubetrain.config.settings import RunConfig
+from kubetrain.config.settings import CleanConfig
 from kubetrain.data.datasets import LABEL, Schema, class_counts, load_table, save_split
 from kubetrain.core.errors import KubetrainError, require
 
@@ -30,18 +30,18 @@ class Split:
     y: np.ndarray
 
 
-def split_indices(y: np.ndarray, cfg: RunConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def split_indices(y: np.ndarray, cfg: CleanConfig, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stratified train/validation/test row indices, reproducible from the seed."""
     idx = np.arange(len(y))
     rest, test = train_test_split(idx, test_size=cfg.test_fraction, stratify=y,
-                                  random_state=cfg.seed)
+                                  random_state=seed)
     val_share = cfg.val_fraction / (1.0 - cfg.test_fraction)
     train, val = train_test_split(rest, test_size=val_share, stratify=y[rest],
-                                  random_state=cfg.seed)
+                                  random_state=seed)
     return train, val, test
 
 
-def _check_classes(y: np.ndarray, class_names: list[str], cfg: RunConfig) -> None:
+def _check_classes(y: np.ndarray, class_names: list[str], cfg: CleanConfig) -> None:
     counts = np.bincount(y, minlength=len(class_names))
     present = [n for n, c in zip(class_names, counts) if c > 0]
     require(len(present) >= 2, f"only one class ({present[0]!r}) is left after cleaning; "
@@ -60,7 +60,7 @@ def _check_classes(y: np.ndarray, class_names: list[str], cfg: RunConfig) -> Non
 class Preprocessor:
     """Statistics fitted on the training split, replayable on any split or at serving."""
 
-    def __init__(self, cfg: RunConfig, schema: Schema):
+    def __init__(self, cfg: CleanConfig, schema: Schema):
         self.cfg, self.schema = cfg, schema
         self.params: dict[str, Any] = {}
 
@@ -158,7 +158,7 @@ class Preprocessor:
 
 
 def clean(table_path: str, train_path: str, val_path: str, test_path: str,
-          cfg: RunConfig) -> dict[str, Any]:
+          cfg: CleanConfig, seed: int) -> dict[str, Any]:
     """The clean stage; returns metadata and writes the three splits atomically."""
     started = time.perf_counter()
     frame, schema = load_table(table_path)
@@ -179,7 +179,7 @@ def clean(table_path: str, train_path: str, val_path: str, test_path: str,
     require(not pd.isna(y).any(), "labels outside the schema's classes; re-run ingest")
     y = y.astype(np.int64)
     _check_classes(y, schema.class_names, cfg)
-    tr, va, te = split_indices(y, cfg)
+    tr, va, te = split_indices(y, cfg, seed)
     prep = Preprocessor(cfg, schema).fit(features.iloc[tr])
     if cfg.outliers != "none" and cfg.outlier_action == "drop":
         out = prep.outlier_mask(features.iloc[tr])

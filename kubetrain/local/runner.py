@@ -22,19 +22,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kubetrain.report import plots
-
-from kubetrain.core import progress
+from kubetrain import registry
 from kubetrain.config.settings import RunConfig
+from kubetrain.core import progress
 from kubetrain.core.errors import KubetrainError
+from kubetrain.report import plots
 from kubetrain.report.html import Section, write_html
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 EXCEPTION = re.compile(r"^\s*[\w.]*(Error|Exception|Interrupt)\b: ")
-TASK_STAGE = {"ingest": "ingest", "clean": "clean", "augment": "augment", "tune": "tune",
-              "default-hyperparameters": "tune", "train": "train", "evaluate": "evaluate",
-              "compress": "compress", "skip-compression": "compress", "publish": "publish"}
-STAGES = ("ingest", "clean", "augment", "tune", "train", "evaluate", "compress")
+TASK_STAGE = registry.task_stage()
+#: The run table's rows; publish is added when the run publishes.
+STAGES = tuple(s for s in registry.STAGE_NAMES if s != "publish")
+SKIPPED_TASKS = frozenset(s.task for s in registry.STAGES if s.alternative)
 PUBLISHED = re.compile(r"model bundle published to (\S+)")
 
 
@@ -66,7 +66,7 @@ class StageClock:
     def _done(self, task: str, status: str) -> None:
         began = self.started.get(task)
         seconds = time.perf_counter() - began if began and status != "cached" else 0.0
-        skipped = task in ("default-hyperparameters", "skip-compression")
+        skipped = task in SKIPPED_TASKS
         self.stages[task] = {"name": TASK_STAGE.get(task, task),
                              "status": "skipped" if skipped and status == "succeeded" else status,
                              "seconds": round(seconds, 2), "task": task}
@@ -129,9 +129,9 @@ def _absolute_source(cfg: RunConfig) -> RunConfig:
     """Tasks may run in another working directory: pass local files by absolute path."""
     import dataclasses
 
-    path = Path(cfg.dataset)
+    path = Path(cfg.data.dataset)
     if path.exists():
-        return dataclasses.replace(cfg, dataset=str(path.resolve()))
+        return dataclasses.replace(cfg, data=cfg.data.replace({"dataset": str(path.resolve())}))
     return cfg
 
 
@@ -169,8 +169,8 @@ def run_local(cfg: RunConfig, runs_dir: str | os.PathLike = "runs", cache: bool 
     run_dir = runs / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
     clock = StageClock()
-    console.write(f"{progress.PREFIX} run {run_id} | dataset {cfg.dataset} | "
-                  f"{cfg.tune_trials} tuning trials | up to {cfg.epochs} epochs | "
+    console.write(f"{progress.PREFIX} run {run_id} | dataset {cfg.data.dataset} | "
+                  f"{cfg.tune.tune_trials} tuning trials | up to {cfg.final.epochs} epochs | "
                   f"cache {'on' if cache else 'off'}\n")
     local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(runs / ".kfp"),
                enable_caching=cache, raise_on_error=True)
@@ -179,14 +179,14 @@ def run_local(cfg: RunConfig, runs_dir: str | os.PathLike = "runs", cache: bool 
         out = ConsoleFilter(console, log, clock)
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-                task = training_pipeline(**_absolute_source(cfg).to_dict(),
-                                         fingerprint=fingerprint(cfg.dataset))
+                task = training_pipeline(**_absolute_source(cfg).flat(),
+                                         fingerprint=fingerprint(cfg.data.dataset))
         except Exception as exc:  # kfp.local raises RuntimeError for a failed task
             cause = out.error or out.last_exception or ANSI.sub("", str(exc)).splitlines()[0]
             raise KubetrainError(f"{cause} (full log: {run_dir / 'pipeline.log'})") from None
     seconds = time.perf_counter() - started
     summary = summarize(cfg, run_id, run_dir, task.outputs,
-                        clock.table(publish=bool(cfg.publish_uri)), seconds)
+                        clock.table(publish=bool(cfg.publish.publish_uri)), seconds)
     summary["published"] = out.published
     _write_run(runs, run_dir, summary, task.outputs)
     return summary
@@ -198,11 +198,9 @@ def _meta(artifact) -> dict[str, Any]:
 
 def summarize(cfg: RunConfig, run_id: str, run_dir: Path, outputs: dict[str, Any],
               stages: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
-    from kubetrain.training.loop import tuned_values, with_hyperparameters
-
     evaluation = json.loads(Path(outputs["evaluation"].path).read_text())
     compression = outputs["compression"]
-    best = tuned_values(with_hyperparameters(cfg, outputs["best_hyperparameters"]))
+    best = cfg.hyper.replace(outputs["best_hyperparameters"]).to_dict()
     if compression.get("skipped"):
         compressed: dict[str, Any] = {"skipped": True, "reason": compression["reason"]}
     else:

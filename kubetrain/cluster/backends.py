@@ -1,0 +1,76 @@
+"""Where tuning and training run, chosen once per process from the config.
+
+Tuning: Optuna trials in the step's own process (`stages.tune_here`), or a
+Katib Experiment whose trials run as pods (on a cluster). Training: in the
+step's own process (`stages.train_here`), over `nproc` local torchrun
+processes (DDP), or as a Kubeflow Trainer TrainJob (a cluster placement with
+several nodes or GPUs). The stage functions take the chosen backend and never
+look at strings or dicts to decide.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Mapping
+
+from kubetrain import stages
+from kubetrain.config.cluster import ClusterConfig
+from kubetrain.config.settings import FinalConfig, RunConfig
+from kubetrain.stages import Trainer, TrainRequest, Tuner, TuneRequest
+from kubetrain.training import distributed
+
+
+def _placement(cluster: ClusterConfig | Mapping[str, Any] | None) -> ClusterConfig | None:
+    """The compiled placement (a dict inside a KFP component), parsed once; None locally."""
+    if not cluster:
+        return None
+    return cluster if isinstance(cluster, ClusterConfig) else ClusterConfig.from_dict(cluster)
+
+
+def tuner_for(cluster: ClusterConfig | Mapping[str, Any] | None = None, run_id: str = "") -> Tuner:
+    """Katib on a cluster, Optuna here."""
+    placement = _placement(cluster)
+    if placement is None:
+        return stages.tune_here
+    return functools.partial(tune_on_katib, placement, run_id)
+
+
+def trainer_for(final: FinalConfig, cluster: ClusterConfig | Mapping[str, Any] | None = None,
+                run_id: str = "") -> Trainer:
+    """A TrainJob for multi-node/multi-GPU placements, torchrun for nproc > 1, else in process."""
+    placement = _placement(cluster)
+    if placement is not None and placement.trainjob:
+        return functools.partial(train_on_trainjob, placement, run_id)
+    if distributed.should_launch(final.nproc):
+        return train_with_torchrun
+    return stages.train_here
+
+
+def tune_on_katib(placement: ClusterConfig, run_id: str,
+                  req: TuneRequest) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+    from kubetrain.cluster import katib
+    from kubetrain.core import storage
+
+    return katib.tune(req.train, req.tune, req.seed, placement,
+                      storage.object_uri(req.train_uri), storage.object_uri(req.val_uri),
+                      katib.experiment_name(run_id), timeout_s=placement.wait_timeout,
+                      keep=placement.finished_jobs == "keep")
+
+
+def train_on_trainjob(placement: ClusterConfig, run_id: str, req: TrainRequest) -> dict[str, Any]:
+    from kubetrain.cluster import k8s
+    from kubetrain.cluster.trainjob import MAX_NAME, train_on_cluster
+
+    return train_on_cluster(req.train, req.hyper, req.final, req.seed, placement, req.train_uri,
+                            req.val_uri, req.output_uri, req.model_path, req.metrics_path,
+                            req.report_path,
+                            name=k8s.run_name(run_id, "kubetrain-train", MAX_NAME))
+
+
+def train_with_torchrun(req: TrainRequest) -> dict[str, Any]:
+    """`final.nproc` local DDP processes; rank 0 runs `stages.train_here` and writes the outputs."""
+    cfg = RunConfig(seed=req.seed, train=req.train, hyper=req.hyper, final=req.final)
+    return distributed.train_distributed(
+        req.train_path, req.val_path, {}, req.model_path, req.metrics_path, req.report_path,
+        cfg.flat("seed", "train", "hyper", "final"), req.final.nproc,
+        checkpoint_dir=req.checkpoint_dir)
