@@ -18,7 +18,10 @@ OVERLAY ?= gpu-cluster
 KUBECTL ?= $(VENV)/bin/kubectl
 S3_ENV  := manifests/base/s3-credentials.env
 
-.PHONY: help install install-test run compile render test bench deploy submit images push clean
+LINT_PATHS := kubetrain components pipelines tests
+RUFF       := $(VENV)/bin/ruff
+
+.PHONY: help install install-test run compile render lint format test test-fast bench deploy submit images push clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -50,8 +53,21 @@ render: install ## write the Katib Experiment and TrainJob a cluster run creates
 submit: install ## compile for the cluster, upload and run on Kubeflow; ARGS="--host http://localhost:8080 --param epochs=50 --wait"
 	$(VENV)/bin/kubetrain submit $(ARGS)
 
-test: install-test ## run the test suite
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+lint: install-test ## ruff: lint rules and formatting, checked only (CI runs this)
+	@rc=0; \
+	$(RUFF) check $(LINT_PATHS) || rc=1; \
+	$(RUFF) format --check $(LINT_PATHS) || rc=1; \
+	exit $$rc
+
+format: install-test ## ruff: apply the safe lint fixes and reformat
+	$(RUFF) check --fix $(LINT_PATHS)
+	$(RUFF) format $(LINT_PATHS)
+
+test: install-test ## run every tier: unit, integration, e2e (CI runs this; about 8 minutes)
+	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+
+test-fast: install-test ## run the unit tier only (about a minute; no servers or subprocesses)
+	$(PY) -m pytest -m unit -q $(PYTEST_ARGS)
 
 bench: install ## measure pipeline and stage speed
 	$(PY) -m kubetrain.local.bench $(ARGS)

@@ -11,8 +11,8 @@ def augment(train: Input[Dataset], augment_copies: int, max_shift: int, max_rota
             oversample: bool, seed: int, augmented: Output[Dataset], report: Output[HTML]):
     """Augment the training split only: image warps/noise, or table oversampling/jitter."""
     from kubetrain.config import RunConfig
-    from kubetrain.stages import augment_stage
+    from kubetrain.stages import compact, augment_stage
 
     cfg = RunConfig.pick(locals())
-    augmented.metadata.update(augment_stage(train.path, augmented.path, report.path,
-                                            cfg.augment, cfg.seed))
+    augmented.metadata.update(compact(augment_stage(train.path, augmented.path, report.path,
+                                                    cfg.augment, cfg.seed)))

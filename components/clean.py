@@ -12,11 +12,11 @@ def clean(table: Input[Dataset], impute: str, outliers: str, outlier_action: str
           report: Output[Markdown]):
     """Deduplicate, impute, handle outliers, encode, split (stratified) and scale."""
     from kubetrain.config import RunConfig
-    from kubetrain.stages import clean_stage
+    from kubetrain.stages import compact, clean_stage
 
     cfg = RunConfig.pick(locals())
     meta = clean_stage(table.path, train.path, validation.path, test.path, report.path,
                        cfg.clean, cfg.seed)
     for artifact, name in ((train, "train"), (validation, "validation"), (test, "test")):
-        artifact.metadata.update(meta["splits"][name])
-    train.metadata.update({k: v for k, v in meta.items() if k != "splits"})
+        artifact.metadata.update(compact(meta["splits"][name]))
+    train.metadata.update(compact({k: v for k, v in meta.items() if k != "splits"}))

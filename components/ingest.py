@@ -10,7 +10,7 @@ def ingest(dataset: str, label_column: str, fingerprint: str, table: Output[Data
            profile: Output[Markdown]):
     """Read a built-in dataset, CSV/Parquet/NPZ file or s3:// URI into a validated table."""
     from kubetrain.config import RunConfig
-    from kubetrain.stages import ingest_stage
+    from kubetrain.stages import compact, ingest_stage
 
     cfg = RunConfig.pick(locals())
-    table.metadata.update(ingest_stage(table.path, profile.path, cfg.data, fingerprint))
+    table.metadata.update(compact(ingest_stage(table.path, profile.path, cfg.data, fingerprint)))

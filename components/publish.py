@@ -15,4 +15,4 @@ def publish(trained_model: Input[Model], compressed_model: Input[Model],
 
     cfg = RunConfig.pick(locals())
     return publish_stage(trained_model.path, compressed_model.path, evaluation.path,
-                         dict(table.metadata), best_hyperparameters, cfg.publish, run_id)
+                         table.path, best_hyperparameters, cfg.publish, run_id)

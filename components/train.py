@@ -17,7 +17,7 @@ def train(train: Input[Dataset], validation: Input[Dataset], hyperparameters: di
     In this pod, with `nproc` DDP processes; or, when the compiled cluster placement asks
     for several nodes or GPUs, as a Kubeflow Trainer TrainJob that this pod follows.
     """
-    from kubetrain.cluster.backends import trainer_for
+    from kubetrain.cluster.backends import checkpoint_root, trainer_for
     from kubetrain.config import RunConfig
     from kubetrain.stages import train_stage
 
@@ -27,7 +27,8 @@ def train(train: Input[Dataset], validation: Input[Dataset], hyperparameters: di
                        checkpoint_dir=checkpoint.path,
                        trainer=trainer_for(cfg.final, cluster, run_id),
                        train_uri=train.uri, val_uri=validation.uri,
-                       output_uri=checkpoint.uri + "-trainjob")
+                       output_uri=checkpoint.uri + "-trainjob",
+                       checkpoint_root=checkpoint_root(cluster))
     for name in ("val_accuracy", "val_loss", "best_epoch", "epochs_run", "seconds"):
         metrics.log_metric(name, float(meta[name]))
     trained_model.metadata.update(meta)

@@ -16,11 +16,14 @@ takes a backend callable, chosen once by `kubetrain.cluster.backends`.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from kubetrain.config.settings import (
     AugmentConfig,
@@ -72,6 +75,35 @@ class TrainRequest:
     output_uri: str = ""
 
 
+#: Longest list or mapping kept in KFP artifact metadata. Metadata travels to every
+#: downstream task on its command line: 3,000 class counts there broke a run with
+#: "Argument list too long". The full values stay in files inside the artifacts.
+METADATA_ITEMS = 50
+META_FILE = "stage_meta.json"
+
+
+def compact(meta: dict[str, Any], limit: int = METADATA_ITEMS) -> dict[str, Any]:
+    """`meta` with long lists and mappings cut to `limit` items, and their full length noted."""
+    out: dict[str, Any] = {}
+    for key, value in meta.items():
+        if isinstance(value, dict) and len(value) > limit:
+            out[key] = dict(list(value.items())[:limit])
+            out[f"{key}_total"] = len(value)
+        elif isinstance(value, list) and len(value) > limit:
+            out[key] = value[:limit]
+            out[f"{key}_total"] = len(value)
+        elif isinstance(value, dict):
+            out[key] = compact(value, limit)
+        else:
+            out[key] = value
+    return out
+
+
+def read_meta(artifact_path: str) -> dict[str, Any]:
+    """The full metadata a stage wrote beside its artifact (KFP metadata holds the compact one)."""
+    return json.loads((Path(artifact_path) / META_FILE).read_text())
+
+
 #: A tuning backend: returns (best hyperparameters, trial rows, extra metadata).
 Tuner = Callable[[TuneRequest], tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]
 #: A training backend: writes the model, metrics and report; returns the stage metadata.
@@ -84,6 +116,7 @@ def ingest_stage(dataset_path: str, profile_path: str, data: DataConfig,
 
     progress.log("ingest", f"reading {data.dataset}")
     meta = ingest(data.dataset, data.label_column, dataset_path, fingerprint)
+    write_json(Path(dataset_path) / META_FILE, meta)
     progress.log("ingest", f"{meta['rows']} rows, {meta['features']} features, "
                            f"{len(meta['classes'])} classes, hash {meta['content_hash'][:12]}")
     rows = [{"class": k, "rows": v} for k, v in meta["class_counts"].items()]
@@ -183,6 +216,58 @@ def _write_trials(trials_path: str, report_path: str, trials: list[dict],
     return json.loads(json.dumps(tuning, default=str))
 
 
+def checkpoint_key(train_path: str, val_path: str, train: TrainConfig, hyper: HyperConfig,
+                   final: FinalConfig, seed: int) -> str:
+    """What determines a training run: both splits' contents and every setting fit reads.
+
+    A retried task, a re-run after a crash and a re-submitted run with the same
+    inputs all compute the same key, so they find the same checkpoint.
+    """
+    digest = hashlib.sha256()
+    for split in (train_path, val_path):
+        for path in sorted(p for p in Path(split).rglob("*") if p.is_file()):
+            digest.update(path.relative_to(split).as_posix().encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    settings = {**train.to_dict(), **hyper.to_dict(), **final.to_dict(), "seed": seed}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    return digest.hexdigest()[:24]
+
+
+def stable_checkpoint_dir(root: str, train_path: str, val_path: str, train: TrainConfig,
+                          hyper: HyperConfig, final: FinalConfig, seed: int) -> str:
+    """``<root>/<checkpoint_key>``: a checkpoint place that outlives the run's output folder."""
+    return f"{root.rstrip('/')}/{checkpoint_key(train_path, val_path, train, hyper, final, seed)}"
+
+
+@contextlib.contextmanager
+def _checkpoint_mirror(checkpoint_dir: str | None) -> Iterator[tuple[str | None, Any]]:
+    """A local folder for `fit`'s checkpoint, mirrored to ``checkpoint_dir`` when it is s3://.
+
+    `fit` writes checkpoints to a local folder; for object storage the last
+    one is fetched first and uploaded after every epoch (the epoch hook runs
+    right after the checkpoint is written), so a preempted pod loses at most
+    the epoch in flight.
+    """
+    if not checkpoint_dir or not checkpoint_dir.startswith("s3://"):
+        yield checkpoint_dir, None
+        return
+    from kubetrain.core import storage
+    from kubetrain.training.checkpoint import FILENAME
+
+    remote = f"{checkpoint_dir.rstrip('/')}/{FILENAME}"
+    with tempfile.TemporaryDirectory(prefix="kubetrain-ckpt-") as local:
+        if storage.exists(remote):
+            storage.download(remote, Path(local) / FILENAME)
+
+        def upload(epoch: int, metrics: dict[str, float]) -> bool:
+            storage.upload(Path(local) / FILENAME, remote)
+            return False
+
+        yield local, upload
+
+
 def train_here(req: TrainRequest) -> dict[str, Any]:
     """The in-process training backend (also rank 0 of a DDP run): fit, then write outputs."""
     from kubetrain.training.loop import describe, fit
@@ -193,8 +278,9 @@ def train_here(req: TrainRequest) -> dict[str, Any]:
     Xv, yv, _ = load_split(req.val_path)
     progress.log("train", f"{len(X)} rows, {len(schema.feature_names)} features, "
                           f"{schema.num_classes} classes, hyperparameters {described}")
-    result = fit(req.train, req.hyper, req.seed, (X, y), (Xv, yv), schema, req.final.epochs,
-                 checkpoint_dir=req.checkpoint_dir)
+    with _checkpoint_mirror(req.checkpoint_dir) as (checkpoint_dir, after_epoch):
+        result = fit(req.train, req.hyper, req.seed, (X, y), (Xv, yv), schema,
+                     req.final.epochs, hook=after_epoch, checkpoint_dir=checkpoint_dir)
     info = {"hyperparameters": described, "history": result.history,
             "metrics": result.metrics, "schema": schema.extra.get("preprocessing", {}),
             "feature_names": schema.feature_names}
@@ -217,11 +303,22 @@ def train_stage(train_path: str, val_path: str, model_path: str, metrics_path: s
                 report_path: str, train: TrainConfig, hyper: HyperConfig, final: FinalConfig,
                 seed: int, hyperparameters: dict[str, Any] | None = None,
                 checkpoint_dir: str | None = None, trainer: Trainer = train_here,
-                train_uri: str = "", val_uri: str = "", output_uri: str = "") -> dict[str, Any]:
-    """Train the final model with the tuned values on whichever backend was chosen."""
+                train_uri: str = "", val_uri: str = "", output_uri: str = "",
+                checkpoint_root: str = "") -> dict[str, Any]:
+    """Train the final model with the tuned values on whichever backend was chosen.
+
+    With ``checkpoint_root`` (local folder or s3:// prefix) the checkpoint lives
+    at ``<root>/<key of the inputs and settings>``, where a retry or a re-run of
+    the same training finds it and resumes at the next epoch.
+    """
+    tuned = hyper.replace(hyperparameters or {})
+    if checkpoint_root:
+        checkpoint_dir = stable_checkpoint_dir(checkpoint_root, train_path, val_path, train,
+                                               tuned, final, seed)
+        progress.log("train", f"checkpoints under {checkpoint_dir}")
     return trainer(TrainRequest(train_path, val_path, model_path, metrics_path, report_path,
-                                train, hyper.replace(hyperparameters or {}), final, seed,
-                                checkpoint_dir, train_uri, val_uri, output_uri))
+                                train, tuned, final, seed, checkpoint_dir, train_uri, val_uri,
+                                output_uri))
 
 
 def evaluate_stage(model_path: str, test_path: str, evaluation_path: str, report_path: str,
@@ -293,10 +390,10 @@ def skip_compression_stage(evaluation_path: str, out_path: str, report_path: str
 
 
 def publish_stage(trained_model: str, compressed_model: str, evaluation_path: str,
-                  dataset_meta: dict[str, Any], hyperparameters: dict[str, Any],
-                  publish: PublishConfig, run_id: str = "") -> str:
+                  table_path: str, hyperparameters: dict[str, Any], publish: PublishConfig,
+                  run_id: str = "") -> str:
     from kubetrain.assessment.publish import publish_model
 
     best = HyperConfig().replace(hyperparameters or {}).to_dict()
-    return publish_model(trained_model, compressed_model, evaluation_path, dataset_meta, best,
-                         publish.publish_uri, publish.model_name)
+    return publish_model(trained_model, compressed_model, evaluation_path,
+                         read_meta(table_path), best, publish.publish_uri, publish.model_name)

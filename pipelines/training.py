@@ -55,6 +55,8 @@ class TaskPolicy:
     retries: int = 0
     backoff_seconds: int = 10
     configure: Optional[Callable[[dsl.PipelineTask, str], None]] = None
+    #: Seconds the finished run's Argo Workflow is kept (PipelineConfig); None keeps it.
+    ttl_seconds: Optional[int] = None
     #: ClusterConfig (as a dict) handed to the stages whose backend it chooses (Katib, TrainJob).
     cluster: Optional[dict] = None
 
@@ -100,13 +102,25 @@ def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:
 
     p: dict[str, Any] = {}
 
-    signature = inspect.Signature(_parameters(), return_annotation=Outputs)
+    signature = inspect.Signature(_parameters(),
+                                  return_annotation=None if policy.cluster else Outputs)
 
-    def training_pipeline(*args: Any, **kwargs: Any) -> Outputs:
+    def training_pipeline(*args: Any, **kwargs: Any) -> Optional[Outputs]:
         # KFP calls this with one channel per parameter of `signature`, in order.
         params = signature.bind(*args, **kwargs).arguments
         p.clear()
         p.update(params)
+        if not policy.cluster:  # kfp.local runs no exit handlers; nothing to clean there
+            return _body(params)
+        from kubetrain.components.cleanup import cleanup
+
+        exit_task = _task(cleanup(cluster=cluster, run_id=run_id), "cleanup", policy, version,
+                          "clean up and notify")
+        with dsl.ExitHandler(exit_task, name="run"):
+            _body(params)
+        return None  # KFP returns no outputs from inside an exit handler; the UI has them
+
+    def _body(params: dict[str, Any]) -> Outputs:
         raw = step("ingest", fingerprint=params["fingerprint"])
         splits = step("clean", table=raw.outputs["table"])
         aug = step("augment", train=splits.outputs["train"])
@@ -144,7 +158,9 @@ def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:
 
     training_pipeline.__signature__ = signature
     training_pipeline.__doc__ = _docstring()
-    return dsl.pipeline(name=PIPELINE_NAME, description=(
+    config = (dsl.PipelineConfig(ttl_seconds_after_finished=policy.ttl_seconds)
+              if policy.ttl_seconds else None)
+    return dsl.pipeline(name=PIPELINE_NAME, pipeline_config=config, description=(
         "Train, tune (Katib semantics), evaluate, compress and publish a classifier: "
         "ingest -> clean -> augment -> tune -> train -> evaluate -> compress -> "
         "publish."))(training_pipeline)

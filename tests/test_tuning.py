@@ -16,15 +16,25 @@ import torch
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 
-from kubetrain.training import tuning
-from kubetrain.config.settings import TUNE_ALGORITHMS, RunConfig
-from kubetrain.data.datasets import Schema
+from kubetrain.config.settings import TUNE_ALGORITHMS, HyperConfig, TrainConfig, TuneConfig
 from kubetrain.core.errors import KubetrainError
+from kubetrain.data.datasets import Schema
+from kubetrain.training import tuning
 from kubetrain.training.loop import TUNABLE
-from kubetrain.training.tuning import (GRID_POINTS, MEDIANSTOP, Param, for_algorithm, make_pruner,
-                              make_sampler, run_trial, search_space, tune)
+from kubetrain.training.tuning import (
+    GRID_POINTS,
+    MEDIANSTOP,
+    Param,
+    for_algorithm,
+    make_pruner,
+    make_sampler,
+    run_trial,
+    search_space,
+    tune,
+)
 
-TABLE = dict(dataset="breast_cancer")
+SEED = 42
+TRAIN = TrainConfig()  # the recipe every trial shares
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -59,10 +69,9 @@ def _in_space(params: dict, space: list[Param]) -> bool:
         if p.type == "categorical":
             if value not in [p.cast(v) for v in p.values]:
                 return False
-        elif not (p.min <= value <= p.max):
-            return False
-        elif p.type == "int" and (not isinstance(value, int)
-                                  or (p.step and (value - p.min) % p.step)):
+        elif not (p.min <= value <= p.max) or (
+                p.type == "int" and (not isinstance(value, int)
+                                     or (p.step and (value - p.min) % p.step))):
             return False
     return True
 
@@ -72,16 +81,21 @@ class ScriptedFit:
     through the trial's hook, like the real loop, and returns what `fit` would."""
 
     def __init__(self, curve):
-        self.curve = curve  # (cfg, call index, epoch) -> (accuracy, loss)
+        self.curve = curve  # (trial's HyperConfig, call index, epoch) -> (accuracy, loss)
         self.calls = 0
         self.lock = threading.Lock()
+        self.hypers: list[HyperConfig] = []  # each trial's tunables, as fit received them
+        self.shared: list[tuple] = []  # (recipe, seed, epochs) of each call
 
-    def __call__(self, cfg, train, val, schema, epochs=None, hook=None, **_):
+    def __call__(self, train, hyper, seed, train_data, val_data, schema, epochs, hook=None,
+                 **_):
         with self.lock:
             index, self.calls = self.calls, self.calls + 1
+            self.hypers.append(hyper)
+            self.shared.append((train, seed, epochs))
         history, stopped = [], False
-        for epoch in range(1, (epochs or cfg.epochs) + 1):
-            acc, loss = self.curve(cfg, index, epoch)
+        for epoch in range(1, epochs + 1):
+            acc, loss = self.curve(hyper, index, epoch)
             history.append((acc, loss))
             if hook and hook(epoch, {"validation-accuracy": acc, "validation-loss": loss}):
                 stopped = True
@@ -115,7 +129,7 @@ def test_grid_turns_ranges_into_categorical_points():
     assert len(lr) == GRID_POINTS
     assert lr[0] == pytest.approx(original["learning_rate"].min)
     assert lr[-1] == pytest.approx(original["learning_rate"].max)
-    ratios = [b / a for a, b in zip(lr, lr[1:])]
+    ratios = [b / a for a, b in zip(lr, lr[1:], strict=False)]
     assert ratios == pytest.approx([ratios[0]] * len(ratios), rel=1e-2)
     wd = [float(v) for v in grid["weight_decay"].values]
     assert wd == pytest.approx([1e-6, 1e-4, 1e-2])
@@ -162,9 +176,9 @@ def test_every_katib_algorithm_has_a_sampler_and_unknown_is_an_error():
 @pytest.mark.parametrize("algorithm", TUNE_ALGORITHMS)
 def test_tune_with_every_algorithm(cancer, algorithm):
     train, val, schema = cancer
-    cfg = RunConfig(**TABLE, tune_algorithm=algorithm, tune_trials=3, tune_epochs=2, width=16)
+    cfg = TuneConfig(tune_algorithm=algorithm, tune_trials=3, tune_epochs=2)
     seen = []
-    best, rows = tune(cfg, train, val, schema, on_trial=seen.append)
+    best, rows = tune(TRAIN, cfg, SEED, train, val, schema, on_trial=seen.append)
     assert len(rows) == cfg.tune_trials == len(seen)
     assert [r["number"] for r in rows] == [0, 1, 2]
     assert all(r["state"] in ("COMPLETE", "PRUNED", "FAIL") for r in rows)
@@ -181,10 +195,10 @@ def test_tune_with_every_algorithm(cancer, algorithm):
 
 def test_parallel_trials(cancer):
     train, val, schema = cancer
-    cfg = RunConfig(**TABLE, tune_algorithm="random", tune_trials=3, tune_parallel=2,
-                    tune_epochs=2, tune_early_stopping="none")
+    cfg = TuneConfig(tune_algorithm="random", tune_trials=3, tune_parallel=2, tune_epochs=2,
+                     tune_early_stopping="none")
     before = torch.get_num_threads()
-    best, rows = tune(cfg, train, val, schema)
+    best, rows = tune(TRAIN, cfg, SEED, train, val, schema)
     assert torch.get_num_threads() == before  # the thread split is undone
     assert len(rows) == 3 and [r["number"] for r in rows] == [0, 1, 2]
     assert all(r["state"] == "COMPLETE" for r in rows)
@@ -196,32 +210,33 @@ def test_parallel_trials_really_overlap(cancer, monkeypatch):
     train, val, schema = cancer
     barrier = threading.Barrier(2, timeout=10)
 
-    def curve(cfg, index, epoch):
+    def curve(hyper, index, epoch):
         if epoch == 1 and index < 2:
             barrier.wait()
         return 0.9, 0.3
 
     monkeypatch.setattr(tuning, "fit", ScriptedFit(curve))
-    cfg = RunConfig(**TABLE, tune_algorithm="random", tune_trials=4, tune_parallel=2,
-                    tune_epochs=2)
-    _, rows = tune(cfg, train, val, schema)
+    cfg = TuneConfig(tune_algorithm="random", tune_trials=4, tune_parallel=2, tune_epochs=2)
+    _, rows = tune(TRAIN, cfg, SEED, train, val, schema)
     assert len(rows) == 4
 
 
 def test_run_trial_reports_both_metrics(cancer):
     train, val, schema = cancer
-    cfg = RunConfig(**TABLE, epochs=50, tune_epochs=2)
+    cfg = TuneConfig(tune_epochs=2)
+    # a trial's values as Katib hands them over: ints as floats, categoricals as strings
     params = {"learning_rate": 5e-3, "weight_decay": 1e-4, "dropout": 0.1, "width": 32.0,
               "batch_size": "64"}
-    out = run_trial(cfg, params, train, val, schema)
+    hyper = HyperConfig().replace(params)
+    out = run_trial(TRAIN, hyper, cfg, SEED, train, val, schema)
     assert {"validation-accuracy", "validation-loss"} <= set(out)
     assert 0.5 < out["validation-accuracy"] <= 1.0
     assert 0.0 < out["validation-loss"] < 1.0
-    assert out["epochs"] == 2 and out["stopped"] is False  # tune_epochs, not epochs
-    stopped = run_trial(cfg, params, train, val, schema, hook=lambda epoch, m: True)
+    assert out["epochs"] == 2 and out["stopped"] is False  # tune_epochs, not the final epochs
+    stopped = run_trial(TRAIN, hyper, cfg, SEED, train, val, schema, hook=lambda epoch, m: True)
     assert stopped["epochs"] == 1 and stopped["stopped"] is True
-    with pytest.raises(KubetrainError, match="cannot tune"):
-        run_trial(cfg, {**params, "optimizer": "sgd"}, train, val, schema)
+    with pytest.raises(KubetrainError, match="unknown hyper setting.*optimizer"):
+        HyperConfig().replace({**params, "optimizer": "sgd"})  # the recipe is not tunable
 
 
 # --- early stopping, objectives and failures (scripted curves) -------------------------
@@ -229,11 +244,11 @@ def test_run_trial_reports_both_metrics(cancer):
 def test_medianstop_prunes_trials_below_the_median(cancer, monkeypatch):
     train, val, schema = cancer
     # the first three trials learn well; later ones stay far below their median
-    fake = ScriptedFit(lambda cfg, index, epoch: (0.9, 0.3) if index < 3 else (0.5, 0.7))
+    fake = ScriptedFit(lambda hyper, index, epoch: (0.9, 0.3) if index < 3 else (0.5, 0.7))
     monkeypatch.setattr(tuning, "fit", fake)
-    cfg = RunConfig(**TABLE, tune_algorithm="random", tune_trials=5, tune_epochs=6,
-                    tune_early_stopping="medianstop")
-    best, rows = tune(cfg, train, val, schema)
+    cfg = TuneConfig(tune_algorithm="random", tune_trials=5, tune_epochs=6,
+                     tune_early_stopping="medianstop")
+    best, rows = tune(TRAIN, cfg, SEED, train, val, schema)
     assert [r["state"] for r in rows] == ["COMPLETE"] * 3 + ["PRUNED"] * 2
     for row in rows[3:]:  # stopped at Katib's start_step, not before, not after
         assert row["epochs"] == MEDIANSTOP["start_step"]
@@ -244,13 +259,16 @@ def test_medianstop_prunes_trials_below_the_median(cancer, monkeypatch):
 
 def test_no_early_stopping_prunes_nothing(cancer, monkeypatch):
     train, val, schema = cancer
-    fake = ScriptedFit(lambda cfg, index, epoch: (0.9, 0.3) if index < 3 else (0.5, 0.7))
+    fake = ScriptedFit(lambda hyper, index, epoch: (0.9, 0.3) if index < 3 else (0.5, 0.7))
     monkeypatch.setattr(tuning, "fit", fake)
-    cfg = RunConfig(**TABLE, tune_algorithm="random", tune_trials=5, tune_epochs=6,
-                    tune_early_stopping="none")
-    _, rows = tune(cfg, train, val, schema)
+    cfg = TuneConfig(tune_algorithm="random", tune_trials=5, tune_epochs=6,
+                     tune_early_stopping="none")
+    _, rows = tune(TRAIN, cfg, SEED, train, val, schema)
     assert [r["state"] for r in rows] == ["COMPLETE"] * 5
     assert all(r["epochs"] == 6 for r in rows)
+    # each trial trains the shared recipe with its own sampled values, for tune_epochs
+    assert set(fake.hypers) == {HyperConfig().replace(r["params"]) for r in rows}
+    assert fake.shared == [(TRAIN, SEED, 6)] * 5
 
 
 @pytest.mark.parametrize("objective", ["validation-accuracy", "validation-loss"])
@@ -258,11 +276,12 @@ def test_objective_direction(cancer, monkeypatch, objective):
     """Accuracy and loss both grow with the learning rate here, so the best trial is the
     highest rate when accuracy is maximized and the lowest when loss is minimized."""
     train, val, schema = cancer
-    fake = ScriptedFit(lambda cfg, index, epoch: (cfg.learning_rate * 10, cfg.learning_rate * 50))
+    fake = ScriptedFit(lambda hyper, index, epoch: (hyper.learning_rate * 10,
+                                                    hyper.learning_rate * 50))
     monkeypatch.setattr(tuning, "fit", fake)
-    cfg = RunConfig(**TABLE, tune_algorithm="random", tune_trials=5, tune_epochs=2,
-                    tune_objective=objective)
-    best, rows = tune(cfg, train, val, schema)
+    cfg = TuneConfig(tune_algorithm="random", tune_trials=5, tune_epochs=2,
+                     tune_objective=objective)
+    best, rows = tune(TRAIN, cfg, SEED, train, val, schema)
     done = [r for r in rows if r["state"] == "COMPLETE"]
     assert len(done) == 5
     rates = [r["params"]["learning_rate"] for r in done]
@@ -277,9 +296,9 @@ def test_objective_direction(cancer, monkeypatch, objective):
 
 def test_real_loss_objective_picks_the_lowest_loss(cancer):
     train, val, schema = cancer
-    cfg = RunConfig(**TABLE, tune_algorithm="random", tune_trials=3, tune_epochs=2,
-                    tune_objective="validation-loss", tune_early_stopping="none")
-    best, rows = tune(cfg, train, val, schema)
+    cfg = TuneConfig(tune_algorithm="random", tune_trials=3, tune_epochs=2,
+                     tune_objective="validation-loss", tune_early_stopping="none")
+    best, rows = tune(TRAIN, cfg, SEED, train, val, schema)
     lowest = min(rows, key=lambda r: r["value"])
     assert best == lowest["params"]
     assert all(r["value"] > 0 for r in rows)
@@ -294,29 +313,29 @@ def test_too_many_failed_trials_stop_the_study(cancer, monkeypatch):
         raise KubetrainError("training diverged at epoch 1; lower --learning-rate")
 
     monkeypatch.setattr(tuning, "run_trial", failing)
-    cfg = RunConfig(**TABLE, tune_algorithm="random", tune_trials=8, tune_max_failed=1)
+    cfg = TuneConfig(tune_algorithm="random", tune_trials=8, tune_max_failed=1)
     with pytest.raises(KubetrainError, match=r"2 tuning trials failed .*maxFailedTrialCount 1"
                                              r".*diverged"):
-        tune(cfg, train, val, schema)
+        tune(TRAIN, cfg, SEED, train, val, schema)
     assert len(calls) == 2  # stopped as soon as the limit was passed, not after 8 trials
 
 
 def test_failures_within_the_limit_are_recorded(cancer, monkeypatch):
     train, val, schema = cancer
-    fake = ScriptedFit(lambda cfg, index, epoch: (0.9, 0.3))
+    fake = ScriptedFit(lambda hyper, index, epoch: (0.9, 0.3))
     real_run_trial = tuning.run_trial
     calls = []
 
-    def sometimes_failing(cfg, params, *args, **kwargs):
+    def sometimes_failing(*args, **kwargs):
         calls.append(1)
         if len(calls) in (1, 3):
             raise KubetrainError("training diverged at epoch 1; lower --learning-rate")
-        return real_run_trial(cfg, params, *args, **kwargs)
+        return real_run_trial(*args, **kwargs)
 
     monkeypatch.setattr(tuning, "fit", fake)
     monkeypatch.setattr(tuning, "run_trial", sometimes_failing)
-    cfg = RunConfig(**TABLE, tune_algorithm="random", tune_trials=5, tune_max_failed=2)
-    best, rows = tune(cfg, train, val, schema)
+    cfg = TuneConfig(tune_algorithm="random", tune_trials=5, tune_max_failed=2)
+    best, rows = tune(TRAIN, cfg, SEED, train, val, schema)
     assert [r["state"] for r in rows] == ["FAIL", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert "diverged" in rows[0]["error"] and rows[0]["value"] is None
     assert best in [r["params"] for r in rows if r["state"] == "COMPLETE"]
@@ -324,4 +343,4 @@ def test_failures_within_the_limit_are_recorded(cancer, monkeypatch):
     monkeypatch.setattr(tuning, "run_trial", lambda *a, **k: (_ for _ in ()).throw(
         KubetrainError("always fails")))
     with pytest.raises(KubetrainError, match="no tuning trial completed"):
-        tune(RunConfig(**TABLE, tune_trials=2, tune_max_failed=3), train, val, schema)
+        tune(TRAIN, TuneConfig(tune_trials=2, tune_max_failed=3), SEED, train, val, schema)

@@ -23,10 +23,15 @@ COMPILED = Path("pipelines/compiled")
 
 
 def _run(args: argparse.Namespace) -> int:
-    from kubetrain.local.runner import run_local, summary_table
+    from kubetrain.local.runner import run_local, storage_error, summary_table
 
     cfg = flags.from_arguments(args)
-    summary = run_local(cfg, runs_dir=args.runs_dir, cache=not args.no_cache)
+    try:
+        summary = run_local(cfg, runs_dir=args.runs_dir, cache=not args.no_cache)
+    except OSError as exc:  # a full or read-only disk the runner did not already name
+        if (error := storage_error(exc, Path(args.runs_dir).resolve())) is None:
+            raise
+        raise error from None
     print(summary_table(summary))
     if not summary["quality_gate"]["passed"]:
         print(f"error: {summary['quality_gate']['reason']}; compression skipped "

@@ -1,11 +1,13 @@
-"""One Katib trial: `python -m kubetrain.cli.trial --train URI --validation URI --learning-rate X ...`.
+"""One Katib trial: `python -m kubetrain.cli.trial --train URI --validation URI --width N ...`.
 
 Katib runs this in each trial pod (see `kubetrain.cluster.katib.experiment`). It reads
 both splits straight from the upstream artifacts' URIs (s3:// or a local
 directory; no PVC), then calls `tuning.run_trial`, the same function every
 local Optuna trial calls, so a trial means the same thing on a laptop and on
-the cluster. Every RunConfig setting is a flag (`kubetrain.config.settings.add_arguments`),
-the searched ones (`tuning.search_space()`) included.
+the cluster. Every setting of the sections a trial reads (`SECTIONS`: the
+recipe, the tunables, the search, the seed) is a flag (`kubetrain.config.flags`),
+parsed once into typed sections; the searched ones (`tuning.search_space()`) are
+among them.
 
 Output follows Katib's StdOut metrics collector: per epoch one
 `<RFC3339 timestamp> <metric>=<value>` line per metric (the timestamp is how
@@ -19,21 +21,21 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Mapping, Sequence, TextIO
+from typing import TextIO
 
-from kubetrain.config import settings as config
-
-from kubetrain.core import progress
-
-from kubetrain.core import storage
-from kubetrain.data.datasets import load_split
+from kubetrain.config import flags
+from kubetrain.core import progress, storage
 from kubetrain.core.errors import KubetrainError
+from kubetrain.data.datasets import load_split
 
 #: The keys of `tuning.GOALS` (a test pins them equal), written out so that a bad
 #: command line fails before torch is imported.
 METRICS = ("validation-accuracy", "validation-loss")
+#: The settings a trial reads: what `tuning.run_trial` takes.
+SECTIONS = ("train", "hyper", "tune", "seed")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,13 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
                              "(arrays.npz + meta.json).")
     parser.add_argument("--validation", required=True,
                         help="Validation split: s3:// URI or local directory.")
-    config.add_arguments(parser)  # every RunConfig field, the searched ones included
+    flags.add_arguments(parser, *SECTIONS)  # the searched ones included
     return parser
 
 
 def timestamp() -> str:
     """UTC RFC 3339 with microseconds, which Go's time.RFC3339Nano parses (Katib's collector)."""
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
+    return datetime.now(UTC).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
 def metric_lines(metrics: Mapping[str, float], when: str | None = None) -> list[str]:
@@ -77,22 +79,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run one trial; 0 on success, 2 with one `error: ...` line on a fixable problem."""
     try:
         args = build_parser().parse_args(argv)
-        cfg = config.from_arguments(args)
+        cfg = flags.from_arguments(args, *SECTIONS)
         from kubetrain.training import tuning  # torch: only once the arguments are known good
 
-        params = {p.name: getattr(cfg, p.name) for p in tuning.search_space()}
         with tempfile.TemporaryDirectory(prefix="kubetrain-trial-") as tmp:
             X, y, schema = load_split(storage.local_dir(args.train, Path(tmp) / "train"))
             Xv, yv, _ = load_split(storage.local_dir(args.validation, Path(tmp) / "validation"))
         progress.log("trial", f"{len(X)} training / {len(Xv)} validation rows; "
-                              + ", ".join(f"{k} {v}" for k, v in params.items())
-                              + f"; {cfg.tune_epochs} epochs")
+                              + ", ".join(f"{k} {v}" for k, v in cfg.hyper.to_dict().items())
+                              + f"; {cfg.tune.tune_epochs} epochs")
 
         def hook(epoch: int, metrics: dict[str, float]) -> bool:
             report(metrics)
             return False  # Katib's median stopping ends weak trials from outside
 
-        final = tuning.run_trial(cfg, params, (X, y), (Xv, yv), schema, hook)
+        final = tuning.run_trial(cfg.train, cfg.hyper, cfg.tune, cfg.seed, (X, y), (Xv, yv),
+                                 schema, hook)
         report(final)  # the restored best epoch: what `latest` scores the trial by
         progress.log("trial", f"done after {final['epochs']} epochs")
         return 0

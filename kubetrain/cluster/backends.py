@@ -46,6 +46,20 @@ def trainer_for(final: FinalConfig, cluster: ClusterConfig | Mapping[str, Any] |
     return stages.train_here
 
 
+#: Where the local runner keeps checkpoints (set for its kfp.local task processes).
+CHECKPOINT_ROOT_ENV = "KUBETRAIN_CHECKPOINT_ROOT"
+
+
+def checkpoint_root(cluster: ClusterConfig | Mapping[str, Any] | None = None) -> str:
+    """The stable checkpoint place: beside the pipeline root on a cluster, else the runs folder."""
+    import os
+
+    placement = _placement(cluster)
+    if placement is not None:
+        return f"{placement.pipeline_root.rstrip('/')}/kubetrain-checkpoints"
+    return os.environ.get(CHECKPOINT_ROOT_ENV, "")
+
+
 def tune_on_katib(placement: ClusterConfig, run_id: str,
                   req: TuneRequest) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     from kubetrain.cluster import katib

@@ -4,7 +4,8 @@
 ``cluster`` adds what a real cluster needs, all from `ClusterConfig`: the
 registry images (CUDA for the GPU stages), GPU requests and node-pool
 placement, CPU/memory requests and limits, S3 credentials from a Kubernetes
-Secret (never a value in the YAML), and retries with exponential backoff.
+Secret (never a value in the YAML), retries with exponential backoff, and the
+pod security kfp-kubernetes can express (see `harden`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,15 @@ from pathlib import Path
 
 from kfp import compiler, dsl
 
+from kubetrain import registry
+from kubetrain.cluster import security
 from kubetrain.config.cluster import ClusterConfig
 from kubetrain.core.errors import KubetrainError
 
 COMPILED_DIR = Path("pipelines/compiled")
-#: Stages whose pod needs a GPU; tune only creates a Katib Experiment (its trials get GPUs).
-GPU_STAGES = frozenset({"train"})
+#: Tasks whose pod needs a GPU (the registry's placement); tune only creates a Katib
+#: Experiment, whose trials get the GPUs.
+GPU_STAGES = registry.gpu_tasks()
 S3_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
@@ -55,6 +59,36 @@ def place_on_cluster(task: dsl.PipelineTask, stage: str, cluster: ClusterConfig)
     task.set_env_variable("AWS_DEFAULT_REGION", cluster.s3_region)
     if cluster.s3_endpoint_url:
         task.set_env_variable("S3_ENDPOINT_URL", cluster.s3_endpoint_url)
+    harden(task, stage)
+
+
+#: Pod labels of every step's pod: what a cluster policy (Kyverno, Gatekeeper) selects on.
+POD_LABELS = {"app.kubernetes.io/part-of": "kubetrain"}
+
+
+def harden(task: dsl.PipelineTask, stage: str) -> None:
+    """The restricted pod security kfp-kubernetes 2.17 can put on a task.
+
+    Set here (KubernetesExecutorConfig): the user container's runAsUser/runAsGroup
+    10001 and runAsNonRoot (`set_security_context`; KFP backends that predate it
+    ignore the field, and the image's `USER 10001` still applies), emptyDir
+    volumes at /tmp and $HOME/.cache, the cache variables pointing into them, and
+    pod labels. KFP has no field for readOnlyRootFilesystem, allowPrivilegeEscalation,
+    capabilities, seccompProfile or any pod-level securityContext: recent KFP
+    backends default the last three on the pods they write (kubeflow/pipelines#12782);
+    the namespace's Pod Security labels enforce the rest (manifests/base/namespace.yaml,
+    README "Pod security").
+    """
+    from kfp import kubernetes
+
+    kubernetes.set_security_context(task, run_as_user=security.UID, run_as_group=security.GID,
+                                    run_as_non_root=True)
+    for mount in security.scratch_mounts():
+        kubernetes.empty_dir_mount(task, volume_name=mount["name"], mount_path=mount["mountPath"])
+    for name, value in security.SCRATCH_ENV.items():
+        task.set_env_variable(name, value)
+    for key, value in {**POD_LABELS, "app.kubernetes.io/component": stage}.items():
+        kubernetes.add_pod_label(task, key, value)
 
 
 def pipeline_for(target: str, cluster: ClusterConfig | None = None):
@@ -68,7 +102,7 @@ def pipeline_for(target: str, cluster: ClusterConfig | None = None):
     return build_pipeline(TaskPolicy(
         retries=cluster.retries, backoff_seconds=cluster.backoff_seconds,
         configure=lambda task, stage: place_on_cluster(task, stage, cluster),
-        tune_backend="katib", cluster=dataclasses.asdict(cluster)))
+        cluster=dataclasses.asdict(cluster)))
 
 
 def compile_pipeline(target: str = "local", output: Path | None = None,

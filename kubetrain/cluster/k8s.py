@@ -2,27 +2,21 @@
 
 A Katib Experiment (`kubetrain.cluster.katib_follow`) and a Trainer TrainJob
 (`kubetrain.cluster.trainjob`) are both created by a step, followed to their end and
-deleted. Finding credentials, reading an API error, telling a passing hiccup
-from a refusal, the poll-until-done loop and making SIGTERM unwind to the
-delete do not depend on the resource, so they live here; every message that
-names the resource or its fix (its CRD, its RBAC rule, its kubectl hint) is
-written by the caller, next to its API.
+deleted (`kubetrain.cluster.follow`). Naming a run's object, finding credentials,
+reading an API error and telling a passing hiccup from a refusal do not depend
+on the resource, so they live here; every message that names the resource or
+its fix (its CRD, its RBAC rule, its kubectl hint) is written by the caller,
+next to its API.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import re
-import signal
-import threading
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any
 
 from kubetrain.core.errors import KubetrainError
-
-State = TypeVar("State")
-Result = TypeVar("Result")
 
 
 def run_name(run_id: str, prefix: str, max_len: int) -> str:
@@ -80,57 +74,27 @@ def api_error(exc: Any, creating: bool, doing: str, *, not_installed: str, gone:
                                      f"{detail_of(exc)}")
 
 
-def transient(exc: Exception) -> bool:
-    """Whether polling again may succeed: no HTTP answer (dropped connection, TLS), 5xx or 429."""
+def transient(exc: BaseException) -> bool:
+    """Whether calling again may succeed: no HTTP answer at all, 5xx or 429.
+
+    "No answer" is a dropped or refused connection, a timeout or a TLS failure
+    (OSError, urllib3's and http.client's errors; the client reports TLS as
+    status 0). A refusal (4xx), a `KubetrainError` or a bug is never transient.
+    """
     status = getattr(exc, "status", None)
-    return status is None and not isinstance(exc, KubetrainError) or (
-        isinstance(status, int) and (status >= 500 or status == 429 or status == 0))
+    if isinstance(status, int) and not isinstance(status, bool):
+        return status >= 500 or status in (0, 429)
+    return isinstance(exc, _no_answer_errors())
 
 
-def follow(get: Callable[[], State], outcome: Callable[[State], Result | None],
-           describe: Callable[[State], str], timed_out: Callable[[State, float], str],
-           timeout_s: float, poll_s: float, sleep: Callable[[float], None],
-           now: Callable[[], float], log: Callable[[str], None]) -> Result:
-    """Poll `get` until `outcome` returns a result; log each new `describe` line once.
+def _no_answer_errors() -> tuple[type[BaseException], ...]:
+    import http.client
 
-    `outcome` raises when the object failed and returns None while it runs.
-    Past `timeout_s` this raises `timed_out(state, timeout_s)`; the last sleep is cut
-    to the deadline, so a timeout never overshoots by a whole poll.
-    """
-    started, last = now(), None
-    while True:
-        state = get()
-        line = describe(state)
-        if line != last:
-            log(line)
-            last = line
-        result = outcome(state)
-        if result is not None:
-            return result
-        left = timeout_s - (now() - started)
-        if left <= 0:
-            raise KubetrainError(timed_out(state, timeout_s))
-        sleep(min(poll_s, left))
-
-
-@contextlib.contextmanager
-def sigterm_raises(what: str) -> Iterator[None]:
-    """Let SIGTERM unwind through the caller's `finally`, so what it created is deleted.
-
-    A cancelled KFP run stops its pods with SIGTERM, whose default action
-    skips every `finally`. Only the main thread may set signal handlers;
-    elsewhere this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum, frame):
-        raise SystemExit(f"terminated by signal {signum} while following {what}")
-
-    previous = signal.signal(signal.SIGTERM, handler)
+    kinds: list[type[BaseException]] = [OSError, http.client.HTTPException]
     try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        import urllib3
+
+        kinds.append(urllib3.exceptions.HTTPError)
+    except ImportError:  # the kubernetes client brings urllib3; without it nothing else answers
+        pass
+    return tuple(kinds)

@@ -21,23 +21,36 @@ same trial function, but not bit-identical suggestions.
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from kubetrain.cluster import k8s
 
-from kubetrain.training import tuning
+# Used here, and re-exported so callers need only `kubetrain.cluster.katib`:
+from kubetrain.cluster.katib_checks import (  # noqa: F401
+    ALGORITHM_SETTINGS,
+    API_VERSION,
+    MAX_NAME,
+    grid_size,
+    problems_of,
+    validate,
+)
+from kubetrain.cluster.katib_follow import (  # noqa: F401
+    PRIMARY_CONTAINER,
+    api_error,
+    cast_params,
+    follow,
+    progress_of,
+    run,
+    trial_row,
+    trial_rows,
+    trial_table,
+)
 from kubetrain.config.cluster import ClusterConfig
-from kubetrain.config.settings import RunConfig
+from kubetrain.config.settings import SEED, TrainConfig, TuneConfig, fields_of
 from kubetrain.core.errors import KubetrainError
-from kubetrain.cluster.katib_checks import ALGORITHM_SETTINGS, API_VERSION, MAX_NAME, grid_size
-from kubetrain.cluster.katib_follow import PRIMARY_CONTAINER, run
-
-# Re-exported, so callers need only `kubetrain.cluster.katib`:
-from kubetrain.cluster.katib_checks import problems_of, validate  # noqa: F401
-from kubetrain.cluster.katib_follow import (api_error, cast_params, follow, progress_of,  # noqa: F401
-                                    trial_row, trial_rows, trial_table)
+from kubetrain.training import tuning
 
 #: The regex Katib's StdOut/File metrics collector applies when no filter is set
 #: (pkg/metricscollector/v1beta1/common: DefaultFilter). Trials print to match it.
@@ -57,7 +70,7 @@ def experiment_name(run_id: str, prefix: str = "kubetrain-tune") -> str:
 
 
 def katib_name(field: str) -> str:
-    """Katib parameter name of a RunConfig field: its CLI flag without dashes in front."""
+    """Katib parameter name of a setting: its CLI flag without the leading dashes."""
     return field.replace("_", "-")
 
 
@@ -109,15 +122,19 @@ def _flag(field: str, value: Any) -> list[str]:
     return [flag, repr(value) if isinstance(value, float) else str(value)]
 
 
-def fixed_settings(cfg: RunConfig, space: list[tuning.Param]) -> dict[str, Any]:
-    """Training settings every trial gets unchanged: the train stage's minus the searched ones.
+def fixed_settings(train: TrainConfig, tune: TuneConfig, seed: int,
+                   space: list[tuning.Param]) -> dict[str, Any]:
+    """Flat settings every trial gets unchanged: the shared recipe, the seed, the trial length.
 
-    `epochs` is left out because trials train `tune_epochs`; derived, not listed,
-    so a new training setting reaches Katib trials without touching this file.
+    The recipe (`TrainConfig`) minus anything searched, the seed, and
+    `tune_epochs`/`tune_objective`. Derived, not listed, so a new recipe setting
+    reaches Katib trials without touching this file. No `HyperConfig` value is
+    passed: like a local Optuna trial, a trial starts from the defaults and
+    applies the searched values (the space covers every tunable).
     """
     searched = {p.name for p in space}
-    fixed = {k: v for k, v in cfg.stage("train").items() if k not in searched and k != "epochs"}
-    fixed.update(tune_epochs=cfg.tune_epochs, tune_objective=cfg.tune_objective)
+    fixed = {k: v for k, v in {**train.to_dict(), SEED: seed}.items() if k not in searched}
+    fixed.update(tune_epochs=tune.tune_epochs, tune_objective=tune.tune_objective)
     return fixed
 
 
@@ -139,30 +156,31 @@ def _pod_placement(cluster: ClusterConfig) -> dict[str, Any]:
     return spec
 
 
-def experiment(cfg: RunConfig, cluster: ClusterConfig, train_uri: str, val_uri: str,
-               name: str, resume_policy: str = "Never") -> dict[str, Any]:
-    """The Experiment manifest (a plain dict) for `cfg`'s tuning settings.
+def experiment(train: TrainConfig, tune: TuneConfig, seed: int, cluster: ClusterConfig,
+               train_uri: str, val_uri: str, name: str,
+               resume_policy: str = "Never") -> dict[str, Any]:
+    """The Experiment manifest (a plain dict): `tune`'s search over trials of the `train` recipe.
 
     Trials read both splits straight from the upstream artifacts' URIs (s3:// on
     the cluster), so no PVC is shared between the pipeline step and the trials.
     """
-    if cfg.tune_trials < 1:
+    if tune.tune_trials < 1:
         raise KubetrainError("tune_trials is 0: tuning is skipped, so there is no Katib "
                              "Experiment to build; set --tune-trials 1 or more")
-    if cluster.gpus == 0 and cfg.device == "cuda":
+    if cluster.gpus == 0 and train.device == "cuda":
         raise KubetrainError("device=cuda but the cluster config requests no GPU (gpus=0); "
                              "use --device auto or cpu, or set --gpus 1")
-    space = tuning.for_algorithm(tuning.search_space(), cfg.tune_algorithm)
+    space = tuning.for_algorithm(tuning.search_space(), tune.tune_algorithm)
     params = parameters(space)
-    max_trials = cfg.tune_trials
-    if cfg.tune_algorithm == "grid":  # optuna's grid refuses more trials than points
+    max_trials = tune.tune_trials
+    if tune.tune_algorithm == "grid":  # optuna's grid refuses more trials than points
         max_trials = min(max_trials, grid_size(params))
-    other = next(m for m in tuning.GOALS if m != cfg.tune_objective)
+    other = next(m for m in tuning.GOALS if m != tune.tune_objective)
     command = ["python", "-m", "kubetrain.cli.trial", "--train", str(train_uri),
                "--validation", str(val_uri)]
     for p in space:
         command += ["--" + katib_name(p.name), f"${{trialParameters.{trial_parameter(p.name)}}}"]
-    for field, value in fixed_settings(cfg, space).items():
+    for field, value in fixed_settings(train, tune, seed, space).items():
         command += _flag(field, value)
     placement = _pod_placement(cluster)
     container = {"name": PRIMARY_CONTAINER,
@@ -179,25 +197,25 @@ def experiment(cfg: RunConfig, cluster: ClusterConfig, train_uri: str, val_uri: 
                 "spec": {"restartPolicy": "Never",
                          "serviceAccountName": cluster.service_account,
                          **placement, "containers": [container]}}}}
-    help_of = {f.name: f.metadata["help"] for f in dataclasses.fields(RunConfig)}
+    help_of = {f.name: f.metadata["help"] for f in fields_of()}
     spec: dict[str, Any] = {
         "objective": {
-            "type": tuning.GOALS[cfg.tune_objective],
-            "objectiveMetricName": cfg.tune_objective,
+            "type": tuning.GOALS[tune.tune_objective],
+            "objectiveMetricName": tune.tune_objective,
             "additionalMetricNames": [other],
             # The trial prints the restored best epoch's metrics last: "latest" is
             # the value the local backend scores a trial by.
-            "metricStrategies": [{"name": cfg.tune_objective, "value": "latest"},
+            "metricStrategies": [{"name": tune.tune_objective, "value": "latest"},
                                  {"name": other, "value": "latest"}],
         },
-        "algorithm": {"algorithmName": cfg.tune_algorithm,
-                      "algorithmSettings": algorithm_settings(cfg.tune_algorithm, cfg.seed,
-                                                              cfg.tune_trials)},
-        "parallelTrialCount": min(cfg.tune_parallel, max_trials),
+        "algorithm": {"algorithmName": tune.tune_algorithm,
+                      "algorithmSettings": algorithm_settings(tune.tune_algorithm, seed,
+                                                              tune.tune_trials)},
+        "parallelTrialCount": min(tune.tune_parallel, max_trials),
         "maxTrialCount": max_trials,
         # Katib fails the Experiment once failed >= maxFailedTrialCount; the local
         # backend once failed > tune_max_failed. +1 makes both stop at the same trial.
-        "maxFailedTrialCount": min(cfg.tune_max_failed + 1, max_trials),
+        "maxFailedTrialCount": min(tune.tune_max_failed + 1, max_trials),
         "resumePolicy": resume_policy,
         "metricsCollectorSpec": {"collector": {"kind": "StdOut"}},
         "parameters": params,
@@ -210,7 +228,7 @@ def experiment(cfg: RunConfig, cluster: ClusterConfig, train_uri: str, val_uri: 
             "trialSpec": job,
         },
     }
-    if cfg.tune_early_stopping == "medianstop":
+    if tune.tune_early_stopping == "medianstop":
         spec["earlyStopping"] = {"algorithmName": "medianstop", "algorithmSettings": [
             {"name": k, "value": str(v)} for k, v in tuning.MEDIANSTOP.items()]}
     return {"apiVersion": API_VERSION, "kind": "Experiment",
@@ -250,14 +268,20 @@ def to_yaml(exp: Mapping[str, Any]) -> str:
 
 # ----------------------------------------------------------------------- the step
 
-def tune(cfg: RunConfig, cluster: ClusterConfig, train_uri: str, val_uri: str, name: str,
-         timeout_s: float = 6 * 3600, keep: bool = False, resume_policy: str = "Never",
-         api=None, poll_s: float = 10.0) -> tuple[dict[str, Any], list[dict], dict[str, Any]]:
-    """Build, validate, run: (best hyperparameters, trial rows, meta for the artifacts)."""
-    exp = experiment(cfg, cluster, train_uri, val_uri, name, resume_policy)
-    result, rows = run(exp, cluster.namespace, api=api, timeout_s=timeout_s, keep=keep,
-                       poll_s=poll_s)
+def tune(train: TrainConfig, tune: TuneConfig, seed: int, cluster: ClusterConfig,
+         train_uri: str, val_uri: str, name: str, resume_policy: str = "Never", api=None,
+         **follow_options: Any) -> tuple[dict[str, Any], list[dict], dict[str, Any]]:
+    """Build, validate, run: (best hyperparameters, trial rows, meta for the artifacts).
+
+    How long to wait and whether to keep the finished Experiment come from
+    `cluster` (wait_timeout, finished_jobs) unless `follow_options` say
+    otherwise (timeout_s, keep, poll_s, sleep, now, log: see `run`).
+    """
+    exp = experiment(train, tune, seed, cluster, train_uri, val_uri, name, resume_policy)
+    options = {"timeout_s": cluster.wait_timeout, "keep": cluster.finished_jobs == "keep",
+               **follow_options}
+    result, rows = run(exp, cluster.namespace, api=api, **options)
     meta = {"backend": "katib", "experiment": name, "namespace": cluster.namespace,
-            "kept": keep, "best_trial": result["trial"], "best_value": result["value"],
-            "trials_summary": result["trials"]}
+            "kept": options["keep"], "best_trial": result["trial"],
+            "best_value": result["value"], "trials_summary": result["trials"]}
     return result["hyperparameters"], rows, meta

@@ -13,11 +13,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
-from kubetrain.training import tuning
 from kubetrain.config.settings import TUNE_ALGORITHMS
 from kubetrain.core.errors import KubetrainError
+from kubetrain.training import tuning
 
 GROUP, VERSION = "kubeflow.org", "v1beta1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -290,9 +291,8 @@ def _check_template(spec: Mapping[str, Any], problems: list[str]) -> None:
 
 def _check_model(exp: Mapping[str, Any], problems: list[str]) -> None:
     """Validate against Katib's generated pydantic models and demand a lossless round trip."""
-    from pydantic import ValidationError
-
     from kubeflow_katib_api.models import V1beta1Experiment
+    from pydantic import ValidationError
 
     try:
         model = V1beta1Experiment.model_validate(exp)
@@ -316,7 +316,7 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str:
             if a[key] != b[key]:
                 return _first_difference(a[key], b[key], f"{path}.{key}")
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             if x != y:
                 return _first_difference(x, y, f"{path}[{i}]")
     return path.lstrip(".") or "<root>"

@@ -2,23 +2,26 @@
 
 Split into pure functions over the documents the API returns (`progress_of`,
 `follow`, `trial_row`), tested on status documents of each phase, and a thin
-`run` that talks to the Kubernetes API: it creates the Experiment, follows it
-and deletes it (and its GPU trials) however following ends.
+`run` that talks to the Kubernetes API through `kubetrain.cluster.follow`: it
+creates the Experiment (or re-attaches to the one an earlier attempt of the
+step created), follows it and deletes it (and its GPU trials) however following
+ends. Everything that names Katib (its CRD, its RBAC rule, its kubectl hints)
+is written here.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
+from kubetrain.cluster import follow as follower
 from kubetrain.cluster import k8s
-
-from kubetrain.core import progress
-
-from kubetrain.training import tuning
-from kubetrain.core.errors import KubetrainError
 from kubetrain.cluster.katib_checks import GROUP, VERSION, validate
+from kubetrain.core import progress
+from kubetrain.core.errors import KubetrainError
+from kubetrain.training import tuning
 
 EXPERIMENTS, TRIALS = "experiments", "trials"
 EXPERIMENT_LABEL = "katib.kubeflow.org/experiment"  # Katib labels each Trial with it
@@ -29,11 +32,6 @@ PHASES = ("Created", "Running", "Restarting", "Succeeded", "Failed")
 
 
 # ------------------------------------------------------------------------ progress
-
-def _true_conditions(obj: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    conditions = ((obj.get("status") or {}).get("conditions")) or []
-    return [c for c in conditions if str(c.get("status")) == "True"]
-
 
 def _metric_value(metrics: list[Mapping[str, Any]], name: str, strategy: str = "latest"
                   ) -> float | None:
@@ -70,7 +68,7 @@ def progress_of(exp_obj: Mapping[str, Any]) -> dict[str, Any]:
     """Phase, trial counts and best trial so far of an Experiment document."""
     meta, spec = exp_obj.get("metadata") or {}, exp_obj.get("spec") or {}
     status = exp_obj.get("status") or {}
-    true = [c for c in _true_conditions(exp_obj) if c.get("type") in PHASES]
+    true = [c for c in follower.true_conditions(exp_obj) if c.get("type") in PHASES]
     terminal = [c for c in true if c.get("type") in ("Succeeded", "Failed")]
     current = (terminal or true or [{}])[-1]
     count = lambda key: int(status.get(key) or 0)  # noqa: E731
@@ -115,7 +113,7 @@ def _describe(p: Mapping[str, Any]) -> str:
 def _timed_out(p: Mapping[str, Any], timeout_s: float) -> str:
     return (f"Katib Experiment {p['name']} did not finish within {timeout_s:g} s (phase "
             f"{p['phase']}, {p['done']}/{p['max_trials'] or '?'} trials done); raise "
-            f"--tune-timeout or {_hint(p)}")
+            f"--wait-timeout or {_hint(p)}")
 
 
 def _hint(p: Mapping[str, Any]) -> str:
@@ -126,22 +124,29 @@ def _hint(p: Mapping[str, Any]) -> str:
 def follow(get: Callable[[], Mapping[str, Any]], timeout_s: float, poll_s: float = 10.0,
            sleep: Callable[[float], None] = time.sleep,
            now: Callable[[], float] = time.monotonic,
-           log: Callable[[str, str], None] = progress.log) -> dict[str, Any]:
+           log: Callable[[str, str], None] = progress.log,
+           error: follower.Error | None = None,
+           initial: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Poll the Experiment until it ends; return the best hyperparameters and the counts.
 
     Raises on a Failed Experiment, on failed trials reaching maxFailedTrialCount
     (Katib's own rule: failed >= max, so the step fails even before the
-    controller flips the phase) and when `timeout_s` passes.
+    controller flips the phase) and when `timeout_s` passes. Transient API
+    errors of `get` are retried under `kubetrain.cluster.follow`'s one policy;
+    `initial` (the Experiment sent) stands in for the state until a read succeeds.
     """
-    return k8s.follow(lambda: progress_of(get()), _outcome, _describe, _timed_out, timeout_s,
-                      poll_s, sleep, now, lambda line: log("tune", line))
+    first = progress_of(initial or {})
+    return follower.poll(lambda: progress_of(get()), _outcome, _describe, _timed_out,
+                         state=first, pace=follower.Pace(timeout_s, poll_s, sleep, now),
+                         log=lambda line: log("tune", line), error=error,
+                         what=f"Katib Experiment {first['name']}")
 
 
 def _outcome(p: Mapping[str, Any]) -> dict[str, Any] | None:
     """The result of a Succeeded Experiment, None while it runs; raises once it failed."""
     if p["phase"] == "Failed":
-        why = ": ".join(x for x in (p["reason"], p["message"]) if x) or "no reason given"
-        raise KubetrainError(f"Katib Experiment {p['name']} failed ({why}); {_hint(p)}")
+        raise KubetrainError(f"Katib Experiment {p['name']} failed "
+                             f"({follower.why(p['reason'], p['message'])}); {_hint(p)}")
     limit = p["max_failed"]
     if limit is not None and p["failed_total"] and p["failed_total"] >= limit:
         raise KubetrainError(
@@ -165,7 +170,7 @@ def _outcome(p: Mapping[str, Any]) -> dict[str, Any] | None:
 # ------------------------------------------------------------------------- trials
 
 def _state(trial: Mapping[str, Any]) -> str:
-    types = {c.get("type") for c in _true_conditions(trial)}
+    types = {c.get("type") for c in follower.true_conditions(trial)}
     for katib, ours in (("Failed", "FAIL"), ("MetricsUnavailable", "FAIL"), ("Killed", "KILLED"),
                         ("EarlyStopped", "PRUNED"), ("Succeeded", "COMPLETE"),
                         ("Running", "RUNNING")):
@@ -201,7 +206,7 @@ def trial_row(trial: Mapping[str, Any], number: int) -> dict[str, Any]:
         "intermediate": [],  # per-epoch values live in Katib's DB, not on the Trial
         "seconds": _seconds(status)}
     if state == "FAIL":
-        failed = [c for c in _true_conditions(trial)
+        failed = [c for c in follower.true_conditions(trial)
                   if c.get("type") in ("Failed", "MetricsUnavailable")]
         row["error"] = ": ".join(x for x in (failed[-1].get("reason"), failed[-1].get("message"))
                                  if x) if failed else "failed"
@@ -217,9 +222,9 @@ def trial_rows(items: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 # ------------------------------------------------------------------ Kubernetes API
 
-def api_error(exc: Exception, action: str, namespace: str, name: str,
+def api_error(exc: BaseException, action: str, namespace: str, name: str,
               service_account: str = "") -> KubetrainError:
-    """One line naming the cause and the fix of a Kubernetes API failure."""
+    """One line naming the cause and the fix of a Kubernetes API failure (action: a verb)."""
     who = f"ServiceAccount {service_account}" if service_account else "this identity"
     return k8s.api_error(
         exc, action == "create", f"trying to {action} Katib Experiment {name} in {namespace}",
@@ -232,8 +237,9 @@ def api_error(exc: Exception, action: str, namespace: str, name: str,
         forbidden=(
             f"{who} may not {action} Katib experiments/trials in namespace {namespace}; "
             f"apply the Role and RoleBinding in {ROLE_FILE} (`kubectl apply -k manifests/base`)"),
-        exists=(f"Katib Experiment {name} already exists in namespace {namespace}; delete it "
-                f"(`kubectl -n {namespace} delete experiment {name}`) or use another name"),
+        exists=(f"Katib Experiment {name} already exists in namespace {namespace} and was not "
+                f"created by kubetrain; delete it (`kubectl -n {namespace} delete experiment "
+                f"{name}`) or use another name"),
         rejected=f"Katib rejected Experiment {name}: {k8s.detail_of(exc)}")
 
 
@@ -243,76 +249,69 @@ def _service_account(exp: Mapping[str, Any]) -> str:
         "serviceAccountName", "")
 
 
-def trial_table(api, namespace: str, name: str, service_account: str = "") -> list[dict]:
-    """The Experiment's Trials (label katib.kubeflow.org/experiment=NAME) as table rows."""
-    try:
-        listing = api.list_namespaced_custom_object(
-            GROUP, VERSION, namespace, TRIALS, label_selector=f"{EXPERIMENT_LABEL}={name}")
-    except Exception as e:  # ApiException; the kubernetes package is imported lazily
-        if getattr(e, "status", None) is None:
-            raise
-        raise api_error(e, "list", namespace, name, service_account) from None
-    return trial_rows(listing.get("items") or [])
+def _list_trials(api, namespace: str, name: str) -> list[Mapping[str, Any]]:
+    listing = api.list_namespaced_custom_object(
+        GROUP, VERSION, namespace, TRIALS, label_selector=f"{EXPERIMENT_LABEL}={name}")
+    return listing.get("items") or []
+
+
+def trial_table(api, namespace: str, name: str, service_account: str = "",
+                pace: follower.Pace | None = None,
+                log: Callable[[str], None] = lambda line: None) -> list[dict]:
+    """The Experiment's Trials (label katib.kubeflow.org/experiment=NAME) as table rows.
+
+    With `pace` the listing is retried under the follower's one policy; without,
+    it is tried once.
+    """
+    error = _error_for(namespace, name, service_account)
+    pace = pace or follower.Pace(timeout_s=0)
+    return trial_rows(follower.call(lambda: _list_trials(api, namespace, name), "list",
+                                    f"the trials of Katib Experiment {name}", error=error,
+                                    pace=pace, log=log))
+
+
+def _error_for(namespace: str, name: str, account: str) -> follower.Error:
+    return lambda exc, verb: api_error(exc, verb, namespace, name, account)
 
 
 def run(exp: dict[str, Any], namespace: str, api=None, timeout_s: float = 6 * 3600,
         keep: bool = False, poll_s: float = 10.0, sleep: Callable[[float], None] = time.sleep,
         now: Callable[[], float] = time.monotonic,
         log: Callable[[str, str], None] = progress.log) -> tuple[dict[str, Any], list[dict]]:
-    """Create the Experiment, follow it, read its trials; delete it unless `keep`.
+    """Create the Experiment (or re-attach to this run's), follow it, read its trials.
 
-    Deletion happens in a `finally`, so a timeout, a failure or a cancelled
-    run (SIGTERM) does not leave GPU trials running; an Experiment this call
-    did not create (409) is never touched. Returns (follow's result, trial rows).
+    It is deleted unless `keep`, in a `finally`, so a timeout, a failure or a
+    cancelled run (SIGTERM) does not leave GPU trials running; an Experiment
+    of that name that kubetrain did not create (409 without our labels) is never
+    touched. Returns (follow's result, trial rows).
     """
     validate(exp)
     name = exp["metadata"]["name"]
     exp = {**exp, "metadata": {**exp["metadata"], "namespace": namespace}}
     account = _service_account(exp)
     api = api or k8s.custom_objects_api()
-    try:
-        api.create_namespaced_custom_object(GROUP, VERSION, namespace, EXPERIMENTS, exp)
-    except Exception as e:
-        if getattr(e, "status", None) is None:
-            raise
-        raise api_error(e, "create", namespace, name, account) from None
-    log("tune", f"created Katib Experiment {name} in namespace {namespace} "
+    ref = follower.Ref(GROUP, VERSION, EXPERIMENTS, namespace, name, f"Katib Experiment {name}",
+                       f"kubectl -n {namespace} delete experiment {name}")
+    pace = follower.Pace(timeout_s, poll_s, sleep, now)
+    say = lambda line: log("tune", line)  # noqa: E731
+    error = _error_for(namespace, name, account)
+    with follower.owned(api, ref, exp, error=error, pace=pace, keep=keep, log=say) as created:
+        if created:
+            say(f"created Katib Experiment {name} in namespace {namespace} "
                 f"({exp['spec']['algorithm']['algorithmName']}, "
                 f"{exp['spec']['maxTrialCount']} trials, "
                 f"{exp['spec']['parallelTrialCount']} in parallel)")
-    last: dict[str, Any] = {}
-
-    def get() -> Mapping[str, Any]:
-        nonlocal last
         try:
-            last = api.get_namespaced_custom_object(GROUP, VERSION, namespace, EXPERIMENTS, name)
-        except Exception as e:
-            status = getattr(e, "status", None)
-            if not k8s.transient(e):
-                raise api_error(e, "get", namespace, name, account) from None
-            if not last:  # nothing known yet: no progress to report from
-                last = exp
-            log("tune", f"Kubernetes API unavailable ({status or type(e).__name__}); retrying")
-        return last
-
-    try:
-        with k8s.sigterm_raises("a Katib Experiment"):
-            try:
-                result = follow(get, timeout_s, poll_s, sleep=sleep, now=now, log=log)
-            except KubetrainError as e:
-                rows = _rows_or_empty(api, namespace, name, account)
-                first = next((r for r in rows if r["state"] == "FAIL" and r.get("error")), None)
-                if first is None:
-                    raise
-                raise KubetrainError(f"{e}; first failed trial {first['name']}: "
-                                     f"{first['error']}") from None
-            return result, trial_table(api, namespace, name, account)
-    finally:
-        if keep:
-            log("tune", f"kept Katib Experiment {name} (delete it with `kubectl -n "
-                        f"{namespace} delete experiment {name}`)")
-        else:
-            _delete(api, namespace, name, log)
+            result = follow(lambda: follower.get(api, ref), timeout_s, poll_s, sleep=sleep,
+                            now=now, log=log, error=error, initial=exp)
+        except KubetrainError as e:
+            rows = _rows_or_empty(api, namespace, name, account)
+            first = next((r for r in rows if r["state"] == "FAIL" and r.get("error")), None)
+            if first is None:
+                raise
+            raise KubetrainError(f"{e}; first failed trial {first['name']}: "
+                                 f"{first['error']}") from None
+        return result, trial_table(api, namespace, name, account, pace, say)
 
 
 def _rows_or_empty(api, namespace: str, name: str, account: str) -> list[dict]:
@@ -320,15 +319,3 @@ def _rows_or_empty(api, namespace: str, name: str, account: str) -> list[dict]:
         return trial_table(api, namespace, name, account)
     except Exception:  # reporting the original failure matters more than the detail
         return []
-
-
-def _delete(api, namespace: str, name: str, log: Callable[[str, str], None]) -> None:
-    try:
-        api.delete_namespaced_custom_object(GROUP, VERSION, namespace, EXPERIMENTS, name)
-        log("tune", f"deleted Katib Experiment {name} (and its trials)")
-    except Exception as e:
-        if getattr(e, "status", None) == 404:
-            return
-        log("tune", f"could not delete Katib Experiment {name} ({getattr(e, 'status', '')} "
-                    f"{type(e).__name__}); delete it with `kubectl -n {namespace} delete "
-                    f"experiment {name}`")

@@ -13,30 +13,32 @@ import argparse
 from pathlib import Path
 
 from kubetrain.config import cluster as cluster_config
-
-from kubetrain.config import settings as config
-
+from kubetrain.config import flags
+from kubetrain.config.settings import RunConfig
 from kubetrain.core import progress
 
 COMPILED_DIR = Path("pipelines/compiled")
 
 
-def render(cfg: config.RunConfig, cluster: cluster_config.ClusterConfig, train_uri: str,
+def render(cfg: RunConfig, cluster: cluster_config.ClusterConfig, train_uri: str,
            val_uri: str, out_dir: Path, run_id: str = "rendered") -> dict[str, Path]:
-    """Build, validate and write both manifests; returns their paths."""
+    """Build, validate and write both manifests; returns their paths.
+
+    The TrainJob trains with ``cfg.hyper`` as given: what a run with
+    ``tune_trials=0`` would train (tuned values are only known on the cluster).
+    """
     import yaml
 
-    from kubetrain.cluster import katib
+    from kubetrain.cluster import katib, trainjob
 
-    from kubetrain.cluster import trainjob
-    from kubetrain.training.loop import tuned_values
-
-    exp = katib.experiment(cfg, cluster, train_uri, val_uri, katib.experiment_name(run_id))
+    exp = katib.experiment(cfg.train, cfg.tune, cfg.seed, cluster, train_uri, val_uri,
+                           katib.experiment_name(run_id))
     katib.validate(exp)
     exp["metadata"]["namespace"] = cluster.namespace
-    job = trainjob.trainjob(cfg, cluster, train_uri, val_uri,
+    job = trainjob.trainjob(cfg.train, cfg.hyper, cfg.final, cfg.seed, cluster, train_uri,
+                            val_uri,
                             f"{cluster.pipeline_root.rstrip('/')}/{run_id}/trainjob-output",
-                            tuned_values(cfg), cluster.num_nodes, name=f"kubetrain-train-{run_id}")
+                            cluster.num_nodes, name=f"kubetrain-train-{run_id}")
     job["metadata"]["namespace"] = cluster.namespace
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"experiment": out_dir / "katib-experiment.yaml", "trainjob": out_dir / "trainjob.yaml"}
@@ -48,7 +50,7 @@ def render(cfg: config.RunConfig, cluster: cluster_config.ClusterConfig, train_u
 def add_parser(sub) -> None:
     parser = sub.add_parser("render", help="write the Katib Experiment and TrainJob a cluster "
                                            "run would create")
-    config.add_arguments(parser.add_argument_group("run settings"))
+    flags.add_arguments(parser.add_argument_group("run settings"))
     cluster_config.add_arguments(parser.add_argument_group("cluster placement"))
     parser.add_argument("--train-uri", default="", help="training split URI (default: under "
                                                         "--pipeline-root)")
@@ -58,7 +60,7 @@ def add_parser(sub) -> None:
 
 
 def _main(args: argparse.Namespace) -> int:
-    cfg = config.from_arguments(args)
+    cfg = flags.from_arguments(args)
     cluster = cluster_config.from_arguments(args)
     root = cluster.pipeline_root.rstrip("/")
     paths = render(cfg, cluster, args.train_uri or f"{root}/rendered/augment/augmented",

@@ -39,14 +39,14 @@ import sys
 import tempfile
 import time
 import warnings
-from datetime import datetime, timezone
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import yaml
 
 from kubetrain import __version__
-
 from kubetrain.config import cluster as cluster_config
 from kubetrain.config.settings import BUILTIN_DATASETS, RunConfig, fields_of
 from kubetrain.core.errors import KubetrainError
@@ -185,7 +185,7 @@ def parse_params(pairs: list[str]) -> dict[str, str]:
 def check_params(raw: dict[str, str], extra: dict[str, str] | None = None) -> dict[str, Any]:
     """Typed pipeline parameters from `--param` strings, validated like a local run.
 
-    RunConfig settings go through `RunConfig.from_dict` (type, range, choices and
+    RunConfig settings go through `RunConfig.from_flat` (type, range, choices and
     the cross-field rules, with the defaults for the rest). `extra` names further
     pipeline parameters (name -> KFP parameterType) that are not RunConfig
     settings, e.g. `publish_uri`; those are only type-checked.
@@ -200,13 +200,13 @@ def check_params(raw: dict[str, str], extra: dict[str, str] | None = None) -> di
         raise KubetrainError(f"--param {', '.join(unknown)}: not a pipeline parameter"
                              f"{' (' + hint + ')' if hint else ''}; known: {', '.join(names)}")
     settings = {k: v for k, v in raw.items() if k in known}
-    cfg = RunConfig.from_dict(settings)
+    typed = RunConfig.from_flat(settings).flat()
     dataset = settings.get("dataset")
     if dataset is not None and dataset not in BUILTIN_DATASETS and "://" not in dataset:
         raise KubetrainError(f"--param dataset={dataset!r} is a local path, which pods on the "
                              "cluster cannot read; upload it and pass its s3:// URI, or use "
                              f"one of {', '.join(BUILTIN_DATASETS)}")
-    params: dict[str, Any] = {k: getattr(cfg, k) for k in settings}
+    params: dict[str, Any] = {k: typed[k] for k in settings}
     for key, value in raw.items():
         if key not in known:
             params[key] = _coerce_kfp(key, value, extra[key])
@@ -467,7 +467,7 @@ def submit(args: argparse.Namespace, *, sleep: Callable[[float], None] = time.sl
     host = resolve_host(args.host)
     token = resolve_token(args.token)
     ui = (os.environ.get(UI_ENDPOINT_ENV) or host).rstrip("/")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
 
     with tempfile.TemporaryDirectory(prefix="kubetrain-submit-") as tmp:
         # 2. the pipeline YAML

@@ -26,24 +26,21 @@ Every document is validated against the Trainer API models of the
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import time
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from kubetrain.training import distributed
-
+from kubetrain.cluster import follow as follower
 from kubetrain.cluster import k8s
-
-from kubetrain.core import progress
-
-from kubetrain.core import storage
 from kubetrain.config.cluster import ClusterConfig
-from kubetrain.config.settings import RunConfig
+from kubetrain.config.settings import SEED, FinalConfig, HyperConfig, TrainConfig
+from kubetrain.core import progress, storage
 from kubetrain.core.errors import KubetrainError, require
+from kubetrain.training import distributed
 
 GROUP, VERSION, PLURAL, KIND = "trainer.kubeflow.org", "v1alpha1", "trainjobs", "TrainJob"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -64,14 +61,18 @@ def default_name(prefix: str = "kubetrain-train") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def trainjob(cfg: RunConfig, cluster: ClusterConfig, train_uri: str, val_uri: str,
-             output_uri: str, hyperparameters: dict[str, Any] | None, num_nodes: int,
-             name: str | None = None, nproc_per_node: int | None = None) -> dict[str, Any]:
-    """The TrainJob that trains ``cfg`` data-parallel on ``num_nodes`` nodes (validated).
+def trainjob(train: TrainConfig, hyper: HyperConfig, final: FinalConfig, seed: int,
+             cluster: ClusterConfig, train_uri: str, val_uri: str, output_uri: str,
+             num_nodes: int, name: str | None = None,
+             nproc_per_node: int | None = None) -> dict[str, Any]:
+    """The TrainJob that trains the final model data-parallel on ``num_nodes`` nodes (validated).
 
-    Processes per node: ``nproc_per_node``, else one per GPU (``cluster.gpus``),
-    else 1 on CPU-only pools. Rank 0 writes the train stage's outputs under
-    ``output_uri`` (see `kubetrain.cli.train_entry`); `collect` fetches them.
+    ``hyper`` is final: tuned values already applied. Every rank gets the four
+    sections as one flat ``--settings`` object, so the document alone says what
+    was trained. Processes per node: ``nproc_per_node``, else one per GPU
+    (``cluster.gpus``), else 1 on CPU-only pools. Rank 0 writes the train
+    stage's outputs under ``output_uri`` (see `kubetrain.cli.train_entry`);
+    `collect` fetches them.
     """
     name = name or default_name()
     require(isinstance(num_nodes, int) and not isinstance(num_nodes, bool) and num_nodes >= 1,
@@ -85,11 +86,10 @@ def trainjob(cfg: RunConfig, cluster: ClusterConfig, train_uri: str, val_uri: st
     require(gpus == 0 or nproc <= gpus,
             f"{nproc} processes per node but {gpus} GPU(s) per node: NCCL needs one GPU per "
             "process; raise gpus or lower nproc_per_node")
-    settings = cfg.stage("train")
+    settings = {**train.to_dict(), **hyper.to_dict(), **final.to_dict(), SEED: seed}
     args = ["--train", storage.object_uri(train_uri),
             "--validation", storage.object_uri(val_uri),
             "--output", storage.object_uri(output_uri),
-            "--hyperparameters", json.dumps(hyperparameters or {}, sort_keys=True),
             "--settings", json.dumps(settings, sort_keys=True)]
     quantities = {"cpu": cluster.gpu_cpu, "memory": cluster.gpu_memory}
     if gpus:
@@ -177,7 +177,8 @@ def _differences(a: Any, b: Any, path: str = "") -> list[str]:
                 out += _differences(a[key], b[key], where)
         return out
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b)) for d in _differences(x, y, f"{path}[{i}]")]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True))
+                for d in _differences(x, y, f"{path}[{i}]")]
     return [] if a == b else [f"{path} ({a!r} became {b!r})"]
 
 
@@ -209,8 +210,7 @@ def progress_of(job: dict[str, Any] | None) -> Progress:
     """The phase of ``job`` from ``status.conditions`` (Complete, Failed, Suspended,
     and Created on older Trainer releases) and ``status.jobsStatus``."""
     status = (job or {}).get("status") or {}
-    conditions = {c.get("type"): c for c in status.get("conditions") or []
-                  if str(c.get("status")) == "True"}
+    conditions = {c.get("type"): c for c in follower.true_conditions(job)}
     jobs = status.get("jobsStatus") or []
     detail = ", ".join(
         f"{j.get('name')}: " + " ".join(f"{j.get(k, 0)} {k}" for k in
@@ -234,14 +234,22 @@ def progress_of(job: dict[str, Any] | None) -> Progress:
 def follow(get: Callable[[], dict[str, Any]], timeout_s: float, poll_s: float = 10.0,
            sleep: Callable[[float], None] = time.sleep,
            now: Callable[[], float] = time.monotonic,
-           log: Callable[[str], None] | None = None) -> dict[str, Any]:
+           log: Callable[[str], None] | None = None,
+           error: follower.Error | None = None,
+           initial: dict[str, Any] | None = None) -> dict[str, Any]:
     """Poll ``get()`` until the TrainJob completes (returns it) or fails (raises).
 
     Each change of phase is logged once. A Failed condition raises with its
     reason and message; running past ``timeout_s`` raises with a kubectl hint.
+    Transient API errors of ``get`` are retried under `kubetrain.cluster.follow`'s
+    one policy; ``initial`` (the job sent) stands in until a read succeeds.
     """
-    return k8s.follow(get, _outcome, _describe, _timed_out, timeout_s, poll_s, sleep, now,
-                      log or (lambda message: progress.log("train", message)))
+    initial = initial or {}
+    name, namespace = _where(initial)
+    return follower.poll(get, _outcome, _describe, _timed_out, state=initial,
+                         pace=follower.Pace(timeout_s, poll_s, sleep, now),
+                         log=log or (lambda message: progress.log("train", message)),
+                         error=error, what=f"TrainJob {namespace}/{name}")
 
 
 def _where(job: dict[str, Any]) -> tuple[str, str]:
@@ -267,38 +275,41 @@ def _outcome(job: dict[str, Any]) -> dict[str, Any] | None:
         return job
     if state.phase == "Failed":
         name, namespace = _where(job)
-        why = ": ".join(filter(None, [state.reason, state.message])) or "no reason given"
         raise KubetrainError(
-            f"TrainJob {namespace}/{name} failed: {why}; see the ranks' logs with "
+            f"TrainJob {namespace}/{name} failed: {follower.why(state.reason, state.message)}; "
+            f"see the ranks' logs with "
             f"kubectl -n {namespace} logs -l {POD_SELECTOR}={name} --prefix --tail 50")
     return None
 
 
 # --- the Kubernetes API ---------------------------------------------------------------
 
-_VERBS = {"creating": "create", "following": "get", "deleting": "delete"}
+#: What the step was doing when an API call of each verb failed.
+_DOING = {"create": "creating", "get": "following", "delete": "deleting"}
 
 
-def _api_error(exc: Any, action: str, namespace: str, name: str) -> KubetrainError:
+def _api_error(exc: Any, verb: str, namespace: str, name: str) -> KubetrainError:
+    """One line naming the cause and the fix of a failed API call (verb: create, get, delete)."""
     detail = k8s.detail_of(exc)
     if getattr(exc, "status", None) == 404 and 'namespaces "' in detail:
         return KubetrainError(f"namespace {namespace!r} does not exist: set --namespace to "
                               "your Kubeflow profile's namespace")
+    doing = _DOING.get(verb, verb)
     rejected = f"the API server rejected TrainJob {name}: {detail}"
     return k8s.api_error(
-        exc, action == "creating", f"{action} TrainJob {namespace}/{name}",
+        exc, verb == "create", f"{doing} TrainJob {namespace}/{name}",
         not_installed=(
             "Kubeflow Trainer v2 is not installed (no trainjobs.trainer.kubeflow.org CRD); "
             "install it (https://www.kubeflow.org/docs/components/trainer/) or train with "
             "num_nodes=1 and one GPU"),
-        gone=f"TrainJob {namespace}/{name} disappeared while {action} (deleted by someone?)",
+        gone=f"TrainJob {namespace}/{name} disappeared while {doing} (deleted by someone?)",
         # an admission webhook refuses with 403 too: that is the document, not RBAC
         forbidden=rejected if "admission webhook" in detail else (
-            f"not allowed to {_VERBS.get(action, action)} trainjobs.trainer.kubeflow.org in "
+            f"not allowed to {verb} trainjobs.trainer.kubeflow.org in "
             f"namespace {namespace} ({detail}); grant the step's service account create/get/"
             "delete on trainjobs (manifests/base/role.yaml)"),
-        exists=(f"a TrainJob named {name} already exists in {namespace}; "
-                "delete it or pick another name"),
+        exists=(f"a TrainJob named {name} already exists in {namespace} and was not created "
+                "by kubetrain; delete it or pick another name"),
         rejected=rejected)
 
 
@@ -306,51 +317,33 @@ def run(job: dict[str, Any], namespace: str | None = None, api: Any = None,
         timeout_s: float = 86400, keep: bool = False, poll_s: float = 10.0,
         sleep: Callable[[float], None] = time.sleep, now: Callable[[], float] = time.monotonic,
         log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Create ``job``, follow it to the end and delete it (unless ``keep``); returns it.
+    """Create ``job`` (or re-attach to this run's), follow it to the end, delete it unless ``keep``.
 
-    Transient API errors while following (5xx, 429, dropped connections) are
-    retried for a few polls; a deleted job, RBAC or webhook refusals are not.
+    Returns the completed job. Transient API errors (5xx, 429, no answer) are
+    retried with capped backoff until ``timeout_s``; a deleted job, RBAC or
+    webhook refusals fail at once (`kubetrain.cluster.follow`).
     """
-    from kubernetes.client.exceptions import ApiException
-
     validate(job)
     namespace = namespace or job["metadata"].get("namespace") or "default"
     name = job["metadata"]["name"]
+    job = {**job, "metadata": {**job["metadata"], "namespace": namespace}}
     log = log or (lambda message: progress.log("train", message))
     api = api or k8s.custom_objects_api()
-    try:
-        api.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, job)
-    except ApiException as exc:
-        raise _api_error(exc, "creating", namespace, name) from None
-    log(f"created TrainJob {namespace}/{name}: {job['spec']['trainer']['numNodes']} node(s) x "
-        f"{job['spec']['trainer']['numProcPerNode']} process(es), runtime "
-        f"{job['spec']['runtimeRef']['name']}")
-    failures = 0
+    ref = follower.Ref(GROUP, VERSION, PLURAL, namespace, name, f"TrainJob {namespace}/{name}",
+                       f"kubectl -n {namespace} delete trainjob {name}")
+    pace = follower.Pace(timeout_s, poll_s, sleep, now)
 
-    def get() -> dict[str, Any]:
-        nonlocal failures
-        while True:
-            try:
-                found = api.get_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name)
-                failures = 0
-                return found
-            except Exception as exc:  # noqa: BLE001 - classified below
-                if not k8s.transient(exc) or failures >= 5:
-                    raise (_api_error(exc, "following", namespace, name)
-                           if isinstance(exc, ApiException) else exc) from None
-                failures += 1
-                log(f"Kubernetes API hiccup while following {name} ({exc}); retrying")
-                sleep(poll_s)
+    def error(exc: BaseException, verb: str) -> KubetrainError:
+        return _api_error(exc, verb, namespace, name)
 
-    try:
-        with k8s.sigterm_raises("a TrainJob"):  # a cancelled run still deletes its GPU pods
-            return follow(get, timeout_s, poll_s, sleep, now, log)
-    finally:
-        if not keep:
-            with contextlib.suppress(Exception):
-                api.delete_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, name,
-                                                    propagation_policy="Background")
-                log(f"deleted TrainJob {namespace}/{name}")
+    # a cancelled run (SIGTERM) still deletes its GPU pods
+    with follower.owned(api, ref, job, error=error, pace=pace, keep=keep, log=log) as created:
+        if created:
+            log(f"created TrainJob {namespace}/{name}: {job['spec']['trainer']['numNodes']} "
+                f"node(s) x {job['spec']['trainer']['numProcPerNode']} process(es), runtime "
+                f"{job['spec']['runtimeRef']['name']}")
+        return follow(lambda: follower.get(api, ref), timeout_s, poll_s, sleep, now, log,
+                      error=error, initial=job)
 
 
 # --- the whole step -----------------------------------------------------------------
@@ -367,19 +360,25 @@ def collect(output_uri: str, model_path: str, metrics_path: str,
     return json.loads(storage.read_bytes(f"{base}/{distributed.OUTPUT_META}"))
 
 
-def train_on_cluster(settings: dict[str, Any], cluster: ClusterConfig, train_uri: str,
-                     val_uri: str, output_uri: str, hyperparameters: dict[str, Any] | None,
-                     num_nodes: int, model_path: str, metrics_path: str, report_path: str,
-                     name: str | None = None, api: Any = None, nproc_per_node: int | None = None,
+def train_on_cluster(train: TrainConfig, hyper: HyperConfig, final: FinalConfig, seed: int,
+                     cluster: ClusterConfig, train_uri: str, val_uri: str, output_uri: str,
+                     model_path: str, metrics_path: str, report_path: str,
+                     hyperparameters: Mapping[str, Any] | None = None, *,
+                     name: str | None = None, api: Any = None,
+                     nproc_per_node: int | None = None,
                      **follow_options: Any) -> dict[str, Any]:
-    """The train step as a TrainJob: build, submit, follow, collect; same outputs as train_stage.
+    """The train step as a TrainJob: build, submit, follow, collect; same outputs as training here.
 
-    ``settings`` are RunConfig values (the train component's parameters);
-    ``follow_options`` go to `run` (poll_s, sleep, now, log).
+    ``hyperparameters`` (the tune step's best values, KFP-loosely typed) are
+    applied to ``hyper`` with one `HyperConfig.replace`, checked before anything
+    is submitted. Nodes come from ``cluster.num_nodes``; the wait and what
+    happens to the finished job from ``cluster`` (wait_timeout, finished_jobs)
+    unless ``follow_options`` say otherwise (timeout_s, keep, poll_s, sleep,
+    now, log: see `run`).
     """
-    cfg = RunConfig.from_dict(dict(settings or {}))
-    job = trainjob(cfg, cluster, train_uri, val_uri, output_uri, hyperparameters, num_nodes,
-                   name=name, nproc_per_node=nproc_per_node)
-    run(job, api=api, timeout_s=cluster.wait_timeout, keep=cluster.finished_jobs == "keep",
-        **follow_options)
+    tuned = hyper.replace(dict(hyperparameters or {}))
+    job = trainjob(train, tuned, final, seed, cluster, train_uri, val_uri, output_uri,
+                   cluster.num_nodes, name=name, nproc_per_node=nproc_per_node)
+    run(job, api=api, **{"timeout_s": cluster.wait_timeout,
+                         "keep": cluster.finished_jobs == "keep", **follow_options})
     return collect(output_uri, model_path, metrics_path, report_path)

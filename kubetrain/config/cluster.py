@@ -50,7 +50,8 @@ class ClusterConfig:
     gpu_node_selector: str = _opt("kubetrain.io/node-pool=gpu",
                                   "key=value label of the GPU node pool.")
     gpu_toleration: str = _opt("nvidia.com/gpu=present:NoSchedule",
-                               "key[=value]:effect taint of the GPU nodes that GPU stages tolerate.")
+                               "key[=value]:effect taint of the GPU nodes that GPU stages "
+                               "tolerate.")
     cpu_node_selector: str = _opt("", "Optional key=value label pinning CPU stages to a pool.")
     gpu_cpu: str = _opt("4", "CPU request and limit of GPU stages.")
     gpu_memory: str = _opt("16Gi", "Memory request and limit of GPU stages.")
@@ -104,7 +105,7 @@ class ClusterConfig:
                                  "store URI such as s3://bucket/pipeline-root")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ClusterConfig":
+    def from_dict(cls, values: dict) -> ClusterConfig:
         """From a KFP dict parameter: protobuf Structs hand ints back as floats."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(fields))

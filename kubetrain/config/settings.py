@@ -79,6 +79,14 @@ class DataConfig(Section):
     label_column: str = _opt("", "Label column of a CSV/Parquet table; empty picks 'label', "
                              "'target' or 'class'.")
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.dataset in BUILTIN_DATASETS and self.label_column:
+            raise KubetrainError(
+                f"label_column={self.label_column!r} does not apply to the built-in dataset "
+                f"{self.dataset!r}, which has its own labels; drop --label-column or point "
+                "--dataset at your CSV/Parquet file")
+
 
 @dataclass(frozen=True)
 class CleanConfig(Section):

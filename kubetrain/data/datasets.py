@@ -5,10 +5,12 @@ Two shapes, both directories so one KFP artifact carries data and schema:
 * a *table* (ingest's output): ``data.parquet`` with raw, possibly
   categorical or missing features plus the label column, and ``meta.json``;
 * a *split* (clean's and augment's outputs): ``arrays.npz`` with numeric
-  ``X`` (float32) and ``y`` (int64 class indices), and ``meta.json``.
+  ``X`` (float32) and ``y`` (int64 class indices), ``meta.json``, and
+  ``sha256.json`` (`kubetrain.core.integrity`), checked on every load.
 
 Writes are atomic (a temporary sibling directory, then one rename), so a
-failed stage never leaves a half-written artifact behind.
+failed stage never leaves a half-written artifact behind; the checksums catch
+what atomicity cannot: a cached artifact damaged after it was written.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -27,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from kubetrain.core.errors import KubetrainError
+from kubetrain.core.integrity import FIX, verify_checksums, write_checksums
 
 LABEL = "label"  # name of the label column inside a canonical table
 
@@ -126,13 +130,27 @@ def save_split(path: str | os.PathLike, X: np.ndarray, y: np.ndarray, schema: Sc
     with atomic_dir(path) as tmp:
         np.savez(tmp / "arrays.npz", X=np.asarray(X, np.float32), y=np.asarray(y, np.int64))
         (tmp / "meta.json").write_text(json.dumps(asdict(schema), indent=2))
+        write_checksums(tmp)  # last: its presence vouches for the files above
 
 
 def load_split(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, Schema]:
+    """Read a split, checking it against its checksums first.
+
+    kfp.local's cache hands out an artifact as long as its files exist, so a
+    truncated ``arrays.npz`` must be caught here, with the file and the fix
+    named, not three stages later as a ``BadZipFile`` in the task log.
+    """
     root = _existing_dir(path, "arrays.npz")
-    schema = Schema.from_json(json.loads((root / "meta.json").read_text()))
-    with np.load(root / "arrays.npz") as arrays:
-        return arrays["X"], arrays["y"], schema
+    verify_checksums(root)
+    arrays_path = root / "arrays.npz"
+    try:
+        schema = Schema.from_json(json.loads((root / "meta.json").read_text()))
+        with np.load(arrays_path) as arrays:
+            return arrays["X"], arrays["y"], schema
+    except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as exc:
+        # an artifact from before checksums existed, damaged: still one line
+        raise KubetrainError(f"{root} cannot be read ({type(exc).__name__}: {exc}); "
+                             f"{FIX}") from None
 
 
 def _existing_dir(path: str | os.PathLike, member: str) -> Path:

@@ -5,22 +5,33 @@ runner differs. Around it this module adds what a person at a terminal needs:
 a quiet console (stage/epoch/trial lines only; KFP's full executor log goes to
 ``runs/<id>/pipeline.log``), per-stage timings, a one-line error instead of a
 subprocess traceback, ``summary.json``, and one HTML run report with plots.
+
+It also keeps runs apart and the machine clean: every run gets its own folder
+(random run ids, created exclusively), a full or read-only ``--runs-dir`` is a
+one-line error, ``--no-cache`` refreshes kfp.local's cache instead of merely
+bypassing it, and the temporary folders kfp.local makes per task
+(``mktemp -d`` + ``ephemeral_component.py``, and ``kfp-workspace-*``) are
+removed when the run ends, whether it succeeded or not.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
 import re
+import secrets
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from kubetrain import registry
 from kubetrain.config.settings import RunConfig
@@ -36,6 +47,11 @@ TASK_STAGE = registry.task_stage()
 STAGES = tuple(s for s in registry.STAGE_NAMES if s != "publish")
 SKIPPED_TASKS = frozenset(s.task for s in registry.STAGES if s.alternative)
 PUBLISHED = re.compile(r"model bundle published to (\S+)")
+TRACEBACK = "Traceback (most recent call last):"
+#: How often a run folder is drawn again when the name is taken (never, in practice).
+RUN_DIR_ATTEMPTS = 8
+#: A task that died of a full or read-only disk: its error line gets the fix appended.
+STORAGE_IN_TASK = re.compile(r"\[Errno (%d|%d|%d)\]" % (errno.ENOSPC, errno.EDQUOT, errno.EROFS))
 
 
 @dataclass
@@ -80,27 +96,48 @@ class StageClock:
 
 
 class ConsoleFilter(io.TextIOBase):
-    """A stdout stand-in: everything to the log file, progress lines to the console."""
+    """A stdout stand-in: everything to the log file, progress lines to the console.
+
+    It also remembers why a task failed, because kfp.local's own exception only
+    says "Inner task failed: 'train'": the first `KubetrainError` message, else
+    the last line of the last Python traceback (any exception class, e.g.
+    ``zipfile.BadZipFile: File is not a zip file``), else the last line that
+    looks like an exception.
+    """
 
     def __init__(self, console, log_file, clock: StageClock):
         self.console, self.log, self.clock = console, log_file, clock
         self.buffer_ = ""
         self.error: str | None = None  # first KubetrainError message of a failed task
-        self.last_exception: str | None = None  # any other exception's last line
+        self.traceback_exception: str | None = None  # last traceback's final line
+        self.last_exception: str | None = None  # any other exception-looking line
         self.published: str | None = None
+        #: The first error writing the log (a full disk); later writes go to the console only.
+        self.log_failure: OSError | None = None
+        self._in_traceback = False
 
     def writable(self) -> bool:
         return True
 
     def write(self, text: str) -> int:
-        self.log.write(text)
+        if self.log_failure is None:
+            try:
+                self.log.write(text)
+            except OSError as exc:  # raising here would kill kfp's log relay mid-task
+                self.log_failure = exc
         self.buffer_ += text
         while "\n" in self.buffer_:
             line, self.buffer_ = self.buffer_.split("\n", 1)
             self._line(ANSI.sub("", line))
         return len(text)
 
+    @property
+    def cause(self) -> str | None:
+        """The most specific reason a failed run has logged, if any."""
+        return self.error or self.traceback_exception or self.last_exception
+
     def _line(self, line: str) -> None:
+        self._track_traceback(line)
         if KubetrainError.LOG_PREFIX in line and self.error is None:
             self.error = line.split(KubetrainError.LOG_PREFIX, 1)[1].strip()
         elif EXCEPTION.match(line):
@@ -114,8 +151,20 @@ class ConsoleFilter(io.TextIOBase):
             self.console.write(shown + "\n")
             self.console.flush()
 
+    def _track_traceback(self, line: str) -> None:
+        """A traceback's frames are indented; its first unindented line is the exception."""
+        if line.startswith(TRACEBACK):
+            self._in_traceback = True
+        elif self._in_traceback and line.strip() and not line[0].isspace():
+            self._in_traceback = False
+            self.traceback_exception = line.strip()
+
     def flush(self) -> None:
-        self.log.flush()
+        if self.log_failure is None:
+            try:
+                self.log.flush()
+            except OSError as exc:
+                self.log_failure = exc
 
 
 def fingerprint(source: str) -> str:
@@ -136,9 +185,143 @@ def _absolute_source(cfg: RunConfig) -> RunConfig:
 
 
 def new_run_id(cfg: RunConfig) -> str:
+    """``<UTC time>-<config hash>-<random>``: sortable, tells configs apart, and never
+    the same for two runs started in the same second with the same config."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     tag = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:6]
-    return f"{stamp}-{tag}"
+    return f"{stamp}-{tag}-{secrets.token_hex(3)}"
+
+
+def create_run_dir(runs: Path, cfg: RunConfig) -> tuple[str, Path]:
+    """Make ``runs/<new id>/``, exclusively: a run never writes into another's folder.
+
+    The random part makes a collision all but impossible; `mkdir` without
+    ``exist_ok`` makes it harmless (the loser draws again).
+    """
+    if runs.exists() and not runs.is_dir():
+        raise KubetrainError(f"--runs-dir {runs} is a file, not a directory; "
+                             "pass a directory (for example --runs-dir runs)")
+    runs.mkdir(parents=True, exist_ok=True)
+    for _ in range(RUN_DIR_ATTEMPTS):
+        run_id = new_run_id(cfg)
+        try:
+            (runs / run_id).mkdir()
+        except FileExistsError:
+            continue
+        return run_id, runs / run_id
+    raise KubetrainError(f"could not create a new run folder under {runs} after "
+                         f"{RUN_DIR_ATTEMPTS} tries; remove stale runs there and retry")
+
+
+#: errno -> (what went wrong, the fix), for errors writing under --runs-dir
+STORAGE_ERRORS: dict[int, tuple[str, str]] = {
+    errno.ENOSPC: ("no space left on device", "free some space or pass --runs-dir on another disk"),
+    errno.EDQUOT: ("disk quota exceeded", "free some space or pass --runs-dir on another disk"),
+    errno.EROFS: ("read-only file system", "pass --runs-dir pointing to a writable directory"),
+    errno.EACCES: ("permission denied", "pass --runs-dir pointing to a writable directory"),
+    errno.EPERM: ("operation not permitted", "pass --runs-dir pointing to a writable directory"),
+    errno.ENOTDIR: ("a parent folder is a file", "pass --runs-dir naming a directory"),
+    errno.EEXIST: ("a file is in the way", "pass --runs-dir naming a directory"),
+}
+
+
+def storage_error(exc: OSError, runs: Path) -> KubetrainError | None:
+    """The one-line error for a failed write under `runs`, or None if `exc` is not one."""
+    if exc.errno not in STORAGE_ERRORS:
+        return None
+    what, fix = STORAGE_ERRORS[exc.errno]
+    where = Path(exc.filename) if exc.filename else runs
+    if exc.errno in (errno.ENOTDIR, errno.EEXIST) and (blocker := _file_in_the_way(where)):
+        return KubetrainError(f"--runs-dir {runs}: {blocker} is a file, not a directory; {fix}")
+    return KubetrainError(f"cannot write {where} (--runs-dir {runs}): {what}; {fix}")
+
+
+def _file_in_the_way(path: Path) -> Path | None:
+    """The nearest of `path` and its parents that exists as something other than a folder."""
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            return None if candidate.is_dir() else candidate
+    return None
+
+
+@contextlib.contextmanager
+def task_tempdir() -> Iterator[Path]:
+    """Point the tasks' TMPDIR at a folder of this run's own, and remove it at the end.
+
+    kfp.local runs each lightweight component as ``sh -ec 'program_path=$(mktemp -d)
+    ...'`` (kfp/dsl/component_factory.py) and never removes that folder, and
+    ``local.init`` makes a ``kfp-workspace-*`` folder per call: hundreds of
+    ``/tmp/tmp.*`` folders after a few runs. A private TMPDIR catches all of
+    them, including those of tasks that failed, and, unlike a before/after
+    listing of /tmp, never touches the folders of another run going on at the
+    same time.
+    """
+    tempfile.gettempdir()  # fix this process's own tempdir before TMPDIR changes
+    private = Path(tempfile.mkdtemp(prefix="kubetrain-tasks-"))
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(private)  # subprocesses inherit os.environ
+    try:
+        yield private
+    finally:
+        if previous is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous
+        shutil.rmtree(private, ignore_errors=True)
+
+
+class _RefreshingCache:
+    """kfp.local's cache with every lookup a miss: tasks run, and their fresh outputs
+    replace the cache entries (see `kfp_caching`)."""
+
+    def __init__(self, inner: Any):
+        self.inner = inner
+
+    def compute_key(self, *args: Any, **kwargs: Any) -> str:
+        return self.inner.compute_key(*args, **kwargs)
+
+    def get(self, key: str) -> None:
+        return None
+
+    def put(self, key: str, outputs: dict[str, Any]) -> None:
+        self.inner.put(key, outputs)
+
+
+@contextlib.contextmanager
+def kfp_caching(cache: bool) -> Iterator[bool]:
+    """Yield the `enable_caching` for ``local.init``; with `cache` off, refresh the cache.
+
+    kfp.local (2.17, kfp/local/cache.py and orchestrator/task_executor.py) keys
+    a task by component, command and arguments (input artifacts by URI) and
+    stores ``<pipeline_root>/.kfp_cache/<key>.json`` pointing at the output
+    URIs; an entry is a hit as long as those files exist. With caching
+    disabled it neither reads nor writes entries, so a plain ``--no-cache`` run
+    would leave a damaged entry in place and the next cached run would be
+    served it again. Instead, ``--no-cache`` keeps caching on with every lookup
+    a miss: each task runs and its entry is rewritten to point at the new
+    outputs. The first task's key does not depend on earlier outputs, so the
+    next cached run follows the fresh chain; stale entries of later tasks are
+    keyed by the old URIs and are never reached again.
+    """
+    if cache:
+        yield True
+        return
+    from kfp.local import cache as kfp_cache
+
+    original = getattr(kfp_cache, "get_local_cache", None)
+    if original is None:  # another kfp: fall back to a plain uncached run
+        yield False
+        return
+
+    def refreshing() -> _RefreshingCache | None:
+        found = original()
+        return None if found is None else _RefreshingCache(found)
+
+    kfp_cache.get_local_cache = refreshing
+    try:
+        yield True
+    finally:
+        kfp_cache.get_local_cache = original
 
 
 def unshadow_docker() -> None:
@@ -157,39 +340,74 @@ def unshadow_docker() -> None:
 
 def run_local(cfg: RunConfig, runs_dir: str | os.PathLike = "runs", cache: bool = True,
               console=None) -> dict[str, Any]:
-    """Run the whole pipeline locally; returns the summary (also written to disk)."""
+    """Run the whole pipeline locally; returns the summary (also written to disk).
+
+    Every failure a user can fix (a failed task, a full or read-only
+    ``runs_dir``) is raised as one `KubetrainError` line.
+    """
     unshadow_docker()
+    console = console or sys.stdout
+    runs = Path(runs_dir).resolve()
+    try:
+        return _run_local(cfg, runs, cache, console)
+    except OSError as exc:
+        if (error := storage_error(exc, runs)) is None:
+            raise
+        raise error from None
+
+
+def _run_local(cfg: RunConfig, runs: Path, cache: bool, console) -> dict[str, Any]:
     from kfp import local
 
     from kubetrain.pipelines.training import training_pipeline
 
-    console = console or sys.stdout
-    runs = Path(runs_dir).resolve()
-    run_id = new_run_id(cfg)
-    run_dir = runs / run_id
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_id, run_dir = create_run_dir(runs, cfg)
     clock = StageClock()
     console.write(f"{progress.PREFIX} run {run_id} | dataset {cfg.data.dataset} | "
                   f"{cfg.tune.tune_trials} tuning trials | up to {cfg.final.epochs} epochs | "
                   f"cache {'on' if cache else 'off'}\n")
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(runs / ".kfp"),
-               enable_caching=cache, raise_on_error=True)
-    started = time.perf_counter()
-    with open(run_dir / "pipeline.log", "w") as log:
+    log_path = run_dir / "pipeline.log"
+    with task_tempdir() as scratch, kfp_caching(cache) as enable_caching:
+        (scratch / "workspace").mkdir()
+        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(runs / ".kfp"),
+                   workspace_root=str(scratch / "workspace"), enable_caching=enable_caching,
+                   raise_on_error=True)
+        started = time.perf_counter()
+        log = open(log_path, "w")
         out = ConsoleFilter(console, log, clock)
+        failure: Exception | None = None
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
                 task = training_pipeline(**_absolute_source(cfg).flat(),
                                          fingerprint=fingerprint(cfg.data.dataset))
         except Exception as exc:  # kfp.local raises RuntimeError for a failed task
-            cause = out.error or out.last_exception or ANSI.sub("", str(exc)).splitlines()[0]
-            raise KubetrainError(f"{cause} (full log: {run_dir / 'pipeline.log'})") from None
+            failure = exc
+        finally:
+            try:
+                log.close()
+            except OSError as exc:  # the last buffered lines did not fit either
+                out.log_failure = out.log_failure or exc
+    if out.log_failure is not None and storage_error(out.log_failure, runs) is not None:
+        raise out.log_failure  # run_local names the path and the fix
+    if failure is not None:
+        if isinstance(failure, OSError) and storage_error(failure, runs) is not None:
+            raise failure  # kfp.local itself could not write under runs/.kfp
+        raise KubetrainError(f"{_failure_cause(out, failure)} (full log: {log_path})") from None
     seconds = time.perf_counter() - started
     summary = summarize(cfg, run_id, run_dir, task.outputs,
                         clock.table(publish=bool(cfg.publish.publish_uri)), seconds)
     summary["published"] = out.published
     _write_run(runs, run_dir, summary, task.outputs)
     return summary
+
+
+def _failure_cause(out: ConsoleFilter, exc: Exception) -> str:
+    """The task's own error, not kfp.local's generic "Inner task failed"."""
+    lines = ANSI.sub("", str(exc)).strip().splitlines()
+    cause = out.cause or (lines[0] if lines else type(exc).__name__)
+    if out.error is None and (m := STORAGE_IN_TASK.search(cause)):
+        cause += f"; {STORAGE_ERRORS[int(m.group(1))][1]}"
+    return cause
 
 
 def _meta(artifact) -> dict[str, Any]:
@@ -237,11 +455,15 @@ def _write_run(runs: Path, run_dir: Path, summary: dict[str, Any], outputs: dict
 
     write_report(run_dir / "report.html", summary, outputs)
     write_json(run_dir / "summary.json", summary)
+    # `latest` moves to each run as it finishes; one atomic rename, so concurrent
+    # runs leave it pointing at a complete run, never at nothing
     latest = runs / "latest"
-    tmp = runs / f".latest-{os.getpid()}"
-    tmp.unlink(missing_ok=True)
+    tmp = runs / f".latest-{os.getpid()}-{secrets.token_hex(3)}"
     tmp.symlink_to(run_dir.name)
-    os.replace(tmp, latest)
+    try:
+        os.replace(tmp, latest)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def write_report(path: Path, summary: dict[str, Any], outputs: dict[str, Any]) -> None:

@@ -1,9 +1,13 @@
 """Train: one PyTorch loop for every caller.
 
 The final training, each local Optuna trial and each Katib trial call `fit`,
-so tuned values mean the same thing everywhere. Data stay resident on the
-device as tensors (no DataLoader: the datasets this template targets fit in
-memory, and index batching is several times faster on small rows).
+so tuned values mean the same thing everywhere. `fit` takes only the sections
+that decide training (the shared recipe `TrainConfig`, the tunable
+`HyperConfig`, the seed and an epoch count), never a whole `RunConfig`: a
+trial and the final training differ only in what they pass. Data stay
+resident on the device as tensors (no DataLoader: the datasets this template
+targets fit in memory, and index batching is several times faster on small
+rows).
 
 Inside a torch.distributed process group (`kubetrain.training.distributed.init`, under
 torchrun) `fit` trains data-parallel: the model is wrapped in DDP, each rank
@@ -16,32 +20,37 @@ a group nothing changes.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
-import os
+import math
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from kubetrain.training import distributed
-
+from kubetrain.config.settings import HyperConfig, TrainConfig
 from kubetrain.core import progress
-from kubetrain.config.settings import RunConfig
-from kubetrain.data.datasets import Schema
 from kubetrain.core.errors import KubetrainError, require
+from kubetrain.data.datasets import Schema
+from kubetrain.training import checkpoint, distributed
 from kubetrain.training.models import ModelSpec, build, spec_for
 
-#: Settings a tuner may override; everything else comes from the RunConfig.
-TUNABLE = ("learning_rate", "weight_decay", "dropout", "width", "batch_size")
+#: Settings a tuner may override: exactly the `HyperConfig` section.
+TUNABLE: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(HyperConfig))
 
 #: Called after each epoch with (epoch, metrics); returning True stops training
 #: (median stopping of a weak trial).
 EpochHook = Callable[[int, dict[str, float]], bool]
+
+#: Smallest validation-loss drop that counts as progress for early stopping.
+MIN_GAIN = 1e-5
+
+Split = tuple[np.ndarray, np.ndarray]
 
 
 @dataclass
@@ -52,16 +61,26 @@ class FitResult:
     best_epoch: int
     metrics: dict[str, float]
     stopped_by_hook: bool = False
+    #: Everything that determined the training (`fit_config`); a checkpoint resumes only
+    #: a run with the same one.
     config: dict[str, Any] = field(default_factory=dict)
 
 
-def with_hyperparameters(cfg: RunConfig, hyperparameters: dict[str, Any]) -> RunConfig:
-    """Apply tuned values (KFP returns ints inside dicts as floats: coerced here)."""
-    unknown = sorted(set(hyperparameters) - set(TUNABLE))
-    require(not unknown, f"cannot tune {', '.join(unknown)}; tunable settings are "
-                         f"{', '.join(TUNABLE)}")
-    merged = cfg.to_dict() | dict(hyperparameters)
-    return RunConfig.from_dict(merged)
+def fit_config(train: TrainConfig, hyper: HyperConfig, seed: int, epochs: int) -> dict[str, Any]:
+    """The flat settings that determine a training run (epochs too: the schedule depends on it)."""
+    return {**train.to_dict(), **hyper.to_dict(), "seed": seed, "epochs": epochs}
+
+
+def tuned_values(hyper: HyperConfig) -> dict[str, Any]:
+    return hyper.to_dict()
+
+
+def describe(train: TrainConfig, hyper: HyperConfig, seed: int, epochs: int) -> dict[str, Any]:
+    """The hyperparameters worth showing next to a result (not device or patience: they
+    change how a run is executed or cut short, not what it learns)."""
+    config = fit_config(train, hyper, seed, epochs)
+    keys = TUNABLE + ("optimizer", "lr_schedule", "epochs", "model", "l1", "seed")
+    return {k: config[k] for k in keys}
 
 
 def pick_device(requested: str) -> torch.device:
@@ -78,27 +97,314 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def make_optimizer(model: nn.Module, cfg: RunConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, train: TrainConfig,
+                   hyper: HyperConfig) -> torch.optim.Optimizer:
     # No weight decay on biases: decaying them only hurts.
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     rest = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+    groups = [{"params": decay, "weight_decay": hyper.weight_decay},
               {"params": rest, "weight_decay": 0.0}]
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.learning_rate, momentum=cfg.momentum,
-                               nesterov=cfg.momentum > 0)
-    if cfg.optimizer == "adam":
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=hyper.learning_rate, momentum=train.momentum,
+                               nesterov=train.momentum > 0)
+    if train.optimizer == "adam":
         # Adam's weight_decay is L2 added to the gradient; AdamW decouples it.
-        return torch.optim.Adam(groups, lr=cfg.learning_rate)
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate)
+        return torch.optim.Adam(groups, lr=hyper.learning_rate)
+    return torch.optim.AdamW(groups, lr=hyper.learning_rate)
 
 
-def make_schedule(opt: torch.optim.Optimizer, cfg: RunConfig, epochs: int):
-    if cfg.lr_schedule == "cosine":
+def make_schedule(opt: torch.optim.Optimizer, train: TrainConfig, epochs: int):
+    if train.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1))
-    if cfg.lr_schedule == "step":
+    if train.lr_schedule == "step":
         return torch.optim.lr_scheduler.StepLR(opt, step_size=max(epochs // 3, 1), gamma=0.1)
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+
+
+# --- fit ---------------------------------------------------------------------------------
+
+def fit(train: TrainConfig, hyper: HyperConfig, seed: int, train_data: Split, val_data: Split,
+        schema: Schema, epochs: int, hook: EpochHook | None = None,
+        checkpoint_dir: str | None = None, stage: str = "train",
+        verbose: bool = True) -> FitResult:
+    """Train with early stopping on validation loss; returns the best epoch's weights.
+
+    With ``checkpoint_dir`` every epoch ends with a checkpoint there, and a run
+    of the same `fit_config` resumes from it exactly where it stopped (same
+    weights, losses and learning rates as never stopping).
+    """
+    _check_splits(train_data, val_data, schema)
+    config = fit_config(train, hyper, seed, epochs)
+    seed_everything(seed)
+    where = _place(train.device)
+    verbose = verbose and where.rank == 0
+    spec = spec_for(schema, train.model, hyper.width, hyper.dropout)
+    loop = _Loop.start(spec, train, hyper, seed, epochs, where, train_data, val_data)
+    ckpt = checkpoint.path_in(checkpoint_dir)
+    so_far = _resume(loop, ckpt, config, stage if verbose else None)
+    # A checkpointed run that had already stopped early has nothing left to train.
+    first = so_far.epoch + 1 if so_far.epochs_without_gain < train.patience else epochs + 1
+    started, stopped_by_hook = time.perf_counter(), False
+    for epoch in range(first, epochs + 1):
+        t0 = time.perf_counter()
+        lr = loop.opt.param_groups[0]["lr"]  # the rate this epoch trains with
+        train_loss = loop.train_epoch(epoch)
+        val_loss, val_acc = loop.validate()
+        _check_finite(epoch, train_loss, val_loss, hyper.learning_rate)
+        so_far.record({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                       "val_accuracy": val_acc, "lr": lr,
+                       "seconds": time.perf_counter() - t0}, loop.net)
+        if ckpt and where.rank == 0:  # before the hook: a preempted trial loses nothing
+            checkpoint.save(ckpt, loop.state_dict(config, so_far))
+        if verbose:
+            _log_epoch(stage, so_far.history[-1], epochs,
+                       progress.eta(started, epoch - first + 1, epochs - first + 1))
+        if _hook_stops(hook, epoch, val_loss, val_acc, where.ddp):
+            stopped_by_hook = True
+            break
+        if so_far.epochs_without_gain >= train.patience:
+            if verbose:
+                progress.log(stage, f"early stop: no validation-loss gain for {train.patience} "
+                                    f"epochs; best epoch {so_far.best_epoch}")
+            break
+    return _result(loop, spec, so_far, started, stopped_by_hook, config)
+
+
+# --- the pieces of fit -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where this process trains: its device, and its share of a data-parallel run."""
+
+    device: torch.device
+    ddp: bool
+    rank: int
+    world_size: int
+
+
+def _place(requested: str) -> _Placement:
+    device = pick_device(requested)
+    ddp = distributed.is_active()
+    rank, local_rank, world_size = distributed.world() if ddp else (0, 0, 1)
+    if ddp and device.type == "cuda":  # this rank's GPU (init() made it the current one)
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    return _Placement(device, ddp, rank, world_size)
+
+
+def _check_splits(train_data: Split, val_data: Split, schema: Schema) -> None:
+    (X_tr, _), (X_va, _) = train_data, val_data
+    require(len(X_tr) > 0 and len(X_va) > 0, "training and validation splits must not be "
+                                             "empty; lower --test-fraction/--val-fraction")
+    require(X_tr.shape[1] == len(schema.feature_names) == X_va.shape[1],
+            f"feature count mismatch: train has {X_tr.shape[1]}, validation {X_va.shape[1]}, "
+            f"schema {len(schema.feature_names)}; re-run clean on the same table")
+
+
+def _check_finite(epoch: int, train_loss: float, val_loss: float, learning_rate: float) -> None:
+    # A non-finite loss would otherwise end up in the history and break the JSON metrics.
+    if not (math.isfinite(val_loss) and math.isfinite(train_loss)):
+        raise KubetrainError(f"training diverged at epoch {epoch} (train loss {train_loss}, "
+                             f"validation loss {val_loss}); lower --learning-rate "
+                             f"(now {learning_rate})")
+
+
+@dataclass
+class _Progress:
+    """What the epochs so far produced: checkpointed after each epoch, restored on resume."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    best_weights: dict[str, torch.Tensor] | None = None  # on the CPU
+
+    @property
+    def epoch(self) -> int:
+        """The last finished epoch (0 before the first)."""
+        return int(self.history[-1]["epoch"]) if self.history else 0
+
+    @property
+    def epochs_without_gain(self) -> int:
+        return self.epoch - self.best_epoch
+
+    def record(self, row: dict[str, float], net: nn.Module) -> None:
+        self.history.append(row)
+        if row["val_loss"] < self.best_loss - MIN_GAIN:
+            self.best_loss, self.best_epoch = row["val_loss"], int(row["epoch"])
+            # a copy: the live weights keep training (on the CPU, .cpu() alone would alias)
+            self.best_weights = {k: v.detach().to("cpu", copy=True)
+                                 for k, v in net.state_dict().items()}
+
+    def best_row(self) -> dict[str, float]:
+        return next((r for r in self.history if r["epoch"] == self.best_epoch),
+                    self.history[-1])
+
+
+def _autocast(device: torch.device) -> Callable[[], AbstractContextManager]:
+    """bf16 on GPUs that have it (faster, no loss scaling needed); full precision elsewhere."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return lambda: torch.autocast("cuda", dtype=torch.bfloat16)
+    return lambda: torch.autocast("cpu", enabled=False)
+
+
+@dataclass
+class _Loop:
+    """What one run trains with and mutates epoch by epoch, and the steps of an epoch."""
+
+    net: nn.Module  # the network itself: checkpointed, evaluated, returned
+    model: nn.Module  # what trains: `net`, or `net` inside DDP
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    gen: torch.Generator  # the per-epoch permutations
+    autocast: Callable[[], AbstractContextManager]
+    where: _Placement
+    seed: int
+    l1: float
+    batch_rows: int  # per step on this rank
+    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # X, y, X_val, y_val
+
+    @classmethod
+    def start(cls, spec: ModelSpec, train: TrainConfig, hyper: HyperConfig, seed: int,
+              epochs: int, where: _Placement, train_data: Split, val_data: Split) -> _Loop:
+        net = build(spec).to(where.device)  # same seed, same initial weights on every rank
+        opt = make_optimizer(net, train, hyper)
+        # Whole splits live on the device; index batching avoids per-batch host copies.
+        (X, y), (X_val, y_val) = train_data, val_data
+
+        def features(a: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(a, dtype=torch.float32, device=where.device)
+
+        def labels(a: np.ndarray) -> torch.Tensor:
+            return torch.as_tensor(a, dtype=torch.int64, device=where.device)
+
+        data = (features(X), labels(y), features(X_val), labels(y_val))
+        batch_rows = min(hyper.batch_size, len(train_data[0]))
+        if where.ddp:  # the global batch stays batch_size: each rank takes its share of it
+            batch_rows = max(1, batch_rows // where.world_size)
+        return cls(net=net, model=distributed.wrap(net, where.device) if where.ddp else net,
+                   opt=opt, sched=make_schedule(opt, train, epochs),
+                   gen=torch.Generator().manual_seed(seed), autocast=_autocast(where.device),
+                   where=where, seed=seed, l1=train.l1, batch_rows=batch_rows, data=data)
+
+    def train_epoch(self, epoch: int) -> float:
+        """One pass over the training split; its mean loss over every row of every rank.
+
+        The loss sum stays on the device: one host sync per epoch, not per step.
+        """
+        X, y, _, _ = self.data
+        w = self.where
+        self.model.train()
+        order = torch.randperm(len(X), generator=self.gen)
+        if w.ddp:  # same permutation on every rank; each takes its slice (same batch count)
+            order = distributed.shard_order(order, w.rank, w.world_size)
+            torch.manual_seed(distributed.rank_seed(self.seed, epoch, w.rank))  # own dropout
+        order = order.to(w.device)
+        total = torch.zeros((), dtype=torch.float64, device=w.device)
+        for i in range(0, len(order), self.batch_rows):
+            idx = order[i:i + self.batch_rows]
+            loss = self._loss(X[idx], y[idx])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += loss.detach().double() * len(idx)
+        self.sched.step()
+        # all-reduced (identity on one process): every rank sees the same number
+        total_sum, seen = distributed.all_reduce_sum([total.item(), len(order)])
+        return total_sum / seen
+
+    def _loss(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with self.autocast():
+            loss = nn.functional.cross_entropy(self.model(X).float(), y)
+        if self.l1 > 0:
+            loss = loss + self.l1 * sum(p.abs().sum() for p in self.net.parameters()
+                                        if p.ndim > 1)
+        return loss
+
+    def validate(self) -> tuple[float, float]:
+        """(loss, accuracy) on the validation split, the same on every rank."""
+        _, _, X, y = self.data
+        w = self.where
+        if w.ddp:
+            return _evaluate_sharded(self.net, X, y, self.autocast, w.rank, w.world_size)
+        return _evaluate(self.model, X, y, self.autocast)
+
+    def state_dict(self, config: dict[str, Any], so_far: _Progress) -> dict[str, Any]:
+        """Everything a resume needs, as tensors and plain values only (`checkpoint.load`
+        reads with weights_only=True)."""
+        on_cuda = self.where.device.type == "cuda"
+        return {"config": config, "epoch": so_far.epoch, "history": so_far.history,
+                "best": {"loss": so_far.best_loss, "epoch": so_far.best_epoch,
+                         "weights": so_far.best_weights},
+                "model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
+                "schedule": self.sched.state_dict(), "generator": self.gen.get_state(),
+                "rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.where.device) if on_cuda else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> _Progress:
+        self.net.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["schedule"])
+        self.gen.set_state(state["generator"].cpu())
+        torch.set_rng_state(state["rng"].cpu())  # dropout masks continue as if never stopped
+        if self.where.device.type == "cuda" and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.where.device)
+        best = state["best"]
+        return _Progress(history=list(state["history"]), best_loss=best["loss"],
+                         best_epoch=best["epoch"], best_weights=best["weights"])
+
+
+def _resume(loop: _Loop, ckpt: Path | None, config: dict[str, Any],
+            log_stage: str | None) -> _Progress:
+    """The progress of an interrupted run with the same `config`, restored into `loop`;
+    a fresh start when there is none (other settings: another run, its checkpoint is
+    overwritten)."""
+    state, error = None, None
+    if ckpt and loop.where.rank == 0:
+        try:
+            state = checkpoint.load(ckpt, map_location="cpu")
+        except KubetrainError as exc:
+            error = str(exc)
+    if loop.where.ddp:  # rank 0 alone reads; every rank resumes from (or fails on) the same
+        state, error = distributed.broadcast_object((state, error))
+    if error:
+        raise KubetrainError(error)
+    if state is None or state.get("config") != config:
+        return _Progress()
+    so_far = loop.load_state_dict(state)
+    if log_stage:
+        progress.log(log_stage, f"resumed from checkpoint at epoch {so_far.epoch}")
+    return so_far
+
+
+def _log_epoch(stage: str, row: dict[str, float], epochs: int, eta: str) -> None:
+    progress.log(stage, f"epoch {row['epoch']}/{epochs} | train_loss {row['train_loss']:.4f} | "
+                        f"val_loss {row['val_loss']:.4f} | val_acc {row['val_accuracy']:.4f} | "
+                        f"{row['seconds']:.2f}s/epoch | ETA {eta}")
+
+
+def _hook_stops(hook: EpochHook | None, epoch: int, val_loss: float, val_acc: float,
+                ddp: bool) -> bool:
+    stop = bool(hook and hook(epoch, {"validation-accuracy": val_acc,
+                                      "validation-loss": val_loss}))
+    # no rank may leave the loop alone: the others would hang in the next collective
+    return distributed.any_rank(stop) if ddp else stop
+
+
+def _result(loop: _Loop, spec: ModelSpec, so_far: _Progress, started: float,
+            stopped_by_hook: bool, config: dict[str, Any]) -> FitResult:
+    """The best epoch's model (on the CPU, in eval mode) and its metrics."""
+    if so_far.best_weights is not None:
+        loop.net.load_state_dict(so_far.best_weights)
+    loop.net.eval()
+    best = so_far.best_row()
+    metrics = {"val_loss": best["val_loss"], "val_accuracy": best["val_accuracy"],
+               "best_epoch": best["epoch"], "epochs_run": len(so_far.history),
+               "seconds": round(time.perf_counter() - started, 3),
+               "device": loop.where.device.type}
+    if loop.where.ddp:
+        metrics["processes"] = loop.where.world_size
+    return FitResult(model=loop.net.cpu(), spec=spec, history=so_far.history,
+                     best_epoch=best["epoch"], metrics=metrics,
+                     stopped_by_hook=stopped_by_hook, config=config)
 
 
 @torch.no_grad()
@@ -125,164 +431,3 @@ def _evaluate_sharded(model: nn.Module, X: torch.Tensor, y: torch.Tensor, autoca
         correct = (logits.argmax(1) == ys).sum().item()
     loss_sum, correct, count = distributed.all_reduce_sum([loss_sum, correct, len(ys)])
     return loss_sum / count, correct / count
-
-
-def fit(cfg: RunConfig, train: tuple[np.ndarray, np.ndarray], val: tuple[np.ndarray, np.ndarray],
-        schema: Schema, epochs: int | None = None, hook: EpochHook | None = None,
-        checkpoint_dir: str | None = None, stage: str = "train", verbose: bool = True) -> FitResult:
-    """Train with early stopping on validation loss; returns the best epoch's weights."""
-    epochs = epochs or cfg.epochs
-    X_tr, y_tr = train
-    X_va, y_va = val
-    require(len(X_tr) > 0 and len(X_va) > 0, "training and validation splits must not be "
-                                             "empty; lower --test-fraction/--val-fraction")
-    require(X_tr.shape[1] == len(schema.feature_names) == X_va.shape[1],
-            f"feature count mismatch: train has {X_tr.shape[1]}, validation {X_va.shape[1]}, "
-            f"schema {len(schema.feature_names)}; re-run clean on the same table")
-    seed_everything(cfg.seed)
-    device = pick_device(cfg.device)
-    ddp = distributed.is_active()
-    rank, local_rank, world_size = distributed.world() if ddp else (0, 0, 1)
-    if ddp and device.type == "cuda":  # this rank's GPU (init() made it the current one)
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    verbose = verbose and rank == 0
-    spec = spec_for(schema, cfg.model, cfg.width, cfg.dropout)
-    net = build(spec).to(device)  # same seed, same initial weights on every rank
-    model = distributed.wrap(net, device) if ddp else net
-    opt = make_optimizer(net, cfg)
-    sched = make_schedule(opt, cfg, epochs)
-    use_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_bf16 else (
-        lambda: torch.autocast("cpu", enabled=False))
-    # Whole splits live on the device; index batching avoids per-batch host copies.
-    Xt = torch.as_tensor(X_tr, dtype=torch.float32, device=device)
-    yt = torch.as_tensor(y_tr, dtype=torch.int64, device=device)
-    Xv = torch.as_tensor(X_va, dtype=torch.float32, device=device)
-    yv = torch.as_tensor(y_va, dtype=torch.int64, device=device)
-    weights = [p for p in net.parameters() if p.ndim > 1]
-    gen = torch.Generator().manual_seed(cfg.seed)
-    start_epoch, history = 1, []
-    best = {"loss": float("inf"), "epoch": 0, "state": None}
-    ckpt = Path(checkpoint_dir) / "last.pt" if checkpoint_dir else None
-    bad_epochs = 0
-    state = None
-    if ckpt and rank == 0 and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu" if ddp else device, weights_only=False)
-    if ddp:  # rank 0 alone reads the checkpoint; every rank resumes from the same state
-        state = distributed.broadcast_object(state)
-    if state is not None:
-        # The schedule depends on the epoch count, so a checkpoint resumes only the same run.
-        if state.get("config") == cfg.to_dict() and state.get("epochs") == epochs:
-            net.load_state_dict(state["model"])
-            opt.load_state_dict(state["optimizer"])
-            sched.load_state_dict(state["schedule"])
-            history, best = state["history"], state["best"]
-            start_epoch = state["epoch"] + 1
-            bad_epochs = state["epoch"] - best["epoch"]
-            gen.set_state(state["generator"])
-            torch.set_rng_state(state["rng"].cpu())  # dropout masks continue as if never stopped
-            if device.type == "cuda" and state.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
-            if verbose:
-                progress.log(stage, f"resumed from checkpoint at epoch {state['epoch']}")
-    if bad_epochs >= cfg.patience:  # the checkpointed run had already stopped early
-        start_epoch = epochs + 1
-    stopped_by_hook, started = False, time.perf_counter()
-    n, bs = len(Xt), min(cfg.batch_size, len(Xt))
-    if ddp:  # the global batch stays batch_size: each rank takes its share of it
-        bs = max(1, bs // world_size)
-    for epoch in range(start_epoch, epochs + 1):
-        t0 = time.perf_counter()
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        if ddp:  # same permutation on every rank; each takes its slice (same batch count)
-            perm = distributed.shard_order(perm, rank, world_size)
-            torch.manual_seed(distributed.rank_seed(cfg.seed, epoch, rank))  # own dropout masks
-        perm = perm.to(device)
-        total = 0.0
-        for i in range(0, len(perm), bs):
-            idx = perm[i:i + bs]
-            with autocast():
-                loss = nn.functional.cross_entropy(model(Xt[idx]).float(), yt[idx])
-            if cfg.l1 > 0:
-                loss = loss + cfg.l1 * sum(w.abs().sum() for w in weights)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
-        lr = opt.param_groups[0]["lr"]
-        sched.step()
-        if ddp:  # all-reduced: every rank sees the same numbers and decides the same
-            total, seen = distributed.all_reduce_sum([total, len(perm)])
-            total = total * n / seen  # mean over the rows seen, scaled like the 1-process sum
-            val_loss, val_acc = _evaluate_sharded(net, Xv, yv, autocast, rank, world_size)
-        else:
-            val_loss, val_acc = _evaluate(model, Xv, yv, autocast)
-        if not (np.isfinite(val_loss) and np.isfinite(total)):
-            raise KubetrainError(f"training diverged at epoch {epoch} (train loss {total / n}, "
-                                 f"validation loss {val_loss}); lower --learning-rate "
-                                 f"(now {cfg.learning_rate})")
-        row = {"epoch": epoch, "train_loss": total / n, "val_loss": val_loss,
-               "val_accuracy": val_acc, "lr": lr, "seconds": time.perf_counter() - t0}
-        history.append(row)
-        if val_loss < best["loss"] - 1e-5:
-            best = {"loss": val_loss, "epoch": epoch,
-                    "state": copy.deepcopy({k: v.detach().cpu() for k, v in
-                                            net.state_dict().items()})}
-            bad_epochs = 0
-        else:
-            bad_epochs += 1
-        if ckpt and rank == 0:
-            _save_checkpoint(ckpt, net, opt, sched, gen, cfg, epochs, epoch, history, best)
-        if verbose:
-            progress.log(stage, f"epoch {epoch}/{epochs} | train_loss {row['train_loss']:.4f}"
-                                f" | val_loss {val_loss:.4f} | val_acc {val_acc:.4f} | "
-                                f"{row['seconds']:.2f}s/epoch | ETA "
-                                f"{progress.eta(started, epoch - start_epoch + 1, epochs - start_epoch + 1)}")
-        stop = bool(hook and hook(epoch, {"validation-accuracy": val_acc,
-                                          "validation-loss": val_loss}))
-        if ddp:
-            stop = distributed.any_rank(stop)  # no rank may leave the loop alone (it would hang)
-        if stop:
-            stopped_by_hook = True
-            break
-        if bad_epochs >= cfg.patience:
-            if verbose:
-                progress.log(stage, f"early stop: no validation-loss gain for {cfg.patience} "
-                                    f"epochs; best epoch {best['epoch']}")
-            break
-    if best["state"] is not None:
-        net.load_state_dict(best["state"])
-    net.eval()
-    best_row = next(r for r in history if r["epoch"] == best["epoch"]) if best["epoch"] else history[-1]
-    metrics = {"val_loss": best_row["val_loss"], "val_accuracy": best_row["val_accuracy"],
-               "best_epoch": best_row["epoch"], "epochs_run": len(history),
-               "seconds": round(time.perf_counter() - started, 3), "device": device.type}
-    if ddp:
-        metrics["processes"] = world_size
-    return FitResult(model=net.cpu(), spec=spec, history=history, best_epoch=best_row["epoch"],
-                     metrics=metrics, stopped_by_hook=stopped_by_hook, config=cfg.to_dict())
-
-
-def _save_checkpoint(path: Path, model, opt, sched, gen, cfg, epochs, epoch, history,
-                     best) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    on_cuda = next(model.parameters()).is_cuda
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                "schedule": sched.state_dict(), "generator": gen.get_state(),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state() if on_cuda else None,
-                "config": cfg.to_dict(), "epochs": epochs, "epoch": epoch,
-                "history": history, "best": best}, tmp)
-    os.replace(tmp, path)
-
-
-def tuned_values(cfg: RunConfig) -> dict[str, Any]:
-    return {k: getattr(cfg, k) for k in TUNABLE}
-
-
-def describe(cfg: RunConfig) -> dict[str, Any]:
-    """The hyperparameters worth showing next to a result."""
-    keys = TUNABLE + ("optimizer", "lr_schedule", "epochs", "model", "l1", "seed")
-    return {k: getattr(cfg, k) for k in keys if k in dataclasses.asdict(cfg)}

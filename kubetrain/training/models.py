@@ -18,6 +18,7 @@ from torch import nn
 
 from kubetrain.data.datasets import Schema, atomic_dir
 from kubetrain.core.errors import KubetrainError
+from kubetrain.core.integrity import verify_checksums, write_checksums
 
 
 @dataclass
@@ -90,13 +91,15 @@ def build(spec: ModelSpec) -> nn.Module:
 
 def save_model(path: str | os.PathLike, model: nn.Module, spec: ModelSpec,
                info: dict[str, Any] | None = None) -> None:
-    """Write ``weights.pt`` (state dict), ``spec.json`` and ``info.json`` atomically."""
+    """Write ``weights.pt`` (state dict), ``spec.json`` and ``info.json`` atomically,
+    then ``sha256.json``, which `load_model` checks (a cached bundle may be damaged)."""
     with atomic_dir(path) as tmp:
         state = {k: v.detach().to("cpu", torch.float32).contiguous()
                  for k, v in model.state_dict().items()}
         torch.save(state, tmp / "weights.pt")
         (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
         (tmp / "info.json").write_text(json.dumps(info or {}, indent=2, default=str))
+        write_checksums(tmp)
 
 
 def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
@@ -104,6 +107,7 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec, dict[str,
     if not (root / "weights.pt").is_file():
         raise KubetrainError(f"{root} is not a kubetrain model bundle (no weights.pt); "
                              "pass the train stage's model output")
+    verify_checksums(root)
     spec = ModelSpec(**json.loads((root / "spec.json").read_text()))
     model = build(spec)
     model.load_state_dict(torch.load(root / "weights.pt", map_location="cpu",

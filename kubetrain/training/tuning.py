@@ -13,16 +13,17 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
+from kubetrain.config.settings import HyperConfig, TrainConfig, TuneConfig
 from kubetrain.core import progress
-from kubetrain.config.settings import RunConfig
-from kubetrain.data.datasets import Schema
 from kubetrain.core.errors import KubetrainError
-from kubetrain.training.loop import EpochHook, fit, with_hyperparameters
+from kubetrain.data.datasets import Schema
+from kubetrain.training.loop import EpochHook, Split, fit
 
 GOALS = {"validation-accuracy": "maximize", "validation-loss": "minimize"}
 MEDIANSTOP = {"min_trials_required": 3, "start_step": 4}  # Katib's defaults
@@ -135,44 +136,50 @@ def suggest(trial, space: list[Param]) -> dict[str, Any]:
     return values
 
 
-def run_trial(cfg: RunConfig, params: dict[str, Any], train, val, schema: Schema,
+def run_trial(train: TrainConfig, hyper: HyperConfig, tune: TuneConfig, seed: int,
+              train_data: Split, val_data: Split, schema: Schema,
               hook: EpochHook | None = None) -> dict[str, float]:
-    """One trial: train for `tune_epochs` with `params`; returns its final metrics.
+    """One trial: train for `tune_epochs` with the trial's `hyper`; returns its final metrics.
 
-    Called by the local Optuna study and by the Katib trial entrypoint.
+    Called by the local Optuna study and by the Katib trial entrypoint, so a trial
+    means the same on both; the final training shares `train`, not the epoch count.
     """
-    trial_cfg = with_hyperparameters(cfg, params)
-    result = fit(trial_cfg, train, val, schema, epochs=cfg.tune_epochs, hook=hook,
-                 verbose=False, stage="tune")
+    result = fit(train, hyper, seed, train_data, val_data, schema, epochs=tune.tune_epochs,
+                 hook=hook, verbose=False, stage="tune")
     return {"validation-accuracy": result.metrics["val_accuracy"],
             "validation-loss": result.metrics["val_loss"],
             "epochs": result.metrics["epochs_run"], "stopped": result.stopped_by_hook}
 
 
-def tune(cfg: RunConfig, train, val, schema: Schema,
-         on_trial: Callable[[dict[str, Any]], None] | None = None) -> tuple[dict[str, Any], list[dict]]:
-    """Run the study; returns (best hyperparameters, trials table)."""
+def tune(train: TrainConfig, tune: TuneConfig, seed: int, train_data: Split, val_data: Split,
+         schema: Schema, on_trial: Callable[[dict[str, Any]], None] | None = None,
+         ) -> tuple[dict[str, Any], list[dict]]:
+    """Run the study; returns (best hyperparameters, trials table).
+
+    Each trial's `HyperConfig` is the defaults with the sampled values applied: the
+    search space covers every tunable, so no value of the caller's leaks into a trial.
+    """
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    space = for_algorithm(search_space(), cfg.tune_algorithm)
-    goal = GOALS[cfg.tune_objective]
+    space = for_algorithm(search_space(), tune.tune_algorithm)
+    goal = GOALS[tune.tune_objective]
     study = optuna.create_study(direction=goal, sampler=make_sampler(
-        cfg.tune_algorithm, cfg.seed, space, cfg.tune_trials),
-        pruner=make_pruner(cfg.tune_early_stopping))
-    total, started, lock = cfg.tune_trials, time.perf_counter(), threading.Lock()
+        tune.tune_algorithm, seed, space, tune.tune_trials),
+        pruner=make_pruner(tune.tune_early_stopping))
+    total, started, lock = tune.tune_trials, time.perf_counter(), threading.Lock()
     rows: list[dict[str, Any]] = []
-    progress.log("tune", f"{cfg.tune_algorithm} search, {total} trials x {cfg.tune_epochs} "
-                         f"epochs, {cfg.tune_parallel} in parallel, objective "
-                         f"{cfg.tune_objective} ({goal}), early stopping "
-                         f"{cfg.tune_early_stopping}")
+    progress.log("tune", f"{tune.tune_algorithm} search, {total} trials x {tune.tune_epochs} "
+                         f"epochs, {tune.tune_parallel} in parallel, objective "
+                         f"{tune.tune_objective} ({goal}), early stopping "
+                         f"{tune.tune_early_stopping}")
 
     def objective(trial) -> float:
         params = suggest(trial, space)
         curve: list[float] = []
 
         def hook(epoch: int, metrics: dict[str, float]) -> bool:
-            value = metrics[cfg.tune_objective]
+            value = metrics[tune.tune_objective]
             curve.append(value)
             trial.report(value, epoch)
             return trial.should_prune()
@@ -180,13 +187,14 @@ def tune(cfg: RunConfig, train, val, schema: Schema,
         t0 = time.perf_counter()
         row = {"number": trial.number, "params": params, "intermediate": curve}
         try:
-            metrics = run_trial(cfg, params, train, val, schema, hook)
+            hyper = HyperConfig().replace(params)
+            metrics = run_trial(train, hyper, tune, seed, train_data, val_data, schema, hook)
         except KubetrainError as exc:  # e.g. diverged: a failed trial, like Katib's
             row.update(state="FAIL", value=None, error=str(exc),
                        seconds=round(time.perf_counter() - t0, 3))
             _record(row)
             raise _TrialFailed(str(exc)) from None
-        value = metrics[cfg.tune_objective]
+        value = metrics[tune.tune_objective]
         row.update(state="PRUNED" if metrics["stopped"] else "COMPLETE", value=value,
                    epochs=metrics["epochs"], seconds=round(time.perf_counter() - t0, 3))
         _record(row)
@@ -204,25 +212,25 @@ def tune(cfg: RunConfig, train, val, schema: Schema,
                                  f"{value} | {best_text} | {row['seconds']:.1f}s | ETA "
                                  f"{progress.eta(started, len(rows), total)}")
             failed = sum(r["state"] == "FAIL" for r in rows)
-            if failed > cfg.tune_max_failed:
+            if failed > tune.tune_max_failed:
                 study.stop()
         if on_trial:
             on_trial(row)
 
-    threads = max(1, (os.cpu_count() or 1) // cfg.tune_parallel)
+    threads = max(1, (os.cpu_count() or 1) // tune.tune_parallel)
     import torch
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        study.optimize(objective, n_trials=total, n_jobs=cfg.tune_parallel,
+        study.optimize(objective, n_trials=total, n_jobs=tune.tune_parallel,
                        catch=(_TrialFailed,))
     finally:
         torch.set_num_threads(previous)
     failed = sum(r["state"] == "FAIL" for r in rows)
-    if failed > cfg.tune_max_failed:
+    if failed > tune.tune_max_failed:
         raise KubetrainError(f"{failed} tuning trials failed (maxFailedTrialCount "
-                             f"{cfg.tune_max_failed}); first error: "
+                             f"{tune.tune_max_failed}); first error: "
                              f"{next(r['error'] for r in rows if r['state'] == 'FAIL')}")
     best = best_of(rows, goal)
     if best is None:

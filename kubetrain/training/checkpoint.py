@@ -1,0 +1,72 @@
+"""The resumable state of one training run on disk (``<checkpoint_dir>/last.pt``).
+
+A checkpoint directory is often a shared volume (a PVC, a mounted bucket), so
+``last.pt`` is untrusted input: it is read with ``torch.load(weights_only=True)``,
+whose unpickler builds only tensors, plain containers, numbers and strings and
+refuses every other global, so a crafted file cannot run code. `fit` therefore
+saves only such values (RNG states as tensors, history as lists of dicts of
+numbers, the settings as a flat dict).
+
+Writes go to ``last.tmp`` and are renamed over ``last.pt``: a crash mid-write
+leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kubetrain.core.errors import KubetrainError
+
+FILENAME = "last.pt"
+
+
+def path_in(checkpoint_dir: str | os.PathLike | None) -> Path | None:
+    """Where `fit` keeps its checkpoint under ``checkpoint_dir`` (None: no checkpointing)."""
+    return Path(checkpoint_dir) / FILENAME if checkpoint_dir else None
+
+
+def load(path: Path, map_location: torch.device | str) -> dict[str, Any] | None:
+    """The state saved at ``path``, or None when there is none yet.
+
+    Anything that is not a plain kubetrain checkpoint (a crafted pickle, a
+    truncated write from another tool, a file of another format) is refused in
+    one line: resuming from it silently, or starting over without saying so,
+    would both hide the problem.
+    """
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise KubetrainError(f"refused to resume from checkpoint {path}: it holds Python objects "
+                             "a kubetrain checkpoint never contains (it may be crafted to run "
+                             "code); delete it to train from the start") from None
+    except Exception as exc:  # noqa: BLE001 - RuntimeError (bad zip), EOFError, OSError, ...
+        reason = str(exc).strip().split("\n")[0].split(". ")[0][:200] or "unreadable"
+        raise KubetrainError(f"cannot resume from checkpoint {path} ({type(exc).__name__}: "
+                             f"{reason}); delete it to train from the start") from None
+    if not isinstance(state, dict):
+        raise KubetrainError(f"cannot resume from checkpoint {path}: it holds a "
+                             f"{type(state).__name__}, not a kubetrain checkpoint; delete it "
+                             "to train from the start")
+    return state
+
+
+def save(path: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` atomically; a failed write leaves no ``.tmp`` behind."""
+    tmp = path.with_suffix(".tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # torch's zip writer reports ENOSPC as RuntimeError
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise KubetrainError(f"cannot write checkpoint {path} ({type(exc).__name__}: {exc}); "
+                             f"check free space and write access under {path.parent}") from None

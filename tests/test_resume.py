@@ -1,0 +1,69 @@
+"""kill -9 during training, then the same command: training resumes at the next epoch.
+
+A real `kubetrain run` (kfp.local, task subprocesses) is killed with SIGKILL
+once a few epochs are done; the same command then finds the checkpoint under
+`runs/.checkpoints/<key of inputs and settings>` and must end with exactly the
+weights of a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.e2e
+
+ARGS = ["--dataset", "breast_cancer", "--tune-trials", "0", "--epochs", "40",
+        "--patience", "100", "--width", "256", "--batch-size", "16"]
+
+
+def command(runs: Path) -> list[str]:
+    return [str(Path(sys.executable).parent / "kubetrain"), "run", "--runs-dir", str(runs), *ARGS]
+
+
+def weights(runs: Path) -> dict[str, torch.Tensor]:
+    import json
+
+    summary = json.loads((runs / "latest" / "summary.json").read_text())
+    return torch.load(Path(summary["artifacts"]["trained_model"]) / "weights.pt",
+                      weights_only=True)
+
+
+def test_sigkill_then_same_command_resumes_with_identical_weights(tmp_path):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen(command(runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+    seen, deadline = [], time.monotonic() + 300
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        seen.append(line)
+        if re.search(r"train \| epoch 5/40", line) or time.monotonic() > deadline:
+            break
+    os.killpg(proc.pid, signal.SIGKILL)  # the CLI and every kfp.local task process
+    proc.wait(timeout=30)
+    assert any("epoch 5/40" in line for line in seen), "".join(seen)[-3000:]
+
+    again = subprocess.run(command(runs), capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr
+    resumed = re.search(r"resumed from checkpoint at epoch (\d+)", again.stdout)
+    assert resumed and int(resumed.group(1)) >= 5, again.stdout[-3000:]
+    assert "epoch 1/40" not in again.stdout  # it did not start over
+
+    fresh = tmp_path / "fresh"
+    straight = subprocess.run(command(fresh), capture_output=True, text=True, env=env,
+                              timeout=600)
+    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr
+    assert "resumed" not in straight.stdout
+    a, b = weights(runs), weights(fresh)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
