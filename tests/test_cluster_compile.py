@@ -116,14 +116,16 @@ def test_placement_settings_come_from_flags(tmp_path):
         "cloud.google.com/gke-accelerator": "nvidia-h100-80gb"}
     assert k8s["tolerations"][0] == {"key": "dedicated", "operator": "Equal", "value": "gpu",
                                      "effect": "NoExecute"}
-    assert spec["root"]["dag"]["tasks"]["ingest"]["retryPolicy"]["maxRetryCount"] == 5
+    ingest = next(t for n, t, _ in all_tasks(spec) if n == "ingest")
+    assert ingest["retryPolicy"]["maxRetryCount"] == 5
 
 
 def test_local_target_has_no_retries_and_no_platform_spec(tmp_path):
     path = compile_pipeline("local", tmp_path / "local.yaml")
     docs = list(yaml.safe_load_all(path.read_text()))
     assert len(docs) == 1
-    assert "retryPolicy" not in docs[0]["root"]["dag"]["tasks"]["ingest"]
+    ingest = next(t for n, t, _ in all_tasks(docs[0]) if n == "ingest")
+    assert "retryPolicy" not in ingest
 
 
 @pytest.mark.parametrize("field, value, message", [

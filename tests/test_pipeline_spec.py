@@ -218,7 +218,9 @@ def test_local_executors_run_the_kubetrain_image(compiled):
 
 def test_every_executor_runs_a_container_without_installing_kfp(any_target):
     executors = any_target.deployment.executors
-    assert len(executors) == len(STAGE_OUTPUTS)
+    # the cluster pipeline adds its exit handler's task (cleanup and notification)
+    extra = {"exec-cleanup"} & set(executors)
+    assert len(executors) == len(STAGE_OUTPUTS) + len(extra)
     for label, executor in executors.items():
         container = executor.container
         name, _, tag = container.image.rpartition(":")
@@ -509,3 +511,30 @@ def test_compile_leaks_no_credentials_from_the_environment(tmp_path, monkeypatch
                 "executors"].items():
             refs = {k["envVar"] for s in config.get("secretAsEnv", []) for k in s["keyToEnv"]}
             assert refs == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, label
+
+
+def test_cluster_pipeline_has_an_exit_handler_that_cleans_up(compiled_cluster):
+    """A failed or cancelled run's leftovers are deleted by a task that always runs."""
+    root = compiled_cluster.doc["root"]["dag"]["tasks"]
+    cleanup = root["cleanup"]
+    assert cleanup["triggerPolicy"]["strategy"] == "ALL_UPSTREAM_TASKS_COMPLETED"
+    assert cleanup["dependentTasks"] == ["exit-handler-1"]
+    assert "status" in cleanup["inputs"]["parameters"]
+
+
+def test_cluster_pipeline_ttl_and_webhook_come_from_cluster_settings(tmp_path):
+    import yaml
+
+    from kubetrain.config.cluster import ClusterConfig
+
+    path = compile_pipeline("cluster", tmp_path / "c.yaml",
+                            ClusterConfig(ttl_seconds=3600, webhook_secret="run-hooks"))
+    docs = list(yaml.safe_load_all(path.read_text()))
+    spec, platform = docs[0], docs[1]
+    assert spec["root"]["dag"]["tasks"]["cleanup"]["componentRef"]["name"] == "comp-cleanup"
+    config = platform["platforms"]["kubernetes"]["pipelineConfig"]
+    assert config["resourceTtlOnCompletion"] == 3600
+    cleanup_env = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][
+        "exec-cleanup"]["secretAsEnv"]
+    assert any(s.get("secretName") == "run-hooks" or s.get("secretNameParameter")
+               for s in cleanup_env)

@@ -59,6 +59,11 @@ def place_on_cluster(task: dsl.PipelineTask, stage: str, cluster: ClusterConfig)
     task.set_env_variable("AWS_DEFAULT_REGION", cluster.s3_region)
     if cluster.s3_endpoint_url:
         task.set_env_variable("S3_ENDPOINT_URL", cluster.s3_endpoint_url)
+    if stage == "cleanup" and cluster.webhook_secret:  # the URL may hold a token: Secret only
+        from kubetrain.cluster.cleanup import WEBHOOK_ENV
+
+        kubernetes.use_secret_as_env(task, secret_name=cluster.webhook_secret,
+                                     secret_key_to_env={"url": WEBHOOK_ENV})
     harden(task, stage)
 
 
@@ -102,7 +107,7 @@ def pipeline_for(target: str, cluster: ClusterConfig | None = None):
     return build_pipeline(TaskPolicy(
         retries=cluster.retries, backoff_seconds=cluster.backoff_seconds,
         configure=lambda task, stage: place_on_cluster(task, stage, cluster),
-        cluster=dataclasses.asdict(cluster)))
+        ttl_seconds=cluster.ttl_seconds or None, cluster=dataclasses.asdict(cluster)))
 
 
 def compile_pipeline(target: str = "local", output: Path | None = None,

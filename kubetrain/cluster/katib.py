@@ -25,7 +25,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from kubetrain.cluster import k8s
+from kubetrain.cluster import k8s, security
 
 # Used here, and re-exported so callers need only `kubetrain.cluster.katib`:
 from kubetrain.cluster.katib_checks import (  # noqa: F401
@@ -187,6 +187,12 @@ def experiment(train: TrainConfig, tune: TuneConfig, seed: int, cluster: Cluster
                  "image": cluster.image("cuda" if cluster.gpus > 0 else "cpu"),
                  "command": command, "env": cluster.s3_env(),
                  "resources": placement.pop("resources")}
+    # Restricted profile (`security`): uid 10001, read-only root with /tmp and cache
+    # emptyDirs, and the workload service account without an API token: trial pods
+    # run training code and never call the Kubernetes API (S3 keys come as env above).
+    pod = security.harden_pod_spec({"restartPolicy": "Never", **placement,
+                                    "containers": [container]},
+                                   cluster.workload_service_account)
     job = {
         "apiVersion": "batch/v1", "kind": "Job",
         "spec": {
@@ -194,9 +200,7 @@ def experiment(train: TrainConfig, tune: TuneConfig, seed: int, cluster: Cluster
             "template": {
                 # Istio's sidecar never exits, so a trial Job with one never completes.
                 "metadata": {"annotations": {"sidecar.istio.io/inject": "false"}},
-                "spec": {"restartPolicy": "Never",
-                         "serviceAccountName": cluster.service_account,
-                         **placement, "containers": [container]}}}}
+                "spec": pod}}}
     help_of = {f.name: f.metadata["help"] for f in fields_of()}
     spec: dict[str, Any] = {
         "objective": {

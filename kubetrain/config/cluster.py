@@ -70,6 +70,11 @@ class ClusterConfig:
                                     "TrainJob to finish.")
     finished_jobs: str = _opt("delete", "What happens to a finished Katib Experiment or "
                                         "TrainJob: delete or keep.")
+    ttl_seconds: int = _opt(604800, "Seconds a finished run's Argo Workflow (and its pods) is "
+                                    "kept before Kubernetes deletes it; 0 keeps it forever. "
+                                    "Run records and artifacts stay in KFP.")
+    webhook_secret: str = _opt("", "Secret whose `url` key is a webhook that gets a JSON "
+                                   "notification when a run ends; empty sends none.")
 
     def __post_init__(self) -> None:
         for name in ("cpu_image_digest", "cuda_image_digest"):
@@ -96,6 +101,8 @@ class ClusterConfig:
             raise KubetrainError("gpus, retries and backoff_seconds must be >= 0")
         if self.num_nodes < 1:
             raise KubetrainError(f"num_nodes={self.num_nodes} must be at least 1")
+        if self.ttl_seconds < 0:
+            raise KubetrainError(f"ttl_seconds={self.ttl_seconds} must be 0 (keep) or more")
         if self.wait_timeout < 1:
             raise KubetrainError(f"wait_timeout={self.wait_timeout} must be at least 1 second")
         if self.finished_jobs not in ("delete", "keep"):

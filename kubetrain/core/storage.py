@@ -578,7 +578,14 @@ def publish(local_dir: PathLike, dest_prefix_uri: PathLike, *, overwrite: bool =
     settings = S3Settings.from_env()
     s3 = client(settings)
     with _s3_errors(s3, dest):
-        _collect_garbage(s3, bucket, parent, key, tag)
+        try:
+            _collect_garbage(s3, bucket, parent, key, tag)
+        except bex.ClientError as e:  # housekeeping must not block publishing
+            if _code(e) not in _FORBIDDEN_CODES | {"NotImplemented", "MethodNotAllowed"}:
+                raise
+            log.warning("cannot clean up after failed publishes under s3://%s/%s (%s): "
+                        "allow listing and aborting multipart uploads there", bucket, parent,
+                        _code(e))
         existing = _list_keys(s3, bucket, key)
         published = key + MANIFEST in existing
         ours = bool(existing) and _written_by_run(s3, bucket, key, existing, tag)
