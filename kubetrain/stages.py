@@ -395,5 +395,7 @@ def publish_stage(trained_model: str, compressed_model: str, evaluation_path: st
     from kubetrain.assessment.publish import publish_model
 
     best = HyperConfig().replace(hyperparameters or {}).to_dict()
+    # a retry of the same KFP run targets the same version, and finishes or replaces it
     return publish_model(trained_model, compressed_model, evaluation_path,
-                         read_meta(table_path), best, publish.publish_uri, publish.model_name)
+                         read_meta(table_path), best, publish.publish_uri, publish.model_name,
+                         run_id=run_id)

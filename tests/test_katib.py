@@ -711,10 +711,6 @@ def test_run_fails_at_once_on_a_refusal_while_following():
     assert api.calls[-1] == ("delete", "experiments", NAME)  # ours: created by this call
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "katib_follow.run names the trial pods' serviceAccountName as the caller in a 403; "
-    "the trials now run as the workload account, the calls are the pipeline runner's: "
-    "run needs the runner's account passed in (tune: cluster.service_account)"))
 def test_a_refusal_names_the_pipeline_runner_not_the_trials_account():
     cfg = RunConfig.from_flat({"tune_trials": 3})
     api = FakeApi([{}], create_error=api_exception(403, "forbidden"))

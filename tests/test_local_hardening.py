@@ -10,15 +10,16 @@ annotations as types.
 """
 
 import errno
+import io
 import json
 import os
 import re
 import subprocess
 import threading
-import zipfile
-from datetime import datetime, timezone
+from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -87,7 +88,7 @@ def cli(capsys, *args: str) -> tuple[int, list[str]]:
 # --- 1. run ids and run folders ------------------------------------------------------------
 
 def test_same_config_same_second_gets_different_run_ids(monkeypatch):
-    frozen = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    frozen = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 
     class Clock(datetime):
         @classmethod
@@ -126,7 +127,7 @@ def test_run_folders_made_at_once_from_threads_are_all_distinct(tmp_path):
 
 
 def test_identical_runs_in_one_second_keep_their_own_files(tmp_path, monkeypatch, fake_pipeline):
-    frozen = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+    frozen = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 
     class Clock(datetime):
         @classmethod
@@ -144,8 +145,8 @@ def test_identical_runs_in_one_second_keep_their_own_files(tmp_path, monkeypatch
     fake_pipeline(body)
     runs = tmp_path / "runs"
     cfg = RunConfig()
-    first = runner.run_local(cfg, runs, console=open(os.devnull, "w"))
-    second = runner.run_local(cfg, runs, console=open(os.devnull, "w"))
+    first = runner.run_local(cfg, runs, console=io.StringIO())
+    second = runner.run_local(cfg, runs, console=io.StringIO())
     assert first["run_id"] != second["run_id"]
     for summary in (first, second):
         run_dir = runs / summary["run_id"]
@@ -196,7 +197,8 @@ def test_disk_full_while_logging_is_one_line(tmp_path, capsys, monkeypatch, fake
 
     class FullDisk:
         def __init__(self, path):
-            self.path, self.inner, self.written = path, real_open(path, "w"), 0
+            self.path, self.written = path, 0
+            self.inner = real_open(path, "w")  # noqa: SIM115  (closed in close())
 
         def write(self, text):
             self.written += len(text)
@@ -246,7 +248,7 @@ def test_task_that_died_of_a_full_disk_gets_the_fix(tmp_path, fake_pipeline):
 
     fake_pipeline(body)
     with pytest.raises(KubetrainError) as caught:
-        runner.run_local(RunConfig(), tmp_path / "runs", console=open(os.devnull, "w"))
+        runner.run_local(RunConfig(), tmp_path / "runs", console=io.StringIO())
     assert str(caught.value).startswith("OSError: [Errno 28] No space left on device")
     assert "free some space or pass --runs-dir on another disk" in str(caught.value)
 
@@ -359,7 +361,7 @@ zipfile.BadZipFile: File is not a zip file
 
 
 def filtered(text: str) -> ConsoleFilter:
-    out = ConsoleFilter(open(os.devnull, "w"), open(os.devnull, "w"), StageClock())
+    out = ConsoleFilter(io.StringIO(), io.StringIO(), StageClock())
     out.write(text)
     return out
 
@@ -388,7 +390,7 @@ def test_failed_run_reports_the_task_exception_not_inner_task_failed(tmp_path, f
 
     fake_pipeline(body)
     with pytest.raises(KubetrainError) as caught:
-        runner.run_local(RunConfig(), tmp_path / "runs", console=open(os.devnull, "w"))
+        runner.run_local(RunConfig(), tmp_path / "runs", console=io.StringIO())
     assert str(caught.value).startswith("zipfile.BadZipFile: File is not a zip file (full log: ")
 
 
@@ -440,7 +442,7 @@ def test_no_cache_refreshes_a_damaged_cache_entry(tmp_path, fake_pipeline):
     salt = iter([1, 2, 3, 4])
     fake_pipeline(lambda **params: two_tasks(salt=next(salt)).outputs["Output"])
     runs = tmp_path / "runs"
-    quiet = open(os.devnull, "w")
+    quiet = io.StringIO()
 
     first = runner.run_local(RunConfig(), runs, cache=True, console=quiet)["value"]
     (npz,) = (runs / ".kfp").rglob("arrays.npz")
@@ -484,9 +486,19 @@ def test_task_program_folders_are_removed_after_the_run(tmp_path, fake_pipeline,
     before = os.environ.get("TMPDIR")
     if fails:
         with pytest.raises(KubetrainError):
-            runner.run_local(RunConfig(), tmp_path / "runs", console=open(os.devnull, "w"))
+            runner.run_local(RunConfig(), tmp_path / "runs", console=io.StringIO())
     else:
-        runner.run_local(RunConfig(), tmp_path / "runs", console=open(os.devnull, "w"))
+        runner.run_local(RunConfig(), tmp_path / "runs", console=io.StringIO())
     assert len(made) == 4 and not [p for p in made if p.exists()]
     assert not made[0].parent.exists()  # the run's private TMPDIR
     assert os.environ.get("TMPDIR") == before
+
+
+def test_permission_errors_elsewhere_are_not_blamed_on_the_runs_dir(tmp_path):
+    runs = tmp_path / "runs"
+    elsewhere = OSError(errno.EACCES, "Permission denied", str(tmp_path / "data.csv"))
+    inside = OSError(errno.EACCES, "Permission denied", str(runs / ".kfp" / "x"))
+    full = OSError(errno.ENOSPC, "No space left on device", "/tmp/kubetrain-tasks-x")
+    assert runner.storage_error(elsewhere, runs) is None
+    assert "--runs-dir pointing to a writable directory" in str(runner.storage_error(inside, runs))
+    assert "free some space" in str(runner.storage_error(full, runs))

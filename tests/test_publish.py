@@ -23,7 +23,16 @@ from kubetrain.assessment.publish import (
     version_for,
     version_for_run,
 )
-from kubetrain.config.settings import RunConfig
+from kubetrain.config.settings import (
+    CleanConfig,
+    CompressConfig,
+    DataConfig,
+    FinalConfig,
+    GateConfig,
+    HyperConfig,
+    PublishConfig,
+    TrainConfig,
+)
 from kubetrain.core import storage
 from kubetrain.core.errors import KubetrainError
 
@@ -36,16 +45,16 @@ HOSTILE = "<script>alert(1)</script>"
 def trained(tmp_path_factory):
     """A real (small) wine model through ingest -> clean -> train -> evaluate -> compress."""
     d = tmp_path_factory.mktemp("stages")
-    cfg = dict(epochs=8, width=32, seed=3)
-    meta = stages.ingest_stage("wine", "", str(d / "raw"), str(d / "profile.md"))
+    meta = stages.ingest_stage(str(d / "raw"), str(d / "profile.md"), DataConfig(dataset="wine"))
     stages.clean_stage(str(d / "raw"), str(d / "train"), str(d / "val"), str(d / "test"),
-                       str(d / "clean.md"), {})
-    stages.train_stage(str(d / "train"), str(d / "val"), {}, str(d / "model"),
-                       str(d / "metrics.json"), str(d / "train.html"), cfg)
+                       str(d / "clean.md"), CleanConfig(), seed=3)
+    stages.train_stage(str(d / "train"), str(d / "val"), str(d / "model"),
+                       str(d / "metrics.json"), str(d / "train.html"), TrainConfig(),
+                       HyperConfig(width=32), FinalConfig(epochs=8), seed=3)
     stages.evaluate_stage(str(d / "model"), str(d / "test"), str(d / "eval.json"),
-                          str(d / "eval.html"), 0.5)
+                          str(d / "eval.html"), GateConfig(min_accuracy=0.5))
     stages.compress_stage(str(d / "model"), str(d / "test"), str(d / "small"),
-                          str(d / "small.html"), {})
+                          str(d / "small.html"), CompressConfig())
     return d, meta
 
 
@@ -98,7 +107,7 @@ def test_publish_needs_a_compressed_model(trained, tmp_path):
 
 def test_model_name_must_be_a_safe_path_segment():
     with pytest.raises(KubetrainError, match="model_name"):
-        RunConfig(model_name="../etc")
+        PublishConfig(model_name="../etc")
 
 
 # --- retry-safe publishing and readers (a hand-made bundle: no training needed) ----------

@@ -31,6 +31,56 @@ def test_render_writes_valid_experiment_and_trainjob(tmp_path, capsys):
     assert "note:" not in capsys.readouterr().out
 
 
+def _assert_restricted_container(c: dict, volumes: dict) -> None:
+    ctx = c["securityContext"]
+    assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] == 10001
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+    assert volumes[mounts["/tmp"]]["emptyDir"] == {}
+
+
+def _assert_restricted_pod(pod: dict, account: str) -> dict:
+    assert pod["serviceAccountName"] == account
+    ctx = pod["securityContext"]
+    assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] == 10001
+    assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+    return {v["name"]: v for v in pod["volumes"]}
+
+
+def test_rendered_pods_are_restricted_and_run_as_the_workload_account(tmp_path):
+    assert main(["render", "--num-nodes", "2", "--gpus", "2", "--namespace", "ml",
+                 "--workload-service-account", "ml-workload", "--output-dir",
+                 str(tmp_path)]) == 0
+    exp = yaml.safe_load((tmp_path / "katib-experiment.yaml").read_text())
+    katib.validate(exp)
+    pod = exp["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]
+    volumes = _assert_restricted_pod(pod, "ml-workload")
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["containers"] and "initContainers" not in pod
+    for c in pod["containers"]:
+        _assert_restricted_container(c, volumes)
+
+    job = yaml.safe_load((tmp_path / "trainjob.yaml").read_text())
+    trainjob.validate(job)
+    (patch,) = job["spec"]["runtimePatches"]
+    (rj,) = patch["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"]
+    assert rj["name"] == trainjob.TRAINER_JOB
+    pod = rj["template"]["spec"]["template"]["spec"]
+    volumes = _assert_restricted_pod(pod, "ml-workload")
+    # Trainer's PodSpecPatch has no automountServiceAccountToken: the TrainJob cannot
+    # carry it; the workload service account's own false applies (tests/test_trainjob.py)
+    assert "automountServiceAccountToken" not in pod
+    (node,) = pod["containers"]
+    _assert_restricted_container(node, volumes)
+    env = {e["name"]: e for e in job["spec"]["trainer"]["env"]}
+    assert env["TMPDIR"]["value"] == "/tmp"
+    assert [k for k, e in env.items() if "valueFrom" in e] == [
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+
+
 def test_render_says_when_training_would_stay_in_its_pod(tmp_path, capsys):
     assert main(["render", "--output-dir", str(tmp_path)]) == 0
     assert "trains in its own pod" in capsys.readouterr().out

@@ -15,13 +15,16 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
-from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+import yaml
+from kubeflow_trainer_api.models import TrainerV1alpha1PodSpecPatch, TrainerV1alpha1TrainJob
 
 from fakes import Clock, api_exception, backoff_sleeps, transient_errors
 from kubetrain.cli import train_entry
+from kubetrain.cluster import security
 from kubetrain.cluster import trainjob as tj
 from kubetrain.config.cluster import ClusterConfig
 from kubetrain.config.settings import RunConfig
@@ -89,9 +92,51 @@ def test_scheduling_goes_through_a_runtime_patch_of_the_trainer_nodes():
     exists = _pod_patch(_job(ClusterConfig(gpu_toleration="nvidia.com/gpu:NoExecute")))
     assert exists["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
                                       "effect": "NoExecute"}]
-    # nothing to place: no patch at all
-    plain = _job(ClusterConfig(gpu_node_selector="", gpu_toleration=""))
-    assert "runtimePatches" not in plain["spec"]
+    # nothing to place: the patch carries only the restricted profile
+    plain = _pod_patch(_job(ClusterConfig(gpu_node_selector="", gpu_toleration="")))
+    assert "nodeSelector" not in plain and "tolerations" not in plain
+    assert plain["serviceAccountName"] == "kubetrain-workload"
+
+
+def test_trainer_pods_run_restricted_as_the_workload_account_without_a_token():
+    cluster = dataclasses.replace(GPU_CLUSTER, workload_service_account="team-workload")
+    job = _job(cluster)
+    pod = _pod_patch(job)
+    assert pod["serviceAccountName"] == "team-workload" != cluster.service_account
+    ctx = pod["securityContext"]
+    assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] == 10001
+    assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (node,) = pod["containers"]  # the runtime's trainer container; the only one we define
+    assert node["name"] == "node" and "initContainers" not in pod
+    ctx = node["securityContext"]
+    assert ctx["runAsNonRoot"] is True and ctx["runAsUser"] == 10001
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    assert ctx["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["readOnlyRootFilesystem"] is True
+    mounts = {m["mountPath"]: m["name"] for m in node["volumeMounts"]}
+    assert volumes[mounts["/tmp"]] == {"name": mounts["/tmp"], "emptyDir": {}}
+    assert volumes[mounts["/home/kubetrain/.cache"]]["emptyDir"] == {}
+    # the caches point into the writable volume: env of `node` goes through spec.trainer
+    env = {e["name"]: e for e in job["spec"]["trainer"]["env"]}
+    assert "env" not in node  # Trainer's webhook refuses env patches of `node`
+    assert env["TMPDIR"]["value"] == "/tmp"
+    assert env["XDG_CACHE_HOME"]["value"] == env["TORCH_HOME"]["value"].rsplit("/", 1)[0] \
+        == "/home/kubetrain/.cache"
+    assert [k for k, e in env.items() if "valueFrom" in e] == [
+        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]  # the only credentials: Secret refs
+    # automountServiceAccountToken: Trainer's PodSpecPatch has no such field, so the
+    # TrainJob cannot say it; the workload account itself says false
+    patch_fields = {f.alias or name for name, f in TrainerV1alpha1PodSpecPatch.model_fields.items()}
+    assert "automountServiceAccountToken" not in patch_fields | set(pod)
+    assert {"serviceAccountName", "securityContext", "volumes", "containers"} <= patch_fields
+    manifest = Path(__file__).resolve().parents[1] / "manifests/base/workload-serviceaccount.yaml"
+    account = yaml.safe_load(manifest.read_text())
+    assert account["kind"] == "ServiceAccount"
+    assert account["metadata"]["name"] == ClusterConfig().workload_service_account
+    assert account["automountServiceAccountToken"] is False
+    assert tj.validate(job) is job  # still the Trainer API, field for field
 
 
 def test_s3_credentials_come_from_the_secret_never_as_values(monkeypatch):
@@ -133,7 +178,8 @@ def test_cpu_pool_job_has_no_gpus_and_one_process_per_node():
     trainer = job["spec"]["trainer"]
     assert trainer["image"] == cpu.image("cpu") and trainer["numProcPerNode"] == 1
     assert set(trainer["resourcesPerNode"]["limits"]) == {"cpu", "memory"}
-    assert _pod_patch(job) == {"nodeSelector": {"pool": "cpu"}}
+    pod = _pod_patch(job)
+    assert pod["nodeSelector"] == {"pool": "cpu"} and "tolerations" not in pod
     assert _job(cpu, nproc_per_node=3)["spec"]["trainer"]["numProcPerNode"] == 3
 
 
@@ -436,9 +482,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def local_trainer(secrets: dict[str, dict[str, str]]):
+def local_trainer(secrets: dict[str, dict[str, str]], scratch):
     """A stand-in for Trainer + JobSet on one node: run the trainer container's command with
-    the PET_* variables the torch plugin injects and env resolved from `secrets`."""
+    the PET_* variables the torch plugin injects and env resolved from `secrets`; the cache
+    emptyDir (the image's $HOME/.cache) is the directory `scratch`."""
 
     def start(job: dict) -> dict:
         trainer = job["spec"]["trainer"]
@@ -447,6 +494,8 @@ def local_trainer(secrets: dict[str, dict[str, str]]):
         for var in trainer["env"]:
             ref = var.get("valueFrom", {}).get("secretKeyRef")
             env[var["name"]] = secrets[ref["name"]][ref["key"]] if ref else var["value"]
+            if not ref and var["value"].startswith(security.CACHE_DIR):
+                env[var["name"]] = str(scratch) + var["value"][len(security.CACHE_DIR):]
         env.update(PET_NNODES="1", PET_NPROC_PER_NODE=str(trainer["numProcPerNode"]),
                    PET_NODE_RANK="0", PET_MASTER_ADDR="127.0.0.1",
                    PET_MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
@@ -482,7 +531,8 @@ def test_train_on_cluster_runs_the_trainjob_command_and_collects_its_outputs(
     cluster = ClusterConfig(gpus=0, s3_secret="kubetrain-s3",
                             s3_endpoint_url=s3_server.endpoint_url, s3_region=s3_server.region)
     start = local_trainer({"kubetrain-s3": {"AWS_ACCESS_KEY_ID": s3_server.access_key,
-                                            "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}})
+                                            "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}},
+                          tmp_path / "cache")
     api = FakeApi(on_create=start)
     clock, logs = Clock(), []
     out = tmp_path / "outputs"

@@ -284,7 +284,8 @@ def tune(train: TrainConfig, tune: TuneConfig, seed: int, cluster: ClusterConfig
     exp = experiment(train, tune, seed, cluster, train_uri, val_uri, name, resume_policy)
     options = {"timeout_s": cluster.wait_timeout, "keep": cluster.finished_jobs == "keep",
                **follow_options}
-    result, rows = run(exp, cluster.namespace, api=api, **options)
+    result, rows = run(exp, cluster.namespace, api=api, service_account=cluster.service_account,
+                       **options)
     meta = {"backend": "katib", "experiment": name, "namespace": cluster.namespace,
             "kept": options["keep"], "best_trial": result["trial"],
             "best_value": result["value"], "trials_summary": result["trials"]}

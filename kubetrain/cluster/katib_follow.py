@@ -243,12 +243,6 @@ def api_error(exc: BaseException, action: str, namespace: str, name: str,
         rejected=f"Katib rejected Experiment {name}: {k8s.detail_of(exc)}")
 
 
-def _service_account(exp: Mapping[str, Any]) -> str:
-    job = ((exp.get("spec") or {}).get("trialTemplate") or {}).get("trialSpec") or {}
-    return ((job.get("spec") or {}).get("template") or {}).get("spec", {}).get(
-        "serviceAccountName", "")
-
-
 def _list_trials(api, namespace: str, name: str) -> list[Mapping[str, Any]]:
     listing = api.list_namespaced_custom_object(
         GROUP, VERSION, namespace, TRIALS, label_selector=f"{EXPERIMENT_LABEL}={name}")
@@ -277,8 +271,13 @@ def _error_for(namespace: str, name: str, account: str) -> follower.Error:
 def run(exp: dict[str, Any], namespace: str, api=None, timeout_s: float = 6 * 3600,
         keep: bool = False, poll_s: float = 10.0, sleep: Callable[[float], None] = time.sleep,
         now: Callable[[], float] = time.monotonic,
-        log: Callable[[str, str], None] = progress.log) -> tuple[dict[str, Any], list[dict]]:
+        log: Callable[[str, str], None] = progress.log,
+        service_account: str = "") -> tuple[dict[str, Any], list[dict]]:
     """Create the Experiment (or re-attach to this run's), follow it, read its trials.
+
+    `service_account` is the identity making these API calls (the pipeline
+    runner's, `ClusterConfig.service_account`), named when one is refused; not
+    the trial pods' account, which has no API rights at all.
 
     It is deleted unless `keep`, in a `finally`, so a timeout, a failure or a
     cancelled run (SIGTERM) does not leave GPU trials running; an Experiment
@@ -288,7 +287,7 @@ def run(exp: dict[str, Any], namespace: str, api=None, timeout_s: float = 6 * 36
     validate(exp)
     name = exp["metadata"]["name"]
     exp = {**exp, "metadata": {**exp["metadata"], "namespace": namespace}}
-    account = _service_account(exp)
+    account = service_account
     api = api or k8s.custom_objects_api()
     ref = follower.Ref(GROUP, VERSION, EXPERIMENTS, namespace, name, f"Katib Experiment {name}",
                        f"kubectl -n {namespace} delete experiment {name}")

@@ -15,10 +15,17 @@ collects what its rank 0 wrote. The TrainJob, as the Trainer API defines it:
   torch plugin adds ``PET_NNODES``, ``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``,
   ``PET_MASTER_ADDR`` (``<name>-node-0-0.<name>``) and ``PET_MASTER_PORT``
   (29500), which torchrun reads; the webhook rejects a TrainJob that sets them.
-* ``spec.runtimePatches``: scheduling. Trainer 2.x has no per-job nodeSelector
-  field; a runtime patch (keyed by its ``manager``) patches the runtime's
-  JobSet template: replicated job ``node`` (the runtime's trainer job) gets
-  the GPU pool's ``nodeSelector`` and ``tolerations``.
+  The cache/``TMPDIR`` variables of the restricted profile are here too (a
+  patch may not set env on the ``node`` container).
+* ``spec.runtimePatches``: the pod fields. Trainer 2.x has no per-job pod spec;
+  a runtime patch (keyed by its ``manager``) patches the runtime's JobSet
+  template: replicated job ``node`` (the runtime's trainer job) gets the GPU
+  pool's ``nodeSelector`` and ``tolerations`` and the restricted profile of
+  `kubetrain.cluster.security` (pod and ``node`` container securityContext,
+  ``/tmp`` and cache emptyDirs, the workload service account).
+  ``automountServiceAccountToken`` is not a field a patch may set (Trainer's
+  ``PodSpecPatch``): the workload service account's own
+  ``automountServiceAccountToken: false`` (manifests/base) keeps the token out.
 
 Every document is validated against the Trainer API models of the
 ``kubeflow-trainer-api`` package before it is sent.
@@ -35,7 +42,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetrain.cluster import follow as follower
-from kubetrain.cluster import k8s
+from kubetrain.cluster import k8s, security
 from kubetrain.config.cluster import ClusterConfig
 from kubetrain.config.settings import SEED, FinalConfig, HyperConfig, TrainConfig
 from kubetrain.core import progress, storage
@@ -47,7 +54,7 @@ API_VERSION = f"{GROUP}/{VERSION}"
 #: Replicated job (and container) of the torch runtimes that runs the trainer nodes.
 TRAINER_JOB = "node"
 #: Owner of our runtime patch (``runtimePatches`` is a map keyed by manager).
-PATCH_MANAGER = "kubetrain.io/scheduling"
+PATCH_MANAGER = "kubetrain.io/pod-spec"
 #: Pod label JobSet puts on every pod of the TrainJob's JobSet (named like the TrainJob).
 POD_SELECTOR = "jobset.sigs.k8s.io/jobset-name"
 #: Pod hostnames are <name>-node-<i>-0 and must fit a 63-character DNS label.
@@ -117,26 +124,41 @@ def trainjob(train: TrainConfig, hyper: HyperConfig, final: FinalConfig, seed: i
             "activeDeadlineSeconds": cluster.wait_timeout,
         },
     }
-    patch = _scheduling_patch(cluster)
-    if patch:
-        job["spec"]["runtimePatches"] = [patch]
+    job["spec"]["runtimePatches"] = [_pod_patch(cluster)]
     return validate(job)
 
 
 def _env(cluster: ClusterConfig) -> list[dict[str, Any]]:
-    return cluster.s3_env() + [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    """The trainer's env: S3 (keys by Secret reference only), unbuffered output, and the
+    restricted profile's cache/TMPDIR variables (a patch may not set env on ``node``)."""
+    env = cluster.s3_env() + [{"name": "PYTHONUNBUFFERED", "value": "1"}]
+    names = {e["name"] for e in env}
+    return env + [e for e in security.scratch_env() if e["name"] not in names]
 
 
-def _scheduling_patch(cluster: ClusterConfig) -> dict[str, Any] | None:
-    """The runtime patch that puts the trainer pods on the GPU pool (or the CPU pool)."""
-    pod: dict[str, Any] = {}
+def _scheduling(cluster: ClusterConfig) -> dict[str, Any]:
+    """Pod fields that put the trainer pods on the GPU pool (or the CPU pool)."""
     if cluster.gpus:
-        pod.update(cluster.gpu_scheduling())
-    elif cluster.cpu_node_selector:
+        return cluster.gpu_scheduling()
+    if cluster.cpu_node_selector:
         key, value = cluster.cpu_node_selector.split("=", 1)
-        pod["nodeSelector"] = {key: value}
-    if not pod:
-        return None
+        return {"nodeSelector": {key: value}}
+    return {}
+
+
+def _pod_patch(cluster: ClusterConfig) -> dict[str, Any]:
+    """The runtime patch of the trainer pods: placement and the restricted profile.
+
+    `security.harden_pod_spec` writes the pod; what Trainer's ``PodSpecPatch``
+    cannot carry moves or goes: the ``node`` container's env is in
+    ``spec.trainer.env`` (`_env`), and ``automountServiceAccountToken`` (no such
+    patch field) is the workload service account's own ``false``.
+    """
+    pod = security.harden_pod_spec({**_scheduling(cluster), "containers": [{"name": TRAINER_JOB}]},
+                                   cluster.workload_service_account)
+    del pod["automountServiceAccountToken"]
+    for container in pod["containers"]:
+        del container["env"]
     return {"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {
         "replicatedJobs": [{"name": TRAINER_JOB,
                             "template": {"spec": {"template": {"spec": pod}}}}]}}}}

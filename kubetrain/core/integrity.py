@@ -69,7 +69,8 @@ def verify_checksums(directory: str | os.PathLike) -> bool:
     if not manifest.is_file():
         return False
     try:
-        listed: dict[str, dict[str, Any]] = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+        listed: dict[str, dict[str, Any]] = json.loads(
+            manifest.read_text(encoding="utf-8"))["files"]
         expected = {name: (str(entry["sha256"]), int(entry["size"]))
                     for name, entry in listed.items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:

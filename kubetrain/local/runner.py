@@ -28,10 +28,11 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from kubetrain import registry
 from kubetrain.config.settings import RunConfig
@@ -51,7 +52,7 @@ TRACEBACK = "Traceback (most recent call last):"
 #: How often a run folder is drawn again when the name is taken (never, in practice).
 RUN_DIR_ATTEMPTS = 8
 #: A task that died of a full or read-only disk: its error line gets the fix appended.
-STORAGE_IN_TASK = re.compile(r"\[Errno (%d|%d|%d)\]" % (errno.ENOSPC, errno.EDQUOT, errno.EROFS))
+STORAGE_IN_TASK = re.compile(rf"\[Errno ({errno.ENOSPC}|{errno.EDQUOT}|{errno.EROFS})\]")
 
 
 @dataclass
@@ -187,7 +188,7 @@ def _absolute_source(cfg: RunConfig) -> RunConfig:
 def new_run_id(cfg: RunConfig) -> str:
     """``<UTC time>-<config hash>-<random>``: sortable, tells configs apart, and never
     the same for two runs started in the same second with the same config."""
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     tag = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:6]
     return f"{stamp}-{tag}-{secrets.token_hex(3)}"
 
@@ -226,11 +227,19 @@ STORAGE_ERRORS: dict[int, tuple[str, str]] = {
 
 
 def storage_error(exc: OSError, runs: Path) -> KubetrainError | None:
-    """The one-line error for a failed write under `runs`, or None if `exc` is not one."""
+    """The one-line error for a failed write under `runs`, or None if `exc` is not one.
+
+    A full or read-only disk is one wherever it shows; a permission or
+    file-in-the-way error is only blamed on ``--runs-dir`` if it happened there
+    (an unreadable dataset file is another problem, with another fix).
+    """
     if exc.errno not in STORAGE_ERRORS:
         return None
     what, fix = STORAGE_ERRORS[exc.errno]
     where = Path(exc.filename) if exc.filename else runs
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) and \
+            where != runs and runs not in where.parents:
+        return None
     if exc.errno in (errno.ENOTDIR, errno.EEXIST) and (blocker := _file_in_the_way(where)):
         return KubetrainError(f"--runs-dir {runs}: {blocker} is a file, not a directory; {fix}")
     return KubetrainError(f"cannot write {where} (--runs-dir {runs}): {what}; {fix}")
@@ -373,7 +382,7 @@ def _run_local(cfg: RunConfig, runs: Path, cache: bool, console) -> dict[str, An
                    workspace_root=str(scratch / "workspace"), enable_caching=enable_caching,
                    raise_on_error=True)
         started = time.perf_counter()
-        log = open(log_path, "w")
+        log = open(log_path, "w")  # noqa: SIM115  (closed below; a failed close is reported)
         out = ConsoleFilter(console, log, clock)
         failure: Exception | None = None
         try:
@@ -428,7 +437,7 @@ def summarize(cfg: RunConfig, run_id: str, run_dir: Path, outputs: dict[str, Any
                       "cpu_latency_ms": chosen["cpu_latency_ms"],
                       "baseline_accuracy": compression["baseline_accuracy"]}
     return {
-        "run_id": run_id, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "run_id": run_id, "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "pipeline_seconds": round(seconds, 2), "config": cfg.to_dict(), "stages": stages,
         "dataset": _meta(outputs["dataset"]),
         "best_hyperparameters": best,
@@ -535,5 +544,6 @@ def summary_table(summary: dict[str, Any]) -> str:
                      f"({c['gzip_bytes'] / 1024:.1f} KiB gzip), accuracy {c['accuracy']:.4f}, "
                      f"{c['cpu_latency_ms']:.3f} ms/row on CPU")
     lines += [f"report                 {summary['artifacts']['report']}",
-              f"summary                {Path(summary['artifacts']['report']).parent / 'summary.json'}"]
+              f"summary                "
+              f"{Path(summary['artifacts']['report']).parent / 'summary.json'}"]
     return "\n".join(lines)
