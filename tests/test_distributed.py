@@ -266,7 +266,8 @@ def test_train_distributed_writes_what_train_stage_writes(splits, single, tmp_pa
     meta2 = distributed.train_distributed(
         *splits, {}, str(two / "model"), str(two / "metrics.json"), str(two / "report.html"),
         SETTINGS, nproc=2, checkpoint_dir=str(tmp_path / "ckpt"), echo=lines.append)
-    assert _files(two) == _files(one) == ["metrics.json", "model/info.json", "model/spec.json",
+    assert _files(two) == _files(one) == ["metrics.json", "model/info.json",
+                                          "model/sha256.json", "model/spec.json",
                                           "model/weights.pt", "report.html"]
     assert (one / "model" / "spec.json").read_text() == (two / "model" / "spec.json").read_text()
     assert set(meta2) == set(meta1) | {"processes"} and meta2["processes"] == 2
@@ -331,8 +332,8 @@ def test_train_entry_runs_as_one_process_without_torchrun(splits, tmp_path, monk
     assert train_entry.main(["--train", splits[0], "--validation", splits[1], "--output",
                              str(out), "--settings", json.dumps(SETTINGS), "--epochs", "1",
                              "--hyperparameters", json.dumps({"width": 8})]) == 0
-    assert _files(out) == ["meta.json", "metrics.json", "model/info.json", "model/spec.json",
-                           "model/weights.pt", "report.html"]
+    assert _files(out) == ["meta.json", "metrics.json", "model/info.json", "model/sha256.json",
+                           "model/spec.json", "model/weights.pt", "report.html"]
     meta = json.loads((out / "meta.json").read_text())
     assert meta["processes"] == 1 and meta["epochs_run"] == 1  # the flag beat --settings
     assert meta["hyperparameters"]["width"] == 8

@@ -30,8 +30,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "kubetrain"
 #: installed module prefix -> source folder (see [tool.setuptools.package-dir])
-SOURCES = {"kubetrain": ROOT / "kubetrain", "kubetrain.components": ROOT / "components",
-           "kubetrain.pipelines": ROOT / "pipelines"}
+SOURCES = {
+    "kubetrain": ROOT / "kubetrain",
+    "kubetrain.components": ROOT / "components",
+    "kubetrain.pipelines": ROOT / "pipelines",
+}
 #: low to high; each entry: layer name and the module prefixes that belong to it
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("core", ("kubetrain.core",)),
@@ -90,15 +93,16 @@ def imported_modules(module: str, path: Path, known: dict[str, Path]) -> list[tu
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
-                base = base[:len(base) - (node.level - 1)]
+                base = base[: len(base) - (node.level - 1)]
                 source = ".".join(base + ([node.module] if node.module else []))
             else:
                 source = node.module or ""
             for alias in node.names:
                 sub = f"{source}.{alias.name}"
                 found.append((node.lineno, sub if sub in known else source))
-    return sorted((line, name) for line, name in found
-                  if name == PACKAGE or name.startswith(PACKAGE + "."))
+    return sorted(
+        (line, name) for line, name in found if name == PACKAGE or name.startswith(PACKAGE + ".")
+    )
 
 
 def violations() -> tuple[list[str], list[str]]:
@@ -115,11 +119,14 @@ def violations() -> tuple[list[str], list[str]]:
         for line, target in imported_modules(module, path, known):
             theirs = layer_of(target)
             if theirs is None:
-                unlayered.append(f"{path.relative_to(ROOT)}:{line}: imports {target}, "
-                                 f"which belongs to no layer")
+                unlayered.append(
+                    f"{path.relative_to(ROOT)}:{line}: imports {target}, which belongs to no layer"
+                )
             elif theirs[0] > own[0]:
-                upward.append(f"{path.relative_to(ROOT)}:{line}: {module} ({own[1]}) imports "
-                              f"{target} ({theirs[1]}), a higher layer")
+                upward.append(
+                    f"{path.relative_to(ROOT)}:{line}: {module} ({own[1]}) imports "
+                    f"{target} ({theirs[1]}), a higher layer"
+                )
     return upward, unlayered
 
 
@@ -131,14 +138,21 @@ def test_the_checker_sees_every_kind_of_import(tmp_path):
     (pkg / "core" / "a.py").write_text(
         "from . import b\n"
         "def f():\n    from kubetrain import stages\n    import kubetrain.cli.main\n"
-        "from ..config.settings import X\n")
+        "from ..config.settings import X\n"
+    )
     (pkg / "core" / "b.py").write_text("")
-    known = {"kubetrain.core": pkg / "core" / "__init__.py",
-             "kubetrain.core.a": pkg / "core" / "a.py", "kubetrain.core.b": pkg / "core" / "b.py",
-             "kubetrain.stages": pkg / "stages.py"}
+    known = {
+        "kubetrain.core": pkg / "core" / "__init__.py",
+        "kubetrain.core.a": pkg / "core" / "a.py",
+        "kubetrain.core.b": pkg / "core" / "b.py",
+        "kubetrain.stages": pkg / "stages.py",
+    }
     assert imported_modules("kubetrain.core.a", pkg / "core" / "a.py", known) == [
-        (1, "kubetrain.core.b"), (3, "kubetrain.stages"), (4, "kubetrain.cli.main"),
-        (5, "kubetrain.config.settings")]
+        (1, "kubetrain.core.b"),
+        (3, "kubetrain.stages"),
+        (4, "kubetrain.cli.main"),
+        (5, "kubetrain.config.settings"),
+    ]
     assert layer_of("kubetrain.registry") == layer_of("kubetrain.stages")
     assert layer_of("kubetrain")[0] < layer_of("kubetrain.core.errors")[0]
     assert layer_of("kubetrain.somewhere_new") is None
@@ -149,13 +163,17 @@ def test_every_module_is_in_a_layer():
     assert "kubetrain.stages" in known and "kubetrain.cli.main" in known
     _, unlayered = violations()
     if unlayered:
-        pytest.fail("add these to LAYERS in tests/test_layers.py:\n  " + "\n  ".join(unlayered),
-                    pytrace=False)
+        pytest.fail(
+            "add these to LAYERS in tests/test_layers.py:\n  " + "\n  ".join(unlayered),
+            pytrace=False,
+        )
 
 
 def test_imports_only_go_down_the_layers():
     upward, _ = violations()
     if upward:
         order = " < ".join(name for name, _ in LAYERS)
-        pytest.fail(f"{len(upward)} import(s) go up the layers ({order}):\n  "
-                    + "\n  ".join(upward), pytrace=False)
+        pytest.fail(
+            f"{len(upward)} import(s) go up the layers ({order}):\n  " + "\n  ".join(upward),
+            pytrace=False,
+        )

@@ -21,8 +21,10 @@ import torch
 
 pytestmark = pytest.mark.e2e
 
-ARGS = ["--dataset", "breast_cancer", "--tune-trials", "0", "--epochs", "40",
-        "--patience", "100", "--width", "256", "--batch-size", "16"]
+# No tuning, no compression (a gate no model passes: exit 3): the test is about training.
+ARGS = ["--dataset", "breast_cancer", "--tune-trials", "0", "--epochs", "30",
+        "--patience", "100", "--width", "64", "--batch-size", "16", "--min-accuracy", "1"]
+GATE_FAILED = 3
 
 
 def command(runs: Path) -> list[str]:
@@ -46,22 +48,22 @@ def test_sigkill_then_same_command_resumes_with_identical_weights(tmp_path):
     assert proc.stdout is not None
     for line in proc.stdout:
         seen.append(line)
-        if re.search(r"train \| epoch 5/40", line) or time.monotonic() > deadline:
+        if re.search(r"train \| epoch 3/30", line) or time.monotonic() > deadline:
             break
     os.killpg(proc.pid, signal.SIGKILL)  # the CLI and every kfp.local task process
     proc.wait(timeout=30)
-    assert any("epoch 5/40" in line for line in seen), "".join(seen)[-3000:]
+    assert any("epoch 3/30" in line for line in seen), "".join(seen)[-3000:]
 
     again = subprocess.run(command(runs), capture_output=True, text=True, env=env, timeout=600)
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr
+    assert again.returncode == GATE_FAILED, again.stdout[-3000:] + again.stderr
     resumed = re.search(r"resumed from checkpoint at epoch (\d+)", again.stdout)
-    assert resumed and int(resumed.group(1)) >= 5, again.stdout[-3000:]
-    assert "epoch 1/40" not in again.stdout  # it did not start over
+    assert resumed and int(resumed.group(1)) >= 3, again.stdout[-3000:]
+    assert "epoch 1/30" not in again.stdout  # it did not start over
 
     fresh = tmp_path / "fresh"
     straight = subprocess.run(command(fresh), capture_output=True, text=True, env=env,
                               timeout=600)
-    assert straight.returncode == 0, straight.stdout[-3000:] + straight.stderr
+    assert straight.returncode == GATE_FAILED, straight.stdout[-3000:] + straight.stderr
     assert "resumed" not in straight.stdout
     a, b = weights(runs), weights(fresh)
     assert a.keys() == b.keys()

@@ -420,7 +420,7 @@ def test_model_bundle_round_trip(which, cancer, digits, tmp_path):
                  verbose=False)
     save_model(tmp_path / "model", result.model, result.spec, {"note": "round trip"})
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
-        "info.json", "spec.json", "weights.pt"]
+        "info.json", "sha256.json", "spec.json", "weights.pt"]
     model, spec, info = load_model(tmp_path / "model")
     assert spec == result.spec and info == {"note": "round trip"}
     assert not model.training

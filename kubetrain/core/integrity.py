@@ -29,9 +29,13 @@ MANIFEST = "sha256.json"
 FIX = "re-run with --no-cache"
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in blocks (checksums, fingerprints, object metadata)."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+_sha256 = sha256_file
 
 
 def _files(root: Path) -> list[Path]:

@@ -55,7 +55,7 @@ from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 
 from kubetrain.core.errors import KubetrainError
-from kubetrain.data.datasets import sha256_file
+from kubetrain.core.integrity import sha256_file
 
 log = logging.getLogger(__name__)
 

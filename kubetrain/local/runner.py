@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetrain import registry
+from kubetrain.cluster.backends import CHECKPOINT_ROOT_ENV
 from kubetrain.config.settings import RunConfig
 from kubetrain.core import progress
 from kubetrain.core.errors import KubetrainError
@@ -170,7 +171,7 @@ class ConsoleFilter(io.TextIOBase):
 
 def fingerprint(source: str) -> str:
     """Content hash of a local dataset file (cache key input); empty for other sources."""
-    from kubetrain.data.datasets import sha256_file
+    from kubetrain.core.integrity import sha256_file
 
     return sha256_file(source) if Path(source).is_file() else ""
 
@@ -279,6 +280,20 @@ def task_tempdir() -> Iterator[Path]:
         shutil.rmtree(private, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def environ(name: str, value: str) -> Iterator[None]:
+    """Set one variable for the run's task processes (they inherit os.environ), then restore it."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = previous
+
+
 class _RefreshingCache:
     """kfp.local's cache with every lookup a miss: tasks run, and their fresh outputs
     replace the cache entries (see `kfp_caching`)."""
@@ -376,7 +391,9 @@ def _run_local(cfg: RunConfig, runs: Path, cache: bool, console) -> dict[str, An
                   f"{cfg.tune.tune_trials} tuning trials | up to {cfg.final.epochs} epochs | "
                   f"cache {'on' if cache else 'off'}\n")
     log_path = run_dir / "pipeline.log"
-    with task_tempdir() as scratch, kfp_caching(cache) as enable_caching:
+    # checkpoints outlive a run's output folder: a killed run's retry resumes from them
+    checkpoints = environ(CHECKPOINT_ROOT_ENV, str(runs / ".checkpoints"))
+    with task_tempdir() as scratch, kfp_caching(cache) as enable_caching, checkpoints:
         (scratch / "workspace").mkdir()
         local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(runs / ".kfp"),
                    workspace_root=str(scratch / "workspace"), enable_caching=enable_caching,
