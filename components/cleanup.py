@@ -11,5 +11,6 @@ def cleanup(cluster: dict, run_id: str, status: dsl.PipelineTaskFinalStatus) -> 
     from kubetrain.cluster.cleanup import clean_up
     from kubetrain.config.cluster import ClusterConfig
 
-    return clean_up(run_id, ClusterConfig.from_dict(cluster), status.state,
-                    status.error_message or "")
+    return clean_up(
+        run_id, ClusterConfig.from_dict(cluster), status.state, status.error_message or ""
+    )

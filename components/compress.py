@@ -8,9 +8,15 @@ from kubetrain.components.common import component
 
 
 @component
-def compress(trained_model: Input[Model], test: Input[Dataset], accuracy_budget: float,
-             prune_amount: float, compressed_model: Output[Model], metrics: Output[Metrics],
-             report: Output[HTML]) -> NamedTuple("Compressed", [("summary", dict)]):
+def compress(
+    trained_model: Input[Model],
+    test: Input[Dataset],
+    accuracy_budget: float,
+    prune_amount: float,
+    compressed_model: Output[Model],
+    metrics: Output[Metrics],
+    report: Output[HTML],
+) -> NamedTuple("Compressed", [("summary", dict)]):
     """Prune, quantize to int8 and export ONNX; keep the smallest variant within budget."""
     import json
 
@@ -18,22 +24,27 @@ def compress(trained_model: Input[Model], test: Input[Dataset], accuracy_budget:
     from kubetrain.stages import compress_stage
 
     cfg = RunConfig.pick(locals())
-    summary = compress_stage(trained_model.path, test.path, compressed_model.path,
-                             report.path, cfg.compress)
+    summary = compress_stage(
+        trained_model.path, test.path, compressed_model.path, report.path, cfg.compress
+    )
     chosen = next(v for v in summary["variants"] if v["name"] == summary["chosen"])
     for name in ("bytes", "gzip_bytes", "accuracy", "cpu_latency_ms"):
         metrics.log_metric(name, float(chosen[name]))
     with open(metrics.path, "w") as f:
         json.dump(metrics.metadata, f)
-    compressed_model.metadata.update({"format": "onnx", "variant": summary["chosen"],
-                                      "file": "model.onnx"})
+    compressed_model.metadata.update(
+        {"format": "onnx", "variant": summary["chosen"], "file": "model.onnx"}
+    )
     return (dict(summary, uri=compressed_model.uri),)
 
 
 @component
-def skip_compression(evaluation: Input[Artifact], compressed_model: Output[Model],
-                     metrics: Output[Metrics],
-                     report: Output[HTML]) -> NamedTuple("Compressed", [("summary", dict)]):
+def skip_compression(
+    evaluation: Input[Artifact],
+    compressed_model: Output[Model],
+    metrics: Output[Metrics],
+    report: Output[HTML],
+) -> NamedTuple("Compressed", [("summary", dict)]):
     """Runs instead of compress when the quality gate fails: records the reason."""
     import json
 

@@ -8,9 +8,15 @@ from kubetrain.components.common import component
 
 
 @component
-def evaluate(trained_model: Input[Model], test: Input[Dataset], min_accuracy: float,
-             metrics: Output[Metrics], classification: Output[ClassificationMetrics],
-             evaluation: Output[Artifact], report: Output[HTML]) -> NamedTuple("Verdict", [("gate", str), ("accuracy", float)]):
+def evaluate(
+    trained_model: Input[Model],
+    test: Input[Dataset],
+    min_accuracy: float,
+    metrics: Output[Metrics],
+    classification: Output[ClassificationMetrics],
+    evaluation: Output[Artifact],
+    report: Output[HTML],
+) -> NamedTuple("Verdict", [("gate", str), ("accuracy", float)]):
     """Test-split metrics, confusion matrix and ROC for the Kubeflow UI; gate pass/fail."""
     import json
 
@@ -18,8 +24,7 @@ def evaluate(trained_model: Input[Model], test: Input[Dataset], min_accuracy: fl
     from kubetrain.stages import evaluate_stage
 
     cfg = RunConfig.pick(locals())
-    result = evaluate_stage(trained_model.path, test.path, evaluation.path, report.path,
-                            cfg.gate)
+    result = evaluate_stage(trained_model.path, test.path, evaluation.path, report.path, cfg.gate)
     for name in ("accuracy", "macro_f1", "precision_macro", "recall_macro", "roc_auc"):
         metrics.log_metric(name, float(result[name]))
     classification.log_confusion_matrix(result["class_names"], result["confusion_matrix"])

@@ -6,8 +6,13 @@ from kubetrain.components.common import component
 
 
 @component
-def ingest(dataset: str, label_column: str, fingerprint: str, table: Output[Dataset],
-           profile: Output[Markdown]):
+def ingest(
+    dataset: str,
+    label_column: str,
+    fingerprint: str,
+    table: Output[Dataset],
+    profile: Output[Markdown],
+):
     """Read a built-in dataset, CSV/Parquet/NPZ file or s3:// URI into a validated table."""
     from kubetrain.config import RunConfig
     from kubetrain.stages import compact, ingest_stage

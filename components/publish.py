@@ -6,13 +6,27 @@ from kubetrain.components.common import component
 
 
 @component
-def publish(trained_model: Input[Model], compressed_model: Input[Model],
-            evaluation: Input[Artifact], table: Input[Dataset], best_hyperparameters: dict,
-            publish_uri: str, model_name: str, run_id: str) -> str:
+def publish(
+    trained_model: Input[Model],
+    compressed_model: Input[Model],
+    evaluation: Input[Artifact],
+    table: Input[Dataset],
+    best_hyperparameters: dict,
+    publish_uri: str,
+    model_name: str,
+    run_id: str,
+) -> str:
     """Upload ONNX + PyTorch weights + metrics + model card atomically; returns its URI."""
     from kubetrain.config import RunConfig
     from kubetrain.stages import publish_stage
 
     cfg = RunConfig.pick(locals())
-    return publish_stage(trained_model.path, compressed_model.path, evaluation.path,
-                         table.path, best_hyperparameters, cfg.publish, run_id)
+    return publish_stage(
+        trained_model.path,
+        compressed_model.path,
+        evaluation.path,
+        table.path,
+        best_hyperparameters,
+        cfg.publish,
+        run_id,
+    )

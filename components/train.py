@@ -6,12 +6,32 @@ from kubetrain.components.common import component
 
 
 @component
-def train(train: Input[Dataset], validation: Input[Dataset], hyperparameters: dict,
-          model: str, optimizer: str, momentum: float, l1: float, lr_schedule: str,
-          patience: int, device: str, learning_rate: float, weight_decay: float, dropout: float,
-          width: int, batch_size: int, epochs: int, nproc: int, seed: int, cluster: dict,
-          run_id: str, trained_model: Output[Model], metrics: Output[Metrics],
-          report: Output[HTML], checkpoint: Output[Artifact]):
+def train(
+    train: Input[Dataset],
+    validation: Input[Dataset],
+    hyperparameters: dict,
+    model: str,
+    optimizer: str,
+    momentum: float,
+    l1: float,
+    lr_schedule: str,
+    patience: int,
+    device: str,
+    learning_rate: float,
+    weight_decay: float,
+    dropout: float,
+    width: int,
+    batch_size: int,
+    epochs: int,
+    nproc: int,
+    seed: int,
+    cluster: dict,
+    run_id: str,
+    trained_model: Output[Model],
+    metrics: Output[Metrics],
+    report: Output[HTML],
+    checkpoint: Output[Artifact],
+):
     """Train the final model (tuned values override the defaults) with early stopping.
 
     In this pod, with `nproc` DDP processes; or, when the compiled cluster placement asks
@@ -22,13 +42,24 @@ def train(train: Input[Dataset], validation: Input[Dataset], hyperparameters: di
     from kubetrain.stages import train_stage
 
     cfg = RunConfig.pick(locals())
-    meta = train_stage(train.path, validation.path, trained_model.path, metrics.path,
-                       report.path, cfg.train, cfg.hyper, cfg.final, cfg.seed, hyperparameters,
-                       checkpoint_dir=checkpoint.path,
-                       trainer=trainer_for(cfg.final, cluster, run_id),
-                       train_uri=train.uri, val_uri=validation.uri,
-                       output_uri=checkpoint.uri + "-trainjob",
-                       checkpoint_root=checkpoint_root(cluster))
+    meta = train_stage(
+        train.path,
+        validation.path,
+        trained_model.path,
+        metrics.path,
+        report.path,
+        cfg.train,
+        cfg.hyper,
+        cfg.final,
+        cfg.seed,
+        hyperparameters,
+        checkpoint_dir=checkpoint.path,
+        trainer=trainer_for(cfg.final, cluster, run_id),
+        train_uri=train.uri,
+        val_uri=validation.uri,
+        output_uri=checkpoint.uri + "-trainjob",
+        checkpoint_root=checkpoint_root(cluster),
+    )
     for name in ("val_accuracy", "val_loss", "best_epoch", "epochs_run", "seconds"):
         metrics.log_metric(name, float(meta[name]))
     trained_model.metadata.update(meta)

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from kubetrain import stages
 from kubetrain.config.settings import SECTIONS, SEED
@@ -46,41 +47,92 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("ingest", "ingest", stages.ingest_stage, "ingest",
-          description="Read a dataset into a validated table (writes --dataset-path, "
-                      "--profile-path)."),
-    Stage("clean", "clean", stages.clean_stage, "clean",
-          description="Impute, handle outliers, scale and split --table-path into "
-                      "--train-path, --val-path, --test-path."),
-    Stage("augment", "augment", stages.augment_stage, "augment",
-          description="Augment the training split --train-path into --out-path."),
-    Stage("tune", "tune", stages.tune_stage, "tune",
-          description="Search hyperparameters on --train-path / --val-path; prints "
-                      "best_hyperparameters for `train --hyperparameters`."),
-    Stage("default-hyperparameters", "tune", stages.default_hyperparameters_stage,
-          "tune (skipped)", alternative=True,
-          description="The configured hyperparameters, when tune_trials=0."),
-    Stage("train", "train", stages.train_stage, "train", placement="gpu",
-          description="Train on --train-path with early stopping on --val-path; writes "
-                      "--model-path and --metrics-path."),
-    Stage("evaluate", "evaluate", stages.evaluate_stage, "evaluate",
-          description="Score --model-path on --test-path and apply the --min-accuracy "
-                      "quality gate."),
-    Stage("compress", "compress", stages.compress_stage, "compress",
-          description="Prune, quantize and export --model-path to ONNX under --out-path; "
-                      "keep the smallest within budget."),
-    Stage("skip-compression", "compress", stages.skip_compression_stage,
-          "compress (skipped: quality gate)", alternative=True,
-          description="Record why nothing was compressed (quality gate failed)."),
-    Stage("publish", "publish", stages.publish_stage, "publish",
-          description="Publish the model bundle to --publish-uri."),
+    Stage(
+        "ingest",
+        "ingest",
+        stages.ingest_stage,
+        "ingest",
+        description="Read a dataset into a validated table (writes --dataset-path, "
+        "--profile-path).",
+    ),
+    Stage(
+        "clean",
+        "clean",
+        stages.clean_stage,
+        "clean",
+        description="Impute, handle outliers, scale and split --table-path into "
+        "--train-path, --val-path, --test-path.",
+    ),
+    Stage(
+        "augment",
+        "augment",
+        stages.augment_stage,
+        "augment",
+        description="Augment the training split --train-path into --out-path.",
+    ),
+    Stage(
+        "tune",
+        "tune",
+        stages.tune_stage,
+        "tune",
+        description="Search hyperparameters on --train-path / --val-path; prints "
+        "best_hyperparameters for `train --hyperparameters`.",
+    ),
+    Stage(
+        "default-hyperparameters",
+        "tune",
+        stages.default_hyperparameters_stage,
+        "tune (skipped)",
+        alternative=True,
+        description="The configured hyperparameters, when tune_trials=0.",
+    ),
+    Stage(
+        "train",
+        "train",
+        stages.train_stage,
+        "train",
+        placement="gpu",
+        description="Train on --train-path with early stopping on --val-path; writes "
+        "--model-path and --metrics-path.",
+    ),
+    Stage(
+        "evaluate",
+        "evaluate",
+        stages.evaluate_stage,
+        "evaluate",
+        description="Score --model-path on --test-path and apply the --min-accuracy quality gate.",
+    ),
+    Stage(
+        "compress",
+        "compress",
+        stages.compress_stage,
+        "compress",
+        description="Prune, quantize and export --model-path to ONNX under --out-path; "
+        "keep the smallest within budget.",
+    ),
+    Stage(
+        "skip-compression",
+        "compress",
+        stages.skip_compression_stage,
+        "compress (skipped: quality gate)",
+        alternative=True,
+        description="Record why nothing was compressed (quality gate failed).",
+    ),
+    Stage(
+        "publish",
+        "publish",
+        stages.publish_stage,
+        "publish",
+        description="Publish the model bundle to --publish-uri.",
+    ),
 )
 #: Stage names in pipeline order (publish runs only when publish_uri is set).
 STAGE_NAMES: tuple[str, ...] = tuple(dict.fromkeys(s.stage for s in STAGES))
 #: What a person can run by hand with `python -m kubetrain.cli.stage` (publish needs the
 #: upstream artifacts' metadata, which only the pipeline hands over).
-CLI_STAGES: tuple[Stage, ...] = tuple(s for s in STAGES
-                                      if not s.alternative and s.stage != "publish")
+CLI_STAGES: tuple[Stage, ...] = tuple(
+    s for s in STAGES if not s.alternative and s.stage != "publish"
+)
 
 
 def by_task(task: str) -> Stage:

@@ -21,9 +21,10 @@ import hashlib
 import json
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from kubetrain.config.settings import (
     AugmentConfig,
@@ -110,51 +111,88 @@ Tuner = Callable[[TuneRequest], tuple[dict[str, Any], list[dict[str, Any]], dict
 Trainer = Callable[[TrainRequest], dict[str, Any]]
 
 
-def ingest_stage(dataset_path: str, profile_path: str, data: DataConfig,
-                 fingerprint: str = "") -> dict[str, Any]:
+def ingest_stage(
+    dataset_path: str, profile_path: str, data: DataConfig, fingerprint: str = ""
+) -> dict[str, Any]:
     from kubetrain.data.ingest import ingest
 
     progress.log("ingest", f"reading {data.dataset}")
     meta = ingest(data.dataset, data.label_column, dataset_path, fingerprint)
     write_json(Path(dataset_path) / META_FILE, meta)
-    progress.log("ingest", f"{meta['rows']} rows, {meta['features']} features, "
-                           f"{len(meta['classes'])} classes, hash {meta['content_hash'][:12]}")
+    progress.log(
+        "ingest",
+        f"{meta['rows']} rows, {meta['features']} features, "
+        f"{len(meta['classes'])} classes, hash {meta['content_hash'][:12]}",
+    )
     rows = [{"class": k, "rows": v} for k, v in meta["class_counts"].items()]
-    write_markdown(profile_path, f"Dataset: {data.dataset}", [
-        Section("Summary", facts={"kind": meta["kind"], "rows": meta["rows"],
-                                  "features": meta["features"],
-                                  "missing values": meta["missing_values"],
-                                  "content sha256": meta["content_hash"][:16]}),
-        Section("Class counts", tables=[rows]),
-    ])
+    write_markdown(
+        profile_path,
+        f"Dataset: {data.dataset}",
+        [
+            Section(
+                "Summary",
+                facts={
+                    "kind": meta["kind"],
+                    "rows": meta["rows"],
+                    "features": meta["features"],
+                    "missing values": meta["missing_values"],
+                    "content sha256": meta["content_hash"][:16],
+                },
+            ),
+            Section("Class counts", tables=[rows]),
+        ],
+    )
     return meta
 
 
-def clean_stage(table_path: str, train_path: str, val_path: str, test_path: str,
-                report_path: str, clean: CleanConfig, seed: int) -> dict[str, Any]:
+def clean_stage(
+    table_path: str,
+    train_path: str,
+    val_path: str,
+    test_path: str,
+    report_path: str,
+    clean: CleanConfig,
+    seed: int,
+) -> dict[str, Any]:
     from kubetrain.data.clean import clean as clean_table
     from kubetrain.data.clean import quality_report
 
     meta = clean_table(table_path, train_path, val_path, test_path, clean, seed)
     write_text(report_path, quality_report(meta))
     sizes = ", ".join(f"{k} {v['rows']}" for k, v in meta["splits"].items())
-    progress.log("clean", f"{meta['duplicates_removed']} duplicates removed, "
-                          f"{meta['missing_values']} missing values filled; splits: {sizes}")
+    progress.log(
+        "clean",
+        f"{meta['duplicates_removed']} duplicates removed, "
+        f"{meta['missing_values']} missing values filled; splits: {sizes}",
+    )
     return meta
 
 
-def augment_stage(train_path: str, out_path: str, report_path: str, augment: AugmentConfig,
-                  seed: int) -> dict[str, Any]:
+def augment_stage(
+    train_path: str, out_path: str, report_path: str, augment: AugmentConfig, seed: int
+) -> dict[str, Any]:
     from kubetrain.data.augment import augment as augment_split
 
     meta = augment_split(train_path, out_path, augment, seed)
     progress.log("augment", f"{meta['rows_before']} -> {meta['rows_after']} training rows")
-    write_html(report_path, "Augmentation", [Section(
-        "Training rows per class", facts={"rows before": meta["rows_before"],
-                                          "rows after": meta["rows_after"]},
-        images=[(plots.class_balance_compare(meta["class_counts_before"],
-                                             meta["class_counts_after"]),
-                 "Only the training split is augmented")])])
+    write_html(
+        report_path,
+        "Augmentation",
+        [
+            Section(
+                "Training rows per class",
+                facts={"rows before": meta["rows_before"], "rows after": meta["rows_after"]},
+                images=[
+                    (
+                        plots.class_balance_compare(
+                            meta["class_counts_before"], meta["class_counts_after"]
+                        ),
+                        "Only the training split is augmented",
+                    )
+                ],
+            )
+        ],
+    )
     return meta
 
 
@@ -168,56 +206,108 @@ def tune_here(req: TuneRequest) -> tuple[dict[str, Any], list[dict[str, Any]], d
     return best, trials, {"backend": "optuna"}
 
 
-def tune_stage(train_path: str, val_path: str, trials_path: str, report_path: str,
-               train: TrainConfig, tune: TuneConfig, seed: int, tuner: Tuner = tune_here,
-               train_uri: str = "", val_uri: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+def tune_stage(
+    train_path: str,
+    val_path: str,
+    trials_path: str,
+    report_path: str,
+    train: TrainConfig,
+    tune: TuneConfig,
+    seed: int,
+    tuner: Tuner = tune_here,
+    train_uri: str = "",
+    val_uri: str = "",
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """Search the hyperparameters with whichever backend was chosen (Optuna here, Katib there)."""
     from kubetrain.training.tuning import GOALS
 
     started = time.perf_counter()
-    best, trials, extra = tuner(TuneRequest(train_path, val_path, train, tune, seed,
-                                            train_uri, val_uri))
+    best, trials, extra = tuner(
+        TuneRequest(train_path, val_path, train, tune, seed, train_uri, val_uri)
+    )
     progress.log("tune", f"best hyperparameters: {best}")
-    meta = {"stage": "tune", "algorithm": tune.tune_algorithm, "objective": tune.tune_objective,
-            "goal": GOALS[tune.tune_objective], "trials": len(trials),
-            "best_hyperparameters": best, "seconds": round(time.perf_counter() - started, 3),
-            **extra}
+    meta = {
+        "stage": "tune",
+        "algorithm": tune.tune_algorithm,
+        "objective": tune.tune_objective,
+        "goal": GOALS[tune.tune_objective],
+        "trials": len(trials),
+        "best_hyperparameters": best,
+        "seconds": round(time.perf_counter() - started, 3),
+        **extra,
+    }
     return best, _write_trials(trials_path, report_path, trials, meta)
 
 
-def default_hyperparameters_stage(trials_path: str, report_path: str, hyper: HyperConfig,
-                                  tune: TuneConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+def default_hyperparameters_stage(
+    trials_path: str, report_path: str, hyper: HyperConfig, tune: TuneConfig
+) -> tuple[dict[str, Any], dict[str, Any]]:
     """What the Else branch runs when tune_trials=0: the configured values, no trials."""
     from kubetrain.training.tuning import GOALS
 
     best = hyper.to_dict()
     progress.log("tune", f"skipped (tune_trials=0); using {best}")
-    meta = {"stage": "tune", "algorithm": "none", "objective": tune.tune_objective,
-            "goal": GOALS[tune.tune_objective], "trials": 0, "best_hyperparameters": best,
-            "seconds": 0.0}
+    meta = {
+        "stage": "tune",
+        "algorithm": "none",
+        "objective": tune.tune_objective,
+        "goal": GOALS[tune.tune_objective],
+        "trials": 0,
+        "best_hyperparameters": best,
+        "seconds": 0.0,
+    }
     return best, _write_trials(trials_path, report_path, [], meta)
 
 
-def _write_trials(trials_path: str, report_path: str, trials: list[dict],
-                  meta: dict) -> dict[str, Any]:
+def _write_trials(
+    trials_path: str, report_path: str, trials: list[dict], meta: dict
+) -> dict[str, Any]:
     """Write the trials table and its report; return it (`{"meta", "trials"}`)."""
     tuning = {"meta": meta, "trials": trials}
     write_json(trials_path, tuning)
-    rows = [{"trial": t["number"], "state": t["state"], meta["objective"]: t.get("value"),
-             **t["params"]} for t in trials]
-    write_html(report_path, "Hyperparameter tuning", [
-        Section("Search", facts={"algorithm": meta["algorithm"], "trials": meta["trials"],
-                                 "objective": f"{meta['objective']} ({meta['goal']})"},
-                text="" if trials else "Tuning was skipped (tune_trials=0)."),
-        Section("Best hyperparameters", tables=[[meta["best_hyperparameters"]]]),
-        Section("Trials", images=[plots.tuning_trials(trials, meta["objective"], meta["goal"])]
-                if trials else [], tables=[rows] if rows else []),
-    ])
+    rows = [
+        {
+            "trial": t["number"],
+            "state": t["state"],
+            meta["objective"]: t.get("value"),
+            **t["params"],
+        }
+        for t in trials
+    ]
+    write_html(
+        report_path,
+        "Hyperparameter tuning",
+        [
+            Section(
+                "Search",
+                facts={
+                    "algorithm": meta["algorithm"],
+                    "trials": meta["trials"],
+                    "objective": f"{meta['objective']} ({meta['goal']})",
+                },
+                text="" if trials else "Tuning was skipped (tune_trials=0).",
+            ),
+            Section("Best hyperparameters", tables=[[meta["best_hyperparameters"]]]),
+            Section(
+                "Trials",
+                images=[plots.tuning_trials(trials, meta["objective"], meta["goal"])]
+                if trials
+                else [],
+                tables=[rows] if rows else [],
+            ),
+        ],
+    )
     return json.loads(json.dumps(tuning, default=str))
 
 
-def checkpoint_key(train_path: str, val_path: str, train: TrainConfig, hyper: HyperConfig,
-                   final: FinalConfig, seed: int) -> str:
+def checkpoint_key(
+    train_path: str,
+    val_path: str,
+    train: TrainConfig,
+    hyper: HyperConfig,
+    final: FinalConfig,
+    seed: int,
+) -> str:
     """What determines a training run: both splits' contents and every setting fit reads.
 
     A retried task, a re-run after a crash and a re-submitted run with the same
@@ -235,8 +325,15 @@ def checkpoint_key(train_path: str, val_path: str, train: TrainConfig, hyper: Hy
     return digest.hexdigest()[:24]
 
 
-def stable_checkpoint_dir(root: str, train_path: str, val_path: str, train: TrainConfig,
-                          hyper: HyperConfig, final: FinalConfig, seed: int) -> str:
+def stable_checkpoint_dir(
+    root: str,
+    train_path: str,
+    val_path: str,
+    train: TrainConfig,
+    hyper: HyperConfig,
+    final: FinalConfig,
+    seed: int,
+) -> str:
     """``<root>/<checkpoint_key>``: a checkpoint place that outlives the run's output folder."""
     return f"{root.rstrip('/')}/{checkpoint_key(train_path, val_path, train, hyper, final, seed)}"
 
@@ -276,35 +373,76 @@ def train_here(req: TrainRequest) -> dict[str, Any]:
     described = describe(req.train, req.hyper, req.seed, req.final.epochs)
     X, y, schema = load_split(req.train_path)
     Xv, yv, _ = load_split(req.val_path)
-    progress.log("train", f"{len(X)} rows, {len(schema.feature_names)} features, "
-                          f"{schema.num_classes} classes, hyperparameters {described}")
+    progress.log(
+        "train",
+        f"{len(X)} rows, {len(schema.feature_names)} features, "
+        f"{schema.num_classes} classes, hyperparameters {described}",
+    )
     with _checkpoint_mirror(req.checkpoint_dir) as (checkpoint_dir, after_epoch):
-        result = fit(req.train, req.hyper, req.seed, (X, y), (Xv, yv), schema,
-                     req.final.epochs, hook=after_epoch, checkpoint_dir=checkpoint_dir)
-    info = {"hyperparameters": described, "history": result.history,
-            "metrics": result.metrics, "schema": schema.extra.get("preprocessing", {}),
-            "feature_names": schema.feature_names}
+        result = fit(
+            req.train,
+            req.hyper,
+            req.seed,
+            (X, y),
+            (Xv, yv),
+            schema,
+            req.final.epochs,
+            hook=after_epoch,
+            checkpoint_dir=checkpoint_dir,
+        )
+    info = {
+        "hyperparameters": described,
+        "history": result.history,
+        "metrics": result.metrics,
+        "schema": schema.extra.get("preprocessing", {}),
+        "feature_names": schema.feature_names,
+    }
     save_model(req.model_path, result.model, result.spec, info)
     write_json(req.metrics_path, result.metrics)
-    write_html(req.report_path, "Training", [
-        Section("Result", facts={"validation accuracy": result.metrics["val_accuracy"],
-                                 "validation loss": result.metrics["val_loss"],
-                                 "best epoch": result.best_epoch,
-                                 "epochs run": result.metrics["epochs_run"],
-                                 "device": result.metrics["device"]}),
-        Section("Learning curves", images=[plots.learning_curves(result.history)]),
-        Section("Hyperparameters", tables=[[described]]),
-    ])
-    return {"stage": "train", **result.metrics, "hyperparameters": described,
-            "arch": result.spec.arch}
+    write_html(
+        req.report_path,
+        "Training",
+        [
+            Section(
+                "Result",
+                facts={
+                    "validation accuracy": result.metrics["val_accuracy"],
+                    "validation loss": result.metrics["val_loss"],
+                    "best epoch": result.best_epoch,
+                    "epochs run": result.metrics["epochs_run"],
+                    "device": result.metrics["device"],
+                },
+            ),
+            Section("Learning curves", images=[plots.learning_curves(result.history)]),
+            Section("Hyperparameters", tables=[[described]]),
+        ],
+    )
+    return {
+        "stage": "train",
+        **result.metrics,
+        "hyperparameters": described,
+        "arch": result.spec.arch,
+    }
 
 
-def train_stage(train_path: str, val_path: str, model_path: str, metrics_path: str,
-                report_path: str, train: TrainConfig, hyper: HyperConfig, final: FinalConfig,
-                seed: int, hyperparameters: dict[str, Any] | None = None,
-                checkpoint_dir: str | None = None, trainer: Trainer = train_here,
-                train_uri: str = "", val_uri: str = "", output_uri: str = "",
-                checkpoint_root: str = "") -> dict[str, Any]:
+def train_stage(
+    train_path: str,
+    val_path: str,
+    model_path: str,
+    metrics_path: str,
+    report_path: str,
+    train: TrainConfig,
+    hyper: HyperConfig,
+    final: FinalConfig,
+    seed: int,
+    hyperparameters: dict[str, Any] | None = None,
+    checkpoint_dir: str | None = None,
+    trainer: Trainer = train_here,
+    train_uri: str = "",
+    val_uri: str = "",
+    output_uri: str = "",
+    checkpoint_root: str = "",
+) -> dict[str, Any]:
     """Train the final model with the tuned values on whichever backend was chosen.
 
     With ``checkpoint_root`` (local folder or s3:// prefix) the checkpoint lives
@@ -313,22 +451,41 @@ def train_stage(train_path: str, val_path: str, model_path: str, metrics_path: s
     """
     tuned = hyper.replace(hyperparameters or {})
     if checkpoint_root:
-        checkpoint_dir = stable_checkpoint_dir(checkpoint_root, train_path, val_path, train,
-                                               tuned, final, seed)
+        checkpoint_dir = stable_checkpoint_dir(
+            checkpoint_root, train_path, val_path, train, tuned, final, seed
+        )
         progress.log("train", f"checkpoints under {checkpoint_dir}")
-    return trainer(TrainRequest(train_path, val_path, model_path, metrics_path, report_path,
-                                train, tuned, final, seed, checkpoint_dir, train_uri, val_uri,
-                                output_uri))
+    return trainer(
+        TrainRequest(
+            train_path,
+            val_path,
+            model_path,
+            metrics_path,
+            report_path,
+            train,
+            tuned,
+            final,
+            seed,
+            checkpoint_dir,
+            train_uri,
+            val_uri,
+            output_uri,
+        )
+    )
 
 
-def evaluate_stage(model_path: str, test_path: str, evaluation_path: str, report_path: str,
-                   gate: GateConfig) -> dict[str, Any]:
+def evaluate_stage(
+    model_path: str, test_path: str, evaluation_path: str, report_path: str, gate: GateConfig
+) -> dict[str, Any]:
     from kubetrain.assessment.evaluation import evaluate
 
     result = evaluate(model_path, test_path, gate.min_accuracy)
     write_json(evaluation_path, result)
-    progress.log("evaluate", f"accuracy {result['accuracy']:.4f} | macro_f1 "
-                             f"{result['macro_f1']:.4f} | roc_auc {result['roc_auc']:.4f}")
+    progress.log(
+        "evaluate",
+        f"accuracy {result['accuracy']:.4f} | macro_f1 "
+        f"{result['macro_f1']:.4f} | roc_auc {result['roc_auc']:.4f}",
+    )
     progress.log("evaluate", result["gate_reason"])
     write_html(report_path, "Evaluation on the held-out test split", evaluation_sections(result))
     return result
@@ -336,41 +493,66 @@ def evaluate_stage(model_path: str, test_path: str, evaluation_path: str, report
 
 def evaluation_sections(result: dict[str, Any]) -> list[Section]:
     return [
-        Section("Test metrics", facts={k: result[k] for k in (
-            "accuracy", "macro_f1", "precision_macro", "recall_macro", "roc_auc", "test_rows")},
-                text=result["gate_reason"]),
-        Section("Confusion matrix", images=[plots.confusion_matrix(
-            result["confusion_matrix"], result["class_names"])]),
+        Section(
+            "Test metrics",
+            facts={
+                k: result[k]
+                for k in (
+                    "accuracy",
+                    "macro_f1",
+                    "precision_macro",
+                    "recall_macro",
+                    "roc_auc",
+                    "test_rows",
+                )
+            },
+            text=result["gate_reason"],
+        ),
+        Section(
+            "Confusion matrix",
+            images=[plots.confusion_matrix(result["confusion_matrix"], result["class_names"])],
+        ),
         Section("ROC", images=[plots.roc_curves(result["roc"])]),
         Section("Per class", tables=[result["per_class"]]),
     ]
 
 
-def compress_stage(model_path: str, test_path: str, out_path: str, report_path: str,
-                   compress: CompressConfig) -> dict[str, Any]:
+def compress_stage(
+    model_path: str, test_path: str, out_path: str, report_path: str, compress: CompressConfig
+) -> dict[str, Any]:
     from kubetrain.assessment.compression import compress as compress_model
 
     X, y, _ = load_split(test_path)
-    progress.log("compress", f"pruning {compress.prune_amount:.0%}, int8 quantization, "
-                             "ONNX export")
-    summary = compress_model(model_path, X, y, compress.accuracy_budget, compress.prune_amount,
-                             out_dir=out_path)
+    progress.log("compress", f"pruning {compress.prune_amount:.0%}, int8 quantization, ONNX export")
+    summary = compress_model(
+        model_path, X, y, compress.accuracy_budget, compress.prune_amount, out_dir=out_path
+    )
     chosen = next(v for v in summary["variants"] if v["name"] == summary["chosen"])
-    progress.log("compress", f"kept {chosen['name']}: {chosen['bytes']} bytes, accuracy "
-                             f"{chosen['accuracy']:.4f}, {chosen['cpu_latency_ms']:.3f} ms")
-    write_html(report_path, "Compression", compression_sections(summary,
-                                                                compress.accuracy_budget))
+    progress.log(
+        "compress",
+        f"kept {chosen['name']}: {chosen['bytes']} bytes, accuracy "
+        f"{chosen['accuracy']:.4f}, {chosen['cpu_latency_ms']:.3f} ms",
+    )
+    write_html(report_path, "Compression", compression_sections(summary, compress.accuracy_budget))
     return summary
 
 
 def compression_sections(summary: dict[str, Any], budget: float) -> list[Section]:
     variants = [dict(v, chosen=v["name"] == summary["chosen"]) for v in summary["variants"]]
     return [
-        Section("Kept variant", facts={"variant": summary["chosen"],
-                                       "baseline accuracy": summary["baseline_accuracy"],
-                                       "accuracy budget": budget}),
-        Section("Size vs accuracy", images=[plots.compression_tradeoff(
-            variants, summary["baseline_accuracy"], budget)], tables=[variants]),
+        Section(
+            "Kept variant",
+            facts={
+                "variant": summary["chosen"],
+                "baseline accuracy": summary["baseline_accuracy"],
+                "accuracy budget": budget,
+            },
+        ),
+        Section(
+            "Size vs accuracy",
+            images=[plots.compression_tradeoff(variants, summary["baseline_accuracy"], budget)],
+            tables=[variants],
+        ),
     ]
 
 
@@ -379,23 +561,36 @@ def skip_compression_stage(evaluation_path: str, out_path: str, report_path: str
     from kubetrain.data.datasets import atomic_dir
 
     result = json.loads(Path(evaluation_path).read_text())
-    summary = {"skipped": True, "reason": result["gate_reason"], "variants": [],
-               "chosen": None}
+    summary = {"skipped": True, "reason": result["gate_reason"], "variants": [], "chosen": None}
     with atomic_dir(out_path) as tmp:
         (tmp / "compression.json").write_text(json.dumps(summary, indent=2))
-    write_html(report_path, "Compression skipped", [Section("Quality gate",
-                                                            text=result["gate_reason"])])
+    write_html(
+        report_path, "Compression skipped", [Section("Quality gate", text=result["gate_reason"])]
+    )
     progress.log("compress", f"skipped: {result['gate_reason']}")
     return summary
 
 
-def publish_stage(trained_model: str, compressed_model: str, evaluation_path: str,
-                  table_path: str, hyperparameters: dict[str, Any], publish: PublishConfig,
-                  run_id: str = "") -> str:
+def publish_stage(
+    trained_model: str,
+    compressed_model: str,
+    evaluation_path: str,
+    table_path: str,
+    hyperparameters: dict[str, Any],
+    publish: PublishConfig,
+    run_id: str = "",
+) -> str:
     from kubetrain.assessment.publish import publish_model
 
     best = HyperConfig().replace(hyperparameters or {}).to_dict()
     # a retry of the same KFP run targets the same version, and finishes or replaces it
-    return publish_model(trained_model, compressed_model, evaluation_path,
-                         read_meta(table_path), best, publish.publish_uri, publish.model_name,
-                         run_id=run_id)
+    return publish_model(
+        trained_model,
+        compressed_model,
+        evaluation_path,
+        read_meta(table_path),
+        best,
+        publish.publish_uri,
+        publish.model_name,
+        run_id=run_id,
+    )

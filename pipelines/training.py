@@ -1,4 +1,4 @@
-"""The kubetrain training pipeline: ingest -> clean -> augment -> tune -> train -> evaluate -> compress.
+"""The kubetrain training pipeline: ingest, clean, augment, tune, train, evaluate, compress.
 
 The pipeline's parameters are the run settings (`kubetrain.config.settings`),
 generated with their defaults and descriptions: a setting is written once, and
@@ -11,9 +11,10 @@ used), and compression only when the evaluation passes the quality gate; the
 
 import hashlib
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 from kfp import dsl
 from kfp.dsl import Artifact, Dataset, Model
@@ -23,11 +24,16 @@ from kubetrain.config.settings import RunConfig, fields_of, kfp_type
 
 PIPELINE_NAME = "kubetrain-training"
 
-Outputs = NamedTuple("Outputs", [
-    ("dataset", Dataset), ("train_split", Dataset), ("augmented", Dataset),
-    ("tuning", dict), ("best_hyperparameters", dict), ("trained_model", Model),
-    ("evaluation", Artifact), ("compression", dict),
-])
+
+class Outputs(NamedTuple):
+    dataset: Dataset
+    train_split: Dataset
+    augmented: Dataset
+    tuning: dict
+    best_hyperparameters: dict
+    trained_model: Model
+    evaluation: Artifact
+    compression: dict
 
 
 def code_version() -> str:
@@ -54,20 +60,25 @@ class TaskPolicy:
 
     retries: int = 0
     backoff_seconds: int = 10
-    configure: Optional[Callable[[dsl.PipelineTask, str], None]] = None
+    configure: Callable[[dsl.PipelineTask, str], None] | None = None
     #: Seconds the finished run's Argo Workflow is kept (PipelineConfig); None keeps it.
-    ttl_seconds: Optional[int] = None
+    ttl_seconds: int | None = None
     #: ClusterConfig (as a dict) handed to the stages whose backend it chooses (Katib, TrainJob).
-    cluster: Optional[dict] = None
+    cluster: dict | None = None
 
 
-def _task(task: dsl.PipelineTask, stage: str, policy: TaskPolicy, version: str,
-          display: str = "") -> dsl.PipelineTask:
+def _task(
+    task: dsl.PipelineTask, stage: str, policy: TaskPolicy, version: str, display: str = ""
+) -> dsl.PipelineTask:
     task.set_display_name(display or stage)
     task.set_env_variable("KUBETRAIN_CODE_VERSION", version)
     if policy.retries:
-        task.set_retry(num_retries=policy.retries, backoff_duration=f"{policy.backoff_seconds}s",
-                       backoff_factor=2.0, backoff_max_duration="600s")
+        task.set_retry(
+            num_retries=policy.retries,
+            backoff_duration=f"{policy.backoff_seconds}s",
+            backoff_factor=2.0,
+            backoff_max_duration="600s",
+        )
     if policy.configure:
         policy.configure(task, stage)
     return task
@@ -76,10 +87,20 @@ def _task(task: dsl.PipelineTask, stage: str, policy: TaskPolicy, version: str,
 def _parameters() -> list[inspect.Parameter]:
     """The pipeline's signature: every setting with its type and default, then `fingerprint`."""
     defaults = RunConfig().flat()
-    params = [inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=defaults[f.name],
-                                annotation=kfp_type(f)) for f in fields_of()]
-    params.append(inspect.Parameter("fingerprint", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="",
-                                    annotation=str))
+    params = [
+        inspect.Parameter(
+            f.name,
+            inspect.Parameter.POSITIONAL_OR_KEYWORD,
+            default=defaults[f.name],
+            annotation=kfp_type(f),
+        )
+        for f in fields_of()
+    ]
+    params.append(
+        inspect.Parameter(
+            "fingerprint", inspect.Parameter.POSITIONAL_OR_KEYWORD, default="", annotation=str
+        )
+    )
     return params
 
 
@@ -102,10 +123,11 @@ def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:
 
     p: dict[str, Any] = {}
 
-    signature = inspect.Signature(_parameters(),
-                                  return_annotation=None if policy.cluster else Outputs)
+    signature = inspect.Signature(
+        _parameters(), return_annotation=None if policy.cluster else Outputs
+    )
 
-    def training_pipeline(*args: Any, **kwargs: Any) -> Optional[Outputs]:
+    def training_pipeline(*args: Any, **kwargs: Any) -> Outputs | None:
         # KFP calls this with one channel per parameter of `signature`, in order.
         params = signature.bind(*args, **kwargs).arguments
         p.clear()
@@ -114,8 +136,13 @@ def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:
             return _body(params)
         from kubetrain.components.cleanup import cleanup
 
-        exit_task = _task(cleanup(cluster=cluster, run_id=run_id), "cleanup", policy, version,
-                          "clean up and notify")
+        exit_task = _task(
+            cleanup(cluster=cluster, run_id=run_id),
+            "cleanup",
+            policy,
+            version,
+            "clean up and notify",
+        )
         with dsl.ExitHandler(exit_task, name="run"):
             _body(params)
         return None  # KFP returns no outputs from inside an exit handler; the UI has them
@@ -125,45 +152,77 @@ def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:
         splits = step("clean", table=raw.outputs["table"])
         aug = step("augment", train=splits.outputs["train"])
         with dsl.If(params["tune_trials"] > 0, name="tuning-requested"):
-            tuned = step("tune", train=aug.outputs["augmented"],
-                         validation=splits.outputs["validation"], cluster=cluster, run_id=run_id)
+            tuned = step(
+                "tune",
+                train=aug.outputs["augmented"],
+                validation=splits.outputs["validation"],
+                cluster=cluster,
+                run_id=run_id,
+            )
         with dsl.Else(name="tuning-skipped"):
             defaults = step("default-hyperparameters")
-        best = dsl.OneOf(tuned.outputs["best_hyperparameters"],
-                         defaults.outputs["best_hyperparameters"])
+        best = dsl.OneOf(
+            tuned.outputs["best_hyperparameters"], defaults.outputs["best_hyperparameters"]
+        )
         # kfp.local selects only parameters with OneOf, so the branch results the
         # run report needs travel as dicts; the artifacts stay on each task for the UI.
         tuning = dsl.OneOf(tuned.outputs["tuning"], defaults.outputs["tuning"])
-        trained = step("train", train=aug.outputs["augmented"],
-                       validation=splits.outputs["validation"], hyperparameters=best,
-                       cluster=cluster, run_id=run_id)
-        judged = step("evaluate", trained_model=trained.outputs["trained_model"],
-                      test=splits.outputs["test"])
+        trained = step(
+            "train",
+            train=aug.outputs["augmented"],
+            validation=splits.outputs["validation"],
+            hyperparameters=best,
+            cluster=cluster,
+            run_id=run_id,
+        )
+        judged = step(
+            "evaluate", trained_model=trained.outputs["trained_model"], test=splits.outputs["test"]
+        )
         with dsl.If(judged.outputs["gate"] == "pass", name="quality-gate-passed"):
-            small = step("compress", trained_model=trained.outputs["trained_model"],
-                         test=splits.outputs["test"])
+            small = step(
+                "compress",
+                trained_model=trained.outputs["trained_model"],
+                test=splits.outputs["test"],
+            )
             with dsl.If(params["publish_uri"] != "", name="publish-requested"):
-                step("publish", trained_model=trained.outputs["trained_model"],
-                     compressed_model=small.outputs["compressed_model"],
-                     evaluation=judged.outputs["evaluation"], table=raw.outputs["table"],
-                     best_hyperparameters=best, run_id=run_id)
+                step(
+                    "publish",
+                    trained_model=trained.outputs["trained_model"],
+                    compressed_model=small.outputs["compressed_model"],
+                    evaluation=judged.outputs["evaluation"],
+                    table=raw.outputs["table"],
+                    best_hyperparameters=best,
+                    run_id=run_id,
+                )
         with dsl.Else(name="quality-gate-failed"):
             skipped = step("skip-compression", evaluation=judged.outputs["evaluation"])
         return Outputs(
-            dataset=raw.outputs["table"], train_split=splits.outputs["train"],
-            augmented=aug.outputs["augmented"], tuning=tuning, best_hyperparameters=best,
+            dataset=raw.outputs["table"],
+            train_split=splits.outputs["train"],
+            augmented=aug.outputs["augmented"],
+            tuning=tuning,
+            best_hyperparameters=best,
             trained_model=trained.outputs["trained_model"],
             evaluation=judged.outputs["evaluation"],
-            compression=dsl.OneOf(small.outputs["summary"], skipped.outputs["summary"]))
+            compression=dsl.OneOf(small.outputs["summary"], skipped.outputs["summary"]),
+        )
 
     training_pipeline.__signature__ = signature
     training_pipeline.__doc__ = _docstring()
-    config = (dsl.PipelineConfig(ttl_seconds_after_finished=policy.ttl_seconds)
-              if policy.ttl_seconds else None)
-    return dsl.pipeline(name=PIPELINE_NAME, pipeline_config=config, description=(
-        "Train, tune (Katib semantics), evaluate, compress and publish a classifier: "
-        "ingest -> clean -> augment -> tune -> train -> evaluate -> compress -> "
-        "publish."))(training_pipeline)
+    config = (
+        dsl.PipelineConfig(ttl_seconds_after_finished=policy.ttl_seconds)
+        if policy.ttl_seconds
+        else None
+    )
+    return dsl.pipeline(
+        name=PIPELINE_NAME,
+        pipeline_config=config,
+        description=(
+            "Train, tune (Katib semantics), evaluate, compress and publish a classifier: "
+            "ingest -> clean -> augment -> tune -> train -> evaluate -> compress -> "
+            "publish."
+        ),
+    )(training_pipeline)
 
 
 def _docstring() -> str:
@@ -172,8 +231,10 @@ def _docstring() -> str:
     for f in fields_of():
         lines.append(f"    {f.name}: {f.metadata['help']}")
         if f.name == "label_column":
-            lines.append("    fingerprint: Content hash of a local dataset file, so the "
-                         "cache notices edits (set by the CLI; leave empty).")
+            lines.append(
+                "    fingerprint: Content hash of a local dataset file, so the "
+                "cache notices edits (set by the CLI; leave empty)."
+            )
     return "\n".join(lines)
 
 

@@ -24,19 +24,24 @@ from s3_server import S3Server, start
 unshadow_docker()
 
 #: fixtures that start real servers or processes: a test using one is an integration test
-INTEGRATION_FIXTURES = frozenset({
-    "s3_server", "s3_env", "s3_env_module",  # SeaweedFS (here)
-    "image_venv",  # docker/install.sh into a clean venv (tests/test_images.py)
-    "kfp_local",  # kfp.local SubprocessRunner component runs (tests/test_components_local.py)
-})
+INTEGRATION_FIXTURES = frozenset(
+    {
+        "s3_server",
+        "s3_env",
+        "s3_env_module",  # SeaweedFS (here)
+        "image_venv",  # docker/install.sh into a clean venv (tests/test_images.py)
+        "kfp_local",  # kfp.local SubprocessRunner component runs (tests/test_components_local.py)
+    }
+)
 
 
 def tier_of(item: pytest.Item) -> str:
     """The highest tier the test's explicit marks or its fixtures call for."""
     if item.get_closest_marker("e2e"):
         return "e2e"
-    if item.get_closest_marker("integration") or \
-            INTEGRATION_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+    if item.get_closest_marker("integration") or INTEGRATION_FIXTURES.intersection(
+        getattr(item, "fixturenames", ())
+    ):
         return "integration"
     return "unit"
 
@@ -78,8 +83,14 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _point_aws_at(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
-    for name in ("AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                 "AWS_MAX_ATTEMPTS", "AWS_PROFILE"):
+    for name in (
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_MAX_ATTEMPTS",
+        "AWS_PROFILE",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("S3_ENDPOINT_URL", s3_server.endpoint_url)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)

@@ -34,12 +34,14 @@ def transient_errors() -> list[Exception]:
     """One of each kind the retry policy retries: 5xx, 429, a dropped connection, no answer."""
     import urllib3
 
-    return [api_exception(503, "etcdserver: leader changed"),
-            api_exception(429, "too many requests"),
-            ConnectionResetError("connection reset by peer"),
-            urllib3.exceptions.ProtocolError("Connection aborted.")]
+    return [
+        api_exception(503, "etcdserver: leader changed"),
+        api_exception(429, "too many requests"),
+        ConnectionResetError("connection reset by peer"),
+        urllib3.exceptions.ProtocolError("Connection aborted."),
+    ]
 
 
 def backoff_sleeps(poll_s: float, failures: int, cap_s: float = 60.0) -> list[float]:
     """The sleeps after `failures` transient errors in a row: poll_s doubled each time, capped."""
-    return [min(max(poll_s, 1.0) * 2 ** i, cap_s) for i in range(failures)]
+    return [min(max(poll_s, 1.0) * 2**i, cap_s) for i in range(failures)]

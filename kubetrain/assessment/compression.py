@@ -34,15 +34,16 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from kubetrain.data.datasets import atomic_dir, write_json
 from kubetrain.core.errors import KubetrainError
+from kubetrain.data.datasets import atomic_dir, write_json
 from kubetrain.training.models import load_model, predict_proba
 
 INPUT_NAME = "features"
@@ -52,14 +53,26 @@ VARIANTS = ("fp32", "pruned", "int8", "pruned-int8")
 MATCH_ATOL = 1e-4  # fp32 ONNX vs PyTorch, on probabilities
 MAX_PRUNE = 0.99
 
-__all__ = ["compress", "choose", "within_budget", "export_onnx", "prune_model",
-           "quantize_int8", "onnx_predict", "measure_latency", "verify_export", "gzip_size"]
+__all__ = [
+    "compress",
+    "choose",
+    "within_budget",
+    "export_onnx",
+    "prune_model",
+    "quantize_int8",
+    "onnx_predict",
+    "measure_latency",
+    "verify_export",
+    "gzip_size",
+]
 
 
 # --------------------------------------------------------------------- export
 
-def export_onnx(model: nn.Module, num_features: int, path: str | os.PathLike,
-                exporter: str = "auto") -> str:
+
+def export_onnx(
+    model: nn.Module, num_features: int, path: str | os.PathLike, exporter: str = "auto"
+) -> str:
     """Export `model` (eval mode) to a single self-contained ONNX file.
 
     `exporter` is ``"auto"``, ``"torchscript"`` or ``"dynamo"``; returns the one used.
@@ -82,8 +95,13 @@ def export_onnx(model: nn.Module, num_features: int, path: str | os.PathLike,
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the legacy exporter's DeprecationWarning
                 torch.onnx.export(
-                    model, example, str(path), dynamo=False, opset_version=OPSET,
-                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                    model,
+                    example,
+                    str(path),
+                    dynamo=False,
+                    opset_version=OPSET,
+                    input_names=[INPUT_NAME],
+                    output_names=[OUTPUT_NAME],
                     dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
                 )
             return "torchscript"
@@ -93,14 +111,24 @@ def export_onnx(model: nn.Module, num_features: int, path: str | os.PathLike,
                 raise
     # report=False and a throwaway artifacts_dir: nothing written to the cwd;
     # external_data=False: weights inside the .onnx, no sidecar .data file.
-    with tempfile.TemporaryDirectory(prefix="kubetrain-onnx-") as artifacts, \
-            warnings.catch_warnings():
+    with (
+        tempfile.TemporaryDirectory(prefix="kubetrain-onnx-") as artifacts,
+        warnings.catch_warnings(),
+    ):
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, example, str(path), dynamo=True, opset_version=OPSET,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            model,
+            example,
+            str(path),
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
             dynamic_shapes=({0: torch.export.Dim("batch")},),
-            external_data=False, report=False, verify=False, artifacts_dir=artifacts,
+            external_data=False,
+            report=False,
+            verify=False,
+            artifacts_dir=artifacts,
             verbose=False,
         )
     return "dynamo"
@@ -113,11 +141,13 @@ def prune_model(model: nn.Module, amount: float) -> nn.Module:
     from torch.nn.utils import prune
 
     pruned = copy.deepcopy(model)
-    params = [(m, "weight") for m in pruned.modules()
-              if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    params = [
+        (m, "weight")
+        for m in pruned.modules()
+        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))
+    ]
     if params and amount > 0:
-        prune.global_unstructured(params, pruning_method=prune.L1Unstructured,
-                                  amount=float(amount))
+        prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=float(amount))
         for module, name in params:
             prune.remove(module, name)  # bake the mask into the weight
     return pruned.eval()
@@ -149,6 +179,7 @@ def _quiet_root_logger() -> Iterator[None]:
 
 # ------------------------------------------------------------------ measuring
 
+
 def _session(path: str | os.PathLike):
     import onnxruntime as ort
 
@@ -160,30 +191,43 @@ def _session(path: str | os.PathLike):
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
-def onnx_predict(path: str | os.PathLike, X: np.ndarray, batch_size: int = 1024,
-                 session: Any = None) -> np.ndarray:
+def onnx_predict(
+    path: str | os.PathLike, X: np.ndarray, batch_size: int = 1024, session: Any = None
+) -> np.ndarray:
     """Class probabilities from an ONNX file of this module's graph contract
     (softmax applied here to the ``logits`` output)."""
     session = session or _session(path)
     X = np.ascontiguousarray(X, dtype=np.float32)
-    chunks = [session.run([OUTPUT_NAME], {INPUT_NAME: X[i:i + batch_size]})[0]
-              for i in range(0, len(X), batch_size)]
+    chunks = [
+        session.run([OUTPUT_NAME], {INPUT_NAME: X[i : i + batch_size]})[0]
+        for i in range(0, len(X), batch_size)
+    ]
     logits = np.concatenate(chunks).astype(np.float64) if chunks else np.empty((0, 0))
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
     return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def measure_latency(path: str | os.PathLike, num_features: int, sample: np.ndarray | None = None,
-                    *, warmup: int = 5, max_runs: int = 200, max_seconds: float = 0.2,
-                    session: Any = None) -> float:
+def measure_latency(
+    path: str | os.PathLike,
+    num_features: int,
+    sample: np.ndarray | None = None,
+    *,
+    warmup: int = 5,
+    max_runs: int = 200,
+    max_seconds: float = 0.2,
+    session: Any = None,
+) -> float:
     """Median batch-1 CPU latency in ms, single intra-op thread.
 
     Bounded: `warmup` runs, then at most `max_runs` timed runs or `max_seconds`
     of them, whichever ends first (at least 3 timed runs)."""
     session = session or _session(path)
-    x = (np.zeros((1, num_features), np.float32) if sample is None
-         else np.ascontiguousarray(sample, np.float32).reshape(1, num_features))
+    x = (
+        np.zeros((1, num_features), np.float32)
+        if sample is None
+        else np.ascontiguousarray(sample, np.float32).reshape(1, num_features)
+    )
     feed = {INPUT_NAME: x}
     for _ in range(warmup):
         session.run([OUTPUT_NAME], feed)
@@ -212,24 +256,29 @@ def verify_export(reference: np.ndarray, candidate: np.ndarray, atol: float = MA
     reference = np.asarray(reference, np.float64)
     candidate = np.asarray(candidate, np.float64)
     if reference.shape != candidate.shape:
-        raise KubetrainError(f"ONNX output shape {candidate.shape} differs from PyTorch's "
-                             f"{reference.shape}; the export is broken, report it with the "
-                             "model bundle")
+        raise KubetrainError(
+            f"ONNX output shape {candidate.shape} differs from PyTorch's "
+            f"{reference.shape}; the export is broken, report it with the "
+            "model bundle"
+        )
     diff = float(np.abs(reference - candidate).max()) if reference.size else 0.0
     top2 = np.sort(reference, axis=1)[:, -2:] if reference.shape[1] > 1 else None
-    clear = (top2[:, 1] - top2[:, 0] > 2 * atol) if top2 is not None else \
-        np.ones(len(reference), bool)
+    clear = (
+        (top2[:, 1] - top2[:, 0] > 2 * atol) if top2 is not None else np.ones(len(reference), bool)
+    )
     flips = int(np.sum((reference.argmax(1) != candidate.argmax(1)) & clear))
     if diff > atol or flips:
         raise KubetrainError(
             f"fp32 ONNX export does not match PyTorch: max |prob diff| {diff:.2e} "
             f"(allowed {atol:.0e}), {flips} of {len(reference)} predicted classes differ; "
             "this is an exporter fault, not a data problem: report it with the model "
-            "bundle, or skip the compress stage and serve the PyTorch model")
+            "bundle, or skip the compress stage and serve the PyTorch model"
+        )
     return diff
 
 
 # ------------------------------------------------------------------ selection
+
 
 def within_budget(accuracy: float, baseline: float, budget: float) -> bool:
     return accuracy >= baseline - budget - 1e-9  # 1e-9: float noise in baseline - budget
@@ -239,8 +288,11 @@ def choose(variants: Sequence[dict[str, Any]], baseline: float, budget: float) -
     """Name of the variant with the smallest ``gzip_bytes`` among those whose
     ``accuracy`` is at least ``baseline - budget``; ``fp32`` always qualifies
     (it is the model itself). Ties go to the earlier variant in the list."""
-    qualified = [(v["gzip_bytes"], i, v["name"]) for i, v in enumerate(variants)
-                 if v["name"] == "fp32" or within_budget(v["accuracy"], baseline, budget)]
+    qualified = [
+        (v["gzip_bytes"], i, v["name"])
+        for i, v in enumerate(variants)
+        if v["name"] == "fp32" or within_budget(v["accuracy"], baseline, budget)
+    ]
     if not qualified:
         raise ValueError("no variant is within the accuracy budget and fp32 is missing")
     return min(qualified)[2]
@@ -248,36 +300,64 @@ def choose(variants: Sequence[dict[str, Any]], baseline: float, budget: float) -
 
 # ------------------------------------------------------------------- the stage
 
-def _validate(X: np.ndarray, y: np.ndarray, num_features: int, num_classes: int,
-              accuracy_budget: float, prune_amount: float) -> None:
-    if not (isinstance(accuracy_budget, (int, float)) and math.isfinite(accuracy_budget)
-            and 0.0 <= accuracy_budget <= 1.0):
-        raise KubetrainError(f"accuracy_budget={accuracy_budget!r} is out of range; use a "
-                             "fraction in [0, 1], e.g. 0.01 for at most 1 accuracy point lost")
-    if not (isinstance(prune_amount, (int, float)) and math.isfinite(prune_amount)
-            and 0.0 <= prune_amount <= MAX_PRUNE):
-        raise KubetrainError(f"prune_amount={prune_amount!r} is out of range; use a share of "
-                             f"weights in [0, {MAX_PRUNE}], e.g. 0.5 (0 turns pruning off)")
+
+def _validate(
+    X: np.ndarray,
+    y: np.ndarray,
+    num_features: int,
+    num_classes: int,
+    accuracy_budget: float,
+    prune_amount: float,
+) -> None:
+    if not (
+        isinstance(accuracy_budget, (int, float))
+        and math.isfinite(accuracy_budget)
+        and 0.0 <= accuracy_budget <= 1.0
+    ):
+        raise KubetrainError(
+            f"accuracy_budget={accuracy_budget!r} is out of range; use a "
+            "fraction in [0, 1], e.g. 0.01 for at most 1 accuracy point lost"
+        )
+    if not (
+        isinstance(prune_amount, (int, float))
+        and math.isfinite(prune_amount)
+        and 0.0 <= prune_amount <= MAX_PRUNE
+    ):
+        raise KubetrainError(
+            f"prune_amount={prune_amount!r} is out of range; use a share of "
+            f"weights in [0, {MAX_PRUNE}], e.g. 0.5 (0 turns pruning off)"
+        )
     if X.ndim != 2:
-        raise KubetrainError(f"test features must be a 2-D array (rows, features), got shape "
-                             f"{X.shape}; pass the test split's X as saved by the clean stage")
+        raise KubetrainError(
+            f"test features must be a 2-D array (rows, features), got shape "
+            f"{X.shape}; pass the test split's X as saved by the clean stage"
+        )
     if len(X) == 0:
-        raise KubetrainError("the test set is empty; compression needs labelled test rows "
-                             "to measure accuracy, pass a non-empty test split")
+        raise KubetrainError(
+            "the test set is empty; compression needs labelled test rows "
+            "to measure accuracy, pass a non-empty test split"
+        )
     if X.shape[1] != num_features:
-        raise KubetrainError(f"test features have {X.shape[1]} columns but the model expects "
-                             f"{num_features}; pass the test split produced by the same "
-                             "clean/augment stages as the model's training data")
+        raise KubetrainError(
+            f"test features have {X.shape[1]} columns but the model expects "
+            f"{num_features}; pass the test split produced by the same "
+            "clean/augment stages as the model's training data"
+        )
     if y.ndim != 1 or len(y) != len(X):
-        raise KubetrainError(f"test labels have shape {y.shape} but features have {len(X)} "
-                             "rows; pass X and y from the same split")
+        raise KubetrainError(
+            f"test labels have shape {y.shape} but features have {len(X)} "
+            "rows; pass X and y from the same split"
+        )
     if not np.isfinite(X).all():
-        raise KubetrainError("test features contain NaN or infinite values; "
-                             "pass the cleaned test split")
+        raise KubetrainError(
+            "test features contain NaN or infinite values; pass the cleaned test split"
+        )
     if y.min() < 0 or y.max() >= num_classes:
-        raise KubetrainError(f"test labels range over [{int(y.min())}, {int(y.max())}] but the "
-                             f"model has {num_classes} classes (0..{num_classes - 1}); pass the "
-                             "test split encoded like the model's training data")
+        raise KubetrainError(
+            f"test labels range over [{int(y.min())}, {int(y.max())}] but the "
+            f"model has {num_classes} classes (0..{num_classes - 1}); pass the "
+            "test split encoded like the model's training data"
+        )
 
 
 def _weight_sparsity(path: Path) -> float:
@@ -294,9 +374,15 @@ def _weight_sparsity(path: Path) -> float:
     return zeros / total if total else 0.0
 
 
-def compress(model_dir: str | os.PathLike, X: np.ndarray, y: np.ndarray,
-             accuracy_budget: float = 0.01, prune_amount: float = 0.5, *,
-             out_dir: str | os.PathLike) -> dict[str, Any]:
+def compress(
+    model_dir: str | os.PathLike,
+    X: np.ndarray,
+    y: np.ndarray,
+    accuracy_budget: float = 0.01,
+    prune_amount: float = 0.5,
+    *,
+    out_dir: str | os.PathLike,
+) -> dict[str, Any]:
     """Build, measure and choose among the compressed variants of a model bundle.
 
     Writes ``<variant>.onnx`` for each variant, ``model.onnx`` (a copy of the
@@ -308,8 +394,9 @@ def compress(model_dir: str | os.PathLike, X: np.ndarray, y: np.ndarray,
     X = np.asarray(X, dtype=np.float32)
     y = np.asarray(y)
     if y.size and not np.issubdtype(y.dtype, np.integer):
-        raise KubetrainError(f"test labels must be integer class indices, got {y.dtype}; "
-                             "pass the split's y (int64)")
+        raise KubetrainError(
+            f"test labels must be integer class indices, got {y.dtype}; pass the split's y (int64)"
+        )
     y = y.astype(np.int64)
     _validate(X, y, spec.num_features, spec.num_classes, accuracy_budget, prune_amount)
 
@@ -320,8 +407,7 @@ def compress(model_dir: str | os.PathLike, X: np.ndarray, y: np.ndarray,
     with atomic_dir(out_dir) as tmp:
         exporter = export_onnx(model, spec.num_features, tmp / "fp32.onnx")
         if prune_amount > 0:
-            export_onnx(prune_model(model, prune_amount), spec.num_features,
-                        tmp / "pruned.onnx")
+            export_onnx(prune_model(model, prune_amount), spec.num_features, tmp / "pruned.onnx")
         quantize_int8(tmp / "fp32.onnx", tmp / "int8.onnx")
         if prune_amount > 0:
             quantize_int8(tmp / "pruned.onnx", tmp / "pruned-int8.onnx")
@@ -331,22 +417,29 @@ def compress(model_dir: str | os.PathLike, X: np.ndarray, y: np.ndarray,
             path = tmp / f"{name}.onnx"
             session = _session(path)
             probs = onnx_predict(path, X, session=session)
-            diff = (verify_export(reference, probs) if name == "fp32"
-                    else float(np.abs(reference - probs).max()))
-            variants.append({
-                "name": name,
-                "file": path.name,
-                "bytes": path.stat().st_size,
-                "gzip_bytes": gzip_size(path),
-                "accuracy": float(np.mean(probs.argmax(1) == y)),
-                "cpu_latency_ms": round(measure_latency(path, spec.num_features, X[0],
-                                                        session=session), 4),
-                "max_abs_diff": diff,
-                "weight_sparsity": round(_weight_sparsity(path), 4),
-            })
+            diff = (
+                verify_export(reference, probs)
+                if name == "fp32"
+                else float(np.abs(reference - probs).max())
+            )
+            variants.append(
+                {
+                    "name": name,
+                    "file": path.name,
+                    "bytes": path.stat().st_size,
+                    "gzip_bytes": gzip_size(path),
+                    "accuracy": float(np.mean(probs.argmax(1) == y)),
+                    "cpu_latency_ms": round(
+                        measure_latency(path, spec.num_features, X[0], session=session), 4
+                    ),
+                    "max_abs_diff": diff,
+                    "weight_sparsity": round(_weight_sparsity(path), 4),
+                }
+            )
         for v in variants:
             v["within_budget"] = v["name"] == "fp32" or within_budget(
-                v["accuracy"], baseline, accuracy_budget)
+                v["accuracy"], baseline, accuracy_budget
+            )
         chosen = choose(variants, baseline, accuracy_budget)
         shutil.copyfile(tmp / f"{chosen}.onnx", tmp / "model.onnx")
 

@@ -8,9 +8,9 @@ from typing import Any
 import numpy as np
 from sklearn import metrics as skm
 
-from kubetrain.training.models import load_model, predict_proba
-from kubetrain.data.datasets import load_split
 from kubetrain.core.errors import require
+from kubetrain.data.datasets import load_split
+from kubetrain.training.models import load_model, predict_proba
 
 ROC_POINTS = 200  # the KFP UI and JSON artifacts stay small
 
@@ -19,8 +19,11 @@ def _thin(fpr: np.ndarray, tpr: np.ndarray, thr: np.ndarray) -> dict[str, list[f
     keep = np.unique(np.linspace(0, len(fpr) - 1, min(len(fpr), ROC_POINTS)).round().astype(int))
     # sklearn's first threshold is +inf (nothing predicted positive): not valid JSON
     thr = np.where(np.isfinite(thr), thr, 1.0)
-    return {"fpr": fpr[keep].tolist(), "tpr": tpr[keep].tolist(),
-            "thresholds": np.clip(thr[keep], 0.0, 1.0).tolist()}
+    return {
+        "fpr": fpr[keep].tolist(),
+        "tpr": tpr[keep].tolist(),
+        "thresholds": np.clip(thr[keep], 0.0, 1.0).tolist(),
+    }
 
 
 def roc_curves(y: np.ndarray, proba: np.ndarray, class_names: list[str]) -> dict[str, dict]:
@@ -45,20 +48,26 @@ def compute_metrics(y: np.ndarray, proba: np.ndarray, class_names: list[str]) ->
     if len(class_names) == 2:
         auc = float(skm.roc_auc_score(y, proba[:, 1])) if len(present) == 2 else float("nan")
     elif len(present) == len(class_names):
-        auc = float(skm.roc_auc_score(y, proba, multi_class="ovr", average="macro",
-                                      labels=labels))
+        auc = float(skm.roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=labels))
     else:
         auc = float("nan")
     return {
         "accuracy": float(skm.accuracy_score(y, pred)),
-        "precision_macro": float(np.mean(p)), "recall_macro": float(np.mean(r)),
-        "macro_f1": float(skm.f1_score(y, pred, labels=labels, average="macro",
-                                       zero_division=0)),
+        "precision_macro": float(np.mean(p)),
+        "recall_macro": float(np.mean(r)),
+        "macro_f1": float(skm.f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
         "roc_auc": auc,
         "log_loss": float(skm.log_loss(y, np.clip(proba, 1e-7, 1), labels=labels)),
-        "per_class": [{"class": n, "precision": float(p[i]), "recall": float(r[i]),
-                       "f1": float(f[i]), "support": int(s[i])}
-                      for i, n in enumerate(class_names)],
+        "per_class": [
+            {
+                "class": n,
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+                "f1": float(f[i]),
+                "support": int(s[i]),
+            }
+            for i, n in enumerate(class_names)
+        ],
         "confusion_matrix": skm.confusion_matrix(y, pred, labels=labels).tolist(),
         "class_names": list(class_names),
         "roc": roc_curves(y, proba, class_names),
@@ -69,8 +78,10 @@ def compute_metrics(y: np.ndarray, proba: np.ndarray, class_names: list[str]) ->
 def gate(metrics: dict[str, Any], min_accuracy: float) -> tuple[bool, str]:
     ok = metrics["accuracy"] >= min_accuracy
     verdict = "passed" if ok else "failed"
-    return ok, (f"quality gate {verdict}: test accuracy {metrics['accuracy']:.4f} "
-                f"{'>=' if ok else '<'} min_accuracy {min_accuracy}")
+    return ok, (
+        f"quality gate {verdict}: test accuracy {metrics['accuracy']:.4f} "
+        f"{'>=' if ok else '<'} min_accuracy {min_accuracy}"
+    )
 
 
 def evaluate(model_path: str, test_path: str, min_accuracy: float) -> dict[str, Any]:
@@ -78,12 +89,19 @@ def evaluate(model_path: str, test_path: str, min_accuracy: float) -> dict[str, 
     started = time.perf_counter()
     model, spec, info = load_model(model_path)
     X, y, schema = load_split(test_path)
-    require(X.shape[1] == spec.num_features,
-            f"test split has {X.shape[1]} features but the model expects "
-            f"{spec.num_features}; evaluate with the test split from the same clean run")
+    require(
+        X.shape[1] == spec.num_features,
+        f"test split has {X.shape[1]} features but the model expects "
+        f"{spec.num_features}; evaluate with the test split from the same clean run",
+    )
     proba = predict_proba(model, X).numpy()
     result = compute_metrics(y, proba, schema.class_names)
     passed, reason = gate(result, min_accuracy)
-    result.update(stage="evaluate", gate="pass" if passed else "fail", gate_reason=reason,
-                  min_accuracy=min_accuracy, seconds=round(time.perf_counter() - started, 3))
+    result.update(
+        stage="evaluate",
+        gate="pass" if passed else "fail",
+        gate_reason=reason,
+        min_accuracy=min_accuracy,
+        seconds=round(time.perf_counter() - started, 3),
+    )
     return result

@@ -52,10 +52,16 @@ def version_for_run(run_id: str) -> str:
     second version. The run id is kept verbatim when it is a safe path segment (KFP's
     UUIDs are), else replaced by its hash."""
     run_id = run_id.strip()
-    require(bool(run_id), "version_for_run needs a run id: pass the KFP run id "
-                          "(dsl.PIPELINE_JOB_ID_PLACEHOLDER) or use version_for")
-    token = run_id if _SAFE_RUN_ID.fullmatch(run_id) and ".." not in run_id else \
-        hashlib.sha256(run_id.encode()).hexdigest()[:16]
+    require(
+        bool(run_id),
+        "version_for_run needs a run id: pass the KFP run id "
+        "(dsl.PIPELINE_JOB_ID_PLACEHOLDER) or use version_for",
+    )
+    token = (
+        run_id
+        if _SAFE_RUN_ID.fullmatch(run_id) and ".." not in run_id
+        else hashlib.sha256(run_id.encode()).hexdigest()[:16]
+    )
     return f"run-{token}"
 
 
@@ -81,61 +87,112 @@ def md_code(value: Any) -> str:
     return f"`{text}`" if _CODE_SAFE.fullmatch(text) else md_text(text)
 
 
-def model_card(name: str, version: str, dataset: dict[str, Any], hyperparameters: dict[str, Any],
-               evaluation: dict[str, Any], compression: dict[str, Any]) -> str:
+def model_card(
+    name: str,
+    version: str,
+    dataset: dict[str, Any],
+    hyperparameters: dict[str, Any],
+    evaluation: dict[str, Any],
+    compression: dict[str, Any],
+) -> str:
     """The bundle's human-readable summary (Markdown); every value that comes from data or
     settings goes through `md_text`/`md_code` (see there for why)."""
-    metrics = {k: evaluation.get(k) for k in ("accuracy", "macro_f1", "roc_auc",
-                                                "precision_macro", "recall_macro")}
-    chosen = next((v for v in compression.get("variants", [])
-                   if v["name"] == compression.get("chosen")), {})
+    metrics = {
+        k: evaluation.get(k)
+        for k in ("accuracy", "macro_f1", "roc_auc", "precision_macro", "recall_macro")
+    }
+    chosen = next(
+        (v for v in compression.get("variants", []) if v["name"] == compression.get("chosen")), {}
+    )
     lines = [
-        f"# Model card: {md_text(name)} {md_text(version)}", "",
-        "## Data", "",
+        f"# Model card: {md_text(name)} {md_text(version)}",
+        "",
+        "## Data",
+        "",
         f"- source: {md_code(dataset.get('source'))}",
         f"- content sha256: {md_code(dataset.get('content_hash'))}",
         f"- rows: {md_text(dataset.get('rows'))}, features: {md_text(dataset.get('features'))}, "
-        f"classes: {', '.join(map(md_text, dataset.get('classes', [])))}", "",
-        "## Hyperparameters", "",
-        *[f"- {md_text(k)}: {md_text(v)}" for k, v in sorted(hyperparameters.items())], "",
-        "## Test metrics (held-out split)", "",
-        *[f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {md_text(v)}"
-          for k, v in metrics.items()],
-        f"- {md_text(evaluation.get('gate_reason', ''))}", "",
-        "## Deployed artifact", "",
+        f"classes: {', '.join(map(md_text, dataset.get('classes', [])))}",
+        "",
+        "## Hyperparameters",
+        "",
+        *[f"- {md_text(k)}: {md_text(v)}" for k, v in sorted(hyperparameters.items())],
+        "",
+        "## Test metrics (held-out split)",
+        "",
+        *[
+            f"- {k}: {v:.4f}" if isinstance(v, float) else f"- {k}: {md_text(v)}"
+            for k, v in metrics.items()
+        ],
+        f"- {md_text(evaluation.get('gate_reason', ''))}",
+        "",
+        "## Deployed artifact",
+        "",
         f"- `model.onnx`: variant {md_code(compression.get('chosen'))}, "
         f"{md_text(chosen.get('bytes'))} bytes, test accuracy {md_text(chosen.get('accuracy'))}, "
         f"{md_text(chosen.get('cpu_latency_ms'))} ms/row (CPU)",
         "- input `features`: float32 (batch, features) after the clean stage's preprocessing "
-        "(see `pytorch/info.json`); output `logits`: apply softmax for probabilities", "",
-        "## Limits", "",
+        "(see `pytorch/info.json`); output `logits`: apply softmax for probabilities",
+        "",
+        "## Limits",
+        "",
         "- Trained and tested on the split above only; check drift before reusing it on "
         "data from another source.",
     ]
     return "\n".join(lines) + "\n"
 
 
-def build_bundle(trained_model: str, compressed_model: str, evaluation_path: str,
-                 dataset: dict[str, Any], hyperparameters: dict[str, Any], name: str,
-                 version: str, out: Path) -> None:
+def build_bundle(
+    trained_model: str,
+    compressed_model: str,
+    evaluation_path: str,
+    dataset: dict[str, Any],
+    hyperparameters: dict[str, Any],
+    name: str,
+    version: str,
+    out: Path,
+) -> None:
     compressed = Path(compressed_model)
-    require((compressed / "model.onnx").is_file(),
-            f"{compressed} has no model.onnx; publish takes the compress stage's output")
+    require(
+        (compressed / "model.onnx").is_file(),
+        f"{compressed} has no model.onnx; publish takes the compress stage's output",
+    )
     evaluation = json.loads(Path(evaluation_path).read_text())
     compression = json.loads((compressed / "compression.json").read_text())
     shutil.copy2(compressed / "model.onnx", out / "model.onnx")
     shutil.copytree(trained_model, out / "pytorch", ignore=shutil.ignore_patterns("*.tmp"))
-    keep = ("accuracy", "macro_f1", "roc_auc", "precision_macro", "recall_macro", "log_loss",
-            "per_class", "confusion_matrix", "class_names", "gate", "gate_reason", "test_rows")
+    keep = (
+        "accuracy",
+        "macro_f1",
+        "roc_auc",
+        "precision_macro",
+        "recall_macro",
+        "log_loss",
+        "per_class",
+        "confusion_matrix",
+        "class_names",
+        "gate",
+        "gate_reason",
+        "test_rows",
+    )
     (out / "metrics.json").write_text(json.dumps({k: evaluation.get(k) for k in keep}, indent=2))
     (out / "compression.json").write_text(json.dumps(compression, indent=2))
-    (out / "model_card.md").write_text(model_card(name, version, dataset, hyperparameters,
-                                                  evaluation, compression))
+    (out / "model_card.md").write_text(
+        model_card(name, version, dataset, hyperparameters, evaluation, compression)
+    )
 
 
-def publish_model(trained_model: str, compressed_model: str, evaluation_path: str,
-                  dataset: dict[str, Any], hyperparameters: dict[str, Any], publish_uri: str,
-                  model_name: str, version: str | None = None, run_id: str = "") -> str:
+def publish_model(
+    trained_model: str,
+    compressed_model: str,
+    evaluation_path: str,
+    dataset: dict[str, Any],
+    hyperparameters: dict[str, Any],
+    publish_uri: str,
+    model_name: str,
+    version: str | None = None,
+    run_id: str = "",
+) -> str:
     """Assemble the bundle and publish it atomically; returns the version's URI.
 
     ``run_id`` (the KFP run id) makes the publish retry-safe: the version is
@@ -147,8 +204,16 @@ def publish_model(trained_model: str, compressed_model: str, evaluation_path: st
     version = version or (version_for_run(run_id) if run_id.strip() else version_for(dataset))
     dest = f"{publish_uri.rstrip('/')}/{model_name}/{version}/"
     with tempfile.TemporaryDirectory(prefix="kubetrain-bundle-") as tmp:
-        build_bundle(trained_model, compressed_model, evaluation_path, dataset,
-                     hyperparameters, model_name, version, Path(tmp))
+        build_bundle(
+            trained_model,
+            compressed_model,
+            evaluation_path,
+            dataset,
+            hyperparameters,
+            model_name,
+            version,
+            Path(tmp),
+        )
         uri = storage.publish(tmp, dest, run_id=run_id.strip())
     progress.log("publish", f"model bundle published to {uri}")
     return uri
@@ -166,8 +231,9 @@ def latest_version(publish_uri: str, model_name: str) -> str | None:
     return versions[-1] if versions else None
 
 
-def fetch_bundle(publish_uri: str, model_name: str, dest: str | Path,
-                 version: str | None = None) -> Path:
+def fetch_bundle(
+    publish_uri: str, model_name: str, dest: str | Path, version: str | None = None
+) -> Path:
     """Download a published bundle (``version``, default the latest) into ``dest``.
 
     Only complete versions are served: a version without ``_SUCCESS`` is
@@ -175,6 +241,8 @@ def fetch_bundle(publish_uri: str, model_name: str, dest: str | Path,
     """
     version = version or latest_version(publish_uri, model_name)
     if version is None:
-        raise KubetrainError(f"{publish_uri.rstrip('/')}/{model_name}/ holds no published "
-                             "version: publish one first, or check publish_uri and model_name")
+        raise KubetrainError(
+            f"{publish_uri.rstrip('/')}/{model_name}/ holds no published "
+            "version: publish one first, or check publish_uri and model_name"
+        )
     return storage.download_published(f"{publish_uri.rstrip('/')}/{model_name}/{version}/", dest)

@@ -34,8 +34,11 @@ def _run(args: argparse.Namespace) -> int:
         raise error from None
     print(summary_table(summary))
     if not summary["quality_gate"]["passed"]:
-        print(f"error: {summary['quality_gate']['reason']}; compression skipped "
-              "(lower --min-accuracy or improve the model)", file=sys.stderr)
+        print(
+            f"error: {summary['quality_gate']['reason']}; compression skipped "
+            "(lower --min-accuracy or improve the model)",
+            file=sys.stderr,
+        )
         return 3
     return 0
 
@@ -43,8 +46,9 @@ def _run(args: argparse.Namespace) -> int:
 def _compile(args: argparse.Namespace) -> int:
     from kubetrain.cluster.compile import compile_pipeline
 
-    path = compile_pipeline(args.target, Path(args.output) if args.output else None,
-                            cluster_config.from_arguments(args))
+    path = compile_pipeline(
+        args.target, Path(args.output) if args.output else None, cluster_config.from_arguments(args)
+    )
     print(f"kubetrain | compile | wrote {path}")
     return 0
 
@@ -62,8 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--output", default="", help="YAML path (default pipelines/compiled/)")
     cluster_config.add_arguments(comp.add_argument_group("cluster placement (--target cluster)"))
     comp.set_defaults(func=_compile)
-    from kubetrain.cluster import render
-    from kubetrain.cluster import submit
+    from kubetrain.cluster import render, submit
 
     submit.add_parser(sub)
     render.add_parser(sub)

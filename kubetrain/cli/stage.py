@@ -34,8 +34,13 @@ BACKENDS = ("tuner", "trainer")
 
 def _add_stage(sub: argparse._SubParsersAction, stage: Stage) -> None:
     func = stage.function
-    parser = sub.add_parser(stage.stage, help=stage.description, description=(
-        f"{stage.description} Calls kubetrain.stages.{func.__name__}, like the KFP component."))
+    parser = sub.add_parser(
+        stage.stage,
+        help=stage.description,
+        description=(
+            f"{stage.description} Calls kubetrain.stages.{func.__name__}, like the KFP component."
+        ),
+    )
     paths = parser.add_argument_group("artifacts")
     if stage.sections:
         flags.add_arguments(parser.add_argument_group("settings"), *stage.sections)
@@ -44,24 +49,37 @@ def _add_stage(sub: argparse._SubParsersAction, stage: Stage) -> None:
             continue
         if p.name.endswith(("_path", "_dir")):
             required = p.default is inspect.Parameter.empty
-            paths.add_argument(flags.flag_of(p.name), dest=p.name, required=required,
-                               metavar="PATH", default=None if required else p.default,
-                               help="artifact directory or file" if required
-                               else f"(default: {p.default})")
+            paths.add_argument(
+                flags.flag_of(p.name),
+                dest=p.name,
+                required=required,
+                metavar="PATH",
+                default=None if required else p.default,
+                help="artifact directory or file" if required else f"(default: {p.default})",
+            )
         elif p.name == "hyperparameters":
-            parser.add_argument("--hyperparameters", default="{}", metavar="JSON",
-                                help="tuned values as a JSON object, e.g. the tune stage's "
-                                     "best_hyperparameters (default: {})")
+            parser.add_argument(
+                "--hyperparameters",
+                default="{}",
+                metavar="JSON",
+                help="tuned values as a JSON object, e.g. the tune stage's "
+                "best_hyperparameters (default: {})",
+            )
         else:
-            parser.add_argument(flags.flag_of(p.name), dest=p.name, metavar="TEXT",
-                                default="" if p.default is inspect.Parameter.empty
-                                else p.default, help=f"{p.name} (default: {p.default!r})")
+            parser.add_argument(
+                flags.flag_of(p.name),
+                dest=p.name,
+                metavar="TEXT",
+                default="" if p.default is inspect.Parameter.empty else p.default,
+                help=f"{p.name} (default: {p.default!r})",
+            )
     parser.set_defaults(stage=stage)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m kubetrain.cli.stage",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m kubetrain.cli.stage", description=__doc__.split("\n")[0]
+    )
     sub = parser.add_subparsers(dest="stage_name", required=True, metavar="STAGE")
     for stage in CLI_STAGES:
         _add_stage(sub, stage)

@@ -38,29 +38,38 @@ from typing import Any
 
 from kubetrain.config import flags
 from kubetrain.config.settings import RunConfig
-
-from kubetrain.training import distributed
-
-from kubetrain.core import progress
-
-from kubetrain.core import storage
+from kubetrain.core import progress, storage
 from kubetrain.core.errors import KubetrainError
+from kubetrain.training import distributed
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m kubetrain.cli.train_entry",
-                                description="One rank of a data-parallel training (run it "
-                                            "with torchrun).")
+    p = argparse.ArgumentParser(
+        prog="python -m kubetrain.cli.train_entry",
+        description="One rank of a data-parallel training (run it with torchrun).",
+    )
     p.add_argument("--train", required=True, help="Training split: s3:// URI or local folder.")
     p.add_argument("--validation", required=True, help="Validation split: s3:// URI or folder.")
-    p.add_argument("--output", required=True,
-                   help="Where rank 0 writes model/, metrics.json, report.html, meta.json.")
-    p.add_argument("--hyperparameters", default="{}",
-                   help="JSON object of tuned values (learning_rate, width, ...).")
-    p.add_argument("--settings", default="{}",
-                   help="JSON object of RunConfig settings; the flags below override it.")
-    p.add_argument("--checkpoint-dir", default=None,
-                   help="Folder of rank 0's per-epoch checkpoint (resumes from it).")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="Where rank 0 writes model/, metrics.json, report.html, meta.json.",
+    )
+    p.add_argument(
+        "--hyperparameters",
+        default="{}",
+        help="JSON object of tuned values (learning_rate, width, ...).",
+    )
+    p.add_argument(
+        "--settings",
+        default="{}",
+        help="JSON object of RunConfig settings; the flags below override it.",
+    )
+    p.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="Folder of rank 0's per-epoch checkpoint (resumes from it).",
+    )
     flags.add_arguments(p, "seed", "train", "hyper", "final")
     return p
 
@@ -68,7 +77,8 @@ def parser() -> argparse.ArgumentParser:
 def config_of(args: argparse.Namespace) -> RunConfig:
     """``--settings`` overridden by explicit flags, then ``--hyperparameters``: parsed once."""
     given = flags.json_object(args.settings, "--settings") | flags.given(
-        args, "seed", "train", "hyper", "final")
+        args, "seed", "train", "hyper", "final"
+    )
     cfg = RunConfig.from_flat(given)
     tuned = flags.json_object(args.hyperparameters, "--hyperparameters")
     return dataclasses.replace(cfg, hyper=cfg.hyper.replace(tuned))
@@ -91,23 +101,37 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
 
     cfg = config_of(args)
     backend = "gloo" if cfg.train.device == "cpu" else None
-    with distributed.init(backend=backend) as me, \
-            tempfile.TemporaryDirectory(prefix=f"kubetrain-rank{me.rank}-") as tmp:
+    with (
+        distributed.init(backend=backend) as me,
+        tempfile.TemporaryDirectory(prefix=f"kubetrain-rank{me.rank}-") as tmp,
+    ):
         work = Path(tmp)
         train_dir = storage.local_dir(args.train, work / "train")
         val_dir = storage.local_dir(args.validation, work / "validation")
         if me.rank == 0:
             from kubetrain.stages import TrainRequest, train_here  # reports and plots: rank 0
 
-            progress.log("train", f"data-parallel over {me.world_size} process(es), "
-                                  f"backend {backend or 'auto'}")
+            progress.log(
+                "train",
+                f"data-parallel over {me.world_size} process(es), backend {backend or 'auto'}",
+            )
             out = work / "out"
             out.mkdir()
             # The same call sequence as the other ranks below: train_here -> fit(...).
-            meta = train_here(TrainRequest(
-                str(train_dir), str(val_dir), str(out / distributed.OUTPUT_MODEL),
-                str(out / distributed.OUTPUT_METRICS), str(out / distributed.OUTPUT_REPORT),
-                cfg.train, cfg.hyper, cfg.final, cfg.seed, checkpoint_dir=args.checkpoint_dir))
+            meta = train_here(
+                TrainRequest(
+                    str(train_dir),
+                    str(val_dir),
+                    str(out / distributed.OUTPUT_MODEL),
+                    str(out / distributed.OUTPUT_METRICS),
+                    str(out / distributed.OUTPUT_REPORT),
+                    cfg.train,
+                    cfg.hyper,
+                    cfg.final,
+                    cfg.seed,
+                    checkpoint_dir=args.checkpoint_dir,
+                )
+            )
             meta = {**meta, "processes": me.world_size}
             (out / distributed.OUTPUT_META).write_text(json.dumps(meta, indent=2, default=str))
             _publish(out, args.output)
@@ -115,8 +139,16 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         # What train_here does before and around fit, minus every write.
         X, y, schema = load_split(train_dir)
         Xv, yv, _ = load_split(val_dir)
-        fit(cfg.train, cfg.hyper, cfg.seed, (X, y), (Xv, yv), schema, cfg.final.epochs,
-            checkpoint_dir=args.checkpoint_dir)
+        fit(
+            cfg.train,
+            cfg.hyper,
+            cfg.seed,
+            (X, y),
+            (Xv, yv),
+            schema,
+            cfg.final.epochs,
+            checkpoint_dir=args.checkpoint_dir,
+        )
         return None
 
 
@@ -128,8 +160,11 @@ def main(argv: list[str] | None = None) -> int:
         rank = os.environ.get("RANK", "0")
         if not isinstance(exc, KubetrainError):
             traceback.print_exc()
-        print(f"{progress.PREFIX} train | rank {rank} failed: {type(exc).__name__}: {exc}",
-              file=sys.stderr, flush=True)
+        print(
+            f"{progress.PREFIX} train | rank {rank} failed: {type(exc).__name__}: {exc}",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     return 0
 

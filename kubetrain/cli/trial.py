@@ -46,13 +46,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m kubetrain.cli.trial",
-                     description="Run one tuning trial and print metrics for Katib.")
-    parser.add_argument("--train", required=True,
-                        help="Training split: s3:// URI or local directory "
-                             "(arrays.npz + meta.json).")
-    parser.add_argument("--validation", required=True,
-                        help="Validation split: s3:// URI or local directory.")
+    parser = _Parser(
+        prog="python -m kubetrain.cli.trial",
+        description="Run one tuning trial and print metrics for Katib.",
+    )
+    parser.add_argument(
+        "--train",
+        required=True,
+        help="Training split: s3:// URI or local directory (arrays.npz + meta.json).",
+    )
+    parser.add_argument(
+        "--validation", required=True, help="Validation split: s3:// URI or local directory."
+    )
     flags.add_arguments(parser, *SECTIONS)  # the searched ones included
     return parser
 
@@ -85,16 +90,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="kubetrain-trial-") as tmp:
             X, y, schema = load_split(storage.local_dir(args.train, Path(tmp) / "train"))
             Xv, yv, _ = load_split(storage.local_dir(args.validation, Path(tmp) / "validation"))
-        progress.log("trial", f"{len(X)} training / {len(Xv)} validation rows; "
-                              + ", ".join(f"{k} {v}" for k, v in cfg.hyper.to_dict().items())
-                              + f"; {cfg.tune.tune_epochs} epochs")
+        progress.log(
+            "trial",
+            f"{len(X)} training / {len(Xv)} validation rows; "
+            + ", ".join(f"{k} {v}" for k, v in cfg.hyper.to_dict().items())
+            + f"; {cfg.tune.tune_epochs} epochs",
+        )
 
         def hook(epoch: int, metrics: dict[str, float]) -> bool:
             report(metrics)
             return False  # Katib's median stopping ends weak trials from outside
 
-        final = tuning.run_trial(cfg.train, cfg.hyper, cfg.tune, cfg.seed, (X, y), (Xv, yv),
-                                 schema, hook)
+        final = tuning.run_trial(
+            cfg.train, cfg.hyper, cfg.tune, cfg.seed, (X, y), (Xv, yv), schema, hook
+        )
         report(final)  # the restored best epoch: what `latest` scores the trial by
         progress.log("trial", f"done after {final['epochs']} epochs")
         return 0

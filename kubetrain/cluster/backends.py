@@ -11,7 +11,8 @@ look at strings or dicts to decide.
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from kubetrain import stages
 from kubetrain.config.cluster import ClusterConfig
@@ -35,8 +36,9 @@ def tuner_for(cluster: ClusterConfig | Mapping[str, Any] | None = None, run_id: 
     return functools.partial(tune_on_katib, placement, run_id)
 
 
-def trainer_for(final: FinalConfig, cluster: ClusterConfig | Mapping[str, Any] | None = None,
-                run_id: str = "") -> Trainer:
+def trainer_for(
+    final: FinalConfig, cluster: ClusterConfig | Mapping[str, Any] | None = None, run_id: str = ""
+) -> Trainer:
     """A TrainJob for multi-node/multi-GPU placements, torchrun for nproc > 1, else in process."""
     placement = _placement(cluster)
     if placement is not None and placement.trainjob:
@@ -60,31 +62,56 @@ def checkpoint_root(cluster: ClusterConfig | Mapping[str, Any] | None = None) ->
     return os.environ.get(CHECKPOINT_ROOT_ENV, "")
 
 
-def tune_on_katib(placement: ClusterConfig, run_id: str,
-                  req: TuneRequest) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
+def tune_on_katib(
+    placement: ClusterConfig, run_id: str, req: TuneRequest
+) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
     from kubetrain.cluster import katib
     from kubetrain.core import storage
 
-    return katib.tune(req.train, req.tune, req.seed, placement,
-                      storage.object_uri(req.train_uri), storage.object_uri(req.val_uri),
-                      katib.experiment_name(run_id), timeout_s=placement.wait_timeout,
-                      keep=placement.finished_jobs == "keep")
+    return katib.tune(
+        req.train,
+        req.tune,
+        req.seed,
+        placement,
+        storage.object_uri(req.train_uri),
+        storage.object_uri(req.val_uri),
+        katib.experiment_name(run_id),
+        timeout_s=placement.wait_timeout,
+        keep=placement.finished_jobs == "keep",
+    )
 
 
 def train_on_trainjob(placement: ClusterConfig, run_id: str, req: TrainRequest) -> dict[str, Any]:
     from kubetrain.cluster import k8s
     from kubetrain.cluster.trainjob import MAX_NAME, train_on_cluster
 
-    return train_on_cluster(req.train, req.hyper, req.final, req.seed, placement, req.train_uri,
-                            req.val_uri, req.output_uri, req.model_path, req.metrics_path,
-                            req.report_path,
-                            name=k8s.run_name(run_id, "kubetrain-train", MAX_NAME))
+    return train_on_cluster(
+        req.train,
+        req.hyper,
+        req.final,
+        req.seed,
+        placement,
+        req.train_uri,
+        req.val_uri,
+        req.output_uri,
+        req.model_path,
+        req.metrics_path,
+        req.report_path,
+        name=k8s.run_name(run_id, "kubetrain-train", MAX_NAME),
+    )
 
 
 def train_with_torchrun(req: TrainRequest) -> dict[str, Any]:
     """`final.nproc` local DDP processes; rank 0 runs `stages.train_here` and writes the outputs."""
     cfg = RunConfig(seed=req.seed, train=req.train, hyper=req.hyper, final=req.final)
     return distributed.train_distributed(
-        req.train_path, req.val_path, {}, req.model_path, req.metrics_path, req.report_path,
-        cfg.flat("seed", "train", "hyper", "final"), req.final.nproc,
-        checkpoint_dir=req.checkpoint_dir)
+        req.train_path,
+        req.val_path,
+        {},
+        req.model_path,
+        req.metrics_path,
+        req.report_path,
+        cfg.flat("seed", "train", "hyper", "final"),
+        req.final.nproc,
+        checkpoint_dir=req.checkpoint_dir,
+    )

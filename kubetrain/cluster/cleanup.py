@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import os
 import urllib.request
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kubetrain.cluster import follow, k8s
 from kubetrain.cluster import katib_checks as katib_api
@@ -33,18 +34,36 @@ def leftovers(run_id: str, namespace: str) -> list[follow.Ref]:
     exp = experiment_name(run_id)
     job = k8s.run_name(run_id, "kubetrain-train", trainjob_api.MAX_NAME)
     return [
-        follow.Ref(katib_api.GROUP, katib_api.VERSION, "experiments", namespace, exp,
-                   f"Katib Experiment {namespace}/{exp}",
-                   f"kubectl -n {namespace} delete experiment {exp}"),
-        follow.Ref(trainjob_api.GROUP, trainjob_api.VERSION, trainjob_api.PLURAL, namespace,
-                   job, f"TrainJob {namespace}/{job}",
-                   f"kubectl -n {namespace} delete trainjob {job}"),
+        follow.Ref(
+            katib_api.GROUP,
+            katib_api.VERSION,
+            "experiments",
+            namespace,
+            exp,
+            f"Katib Experiment {namespace}/{exp}",
+            f"kubectl -n {namespace} delete experiment {exp}",
+        ),
+        follow.Ref(
+            trainjob_api.GROUP,
+            trainjob_api.VERSION,
+            trainjob_api.PLURAL,
+            namespace,
+            job,
+            f"TrainJob {namespace}/{job}",
+            f"kubectl -n {namespace} delete trainjob {job}",
+        ),
     ]
 
 
-def clean_up(run_id: str, cluster: ClusterConfig, state: str, error_message: str = "",
-             api: Any = None, post: Callable[[str, bytes], None] | None = None,
-             log: Callable[[str], None] = print) -> dict[str, Any]:
+def clean_up(
+    run_id: str,
+    cluster: ClusterConfig,
+    state: str,
+    error_message: str = "",
+    api: Any = None,
+    post: Callable[[str, bytes], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
     """Delete what a failed/cancelled run left (unless `finished_jobs=keep`); notify; report."""
     deleted: list[str] = []
     if state not in CLEAN_END and cluster.finished_jobs != "keep":
@@ -58,8 +77,7 @@ def clean_up(run_id: str, cluster: ClusterConfig, state: str, error_message: str
 
         for ref in leftovers(run_id, cluster.namespace):
             follow.delete(api, ref, error=follow.generic_error(ref.title), pace=pace, log=note)
-    report = {"run_id": run_id, "state": state, "error": error_message[:500],
-              "deleted": deleted}
+    report = {"run_id": run_id, "state": state, "error": error_message[:500], "deleted": deleted}
     url = os.environ.get(WEBHOOK_ENV, "")
     if url:
         try:
@@ -71,7 +89,8 @@ def clean_up(run_id: str, cluster: ClusterConfig, state: str, error_message: str
 
 
 def _post(url: str, body: bytes) -> None:
-    request = urllib.request.Request(url, data=body, method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=body, method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - user's URL
         response.read()

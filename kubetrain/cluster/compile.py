@@ -44,26 +44,37 @@ def place_on_cluster(task: dsl.PipelineTask, stage: str, cluster: ClusterConfig)
             kubernetes.add_node_selector(task, label_key, label_value)
         if cluster.gpu_toleration:
             key, value, effect = cluster.taint
-            kubernetes.add_toleration(task, key=key, operator="Equal" if value else "Exists",
-                                      value=value or None, effect=effect)
+            kubernetes.add_toleration(
+                task,
+                key=key,
+                operator="Equal" if value else "Exists",
+                value=value or None,
+                effect=effect,
+            )
     else:
         task.set_cpu_request(cluster.cpu_cpu).set_cpu_limit(cluster.cpu_limit())
         task.set_memory_request(cluster.cpu_memory).set_memory_limit(cluster.cpu_memory)
         if cluster.gpu_node_selector:  # keep CPU work off the expensive nodes, taint or not
-            kubernetes.add_node_affinity(task, match_expressions=[
-                {"key": label_key, "operator": "NotIn", "values": [label_value]}])
+            kubernetes.add_node_affinity(
+                task,
+                match_expressions=[
+                    {"key": label_key, "operator": "NotIn", "values": [label_value]}
+                ],
+            )
         if cluster.cpu_node_selector:
             kubernetes.add_node_selector(task, *cluster.cpu_node_selector.split("=", 1))
-    kubernetes.use_secret_as_env(task, secret_name=cluster.s3_secret,
-                                 secret_key_to_env={k: k for k in S3_KEYS})
+    kubernetes.use_secret_as_env(
+        task, secret_name=cluster.s3_secret, secret_key_to_env={k: k for k in S3_KEYS}
+    )
     task.set_env_variable("AWS_DEFAULT_REGION", cluster.s3_region)
     if cluster.s3_endpoint_url:
         task.set_env_variable("S3_ENDPOINT_URL", cluster.s3_endpoint_url)
     if stage == "cleanup" and cluster.webhook_secret:  # the URL may hold a token: Secret only
         from kubetrain.cluster.cleanup import WEBHOOK_ENV
 
-        kubernetes.use_secret_as_env(task, secret_name=cluster.webhook_secret,
-                                     secret_key_to_env={"url": WEBHOOK_ENV})
+        kubernetes.use_secret_as_env(
+            task, secret_name=cluster.webhook_secret, secret_key_to_env={"url": WEBHOOK_ENV}
+        )
     harden(task, stage)
 
 
@@ -86,8 +97,9 @@ def harden(task: dsl.PipelineTask, stage: str) -> None:
     """
     from kfp import kubernetes
 
-    kubernetes.set_security_context(task, run_as_user=security.UID, run_as_group=security.GID,
-                                    run_as_non_root=True)
+    kubernetes.set_security_context(
+        task, run_as_user=security.UID, run_as_group=security.GID, run_as_non_root=True
+    )
     for mount in security.scratch_mounts():
         kubernetes.empty_dir_mount(task, volume_name=mount["name"], mount_path=mount["mountPath"])
     for name, value in security.SCRATCH_ENV.items():
@@ -104,14 +116,20 @@ def pipeline_for(target: str, cluster: ClusterConfig | None = None):
     if target != "cluster":
         raise KubetrainError(f"unknown target {target!r}; use local or cluster")
     cluster = cluster or ClusterConfig()
-    return build_pipeline(TaskPolicy(
-        retries=cluster.retries, backoff_seconds=cluster.backoff_seconds,
-        configure=lambda task, stage: place_on_cluster(task, stage, cluster),
-        ttl_seconds=cluster.ttl_seconds or None, cluster=dataclasses.asdict(cluster)))
+    return build_pipeline(
+        TaskPolicy(
+            retries=cluster.retries,
+            backoff_seconds=cluster.backoff_seconds,
+            configure=lambda task, stage: place_on_cluster(task, stage, cluster),
+            ttl_seconds=cluster.ttl_seconds or None,
+            cluster=dataclasses.asdict(cluster),
+        )
+    )
 
 
-def compile_pipeline(target: str = "local", output: Path | None = None,
-                     cluster: ClusterConfig | None = None) -> Path:
+def compile_pipeline(
+    target: str = "local", output: Path | None = None, cluster: ClusterConfig | None = None
+) -> Path:
     """Write the pipeline YAML (PipelineSpec, plus PlatformSpec for the cluster)."""
     pipeline = pipeline_for(target, cluster)
     name = "training-pipeline.yaml" if target == "local" else "training-pipeline-cluster.yaml"

@@ -76,21 +76,24 @@ class Pace:
 
 def generic_error(what: str) -> Error:
     """An `Error` for callers without resource-specific messages: status and the server's words."""
+
     def error(exc: BaseException, verb: str) -> KubetrainError:
-        return KubetrainError(f"Kubernetes API error while trying to {verb} {what}: "
-                              f"{_cause(exc)}")
+        return KubetrainError(f"Kubernetes API error while trying to {verb} {what}: {_cause(exc)}")
+
     return error
 
 
 # ------------------------------------------------------------------ the retry policy
+
 
 def backoff(failures: int, pace: Pace) -> float:
     """The wait after `failures` failed tries in a row: the poll interval, doubled, capped."""
     return min(max(pace.poll_s, 1.0) * 2.0 ** min(failures - 1, 30), pace.cap_s)
 
 
-def retry_wait(exc: BaseException, failures: int, verb: str, what: str, error: Error,
-               pace: Pace, log: Log) -> float:
+def retry_wait(
+    exc: BaseException, failures: int, verb: str, what: str, error: Error, pace: Pace, log: Log
+) -> float:
     """The one retry policy: seconds to wait before trying again, or raise at once.
 
     Transient (`k8s.transient`: no HTTP answer, 5xx, 429): log and back off.
@@ -102,13 +105,14 @@ def retry_wait(exc: BaseException, failures: int, verb: str, what: str, error: E
             raise error(exc, verb) from None
         raise exc
     wait = backoff(failures, pace)
-    log(f"Kubernetes API unavailable while trying to {verb} {what} ({_cause(exc)}); "
-        f"retry {failures} in {wait:g} s")
+    log(
+        f"Kubernetes API unavailable while trying to {verb} {what} ({_cause(exc)}); "
+        f"retry {failures} in {wait:g} s"
+    )
     return wait
 
 
-def call(fn: Callable[[], T], verb: str, what: str, *, error: Error, pace: Pace,
-         log: Log) -> T:
+def call(fn: Callable[[], T], verb: str, what: str, *, error: Error, pace: Pace, log: Log) -> T:
     """`fn()`, one API call, under the retry policy; past `pace.timeout_s` the last error fails."""
     started, failures = pace.now(), 0
     while True:
@@ -119,25 +123,29 @@ def call(fn: Callable[[], T], verb: str, what: str, *, error: Error, pace: Pace,
             wait = retry_wait(exc, failures, verb, what, error, pace, log)
             left = pace.timeout_s - (pace.now() - started)
             if left <= 0:
-                raise KubetrainError(f"{error(exc, verb)} (gave up after {failures} tries in "
-                                     f"{pace.timeout_s:g} s)") from None
+                raise KubetrainError(
+                    f"{error(exc, verb)} (gave up after {failures} tries in {pace.timeout_s:g} s)"
+                ) from None
             pace.sleep(min(wait, left))
 
 
 def _cause(exc: BaseException) -> str:
     status = getattr(exc, "status", None)
-    text = f"{status} {k8s.detail_of(exc)}" if status is not None \
-        else f"{type(exc).__name__}: {exc}"
+    text = (
+        f"{status} {k8s.detail_of(exc)}" if status is not None else f"{type(exc).__name__}: {exc}"
+    )
     text = " ".join(text.split())
     return text[:200] + ("..." if len(text) > 200 else "")
 
 
 # ------------------------------------------------------------------- the object
 
+
 def get(api: Any, ref: Ref) -> dict[str, Any]:
     """The object as the API server has it now (one try; `call` and `poll` retry)."""
-    return api.get_namespaced_custom_object(ref.group, ref.version, ref.namespace, ref.plural,
-                                            ref.name)
+    return api.get_namespaced_custom_object(
+        ref.group, ref.version, ref.namespace, ref.plural, ref.name
+    )
 
 
 def ours(body: Mapping[str, Any], existing: Mapping[str, Any]) -> bool:
@@ -148,12 +156,16 @@ def ours(body: Mapping[str, Any], existing: Mapping[str, Any]) -> bool:
     """
     labels = (body.get("metadata") or {}).get("labels") or {}
     found = (existing.get("metadata") or {}).get("labels") or {}
-    return (bool(labels) and existing.get("kind") == body.get("kind")
-            and all(found.get(k) == v for k, v in labels.items()))
+    return (
+        bool(labels)
+        and existing.get("kind") == body.get("kind")
+        and all(found.get(k) == v for k, v in labels.items())
+    )
 
 
-def create(api: Any, ref: Ref, body: Mapping[str, Any], *, error: Error, pace: Pace,
-           log: Log) -> bool:
+def create(
+    api: Any, ref: Ref, body: Mapping[str, Any], *, error: Error, pace: Pace, log: Log
+) -> bool:
     """Create `body`; True when this call created it, False when it re-attached (409, ours).
 
     A create retried after a dropped answer may find its own object: that 409
@@ -163,8 +175,9 @@ def create(api: Any, ref: Ref, body: Mapping[str, Any], *, error: Error, pace: P
 
     def attempt() -> bool:
         try:
-            api.create_namespaced_custom_object(ref.group, ref.version, ref.namespace,
-                                                ref.plural, dict(body))
+            api.create_namespaced_custom_object(
+                ref.group, ref.version, ref.namespace, ref.plural, dict(body)
+            )
         except Exception as exc:  # noqa: BLE001 - only a 409 is handled here
             if getattr(exc, "status", None) != 409:
                 raise
@@ -187,11 +200,17 @@ def delete(api: Any, ref: Ref, *, error: Error, pace: Pace, log: Log) -> None:
     It runs in a `finally`, where an exception would hide why following ended:
     a failure is logged with the caller's manual hint instead. 404 = already gone.
     """
+
     def attempt() -> bool:
         try:
-            api.delete_namespaced_custom_object(ref.group, ref.version, ref.namespace,
-                                                ref.plural, ref.name,
-                                                propagation_policy="Background")
+            api.delete_namespaced_custom_object(
+                ref.group,
+                ref.version,
+                ref.namespace,
+                ref.plural,
+                ref.name,
+                propagation_policy="Background",
+            )
         except Exception as exc:  # noqa: BLE001 - only a 404 is handled here
             if getattr(exc, "status", None) != 404:
                 raise
@@ -208,8 +227,9 @@ def delete(api: Any, ref: Ref, *, error: Error, pace: Pace, log: Log) -> None:
 
 
 @contextlib.contextmanager
-def owned(api: Any, ref: Ref, body: Mapping[str, Any], *, error: Error, pace: Pace,
-          keep: bool, log: Log) -> Iterator[bool]:
+def owned(
+    api: Any, ref: Ref, body: Mapping[str, Any], *, error: Error, pace: Pace, keep: bool, log: Log
+) -> Iterator[bool]:
     """Create (or re-attach to) the object for the block; delete it afterwards unless `keep`.
 
     Yields whether this call created it. SIGTERM raises inside the block, so a
@@ -230,10 +250,19 @@ def owned(api: Any, ref: Ref, body: Mapping[str, Any], *, error: Error, pace: Pa
 
 # ------------------------------------------------------------------- following
 
-def poll(get: Callable[[], State], outcome: Callable[[State], Result | None],
-         describe: Callable[[State], str], timed_out: Callable[[State, float], str], *,
-         state: State, pace: Pace, log: Log, error: Error | None = None,
-         what: str = "the object") -> Result:
+
+def poll(
+    get: Callable[[], State],
+    outcome: Callable[[State], Result | None],
+    describe: Callable[[State], str],
+    timed_out: Callable[[State, float], str],
+    *,
+    state: State,
+    pace: Pace,
+    log: Log,
+    error: Error | None = None,
+    what: str = "the object",
+) -> Result:
     """Read with `get` until `outcome` returns a result; log each new `describe` line once.
 
     `outcome` raises when the object failed and returns None while it runs.
@@ -264,8 +293,7 @@ def poll(get: Callable[[], State], outcome: Callable[[State], Result | None],
         if left <= 0:
             message = timed_out(state, pace.timeout_s)
             if failures:
-                message += (f"; the last {failures} read(s) got no answer from the "
-                            "Kubernetes API")
+                message += f"; the last {failures} read(s) got no answer from the Kubernetes API"
             raise KubetrainError(message)
         pace.sleep(min(wait, left))
 

@@ -26,9 +26,9 @@ def run_name(run_id: str, prefix: str, max_len: int) -> str:
     DNS-label rules and `max_len`, and a retried step of the same run finds the
     resource it created.
     """
-    prefix = re.sub(r"[^a-z0-9-]+", "-", prefix.lower()).strip("-")[:max_len - 11] or "kt"
+    prefix = re.sub(r"[^a-z0-9-]+", "-", prefix.lower()).strip("-")[: max_len - 11] or "kt"
     if not prefix[0].isalpha():
-        prefix = "kt-" + prefix[:max_len - 14]
+        prefix = "kt-" + prefix[: max_len - 14]
     return f"{prefix}-{hashlib.sha256(run_id.encode()).hexdigest()[:10]}"
 
 
@@ -45,7 +45,8 @@ def custom_objects_api() -> Any:
             raise KubetrainError(
                 "no Kubernetes credentials: not running in a pod with a ServiceAccount and no "
                 f"usable kubeconfig ({' '.join(str(e).split())[:120]}); run inside the "
-                "cluster or set KUBECONFIG") from None
+                "cluster or set KUBECONFIG"
+            ) from None
     return client.CustomObjectsApi()
 
 
@@ -59,8 +60,17 @@ def detail_of(exc: Any) -> str:
     return detail or str(getattr(exc, "reason", "") or exc)
 
 
-def api_error(exc: Any, creating: bool, doing: str, *, not_installed: str, gone: str,
-              forbidden: str, exists: str, rejected: str) -> KubetrainError:
+def api_error(
+    exc: Any,
+    creating: bool,
+    doing: str,
+    *,
+    not_installed: str,
+    gone: str,
+    forbidden: str,
+    exists: str,
+    rejected: str,
+) -> KubetrainError:
     """One line for an ApiException: the caller's message for its status, else a generic one.
 
     A 404 on create means the CRD (or the namespace) is missing, a 404 later
@@ -68,10 +78,16 @@ def api_error(exc: Any, creating: bool, doing: str, *, not_installed: str, gone:
     while ..." for any other status.
     """
     status = getattr(exc, "status", None)
-    message = {404: not_installed if creating else gone, 403: forbidden, 409: exists,
-               400: rejected, 422: rejected}.get(status)
-    return KubetrainError(message or f"Kubernetes API error while {doing}: {status or ''} "
-                                     f"{detail_of(exc)}")
+    message = {
+        404: not_installed if creating else gone,
+        403: forbidden,
+        409: exists,
+        400: rejected,
+        422: rejected,
+    }.get(status)
+    return KubetrainError(
+        message or f"Kubernetes API error while {doing}: {status or ''} {detail_of(exc)}"
+    )
 
 
 def transient(exc: BaseException) -> bool:

@@ -64,6 +64,7 @@ JOB_FAILURE = 'status.conditions.#(type=="Failed")#|#(status=="True")#'
 
 # --------------------------------------------------------------------------- build
 
+
 def experiment_name(run_id: str, prefix: str = "kubetrain-tune") -> str:
     """The run's Experiment name, within Katib's name rules and MAX_NAME."""
     return k8s.run_name(run_id, prefix, MAX_NAME)
@@ -88,11 +89,15 @@ def algorithm_settings(algorithm: str, seed: int, trials: int) -> list[dict[str,
     """
     startup = min(10, max(2, trials // 3))
     state = str(seed % 2**31)  # hyperopt/skopt want 0 <= random_state < 2**32
-    values = {"random_state": state, "n_startup_trials": str(startup),
-              "n_initial_points": str(startup)}
-    wanted = {"multivariate-tpe": ("random_state", "n_startup_trials"),
-              "bayesianoptimization": ("random_state", "n_initial_points")}.get(
-        algorithm, ("random_state",))
+    values = {
+        "random_state": state,
+        "n_startup_trials": str(startup),
+        "n_initial_points": str(startup),
+    }
+    wanted = {
+        "multivariate-tpe": ("random_state", "n_startup_trials"),
+        "bayesianoptimization": ("random_state", "n_initial_points"),
+    }.get(algorithm, ("random_state",))
     allowed = ALGORITHM_SETTINGS.get(algorithm, frozenset())
     return [{"name": k, "value": values[k]} for k in wanted if k in allowed]
 
@@ -110,8 +115,7 @@ def parameters(space: list[tuning.Param]) -> list[dict[str, Any]]:
                 feasible["step"] = num(p.step)
             if p.log:
                 feasible["distribution"] = "logUniform"
-        out.append({"name": katib_name(p.name), "parameterType": p.type,
-                    "feasibleSpace": feasible})
+        out.append({"name": katib_name(p.name), "parameterType": p.type, "feasibleSpace": feasible})
     return out
 
 
@@ -122,8 +126,9 @@ def _flag(field: str, value: Any) -> list[str]:
     return [flag, repr(value) if isinstance(value, float) else str(value)]
 
 
-def fixed_settings(train: TrainConfig, tune: TuneConfig, seed: int,
-                   space: list[tuning.Param]) -> dict[str, Any]:
+def fixed_settings(
+    train: TrainConfig, tune: TuneConfig, seed: int, space: list[tuning.Param]
+) -> dict[str, Any]:
     """Flat settings every trial gets unchanged: the shared recipe, the seed, the trial length.
 
     The recipe (`TrainConfig`) minus anything searched, the seed, and
@@ -142,65 +147,95 @@ def _pod_placement(cluster: ClusterConfig) -> dict[str, Any]:
     """Resources and scheduling of a trial pod, the same as the pipeline's GPU steps."""
     spec: dict[str, Any] = {}
     if cluster.gpus > 0:
-        amounts = {"cpu": cluster.gpu_cpu, "memory": cluster.gpu_memory,
-                   cluster.gpu_resource: str(cluster.gpus)}
+        amounts = {
+            "cpu": cluster.gpu_cpu,
+            "memory": cluster.gpu_memory,
+            cluster.gpu_resource: str(cluster.gpus),
+        }
         spec["resources"] = {"requests": dict(amounts), "limits": dict(amounts)}
         spec.update(cluster.gpu_scheduling())
     else:
-        spec["resources"] = {"requests": {"cpu": cluster.cpu_cpu, "memory": cluster.cpu_memory},
-                             "limits": {"cpu": cluster.cpu_limit(),
-                                        "memory": cluster.cpu_memory}}
+        spec["resources"] = {
+            "requests": {"cpu": cluster.cpu_cpu, "memory": cluster.cpu_memory},
+            "limits": {"cpu": cluster.cpu_limit(), "memory": cluster.cpu_memory},
+        }
         if cluster.cpu_node_selector:
             key, value = cluster.cpu_node_selector.split("=", 1)
             spec["nodeSelector"] = {key: value}
     return spec
 
 
-def experiment(train: TrainConfig, tune: TuneConfig, seed: int, cluster: ClusterConfig,
-               train_uri: str, val_uri: str, name: str,
-               resume_policy: str = "Never") -> dict[str, Any]:
+def experiment(
+    train: TrainConfig,
+    tune: TuneConfig,
+    seed: int,
+    cluster: ClusterConfig,
+    train_uri: str,
+    val_uri: str,
+    name: str,
+    resume_policy: str = "Never",
+) -> dict[str, Any]:
     """The Experiment manifest (a plain dict): `tune`'s search over trials of the `train` recipe.
 
     Trials read both splits straight from the upstream artifacts' URIs (s3:// on
     the cluster), so no PVC is shared between the pipeline step and the trials.
     """
     if tune.tune_trials < 1:
-        raise KubetrainError("tune_trials is 0: tuning is skipped, so there is no Katib "
-                             "Experiment to build; set --tune-trials 1 or more")
+        raise KubetrainError(
+            "tune_trials is 0: tuning is skipped, so there is no Katib "
+            "Experiment to build; set --tune-trials 1 or more"
+        )
     if cluster.gpus == 0 and train.device == "cuda":
-        raise KubetrainError("device=cuda but the cluster config requests no GPU (gpus=0); "
-                             "use --device auto or cpu, or set --gpus 1")
+        raise KubetrainError(
+            "device=cuda but the cluster config requests no GPU (gpus=0); "
+            "use --device auto or cpu, or set --gpus 1"
+        )
     space = tuning.for_algorithm(tuning.search_space(), tune.tune_algorithm)
     params = parameters(space)
     max_trials = tune.tune_trials
     if tune.tune_algorithm == "grid":  # optuna's grid refuses more trials than points
         max_trials = min(max_trials, grid_size(params))
     other = next(m for m in tuning.GOALS if m != tune.tune_objective)
-    command = ["python", "-m", "kubetrain.cli.trial", "--train", str(train_uri),
-               "--validation", str(val_uri)]
+    command = [
+        "python",
+        "-m",
+        "kubetrain.cli.trial",
+        "--train",
+        str(train_uri),
+        "--validation",
+        str(val_uri),
+    ]
     for p in space:
         command += ["--" + katib_name(p.name), f"${{trialParameters.{trial_parameter(p.name)}}}"]
     for field, value in fixed_settings(train, tune, seed, space).items():
         command += _flag(field, value)
     placement = _pod_placement(cluster)
-    container = {"name": PRIMARY_CONTAINER,
-                 "image": cluster.image("cuda" if cluster.gpus > 0 else "cpu"),
-                 "command": command, "env": cluster.s3_env(),
-                 "resources": placement.pop("resources")}
+    container = {
+        "name": PRIMARY_CONTAINER,
+        "image": cluster.image("cuda" if cluster.gpus > 0 else "cpu"),
+        "command": command,
+        "env": cluster.s3_env(),
+        "resources": placement.pop("resources"),
+    }
     # Restricted profile (`security`): uid 10001, read-only root with /tmp and cache
     # emptyDirs, and the workload service account without an API token: trial pods
     # run training code and never call the Kubernetes API (S3 keys come as env above).
-    pod = security.harden_pod_spec({"restartPolicy": "Never", **placement,
-                                    "containers": [container]},
-                                   cluster.workload_service_account)
+    pod = security.harden_pod_spec(
+        {"restartPolicy": "Never", **placement, "containers": [container]},
+        cluster.workload_service_account,
+    )
     job = {
-        "apiVersion": "batch/v1", "kind": "Job",
+        "apiVersion": "batch/v1",
+        "kind": "Job",
         "spec": {
             "backoffLimit": 0,  # a failed trial is Katib's to count, not the Job's to retry
             "template": {
                 # Istio's sidecar never exits, so a trial Job with one never completes.
                 "metadata": {"annotations": {"sidecar.istio.io/inject": "false"}},
-                "spec": pod}}}
+                "spec": pod,
+            },
+        },
+    }
     help_of = {f.name: f.metadata["help"] for f in fields_of()}
     spec: dict[str, Any] = {
         "objective": {
@@ -209,12 +244,15 @@ def experiment(train: TrainConfig, tune: TuneConfig, seed: int, cluster: Cluster
             "additionalMetricNames": [other],
             # The trial prints the restored best epoch's metrics last: "latest" is
             # the value the local backend scores a trial by.
-            "metricStrategies": [{"name": tune.tune_objective, "value": "latest"},
-                                 {"name": other, "value": "latest"}],
+            "metricStrategies": [
+                {"name": tune.tune_objective, "value": "latest"},
+                {"name": other, "value": "latest"},
+            ],
         },
-        "algorithm": {"algorithmName": tune.tune_algorithm,
-                      "algorithmSettings": algorithm_settings(tune.tune_algorithm, seed,
-                                                              tune.tune_trials)},
+        "algorithm": {
+            "algorithmName": tune.tune_algorithm,
+            "algorithmSettings": algorithm_settings(tune.tune_algorithm, seed, tune.tune_trials),
+        },
         "parallelTrialCount": min(tune.tune_parallel, max_trials),
         "maxTrialCount": max_trials,
         # Katib fails the Experiment once failed >= maxFailedTrialCount; the local
@@ -227,19 +265,37 @@ def experiment(train: TrainConfig, tune: TuneConfig, seed: int, cluster: Cluster
             "primaryContainerName": PRIMARY_CONTAINER,
             "successCondition": JOB_SUCCESS,
             "failureCondition": JOB_FAILURE,
-            "trialParameters": [{"name": trial_parameter(p.name), "reference": katib_name(p.name),
-                                 "description": help_of.get(p.name, p.name)} for p in space],
+            "trialParameters": [
+                {
+                    "name": trial_parameter(p.name),
+                    "reference": katib_name(p.name),
+                    "description": help_of.get(p.name, p.name),
+                }
+                for p in space
+            ],
             "trialSpec": job,
         },
     }
     if tune.tune_early_stopping == "medianstop":
-        spec["earlyStopping"] = {"algorithmName": "medianstop", "algorithmSettings": [
-            {"name": k, "value": str(v)} for k, v in tuning.MEDIANSTOP.items()]}
-    return {"apiVersion": API_VERSION, "kind": "Experiment",
-            "metadata": {"name": name, "namespace": cluster.namespace,
-                         "labels": {"app.kubernetes.io/part-of": "kubetrain",
-                                    "app.kubernetes.io/component": "tune"}},
-            "spec": spec}
+        spec["earlyStopping"] = {
+            "algorithmName": "medianstop",
+            "algorithmSettings": [
+                {"name": k, "value": str(v)} for k, v in tuning.MEDIANSTOP.items()
+            ],
+        }
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "Experiment",
+        "metadata": {
+            "name": name,
+            "namespace": cluster.namespace,
+            "labels": {
+                "app.kubernetes.io/part-of": "kubetrain",
+                "app.kubernetes.io/component": "tune",
+            },
+        },
+        "spec": spec,
+    }
 
 
 # --------------------------------------------------------------------------- YAML
@@ -251,7 +307,8 @@ _NON_STRING = re.compile(
     r"|[-+]?\.(inf|Inf|INF)|\.(nan|NaN|NAN)|0[xX][0-9a-fA-F_]+|0o[0-7_]+|0b[01_]+"
     r"|[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?"
     r"|~|null|Null|NULL|true|True|TRUE|false|False|FALSE|yes|Yes|YES|no|No|NO"
-    r"|on|On|ON|off|Off|OFF|y|Y|n|N|=|<<")
+    r"|on|On|ON|off|Off|OFF|y|Y|n|N|=|<<"
+)
 
 
 def to_yaml(exp: Mapping[str, Any]) -> str:
@@ -266,15 +323,26 @@ def to_yaml(exp: Mapping[str, Any]) -> str:
         return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
     _Dumper.add_representer(str, _str)
-    return yaml.dump(dict(exp), Dumper=_Dumper, sort_keys=False, default_flow_style=False,
-                     width=1000)
+    return yaml.dump(
+        dict(exp), Dumper=_Dumper, sort_keys=False, default_flow_style=False, width=1000
+    )
 
 
 # ----------------------------------------------------------------------- the step
 
-def tune(train: TrainConfig, tune: TuneConfig, seed: int, cluster: ClusterConfig,
-         train_uri: str, val_uri: str, name: str, resume_policy: str = "Never", api=None,
-         **follow_options: Any) -> tuple[dict[str, Any], list[dict], dict[str, Any]]:
+
+def tune(
+    train: TrainConfig,
+    tune: TuneConfig,
+    seed: int,
+    cluster: ClusterConfig,
+    train_uri: str,
+    val_uri: str,
+    name: str,
+    resume_policy: str = "Never",
+    api=None,
+    **follow_options: Any,
+) -> tuple[dict[str, Any], list[dict], dict[str, Any]]:
     """Build, validate, run: (best hyperparameters, trial rows, meta for the artifacts).
 
     How long to wait and whether to keep the finished Experiment come from
@@ -282,11 +350,21 @@ def tune(train: TrainConfig, tune: TuneConfig, seed: int, cluster: ClusterConfig
     otherwise (timeout_s, keep, poll_s, sleep, now, log: see `run`).
     """
     exp = experiment(train, tune, seed, cluster, train_uri, val_uri, name, resume_policy)
-    options = {"timeout_s": cluster.wait_timeout, "keep": cluster.finished_jobs == "keep",
-               **follow_options}
-    result, rows = run(exp, cluster.namespace, api=api, service_account=cluster.service_account,
-                       **options)
-    meta = {"backend": "katib", "experiment": name, "namespace": cluster.namespace,
-            "kept": options["keep"], "best_trial": result["trial"],
-            "best_value": result["value"], "trials_summary": result["trials"]}
+    options = {
+        "timeout_s": cluster.wait_timeout,
+        "keep": cluster.finished_jobs == "keep",
+        **follow_options,
+    }
+    result, rows = run(
+        exp, cluster.namespace, api=api, service_account=cluster.service_account, **options
+    )
+    meta = {
+        "backend": "katib",
+        "experiment": name,
+        "namespace": cluster.namespace,
+        "kept": options["keep"],
+        "best_trial": result["trial"],
+        "best_value": result["value"],
+        "trials_summary": result["trials"],
+    }
     return result["hyperparameters"], rows, meta

@@ -34,19 +34,34 @@ ALGORITHM_SETTINGS: dict[str, frozenset[str]] = {
     "grid": frozenset({"random_state"}),
     "cmaes": frozenset({"random_state", "sigma", "restart_strategy"}),
     "sobol": frozenset(),
-    "bayesianoptimization": frozenset({"random_state", "n_initial_points", "base_estimator",
-                                       "acq_func", "acq_optimizer"}),
+    "bayesianoptimization": frozenset(
+        {"random_state", "n_initial_points", "base_estimator", "acq_func", "acq_optimizer"}
+    ),
 }
-_INT_SETTINGS = {"random_state", "n_startup_trials", "n_ei_candidates", "n_EI_candidates",
-                 "n_initial_points", "min_trials_required", "start_step"}
+_INT_SETTINGS = {
+    "random_state",
+    "n_startup_trials",
+    "n_ei_candidates",
+    "n_EI_candidates",
+    "n_initial_points",
+    "min_trials_required",
+    "start_step",
+}
 EARLY_STOPPING = {"medianstop": frozenset(tuning.MEDIANSTOP)}
 GOAL_TYPES = ("minimize", "maximize")
 METRIC_STRATEGIES = ("min", "max", "latest")
 RESUME_POLICIES = ("Never", "LongRunning", "FromVolume")
 PARAMETER_TYPES = ("int", "double", "categorical", "discrete")
 DISTRIBUTIONS = ("uniform", "logUniform", "normal", "logNormal")
-COLLECTOR_KINDS = ("StdOut", "File", "TensorFlowEvent", "PrometheusMetric", "Custom", "None",
-                   "Push")
+COLLECTOR_KINDS = (
+    "StdOut",
+    "File",
+    "TensorFlowEvent",
+    "PrometheusMetric",
+    "Custom",
+    "None",
+    "Push",
+)
 #: Suggestion Service "<experiment>-<algorithm>" must be a 63-character DNS label and
 #: trial Job names are "<experiment>-<8 chars>": 40 leaves room for both.
 MAX_NAME = 40
@@ -83,13 +98,16 @@ def _is_number(text: Any) -> bool:
         return False
 
 
-def _check_settings(where: str, settings: Any, allowed: frozenset[str], algorithm: str,
-                    problems: list[str]) -> None:
+def _check_settings(
+    where: str, settings: Any, allowed: frozenset[str], algorithm: str, problems: list[str]
+) -> None:
     for s in settings or []:
         name, value = s.get("name"), s.get("value")
         if name not in allowed:
-            problems.append(f"{where}: setting {name!r} is not accepted by Katib's {algorithm} "
-                            f"service (accepted: {', '.join(sorted(allowed)) or 'none'})")
+            problems.append(
+                f"{where}: setting {name!r} is not accepted by Katib's {algorithm} "
+                f"service (accepted: {', '.join(sorted(allowed)) or 'none'})"
+            )
         elif not isinstance(value, str):
             problems.append(f"{where}: setting {name} must be a string, got {value!r}")
         elif name in _INT_SETTINGS and not (_is_int(value) and int(value) >= 0):
@@ -97,8 +115,9 @@ def _check_settings(where: str, settings: Any, allowed: frozenset[str], algorith
 
 
 def _check_counts(spec: Mapping[str, Any], problems: list[str]) -> None:
-    counts = {k: spec.get(k) for k in ("maxTrialCount", "parallelTrialCount",
-                                       "maxFailedTrialCount")}
+    counts = {
+        k: spec.get(k) for k in ("maxTrialCount", "parallelTrialCount", "maxFailedTrialCount")
+    }
     for key, value in counts.items():
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             problems.append(f"spec.{key} must be an integer, got {value!r}")
@@ -111,11 +130,13 @@ def _check_counts(spec: Mapping[str, Any], problems: list[str]) -> None:
     if failed is not None and failed < 0:
         problems.append(f"spec.maxFailedTrialCount must not be negative, got {failed}")
     if most is not None and parallel is not None and parallel > most:
-        problems.append(f"spec.parallelTrialCount ({parallel}) must not exceed "
-                        f"spec.maxTrialCount ({most})")
+        problems.append(
+            f"spec.parallelTrialCount ({parallel}) must not exceed spec.maxTrialCount ({most})"
+        )
     if most is not None and failed is not None and failed > most:
-        problems.append(f"spec.maxFailedTrialCount ({failed}) must not exceed "
-                        f"spec.maxTrialCount ({most})")
+        problems.append(
+            f"spec.maxFailedTrialCount ({failed}) must not exceed spec.maxTrialCount ({most})"
+        )
 
 
 def _check_objective(obj: Any, problems: list[str]) -> None:
@@ -123,74 +144,96 @@ def _check_objective(obj: Any, problems: list[str]) -> None:
         problems.append("spec.objective must be specified")
         return
     if obj.get("type") not in GOAL_TYPES:
-        problems.append(f"spec.objective.type {obj.get('type')!r} is unknown; use "
-                        f"{' or '.join(GOAL_TYPES)}")
+        problems.append(
+            f"spec.objective.type {obj.get('type')!r} is unknown; use {' or '.join(GOAL_TYPES)}"
+        )
     name = obj.get("objectiveMetricName")
     if not name:
         problems.append("spec.objective.objectiveMetricName must be specified")
     if name in (obj.get("additionalMetricNames") or []):
-        problems.append("spec.objective.additionalMetricNames must not contain the "
-                        f"objective metric {name!r}")
+        problems.append(
+            f"spec.objective.additionalMetricNames must not contain the objective metric {name!r}"
+        )
     known = {name, *(obj.get("additionalMetricNames") or [])}
     for s in obj.get("metricStrategies") or []:
         if s.get("value") not in METRIC_STRATEGIES:
-            problems.append(f"spec.objective.metricStrategies: {s.get('value')!r} for "
-                            f"{s.get('name')} is unknown; use {', '.join(METRIC_STRATEGIES)}")
+            problems.append(
+                f"spec.objective.metricStrategies: {s.get('value')!r} for "
+                f"{s.get('name')} is unknown; use {', '.join(METRIC_STRATEGIES)}"
+            )
         if s.get("name") not in known:
-            problems.append(f"spec.objective.metricStrategies names {s.get('name')!r}, "
-                            "which is neither the objective nor an additional metric")
+            problems.append(
+                f"spec.objective.metricStrategies names {s.get('name')!r}, "
+                "which is neither the objective nor an additional metric"
+            )
 
 
 def _check_parameter(i: int, p: Mapping[str, Any], problems: list[str]) -> None:
     where = f"spec.parameters[{i}] ({p.get('name')})"
     kind, fs = p.get("parameterType"), p.get("feasibleSpace")
     if kind not in PARAMETER_TYPES:
-        problems.append(f"{where}: parameterType {kind!r} is not supported; use "
-                        f"{', '.join(PARAMETER_TYPES)}")
+        problems.append(
+            f"{where}: parameterType {kind!r} is not supported; use {', '.join(PARAMETER_TYPES)}"
+        )
     if not isinstance(fs, Mapping) or not fs:
         problems.append(f"{where}: feasibleSpace must be specified")
         return
     for key in ("min", "max", "step", "distribution"):
         if key in fs and not isinstance(fs[key], str):
-            problems.append(f"{where}: feasibleSpace.{key} must be a string (Katib types it "
-                            f"string; quote it in YAML), got {type(fs[key]).__name__} "
-                            f"{fs[key]!r}")
+            problems.append(
+                f"{where}: feasibleSpace.{key} must be a string (Katib types it "
+                f"string; quote it in YAML), got {type(fs[key]).__name__} "
+                f"{fs[key]!r}"
+            )
     values = fs.get("list")
-    if values is not None and (not isinstance(values, list)
-                               or not all(isinstance(v, str) for v in values)):
-        problems.append(f"{where}: feasibleSpace.list must be a list of strings (quote numbers "
-                        f"in YAML), got {values!r}")
+    if values is not None and (
+        not isinstance(values, list) or not all(isinstance(v, str) for v in values)
+    ):
+        problems.append(
+            f"{where}: feasibleSpace.list must be a list of strings (quote numbers "
+            f"in YAML), got {values!r}"
+        )
     if "distribution" in fs and fs["distribution"] not in DISTRIBUTIONS:
-        problems.append(f"{where}: distribution {fs['distribution']!r} is not supported; use "
-                        f"{', '.join(DISTRIBUTIONS)}")
+        problems.append(
+            f"{where}: distribution {fs['distribution']!r} is not supported; use "
+            f"{', '.join(DISTRIBUTIONS)}"
+        )
     if kind in ("int", "double"):
         if values:
-            problems.append(f"{where}: feasibleSpace.list is not supported for "
-                            f"parameterType {kind}; use min/max")
+            problems.append(
+                f"{where}: feasibleSpace.list is not supported for "
+                f"parameterType {kind}; use min/max"
+            )
         if "min" not in fs or "max" not in fs:
-            problems.append(f"{where}: feasibleSpace.min and max must be specified for "
-                            f"parameterType {kind}")
+            problems.append(
+                f"{where}: feasibleSpace.min and max must be specified for parameterType {kind}"
+            )
             return
         parse = _is_int if kind == "int" else _is_number
         bad = [k for k in ("min", "max", "step") if k in fs and not parse(fs[k])]
         if any(not isinstance(fs[k], str) for k in bad):
             return  # reported above as "must be a string"
         if bad:
-            problems.append(f"{where}: feasibleSpace.{bad[0]}={fs[bad[0]]!r} is not "
-                            f"{'an integer' if kind == 'int' else 'a number'}")
+            problems.append(
+                f"{where}: feasibleSpace.{bad[0]}={fs[bad[0]]!r} is not "
+                f"{'an integer' if kind == 'int' else 'a number'}"
+            )
             return
         lo, hi = float(fs["min"]), float(fs["max"])
         if lo >= hi:
-            problems.append(f"{where}: feasibleSpace.min ({fs['min']}) must be below max "
-                            f"({fs['max']})")
+            problems.append(
+                f"{where}: feasibleSpace.min ({fs['min']}) must be below max ({fs['max']})"
+            )
         if "step" in fs and float(fs["step"]) <= 0:
             problems.append(f"{where}: feasibleSpace.step must be positive")
         if fs.get("distribution") in ("logUniform", "logNormal") and lo <= 0:
             problems.append(f"{where}: a {fs['distribution']} range needs min > 0")
     elif kind in ("categorical", "discrete"):
         if any(k in fs for k in ("min", "max", "step")):
-            problems.append(f"{where}: feasibleSpace min/max/step are not supported for "
-                            f"parameterType {kind}; use list")
+            problems.append(
+                f"{where}: feasibleSpace min/max/step are not supported for "
+                f"parameterType {kind}; use list"
+            )
         if not values:
             problems.append(f"{where}: feasibleSpace.list must hold at least one value")
 
@@ -202,29 +245,45 @@ def _check_algorithm(spec: Mapping[str, Any], problems: list[str]) -> None:
         return
     name = algorithm["algorithmName"]
     if name not in TUNE_ALGORITHMS:
-        problems.append(f"spec.algorithm.algorithmName {name!r} is unknown; use one of "
-                        f"{', '.join(TUNE_ALGORITHMS)}")
+        problems.append(
+            f"spec.algorithm.algorithmName {name!r} is unknown; use one of "
+            f"{', '.join(TUNE_ALGORITHMS)}"
+        )
         return
-    _check_settings("spec.algorithm", algorithm.get("algorithmSettings"),
-                    ALGORITHM_SETTINGS[name], name, problems)
+    _check_settings(
+        "spec.algorithm",
+        algorithm.get("algorithmSettings"),
+        ALGORITHM_SETTINGS[name],
+        name,
+        problems,
+    )
     params = [p for p in spec.get("parameters") or [] if isinstance(p, Mapping)]
     if name == "cmaes" and sum(p.get("parameterType") in ("int", "double") for p in params) < 2:
-        problems.append("cmaes needs at least two int/double parameters (Katib's goptuna "
-                        "service refuses a smaller continuous space)")
+        problems.append(
+            "cmaes needs at least two int/double parameters (Katib's goptuna "
+            "service refuses a smaller continuous space)"
+        )
     if name == "grid":
-        unbounded = [p.get("name") for p in params if p.get("parameterType") == "double"
-                     and "step" not in (p.get("feasibleSpace") or {})]
+        unbounded = [
+            p.get("name")
+            for p in params
+            if p.get("parameterType") == "double" and "step" not in (p.get("feasibleSpace") or {})
+        ]
         if unbounded:
-            problems.append(f"grid needs a step or a list for every double parameter; "
-                            f"{', '.join(map(str, unbounded))} has neither")
+            problems.append(
+                f"grid needs a step or a list for every double parameter; "
+                f"{', '.join(map(str, unbounded))} has neither"
+            )
         elif params and isinstance(spec.get("maxTrialCount"), int):
             try:
                 size = grid_size(params)
             except (KeyError, TypeError, ValueError):
                 return  # the parameter checks report the malformed feasible space
             if spec["maxTrialCount"] > size:
-                problems.append(f"grid has {size} points but spec.maxTrialCount is "
-                                f"{spec['maxTrialCount']}; Katib's grid service refuses that")
+                problems.append(
+                    f"grid has {size} points but spec.maxTrialCount is "
+                    f"{spec['maxTrialCount']}; Katib's grid service refuses that"
+                )
 
 
 def _check_template(spec: Mapping[str, Any], problems: list[str]) -> None:
@@ -235,8 +294,9 @@ def _check_template(spec: Mapping[str, Any], problems: list[str]) -> None:
     if not tt.get("primaryContainerName"):
         problems.append("spec.trialTemplate.primaryContainerName must be specified")
     if not tt.get("successCondition") or not tt.get("failureCondition"):
-        problems.append("spec.trialTemplate successCondition and failureCondition must be "
-                        "specified")
+        problems.append(
+            "spec.trialTemplate successCondition and failureCondition must be specified"
+        )
     trial_spec = tt.get("trialSpec")
     if not isinstance(trial_spec, Mapping):
         problems.append("spec.trialTemplate.trialSpec must be specified")
@@ -248,25 +308,32 @@ def _check_template(spec: Mapping[str, Any], problems: list[str]) -> None:
     for i, tp in enumerate(tt.get("trialParameters") or []):
         name, ref = tp.get("name"), tp.get("reference")
         if not name or not ref or "{" in name or "}" in name:
-            problems.append(f"spec.trialTemplate.trialParameters[{i}]: name and reference "
-                            "must be specified and the name must not contain '{' or '}'")
+            problems.append(
+                f"spec.trialTemplate.trialParameters[{i}]: name and reference "
+                "must be specified and the name must not contain '{' or '}'"
+            )
             continue
         if name in seen_names or ref in seen_refs:
-            problems.append(f"spec.trialTemplate.trialParameters[{i}]: {name}/{ref} is "
-                            "defined twice")
+            problems.append(
+                f"spec.trialTemplate.trialParameters[{i}]: {name}/{ref} is defined twice"
+            )
             continue
         seen_names.add(name)
         seen_refs.add(ref)
         if ref not in names and not ref.startswith("${trialSpec."):
-            problems.append(f"trial parameter {name} references {ref!r}, which is not in "
-                            f"spec.parameters ({', '.join(map(str, names))})")
+            problems.append(
+                f"trial parameter {name} references {ref!r}, which is not in "
+                f"spec.parameters ({', '.join(map(str, names))})"
+            )
         if f"${{trialParameters.{name}}}" not in text:
             problems.append(f"trial parameter {name} is never used in the trial template")
     undefined = sorted(set(_PLACEHOLDER.findall(text)) - seen_names)
     if undefined:
-        problems.append("the trial template uses undefined trial parameter(s) "
-                        + ", ".join(f"${{trialParameters.{u}}}" for u in undefined)
-                        + "; define them in spec.trialTemplate.trialParameters")
+        problems.append(
+            "the trial template uses undefined trial parameter(s) "
+            + ", ".join(f"${{trialParameters.{u}}}" for u in undefined)
+            + "; define them in spec.trialTemplate.trialParameters"
+        )
     if not trial_spec.get("apiVersion") or not trial_spec.get("kind"):
         problems.append("spec.trialTemplate.trialSpec needs apiVersion and kind")
     meta = trial_spec.get("metadata") or {}
@@ -279,13 +346,17 @@ def _check_template(spec: Mapping[str, Any], problems: list[str]) -> None:
         containers = {c.get("name"): c for c in pod.get("containers") or []}
         primary = containers.get(tt.get("primaryContainerName"))
         if primary is None:
-            problems.append(f"the trial Job has no container named "
-                            f"{tt.get('primaryContainerName')!r} (primaryContainerName)")
+            problems.append(
+                f"the trial Job has no container named "
+                f"{tt.get('primaryContainerName')!r} (primaryContainerName)"
+            )
         else:
             for arg in list(primary.get("command") or []) + list(primary.get("args") or []):
                 if not _SHELL_SAFE.fullmatch(_PLACEHOLDER.sub("x", str(arg))):
-                    problems.append(f"trial argument {arg!r} is not shell-safe: Katib's "
-                                    "StdOut collector runs the command through `sh -c`")
+                    problems.append(
+                        f"trial argument {arg!r} is not shell-safe: Katib's "
+                        "StdOut collector runs the command through `sh -c`"
+                    )
                     break
 
 
@@ -299,13 +370,14 @@ def _check_model(exp: Mapping[str, Any], problems: list[str]) -> None:
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
-        problems.append(f"Katib API model rejects {where}: {err['msg']} "
-                        f"(got {err.get('input')!r})")
+        problems.append(f"Katib API model rejects {where}: {err['msg']} (got {err.get('input')!r})")
         return
     back = model.to_dict()
     if back != json.loads(json.dumps(exp)):
-        problems.append(f"field {_first_difference(exp, back)} is not part of Katib's "
-                        "Experiment API (lost in a round trip through kubeflow-katib-api)")
+        problems.append(
+            f"field {_first_difference(exp, back)} is not part of Katib's "
+            "Experiment API (lost in a round trip through kubeflow-katib-api)"
+        )
 
 
 def _first_difference(a: Any, b: Any, path: str = "") -> str:
@@ -326,13 +398,17 @@ def problems_of(exp: Mapping[str, Any]) -> list[str]:
     """Everything Katib's webhook (and its suggestion services) would refuse in `exp`."""
     problems: list[str] = []
     if exp.get("apiVersion") != API_VERSION or exp.get("kind") != "Experiment":
-        problems.append(f"not a Katib Experiment: apiVersion {exp.get('apiVersion')!r}, "
-                        f"kind {exp.get('kind')!r} (want {API_VERSION}, Experiment)")
+        problems.append(
+            f"not a Katib Experiment: apiVersion {exp.get('apiVersion')!r}, "
+            f"kind {exp.get('kind')!r} (want {API_VERSION}, Experiment)"
+        )
     name = str((exp.get("metadata") or {}).get("name") or "")
     if not _NAME.fullmatch(name) or len(name) > MAX_NAME:
-        problems.append(f"Experiment name {name!r} must be lower-case letters, digits and "
-                        f"'-', start with a letter, end with a letter or digit, and be at "
-                        f"most {MAX_NAME} characters")
+        problems.append(
+            f"Experiment name {name!r} must be lower-case letters, digits and "
+            f"'-', start with a letter, end with a letter or digit, and be at "
+            f"most {MAX_NAME} characters"
+        )
     spec = exp.get("spec")
     if not isinstance(spec, Mapping):
         return problems + ["spec must be specified"]
@@ -343,14 +419,23 @@ def problems_of(exp: Mapping[str, Any]) -> list[str]:
     if early is not None:
         name = early.get("algorithmName")
         if name not in EARLY_STOPPING:
-            problems.append(f"spec.earlyStopping.algorithmName {name!r} is unknown; use "
-                            f"{', '.join(EARLY_STOPPING)} or leave earlyStopping out")
+            problems.append(
+                f"spec.earlyStopping.algorithmName {name!r} is unknown; use "
+                f"{', '.join(EARLY_STOPPING)} or leave earlyStopping out"
+            )
         else:
-            _check_settings("spec.earlyStopping", early.get("algorithmSettings"),
-                            EARLY_STOPPING[name], name, problems)
+            _check_settings(
+                "spec.earlyStopping",
+                early.get("algorithmSettings"),
+                EARLY_STOPPING[name],
+                name,
+                problems,
+            )
     if spec.get("resumePolicy", "Never") not in RESUME_POLICIES + ("",):
-        problems.append(f"spec.resumePolicy {spec.get('resumePolicy')!r} is unknown; use "
-                        f"{', '.join(RESUME_POLICIES)}")
+        problems.append(
+            f"spec.resumePolicy {spec.get('resumePolicy')!r} is unknown; use "
+            f"{', '.join(RESUME_POLICIES)}"
+        )
     params = spec.get("parameters") or []
     if not params:
         problems.append("spec.parameters must list at least one parameter")
@@ -362,8 +447,10 @@ def problems_of(exp: Mapping[str, Any]) -> list[str]:
     _check_template(spec, problems)
     kind = ((spec.get("metricsCollectorSpec") or {}).get("collector") or {}).get("kind", "StdOut")
     if kind not in COLLECTOR_KINDS:
-        problems.append(f"spec.metricsCollectorSpec.collector.kind {kind!r} is unknown; use "
-                        f"{', '.join(COLLECTOR_KINDS)}")
+        problems.append(
+            f"spec.metricsCollectorSpec.collector.kind {kind!r} is unknown; use "
+            f"{', '.join(COLLECTOR_KINDS)}"
+        )
     _check_model(exp, problems)
     return problems
 

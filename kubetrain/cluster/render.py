@@ -20,8 +20,14 @@ from kubetrain.core import progress
 COMPILED_DIR = Path("pipelines/compiled")
 
 
-def render(cfg: RunConfig, cluster: cluster_config.ClusterConfig, train_uri: str,
-           val_uri: str, out_dir: Path, run_id: str = "rendered") -> dict[str, Path]:
+def render(
+    cfg: RunConfig,
+    cluster: cluster_config.ClusterConfig,
+    train_uri: str,
+    val_uri: str,
+    out_dir: Path,
+    run_id: str = "rendered",
+) -> dict[str, Path]:
     """Build, validate and write both manifests; returns their paths.
 
     The TrainJob trains with ``cfg.hyper`` as given: what a run with
@@ -31,14 +37,23 @@ def render(cfg: RunConfig, cluster: cluster_config.ClusterConfig, train_uri: str
 
     from kubetrain.cluster import katib, trainjob
 
-    exp = katib.experiment(cfg.train, cfg.tune, cfg.seed, cluster, train_uri, val_uri,
-                           katib.experiment_name(run_id))
+    exp = katib.experiment(
+        cfg.train, cfg.tune, cfg.seed, cluster, train_uri, val_uri, katib.experiment_name(run_id)
+    )
     katib.validate(exp)
     exp["metadata"]["namespace"] = cluster.namespace
-    job = trainjob.trainjob(cfg.train, cfg.hyper, cfg.final, cfg.seed, cluster, train_uri,
-                            val_uri,
-                            f"{cluster.pipeline_root.rstrip('/')}/{run_id}/trainjob-output",
-                            cluster.num_nodes, name=f"kubetrain-train-{run_id}")
+    job = trainjob.trainjob(
+        cfg.train,
+        cfg.hyper,
+        cfg.final,
+        cfg.seed,
+        cluster,
+        train_uri,
+        val_uri,
+        f"{cluster.pipeline_root.rstrip('/')}/{run_id}/trainjob-output",
+        cluster.num_nodes,
+        name=f"kubetrain-train-{run_id}",
+    )
     job["metadata"]["namespace"] = cluster.namespace
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"experiment": out_dir / "katib-experiment.yaml", "trainjob": out_dir / "trainjob.yaml"}
@@ -48,12 +63,14 @@ def render(cfg: RunConfig, cluster: cluster_config.ClusterConfig, train_uri: str
 
 
 def add_parser(sub) -> None:
-    parser = sub.add_parser("render", help="write the Katib Experiment and TrainJob a cluster "
-                                           "run would create")
+    parser = sub.add_parser(
+        "render", help="write the Katib Experiment and TrainJob a cluster run would create"
+    )
     flags.add_arguments(parser.add_argument_group("run settings"))
     cluster_config.add_arguments(parser.add_argument_group("cluster placement"))
-    parser.add_argument("--train-uri", default="", help="training split URI (default: under "
-                                                        "--pipeline-root)")
+    parser.add_argument(
+        "--train-uri", default="", help="training split URI (default: under --pipeline-root)"
+    )
     parser.add_argument("--validation-uri", default="", help="validation split URI")
     parser.add_argument("--output-dir", default=str(COMPILED_DIR))
     parser.set_defaults(func=_main)
@@ -63,12 +80,19 @@ def _main(args: argparse.Namespace) -> int:
     cfg = flags.from_arguments(args)
     cluster = cluster_config.from_arguments(args)
     root = cluster.pipeline_root.rstrip("/")
-    paths = render(cfg, cluster, args.train_uri or f"{root}/rendered/augment/augmented",
-                   args.validation_uri or f"{root}/rendered/clean/validation",
-                   Path(args.output_dir))
+    paths = render(
+        cfg,
+        cluster,
+        args.train_uri or f"{root}/rendered/augment/augmented",
+        args.validation_uri or f"{root}/rendered/clean/validation",
+        Path(args.output_dir),
+    )
     for path in paths.values():
         progress.log("render", f"wrote {path}")
     if not cluster.trainjob:
-        progress.log("render", "note: with num_nodes=1 and gpus<=1 the train step trains in "
-                               "its own pod; the TrainJob is what --num-nodes N would create")
+        progress.log(
+            "render",
+            "note: with num_nodes=1 and gpus<=1 the train step trains in "
+            "its own pod; the TrainJob is what --num-nodes N would create",
+        )
     return 0

@@ -88,8 +88,10 @@ def scratch_volumes() -> list[dict[str, Any]]:
 
 def scratch_mounts() -> list[dict[str, Any]]:
     """A container's writable places under a read-only root: /tmp and the cache directory."""
-    return [{"name": TMP_VOLUME, "mountPath": TMP_DIR},
-            {"name": CACHE_VOLUME, "mountPath": CACHE_DIR}]
+    return [
+        {"name": TMP_VOLUME, "mountPath": TMP_DIR},
+        {"name": CACHE_VOLUME, "mountPath": CACHE_DIR},
+    ]
 
 
 def scratch_env() -> list[dict[str, str]]:
@@ -103,8 +105,7 @@ def harden_container(container: dict[str, Any]) -> dict[str, Any]:
     Mounts and variables it already has win (same mountPath / name).
     """
     out = copy.deepcopy(container)
-    out["securityContext"] = {**container_security_context(),
-                              **(out.get("securityContext") or {})}
+    out["securityContext"] = {**container_security_context(), **(out.get("securityContext") or {})}
     mounts = out.setdefault("volumeMounts", [])
     taken = {m["mountPath"] for m in mounts}
     mounts += [m for m in scratch_mounts() if m["mountPath"] not in taken]

@@ -69,12 +69,16 @@ _YAML_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 # ---------------------------------------------------------------- arguments
 
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register `submit` on the subparsers of the `kubetrain` CLI."""
     parser = subparsers.add_parser(
-        "submit", help="upload the pipeline to Kubeflow Pipelines and run it",
-        description=__doc__.split("\n")[0], epilog=_EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "submit",
+        help="upload the pipeline to Kubeflow Pipelines and run it",
+        description=__doc__.split("\n")[0],
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     parser.set_defaults(func=command)
     return parser
@@ -93,55 +97,114 @@ examples:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     api = parser.add_argument_group("Kubeflow Pipelines API")
-    api.add_argument("--host", default=None,
-                     help=f"KFP API endpoint, e.g. http://localhost:8080 after `kubectl -n "
-                          f"kubeflow port-forward svc/ml-pipeline-ui 8080:80` "
-                          f"(default: ${ENDPOINT_ENV})")
-    api.add_argument("--token", default=None,
-                     help=f"bearer token (default: the contents of ${TOKEN_PATH_ENV}, "
-                          f"else of {IN_CLUSTER_TOKEN_PATH} when present)")
+    api.add_argument(
+        "--host",
+        default=None,
+        help=f"KFP API endpoint, e.g. http://localhost:8080 after `kubectl -n "
+        f"kubeflow port-forward svc/ml-pipeline-ui 8080:80` "
+        f"(default: ${ENDPOINT_ENV})",
+    )
+    api.add_argument(
+        "--token",
+        default=None,
+        help=f"bearer token (default: the contents of ${TOKEN_PATH_ENV}, "
+        f"else of {IN_CLUSTER_TOKEN_PATH} when present)",
+    )
     what = parser.add_argument_group("what to submit")
-    what.add_argument("--target", choices=("local", "cluster"), default="cluster",
-                      help="compile target (default: cluster)")
-    what.add_argument("--yaml", default=None, metavar="PATH",
-                      help="upload this compiled pipeline YAML instead of compiling (the "
-                           "placement flags below then only set --namespace and "
-                           "--service-account)")
-    what.add_argument("--pipeline-name", default=DEFAULT_PIPELINE_NAME,
-                      help=f"pipeline name in the UI (default: {DEFAULT_PIPELINE_NAME})")
-    what.add_argument("--version", default=None,
-                      help="name of the uploaded pipeline version (default: "
-                           "<kubetrain version>-<UTC time>-<YAML sha256 prefix>)")
-    what.add_argument("--description", default=None,
-                      help="pipeline/version description (default: the pipeline's own)")
+    what.add_argument(
+        "--target",
+        choices=("local", "cluster"),
+        default="cluster",
+        help="compile target (default: cluster)",
+    )
+    what.add_argument(
+        "--yaml",
+        default=None,
+        metavar="PATH",
+        help="upload this compiled pipeline YAML instead of compiling (the "
+        "placement flags below then only set --namespace and "
+        "--service-account)",
+    )
+    what.add_argument(
+        "--pipeline-name",
+        default=DEFAULT_PIPELINE_NAME,
+        help=f"pipeline name in the UI (default: {DEFAULT_PIPELINE_NAME})",
+    )
+    what.add_argument(
+        "--version",
+        default=None,
+        help="name of the uploaded pipeline version (default: "
+        "<kubetrain version>-<UTC time>-<YAML sha256 prefix>)",
+    )
+    what.add_argument(
+        "--description",
+        default=None,
+        help="pipeline/version description (default: the pipeline's own)",
+    )
     run = parser.add_argument_group("the run")
-    run.add_argument("--experiment", default=DEFAULT_EXPERIMENT,
-                     help=f"experiment, created when missing (default: {DEFAULT_EXPERIMENT})")
-    run.add_argument("--run-name", default=None,
-                     help="run (or recurring run) name (default: <pipeline>-<UTC time>)")
-    run.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a pipeline parameter (a RunConfig setting such as "
-                          "epochs=50, dashes or underscores); repeatable")
-    run.add_argument("--no-cache", action="store_true",
-                     help="re-run every task instead of reusing cached results")
-    run.add_argument("--recurring", default=None, metavar="CRON",
-                     help="create a recurring run on this 6-field KFP cron (seconds first), "
-                          "e.g. '0 0 3 * * *' for 03:00 every day")
-    run.add_argument("--max-concurrency", type=int, default=1,
-                     help="recurring runs allowed at once (default: 1)")
-    run.add_argument("--catchup", action="store_true",
-                     help="recurring: backfill intervals missed while paused (default: off)")
+    run.add_argument(
+        "--experiment",
+        default=DEFAULT_EXPERIMENT,
+        help=f"experiment, created when missing (default: {DEFAULT_EXPERIMENT})",
+    )
+    run.add_argument(
+        "--run-name",
+        default=None,
+        help="run (or recurring run) name (default: <pipeline>-<UTC time>)",
+    )
+    run.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a pipeline parameter (a RunConfig setting such as "
+        "epochs=50, dashes or underscores); repeatable",
+    )
+    run.add_argument(
+        "--no-cache",
+        action="store_true",
+        help="re-run every task instead of reusing cached results",
+    )
+    run.add_argument(
+        "--recurring",
+        default=None,
+        metavar="CRON",
+        help="create a recurring run on this 6-field KFP cron (seconds first), "
+        "e.g. '0 0 3 * * *' for 03:00 every day",
+    )
+    run.add_argument(
+        "--max-concurrency", type=int, default=1, help="recurring runs allowed at once (default: 1)"
+    )
+    run.add_argument(
+        "--catchup",
+        action="store_true",
+        help="recurring: backfill intervals missed while paused (default: off)",
+    )
     wait = parser.add_argument_group("waiting")
-    wait.add_argument("--wait", action="store_true",
-                      help="poll the run, print task progress and the final state; exit "
-                           "non-zero if it FAILED or was CANCELED")
-    wait.add_argument("--timeout", type=float, default=6 * 3600,
-                      help="seconds --wait waits before giving up (default: 21600)")
-    wait.add_argument("--poll-interval", type=float, default=15.0,
-                      help="seconds between polls of --wait (default: 15)")
-    cluster_config.add_arguments(parser.add_argument_group(
-        "cluster placement (compiled into the pipeline; --namespace is also the KFP "
-        "namespace/profile of the experiment and run)"))
+    wait.add_argument(
+        "--wait",
+        action="store_true",
+        help="poll the run, print task progress and the final state; exit "
+        "non-zero if it FAILED or was CANCELED",
+    )
+    wait.add_argument(
+        "--timeout",
+        type=float,
+        default=6 * 3600,
+        help="seconds --wait waits before giving up (default: 21600)",
+    )
+    wait.add_argument(
+        "--poll-interval",
+        type=float,
+        default=15.0,
+        help="seconds between polls of --wait (default: 15)",
+    )
+    cluster_config.add_arguments(
+        parser.add_argument_group(
+            "cluster placement (compiled into the pipeline; --namespace is also the KFP "
+            "namespace/profile of the experiment and run)"
+        )
+    )
 
 
 def command(args: argparse.Namespace) -> int:
@@ -152,9 +215,12 @@ def command(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m kubetrain.cluster.submit ...`: the subcommand on its own."""
-    parser = argparse.ArgumentParser(prog="kubetrain submit", description=__doc__.split("\n")[0],
-                                     epilog=_EPILOG,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="kubetrain submit",
+        description=__doc__.split("\n")[0],
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
@@ -163,12 +229,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted (a run already created keeps running on the cluster)",
-              file=sys.stderr)
+        print(
+            "error: interrupted (a run already created keeps running on the cluster)",
+            file=sys.stderr,
+        )
         return 130
 
 
 # ---------------------------------------------------------------- checks (no network)
+
 
 def parse_params(pairs: list[str]) -> dict[str, str]:
     """`KEY=VALUE` strings to a dict; keys take dashes or underscores."""
@@ -197,15 +266,19 @@ def check_params(raw: dict[str, str], extra: dict[str, str] | None = None) -> di
         names = sorted(known | set(extra))
         hints = [difflib.get_close_matches(k, names, n=1) for k in unknown]
         hint = "; ".join(f"did you mean {h[0]}?" for h in hints if h)
-        raise KubetrainError(f"--param {', '.join(unknown)}: not a pipeline parameter"
-                             f"{' (' + hint + ')' if hint else ''}; known: {', '.join(names)}")
+        raise KubetrainError(
+            f"--param {', '.join(unknown)}: not a pipeline parameter"
+            f"{' (' + hint + ')' if hint else ''}; known: {', '.join(names)}"
+        )
     settings = {k: v for k, v in raw.items() if k in known}
     typed = RunConfig.from_flat(settings).flat()
     dataset = settings.get("dataset")
     if dataset is not None and dataset not in BUILTIN_DATASETS and "://" not in dataset:
-        raise KubetrainError(f"--param dataset={dataset!r} is a local path, which pods on the "
-                             "cluster cannot read; upload it and pass its s3:// URI, or use "
-                             f"one of {', '.join(BUILTIN_DATASETS)}")
+        raise KubetrainError(
+            f"--param dataset={dataset!r} is a local path, which pods on the "
+            "cluster cannot read; upload it and pass its s3:// URI, or use "
+            f"one of {', '.join(BUILTIN_DATASETS)}"
+        )
     params: dict[str, Any] = {k: typed[k] for k in settings}
     for key, value in raw.items():
         if key not in known:
@@ -237,12 +310,16 @@ def check_cron(expression: str) -> str:
     """A KFP (robfig/cron) expression: 6 fields, seconds first."""
     fields = expression.split()
     if len(fields) == 5:
-        raise KubetrainError(f"--recurring {expression!r} has 5 fields; KFP cron has 6 with "
-                             f"seconds first: did you mean '0 {expression.strip()}'?")
+        raise KubetrainError(
+            f"--recurring {expression!r} has 5 fields; KFP cron has 6 with "
+            f"seconds first: did you mean '0 {expression.strip()}'?"
+        )
     if len(fields) != 6 or not all(_CRON_FIELD.match(f) for f in fields):
-        raise KubetrainError(f"--recurring {expression!r} is not a 6-field KFP cron "
-                             "(second minute hour day-of-month month day-of-week), "
-                             "e.g. '0 0 3 * * *' for 03:00 every day")
+        raise KubetrainError(
+            f"--recurring {expression!r} is not a 6-field KFP cron "
+            "(second minute hour day-of-month month day-of-week), "
+            "e.g. '0 0 3 * * *' for 03:00 every day"
+        )
     return " ".join(fields)
 
 
@@ -257,15 +334,23 @@ def load_pipeline_yaml(path: Path) -> tuple[dict, list[dict]]:
     try:
         docs = [d for d in yaml.load_all(path.read_text(), Loader=_YAML_LOADER) if d]
     except FileNotFoundError:
-        raise KubetrainError(f"--yaml {path}: no such file; compile it with "
-                             "`kubetrain compile --target cluster`") from None
+        raise KubetrainError(
+            f"--yaml {path}: no such file; compile it with `kubetrain compile --target cluster`"
+        ) from None
     except (OSError, yaml.YAMLError) as exc:
-        raise KubetrainError(f"{path} is not a readable pipeline YAML: "
-                             f"{str(exc).splitlines()[0]}") from None
-    if not docs or not isinstance(docs[0], dict) or "pipelineInfo" not in docs[0] \
-            or "root" not in docs[0]:
-        raise KubetrainError(f"{path} is not a compiled KFP v2 pipeline (no pipelineInfo/root); "
-                             "compile it with `kubetrain compile --target cluster`")
+        raise KubetrainError(
+            f"{path} is not a readable pipeline YAML: {str(exc).splitlines()[0]}"
+        ) from None
+    if (
+        not docs
+        or not isinstance(docs[0], dict)
+        or "pipelineInfo" not in docs[0]
+        or "root" not in docs[0]
+    ):
+        raise KubetrainError(
+            f"{path} is not a compiled KFP v2 pipeline (no pipelineInfo/root); "
+            "compile it with `kubetrain compile --target cluster`"
+        )
     return docs[0], docs[1:]
 
 
@@ -289,13 +374,16 @@ def disable_caching(path: Path, output: Path) -> Path:
 
 # ---------------------------------------------------------------- connection
 
+
 def resolve_host(host: str | None) -> str:
     host = (host or os.environ.get(ENDPOINT_ENV) or "").strip()
     if not host:
-        raise KubetrainError(f"no KFP API host: pass --host or set {ENDPOINT_ENV}, e.g. "
-                             "http://localhost:8080 after `kubectl -n kubeflow port-forward "
-                             "svc/ml-pipeline-ui 8080:80`, or http://ml-pipeline.kubeflow:8888 "
-                             "inside the cluster")
+        raise KubetrainError(
+            f"no KFP API host: pass --host or set {ENDPOINT_ENV}, e.g. "
+            "http://localhost:8080 after `kubectl -n kubeflow port-forward "
+            "svc/ml-pipeline-ui 8080:80`, or http://ml-pipeline.kubeflow:8888 "
+            "inside the cluster"
+        )
     if not host.startswith(("http://", "https://")):
         host = "https://" + host  # what kfp.Client does, without its warning
     return host.rstrip("/")
@@ -309,9 +397,11 @@ def resolve_token(token: str | None) -> str | None:
         try:
             return Path(path).read_text().strip() or None
         except OSError as exc:
-            raise KubetrainError(f"{TOKEN_PATH_ENV}={path} cannot be read "
-                                 f"({exc.strerror or exc}); point it at a token file "
-                                 "or pass --token") from None
+            raise KubetrainError(
+                f"{TOKEN_PATH_ENV}={path} cannot be read "
+                f"({exc.strerror or exc}); point it at a token file "
+                "or pass --token"
+            ) from None
     if Path(IN_CLUSTER_TOKEN_PATH).is_file():
         return Path(IN_CLUSTER_TOKEN_PATH).read_text().strip() or None
     return None
@@ -333,10 +423,13 @@ def connect(host: str, token: str | None, namespace: str) -> Any:
         config.api_key_prefix["authorization"] = "Bearer"
     with api_call(host, "checking the KFP API health", token):
         health = kfp_server_api.HealthzServiceApi(
-            kfp_server_api.ApiClient(config)).healthz_service_get_healthz()
+            kfp_server_api.ApiClient(config)
+        ).healthz_service_get_healthz()
     if health is None:
-        raise KubetrainError(f"{host} answered the health check with no body; check that "
-                             "--host points at the Kubeflow Pipelines API")
+        raise KubetrainError(
+            f"{host} answered the health check with no body; check that "
+            "--host points at the Kubeflow Pipelines API"
+        )
     with warnings.catch_warnings(), api_call(host, "connecting", token):
         warnings.simplefilter("ignore", FutureWarning)  # "only works with KFP >= 2.0.0-beta.2"
         return kfp.Client(host=host, existing_token=token, namespace=namespace)
@@ -352,14 +445,20 @@ def api_call(host: str, step: str, token: str | None = None) -> Iterator[None]:
         with contextlib.redirect_stdout(io.StringIO()):  # kfp prints its own links
             yield
     except kfp_server_api.ApiException as exc:
-        raise _api_error(_redact(api_error_message(host, step, exc), token),
-                         transient=(exc.status or 0) >= 500) from None
+        raise _api_error(
+            _redact(api_error_message(host, step, exc), token), transient=(exc.status or 0) >= 500
+        ) from None
     except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as exc:
-        raise _api_error(_redact(
-            f"cannot reach the KFP API at {host} ({_network_reason(exc)}) while {step}: "
-            f"check --host/{ENDPOINT_ENV} and that the API is reachable, e.g. `kubectl -n "
-            "kubeflow port-forward svc/ml-pipeline-ui 8080:80` and --host "
-            "http://localhost:8080", token), transient=True) from None
+        raise _api_error(
+            _redact(
+                f"cannot reach the KFP API at {host} ({_network_reason(exc)}) while {step}: "
+                f"check --host/{ENDPOINT_ENV} and that the API is reachable, e.g. `kubectl -n "
+                "kubeflow port-forward svc/ml-pipeline-ui 8080:80` and --host "
+                "http://localhost:8080",
+                token,
+            ),
+            transient=True,
+        ) from None
     except ValueError as exc:  # kfp's own checks, e.g. two pipelines with one name
         if isinstance(exc, KubetrainError):
             raise
@@ -377,16 +476,22 @@ def api_error_message(host: str, step: str, exc: Any) -> str:
     detail = _body_message(exc.body) or (exc.reason or "").strip()
     detail = f": {detail}" if detail else ""
     if status in (401, 403):
-        return (f"the KFP API at {host} rejected the credentials ({status}) while {step}"
-                f"{detail}; pass --token or set {TOKEN_PATH_ENV} to a file holding a valid "
-                "token" + (" with access to the --namespace profile" if status == 403 else ""))
+        return (
+            f"the KFP API at {host} rejected the credentials ({status}) while {step}"
+            f"{detail}; pass --token or set {TOKEN_PATH_ENV} to a file holding a valid "
+            "token" + (" with access to the --namespace profile" if status == 403 else "")
+        )
     if status == 404:
-        return (f"the KFP API at {host} answered not found (404) while {step}{detail}; "
-                "check --host and that Kubeflow Pipelines v2 is installed "
-                "(it serves /apis/v2beta1)")
+        return (
+            f"the KFP API at {host} answered not found (404) while {step}{detail}; "
+            "check --host and that Kubeflow Pipelines v2 is installed "
+            "(it serves /apis/v2beta1)"
+        )
     if status == 409:
-        return (f"the KFP API at {host} says it already exists (409) while {step}{detail}; "
-                "pass another --version or --run-name")
+        return (
+            f"the KFP API at {host} says it already exists (409) while {step}{detail}; "
+            "pass another --version or --run-name"
+        )
     if status >= 500:
         return f"the KFP API at {host} had a server error ({status}) while {step}{detail}"
     if status == 0:  # TLS failures and requests the client could not build
@@ -419,8 +524,11 @@ def _network_reason(exc: BaseException) -> str:
     text = str(exc)  # urllib3's MaxRetryError names its cause ("... Connection refused")
     if "Connection refused" in text:
         return "connection refused"
-    if "Name or service not known" in text or "nodename nor servname" in text \
-            or "Temporary failure in name resolution" in text:
+    if (
+        "Name or service not known" in text
+        or "nodename nor servname" in text
+        or "Temporary failure in name resolution" in text
+    ):
         return "unknown host name"
     if "timed out" in text.lower():
         return "timed out"
@@ -432,6 +540,7 @@ def _redact(message: str, token: str | None) -> str:
 
 
 # ---------------------------------------------------------------- the flow
+
 
 def default_version(yaml_text: str, now: datetime) -> str:
     digest = hashlib.sha256(yaml_text.encode()).hexdigest()[:8]
@@ -446,15 +555,21 @@ def compile_for_submit(target: str, output: Path, cluster: cluster_config.Cluste
     return Path(compile_pipeline(target, output, **kwargs))
 
 
-def submit(args: argparse.Namespace, *, sleep: Callable[[float], None] = time.sleep,
-           clock: Callable[[], float] = time.monotonic) -> dict[str, Any]:
+def submit(
+    args: argparse.Namespace,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> dict[str, Any]:
     """Compile, upload, run; returns what was created (ids, url, final state)."""
     # 1. everything that can be checked without the network
     raw = parse_params(args.param)
     cron = check_cron(args.recurring) if args.recurring else None
     if cron and args.wait:
-        raise KubetrainError("--wait follows one run; a recurring run (--recurring) starts "
-                             "runs on its schedule, so drop one of them")
+        raise KubetrainError(
+            "--wait follows one run; a recurring run (--recurring) starts "
+            "runs on its schedule, so drop one of them"
+        )
     if args.max_concurrency < 1:
         raise KubetrainError("--max-concurrency must be >= 1")
     if args.wait and (args.timeout <= 0 or args.poll_interval < 0):
@@ -476,57 +591,81 @@ def submit(args: argparse.Namespace, *, sleep: Callable[[float], None] = time.sl
             if package.suffix not in (".yaml", ".yml"):
                 raise KubetrainError(f"--yaml {package} must be a .yaml/.yml file")
         else:
-            package = compile_for_submit(args.target, Path(tmp) / "kubetrain-training.yaml",
-                                         cluster)
+            package = compile_for_submit(
+                args.target, Path(tmp) / "kubetrain-training.yaml", cluster
+            )
             print(f"{_LOG} compiled the pipeline (target {args.target})")
             if args.target == "local":
-                print(f"{_LOG} note: the local target has no GPU placement, retries or "
-                      "registry images; use --target cluster for real runs")
+                print(
+                    f"{_LOG} note: the local target has no GPU placement, retries or "
+                    "registry images; use --target cluster for real runs"
+                )
         spec, _ = load_pipeline_yaml(package)
-        params = check_params(raw, {k: t for k, t in pipeline_parameters(spec).items()
-                                    if k not in {f.name for f in fields_of()}})
+        params = check_params(
+            raw,
+            {
+                k: t
+                for k, t in pipeline_parameters(spec).items()
+                if k not in {f.name for f in fields_of()}
+            },
+        )
         missing = sorted(set(params) - set(pipeline_parameters(spec)))
         if missing:
-            raise KubetrainError(f"the pipeline in {package} has no parameter(s) "
-                                 f"{', '.join(missing)}; recompile it")
+            raise KubetrainError(
+                f"the pipeline in {package} has no parameter(s) {', '.join(missing)}; recompile it"
+            )
         yaml_text = package.read_text()
         version = args.version or default_version(yaml_text, now)
         description = args.description or spec["pipelineInfo"].get("description") or None
         run_name = args.run_name or f"{args.pipeline_name}-{now:%Y%m%d-%H%M%S}"
-        run_package = disable_caching(package, Path(tmp) / "no-cache.yaml") \
-            if args.no_cache else None
+        run_package = (
+            disable_caching(package, Path(tmp) / "no-cache.yaml") if args.no_cache else None
+        )
 
         # 3. the API
         client = connect(host, token, cluster.namespace)
-        result: dict[str, Any] = {"host": host, "pipeline_name": args.pipeline_name,
-                                  "version_name": version}
+        result: dict[str, Any] = {
+            "host": host,
+            "pipeline_name": args.pipeline_name,
+            "version_name": version,
+        }
         with api_call(host, f"looking up pipeline {args.pipeline_name!r}", token):
             pipeline_id = client.get_pipeline_id(args.pipeline_name)
         if pipeline_id is None:
             with api_call(host, f"uploading pipeline {args.pipeline_name!r}", token):
-                pipeline = client.upload_pipeline(str(package), pipeline_name=args.pipeline_name,
-                                                  description=description)
+                pipeline = client.upload_pipeline(
+                    str(package), pipeline_name=args.pipeline_name, description=description
+                )
                 pipeline_id = pipeline.pipeline_id
             with api_call(host, "looking up the first pipeline version", token):
-                versions = client.list_pipeline_versions(pipeline_id, page_size=1,
-                                                         sort_by="created_at desc")
+                versions = client.list_pipeline_versions(
+                    pipeline_id, page_size=1, sort_by="created_at desc"
+                )
             if not versions.pipeline_versions:
-                raise KubetrainError(f"the KFP API at {host} created pipeline {pipeline_id} "
-                                     "but lists no version of it; retry the submit")
+                raise KubetrainError(
+                    f"the KFP API at {host} created pipeline {pipeline_id} "
+                    "but lists no version of it; retry the submit"
+                )
             found = versions.pipeline_versions[0]
             version_id = found.pipeline_version_id
             result["version_name"] = found.display_name or args.pipeline_name
-            print(f"{_LOG} uploaded pipeline {args.pipeline_name} ({pipeline_id}): "
-                  f"{ui}/#/pipelines/details/{pipeline_id}")
+            print(
+                f"{_LOG} uploaded pipeline {args.pipeline_name} ({pipeline_id}): "
+                f"{ui}/#/pipelines/details/{pipeline_id}"
+            )
         else:
-            with api_call(host, f"uploading version {version!r} of {args.pipeline_name!r}",
-                          token):
+            with api_call(host, f"uploading version {version!r} of {args.pipeline_name!r}", token):
                 uploaded = client.upload_pipeline_version(
-                    str(package), pipeline_version_name=version, pipeline_id=pipeline_id,
-                    description=description)
+                    str(package),
+                    pipeline_version_name=version,
+                    pipeline_id=pipeline_id,
+                    description=description,
+                )
             version_id = uploaded.pipeline_version_id
-            print(f"{_LOG} uploaded version {version} of {args.pipeline_name}: "
-                  f"{ui}/#/pipelines/details/{pipeline_id}/version/{version_id}")
+            print(
+                f"{_LOG} uploaded version {version} of {args.pipeline_name}: "
+                f"{ui}/#/pipelines/details/{pipeline_id}/version/{version_id}"
+            )
         result.update(pipeline_id=pipeline_id, version_id=version_id)
 
         with api_call(host, f"getting or creating experiment {args.experiment!r}", token):
@@ -538,39 +677,71 @@ def submit(args: argparse.Namespace, *, sleep: Callable[[float], None] = time.sl
         # spec inline (the uploaded version is the same pipeline, cached).
         source: dict[str, Any] = (
             {"pipeline_package_path": str(run_package), "enable_caching": False}
-            if run_package else {"pipeline_id": pipeline_id, "version_id": version_id})
+            if run_package
+            else {"pipeline_id": pipeline_id, "version_id": version_id}
+        )
         shown = ", ".join(f"{k}={v}" for k, v in params.items()) or "defaults"
         shown += ", caching off" if run_package else ""
         if cron:
             with api_call(host, f"creating recurring run {run_name!r}", token):
                 job = client.create_recurring_run(
-                    experiment_id=experiment.experiment_id, job_name=run_name,
-                    description=description, cron_expression=cron,
-                    max_concurrency=args.max_concurrency, no_catchup=not args.catchup,
-                    params=params, service_account=cluster.service_account, **source)
+                    experiment_id=experiment.experiment_id,
+                    job_name=run_name,
+                    description=description,
+                    cron_expression=cron,
+                    max_concurrency=args.max_concurrency,
+                    no_catchup=not args.catchup,
+                    params=params,
+                    service_account=cluster.service_account,
+                    **source,
+                )
             url = f"{ui}/#/recurringrun/details/{job.recurring_run_id}"
-            result.update(recurring_run_id=job.recurring_run_id, url=url,
-                          state=str(job.status or "ENABLED"))
+            result.update(
+                recurring_run_id=job.recurring_run_id, url=url, state=str(job.status or "ENABLED")
+            )
             print(f"{_LOG} recurring run {run_name} on '{cron}' ({shown}): {url}")
             return result
 
         with api_call(host, f"creating run {run_name!r}", token):
-            run = client.run_pipeline(experiment_id=experiment.experiment_id, job_name=run_name,
-                                      params=params, service_account=cluster.service_account,
-                                      **source)
+            run = client.run_pipeline(
+                experiment_id=experiment.experiment_id,
+                job_name=run_name,
+                params=params,
+                service_account=cluster.service_account,
+                **source,
+            )
         url = f"{ui}/#/runs/details/{run.run_id}"
         result.update(run_id=run.run_id, url=url, state=str(run.state or "PENDING"))
         print(f"{_LOG} run {run_name} ({shown}): {url}")
         if args.wait:
-            result["state"] = wait_for_run(client, host, token, run.run_id, run_name, url,
-                                           timeout=args.timeout, interval=args.poll_interval,
-                                           sleep=sleep, clock=clock)
+            result["state"] = wait_for_run(
+                client,
+                host,
+                token,
+                run.run_id,
+                run_name,
+                url,
+                timeout=args.timeout,
+                interval=args.poll_interval,
+                sleep=sleep,
+                clock=clock,
+            )
         return result
 
 
-def wait_for_run(client: Any, host: str, token: str | None, run_id: str, name: str, url: str,
-                 *, timeout: float, interval: float, sleep: Callable[[float], None],
-                 clock: Callable[[], float]) -> str:
+def wait_for_run(
+    client: Any,
+    host: str,
+    token: str | None,
+    run_id: str,
+    name: str,
+    url: str,
+    *,
+    timeout: float,
+    interval: float,
+    sleep: Callable[[float], None],
+    clock: Callable[[], float],
+) -> str:
     """Poll until a final state; print run and task state changes as they happen."""
     start = clock()
     last_state = None
@@ -583,8 +754,11 @@ def wait_for_run(client: Any, host: str, token: str | None, run_id: str, name: s
             failures = 0
         except KubetrainError as exc:  # ride out a restarting API server or port-forward
             failures += 1
-            if not getattr(exc, "transient", False) or failures > POLL_RETRIES \
-                    or clock() - start >= timeout:
+            if (
+                not getattr(exc, "transient", False)
+                or failures > POLL_RETRIES
+                or clock() - start >= timeout
+            ):
                 raise
             print(f"{_LOG} poll {failures}/{POLL_RETRIES} failed, retrying: {exc}")
             sleep(max(interval, 1.0))
@@ -596,25 +770,31 @@ def wait_for_run(client: Any, host: str, token: str | None, run_id: str, name: s
             print(f"{_LOG} {stamp} run {name}: {state}")
             last_state = state
         details = getattr(run, "run_details", None)
-        for task in (getattr(details, "task_details", None) or []):
+        for task in getattr(details, "task_details", None) or []:
             task_name = task.display_name or task.task_id or "?"
             task_state = str(task.state or "PENDING")
             if task_name == "root" or tasks_seen.get(task.task_id or task_name) == task_state:
                 continue
             tasks_seen[task.task_id or task_name] = task_state
             error = getattr(getattr(task, "error", None), "message", None)
-            print(f"{_LOG} {stamp} task {task_name}: {task_state}"
-                  f"{' (' + error + ')' if error and task_state in FAILED_STATES else ''}")
+            print(
+                f"{_LOG} {stamp} task {task_name}: {task_state}"
+                f"{' (' + error + ')' if error and task_state in FAILED_STATES else ''}"
+            )
         if state in FINAL_STATES:
             break
         if elapsed >= timeout:
-            raise KubetrainError(f"run {name} is still {state} after {timeout:g}s; it keeps "
-                                 f"running on the cluster: {url} (raise --timeout to wait longer)")
+            raise KubetrainError(
+                f"run {name} is still {state} after {timeout:g}s; it keeps "
+                f"running on the cluster: {url} (raise --timeout to wait longer)"
+            )
         sleep(interval)
     if state in FAILED_STATES:
         error = getattr(getattr(run, "error", None), "message", None)
-        raise KubetrainError(f"run {name} ended {state} after {stamp.strip('[]')}"
-                             f"{': ' + error if error else ''}; logs and details: {url}")
+        raise KubetrainError(
+            f"run {name} ended {state} after {stamp.strip('[]')}"
+            f"{': ' + error if error else ''}; logs and details: {url}"
+        )
     print(f"{_LOG} {stamp} run {name} {state}: {url}")
     return state
 

@@ -64,14 +64,24 @@ _NAME = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 
 # --- the document -----------------------------------------------------------------
 
+
 def default_name(prefix: str = "kubetrain-train") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def trainjob(train: TrainConfig, hyper: HyperConfig, final: FinalConfig, seed: int,
-             cluster: ClusterConfig, train_uri: str, val_uri: str, output_uri: str,
-             num_nodes: int, name: str | None = None,
-             nproc_per_node: int | None = None) -> dict[str, Any]:
+def trainjob(
+    train: TrainConfig,
+    hyper: HyperConfig,
+    final: FinalConfig,
+    seed: int,
+    cluster: ClusterConfig,
+    train_uri: str,
+    val_uri: str,
+    output_uri: str,
+    num_nodes: int,
+    name: str | None = None,
+    nproc_per_node: int | None = None,
+) -> dict[str, Any]:
     """The TrainJob that trains the final model data-parallel on ``num_nodes`` nodes (validated).
 
     ``hyper`` is final: tuned values already applied. Every rank gets the four
@@ -82,22 +92,34 @@ def trainjob(train: TrainConfig, hyper: HyperConfig, final: FinalConfig, seed: i
     `collect` fetches them.
     """
     name = name or default_name()
-    require(isinstance(num_nodes, int) and not isinstance(num_nodes, bool) and num_nodes >= 1,
-            f"num_nodes={num_nodes!r}: a TrainJob needs at least 1 node")
-    require(len(name) <= MAX_NAME and _NAME.match(name) is not None,
-            f"TrainJob name {name!r} must be lower-case letters, digits and '-', start with "
-            f"a letter and have at most {MAX_NAME} characters (pod hostnames add -node-N-0)")
+    require(
+        isinstance(num_nodes, int) and not isinstance(num_nodes, bool) and num_nodes >= 1,
+        f"num_nodes={num_nodes!r}: a TrainJob needs at least 1 node",
+    )
+    require(
+        len(name) <= MAX_NAME and _NAME.match(name) is not None,
+        f"TrainJob name {name!r} must be lower-case letters, digits and '-', start with "
+        f"a letter and have at most {MAX_NAME} characters (pod hostnames add -node-N-0)",
+    )
     gpus = cluster.gpus
     nproc = nproc_per_node if nproc_per_node is not None else max(gpus, 1)
     require(isinstance(nproc, int) and nproc >= 1, f"nproc_per_node={nproc!r} must be >= 1")
-    require(gpus == 0 or nproc <= gpus,
-            f"{nproc} processes per node but {gpus} GPU(s) per node: NCCL needs one GPU per "
-            "process; raise gpus or lower nproc_per_node")
+    require(
+        gpus == 0 or nproc <= gpus,
+        f"{nproc} processes per node but {gpus} GPU(s) per node: NCCL needs one GPU per "
+        "process; raise gpus or lower nproc_per_node",
+    )
     settings = {**train.to_dict(), **hyper.to_dict(), **final.to_dict(), SEED: seed}
-    args = ["--train", storage.object_uri(train_uri),
-            "--validation", storage.object_uri(val_uri),
-            "--output", storage.object_uri(output_uri),
-            "--settings", json.dumps(settings, sort_keys=True)]
+    args = [
+        "--train",
+        storage.object_uri(train_uri),
+        "--validation",
+        storage.object_uri(val_uri),
+        "--output",
+        storage.object_uri(output_uri),
+        "--settings",
+        json.dumps(settings, sort_keys=True),
+    ]
     quantities = {"cpu": cluster.gpu_cpu, "memory": cluster.gpu_memory}
     if gpus:
         quantities[cluster.gpu_resource] = str(gpus)
@@ -113,12 +135,20 @@ def trainjob(train: TrainConfig, hyper: HyperConfig, final: FinalConfig, seed: i
     job: dict[str, Any] = {
         "apiVersion": API_VERSION,
         "kind": KIND,
-        "metadata": {"name": name, "namespace": cluster.namespace,
-                     "labels": {"app.kubernetes.io/name": "kubetrain",
-                                "app.kubernetes.io/component": "train"}},
+        "metadata": {
+            "name": name,
+            "namespace": cluster.namespace,
+            "labels": {
+                "app.kubernetes.io/name": "kubetrain",
+                "app.kubernetes.io/component": "train",
+            },
+        },
         "spec": {
-            "runtimeRef": {"name": cluster.trainer_runtime, "kind": "ClusterTrainingRuntime",
-                           "apiGroup": GROUP},
+            "runtimeRef": {
+                "name": cluster.trainer_runtime,
+                "kind": "ClusterTrainingRuntime",
+                "apiGroup": GROUP,
+            },
             "trainer": trainer,
             # The pods stop by themselves once nobody would wait for them any more.
             "activeDeadlineSeconds": cluster.wait_timeout,
@@ -154,14 +184,25 @@ def _pod_patch(cluster: ClusterConfig) -> dict[str, Any]:
     ``spec.trainer.env`` (`_env`), and ``automountServiceAccountToken`` (no such
     patch field) is the workload service account's own ``false``.
     """
-    pod = security.harden_pod_spec({**_scheduling(cluster), "containers": [{"name": TRAINER_JOB}]},
-                                   cluster.workload_service_account)
+    pod = security.harden_pod_spec(
+        {**_scheduling(cluster), "containers": [{"name": TRAINER_JOB}]},
+        cluster.workload_service_account,
+    )
     del pod["automountServiceAccountToken"]
     for container in pod["containers"]:
         del container["env"]
-    return {"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {
-        "replicatedJobs": [{"name": TRAINER_JOB,
-                            "template": {"spec": {"template": {"spec": pod}}}}]}}}}
+    return {
+        "manager": PATCH_MANAGER,
+        "trainingRuntimeSpec": {
+            "template": {
+                "spec": {
+                    "replicatedJobs": [
+                        {"name": TRAINER_JOB, "template": {"spec": {"template": {"spec": pod}}}}
+                    ]
+                }
+            }
+        },
+    }
 
 
 def validate(job: dict[str, Any]) -> dict[str, Any]:
@@ -179,10 +220,14 @@ def validate(job: dict[str, Any]) -> dict[str, Any]:
         raise KubetrainError(f"the TrainJob does not match the Trainer API: {exc}") from None
     back = model.to_dict() if model is not None else None
     if back != job:
-        raise KubetrainError("the TrainJob has fields the Trainer API does not define: "
-                             f"{'; '.join(_differences(job, back))}")
-    require(job.get("apiVersion") == API_VERSION and job.get("kind") == KIND,
-            f"not a TrainJob: apiVersion {job.get('apiVersion')!r}, kind {job.get('kind')!r}")
+        raise KubetrainError(
+            "the TrainJob has fields the Trainer API does not define: "
+            f"{'; '.join(_differences(job, back))}"
+        )
+    require(
+        job.get("apiVersion") == API_VERSION and job.get("kind") == KIND,
+        f"not a TrainJob: apiVersion {job.get('apiVersion')!r}, kind {job.get('kind')!r}",
+    )
     return job
 
 
@@ -199,12 +244,16 @@ def _differences(a: Any, b: Any, path: str = "") -> list[str]:
                 out += _differences(a[key], b[key], where)
         return out
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        return [d for i, (x, y) in enumerate(zip(a, b, strict=True))
-                for d in _differences(x, y, f"{path}[{i}]")]
+        return [
+            d
+            for i, (x, y) in enumerate(zip(a, b, strict=True))
+            for d in _differences(x, y, f"{path}[{i}]")
+        ]
     return [] if a == b else [f"{path} ({a!r} became {b!r})"]
 
 
 # --- status -------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Progress:
@@ -235,10 +284,13 @@ def progress_of(job: dict[str, Any] | None) -> Progress:
     conditions = {c.get("type"): c for c in follower.true_conditions(job)}
     jobs = status.get("jobsStatus") or []
     detail = ", ".join(
-        f"{j.get('name')}: " + " ".join(f"{j.get(k, 0)} {k}" for k in
-                                        ("active", "ready", "succeeded", "failed")
-                                        if j.get(k))
-        for j in jobs if any(j.get(k) for k in ("active", "ready", "succeeded", "failed")))
+        f"{j.get('name')}: "
+        + " ".join(
+            f"{j.get(k, 0)} {k}" for k in ("active", "ready", "succeeded", "failed") if j.get(k)
+        )
+        for j in jobs
+        if any(j.get(k) for k in ("active", "ready", "succeeded", "failed"))
+    )
     trainer = status.get("trainerStatus") or {}
     if trainer.get("progressPercentage") is not None:
         detail = ", ".join(filter(None, [detail, f"{trainer['progressPercentage']}%"]))
@@ -253,12 +305,16 @@ def progress_of(job: dict[str, Any] | None) -> Progress:
     return Progress("Pending", detail=detail)
 
 
-def follow(get: Callable[[], dict[str, Any]], timeout_s: float, poll_s: float = 10.0,
-           sleep: Callable[[float], None] = time.sleep,
-           now: Callable[[], float] = time.monotonic,
-           log: Callable[[str], None] | None = None,
-           error: follower.Error | None = None,
-           initial: dict[str, Any] | None = None) -> dict[str, Any]:
+def follow(
+    get: Callable[[], dict[str, Any]],
+    timeout_s: float,
+    poll_s: float = 10.0,
+    sleep: Callable[[float], None] = time.sleep,
+    now: Callable[[], float] = time.monotonic,
+    log: Callable[[str], None] | None = None,
+    error: follower.Error | None = None,
+    initial: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Poll ``get()`` until the TrainJob completes (returns it) or fails (raises).
 
     Each change of phase is logged once. A Failed condition raises with its
@@ -268,10 +324,17 @@ def follow(get: Callable[[], dict[str, Any]], timeout_s: float, poll_s: float = 
     """
     initial = initial or {}
     name, namespace = _where(initial)
-    return follower.poll(get, _outcome, _describe, _timed_out, state=initial,
-                         pace=follower.Pace(timeout_s, poll_s, sleep, now),
-                         log=log or (lambda message: progress.log("train", message)),
-                         error=error, what=f"TrainJob {namespace}/{name}")
+    return follower.poll(
+        get,
+        _outcome,
+        _describe,
+        _timed_out,
+        state=initial,
+        pace=follower.Pace(timeout_s, poll_s, sleep, now),
+        log=log or (lambda message: progress.log("train", message)),
+        error=error,
+        what=f"TrainJob {namespace}/{name}",
+    )
 
 
 def _where(job: dict[str, Any]) -> tuple[str, str]:
@@ -285,9 +348,11 @@ def _describe(job: dict[str, Any]) -> str:
 
 def _timed_out(job: dict[str, Any], timeout_s: float) -> str:
     name, namespace = _where(job)
-    return (f"TrainJob {namespace}/{name} did not finish within {timeout_s:g} s (last state: "
-            f"{progress_of(job).line()}); inspect it with kubectl -n {namespace} describe "
-            f"trainjob {name}, or raise --wait-timeout")
+    return (
+        f"TrainJob {namespace}/{name} did not finish within {timeout_s:g} s (last state: "
+        f"{progress_of(job).line()}); inspect it with kubectl -n {namespace} describe "
+        f"trainjob {name}, or raise --wait-timeout"
+    )
 
 
 def _outcome(job: dict[str, Any]) -> dict[str, Any] | None:
@@ -300,7 +365,8 @@ def _outcome(job: dict[str, Any]) -> dict[str, Any] | None:
         raise KubetrainError(
             f"TrainJob {namespace}/{name} failed: {follower.why(state.reason, state.message)}; "
             f"see the ranks' logs with "
-            f"kubectl -n {namespace} logs -l {POD_SELECTOR}={name} --prefix --tail 50")
+            f"kubectl -n {namespace} logs -l {POD_SELECTOR}={name} --prefix --tail 50"
+        )
     return None
 
 
@@ -314,31 +380,49 @@ def _api_error(exc: Any, verb: str, namespace: str, name: str) -> KubetrainError
     """One line naming the cause and the fix of a failed API call (verb: create, get, delete)."""
     detail = k8s.detail_of(exc)
     if getattr(exc, "status", None) == 404 and 'namespaces "' in detail:
-        return KubetrainError(f"namespace {namespace!r} does not exist: set --namespace to "
-                              "your Kubeflow profile's namespace")
+        return KubetrainError(
+            f"namespace {namespace!r} does not exist: set --namespace to "
+            "your Kubeflow profile's namespace"
+        )
     doing = _DOING.get(verb, verb)
     rejected = f"the API server rejected TrainJob {name}: {detail}"
     return k8s.api_error(
-        exc, verb == "create", f"{doing} TrainJob {namespace}/{name}",
+        exc,
+        verb == "create",
+        f"{doing} TrainJob {namespace}/{name}",
         not_installed=(
             "Kubeflow Trainer v2 is not installed (no trainjobs.trainer.kubeflow.org CRD); "
             "install it (https://www.kubeflow.org/docs/components/trainer/) or train with "
-            "num_nodes=1 and one GPU"),
+            "num_nodes=1 and one GPU"
+        ),
         gone=f"TrainJob {namespace}/{name} disappeared while {doing} (deleted by someone?)",
         # an admission webhook refuses with 403 too: that is the document, not RBAC
-        forbidden=rejected if "admission webhook" in detail else (
+        forbidden=rejected
+        if "admission webhook" in detail
+        else (
             f"not allowed to {verb} trainjobs.trainer.kubeflow.org in "
             f"namespace {namespace} ({detail}); grant the step's service account create/get/"
-            "delete on trainjobs (manifests/base/role.yaml)"),
-        exists=(f"a TrainJob named {name} already exists in {namespace} and was not created "
-                "by kubetrain; delete it or pick another name"),
-        rejected=rejected)
+            "delete on trainjobs (manifests/base/role.yaml)"
+        ),
+        exists=(
+            f"a TrainJob named {name} already exists in {namespace} and was not created "
+            "by kubetrain; delete it or pick another name"
+        ),
+        rejected=rejected,
+    )
 
 
-def run(job: dict[str, Any], namespace: str | None = None, api: Any = None,
-        timeout_s: float = 86400, keep: bool = False, poll_s: float = 10.0,
-        sleep: Callable[[float], None] = time.sleep, now: Callable[[], float] = time.monotonic,
-        log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run(
+    job: dict[str, Any],
+    namespace: str | None = None,
+    api: Any = None,
+    timeout_s: float = 86400,
+    keep: bool = False,
+    poll_s: float = 10.0,
+    sleep: Callable[[float], None] = time.sleep,
+    now: Callable[[], float] = time.monotonic,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Create ``job`` (or re-attach to this run's), follow it to the end, delete it unless ``keep``.
 
     Returns the completed job. Transient API errors (5xx, 429, no answer) are
@@ -351,8 +435,15 @@ def run(job: dict[str, Any], namespace: str | None = None, api: Any = None,
     job = {**job, "metadata": {**job["metadata"], "namespace": namespace}}
     log = log or (lambda message: progress.log("train", message))
     api = api or k8s.custom_objects_api()
-    ref = follower.Ref(GROUP, VERSION, PLURAL, namespace, name, f"TrainJob {namespace}/{name}",
-                       f"kubectl -n {namespace} delete trainjob {name}")
+    ref = follower.Ref(
+        GROUP,
+        VERSION,
+        PLURAL,
+        namespace,
+        name,
+        f"TrainJob {namespace}/{name}",
+        f"kubectl -n {namespace} delete trainjob {name}",
+    )
     pace = follower.Pace(timeout_s, poll_s, sleep, now)
 
     def error(exc: BaseException, verb: str) -> KubetrainError:
@@ -361,34 +452,60 @@ def run(job: dict[str, Any], namespace: str | None = None, api: Any = None,
     # a cancelled run (SIGTERM) still deletes its GPU pods
     with follower.owned(api, ref, job, error=error, pace=pace, keep=keep, log=log) as created:
         if created:
-            log(f"created TrainJob {namespace}/{name}: {job['spec']['trainer']['numNodes']} "
+            log(
+                f"created TrainJob {namespace}/{name}: {job['spec']['trainer']['numNodes']} "
                 f"node(s) x {job['spec']['trainer']['numProcPerNode']} process(es), runtime "
-                f"{job['spec']['runtimeRef']['name']}")
-        return follow(lambda: follower.get(api, ref), timeout_s, poll_s, sleep, now, log,
-                      error=error, initial=job)
+                f"{job['spec']['runtimeRef']['name']}"
+            )
+        return follow(
+            lambda: follower.get(api, ref),
+            timeout_s,
+            poll_s,
+            sleep,
+            now,
+            log,
+            error=error,
+            initial=job,
+        )
 
 
 # --- the whole step -----------------------------------------------------------------
 
-def collect(output_uri: str, model_path: str, metrics_path: str,
-            report_path: str) -> dict[str, Any]:
+
+def collect(
+    output_uri: str, model_path: str, metrics_path: str, report_path: str
+) -> dict[str, Any]:
     """Fetch what the TrainJob's rank 0 wrote to ``output_uri``; returns its meta."""
     base = storage.object_uri(output_uri).rstrip("/")
-    require(storage.exists(f"{base}/{distributed.OUTPUT_META}"),
-            f"the TrainJob finished but wrote no {base}/{distributed.OUTPUT_META}; see its logs")
+    require(
+        storage.exists(f"{base}/{distributed.OUTPUT_META}"),
+        f"the TrainJob finished but wrote no {base}/{distributed.OUTPUT_META}; see its logs",
+    )
     storage.download(f"{base}/{distributed.OUTPUT_MODEL}/", model_path)
     storage.download(f"{base}/{distributed.OUTPUT_METRICS}", metrics_path)
     storage.download(f"{base}/{distributed.OUTPUT_REPORT}", report_path)
     return json.loads(storage.read_bytes(f"{base}/{distributed.OUTPUT_META}"))
 
 
-def train_on_cluster(train: TrainConfig, hyper: HyperConfig, final: FinalConfig, seed: int,
-                     cluster: ClusterConfig, train_uri: str, val_uri: str, output_uri: str,
-                     model_path: str, metrics_path: str, report_path: str,
-                     hyperparameters: Mapping[str, Any] | None = None, *,
-                     name: str | None = None, api: Any = None,
-                     nproc_per_node: int | None = None,
-                     **follow_options: Any) -> dict[str, Any]:
+def train_on_cluster(
+    train: TrainConfig,
+    hyper: HyperConfig,
+    final: FinalConfig,
+    seed: int,
+    cluster: ClusterConfig,
+    train_uri: str,
+    val_uri: str,
+    output_uri: str,
+    model_path: str,
+    metrics_path: str,
+    report_path: str,
+    hyperparameters: Mapping[str, Any] | None = None,
+    *,
+    name: str | None = None,
+    api: Any = None,
+    nproc_per_node: int | None = None,
+    **follow_options: Any,
+) -> dict[str, Any]:
     """The train step as a TrainJob: build, submit, follow, collect; same outputs as training here.
 
     ``hyperparameters`` (the tune step's best values, KFP-loosely typed) are
@@ -399,8 +516,26 @@ def train_on_cluster(train: TrainConfig, hyper: HyperConfig, final: FinalConfig,
     now, log: see `run`).
     """
     tuned = hyper.replace(dict(hyperparameters or {}))
-    job = trainjob(train, tuned, final, seed, cluster, train_uri, val_uri, output_uri,
-                   cluster.num_nodes, name=name, nproc_per_node=nproc_per_node)
-    run(job, api=api, **{"timeout_s": cluster.wait_timeout,
-                         "keep": cluster.finished_jobs == "keep", **follow_options})
+    job = trainjob(
+        train,
+        tuned,
+        final,
+        seed,
+        cluster,
+        train_uri,
+        val_uri,
+        output_uri,
+        cluster.num_nodes,
+        name=name,
+        nproc_per_node=nproc_per_node,
+    )
+    run(
+        job,
+        api=api,
+        **{
+            "timeout_s": cluster.wait_timeout,
+            "keep": cluster.finished_jobs == "keep",
+            **follow_options,
+        },
+    )
     return collect(output_uri, model_path, metrics_path, report_path)

@@ -1,4 +1,4 @@
-"""Typed settings, parsed once at each process boundary: run settings by concern, and cluster placement."""
+"""Typed settings parsed once per process: run settings by concern, and cluster placement."""
 
 from kubetrain.config.settings import (
     AugmentConfig,
@@ -14,6 +14,16 @@ from kubetrain.config.settings import (
     TuneConfig,
 )
 
-__all__ = ["AugmentConfig", "CleanConfig", "CompressConfig", "DataConfig", "FinalConfig",
-           "GateConfig", "HyperConfig", "PublishConfig", "RunConfig", "TrainConfig",
-           "TuneConfig"]
+__all__ = [
+    "AugmentConfig",
+    "CleanConfig",
+    "CompressConfig",
+    "DataConfig",
+    "FinalConfig",
+    "GateConfig",
+    "HyperConfig",
+    "PublishConfig",
+    "RunConfig",
+    "TrainConfig",
+    "TuneConfig",
+]

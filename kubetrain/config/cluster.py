@@ -33,25 +33,39 @@ class ClusterConfig:
 
     image_registry: str = _opt("ghcr.io/kubetrain", "Registry/repository prefix of the images.")
     image_tag: str = _opt(__version__, "Tag of the images `make images` built.")
-    cpu_image_digest: str = _opt("", "Digest (sha256:<64 hex>) of the pushed CPU image; set, "
-                                     "pods pull repo:tag@digest, never a moved tag.")
-    cuda_image_digest: str = _opt("", "Digest (sha256:<64 hex>) of the pushed CUDA image; set, "
-                                      "pods pull repo:tag@digest, never a moved tag.")
+    cpu_image_digest: str = _opt(
+        "",
+        "Digest (sha256:<64 hex>) of the pushed CPU image; set, "
+        "pods pull repo:tag@digest, never a moved tag.",
+    )
+    cuda_image_digest: str = _opt(
+        "",
+        "Digest (sha256:<64 hex>) of the pushed CUDA image; set, "
+        "pods pull repo:tag@digest, never a moved tag.",
+    )
     namespace: str = _opt("kubetrain", "Kubernetes namespace (Kubeflow profile) runs go to.")
-    service_account: str = _opt("kubetrain-pipeline-runner",
-                                "Service account the pipeline pods run as.")
+    service_account: str = _opt(
+        "kubetrain-pipeline-runner", "Service account the pipeline pods run as."
+    )
     workload_service_account: str = _opt(
-        "kubetrain-workload", "Service account of Katib trial and TrainJob pods: no RBAC, no "
-                              "API token; S3 keys reach them only as env from s3_secret.")
+        "kubetrain-workload",
+        "Service account of Katib trial and TrainJob pods: no RBAC, no "
+        "API token; S3 keys reach them only as env from s3_secret.",
+    )
     gpu_resource: str = _opt("nvidia.com/gpu", "Accelerator resource name GPU stages request.")
     gpus: int = _opt(1, "GPUs per node for training and each Katib trial.")
-    num_nodes: int = _opt(1, "Nodes for the train step; more than 1 (or gpus > 1) runs it as a "
-                             "Kubeflow Trainer TrainJob (DDP).")
-    gpu_node_selector: str = _opt("kubetrain.io/node-pool=gpu",
-                                  "key=value label of the GPU node pool.")
-    gpu_toleration: str = _opt("nvidia.com/gpu=present:NoSchedule",
-                               "key[=value]:effect taint of the GPU nodes that GPU stages "
-                               "tolerate.")
+    num_nodes: int = _opt(
+        1,
+        "Nodes for the train step; more than 1 (or gpus > 1) runs it as a "
+        "Kubeflow Trainer TrainJob (DDP).",
+    )
+    gpu_node_selector: str = _opt(
+        "kubetrain.io/node-pool=gpu", "key=value label of the GPU node pool."
+    )
+    gpu_toleration: str = _opt(
+        "nvidia.com/gpu=present:NoSchedule",
+        "key[=value]:effect taint of the GPU nodes that GPU stages tolerate.",
+    )
     cpu_node_selector: str = _opt("", "Optional key=value label pinning CPU stages to a pool.")
     gpu_cpu: str = _opt("4", "CPU request and limit of GPU stages.")
     gpu_memory: str = _opt("16Gi", "Memory request and limit of GPU stages.")
@@ -60,43 +74,61 @@ class ClusterConfig:
     s3_secret: str = _opt("kubetrain-s3", "Secret with AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.")
     s3_endpoint_url: str = _opt("", "S3-compatible endpoint (MinIO, Ceph); empty for AWS.")
     s3_region: str = _opt("us-east-1", "Object storage region.")
-    pipeline_root: str = _opt("s3://kubetrain/pipeline-root",
-                              "Default pipeline root the kfp-launcher ConfigMap sets.")
+    pipeline_root: str = _opt(
+        "s3://kubetrain/pipeline-root", "Default pipeline root the kfp-launcher ConfigMap sets."
+    )
     retries: int = _opt(3, "Retries of every task (exponential backoff).")
     backoff_seconds: int = _opt(30, "First retry delay; doubles each time, 10 minutes at most.")
-    trainer_runtime: str = _opt("torch-distributed",
-                                "Kubeflow Trainer ClusterTrainingRuntime of multi-node TrainJobs.")
-    wait_timeout: int = _opt(86400, "Longest wait, in seconds, for a Katib Experiment or a "
-                                    "TrainJob to finish.")
-    finished_jobs: str = _opt("delete", "What happens to a finished Katib Experiment or "
-                                        "TrainJob: delete or keep.")
-    ttl_seconds: int = _opt(604800, "Seconds a finished run's Argo Workflow (and its pods) is "
-                                    "kept before Kubernetes deletes it; 0 keeps it forever. "
-                                    "Run records and artifacts stay in KFP.")
-    webhook_secret: str = _opt("", "Secret whose `url` key is a webhook that gets a JSON "
-                                   "notification when a run ends; empty sends none.")
+    trainer_runtime: str = _opt(
+        "torch-distributed", "Kubeflow Trainer ClusterTrainingRuntime of multi-node TrainJobs."
+    )
+    wait_timeout: int = _opt(
+        86400, "Longest wait, in seconds, for a Katib Experiment or a TrainJob to finish."
+    )
+    finished_jobs: str = _opt(
+        "delete", "What happens to a finished Katib Experiment or TrainJob: delete or keep."
+    )
+    ttl_seconds: int = _opt(
+        604800,
+        "Seconds a finished run's Argo Workflow (and its pods) is "
+        "kept before Kubernetes deletes it; 0 keeps it forever. "
+        "Run records and artifacts stay in KFP.",
+    )
+    webhook_secret: str = _opt(
+        "",
+        "Secret whose `url` key is a webhook that gets a JSON "
+        "notification when a run ends; empty sends none.",
+    )
 
     def __post_init__(self) -> None:
         for name in ("cpu_image_digest", "cuda_image_digest"):
             value = getattr(self, name)
             if value and not _DIGEST.fullmatch(value):
-                raise KubetrainError(f"{name}={value!r} must be sha256: followed by 64 lower-case "
-                                     "hex digits (docker buildx imagetools inspect IMAGE)")
+                raise KubetrainError(
+                    f"{name}={value!r} must be sha256: followed by 64 lower-case "
+                    "hex digits (docker buildx imagetools inspect IMAGE)"
+                )
         for name in ("gpu_cpu", "gpu_memory", "cpu_cpu", "cpu_memory"):
             if not _QUANTITY.match(getattr(self, name)):
-                raise KubetrainError(f"{name}={getattr(self, name)!r} is not a Kubernetes "
-                                     "quantity; use e.g. 4, 500m, 16Gi")
+                raise KubetrainError(
+                    f"{name}={getattr(self, name)!r} is not a Kubernetes "
+                    "quantity; use e.g. 4, 500m, 16Gi"
+                )
         for name in ("gpu_node_selector", "cpu_node_selector"):
             value = getattr(self, name)
             if value and not _LABEL.match(value):
                 raise KubetrainError(f"{name}={value!r} must be key=value (a node label)")
         if self.gpu_toleration and not _TAINT.match(self.gpu_toleration):
-            raise KubetrainError(f"gpu_toleration={self.gpu_toleration!r} must be "
-                                 "key[=value]:NoSchedule|PreferNoSchedule|NoExecute")
+            raise KubetrainError(
+                f"gpu_toleration={self.gpu_toleration!r} must be "
+                "key[=value]:NoSchedule|PreferNoSchedule|NoExecute"
+            )
         if self.workload_service_account == self.service_account:
-            raise KubetrainError(f"workload_service_account={self.workload_service_account!r} "
-                                 "must differ from service_account: trial and TrainJob pods "
-                                 "would get the pipeline runner's RBAC")
+            raise KubetrainError(
+                f"workload_service_account={self.workload_service_account!r} "
+                "must differ from service_account: trial and TrainJob pods "
+                "would get the pipeline runner's RBAC"
+            )
         if self.gpus < 0 or self.retries < 0 or self.backoff_seconds < 0:
             raise KubetrainError("gpus, retries and backoff_seconds must be >= 0")
         if self.num_nodes < 1:
@@ -108,8 +140,10 @@ class ClusterConfig:
         if self.finished_jobs not in ("delete", "keep"):
             raise KubetrainError(f"finished_jobs={self.finished_jobs!r} must be delete or keep")
         if not self.pipeline_root.startswith(("s3://", "minio://", "gs://")):
-            raise KubetrainError(f"pipeline_root={self.pipeline_root!r} must be an object "
-                                 "store URI such as s3://bucket/pipeline-root")
+            raise KubetrainError(
+                f"pipeline_root={self.pipeline_root!r} must be an object "
+                "store URI such as s3://bucket/pipeline-root"
+            )
 
     @classmethod
     def from_dict(cls, values: dict) -> ClusterConfig:
@@ -139,8 +173,7 @@ class ClusterConfig:
             spec["nodeSelector"] = {key: value}
         if self.gpu_toleration:
             key, value, effect = self.taint
-            toleration = {"key": key, "operator": "Equal" if value else "Exists",
-                          "effect": effect}
+            toleration = {"key": key, "operator": "Equal" if value else "Exists", "effect": effect}
             if value:
                 toleration["value"] = value
             spec["tolerations"] = [toleration]
@@ -150,7 +183,8 @@ class ClusterConfig:
         """Container env for object storage: keys by reference to the Secret, never values."""
         env: list[dict] = [
             {"name": key, "valueFrom": {"secretKeyRef": {"name": self.s3_secret, "key": key}}}
-            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+            for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+        ]
         env.append({"name": "AWS_DEFAULT_REGION", "value": self.s3_region})
         if self.s3_endpoint_url:
             env.append({"name": "S3_ENDPOINT_URL", "value": self.s3_endpoint_url})
@@ -180,12 +214,19 @@ class ClusterConfig:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for f in dataclasses.fields(ClusterConfig):
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
-                            type=int if f.type == "int" else str,
-                            help=f"{f.metadata['help']} (default: {f.default})")
+        parser.add_argument(
+            "--" + f.name.replace("_", "-"),
+            dest=f.name,
+            default=None,
+            type=int if f.type == "int" else str,
+            help=f"{f.metadata['help']} (default: {f.default})",
+        )
 
 
 def from_arguments(args: argparse.Namespace) -> ClusterConfig:
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(ClusterConfig)
-             if getattr(args, f.name, None) is not None}
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(ClusterConfig)
+        if getattr(args, f.name, None) is not None
+    }
     return ClusterConfig(**given)

@@ -17,8 +17,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator, Mapping
+from typing import Any, ClassVar
 
 from kubetrain.core.errors import KubetrainError
 
@@ -36,10 +37,16 @@ SEED_HELP = "Random seed for splits, augmentation, init and tuning."
 SEED_RANGE = (0, 2**32 - 1)
 
 
-def _opt(default: Any, help: str, choices: tuple | None = None, low: float | None = None,
-         high: float | None = None) -> Any:
-    return field(default=default, metadata={"help": help, "choices": choices, "low": low,
-                                            "high": high})
+def _opt(
+    default: Any,
+    help: str,
+    choices: tuple | None = None,
+    low: float | None = None,
+    high: float | None = None,
+) -> Any:
+    return field(
+        default=default, metadata={"help": help, "choices": choices, "low": low, "high": high}
+    )
 
 
 class Section:
@@ -52,13 +59,14 @@ class Section:
             check_value(f, getattr(self, f.name))
 
     @classmethod
-    def from_values(cls, values: Mapping[str, Any]) -> "Section":
+    def from_values(cls, values: Mapping[str, Any]) -> Section:
         """Loosely typed values (strings, KFP floats) to a checked section."""
         known = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - set(known))
         if unknown:
-            raise KubetrainError(f"unknown {cls.name} setting(s) {', '.join(unknown)}; "
-                                 f"known: {', '.join(known)}")
+            raise KubetrainError(
+                f"unknown {cls.name} setting(s) {', '.join(unknown)}; known: {', '.join(known)}"
+            )
         return cls(**{k: coerce(known[k], v) for k, v in values.items()})
 
     def replace(self, values: Mapping[str, Any]):
@@ -74,10 +82,14 @@ class DataConfig(Section):
     """Where the examples come from."""
 
     name: ClassVar[str] = "data"
-    dataset: str = _opt("digits", "Built-in dataset (digits, breast_cancer, wine), a local "
-                        ".csv/.parquet/.npz file, or an s3:// URI.")
-    label_column: str = _opt("", "Label column of a CSV/Parquet table; empty picks 'label', "
-                             "'target' or 'class'.")
+    dataset: str = _opt(
+        "digits",
+        "Built-in dataset (digits, breast_cancer, wine), a local "
+        ".csv/.parquet/.npz file, or an s3:// URI.",
+    )
+    label_column: str = _opt(
+        "", "Label column of a CSV/Parquet table; empty picks 'label', 'target' or 'class'."
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -85,7 +97,8 @@ class DataConfig(Section):
             raise KubetrainError(
                 f"label_column={self.label_column!r} does not apply to the built-in dataset "
                 f"{self.dataset!r}, which has its own labels; drop --label-column or point "
-                "--dataset at your CSV/Parquet file")
+                "--dataset at your CSV/Parquet file"
+            )
 
 
 @dataclass(frozen=True)
@@ -93,25 +106,35 @@ class CleanConfig(Section):
     """Imputation, outliers, scaling and the split."""
 
     name: ClassVar[str] = "clean"
-    impute: str = _opt("median", "How missing feature values are filled.",
-                       ("mean", "median", "most_frequent", "drop"))
-    outliers: str = _opt("none", "Outlier detection on numeric features.",
-                         ("none", "zscore", "iqr"))
+    impute: str = _opt(
+        "median",
+        "How missing feature values are filled.",
+        ("mean", "median", "most_frequent", "drop"),
+    )
+    outliers: str = _opt(
+        "none", "Outlier detection on numeric features.", ("none", "zscore", "iqr")
+    )
     outlier_action: str = _opt("clip", "What happens to outliers.", ("clip", "drop"))
     outlier_threshold: float = _opt(3.0, "z-score limit, or IQR multiplier for 'iqr'.", low=0.1)
-    scaling: str = _opt("standard", "Feature scaling fitted on the training split only.",
-                        ("standard", "minmax", "none"))
-    test_fraction: float = _opt(0.2, "Share of rows held out for the final test.",
-                                low=0.05, high=0.5)
-    val_fraction: float = _opt(0.15, "Share of rows held out for validation (early "
-                               "stopping, tuning).", low=0.05, high=0.5)
+    scaling: str = _opt(
+        "standard",
+        "Feature scaling fitted on the training split only.",
+        ("standard", "minmax", "none"),
+    )
+    test_fraction: float = _opt(
+        0.2, "Share of rows held out for the final test.", low=0.05, high=0.5
+    )
+    val_fraction: float = _opt(
+        0.15, "Share of rows held out for validation (early stopping, tuning).", low=0.05, high=0.5
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.test_fraction + self.val_fraction >= 0.8:
             raise KubetrainError(
                 f"test_fraction + val_fraction is {self.test_fraction + self.val_fraction:.2f};"
-                " keep it below 0.8 so enough rows remain for training")
+                " keep it below 0.8 so enough rows remain for training"
+            )
 
 
 @dataclass(frozen=True)
@@ -119,19 +142,20 @@ class AugmentConfig(Section):
     """Augmentation of the training split."""
 
     name: ClassVar[str] = "augment"
-    augment_copies: int = _opt(1, "Augmented copies added per training example "
-                               "(0 disables augmentation).", low=0, high=20)
+    augment_copies: int = _opt(
+        1, "Augmented copies added per training example (0 disables augmentation).", low=0, high=20
+    )
     max_shift: int = _opt(1, "Images: largest random shift in pixels.", low=0, high=8)
-    max_rotation: float = _opt(10.0, "Images: largest random rotation in degrees.",
-                               low=0, high=180)
-    flip_horizontal: bool = _opt(False, "Images: random left-right flips (off: digits "
-                                 "must not be mirrored).")
+    max_rotation: float = _opt(10.0, "Images: largest random rotation in degrees.", low=0, high=180)
+    flip_horizontal: bool = _opt(
+        False, "Images: random left-right flips (off: digits must not be mirrored)."
+    )
     flip_vertical: bool = _opt(False, "Images: random up-down flips.")
-    noise_std: float = _opt(0.05, "Gaussian noise std (scaled units) for images and "
-                            "table jitter.", low=0, high=2)
+    noise_std: float = _opt(
+        0.05, "Gaussian noise std (scaled units) for images and table jitter.", low=0, high=2
+    )
     brightness: float = _opt(0.1, "Images: largest relative brightness change.", low=0, high=1)
-    oversample: bool = _opt(True, "Tables: oversample minority classes up to the "
-                            "majority count.")
+    oversample: bool = _opt(True, "Tables: oversample minority classes up to the majority count.")
 
 
 @dataclass(frozen=True)
@@ -139,16 +163,21 @@ class TrainConfig(Section):
     """The training recipe every tuning trial and the final training share."""
 
     name: ClassVar[str] = "train"
-    model: str = _opt("auto", "Network: 'cnn' for images, 'mlp' for tables; 'auto' "
-                      "picks from the data.", ("auto", "mlp", "cnn"))
+    model: str = _opt(
+        "auto",
+        "Network: 'cnn' for images, 'mlp' for tables; 'auto' picks from the data.",
+        ("auto", "mlp", "cnn"),
+    )
     optimizer: str = _opt("adamw", "Optimizer.", ("sgd", "adam", "adamw"))
     momentum: float = _opt(0.9, "SGD momentum.", low=0, high=0.999)
     l1: float = _opt(0.0, "L1 penalty on weights (0 disables).", low=0, high=1)
     lr_schedule: str = _opt("cosine", "Learning-rate schedule.", ("cosine", "step", "none"))
-    patience: int = _opt(6, "Early stopping: epochs without validation-loss improvement.",
-                         low=1, high=1000)
-    device: str = _opt("auto", "Where to train: 'auto' uses CUDA when present.",
-                       ("auto", "cpu", "cuda"))
+    patience: int = _opt(
+        6, "Early stopping: epochs without validation-loss improvement.", low=1, high=1000
+    )
+    device: str = _opt(
+        "auto", "Where to train: 'auto' uses CUDA when present.", ("auto", "cpu", "cuda")
+    )
 
 
 @dataclass(frozen=True)
@@ -168,11 +197,16 @@ class FinalConfig(Section):
     """What only the final training reads: its length and its processes."""
 
     name: ClassVar[str] = "final"
-    epochs: int = _opt(30, "Most epochs of the final training (early stopping may end "
-                       "sooner).", low=1, high=10_000)
-    nproc: int = _opt(1, "Data-parallel training processes in the train step (DDP: gloo on "
-                         "CPU, NCCL on GPUs); on a cluster --num-nodes/--gpus decide.",
-                      low=1, high=512)
+    epochs: int = _opt(
+        30, "Most epochs of the final training (early stopping may end sooner).", low=1, high=10_000
+    )
+    nproc: int = _opt(
+        1,
+        "Data-parallel training processes in the train step (DDP: gloo on "
+        "CPU, NCCL on GPUs); on a cluster --num-nodes/--gpus decide.",
+        low=1,
+        high=512,
+    )
 
 
 @dataclass(frozen=True)
@@ -180,24 +214,32 @@ class TuneConfig(Section):
     """The search: Katib's semantics, Optuna locally."""
 
     name: ClassVar[str] = "tune"
-    tune_trials: int = _opt(8, "Katib maxTrialCount; 0 skips tuning and trains with the "
-                            "values above.", low=0, high=10_000)
+    tune_trials: int = _opt(
+        8,
+        "Katib maxTrialCount; 0 skips tuning and trains with the values above.",
+        low=0,
+        high=10_000,
+    )
     tune_parallel: int = _opt(1, "Katib parallelTrialCount.", low=1, high=1000)
     tune_algorithm: str = _opt("tpe", "Katib search algorithm.", TUNE_ALGORITHMS)
-    tune_early_stopping: str = _opt("medianstop", "Katib early stopping of weak trials.",
-                                    ("medianstop", "none"))
+    tune_early_stopping: str = _opt(
+        "medianstop", "Katib early stopping of weak trials.", ("medianstop", "none")
+    )
     tune_epochs: int = _opt(10, "Epochs per tuning trial.", low=1, high=10_000)
     tune_max_failed: int = _opt(3, "Katib maxFailedTrialCount.", low=0, high=10_000)
-    tune_objective: str = _opt("validation-accuracy", "Objective metric (Katib "
-                               "objectiveMetricName).", ("validation-accuracy",
-                                                         "validation-loss"))
+    tune_objective: str = _opt(
+        "validation-accuracy",
+        "Objective metric (Katib objectiveMetricName).",
+        ("validation-accuracy", "validation-loss"),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.tune_parallel > max(self.tune_trials, 1):
             raise KubetrainError(
                 f"tune_parallel ({self.tune_parallel}) exceeds tune_trials "
-                f"({self.tune_trials}); Katib requires parallelTrialCount <= maxTrialCount")
+                f"({self.tune_trials}); Katib requires parallelTrialCount <= maxTrialCount"
+            )
 
 
 @dataclass(frozen=True)
@@ -205,8 +247,9 @@ class GateConfig(Section):
     """The quality gate between evaluation and compression."""
 
     name: ClassVar[str] = "gate"
-    min_accuracy: float = _opt(0.9, "Quality gate: test accuracy needed before the model "
-                               "is compressed.", low=0, high=1)
+    min_accuracy: float = _opt(
+        0.9, "Quality gate: test accuracy needed before the model is compressed.", low=0, high=1
+    )
 
 
 @dataclass(frozen=True)
@@ -214,10 +257,13 @@ class CompressConfig(Section):
     """Which compressed variants are tried and how much accuracy they may lose."""
 
     name: ClassVar[str] = "compress"
-    accuracy_budget: float = _opt(0.01, "Largest test-accuracy drop a compressed variant "
-                                  "may have (0.01 = 1 point).", low=0, high=1)
-    prune_amount: float = _opt(0.5, "Share of smallest-magnitude weights pruned.",
-                               low=0, high=0.99)
+    accuracy_budget: float = _opt(
+        0.01,
+        "Largest test-accuracy drop a compressed variant may have (0.01 = 1 point).",
+        low=0,
+        high=1,
+    )
+    prune_amount: float = _opt(0.5, "Share of smallest-magnitude weights pruned.", low=0, high=0.99)
 
 
 @dataclass(frozen=True)
@@ -225,30 +271,50 @@ class PublishConfig(Section):
     """Where the model bundle goes."""
 
     name: ClassVar[str] = "publish"
-    publish_uri: str = _opt("", "Where the model bundle is published (s3://bucket/models or a "
-                            "local folder); empty skips publishing.")
-    model_name: str = _opt("kubetrain-model", "Model name: the bundle goes to "
-                           "<publish_uri>/<model_name>/<version>/.")
+    publish_uri: str = _opt(
+        "",
+        "Where the model bundle is published (s3://bucket/models or a "
+        "local folder); empty skips publishing.",
+    )
+    model_name: str = _opt(
+        "kubetrain-model", "Model name: the bundle goes to <publish_uri>/<model_name>/<version>/."
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not re.fullmatch(r"[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?", self.model_name):
-            raise KubetrainError(f"model_name={self.model_name!r} must be lower-case letters, "
-                                 "digits, '.', '_' or '-' (it becomes an object-store path)")
+            raise KubetrainError(
+                f"model_name={self.model_name!r} must be lower-case letters, "
+                "digits, '.', '_' or '-' (it becomes an object-store path)"
+            )
 
 
-SECTIONS: dict[str, type[Section]] = {s.name: s for s in (
-    DataConfig, CleanConfig, AugmentConfig, TrainConfig, HyperConfig, FinalConfig, TuneConfig,
-    GateConfig, CompressConfig, PublishConfig)}
+SECTIONS: dict[str, type[Section]] = {
+    s.name: s
+    for s in (
+        DataConfig,
+        CleanConfig,
+        AugmentConfig,
+        TrainConfig,
+        HyperConfig,
+        FinalConfig,
+        TuneConfig,
+        GateConfig,
+        CompressConfig,
+        PublishConfig,
+    )
+}
 #: The one setting outside every section: every stage that draws random numbers reads it.
 SEED = "seed"
-_SEED_FIELD = field(default=42, metadata={"help": SEED_HELP, "choices": None,
-                                          "low": SEED_RANGE[0], "high": SEED_RANGE[1]})
+_SEED_FIELD = field(
+    default=42,
+    metadata={"help": SEED_HELP, "choices": None, "low": SEED_RANGE[0], "high": SEED_RANGE[1]},
+)
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Settings of one pipeline run; defaults train digits to >=0.97 accuracy in ~1 minute on 2 CPUs."""
+    """Settings of one run; defaults train digits to >=0.97 accuracy in ~1 minute on 2 CPUs."""
 
     seed: int = _SEED_FIELD
     data: DataConfig = field(default_factory=DataConfig)
@@ -266,22 +332,24 @@ class RunConfig:
         check_value(seed_field(), self.seed)
 
     @classmethod
-    def from_flat(cls, values: Mapping[str, Any]) -> "RunConfig":
-        """Parse flat settings (CLI flags, KFP parameters, JSON) into sections, with clear errors."""
+    def from_flat(cls, values: Mapping[str, Any]) -> RunConfig:
+        """Parse flat settings (CLI flags, KFP parameters, JSON) into sections, clearly."""
         owner = section_of_setting()
         unknown = sorted(k for k in values if k not in owner)
         if unknown:
-            raise KubetrainError(f"unknown setting(s) {', '.join(unknown)}; "
-                                 f"known: {', '.join(owner)}")
+            raise KubetrainError(
+                f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(owner)}"
+            )
         grouped: dict[str, dict[str, Any]] = {}
         for key, value in values.items():
             grouped.setdefault(owner[key], {})[key] = value
         seed = coerce(seed_field(), grouped.pop(SEED, {}).get(SEED, 42))
-        return cls(seed=seed, **{name: SECTIONS[name].from_values(v)
-                                 for name, v in grouped.items()})
+        return cls(
+            seed=seed, **{name: SECTIONS[name].from_values(v) for name, v in grouped.items()}
+        )
 
     @classmethod
-    def pick(cls, values: Mapping[str, Any]) -> "RunConfig":
+    def pick(cls, values: Mapping[str, Any]) -> RunConfig:
         """`from_flat` of the entries of `values` that are settings (a component's locals)."""
         owner = section_of_setting()
         return cls.from_flat({k: v for k, v in values.items() if k in owner})
@@ -349,15 +417,17 @@ def check_value(f: dataclasses.Field, value: Any) -> None:
         raise KubetrainError(f"{f.name} must be a {kind.__name__}, got {value!r}")
     choices = f.metadata.get("choices")
     if choices and value not in choices:
-        raise KubetrainError(f"{f.name}={value!r} is not supported; use one of: "
-                             f"{', '.join(map(str, choices))}")
+        raise KubetrainError(
+            f"{f.name}={value!r} is not supported; use one of: {', '.join(map(str, choices))}"
+        )
     low, high = f.metadata.get("low"), f.metadata.get("high")
     if kind in (int, float):
         if isinstance(value, float) and not math.isfinite(value):
             raise KubetrainError(f"{f.name} must be a finite number, got {value!r}")
         if low is not None and value < low or high is not None and value > high:
-            raise KubetrainError(f"{f.name}={value} is out of range; use a value between "
-                                 f"{low} and {high}")
+            raise KubetrainError(
+                f"{f.name}={value} is out of range; use a value between {low} and {high}"
+            )
 
 
 def kfp_type(f: dataclasses.Field) -> type:

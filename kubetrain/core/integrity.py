@@ -40,15 +40,20 @@ _sha256 = sha256_file
 
 def _files(root: Path) -> list[Path]:
     """Every regular file under `root` but the manifest and writers' temporaries."""
-    return sorted(p for p in root.rglob("*")
-                  if p.is_file() and p.name != MANIFEST and not p.name.startswith(f".{MANIFEST}"))
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.name != MANIFEST and not p.name.startswith(f".{MANIFEST}")
+    )
 
 
 def write_checksums(directory: str | os.PathLike) -> Path:
     """Write ``sha256.json`` for the files now in `directory`; call it after the last write."""
     root = Path(directory)
-    files = {p.relative_to(root).as_posix(): {"sha256": _sha256(p), "size": p.stat().st_size}
-             for p in _files(root)}
+    files = {
+        p.relative_to(root).as_posix(): {"sha256": _sha256(p), "size": p.stat().st_size}
+        for p in _files(root)
+    }
     target = root / MANIFEST
     fd, name = tempfile.mkstemp(prefix=f".{MANIFEST}.", dir=root)
     try:
@@ -73,10 +78,12 @@ def verify_checksums(directory: str | os.PathLike) -> bool:
     if not manifest.is_file():
         return False
     try:
-        listed: dict[str, dict[str, Any]] = json.loads(
-            manifest.read_text(encoding="utf-8"))["files"]
-        expected = {name: (str(entry["sha256"]), int(entry["size"]))
-                    for name, entry in listed.items()}
+        listed: dict[str, dict[str, Any]] = json.loads(manifest.read_text(encoding="utf-8"))[
+            "files"
+        ]
+        expected = {
+            name: (str(entry["sha256"]), int(entry["size"])) for name, entry in listed.items()
+        }
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise KubetrainError(f"{manifest} is damaged ({type(exc).__name__}); {FIX}") from None
     for name, (digest, size) in sorted(expected.items()):
@@ -85,9 +92,12 @@ def verify_checksums(directory: str | os.PathLike) -> bool:
             raise KubetrainError(f"artifact file {path} is missing; {FIX}")
         actual = path.stat().st_size
         if actual != size:
-            raise KubetrainError(f"artifact file {path} is damaged: {actual} bytes, expected "
-                                 f"{size} (truncated or overwritten); {FIX}")
+            raise KubetrainError(
+                f"artifact file {path} is damaged: {actual} bytes, expected "
+                f"{size} (truncated or overwritten); {FIX}"
+            )
         if _sha256(path) != digest:
-            raise KubetrainError(f"artifact file {path} is damaged: its sha256 does not match "
-                                 f"{MANIFEST}; {FIX}")
+            raise KubetrainError(
+                f"artifact file {path} is damaged: its sha256 does not match {MANIFEST}; {FIX}"
+            )
     return True

@@ -95,18 +95,37 @@ _SCHEME = "s3://"
 _OTHER_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 # Lenient on purpose: Ceph and old AWS buckets may hold capitals and underscores.
 _BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{1,62}")
-_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken",
-                     "ExpiredToken", "TokenRefreshRequired", "InvalidClientTokenId"}
+_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "TokenRefreshRequired",
+    "InvalidClientTokenId",
+}
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _FORBIDDEN_CODES = {"AccessDenied", "403", "Forbidden", "AllAccessDisabled"}
-_CREDENTIAL_FIX = ("check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
-                   "(and AWS_SESSION_TOKEN for temporary credentials)")
+_CREDENTIAL_FIX = (
+    "check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+    "(and AWS_SESSION_TOKEN for temporary credentials)"
+)
 # Errors worth retrying besides dropped connections: throttling and server-side trouble.
-_TRANSIENT_CODES = {"RequestTimeout", "RequestTimeoutException", "PriorRequestNotComplete",
-                    "SlowDown", "Throttling", "ThrottlingException", "ThrottledException",
-                    "RequestThrottledException", "TooManyRequestsException",
-                    "RequestLimitExceeded", "BandwidthLimitExceeded", "InternalError",
-                    "ServiceUnavailable", "OperationAborted"}
+_TRANSIENT_CODES = {
+    "RequestTimeout",
+    "RequestTimeoutException",
+    "PriorRequestNotComplete",
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "ThrottledException",
+    "RequestThrottledException",
+    "TooManyRequestsException",
+    "RequestLimitExceeded",
+    "BandwidthLimitExceeded",
+    "InternalError",
+    "ServiceUnavailable",
+    "OperationAborted",
+}
 _DEADLINE = "kubetrain_retry_deadline"  # key in botocore's per-call request context
 _USERINFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/\s@'\"]+@")
 _SECRET_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
@@ -114,6 +133,7 @@ _STAGING = ".staging-"
 
 
 # --- URIs and settings --------------------------------------------------------
+
 
 def is_s3(uri: PathLike) -> bool:
     """True for ``s3://`` URIs; anything else is a local path."""
@@ -125,10 +145,12 @@ def object_uri(uri: PathLike) -> str:
     same store, reached through S3_ENDPOINT_URL); a local path is refused."""
     text = str(uri)
     if text.startswith("minio://"):
-        text = "s3://" + text[len("minio://"):]
+        text = "s3://" + text[len("minio://") :]
     if not is_s3(text):
-        raise KubetrainError(f"{str(uri)!r} is not in object storage; pods on the cluster read "
-                             "and write s3:// URIs only (set pipeline_root to s3://BUCKET/PREFIX)")
+        raise KubetrainError(
+            f"{str(uri)!r} is not in object storage; pods on the cluster read "
+            "and write s3:// URIs only (set pipeline_root to s3://BUCKET/PREFIX)"
+        )
     return text
 
 
@@ -145,21 +167,26 @@ def split_uri(uri: PathLike) -> tuple[str, str]:
     text = str(uri)
     if not is_s3(text):
         raise KubetrainError(f"{text!r} is not an s3:// URI: write it as s3://BUCKET/KEY")
-    bucket, _, key = text[len(_SCHEME):].partition("/")
+    bucket, _, key = text[len(_SCHEME) :].partition("/")
     if not _BUCKET.fullmatch(bucket):
         raise KubetrainError(
             f"{text!r} has no valid bucket name: write it as s3://BUCKET/KEY "
-            "(bucket: 3-63 letters, digits, '.', '-' or '_')")
+            "(bucket: 3-63 letters, digits, '.', '-' or '_')"
+        )
     # S3 keys are plain strings: '..' does not go up, '//' makes an empty folder name and
     # servers differ on whether they refuse such keys (400) or store them literally.
     segments = key.split("/")[:-1] if key.endswith("/") else key.split("/")
     if key and any(part in ("", ".", "..") for part in segments):
         clean = posixpath.normpath(key.lstrip("/"))
-        fix = (f"write it as {_SCHEME}{bucket}/{clean}{'/' if key.endswith('/') else ''}"
-               if clean not in (".", "..") and not clean.startswith("../")
-               else "remove them from the key")
-        raise KubetrainError(f"{text!r} has an empty, '.' or '..' segment in its key, which S3 "
-                             f"does not resolve like a path: {fix}")
+        fix = (
+            f"write it as {_SCHEME}{bucket}/{clean}{'/' if key.endswith('/') else ''}"
+            if clean not in (".", "..") and not clean.startswith("../")
+            else "remove them from the key"
+        )
+        raise KubetrainError(
+            f"{text!r} has an empty, '.' or '..' segment in its key, which S3 "
+            f"does not resolve like a path: {fix}"
+        )
     return bucket, key
 
 
@@ -198,9 +225,11 @@ class S3Settings:
     def __repr__(self) -> str:
         """Without secrets or keys (endpoint credentials redacted), so settings can be logged."""
         endpoint = redact(self.endpoint_url) if self.endpoint_url else None
-        return (f"S3Settings(endpoint_url={endpoint!r}, region={self.region!r}, "
-                f"access_key={'***' if self.access_key else None!r}, "
-                f"max_attempts={self.max_attempts})")
+        return (
+            f"S3Settings(endpoint_url={endpoint!r}, region={self.region!r}, "
+            f"access_key={'***' if self.access_key else None!r}, "
+            f"max_attempts={self.max_attempts})"
+        )
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> S3Settings:
@@ -212,16 +241,25 @@ class S3Settings:
 
         endpoint = get("S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
         if endpoint and not endpoint.startswith(("http://", "https://")):
-            shown = redact("http://" + endpoint)[len("http://"):]
-            raise KubetrainError(f"S3_ENDPOINT_URL={shown!r} has no scheme: "
-                                 f"write it as http://{shown} or https://{shown}")
+            shown = redact("http://" + endpoint)[len("http://") :]
+            raise KubetrainError(
+                f"S3_ENDPOINT_URL={shown!r} has no scheme: "
+                f"write it as http://{shown} or https://{shown}"
+            )
         attempts = get("AWS_MAX_ATTEMPTS") or str(DEFAULT_MAX_ATTEMPTS)
         if not attempts.isdigit() or int(attempts) < 1:
-            raise KubetrainError(f"AWS_MAX_ATTEMPTS={attempts!r} is not a positive integer: "
-                                 "set it to e.g. 5 or unset it")
-        return cls(endpoint_url=endpoint, region=get("AWS_DEFAULT_REGION", "AWS_REGION"),
-                   access_key=get("AWS_ACCESS_KEY_ID"), secret_key=get("AWS_SECRET_ACCESS_KEY"),
-                   session_token=get("AWS_SESSION_TOKEN"), max_attempts=int(attempts))
+            raise KubetrainError(
+                f"AWS_MAX_ATTEMPTS={attempts!r} is not a positive integer: "
+                "set it to e.g. 5 or unset it"
+            )
+        return cls(
+            endpoint_url=endpoint,
+            region=get("AWS_DEFAULT_REGION", "AWS_REGION"),
+            access_key=get("AWS_ACCESS_KEY_ID"),
+            secret_key=get("AWS_SECRET_ACCESS_KEY"),
+            session_token=get("AWS_SESSION_TOKEN"),
+            max_attempts=int(attempts),
+        )
 
 
 def client(settings: S3Settings | None = None) -> Any:
@@ -244,17 +282,25 @@ def _client(settings: S3Settings) -> Any:
     # botocore's retry handler gets a single attempt, so ours alone decides on retries.
     config = Config(
         retries={"mode": "standard", "total_max_attempts": 1},
-        connect_timeout=CONNECT_TIMEOUT_S, read_timeout=READ_TIMEOUT_S,
-        s3={"addressing_style": "path"} if settings.endpoint_url else None)
+        connect_timeout=CONNECT_TIMEOUT_S,
+        read_timeout=READ_TIMEOUT_S,
+        s3={"addressing_style": "path"} if settings.endpoint_url else None,
+    )
     s3 = boto3.session.Session().client(
-        "s3", endpoint_url=settings.endpoint_url, region_name=settings.region,
-        aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key,
-        aws_session_token=settings.session_token, config=config)
-    s3.meta.events.register("before-call.s3", _start_retry_clock,
-                            unique_id="kubetrain-retry-clock")
-    s3.meta.events.register("needs-retry.s3",
-                            functools.partial(_retry_delay, settings.max_attempts),
-                            unique_id="kubetrain-retry-budget")
+        "s3",
+        endpoint_url=settings.endpoint_url,
+        region_name=settings.region,
+        aws_access_key_id=settings.access_key,
+        aws_secret_access_key=settings.secret_key,
+        aws_session_token=settings.session_token,
+        config=config,
+    )
+    s3.meta.events.register("before-call.s3", _start_retry_clock, unique_id="kubetrain-retry-clock")
+    s3.meta.events.register(
+        "needs-retry.s3",
+        functools.partial(_retry_delay, settings.max_attempts),
+        unique_id="kubetrain-retry-budget",
+    )
     return s3
 
 
@@ -263,8 +309,15 @@ def _start_retry_clock(context: dict[str, Any], **_: Any) -> None:
     context.setdefault(_DEADLINE, time.monotonic() + RETRY_BUDGET_S)
 
 
-def _retry_delay(max_attempts: int, attempts: int, response: Any, caught_exception: Any,
-                 request_dict: dict[str, Any], operation: Any, **_: Any) -> float | None:
+def _retry_delay(
+    max_attempts: int,
+    attempts: int,
+    response: Any,
+    caught_exception: Any,
+    request_dict: dict[str, Any],
+    operation: Any,
+    **_: Any,
+) -> float | None:
     """botocore ``needs-retry`` hook: seconds to wait before the next attempt, None to give up."""
     reason = _transient(response, caught_exception)
     if reason is None or attempts >= max_attempts:
@@ -275,16 +328,23 @@ def _retry_delay(max_attempts: int, attempts: int, response: Any, caught_excepti
         return None
     delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (attempts - 1))
     delay = min(remaining, delay * random.uniform(0.5, 1.0))
-    log.warning("S3 %s failed (%s); retry %d in %.2f s (giving up %.0f s after the first try)",
-                operation.name, redact(reason), attempts, delay, RETRY_BUDGET_S)
+    log.warning(
+        "S3 %s failed (%s); retry %d in %.2f s (giving up %.0f s after the first try)",
+        operation.name,
+        redact(reason),
+        attempts,
+        delay,
+        RETRY_BUDGET_S,
+    )
     return delay
 
 
 def _transient(response: Any, caught_exception: Any) -> str | None:
     """Why a failed attempt is worth repeating, or None when repeating cannot help."""
     if caught_exception is not None:
-        retryable = (isinstance(caught_exception, (bex.ConnectionError, bex.HTTPClientError))
-                     and not isinstance(caught_exception, bex.SSLError))
+        retryable = isinstance(
+            caught_exception, (bex.ConnectionError, bex.HTTPClientError)
+        ) and not isinstance(caught_exception, bex.SSLError)
         return f"{type(caught_exception).__name__}: {caught_exception}" if retryable else None
     if not response:
         return None
@@ -298,8 +358,14 @@ def _transient(response: Any, caught_exception: Any) -> str | None:
 
 # --- public operations ----------------------------------------------------------
 
-def upload(local_path: PathLike, uri: PathLike, metadata: Mapping[str, str] | None = None,
-           *, multipart_threshold: int = MULTIPART_THRESHOLD) -> str:
+
+def upload(
+    local_path: PathLike,
+    uri: PathLike,
+    metadata: Mapping[str, str] | None = None,
+    *,
+    multipart_threshold: int = MULTIPART_THRESHOLD,
+) -> str:
     """Copy a local file or directory tree to ``uri`` and return the destination.
 
     A directory lands under ``uri`` as a prefix with its relative paths; a file
@@ -324,8 +390,9 @@ def upload(local_path: PathLike, uri: PathLike, metadata: Mapping[str, str] | No
     return str(uri)
 
 
-def download(uri: PathLike, dest_path: PathLike, *,
-             multipart_threshold: int = MULTIPART_THRESHOLD) -> Path:
+def download(
+    uri: PathLike, dest_path: PathLike, *, multipart_threshold: int = MULTIPART_THRESHOLD
+) -> Path:
     """Fetch ``uri`` to ``dest_path`` and return the local path, verifying every sha256.
 
     ``s3://b/prefix/`` (or a key that exists only as a prefix) is a directory:
@@ -357,7 +424,7 @@ def download(uri: PathLike, dest_path: PathLike, *,
         if not keys:
             raise _missing(s3, bucket, str(uri))
         for k in keys:
-            _get_file(s3, bucket, k, dest / _safe_relative(k[len(key):], uri), multipart_threshold)
+            _get_file(s3, bucket, k, dest / _safe_relative(k[len(key) :], uri), multipart_threshold)
     return dest
 
 
@@ -394,8 +461,12 @@ def write_bytes(uri: PathLike, data: bytes, metadata: Mapping[str, str] | None =
     _require_key(key, uri)
     s3 = client()
     with _s3_errors(s3, uri):
-        s3.put_object(Bucket=bucket, Key=key, Body=data,
-                      Metadata=_metadata(metadata, hashlib.sha256(data).hexdigest()))
+        s3.put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=data,
+            Metadata=_metadata(metadata, hashlib.sha256(data).hexdigest()),
+        )
 
 
 def exists(uri: PathLike) -> bool:
@@ -454,8 +525,10 @@ def read_manifest(prefix_uri: PathLike) -> list[dict[str, Any]]:
     """The files (``path``, ``size``, ``sha256``) of a published prefix."""
     uri = _join(_as_dir(str(prefix_uri)), MANIFEST)
     if not exists(uri):
-        raise KubetrainError(f"{prefix_uri} is not published (no {MANIFEST}): publish it "
-                             "first, or wait for the running publish to finish")
+        raise KubetrainError(
+            f"{prefix_uri} is not published (no {MANIFEST}): publish it "
+            "first, or wait for the running publish to finish"
+        )
     return json.loads(read_bytes(uri))["files"]
 
 
@@ -471,8 +544,11 @@ def published_prefixes(parent_uri: PathLike) -> list[str]:
     parent = _as_dir(str(parent_uri))
     if not is_s3(parent):
         root = _local(parent)
-        found = [(p.stat().st_mtime, p.name) for p in (root.iterdir() if root.is_dir() else [])
-                 if not p.name.startswith(".") and (p / MANIFEST).is_file()]
+        found = [
+            (p.stat().st_mtime, p.name)
+            for p in (root.iterdir() if root.is_dir() else [])
+            if not p.name.startswith(".") and (p / MANIFEST).is_file()
+        ]
         return [f"{parent}{name}/" for _, name in sorted(found)]
     bucket, key = split_uri(parent)
     s3 = client()
@@ -487,8 +563,9 @@ def published_prefixes(parent_uri: PathLike) -> list[str]:
     return [f"{parent}{name}/" for _, name in sorted(found)]
 
 
-def download_published(prefix_uri: PathLike, dest_path: PathLike, *,
-                       multipart_threshold: int = MULTIPART_THRESHOLD) -> Path:
+def download_published(
+    prefix_uri: PathLike, dest_path: PathLike, *, multipart_threshold: int = MULTIPART_THRESHOLD
+) -> Path:
     """Download a published prefix: exactly the files its manifest lists, plus the manifest.
 
     Refuses a prefix without ``_SUCCESS`` (half-written by a killed publish) and
@@ -501,8 +578,10 @@ def download_published(prefix_uri: PathLike, dest_path: PathLike, *,
     prefix = _as_dir(str(prefix_uri))
     dest = _local(dest_path)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise KubetrainError(f"{dest} already exists and is not empty: download the published "
-                             f"version {prefix} into a new or empty directory")
+        raise KubetrainError(
+            f"{dest} already exists and is not empty: download the published "
+            f"version {prefix} into a new or empty directory"
+        )
     manifest = read_manifest(prefix)
     with _local_errors(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -510,12 +589,15 @@ def download_published(prefix_uri: PathLike, dest_path: PathLike, *,
         try:
             for entry in manifest:
                 rel = _safe_relative(entry["path"], prefix)
-                local = download(_join(prefix, rel), tmp / rel,
-                                 multipart_threshold=multipart_threshold)
+                local = download(
+                    _join(prefix, rel), tmp / rel, multipart_threshold=multipart_threshold
+                )
                 if (local.stat().st_size, sha256_file(local)) != (entry["size"], entry[SHA256]):
-                    raise KubetrainError(f"{_join(prefix, rel)} does not match the {MANIFEST} "
-                                         f"manifest of {prefix} (size or sha256 differ): "
-                                         "publish that version again")
+                    raise KubetrainError(
+                        f"{_join(prefix, rel)} does not match the {MANIFEST} "
+                        f"manifest of {prefix} (size or sha256 differ): "
+                        "publish that version again"
+                    )
             download(_join(prefix, MANIFEST), tmp / MANIFEST)
             if dest.exists():
                 dest.rmdir()
@@ -525,8 +607,14 @@ def download_published(prefix_uri: PathLike, dest_path: PathLike, *,
     return dest
 
 
-def publish(local_dir: PathLike, dest_prefix_uri: PathLike, *, overwrite: bool = False,
-            multipart_threshold: int = MULTIPART_THRESHOLD, run_id: str = "") -> str:
+def publish(
+    local_dir: PathLike,
+    dest_prefix_uri: PathLike,
+    *,
+    overwrite: bool = False,
+    multipart_threshold: int = MULTIPART_THRESHOLD,
+    run_id: str = "",
+) -> str:
     """Copy ``local_dir`` to ``dest_prefix_uri`` so readers see all of it or nothing.
 
     S3 has no multi-object transaction, so: upload everything under a
@@ -555,8 +643,9 @@ def publish(local_dir: PathLike, dest_prefix_uri: PathLike, *, overwrite: bool =
     if not files:
         raise KubetrainError(f"{src} is empty: there is nothing to publish")
     if any(rel == MANIFEST for _, rel in files):
-        raise KubetrainError(f"{src / MANIFEST} clashes with the publish manifest: "
-                             "rename or remove it")
+        raise KubetrainError(
+            f"{src / MANIFEST} clashes with the publish manifest: rename or remove it"
+        )
     tag = _run_tag(run_id)
     dest = _as_dir(str(dest_prefix_uri))
     if not is_s3(dest):
@@ -564,16 +653,20 @@ def publish(local_dir: PathLike, dest_prefix_uri: PathLike, *, overwrite: bool =
         return dest
     bucket, key = split_uri(dest)
     if not key:
-        raise KubetrainError(f"{dest} is a bucket root: publish under a prefix, "
-                             f"e.g. {dest}models/v1/")
+        raise KubetrainError(
+            f"{dest} is a bucket root: publish under a prefix, e.g. {dest}models/v1/"
+        )
     parent, _, name = key.rstrip("/").rpartition("/")
     parent = _as_dir(parent) if parent else ""
     staging = f"{parent}{_STAGING}{name}-{tag + '-' if tag else ''}{uuid.uuid4().hex[:12]}/"
     with _local_errors(src):
-        entries = [{"path": rel, "size": path.stat().st_size, SHA256: sha256_file(path)}
-                   for path, rel in files]
-    manifest = json.dumps({"files": entries, **({RUN_TAG: tag, "run_id": run_id} if tag else {})},
-                          indent=1).encode()
+        entries = [
+            {"path": rel, "size": path.stat().st_size, SHA256: sha256_file(path)}
+            for path, rel in files
+        ]
+    manifest = json.dumps(
+        {"files": entries, **({RUN_TAG: tag, "run_id": run_id} if tag else {})}, indent=1
+    ).encode()
     extra = {RUN_TAG: tag} if tag else None
     settings = S3Settings.from_env()
     s3 = client(settings)
@@ -583,9 +676,13 @@ def publish(local_dir: PathLike, dest_prefix_uri: PathLike, *, overwrite: bool =
         except bex.ClientError as e:  # housekeeping must not block publishing
             if _code(e) not in _FORBIDDEN_CODES | {"NotImplemented", "MethodNotAllowed"}:
                 raise
-            log.warning("cannot clean up after failed publishes under s3://%s/%s (%s): "
-                        "allow listing and aborting multipart uploads there", bucket, parent,
-                        _code(e))
+            log.warning(
+                "cannot clean up after failed publishes under s3://%s/%s (%s): "
+                "allow listing and aborting multipart uploads there",
+                bucket,
+                parent,
+                _code(e),
+            )
         existing = _list_keys(s3, bucket, key)
         published = key + MANIFEST in existing
         ours = bool(existing) and _written_by_run(s3, bucket, key, existing, tag)
@@ -594,8 +691,10 @@ def publish(local_dir: PathLike, dest_prefix_uri: PathLike, *, overwrite: bool =
             return dest
         if existing and not (overwrite or ours):
             state = "a published version" if published else "unpublished leftovers"
-            raise KubetrainError(f"{dest} already holds {len(existing)} objects ({state}): publish "
-                                 "to a new prefix (e.g. a new version) or pass overwrite=True")
+            raise KubetrainError(
+                f"{dest} already holds {len(existing)} objects ({state}): publish "
+                "to a new prefix (e.g. a new version) or pass overwrite=True"
+            )
         if existing and not published:  # half-written by a killed publish: start clean
             log.info("removing %d objects a failed publish left at %s", len(existing), dest)
             _abort_uploads(s3, bucket, key)
@@ -604,27 +703,42 @@ def publish(local_dir: PathLike, dest_prefix_uri: PathLike, *, overwrite: bool =
         written: list[str] = []
         try:
             for (path, rel), entry in zip(files, entries, strict=True):
-                _put_file(s3, path, bucket, staging + rel, extra, multipart_threshold,
-                          entry[SHA256])
+                _put_file(
+                    s3, path, bucket, staging + rel, extra, multipart_threshold, entry[SHA256]
+                )
             if published:
                 _delete(s3, bucket, [key + MANIFEST])
             for entry in entries:
                 written.append(key + entry["path"])
-                _copy(s3, bucket, staging + entry["path"], written[-1], entry[SHA256],
-                      multipart_threshold, extra)
+                _copy(
+                    s3,
+                    bucket,
+                    staging + entry["path"],
+                    written[-1],
+                    entry[SHA256],
+                    multipart_threshold,
+                    extra,
+                )
             _delete(s3, bucket, sorted(set(existing) - set(written) - {key + MANIFEST}))
-            s3.put_object(Bucket=bucket, Key=key + MANIFEST, Body=manifest,
-                          ContentType="application/json",
-                          Metadata=_metadata(extra, hashlib.sha256(manifest).hexdigest()))
+            s3.put_object(
+                Bucket=bucket,
+                Key=key + MANIFEST,
+                Body=manifest,
+                ContentType="application/json",
+                Metadata=_metadata(extra, hashlib.sha256(manifest).hexdigest()),
+            )
         except BaseException:
             # Best effort with few retries: this must not turn a failure into a long hang,
             # and what it cannot remove the next publish's garbage collection will.
-            quick = client(replace(settings, max_attempts=min(settings.max_attempts,
-                                                              CLEANUP_MAX_ATTEMPTS)))
-            for cleanup in (lambda: _delete(quick, bucket, written),
-                            lambda: _abort_uploads(quick, bucket, staging),
-                            lambda: _abort_uploads(quick, bucket, key),
-                            lambda: _delete(quick, bucket, _list_keys(quick, bucket, staging))):
+            quick = client(
+                replace(settings, max_attempts=min(settings.max_attempts, CLEANUP_MAX_ATTEMPTS))
+            )
+            for cleanup in (
+                lambda: _delete(quick, bucket, written),
+                lambda: _abort_uploads(quick, bucket, staging),
+                lambda: _abort_uploads(quick, bucket, key),
+                lambda: _delete(quick, bucket, _list_keys(quick, bucket, staging)),
+            ):
                 with contextlib.suppress(Exception):
                     cleanup()
             raise
@@ -695,28 +809,39 @@ def _collect_garbage(s3: Any, bucket: str, parent: str, dest_key: str, tag: str)
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=root):
         now = _server_now(page)
         for obj in page.get("Contents", []):
-            segment = obj["Key"][len(parent):].split("/", 1)[0]
+            segment = obj["Key"][len(parent) :].split("/", 1)[0]
             newest, keys = groups.get(segment, (obj["LastModified"], []))
             groups[segment] = (max(newest, obj["LastModified"]), [*keys, obj["Key"]])
-    stale = [k for segment, (newest, keys) in groups.items() if doomed(segment, newest, now)
-             for k in keys]
+    stale = [
+        k
+        for segment, (newest, keys) in groups.items()
+        if doomed(segment, newest, now)
+        for k in keys
+    ]
     if stale:
-        log.info("removing %d objects of failed publishes under %s%s", len(stale),
-                 f"s3://{bucket}/", root)
+        log.info(
+            "removing %d objects of failed publishes under %s%s",
+            len(stale),
+            f"s3://{bucket}/",
+            root,
+        )
         _delete(s3, bucket, stale)
     # Multipart uploads: the whole model prefix (copies into any version may have died),
     # or only staging and the destination when publishing at the bucket's top level.
-    for prefix in ([parent] if parent else [root, dest_key]):
-        for page in s3.get_paginator("list_multipart_uploads").paginate(Bucket=bucket,
-                                                                         Prefix=prefix):
+    for prefix in [parent] if parent else [root, dest_key]:
+        for page in s3.get_paginator("list_multipart_uploads").paginate(
+            Bucket=bucket, Prefix=prefix
+        ):
             now = _server_now(page)
             for upload in page.get("Uploads", []):
-                segment = upload["Key"][len(parent):].split("/", 1)[0]
+                segment = upload["Key"][len(parent) :].split("/", 1)[0]
                 in_staging = upload["Key"].startswith(root)
-                if (in_staging and doomed(segment, upload["Initiated"], now)) or \
-                        (now - upload["Initiated"]).total_seconds() >= STAGING_STALE_AFTER_S:
-                    log.info("aborting incomplete multipart upload of s3://%s/%s", bucket,
-                             upload["Key"])
+                if (in_staging and doomed(segment, upload["Initiated"], now)) or (
+                    now - upload["Initiated"]
+                ).total_seconds() >= STAGING_STALE_AFTER_S:
+                    log.info(
+                        "aborting incomplete multipart upload of s3://%s/%s", bucket, upload["Key"]
+                    )
                     _abort(s3, bucket, upload)
 
 
@@ -738,14 +863,16 @@ def _abort(s3: Any, bucket: str, upload: Mapping[str, Any]) -> None:
 
 # --- helpers --------------------------------------------------------------------
 
+
 def _local(path: PathLike) -> Path:
     """A local path, refusing URIs of schemes this module does not speak."""
     text = os.fspath(path)
     if text.startswith("file://"):
-        return Path(text[len("file://"):])
+        return Path(text[len("file://") :])
     if _OTHER_SCHEME.match(text):
-        raise KubetrainError(f"{text!r} uses an unsupported scheme: use s3://BUCKET/KEY "
-                             "or a local path")
+        raise KubetrainError(
+            f"{text!r} uses an unsupported scheme: use s3://BUCKET/KEY or a local path"
+        )
     return Path(text)
 
 
@@ -759,23 +886,29 @@ def _join(prefix: str, rel: str) -> str:
 
 def _require_key(key: str, uri: PathLike) -> None:
     if not key or key.endswith("/"):
-        raise KubetrainError(f"{uri} names a bucket or prefix, not an object: "
-                             "add the object key, e.g. s3://BUCKET/path/file")
+        raise KubetrainError(
+            f"{uri} names a bucket or prefix, not an object: "
+            "add the object key, e.g. s3://BUCKET/path/file"
+        )
 
 
 def _files(root: Path) -> list[tuple[Path, str]]:
     """(path, relative posix path) of every file under ``root`` (or ``root`` itself), sorted."""
     if root.is_file():
         return [(root, root.name)]
-    return sorted(((p, p.relative_to(root).as_posix()) for p in root.rglob("*") if p.is_file()),
-                  key=lambda item: item[1])
+    return sorted(
+        ((p, p.relative_to(root).as_posix()) for p in root.rglob("*") if p.is_file()),
+        key=lambda item: item[1],
+    )
 
 
 def _safe_relative(rel: str, uri: PathLike) -> str:
     """Refuse object keys that would escape the download directory (``../``)."""
     if rel.startswith("/") or ".." in PurePosixPath(rel).parts:
-        raise KubetrainError(f"{uri} holds the key {rel!r}, which would land outside the "
-                             "destination directory: rename that object")
+        raise KubetrainError(
+            f"{uri} holds the key {rel!r}, which would land outside the "
+            "destination directory: rename that object"
+        )
     return rel
 
 
@@ -785,13 +918,16 @@ def _metadata(extra: Mapping[str, str] | None, digest: str) -> dict[str, str]:
 
 def _verify(uri: str, actual: str, expected: str | None) -> None:
     if expected and actual != expected:
-        raise KubetrainError(f"{uri} is corrupt: its content has sha256 {actual[:16]}... but its "
-                             f"metadata says {expected[:16]}...; upload it again")
+        raise KubetrainError(
+            f"{uri} is corrupt: its content has sha256 {actual[:16]}... but its "
+            f"metadata says {expected[:16]}...; upload it again"
+        )
 
 
 def _transfer_config(threshold: int) -> TransferConfig:
-    return TransferConfig(multipart_threshold=threshold,
-                          multipart_chunksize=max(threshold, MIN_PART_SIZE))
+    return TransferConfig(
+        multipart_threshold=threshold, multipart_chunksize=max(threshold, MIN_PART_SIZE)
+    )
 
 
 @contextlib.contextmanager
@@ -802,18 +938,31 @@ def _local_errors(path: Path) -> Iterator[None]:
     except FileNotFoundError as e:
         raise KubetrainError(f"{e.filename or path} does not exist: check the path") from e
     except OSError as e:
-        raise KubetrainError(f"cannot access {e.filename or path} ({e.strerror}): check the "
-                             "path and its permissions") from e
+        raise KubetrainError(
+            f"cannot access {e.filename or path} ({e.strerror}): check the path and its permissions"
+        ) from e
 
 
-def _put_file(s3: Any, path: Path, bucket: str, key: str, metadata: Mapping[str, str] | None,
-              threshold: int, digest: str | None = None) -> dict[str, Any]:
+def _put_file(
+    s3: Any,
+    path: Path,
+    bucket: str,
+    key: str,
+    metadata: Mapping[str, str] | None,
+    threshold: int,
+    digest: str | None = None,
+) -> dict[str, Any]:
     """Upload one file with its sha256 in the metadata (``digest`` if the caller already
     hashed it); return its size and sha256."""
     with _local_errors(path):
         size, digest = path.stat().st_size, digest or sha256_file(path)
-        s3.upload_file(str(path), bucket, key, ExtraArgs={"Metadata": _metadata(metadata, digest)},
-                       Config=_transfer_config(threshold))
+        s3.upload_file(
+            str(path),
+            bucket,
+            key,
+            ExtraArgs={"Metadata": _metadata(metadata, digest)},
+            Config=_transfer_config(threshold),
+        )
     log.debug("uploaded %s to s3://%s/%s (%d bytes)", path, bucket, key, size)
     return {"size": size, SHA256: digest}
 
@@ -833,13 +982,24 @@ def _get_file(s3: Any, bucket: str, key: str, dest: Path, threshold: int) -> Non
     log.debug("downloaded s3://%s/%s to %s", bucket, key, dest)
 
 
-def _copy(s3: Any, bucket: str, src_key: str, dest_key: str, digest: str, threshold: int,
-          metadata: Mapping[str, str] | None = None) -> None:
+def _copy(
+    s3: Any,
+    bucket: str,
+    src_key: str,
+    dest_key: str,
+    digest: str,
+    threshold: int,
+    metadata: Mapping[str, str] | None = None,
+) -> None:
     """Server-side copy, restating the sha256 (and ``metadata``) so they survive multipart
     copies on any server."""
-    s3.copy({"Bucket": bucket, "Key": src_key}, bucket, dest_key,
-            ExtraArgs={"Metadata": _metadata(metadata, digest), "MetadataDirective": "REPLACE"},
-            Config=_transfer_config(threshold))
+    s3.copy(
+        {"Bucket": bucket, "Key": src_key},
+        bucket,
+        dest_key,
+        ExtraArgs={"Metadata": _metadata(metadata, digest), "MetadataDirective": "REPLACE"},
+        Config=_transfer_config(threshold),
+    )
 
 
 def _head(s3: Any, bucket: str, key: str) -> dict[str, Any] | None:
@@ -863,17 +1023,21 @@ def _list_keys(s3: Any, bucket: str, prefix: str, limit: int | None = None) -> l
 
 def _delete(s3: Any, bucket: str, keys: list[str]) -> None:
     for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1000 keys
-        batch = [{"Key": k} for k in keys[start:start + 1000]]
+        batch = [{"Key": k} for k in keys[start : start + 1000]]
         errors = s3.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True}).get(
-            "Errors", [])
+            "Errors", []
+        )
         if errors:
-            raise KubetrainError(f"could not delete s3://{bucket}/{errors[0]['Key']} "
-                                 f"({errors[0].get('Code')}): check delete permission "
-                                 "on the bucket")
+            raise KubetrainError(
+                f"could not delete s3://{bucket}/{errors[0]['Key']} "
+                f"({errors[0].get('Code')}): check delete permission "
+                "on the bucket"
+            )
 
 
-def _publish_local(files: list[tuple[Path, str]], dest: Path, overwrite: bool,
-                   tag: str = "") -> None:
+def _publish_local(
+    files: list[tuple[Path, str]], dest: Path, overwrite: bool, tag: str = ""
+) -> None:
     """Local publish: build a sibling directory, then swap it in with one rename.
 
     The rename makes half-written destinations impossible; what a killed
@@ -884,26 +1048,37 @@ def _publish_local(files: list[tuple[Path, str]], dest: Path, overwrite: bool,
         with contextlib.suppress(OSError, ValueError, AttributeError):
             ours = json.loads((dest / MANIFEST).read_text()).get(RUN_TAG) == tag
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())) and not (overwrite or ours):
-        raise KubetrainError(f"{dest} already exists and is not empty: publish to a new "
-                             "directory or pass overwrite=True")
+        raise KubetrainError(
+            f"{dest} already exists and is not empty: publish to a new "
+            "directory or pass overwrite=True"
+        )
     with _local_errors(dest):
         dest.parent.mkdir(parents=True, exist_ok=True)
         for leftover in dest.parent.glob(f"{_STAGING}*"):
             same_run = bool(tag) and f"-{tag}-" in leftover.name
             if same_run or time.time() - leftover.stat().st_mtime >= STAGING_STALE_AFTER_S:
                 shutil.rmtree(leftover, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f"{_STAGING}{dest.name}-{tag + '-' if tag else ''}",
-                                    dir=dest.parent))
+        tmp = Path(
+            tempfile.mkdtemp(
+                prefix=f"{_STAGING}{dest.name}-{tag + '-' if tag else ''}", dir=dest.parent
+            )
+        )
         old = dest.with_name(f".old-{dest.name}-{uuid.uuid4().hex[:8]}")
         try:
             entries = []
             for path, rel in files:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, tmp / rel)
-                entries.append({"path": rel, "size": (tmp / rel).stat().st_size,
-                                SHA256: sha256_file(tmp / rel)})
-            (tmp / MANIFEST).write_text(json.dumps(
-                {"files": entries, **({RUN_TAG: tag} if tag else {})}, indent=1))
+                entries.append(
+                    {
+                        "path": rel,
+                        "size": (tmp / rel).stat().st_size,
+                        SHA256: sha256_file(tmp / rel),
+                    }
+                )
+            (tmp / MANIFEST).write_text(
+                json.dumps({"files": entries, **({RUN_TAG: tag} if tag else {})}, indent=1)
+            )
             if dest.exists():
                 dest.rename(old)
             tmp.rename(dest)
@@ -926,6 +1101,7 @@ def _copy_local(src: Path, dest: Path) -> None:
 
 # --- error translation ------------------------------------------------------------
 
+
 def _code(error: bex.ClientError) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
 
@@ -942,13 +1118,16 @@ def _missing(s3: Any, bucket: str, uri: str) -> KubetrainError:
     except bex.ClientError as e:
         if _code(e) in _NOT_FOUND_CODES | {"NoSuchBucket"}:
             return _no_bucket(s3, bucket)
-    return KubetrainError(f"{uri} does not exist: check the URI (list_uris on its prefix "
-                          "shows what is there)")
+    return KubetrainError(
+        f"{uri} does not exist: check the URI (list_uris on its prefix shows what is there)"
+    )
 
 
 def _no_bucket(s3: Any, bucket: str) -> KubetrainError:
-    return KubetrainError(f"bucket {bucket!r} does not exist at {_endpoint(s3)}: create "
-                          "it or fix the bucket name in the URI")
+    return KubetrainError(
+        f"bucket {bucket!r} does not exist at {_endpoint(s3)}: create "
+        "it or fix the bucket name in the URI"
+    )
 
 
 @contextlib.contextmanager
@@ -978,8 +1157,9 @@ def _leaks(error: BaseException) -> bool:
         seen.add(id(current))
         if redact(str(current)) != str(current):
             return True
-        current = current.__cause__ or (None if current.__suppress_context__
-                                        else current.__context__)
+        current = current.__cause__ or (
+            None if current.__suppress_context__ else current.__context__
+        )
     return False
 
 
@@ -994,21 +1174,27 @@ def _explain(e: Exception, s3: Any, uri: str) -> KubetrainError | None:
     if isinstance(e, bex.ClientError):
         return _translate(e, s3, uri)
     if isinstance(e, bex.SSLError):
-        return KubetrainError(f"TLS with S3 endpoint {endpoint} failed: check the https URL and "
-                              "the CA bundle (AWS_CA_BUNDLE)")
+        return KubetrainError(
+            f"TLS with S3 endpoint {endpoint} failed: check the https URL and "
+            "the CA bundle (AWS_CA_BUNDLE)"
+        )
     if isinstance(e, (bex.ConnectionError, bex.HTTPClientError, RetriesExceededError)):
-        return KubetrainError(f"cannot reach S3 endpoint {endpoint} ({type(e).__name__}; "
-                              f"retried for up to {RETRY_BUDGET_S:.0f} s): check "
-                              "S3_ENDPOINT_URL and that the server is up and reachable")
+        return KubetrainError(
+            f"cannot reach S3 endpoint {endpoint} ({type(e).__name__}; "
+            f"retried for up to {RETRY_BUDGET_S:.0f} s): check "
+            "S3_ENDPOINT_URL and that the server is up and reachable"
+        )
     if isinstance(e, bex.NoCredentialsError):
-        return KubetrainError("no S3 credentials found: set AWS_ACCESS_KEY_ID and "
-                              "AWS_SECRET_ACCESS_KEY (or give the pod an IAM role)")
+        return KubetrainError(
+            "no S3 credentials found: set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or give the pod an IAM role)"
+        )
     if isinstance(e, bex.PartialCredentialsError):
-        return KubetrainError(f"incomplete S3 credentials ({e.kwargs.get('cred_var')} is "
-                              f"missing): {_CREDENTIAL_FIX}")
+        return KubetrainError(
+            f"incomplete S3 credentials ({e.kwargs.get('cred_var')} is missing): {_CREDENTIAL_FIX}"
+        )
     if isinstance(e, bex.NoRegionError):
-        return KubetrainError("no S3 region configured: set AWS_DEFAULT_REGION "
-                              "(e.g. us-east-1)")
+        return KubetrainError("no S3 region configured: set AWS_DEFAULT_REGION (e.g. us-east-1)")
     return None
 
 
@@ -1016,15 +1202,20 @@ def _translate(error: bex.ClientError, s3: Any, uri: str) -> KubetrainError:
     code = _code(error)
     endpoint = _endpoint(s3)
     if code in _CREDENTIAL_CODES:
-        return KubetrainError(f"S3 rejected the credentials for endpoint {endpoint} ({code}): "
-                              f"{_CREDENTIAL_FIX}")
+        return KubetrainError(
+            f"S3 rejected the credentials for endpoint {endpoint} ({code}): {_CREDENTIAL_FIX}"
+        )
     if code == "NoSuchBucket":
         return _no_bucket(s3, split_uri(uri)[0])
     if code in _NOT_FOUND_CODES:
         return _missing(s3, split_uri(uri)[0], uri)
     if code in _FORBIDDEN_CODES:
-        return KubetrainError(f"S3 at {endpoint} denied access to {uri} ({code}): "
-                              f"{_CREDENTIAL_FIX} and that they are allowed to use this bucket")
+        return KubetrainError(
+            f"S3 at {endpoint} denied access to {uri} ({code}): "
+            f"{_CREDENTIAL_FIX} and that they are allowed to use this bucket"
+        )
     message = error.response.get("Error", {}).get("Message", "")
-    return KubetrainError(f"S3 request for {uri} failed at {endpoint} ({code}: {message}): "
-                          "check the URI and the server's log")
+    return KubetrainError(
+        f"S3 request for {uri} failed at {endpoint} ({code}: {message}): "
+        "check the URI and the server's log"
+    )

@@ -20,8 +20,9 @@ from kubetrain.config.settings import AugmentConfig
 from kubetrain.data.datasets import Schema, class_counts, load_split, save_split
 
 
-def augment_images(X: np.ndarray, shape: list[int], cfg: AugmentConfig,
-                   rng: torch.Generator) -> np.ndarray:
+def augment_images(
+    X: np.ndarray, shape: list[int], cfg: AugmentConfig, rng: torch.Generator
+) -> np.ndarray:
     """One randomly warped copy of every image in `X` (flat rows)."""
     n = len(X)
     c, h, w = shape
@@ -37,10 +38,13 @@ def augment_images(X: np.ndarray, shape: list[int], cfg: AugmentConfig,
     cos, sin = torch.cos(angle), torch.sin(angle)
     # theta works in [-1, 1] coordinates; h/w and w/h make it a true rotation in pixels
     # for non-square images (for square ones they are 1).
-    theta = torch.stack([
-        torch.stack([cos * sx, -sin * sy * h / w, shift[:, 0] * 2 / w], dim=1),
-        torch.stack([sin * sx * w / h, cos * sy, shift[:, 1] * 2 / h], dim=1),
-    ], dim=1)
+    theta = torch.stack(
+        [
+            torch.stack([cos * sx, -sin * sy * h / w, shift[:, 0] * 2 / w], dim=1),
+            torch.stack([sin * sx * w / h, cos * sy, shift[:, 1] * 2 / h], dim=1),
+        ],
+        dim=1,
+    )
     grid = F.affine_grid(theta, list(imgs.shape), align_corners=False)
     # Pixels shifted in from outside the frame are background (each image's minimum).
     # Not "border" padding: digits' strokes often touch the edge and would be smeared
@@ -55,12 +59,17 @@ def augment_images(X: np.ndarray, shape: list[int], cfg: AugmentConfig,
     return out.reshape(n, -1).numpy()
 
 
-def oversample(X: np.ndarray, y: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def oversample(
+    X: np.ndarray, y: np.ndarray, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Resample every class up to the majority count (duplicates get jittered later)."""
     counts = np.bincount(y)
     target = counts.max()
-    extra = [rng.choice(np.flatnonzero(y == k), target - n) for k, n in enumerate(counts)
-             if 0 < n < target]
+    extra = [
+        rng.choice(np.flatnonzero(y == k), target - n)
+        for k, n in enumerate(counts)
+        if 0 < n < target
+    ]
     if not extra:
         return X, y
     idx = np.concatenate(extra)
@@ -73,26 +82,32 @@ def jitter(X: np.ndarray, schema: Schema, std: float, rng: np.random.Generator) 
     return X + noise
 
 
-def augment_arrays(X: np.ndarray, y: np.ndarray, schema: Schema, cfg: AugmentConfig,
-                   seed: int) -> tuple[np.ndarray, np.ndarray]:
+def augment_arrays(
+    X: np.ndarray, y: np.ndarray, schema: Schema, cfg: AugmentConfig, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Original rows first, then the augmented ones; deterministic given the seed."""
     if schema.kind == "image":
         rng = torch.Generator().manual_seed(seed)
-        copies = [augment_images(X, schema.image_shape, cfg, rng)
-                  for _ in range(cfg.augment_copies)]
-        return (np.concatenate([X, *copies]).astype(np.float32),
-                np.concatenate([y] * (1 + len(copies))))
+        copies = [
+            augment_images(X, schema.image_shape, cfg, rng) for _ in range(cfg.augment_copies)
+        ]
+        return (
+            np.concatenate([X, *copies]).astype(np.float32),
+            np.concatenate([y] * (1 + len(copies))),
+        )
     rng = np.random.default_rng(seed)
     base_X, base_y = X, y
     if cfg.oversample:
         # Copies below are drawn from the balanced set, so they keep the classes balanced.
         base_X, base_y = oversample(X, y, rng)
-        added = base_X[len(X):]
+        added = base_X[len(X) :]
         X = np.concatenate([X, jitter(added, schema, cfg.noise_std, rng)]) if len(added) else X
         y = base_y
     copies = [jitter(base_X, schema, cfg.noise_std, rng) for _ in range(cfg.augment_copies)]
-    return (np.concatenate([X, *copies]).astype(np.float32),
-            np.concatenate([y, *([base_y] * len(copies))]))
+    return (
+        np.concatenate([X, *copies]).astype(np.float32),
+        np.concatenate([y, *([base_y] * len(copies))]),
+    )
 
 
 def augment(train_path: str, out_path: str, cfg: AugmentConfig, seed: int) -> dict[str, Any]:
@@ -102,8 +117,11 @@ def augment(train_path: str, out_path: str, cfg: AugmentConfig, seed: int) -> di
     X_aug, y_aug = augment_arrays(X, y, schema, cfg, seed)
     save_split(out_path, X_aug, y_aug, schema)
     return {
-        "stage": "augment", "kind": schema.kind, "rows_before": int(len(y)),
-        "rows_after": int(len(y_aug)), "copies": cfg.augment_copies,
+        "stage": "augment",
+        "kind": schema.kind,
+        "rows_before": int(len(y)),
+        "rows_after": int(len(y_aug)),
+        "copies": cfg.augment_copies,
         "class_counts_before": class_counts(y, schema.class_names),
         "class_counts_after": class_counts(y_aug, schema.class_names),
         "seconds": round(time.perf_counter() - started, 3),

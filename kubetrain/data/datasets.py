@@ -22,9 +22,10 @@ import os
 import shutil
 import tempfile
 import zipfile
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -50,7 +51,7 @@ class Schema:
         return len(self.class_names)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "Schema":
+    def from_json(cls, data: dict[str, Any]) -> Schema:
         return cls(**data)
 
 
@@ -119,8 +120,7 @@ def load_table(path: str | os.PathLike) -> tuple[pd.DataFrame, Schema]:
 
 def save_split(path: str | os.PathLike, X: np.ndarray, y: np.ndarray, schema: Schema) -> None:
     if len(X) != len(y):
-        raise KubetrainError(f"features have {len(X)} rows but labels {len(y)}; "
-                             "they must match")
+        raise KubetrainError(f"features have {len(X)} rows but labels {len(y)}; they must match")
     with atomic_dir(path) as tmp:
         np.savez(tmp / "arrays.npz", X=np.asarray(X, np.float32), y=np.asarray(y, np.int64))
         (tmp / "meta.json").write_text(json.dumps(asdict(schema), indent=2))
@@ -143,15 +143,18 @@ def load_split(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, Schema]
             return arrays["X"], arrays["y"], schema
     except (OSError, ValueError, KeyError, EOFError, TypeError, zipfile.BadZipFile) as exc:
         # an artifact from before checksums existed, damaged: still one line
-        raise KubetrainError(f"{root} cannot be read ({type(exc).__name__}: {exc}); "
-                             f"{FIX}") from None
+        raise KubetrainError(
+            f"{root} cannot be read ({type(exc).__name__}: {exc}); {FIX}"
+        ) from None
 
 
 def _existing_dir(path: str | os.PathLike, member: str) -> Path:
     root = Path(path)
     if not (root / member).is_file():
-        raise KubetrainError(f"{root} is not a kubetrain dataset artifact (no {member}); "
-                             "pass the output of the previous stage")
+        raise KubetrainError(
+            f"{root} is not a kubetrain dataset artifact (no {member}); "
+            "pass the output of the previous stage"
+        )
     return root
 
 
@@ -165,4 +168,4 @@ def content_hash(frame: pd.DataFrame) -> str:
 
 def class_counts(y: np.ndarray, class_names: list[str]) -> dict[str, int]:
     counts = np.bincount(np.asarray(y, np.int64), minlength=len(class_names))
-    return {name: int(c) for name, c in zip(class_names, counts)}
+    return {name: int(c) for name, c in zip(class_names, counts, strict=False)}

@@ -22,8 +22,9 @@ TARGETS = {"cold_pipeline_seconds": 120.0, "cached_run_seconds": 15.0, "min_accu
 def _run(runs: Path, extra: list[str]) -> tuple[float, dict]:
     exe = Path(sys.executable).parent / "kubetrain"
     started = time.perf_counter()
-    proc = subprocess.run([str(exe), "run", "--runs-dir", str(runs), *extra],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(exe), "run", "--runs-dir", str(runs), *extra], capture_output=True, text=True
+    )
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         sys.exit(f"error: benchmark run failed: {proc.stderr.strip()}")

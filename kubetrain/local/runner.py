@@ -85,16 +85,21 @@ class StageClock:
         began = self.started.get(task)
         seconds = time.perf_counter() - began if began and status != "cached" else 0.0
         skipped = task in SKIPPED_TASKS
-        self.stages[task] = {"name": TASK_STAGE.get(task, task),
-                             "status": "skipped" if skipped and status == "succeeded" else status,
-                             "seconds": round(seconds, 2), "task": task}
+        self.stages[task] = {
+            "name": TASK_STAGE.get(task, task),
+            "status": "skipped" if skipped and status == "succeeded" else status,
+            "seconds": round(seconds, 2),
+            "task": task,
+        }
 
     def table(self, publish: bool = False) -> list[dict[str, Any]]:
         """One row per stage of a finished run; a stage kfp.local never logged was
         served from its cache as part of a cached sub-DAG."""
         by_stage = {rec["name"]: rec for rec in self.stages.values()}
-        return [by_stage.get(s, {"name": s, "status": "cached", "seconds": 0.0, "task": ""})
-                for s in STAGES + (("publish",) if publish else ())]
+        return [
+            by_stage.get(s, {"name": s, "status": "cached", "seconds": 0.0, "task": ""})
+            for s in STAGES + (("publish",) if publish else ())
+        ]
 
 
 class ConsoleFilter(io.TextIOBase):
@@ -148,7 +153,7 @@ class ConsoleFilter(io.TextIOBase):
             self.published = m.group(1)
         shown = self.clock.feed(line)
         if shown is None and progress.PREFIX in line:
-            shown = line[line.index(progress.PREFIX):]
+            shown = line[line.index(progress.PREFIX) :]
         if shown:
             self.console.write(shown + "\n")
             self.console.flush()
@@ -201,8 +206,10 @@ def create_run_dir(runs: Path, cfg: RunConfig) -> tuple[str, Path]:
     ``exist_ok`` makes it harmless (the loser draws again).
     """
     if runs.exists() and not runs.is_dir():
-        raise KubetrainError(f"--runs-dir {runs} is a file, not a directory; "
-                             "pass a directory (for example --runs-dir runs)")
+        raise KubetrainError(
+            f"--runs-dir {runs} is a file, not a directory; "
+            "pass a directory (for example --runs-dir runs)"
+        )
     runs.mkdir(parents=True, exist_ok=True)
     for _ in range(RUN_DIR_ATTEMPTS):
         run_id = new_run_id(cfg)
@@ -211,8 +218,10 @@ def create_run_dir(runs: Path, cfg: RunConfig) -> tuple[str, Path]:
         except FileExistsError:
             continue
         return run_id, runs / run_id
-    raise KubetrainError(f"could not create a new run folder under {runs} after "
-                         f"{RUN_DIR_ATTEMPTS} tries; remove stale runs there and retry")
+    raise KubetrainError(
+        f"could not create a new run folder under {runs} after "
+        f"{RUN_DIR_ATTEMPTS} tries; remove stale runs there and retry"
+    )
 
 
 #: errno -> (what went wrong, the fix), for errors writing under --runs-dir
@@ -238,8 +247,11 @@ def storage_error(exc: OSError, runs: Path) -> KubetrainError | None:
         return None
     what, fix = STORAGE_ERRORS[exc.errno]
     where = Path(exc.filename) if exc.filename else runs
-    if exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS) and \
-            where != runs and runs not in where.parents:
+    if (
+        exc.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+        and where != runs
+        and runs not in where.parents
+    ):
         return None
     if exc.errno in (errno.ENOTDIR, errno.EEXIST) and (blocker := _file_in_the_way(where)):
         return KubetrainError(f"--runs-dir {runs}: {blocker} is a file, not a directory; {fix}")
@@ -362,8 +374,9 @@ def unshadow_docker() -> None:
         sys.modules["docker"] = None  # type: ignore[assignment]  # import raises ImportError
 
 
-def run_local(cfg: RunConfig, runs_dir: str | os.PathLike = "runs", cache: bool = True,
-              console=None) -> dict[str, Any]:
+def run_local(
+    cfg: RunConfig, runs_dir: str | os.PathLike = "runs", cache: bool = True, console=None
+) -> dict[str, Any]:
     """Run the whole pipeline locally; returns the summary (also written to disk).
 
     Every failure a user can fix (a failed task, a full or read-only
@@ -387,25 +400,32 @@ def _run_local(cfg: RunConfig, runs: Path, cache: bool, console) -> dict[str, An
 
     run_id, run_dir = create_run_dir(runs, cfg)
     clock = StageClock()
-    console.write(f"{progress.PREFIX} run {run_id} | dataset {cfg.data.dataset} | "
-                  f"{cfg.tune.tune_trials} tuning trials | up to {cfg.final.epochs} epochs | "
-                  f"cache {'on' if cache else 'off'}\n")
+    console.write(
+        f"{progress.PREFIX} run {run_id} | dataset {cfg.data.dataset} | "
+        f"{cfg.tune.tune_trials} tuning trials | up to {cfg.final.epochs} epochs | "
+        f"cache {'on' if cache else 'off'}\n"
+    )
     log_path = run_dir / "pipeline.log"
     # checkpoints outlive a run's output folder: a killed run's retry resumes from them
     checkpoints = environ(CHECKPOINT_ROOT_ENV, str(runs / ".checkpoints"))
     with task_tempdir() as scratch, kfp_caching(cache) as enable_caching, checkpoints:
         (scratch / "workspace").mkdir()
-        local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(runs / ".kfp"),
-                   workspace_root=str(scratch / "workspace"), enable_caching=enable_caching,
-                   raise_on_error=True)
+        local.init(
+            runner=local.SubprocessRunner(use_venv=False),
+            pipeline_root=str(runs / ".kfp"),
+            workspace_root=str(scratch / "workspace"),
+            enable_caching=enable_caching,
+            raise_on_error=True,
+        )
         started = time.perf_counter()
         log = open(log_path, "w")  # noqa: SIM115  (closed below; a failed close is reported)
         out = ConsoleFilter(console, log, clock)
         failure: Exception | None = None
         try:
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-                task = training_pipeline(**_absolute_source(cfg).flat(),
-                                         fingerprint=fingerprint(cfg.data.dataset))
+                task = training_pipeline(
+                    **_absolute_source(cfg).flat(), fingerprint=fingerprint(cfg.data.dataset)
+                )
         except Exception as exc:  # kfp.local raises RuntimeError for a failed task
             failure = exc
         finally:
@@ -420,8 +440,14 @@ def _run_local(cfg: RunConfig, runs: Path, cache: bool, console) -> dict[str, An
             raise failure  # kfp.local itself could not write under runs/.kfp
         raise KubetrainError(f"{_failure_cause(out, failure)} (full log: {log_path})") from None
     seconds = time.perf_counter() - started
-    summary = summarize(cfg, run_id, run_dir, task.outputs,
-                        clock.table(publish=bool(cfg.publish.publish_uri)), seconds)
+    summary = summarize(
+        cfg,
+        run_id,
+        run_dir,
+        task.outputs,
+        clock.table(publish=bool(cfg.publish.publish_uri)),
+        seconds,
+    )
     summary["published"] = out.published
     _write_run(runs, run_dir, summary, task.outputs)
     return summary
@@ -440,8 +466,14 @@ def _meta(artifact) -> dict[str, Any]:
     return dict(artifact.metadata or {})
 
 
-def summarize(cfg: RunConfig, run_id: str, run_dir: Path, outputs: dict[str, Any],
-              stages: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
+def summarize(
+    cfg: RunConfig,
+    run_id: str,
+    run_dir: Path,
+    outputs: dict[str, Any],
+    stages: list[dict[str, Any]],
+    seconds: float,
+) -> dict[str, Any]:
     evaluation = json.loads(Path(outputs["evaluation"].path).read_text())
     compression = outputs["compression"]
     best = cfg.hyper.replace(outputs["best_hyperparameters"]).to_dict()
@@ -449,27 +481,44 @@ def summarize(cfg: RunConfig, run_id: str, run_dir: Path, outputs: dict[str, Any
         compressed: dict[str, Any] = {"skipped": True, "reason": compression["reason"]}
     else:
         chosen = next(v for v in compression["variants"] if v["name"] == compression["chosen"])
-        compressed = {"format": "onnx", "variant": chosen["name"], "bytes": int(chosen["bytes"]),
-                      "gzip_bytes": int(chosen["gzip_bytes"]), "accuracy": chosen["accuracy"],
-                      "cpu_latency_ms": chosen["cpu_latency_ms"],
-                      "baseline_accuracy": compression["baseline_accuracy"]}
+        compressed = {
+            "format": "onnx",
+            "variant": chosen["name"],
+            "bytes": int(chosen["bytes"]),
+            "gzip_bytes": int(chosen["gzip_bytes"]),
+            "accuracy": chosen["accuracy"],
+            "cpu_latency_ms": chosen["cpu_latency_ms"],
+            "baseline_accuracy": compression["baseline_accuracy"],
+        }
     return {
-        "run_id": run_id, "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "pipeline_seconds": round(seconds, 2), "config": cfg.to_dict(), "stages": stages,
+        "run_id": run_id,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "pipeline_seconds": round(seconds, 2),
+        "config": cfg.to_dict(),
+        "stages": stages,
         "dataset": _meta(outputs["dataset"]),
         "best_hyperparameters": best,
-        "validation_metrics": {k: _meta(outputs["trained_model"]).get(k)
-                               for k in ("val_accuracy", "val_loss", "best_epoch", "epochs_run")},
-        "test_metrics": {k: evaluation[k] for k in ("accuracy", "macro_f1", "roc_auc",
-                                                    "precision_macro", "recall_macro")},
-        "quality_gate": {"passed": evaluation["gate"] == "pass",
-                         "reason": evaluation["gate_reason"],
-                         "min_accuracy": evaluation["min_accuracy"]},
+        "validation_metrics": {
+            k: _meta(outputs["trained_model"]).get(k)
+            for k in ("val_accuracy", "val_loss", "best_epoch", "epochs_run")
+        },
+        "test_metrics": {
+            k: evaluation[k]
+            for k in ("accuracy", "macro_f1", "roc_auc", "precision_macro", "recall_macro")
+        },
+        "quality_gate": {
+            "passed": evaluation["gate"] == "pass",
+            "reason": evaluation["gate_reason"],
+            "min_accuracy": evaluation["min_accuracy"],
+        },
         "compressed": compressed,
         "artifacts": {
             "trained_model": outputs["trained_model"].path,
-            "compressed_model": (str(Path(compression["uri"]) / "model.onnx")
-                                 if not compression.get("skipped") else None),
+            "compressed_model": (
+                str(Path(compression["uri"]) / "model.onnx")
+                if not compression.get("skipped")
+                else None
+            ),
             "report": str(run_dir / "report.html"),
             "log": str(run_dir / "pipeline.log"),
         },
@@ -509,36 +558,87 @@ def write_report(path: Path, summary: dict[str, Any], outputs: dict[str, Any]) -
         return {c: counts[c] for c in classes if c in counts} or counts
 
     sections = [
-        Section("Run", facts={"run": summary["run_id"], "dataset": ingest_meta.get("source"),
-                              "pipeline seconds": summary["pipeline_seconds"],
-                              "test accuracy": summary["test_metrics"]["accuracy"]},
-                tables=[summary["stages"]]),
-        Section("Data: class balance", facts={
-            "rows": ingest_meta.get("rows"), "features": ingest_meta.get("features"),
-            "content sha256": str(ingest_meta.get("content_hash", ""))[:16]},
-            images=[plots.class_balance(ordered(ingest_meta.get("class_counts", {})))]),
-        Section("Cleaning", tables=[[{k: clean_meta.get(k) for k in (
-            "rows_in", "duplicates_removed", "missing_values", "features_out", "scaling",
-            "impute", "outliers") if k in clean_meta}]]),
-        Section("Augmentation (training split)", images=[plots.class_balance_compare(
-            ordered(aug_meta.get("class_counts_before", {})),
-            ordered(aug_meta.get("class_counts_after", {})))]),
-        Section("Tuning trials", facts={"algorithm": trials_doc["meta"]["algorithm"],
-                                        "trials": trials_doc["meta"]["trials"]},
-                images=[plots.tuning_trials(trials_doc["trials"], trials_doc["meta"]["objective"],
-                                            trials_doc["meta"]["goal"])]
-                if trials_doc["trials"] else [],
-                tables=[[summary["best_hyperparameters"]]]),
-        Section("Learning curves (final training)",
-                images=[plots.learning_curves(model_info.get("history", []))]),
+        Section(
+            "Run",
+            facts={
+                "run": summary["run_id"],
+                "dataset": ingest_meta.get("source"),
+                "pipeline seconds": summary["pipeline_seconds"],
+                "test accuracy": summary["test_metrics"]["accuracy"],
+            },
+            tables=[summary["stages"]],
+        ),
+        Section(
+            "Data: class balance",
+            facts={
+                "rows": ingest_meta.get("rows"),
+                "features": ingest_meta.get("features"),
+                "content sha256": str(ingest_meta.get("content_hash", ""))[:16],
+            },
+            images=[plots.class_balance(ordered(ingest_meta.get("class_counts", {})))],
+        ),
+        Section(
+            "Cleaning",
+            tables=[
+                [
+                    {
+                        k: clean_meta.get(k)
+                        for k in (
+                            "rows_in",
+                            "duplicates_removed",
+                            "missing_values",
+                            "features_out",
+                            "scaling",
+                            "impute",
+                            "outliers",
+                        )
+                        if k in clean_meta
+                    }
+                ]
+            ],
+        ),
+        Section(
+            "Augmentation (training split)",
+            images=[
+                plots.class_balance_compare(
+                    ordered(aug_meta.get("class_counts_before", {})),
+                    ordered(aug_meta.get("class_counts_after", {})),
+                )
+            ],
+        ),
+        Section(
+            "Tuning trials",
+            facts={
+                "algorithm": trials_doc["meta"]["algorithm"],
+                "trials": trials_doc["meta"]["trials"],
+            },
+            images=[
+                plots.tuning_trials(
+                    trials_doc["trials"],
+                    trials_doc["meta"]["objective"],
+                    trials_doc["meta"]["goal"],
+                )
+            ]
+            if trials_doc["trials"]
+            else [],
+            tables=[[summary["best_hyperparameters"]]],
+        ),
+        Section(
+            "Learning curves (final training)",
+            images=[plots.learning_curves(model_info.get("history", []))],
+        ),
         *evaluation_sections(evaluation),
     ]
     if compression.get("skipped"):
         sections.append(Section("Compression", text=compression["reason"]))
     else:
         sections += compression_sections(compression, summary["config"]["accuracy_budget"])
-    write_html(path, f"kubetrain run {summary['run_id']}", sections,
-               subtitle="ingest -> clean -> augment -> tune -> train -> evaluate -> compress")
+    write_html(
+        path,
+        f"kubetrain run {summary['run_id']}",
+        sections,
+        subtitle="ingest -> clean -> augment -> tune -> train -> evaluate -> compress",
+    )
 
 
 def summary_table(summary: dict[str, Any]) -> str:
@@ -547,20 +647,28 @@ def summary_table(summary: dict[str, Any]) -> str:
     for s in summary["stages"]:
         lines.append(f"{s['name']:<9}  {s['status']:<10}  {s['seconds']:>7.1f}")
     m, c = summary["test_metrics"], summary["compressed"]
-    lines += ["", f"pipeline wall time     {summary['pipeline_seconds']:.1f}s",
-              "best hyperparameters   " + ", ".join(
-                  f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                  for k, v in summary["best_hyperparameters"].items()),
-              f"test metrics           accuracy {m['accuracy']:.4f} | macro_f1 "
-              f"{m['macro_f1']:.4f} | roc_auc {m['roc_auc']:.4f}",
-              f"quality gate           {summary['quality_gate']['reason']}"]
+    lines += [
+        "",
+        f"pipeline wall time     {summary['pipeline_seconds']:.1f}s",
+        "best hyperparameters   "
+        + ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+            for k, v in summary["best_hyperparameters"].items()
+        ),
+        f"test metrics           accuracy {m['accuracy']:.4f} | macro_f1 "
+        f"{m['macro_f1']:.4f} | roc_auc {m['roc_auc']:.4f}",
+        f"quality gate           {summary['quality_gate']['reason']}",
+    ]
     if c.get("skipped"):
         lines.append(f"compressed model       skipped ({c['reason']})")
     else:
-        lines.append(f"compressed model       {c['variant']} ONNX, {c['bytes'] / 1024:.1f} KiB "
-                     f"({c['gzip_bytes'] / 1024:.1f} KiB gzip), accuracy {c['accuracy']:.4f}, "
-                     f"{c['cpu_latency_ms']:.3f} ms/row on CPU")
-    lines += [f"report                 {summary['artifacts']['report']}",
-              f"summary                "
-              f"{Path(summary['artifacts']['report']).parent / 'summary.json'}"]
+        lines.append(
+            f"compressed model       {c['variant']} ONNX, {c['bytes'] / 1024:.1f} KiB "
+            f"({c['gzip_bytes'] / 1024:.1f} KiB gzip), accuracy {c['accuracy']:.4f}, "
+            f"{c['cpu_latency_ms']:.3f} ms/row on CPU"
+        )
+    lines += [
+        f"report                 {summary['artifacts']['report']}",
+        f"summary                {Path(summary['artifacts']['report']).parent / 'summary.json'}",
+    ]
     return "\n".join(lines)

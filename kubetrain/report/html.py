@@ -25,10 +25,11 @@ import math
 import numbers
 import os
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 from kubetrain.data.datasets import write_text
 
@@ -85,7 +86,7 @@ class Section:
     images: list[Any] = field(default_factory=list)
 
     @classmethod
-    def coerce(cls, value: "Section | Mapping[str, Any]") -> "Section":
+    def coerce(cls, value: Section | Mapping[str, Any]) -> Section:
         """A `Section` from itself or from a dict with the same keys."""
         if isinstance(value, Section):
             return value
@@ -107,8 +108,11 @@ def _coerce_table(value: Any) -> Table:
     if isinstance(value, Table):
         return value
     if isinstance(value, Mapping):
-        return Table(rows=list(value.get("rows") or []), caption=str(value.get("caption") or ""),
-                     columns=value.get("columns"))
+        return Table(
+            rows=list(value.get("rows") or []),
+            caption=str(value.get("caption") or ""),
+            columns=value.get("columns"),
+        )
     return Table(rows=list(value or []))
 
 
@@ -122,8 +126,9 @@ def _coerce_image(value: Any) -> Image:
         return Image(bytes(data), str(value.get("caption") or ""))
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], (bytes, bytearray)):
         return Image(bytes(value[0]), str(value[1]) if len(value) > 1 else "")
-    raise TypeError(f"a report image must be PNG bytes, (bytes, caption) or Image, "
-                    f"not {type(value).__name__}")
+    raise TypeError(
+        f"a report image must be PNG bytes, (bytes, caption) or Image, not {type(value).__name__}"
+    )
 
 
 # --------------------------------------------------------------------------- values
@@ -195,10 +200,10 @@ def _cell(row: Mapping[str, Any], column: str) -> Any:
 def _timestamp(when: datetime | str | None) -> str:
     if isinstance(when, str):
         return when
-    when = when or datetime.now(timezone.utc)
+    when = when or datetime.now(UTC)
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return when.astimezone(timezone.utc).isoformat(timespec="seconds")
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).isoformat(timespec="seconds")
 
 
 def data_uri(image: bytes) -> str:
@@ -298,8 +303,9 @@ def _html_text(text: str | Sequence[str] | None) -> str:
     return "\n".join(out)
 
 
-def html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None,
-               caption: str = "") -> str:
+def html_table(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None = None, caption: str = ""
+) -> str:
     """An HTML ``<table>`` (in a scrolling wrapper) with headers from the row keys."""
     rows = [r for r in (rows or []) if isinstance(r, Mapping)]
     cap = f'<div class="table-caption">{_esc(caption)}</div>' if caption else ""
@@ -315,15 +321,19 @@ def html_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | None 
             css = ' class="num"' if _is_number(value) else ""
             cells.append(f"<td{css}>{_esc(format_value(value))}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
-    return (f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(body)}</tbody></table>{cap}</div>')
+    return (
+        f'<div class="table-wrap"><table><thead><tr>{head}</tr></thead>'
+        f"<tbody>{''.join(body)}</tbody></table>{cap}</div>"
+    )
 
 
 def _html_facts(facts: Mapping[str, Any] | None) -> str:
     if not facts:
         return ""
-    items = "".join(f'<div class="fact"><dt>{_esc(k)}</dt><dd>{_esc(format_value(v))}</dd></div>'
-                    for k, v in facts.items())
+    items = "".join(
+        f'<div class="fact"><dt>{_esc(k)}</dt><dd>{_esc(format_value(v))}</dd></div>'
+        for k, v in facts.items()
+    )
     return f'<dl class="facts">{items}</dl>'
 
 
@@ -339,16 +349,24 @@ def _html_images(images: list[Image]) -> str:
 
 
 def _html_section(section: Section, anchor: str) -> str:
-    parts = [f'<section id="{anchor}">', f"<h2>{_esc(section.title)}</h2>",
-             _html_text(section.text), _html_facts(section.facts),
-             _html_images(section.image_list())]
+    parts = [
+        f'<section id="{anchor}">',
+        f"<h2>{_esc(section.title)}</h2>",
+        _html_text(section.text),
+        _html_facts(section.facts),
+        _html_images(section.image_list()),
+    ]
     parts += [html_table(t.rows, t.columns, t.caption) for t in section.table_list()]
     parts.append("</section>")
     return "\n".join(p for p in parts if p)
 
 
-def html_page(title: str, sections: Iterable[Section | Mapping[str, Any]], subtitle: str = "",
-              generated_at: datetime | str | None = None) -> str:
+def html_page(
+    title: str,
+    sections: Iterable[Section | Mapping[str, Any]],
+    subtitle: str = "",
+    generated_at: datetime | str | None = None,
+) -> str:
     """A complete standalone HTML document (inline CSS, images as data URIs).
 
     A table of contents is added when there are more than three sections.
@@ -358,10 +376,12 @@ def html_page(title: str, sections: Iterable[Section | Mapping[str, Any]], subti
     anchors = [f"s{i + 1}" for i in range(len(items))]
     toc = ""
     if len(items) > 3:
-        links = "".join(f'<li><a href="#{a}">{_esc(s.title)}</a></li>'
-                        for a, s in zip(anchors, items))
+        links = "".join(
+            f'<li><a href="#{a}">{_esc(s.title)}</a></li>'
+            for a, s in zip(anchors, items, strict=False)
+        )
         toc = f'<nav class="toc"><strong>Contents</strong><ol>{links}</ol></nav>'
-    body = "\n".join(_html_section(s, a) for s, a in zip(items, anchors))
+    body = "\n".join(_html_section(s, a) for s, a in zip(items, anchors, strict=False))
     stamp = _esc(_timestamp(generated_at))
     sub = f'<p class="subtitle">{_esc(subtitle)}</p>' if subtitle else ""
     return f"""<!DOCTYPE html>
@@ -406,11 +426,16 @@ def markdown_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str] | N
     if not rows:
         return "_no rows_"
     cols = _columns(rows, columns)
-    numeric = {c for c in cols
-               if all(_is_number(_cell(r, c)) or _cell(r, c) is None for r in rows)
-               and any(_is_number(_cell(r, c)) for r in rows)}
-    lines = ["| " + " | ".join(_md_escape(c) for c in cols) + " |",
-             "|" + "|".join("---:" if c in numeric else "---" for c in cols) + "|"]
+    numeric = {
+        c
+        for c in cols
+        if all(_is_number(_cell(r, c)) or _cell(r, c) is None for r in rows)
+        and any(_is_number(_cell(r, c)) for r in rows)
+    }
+    lines = [
+        "| " + " | ".join(_md_escape(c) for c in cols) + " |",
+        "|" + "|".join("---:" if c in numeric else "---" for c in cols) + "|",
+    ]
     for row in rows:
         cells = (_md_escape(format_value(_cell(row, c))) for c in cols)
         lines.append("| " + " | ".join(cells) + " |")
@@ -422,8 +447,12 @@ def _md_text(text: str | Sequence[str] | None) -> str:
     return "\n\n".join(html.escape(block, quote=False) for block in _blocks(text))
 
 
-def markdown_page(title: str, sections: Iterable[Section | Mapping[str, Any]], subtitle: str = "",
-                  generated_at: datetime | str | None = None) -> str:
+def markdown_page(
+    title: str,
+    sections: Iterable[Section | Mapping[str, Any]],
+    subtitle: str = "",
+    generated_at: datetime | str | None = None,
+) -> str:
     """The report as Markdown: text, facts and tables; images become a one-line note."""
     out = [f"# {_md_escape(title)}"]
     if subtitle:
@@ -453,16 +482,25 @@ def markdown_page(title: str, sections: Iterable[Section | Mapping[str, Any]], s
 # --------------------------------------------------------------------------- files
 
 
-def write_html(path: str | os.PathLike, title: str, sections: Iterable[Section | Mapping[str, Any]],
-               subtitle: str = "", generated_at: datetime | str | None = None) -> Path:
+def write_html(
+    path: str | os.PathLike,
+    title: str,
+    sections: Iterable[Section | Mapping[str, Any]],
+    subtitle: str = "",
+    generated_at: datetime | str | None = None,
+) -> Path:
     """Render `html_page` and write it atomically to `path`; returns the path."""
     text = html_page(title, sections, subtitle=subtitle, generated_at=generated_at)
     return write_text(path, text)
 
 
-def write_markdown(path: str | os.PathLike, title: str,
-                   sections: Iterable[Section | Mapping[str, Any]], subtitle: str = "",
-                   generated_at: datetime | str | None = None) -> Path:
+def write_markdown(
+    path: str | os.PathLike,
+    title: str,
+    sections: Iterable[Section | Mapping[str, Any]],
+    subtitle: str = "",
+    generated_at: datetime | str | None = None,
+) -> Path:
     """Render `markdown_page` and write it atomically to `path`; returns the path."""
     text = markdown_page(title, sections, subtitle=subtitle, generated_at=generated_at)
     return write_text(path, text)

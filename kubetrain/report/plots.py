@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import io
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -108,16 +109,32 @@ def _no_data(title: str, message: str = "no data", width: float = WIDTH) -> byte
     ax = fig.add_subplot()
     ax.set_axis_off()
     ax.set_title(_text(title, 60), fontsize=11)
-    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=12, color=_GREY,
-            transform=ax.transAxes)
+    ax.text(
+        0.5,
+        0.5,
+        message,
+        ha="center",
+        va="center",
+        fontsize=12,
+        color=_GREY,
+        transform=ax.transAxes,
+    )
     return _png(fig)
 
 
 def _empty_panel(ax, title: str, message: str) -> None:
     ax.set_axis_off()
     ax.set_title(title, fontsize=10)
-    ax.text(0.5, 0.5, message, ha="center", va="center", fontsize=10, color=_GREY,
-            transform=ax.transAxes)
+    ax.text(
+        0.5,
+        0.5,
+        message,
+        ha="center",
+        va="center",
+        fontsize=10,
+        color=_GREY,
+        transform=ax.transAxes,
+    )
 
 
 def _category_axis(ax, names: Sequence[str], axis: str = "x") -> None:
@@ -127,14 +144,19 @@ def _category_axis(ax, names: Sequence[str], axis: str = "x") -> None:
     if len(names) > _MAX_TICK_LABELS:
         set_ticks([])
         (ax.set_xlabel if axis == "x" else ax.set_ylabel)(
-            f"{len(names)} classes (labels omitted)", fontsize=9)
+            f"{len(names)} classes (labels omitted)", fontsize=9
+        )
         return
     labels = [_text(n, 18) for n in names]
     set_ticks(positions)
     if axis == "x":
         long = len(names) > 8 or max((len(s) for s in labels), default=0) > 6
-        ax.set_xticklabels(labels, rotation=45 if long else 0, ha="right" if long else "center",
-                           fontsize=8 if len(names) <= 20 else 6)
+        ax.set_xticklabels(
+            labels,
+            rotation=45 if long else 0,
+            ha="right" if long else "center",
+            fontsize=8 if len(names) <= 20 else 6,
+        )
     else:
         ax.set_yticklabels(labels, fontsize=8 if len(names) <= 20 else 6)
 
@@ -148,8 +170,12 @@ def _counts(counts: Mapping[Any, Any] | None) -> tuple[list[str], np.ndarray]:
 
 
 def _bar_labels(ax, bars, values: np.ndarray, fontsize: int = 7) -> None:
-    ax.bar_label(bars, labels=[f"{int(v):,}" if float(v).is_integer() else f"{v:.3g}"
-                               for v in values], fontsize=fontsize, padding=1)
+    ax.bar_label(
+        bars,
+        labels=[f"{int(v):,}" if float(v).is_integer() else f"{v:.3g}" for v in values],
+        fontsize=fontsize,
+        padding=1,
+    )
 
 
 # --------------------------------------------------------------------------- class balance
@@ -180,9 +206,12 @@ def class_balance(counts: Mapping[str, int], title: str = "Class balance") -> by
     return _png(fig)
 
 
-def class_balance_compare(before: Mapping[str, int], after: Mapping[str, int],
-                          labels: Sequence[str] = ("before", "after"),
-                          title: str = "Class balance") -> bytes:
+def class_balance_compare(
+    before: Mapping[str, int],
+    after: Mapping[str, int],
+    labels: Sequence[str] = ("before", "after"),
+    title: str = "Class balance",
+) -> bytes:
     """Grouped bars per class, e.g. before and after oversampling/augmentation."""
     before = before if isinstance(before, Mapping) else {}
     after = after if isinstance(after, Mapping) else {}
@@ -209,8 +238,9 @@ def class_balance_compare(before: Mapping[str, int], after: Mapping[str, int],
     ax.set_ylabel("examples", fontsize=9)
     ax.margins(y=0.15)
     fig.legend(loc="outside right upper", fontsize=8, frameon=False)
-    ax.set_title(f"{_text(title, 40)}  (n: {int(vb.sum()):,} \u2192 {int(va.sum()):,})",
-                 fontsize=11)
+    ax.set_title(
+        f"{_text(title, 40)}  (n: {int(vb.sum()):,} \u2192 {int(va.sum()):,})", fontsize=11
+    )
     return _png(fig)
 
 
@@ -232,8 +262,10 @@ def learning_curves(history: Sequence[Mapping[str, Any]], title: str = "Learning
     order = np.argsort(epochs, kind="stable")
     rows = [rows[i] for i in order]
     epochs = epochs[order]
-    series = {key: _nums(r.get(key) for r in rows)
-              for key in ("train_loss", "val_loss", "val_accuracy", "lr")}
+    series = {
+        key: _nums(r.get(key) for r in rows)
+        for key in ("train_loss", "val_loss", "val_accuracy", "lr")
+    }
     has = {key: bool(np.isfinite(v).any()) for key, v in series.items()}
 
     fig = _figure(WIDE)
@@ -245,17 +277,32 @@ def learning_curves(history: Sequence[Mapping[str, Any]], title: str = "Learning
         best = int(np.nanargmin(series["val_loss"]))
     if has["train_loss"] or has["val_loss"]:
         _style(ax_loss, integer_x=True)
-        for key, color, label in (("train_loss", _BLUE, "train"),
-                                  ("val_loss", _ORANGE, "validation")):
+        for key, color, label in (
+            ("train_loss", _BLUE, "train"),
+            ("val_loss", _ORANGE, "validation"),
+        ):
             if has[key]:
                 ok = np.isfinite(series[key])
-                ax_loss.plot(epochs[ok], series[key][ok], color=color, marker=marker,
-                             markersize=3, linewidth=1.5, label=label)
+                ax_loss.plot(
+                    epochs[ok],
+                    series[key][ok],
+                    color=color,
+                    marker=marker,
+                    markersize=3,
+                    linewidth=1.5,
+                    label=label,
+                )
         if best is not None:
             ax_loss.axvline(epochs[best], color=_GREEN, linestyle="--", linewidth=1)
-            ax_loss.plot(epochs[best], series["val_loss"][best], marker="*", markersize=12,
-                         color=_GREEN, linestyle="none",
-                         label=f"best epoch {epochs[best]:g} ({series['val_loss'][best]:.4g})")
+            ax_loss.plot(
+                epochs[best],
+                series["val_loss"][best],
+                marker="*",
+                markersize=12,
+                color=_GREEN,
+                linestyle="none",
+                label=f"best epoch {epochs[best]:g} ({series['val_loss'][best]:.4g})",
+            )
         ax_loss.set_xlabel("epoch", fontsize=9)
         ax_loss.set_ylabel("loss", fontsize=9)
         ax_loss.set_title("Loss", fontsize=10)
@@ -267,11 +314,24 @@ def learning_curves(history: Sequence[Mapping[str, Any]], title: str = "Learning
         _style(ax_acc, integer_x=True)
         acc = series["val_accuracy"]
         ok = np.isfinite(acc)
-        ax_acc.plot(epochs[ok], acc[ok], color=_GREEN, marker=marker, markersize=3,
-                    linewidth=1.5, label="val accuracy")
+        ax_acc.plot(
+            epochs[ok],
+            acc[ok],
+            color=_GREEN,
+            marker=marker,
+            markersize=3,
+            linewidth=1.5,
+            label="val accuracy",
+        )
         top = int(np.nanargmax(acc))
-        ax_acc.annotate(f"max {acc[top]:.4g}", (epochs[top], acc[top]), xytext=(0, 6),
-                        textcoords="offset points", ha="center", fontsize=8)
+        ax_acc.annotate(
+            f"max {acc[top]:.4g}",
+            (epochs[top], acc[top]),
+            xytext=(0, 6),
+            textcoords="offset points",
+            ha="center",
+            fontsize=8,
+        )
         if best is not None:
             ax_acc.axvline(epochs[best], color=_GREEN, linestyle="--", linewidth=1)
         ax_acc.set_xlabel("epoch", fontsize=9)
@@ -298,8 +358,12 @@ def learning_curves(history: Sequence[Mapping[str, Any]], title: str = "Learning
     return _png(fig)
 
 
-def tuning_trials(trials: Sequence[Mapping[str, Any]], objective: str = "objective",
-                  goal: str = "maximize", title: str = "Hyperparameter search") -> bytes:
+def tuning_trials(
+    trials: Sequence[Mapping[str, Any]],
+    objective: str = "objective",
+    goal: str = "maximize",
+    title: str = "Hyperparameter search",
+) -> bytes:
     """Objective per trial (by state) with the best-so-far line, and per-epoch curves.
 
     `goal` is "maximize" or "minimize" (anything starting with "max"/"min").
@@ -333,23 +397,45 @@ def tuning_trials(trials: Sequence[Mapping[str, Any]], objective: str = "objecti
         color = _STATE_COLORS.get(state, _GREY)
         label = f"{_text(state.lower(), 12)} ({counts[state]})"
         if mask.any():
-            ax_val.scatter(numbers[mask], values[mask], s=22, color=color, alpha=0.85,
-                           label=label, zorder=3)
+            ax_val.scatter(
+                numbers[mask], values[mask], s=22, color=color, alpha=0.85, label=label, zorder=3
+            )
         if missing.any():  # no final value (failed, pruned): a cross on the x axis
-            ax_val.scatter(numbers[missing], np.full(missing.sum(), 0.02), marker="x", s=25,
-                           color=color, transform=ax_val.get_xaxis_transform(), zorder=3,
-                           label=f"{label}, no value" if mask.any() else label)
+            ax_val.scatter(
+                numbers[missing],
+                np.full(missing.sum(), 0.02),
+                marker="x",
+                s=25,
+                color=color,
+                transform=ax_val.get_xaxis_transform(),
+                zorder=3,
+                label=f"{label}, no value" if mask.any() else label,
+            )
     complete = np.array([s == "COMPLETE" for s in states]) & np.isfinite(values)
     if complete.any():
         vals = np.where(complete, values, -np.inf if maximize else np.inf)
         best_so_far = np.maximum.accumulate(vals) if maximize else np.minimum.accumulate(vals)
         shown = np.isfinite(best_so_far)
-        ax_val.step(numbers[shown], best_so_far[shown], where="post", color=_GREEN,
-                    linewidth=1.5, label="best so far")
+        ax_val.step(
+            numbers[shown],
+            best_so_far[shown],
+            where="post",
+            color=_GREEN,
+            linewidth=1.5,
+            label="best so far",
+        )
         best = int(np.nanargmax(vals) if maximize else np.nanargmin(vals))
-        ax_val.scatter([numbers[best]], [values[best]], marker="*", s=160, color=_GREEN,
-                       edgecolor="black", linewidth=0.5, zorder=4,
-                       label=f"best: trial {numbers[best]:g} ({values[best]:.4g})")
+        ax_val.scatter(
+            [numbers[best]],
+            [values[best]],
+            marker="*",
+            s=160,
+            color=_GREEN,
+            edgecolor="black",
+            linewidth=0.5,
+            zorder=4,
+            label=f"best: trial {numbers[best]:g} ({values[best]:.4g})",
+        )
     else:
         best = None
     ax_val.set_xlabel("trial", fontsize=9)
@@ -357,7 +443,8 @@ def tuning_trials(trials: Sequence[Mapping[str, Any]], objective: str = "objecti
     ax_val.set_title(f"{obj} per trial ({'max' if maximize else 'min'}imize)", fontsize=10)
     ax_val.legend(fontsize=7, frameon=False)
 
-    curves = [(_nums(t.get("intermediate")), s, i) for i, (t, s) in enumerate(zip(rows, states))]
+    pairs = enumerate(zip(rows, states, strict=False))
+    curves = [(_nums(t.get("intermediate")), s, i) for i, (t, s) in pairs]
     curves = [(c, s, i) for c, s, i in curves if np.isfinite(c).any()]
     if curves:
         _style(ax_int, integer_x=True)
@@ -366,15 +453,23 @@ def tuning_trials(trials: Sequence[Mapping[str, Any]], objective: str = "objecti
             steps = np.arange(1, len(curve) + 1)
             ok = np.isfinite(curve)
             is_best = i == best
-            ax_int.plot(steps[ok], curve[ok], linestyle=styles.get(state, "-."),
-                        color=_GREEN if is_best else _STATE_COLORS.get(state, _GREY),
-                        linewidth=2.2 if is_best else 1.0, alpha=1.0 if is_best else 0.6,
-                        zorder=3 if is_best else 2)
+            ax_int.plot(
+                steps[ok],
+                curve[ok],
+                linestyle=styles.get(state, "-."),
+                color=_GREEN if is_best else _STATE_COLORS.get(state, _GREY),
+                linewidth=2.2 if is_best else 1.0,
+                alpha=1.0 if is_best else 0.6,
+                zorder=3 if is_best else 2,
+            )
             if state == "PRUNED" and ok.any():
                 last = np.flatnonzero(ok)[-1]
                 ax_int.plot(steps[last], curve[last], marker="x", color=_ORANGE, markersize=5)
-        handles = [Line2D([], [], color=_STATE_COLORS[s], linestyle=styles[s], label=s.lower())
-                   for s in ("COMPLETE", "PRUNED", "FAIL") if s in {c[1] for c in curves}]
+        handles = [
+            Line2D([], [], color=_STATE_COLORS[s], linestyle=styles[s], label=s.lower())
+            for s in ("COMPLETE", "PRUNED", "FAIL")
+            if s in {c[1] for c in curves}
+        ]
         if best is not None and any(c[2] == best for c in curves):
             handles.append(Line2D([], [], color=_GREEN, linewidth=2.2, label="best trial"))
         ax_int.legend(handles=handles, fontsize=7, frameon=False)
@@ -391,8 +486,12 @@ def tuning_trials(trials: Sequence[Mapping[str, Any]], objective: str = "objecti
 # --------------------------------------------------------------------------- evaluation
 
 
-def confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str],
-                     normalize: bool = True, title: str = "Confusion matrix") -> bytes:
+def confusion_matrix(
+    matrix: Sequence[Sequence[int]],
+    class_names: Sequence[str],
+    normalize: bool = True,
+    title: str = "Confusion matrix",
+) -> bytes:
     """Heatmap of true (rows) vs predicted (columns) classes.
 
     With `normalize`, colors are row fractions (recall per class) and cells
@@ -421,8 +520,9 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str]
     side = min(max(4.2 + 0.22 * n, 4.8), 9.0)
     fig = _figure(side + 0.8, side)
     ax = fig.add_subplot()
-    image = ax.imshow(shown, cmap="Blues", vmin=0.0, vmax=vmax, aspect="auto",
-                      interpolation="nearest")
+    image = ax.imshow(
+        shown, cmap="Blues", vmin=0.0, vmax=vmax, aspect="auto", interpolation="nearest"
+    )
     cbar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.02)
     cbar.ax.tick_params(labelsize=7)
     cbar.set_label("fraction of true class" if normalize else "count", fontsize=8)
@@ -434,8 +534,15 @@ def confusion_matrix(matrix: Sequence[Sequence[int]], class_names: Sequence[str]
                 label = f"{count:,}"
                 if normalize and n <= 10:
                     label += f"\n{100 * shown[i, j]:.0f}%"
-                ax.text(j, i, label, ha="center", va="center", fontsize=size,
-                        color="white" if shown[i, j] > 0.55 * vmax else "black")
+                ax.text(
+                    j,
+                    i,
+                    label,
+                    ha="center",
+                    va="center",
+                    fontsize=size,
+                    color="white" if shown[i, j] > 0.55 * vmax else "black",
+                )
     _category_axis(ax, col_names, "x")
     _category_axis(ax, row_names, "y")
     if n <= _MAX_TICK_LABELS:
@@ -490,11 +597,23 @@ def roc_curves(curves: Mapping[str, Mapping[str, Any]], title: str = "ROC curves
     ax.plot([0, 1], [0, 1], color=_GREY, linestyle=":", linewidth=1, label="chance")
     colors = [f"C{i}" for i in range(10)]
     for k, (name, fpr, tpr, auc, _) in enumerate(per_class[:_MAX_ROC_CURVES]):
-        ax.plot(fpr, tpr, color=colors[k % 10], linewidth=1.3, drawstyle="default",
-                label=f"{_text(name, 16)} (AUC {auc:.3f})")
+        ax.plot(
+            fpr,
+            tpr,
+            color=colors[k % 10],
+            linewidth=1.3,
+            drawstyle="default",
+            label=f"{_text(name, 16)} (AUC {auc:.3f})",
+        )
     for k, (name, fpr, tpr, auc, _) in enumerate(aggregates):
-        ax.plot(fpr, tpr, color="black", linestyle=["--", "-.", ":"][k % 3], linewidth=2,
-                label=f"{_text(name, 16)} (AUC {auc:.3f})")
+        ax.plot(
+            fpr,
+            tpr,
+            color="black",
+            linestyle=["--", "-.", ":"][k % 3],
+            linewidth=2,
+            label=f"{_text(name, 16)} (AUC {auc:.3f})",
+        )
     if hidden:
         ax.plot([], [], " ", label=f"+{hidden} more classes not shown")
     ax.set_xlim(-0.01, 1.01)
@@ -512,9 +631,12 @@ def roc_curves(curves: Mapping[str, Mapping[str, Any]], title: str = "ROC curves
 # --------------------------------------------------------------------------- compression
 
 
-def compression_tradeoff(variants: Sequence[Mapping[str, Any]], baseline_accuracy: float | None,
-                         budget: float | None,
-                         title: str = "Compression: size vs accuracy") -> bytes:
+def compression_tradeoff(
+    variants: Sequence[Mapping[str, Any]],
+    baseline_accuracy: float | None,
+    budget: float | None,
+    title: str = "Compression: size vs accuracy",
+) -> bytes:
     """Model size (gzip KiB, else raw) vs accuracy for each compressed variant.
 
     Points are colored by CPU latency; the dashed line is the accuracy floor
@@ -539,28 +661,61 @@ def compression_tradeoff(variants: Sequence[Mapping[str, Any]], baseline_accurac
     _style(ax)
     timed = ok & np.isfinite(latency)
     if timed.any():
-        points = ax.scatter(sizes[timed], accuracy[timed], c=latency[timed], cmap="viridis",
-                            s=45, edgecolor="black", linewidth=0.4, zorder=3)
+        points = ax.scatter(
+            sizes[timed],
+            accuracy[timed],
+            c=latency[timed],
+            cmap="viridis",
+            s=45,
+            edgecolor="black",
+            linewidth=0.4,
+            zorder=3,
+        )
         cbar = fig.colorbar(points, ax=ax, pad=0.02)
         cbar.set_label("CPU latency (ms)", fontsize=8)
         cbar.ax.tick_params(labelsize=7)
     untimed = ok & ~np.isfinite(latency)
     if untimed.any():
-        ax.scatter(sizes[untimed], accuracy[untimed], color="white" if timed.any() else _BLUE,
-                   s=45, edgecolor="black", linewidth=0.6, zorder=3,
-                   label="latency not measured" if timed.any() else None)
+        ax.scatter(
+            sizes[untimed],
+            accuracy[untimed],
+            color="white" if timed.any() else _BLUE,
+            s=45,
+            edgecolor="black",
+            linewidth=0.6,
+            zorder=3,
+            label="latency not measured" if timed.any() else None,
+        )
     for i in np.flatnonzero(ok):
-        ax.annotate(_text(names[i], 18), (sizes[i], accuracy[i]), xytext=(6, 6),
-                    textcoords="offset points", fontsize=7)
+        ax.annotate(
+            _text(names[i], 18),
+            (sizes[i], accuracy[i]),
+            xytext=(6, 6),
+            textcoords="offset points",
+            fontsize=7,
+        )
     pick = ok & chosen
     if pick.any():
-        ax.scatter(sizes[pick], accuracy[pick], s=220, facecolor="none", edgecolor=_RED,
-                   linewidth=2, zorder=4, label="chosen")
+        ax.scatter(
+            sizes[pick],
+            accuracy[pick],
+            s=220,
+            facecolor="none",
+            edgecolor=_RED,
+            linewidth=2,
+            zorder=4,
+            label="chosen",
+        )
     if math.isfinite(base):
         ax.axhline(base, color=_GREY, linestyle=":", linewidth=1, label=f"baseline {base:.4g}")
     if math.isfinite(floor):
-        ax.axhline(floor, color=_RED, linestyle="--", linewidth=1,
-                   label=f"floor (baseline \u2212 {_num(budget):.3g}) {floor:.4g}")
+        ax.axhline(
+            floor,
+            color=_RED,
+            linestyle="--",
+            linewidth=1,
+            label=f"floor (baseline \u2212 {_num(budget):.3g}) {floor:.4g}",
+        )
         ax.axhspan(min(floor, np.nanmin(accuracy[ok])) - 1.0, floor, color=_RED, alpha=0.06)
     shown = sizes[ok]
     if shown.size > 1 and shown.max() / shown.min() > 20:

@@ -44,17 +44,23 @@ def load(path: Path, map_location: torch.device | str) -> dict[str, Any] | None:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        raise KubetrainError(f"refused to resume from checkpoint {path}: it holds Python objects "
-                             "a kubetrain checkpoint never contains (it may be crafted to run "
-                             "code); delete it to train from the start") from None
+        raise KubetrainError(
+            f"refused to resume from checkpoint {path}: it holds Python objects "
+            "a kubetrain checkpoint never contains (it may be crafted to run "
+            "code); delete it to train from the start"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - RuntimeError (bad zip), EOFError, OSError, ...
         reason = str(exc).strip().split("\n")[0].split(". ")[0][:200] or "unreadable"
-        raise KubetrainError(f"cannot resume from checkpoint {path} ({type(exc).__name__}: "
-                             f"{reason}); delete it to train from the start") from None
+        raise KubetrainError(
+            f"cannot resume from checkpoint {path} ({type(exc).__name__}: "
+            f"{reason}); delete it to train from the start"
+        ) from None
     if not isinstance(state, dict):
-        raise KubetrainError(f"cannot resume from checkpoint {path}: it holds a "
-                             f"{type(state).__name__}, not a kubetrain checkpoint; delete it "
-                             "to train from the start")
+        raise KubetrainError(
+            f"cannot resume from checkpoint {path}: it holds a "
+            f"{type(state).__name__}, not a kubetrain checkpoint; delete it "
+            "to train from the start"
+        )
     return state
 
 
@@ -68,5 +74,7 @@ def save(path: Path, state: dict[str, Any]) -> None:
     except (OSError, RuntimeError) as exc:  # torch's zip writer reports ENOSPC as RuntimeError
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)
-        raise KubetrainError(f"cannot write checkpoint {path} ({type(exc).__name__}: {exc}); "
-                             f"check free space and write access under {path.parent}") from None
+        raise KubetrainError(
+            f"cannot write checkpoint {path} ({type(exc).__name__}: {exc}); "
+            f"check free space and write access under {path.parent}"
+        ) from None

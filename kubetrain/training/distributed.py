@@ -32,8 +32,9 @@ import subprocess
 import sys
 import tempfile
 from collections import deque
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -44,7 +45,11 @@ from kubetrain.core.errors import KubetrainError, require
 ENTRY_MODULE = "kubetrain.cli.train_entry"
 #: What `kubetrain.cli.train_entry` writes under ``--output`` (rank 0 only); meta.json comes last.
 OUTPUT_MODEL, OUTPUT_METRICS, OUTPUT_REPORT, OUTPUT_META = (
-    "model", "metrics.json", "report.html", "meta.json")
+    "model",
+    "metrics.json",
+    "report.html",
+    "meta.json",
+)
 #: Marker of the one line a failing rank prints before exiting non-zero.
 FAILED = re.compile(r"rank (\d+) failed: (.*)$")
 RANK_PREFIX = re.compile(r"^\[rank(\d+)\]:\s*(.*)$")
@@ -71,11 +76,14 @@ def world(environ: dict[str, str] | None = None) -> World:
         raise KubetrainError(
             f"RANK={env.get('RANK')!r}, LOCAL_RANK={env.get('LOCAL_RANK')!r}, "
             f"WORLD_SIZE={env.get('WORLD_SIZE')!r} must be whole numbers; start the "
-            "processes with torchrun (it sets them)") from None
+            "processes with torchrun (it sets them)"
+        ) from None
     if environ is None and dist.is_available() and dist.is_initialized():
         rank, size = dist.get_rank(), dist.get_world_size()
-    require(size >= 1 and 0 <= rank < size and local_rank >= 0,
-            f"RANK={rank} is not within WORLD_SIZE={size}; start the processes with torchrun")
+    require(
+        size >= 1 and 0 <= rank < size and local_rank >= 0,
+        f"RANK={rank} is not within WORLD_SIZE={size}; start the processes with torchrun",
+    )
     return World(rank, local_rank, size)
 
 
@@ -97,15 +105,19 @@ def init(backend: str | None = None, timeout_s: float = 1800.0) -> Iterator[Worl
     if me.world_size == 1 or dist.is_initialized():
         yield me
         return
-    require(dist.is_available(), "this torch build has no torch.distributed; install the "
-                                 "standard torch wheel")
+    require(
+        dist.is_available(),
+        "this torch build has no torch.distributed; install the standard torch wheel",
+    )
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     require(backend in ("nccl", "gloo"), f"backend={backend!r}: use nccl (GPUs) or gloo (CPU)")
     if backend == "nccl":
-        require(torch.cuda.is_available() and me.local_rank < torch.cuda.device_count(),
-                f"rank {me.rank} needs GPU {me.local_rank} but "
-                f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} are "
-                "visible; request one GPU per process (numProcPerNode = GPUs per node)")
+        require(
+            torch.cuda.is_available() and me.local_rank < torch.cuda.device_count(),
+            f"rank {me.rank} needs GPU {me.local_rank} but "
+            f"{torch.cuda.device_count() if torch.cuda.is_available() else 0} are "
+            "visible; request one GPU per process (numProcPerNode = GPUs per node)",
+        )
         torch.cuda.set_device(me.local_rank)
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
     try:
@@ -115,6 +127,7 @@ def init(backend: str | None = None, timeout_s: float = 1800.0) -> Iterator[Worl
 
 
 # --- splitting the data ------------------------------------------------------------
+
 
 def shard_order(order: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """This rank's slice ``rank::world`` of ``order``, padded by wrapping around.
@@ -127,7 +140,7 @@ def shard_order(order: torch.Tensor, rank: int, world_size: int) -> torch.Tensor
     require(n > 0, "cannot shard an empty split")
     require(0 <= rank < world_size, f"rank {rank} is not within world size {world_size}")
     per_rank = -(-n // world_size)
-    padded = order.repeat(-(-per_rank * world_size // n))[:per_rank * world_size]
+    padded = order.repeat(-(-per_rank * world_size // n))[: per_rank * world_size]
     return padded[rank::world_size]
 
 
@@ -138,9 +151,13 @@ def rank_seed(seed: int, epoch: int, rank: int) -> int:
 
 # --- collectives ---------------------------------------------------------------------
 
+
 def _device() -> torch.device:
-    return (torch.device("cuda", torch.cuda.current_device())
-            if dist.get_backend() == "nccl" else torch.device("cpu"))
+    return (
+        torch.device("cuda", torch.cuda.current_device())
+        if dist.get_backend() == "nccl"
+        else torch.device("cpu")
+    )
 
 
 def all_reduce_sum(values: Sequence[float]) -> list[float]:
@@ -171,30 +188,44 @@ def wrap(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     if device.type == "cuda":
-        return DistributedDataParallel(model, device_ids=[device.index],
-                                       output_device=device.index)
+        return DistributedDataParallel(model, device_ids=[device.index], output_device=device.index)
     return DistributedDataParallel(model)
 
 
 # --- local launcher ------------------------------------------------------------------
 
+
 def torchrun_command(nproc: int, args: Sequence[str], module: str = ENTRY_MODULE) -> list[str]:
     """The command that runs ``module`` on ``nproc`` local processes."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc-per-node={nproc}", "-m", module, *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        module,
+        *args,
+    ]
 
 
-def run_local_ddp(nproc: int, args: Sequence[str], module: str = ENTRY_MODULE,
-                  env: dict[str, str] | None = None,
-                  echo: Callable[[str], None] | None = None) -> None:
+def run_local_ddp(
+    nproc: int,
+    args: Sequence[str],
+    module: str = ENTRY_MODULE,
+    env: dict[str, str] | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> None:
     """Run ``module`` with ``args`` on ``nproc`` local processes via torchrun; wait for it.
 
     Output streams through ``echo`` (default: this process's stdout) as it
     comes. A non-zero exit raises `KubetrainError` with the failing rank's own
     error line (the first rank to fail, as torchrun reports it).
     """
-    require(isinstance(nproc, int) and nproc >= 1,
-            f"nproc={nproc!r}: the number of training processes must be at least 1")
+    require(
+        isinstance(nproc, int) and nproc >= 1,
+        f"nproc={nproc!r}: the number of training processes must be at least 1",
+    )
     echo = echo or (lambda line: print(line, flush=True))
     child_env = dict(os.environ if env is None else env)
     # torchrun pins OMP_NUM_THREADS=1 when unset; the ranks share this machine's cores.
@@ -202,11 +233,18 @@ def run_local_ddp(nproc: int, args: Sequence[str], module: str = ENTRY_MODULE,
     child_env.setdefault("PYTHONUNBUFFERED", "1")
     tail: deque[str] = deque(maxlen=400)
     try:
-        proc = subprocess.Popen(torchrun_command(nproc, args, module), stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, env=child_env, bufsize=1)
+        proc = subprocess.Popen(
+            torchrun_command(nproc, args, module),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=child_env,
+            bufsize=1,
+        )
     except OSError as exc:
-        raise KubetrainError(f"cannot start torchrun ({exc}); is torch installed in "
-                             f"{sys.executable}?") from None
+        raise KubetrainError(
+            f"cannot start torchrun ({exc}); is torch installed in {sys.executable}?"
+        ) from None
     assert proc.stdout is not None
     with proc:
         for raw in proc.stdout:
@@ -214,8 +252,9 @@ def run_local_ddp(nproc: int, args: Sequence[str], module: str = ENTRY_MODULE,
             tail.append(line)
             echo(line)
     if proc.returncode != 0:
-        raise KubetrainError(f"distributed training over {nproc} processes failed: "
-                             f"{failure_reason(list(tail))}")
+        raise KubetrainError(
+            f"distributed training over {nproc} processes failed: {failure_reason(list(tail))}"
+        )
 
 
 def failure_reason(lines: Sequence[str]) -> str:
@@ -223,7 +262,7 @@ def failure_reason(lines: Sequence[str]) -> str:
     root = None
     for i, line in enumerate(lines):
         if "Root Cause" in line:
-            for follow in lines[i:i + 8]:
+            for follow in lines[i : i + 8]:
                 m = re.search(r"rank\s*:\s*(\d+)", follow)
                 if m:
                     root = int(m.group(1))
@@ -240,8 +279,11 @@ def failure_reason(lines: Sequence[str]) -> str:
         rank, msg = (user or sorted(failures.items()))[0]
         return f"rank {rank}: {msg}"
     # An uncaught exception: torch prefixes the worker's traceback lines with [rankN]:.
-    errors = [ln.strip() for ln in lines if re.search(r"(Error|Exception)\b.*:", ln)
-              and "ChildFailedError" not in ln]
+    errors = [
+        ln.strip()
+        for ln in lines
+        if re.search(r"(Error|Exception)\b.*:", ln) and "ChildFailedError" not in ln
+    ]
     prefixed = [m for m in (RANK_PREFIX.match(ln) for ln in errors) if m]
     own = [m for m in prefixed if root is None or int(m.group(1)) == root] or prefixed
     if own:
@@ -262,11 +304,18 @@ def should_launch(nproc: int) -> bool:
     return nproc > 1 and not inside_worker()
 
 
-def train_distributed(train_path: str, val_path: str, hyperparameters: dict[str, Any] | None,
-                      model_path: str, metrics_path: str, report_path: str,
-                      settings: dict[str, Any] | None, nproc: int,
-                      checkpoint_dir: str | None = None,
-                      echo: Callable[[str], None] | None = None) -> dict[str, Any]:
+def train_distributed(
+    train_path: str,
+    val_path: str,
+    hyperparameters: dict[str, Any] | None,
+    model_path: str,
+    metrics_path: str,
+    report_path: str,
+    settings: dict[str, Any] | None,
+    nproc: int,
+    checkpoint_dir: str | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """`kubetrain.stages.train_stage` over ``nproc`` local DDP processes: same outputs, same meta.
 
     Runs ``torchrun --standalone --nproc-per-node N -m kubetrain.cli.train_entry``,
@@ -276,18 +325,32 @@ def train_distributed(train_path: str, val_path: str, hyperparameters: dict[str,
     from kubetrain.data.datasets import atomic_dir, atomic_file
 
     require(isinstance(nproc, int) and nproc >= 1, f"nproc={nproc!r} must be at least 1")
-    require(not inside_worker(), "train_distributed was called inside a torchrun worker; "
-                                 "the train stage launches processes only when should_launch()")
+    require(
+        not inside_worker(),
+        "train_distributed was called inside a torchrun worker; "
+        "the train stage launches processes only when should_launch()",
+    )
     with tempfile.TemporaryDirectory(prefix="kubetrain-ddp-") as tmp:
         out = Path(tmp) / "out"
-        args = ["--train", str(train_path), "--validation", str(val_path), "--output", str(out),
-                "--hyperparameters", json.dumps(hyperparameters or {}),
-                "--settings", json.dumps(settings or {})]
+        args = [
+            "--train",
+            str(train_path),
+            "--validation",
+            str(val_path),
+            "--output",
+            str(out),
+            "--hyperparameters",
+            json.dumps(hyperparameters or {}),
+            "--settings",
+            json.dumps(settings or {}),
+        ]
         if checkpoint_dir:
             args += ["--checkpoint-dir", str(checkpoint_dir)]
         run_local_ddp(nproc, args, echo=echo)
-        require((out / OUTPUT_META).is_file(), f"distributed training wrote no {OUTPUT_META} "
-                                               f"under {out}; see the log above")
+        require(
+            (out / OUTPUT_META).is_file(),
+            f"distributed training wrote no {OUTPUT_META} under {out}; see the log above",
+        )
         with atomic_dir(model_path) as dest:
             shutil.copytree(out / OUTPUT_MODEL, dest, dirs_exist_ok=True)
         for name, target in ((OUTPUT_METRICS, metrics_path), (OUTPUT_REPORT, report_path)):

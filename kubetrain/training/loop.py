@@ -85,8 +85,10 @@ def describe(train: TrainConfig, hyper: HyperConfig, seed: int, epochs: int) -> 
 
 def pick_device(requested: str) -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
-        raise KubetrainError("device=cuda but no CUDA GPU is visible; use --device auto "
-                             "or cpu, or schedule the step on a GPU node")
+        raise KubetrainError(
+            "device=cuda but no CUDA GPU is visible; use --device auto "
+            "or cpu, or schedule the step on a GPU node"
+        )
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(requested)
@@ -97,16 +99,20 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
-def make_optimizer(model: nn.Module, train: TrainConfig,
-                   hyper: HyperConfig) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module, train: TrainConfig, hyper: HyperConfig
+) -> torch.optim.Optimizer:
     # No weight decay on biases: decaying them only hurts.
     decay = [p for n, p in model.named_parameters() if p.ndim > 1]
     rest = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": hyper.weight_decay},
-              {"params": rest, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": hyper.weight_decay},
+        {"params": rest, "weight_decay": 0.0},
+    ]
     if train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=hyper.learning_rate, momentum=train.momentum,
-                               nesterov=train.momentum > 0)
+        return torch.optim.SGD(
+            groups, lr=hyper.learning_rate, momentum=train.momentum, nesterov=train.momentum > 0
+        )
     if train.optimizer == "adam":
         # Adam's weight_decay is L2 added to the gradient; AdamW decouples it.
         return torch.optim.Adam(groups, lr=hyper.learning_rate)
@@ -123,10 +129,20 @@ def make_schedule(opt: torch.optim.Optimizer, train: TrainConfig, epochs: int):
 
 # --- fit ---------------------------------------------------------------------------------
 
-def fit(train: TrainConfig, hyper: HyperConfig, seed: int, train_data: Split, val_data: Split,
-        schema: Schema, epochs: int, hook: EpochHook | None = None,
-        checkpoint_dir: str | None = None, stage: str = "train",
-        verbose: bool = True) -> FitResult:
+
+def fit(
+    train: TrainConfig,
+    hyper: HyperConfig,
+    seed: int,
+    train_data: Split,
+    val_data: Split,
+    schema: Schema,
+    epochs: int,
+    hook: EpochHook | None = None,
+    checkpoint_dir: str | None = None,
+    stage: str = "train",
+    verbose: bool = True,
+) -> FitResult:
     """Train with early stopping on validation loss; returns the best epoch's weights.
 
     With ``checkpoint_dir`` every epoch ends with a checkpoint there, and a run
@@ -151,26 +167,42 @@ def fit(train: TrainConfig, hyper: HyperConfig, seed: int, train_data: Split, va
         train_loss = loop.train_epoch(epoch)
         val_loss, val_acc = loop.validate()
         _check_finite(epoch, train_loss, val_loss, hyper.learning_rate)
-        so_far.record({"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-                       "val_accuracy": val_acc, "lr": lr,
-                       "seconds": time.perf_counter() - t0}, loop.net)
+        so_far.record(
+            {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "val_loss": val_loss,
+                "val_accuracy": val_acc,
+                "lr": lr,
+                "seconds": time.perf_counter() - t0,
+            },
+            loop.net,
+        )
         if ckpt and where.rank == 0:  # before the hook: a preempted trial loses nothing
             checkpoint.save(ckpt, loop.state_dict(config, so_far))
         if verbose:
-            _log_epoch(stage, so_far.history[-1], epochs,
-                       progress.eta(started, epoch - first + 1, epochs - first + 1))
+            _log_epoch(
+                stage,
+                so_far.history[-1],
+                epochs,
+                progress.eta(started, epoch - first + 1, epochs - first + 1),
+            )
         if _hook_stops(hook, epoch, val_loss, val_acc, where.ddp):
             stopped_by_hook = True
             break
         if so_far.epochs_without_gain >= train.patience:
             if verbose:
-                progress.log(stage, f"early stop: no validation-loss gain for {train.patience} "
-                                    f"epochs; best epoch {so_far.best_epoch}")
+                progress.log(
+                    stage,
+                    f"early stop: no validation-loss gain for {train.patience} "
+                    f"epochs; best epoch {so_far.best_epoch}",
+                )
             break
     return _result(loop, spec, so_far, started, stopped_by_hook, config)
 
 
 # --- the pieces of fit -------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class _Placement:
@@ -193,19 +225,25 @@ def _place(requested: str) -> _Placement:
 
 def _check_splits(train_data: Split, val_data: Split, schema: Schema) -> None:
     (X_tr, _), (X_va, _) = train_data, val_data
-    require(len(X_tr) > 0 and len(X_va) > 0, "training and validation splits must not be "
-                                             "empty; lower --test-fraction/--val-fraction")
-    require(X_tr.shape[1] == len(schema.feature_names) == X_va.shape[1],
-            f"feature count mismatch: train has {X_tr.shape[1]}, validation {X_va.shape[1]}, "
-            f"schema {len(schema.feature_names)}; re-run clean on the same table")
+    require(
+        len(X_tr) > 0 and len(X_va) > 0,
+        "training and validation splits must not be empty; lower --test-fraction/--val-fraction",
+    )
+    require(
+        X_tr.shape[1] == len(schema.feature_names) == X_va.shape[1],
+        f"feature count mismatch: train has {X_tr.shape[1]}, validation {X_va.shape[1]}, "
+        f"schema {len(schema.feature_names)}; re-run clean on the same table",
+    )
 
 
 def _check_finite(epoch: int, train_loss: float, val_loss: float, learning_rate: float) -> None:
     # A non-finite loss would otherwise end up in the history and break the JSON metrics.
     if not (math.isfinite(val_loss) and math.isfinite(train_loss)):
-        raise KubetrainError(f"training diverged at epoch {epoch} (train loss {train_loss}, "
-                             f"validation loss {val_loss}); lower --learning-rate "
-                             f"(now {learning_rate})")
+        raise KubetrainError(
+            f"training diverged at epoch {epoch} (train loss {train_loss}, "
+            f"validation loss {val_loss}); lower --learning-rate "
+            f"(now {learning_rate})"
+        )
 
 
 @dataclass
@@ -231,12 +269,12 @@ class _Progress:
         if row["val_loss"] < self.best_loss - MIN_GAIN:
             self.best_loss, self.best_epoch = row["val_loss"], int(row["epoch"])
             # a copy: the live weights keep training (on the CPU, .cpu() alone would alias)
-            self.best_weights = {k: v.detach().to("cpu", copy=True)
-                                 for k, v in net.state_dict().items()}
+            self.best_weights = {
+                k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()
+            }
 
     def best_row(self) -> dict[str, float]:
-        return next((r for r in self.history if r["epoch"] == self.best_epoch),
-                    self.history[-1])
+        return next((r for r in self.history if r["epoch"] == self.best_epoch), self.history[-1])
 
 
 def _autocast(device: torch.device) -> Callable[[], AbstractContextManager]:
@@ -263,8 +301,17 @@ class _Loop:
     data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # X, y, X_val, y_val
 
     @classmethod
-    def start(cls, spec: ModelSpec, train: TrainConfig, hyper: HyperConfig, seed: int,
-              epochs: int, where: _Placement, train_data: Split, val_data: Split) -> _Loop:
+    def start(
+        cls,
+        spec: ModelSpec,
+        train: TrainConfig,
+        hyper: HyperConfig,
+        seed: int,
+        epochs: int,
+        where: _Placement,
+        train_data: Split,
+        val_data: Split,
+    ) -> _Loop:
         net = build(spec).to(where.device)  # same seed, same initial weights on every rank
         opt = make_optimizer(net, train, hyper)
         # Whole splits live on the device; index batching avoids per-batch host copies.
@@ -280,10 +327,19 @@ class _Loop:
         batch_rows = min(hyper.batch_size, len(train_data[0]))
         if where.ddp:  # the global batch stays batch_size: each rank takes its share of it
             batch_rows = max(1, batch_rows // where.world_size)
-        return cls(net=net, model=distributed.wrap(net, where.device) if where.ddp else net,
-                   opt=opt, sched=make_schedule(opt, train, epochs),
-                   gen=torch.Generator().manual_seed(seed), autocast=_autocast(where.device),
-                   where=where, seed=seed, l1=train.l1, batch_rows=batch_rows, data=data)
+        return cls(
+            net=net,
+            model=distributed.wrap(net, where.device) if where.ddp else net,
+            opt=opt,
+            sched=make_schedule(opt, train, epochs),
+            gen=torch.Generator().manual_seed(seed),
+            autocast=_autocast(where.device),
+            where=where,
+            seed=seed,
+            l1=train.l1,
+            batch_rows=batch_rows,
+            data=data,
+        )
 
     def train_epoch(self, epoch: int) -> float:
         """One pass over the training split; its mean loss over every row of every rank.
@@ -300,7 +356,7 @@ class _Loop:
         order = order.to(w.device)
         total = torch.zeros((), dtype=torch.float64, device=w.device)
         for i in range(0, len(order), self.batch_rows):
-            idx = order[i:i + self.batch_rows]
+            idx = order[i : i + self.batch_rows]
             loss = self._loss(X[idx], y[idx])
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -315,8 +371,7 @@ class _Loop:
         with self.autocast():
             loss = nn.functional.cross_entropy(self.model(X).float(), y)
         if self.l1 > 0:
-            loss = loss + self.l1 * sum(p.abs().sum() for p in self.net.parameters()
-                                        if p.ndim > 1)
+            loss = loss + self.l1 * sum(p.abs().sum() for p in self.net.parameters() if p.ndim > 1)
         return loss
 
     def validate(self) -> tuple[float, float]:
@@ -331,13 +386,22 @@ class _Loop:
         """Everything a resume needs, as tensors and plain values only (`checkpoint.load`
         reads with weights_only=True)."""
         on_cuda = self.where.device.type == "cuda"
-        return {"config": config, "epoch": so_far.epoch, "history": so_far.history,
-                "best": {"loss": so_far.best_loss, "epoch": so_far.best_epoch,
-                         "weights": so_far.best_weights},
-                "model": self.net.state_dict(), "optimizer": self.opt.state_dict(),
-                "schedule": self.sched.state_dict(), "generator": self.gen.get_state(),
-                "rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state(self.where.device) if on_cuda else None}
+        return {
+            "config": config,
+            "epoch": so_far.epoch,
+            "history": so_far.history,
+            "best": {
+                "loss": so_far.best_loss,
+                "epoch": so_far.best_epoch,
+                "weights": so_far.best_weights,
+            },
+            "model": self.net.state_dict(),
+            "optimizer": self.opt.state_dict(),
+            "schedule": self.sched.state_dict(),
+            "generator": self.gen.get_state(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.where.device) if on_cuda else None,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> _Progress:
         self.net.load_state_dict(state["model"])
@@ -348,12 +412,17 @@ class _Loop:
         if self.where.device.type == "cuda" and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), self.where.device)
         best = state["best"]
-        return _Progress(history=list(state["history"]), best_loss=best["loss"],
-                         best_epoch=best["epoch"], best_weights=best["weights"])
+        return _Progress(
+            history=list(state["history"]),
+            best_loss=best["loss"],
+            best_epoch=best["epoch"],
+            best_weights=best["weights"],
+        )
 
 
-def _resume(loop: _Loop, ckpt: Path | None, config: dict[str, Any],
-            log_stage: str | None) -> _Progress:
+def _resume(
+    loop: _Loop, ckpt: Path | None, config: dict[str, Any], log_stage: str | None
+) -> _Progress:
     """The progress of an interrupted run with the same `config`, restored into `loop`;
     a fresh start when there is none (other settings: another run, its checkpoint is
     overwritten)."""
@@ -376,35 +445,54 @@ def _resume(loop: _Loop, ckpt: Path | None, config: dict[str, Any],
 
 
 def _log_epoch(stage: str, row: dict[str, float], epochs: int, eta: str) -> None:
-    progress.log(stage, f"epoch {row['epoch']}/{epochs} | train_loss {row['train_loss']:.4f} | "
-                        f"val_loss {row['val_loss']:.4f} | val_acc {row['val_accuracy']:.4f} | "
-                        f"{row['seconds']:.2f}s/epoch | ETA {eta}")
+    progress.log(
+        stage,
+        f"epoch {row['epoch']}/{epochs} | train_loss {row['train_loss']:.4f} | "
+        f"val_loss {row['val_loss']:.4f} | val_acc {row['val_accuracy']:.4f} | "
+        f"{row['seconds']:.2f}s/epoch | ETA {eta}",
+    )
 
 
-def _hook_stops(hook: EpochHook | None, epoch: int, val_loss: float, val_acc: float,
-                ddp: bool) -> bool:
-    stop = bool(hook and hook(epoch, {"validation-accuracy": val_acc,
-                                      "validation-loss": val_loss}))
+def _hook_stops(
+    hook: EpochHook | None, epoch: int, val_loss: float, val_acc: float, ddp: bool
+) -> bool:
+    stop = bool(hook and hook(epoch, {"validation-accuracy": val_acc, "validation-loss": val_loss}))
     # no rank may leave the loop alone: the others would hang in the next collective
     return distributed.any_rank(stop) if ddp else stop
 
 
-def _result(loop: _Loop, spec: ModelSpec, so_far: _Progress, started: float,
-            stopped_by_hook: bool, config: dict[str, Any]) -> FitResult:
+def _result(
+    loop: _Loop,
+    spec: ModelSpec,
+    so_far: _Progress,
+    started: float,
+    stopped_by_hook: bool,
+    config: dict[str, Any],
+) -> FitResult:
     """The best epoch's model (on the CPU, in eval mode) and its metrics."""
     if so_far.best_weights is not None:
         loop.net.load_state_dict(so_far.best_weights)
     loop.net.eval()
     best = so_far.best_row()
-    metrics = {"val_loss": best["val_loss"], "val_accuracy": best["val_accuracy"],
-               "best_epoch": best["epoch"], "epochs_run": len(so_far.history),
-               "seconds": round(time.perf_counter() - started, 3),
-               "device": loop.where.device.type}
+    metrics = {
+        "val_loss": best["val_loss"],
+        "val_accuracy": best["val_accuracy"],
+        "best_epoch": best["epoch"],
+        "epochs_run": len(so_far.history),
+        "seconds": round(time.perf_counter() - started, 3),
+        "device": loop.where.device.type,
+    }
     if loop.where.ddp:
         metrics["processes"] = loop.where.world_size
-    return FitResult(model=loop.net.cpu(), spec=spec, history=so_far.history,
-                     best_epoch=best["epoch"], metrics=metrics,
-                     stopped_by_hook=stopped_by_hook, config=config)
+    return FitResult(
+        model=loop.net.cpu(),
+        spec=spec,
+        history=so_far.history,
+        best_epoch=best["epoch"],
+        metrics=metrics,
+        stopped_by_hook=stopped_by_hook,
+        config=config,
+    )
 
 
 @torch.no_grad()
@@ -418,8 +506,9 @@ def _evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, autocast) -> t
 
 
 @torch.no_grad()
-def _evaluate_sharded(model: nn.Module, X: torch.Tensor, y: torch.Tensor, autocast, rank: int,
-                      world_size: int) -> tuple[float, float]:
+def _evaluate_sharded(
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, autocast, rank: int, world_size: int
+) -> tuple[float, float]:
     """`_evaluate` over all ranks: each scores rows ``rank::world``, the sums are all-reduced."""
     model.eval()
     Xs, ys = X[rank::world_size], y[rank::world_size]

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from kubetrain.data.datasets import Schema, atomic_dir
 from kubetrain.core.errors import KubetrainError
 from kubetrain.core.integrity import verify_checksums, write_checksums
+from kubetrain.data.datasets import Schema, atomic_dir
 
 
 @dataclass
@@ -38,8 +38,12 @@ class MLP(nn.Module):
     def __init__(self, spec: ModelSpec):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(spec.num_features, spec.width), nn.ReLU(), nn.Dropout(spec.dropout),
-            nn.Linear(spec.width, spec.width), nn.ReLU(), nn.Dropout(spec.dropout),
+            nn.Linear(spec.num_features, spec.width),
+            nn.ReLU(),
+            nn.Dropout(spec.dropout),
+            nn.Linear(spec.width, spec.width),
+            nn.ReLU(),
+            nn.Dropout(spec.dropout),
             nn.Linear(spec.width, spec.num_classes),
         )
 
@@ -56,14 +60,20 @@ class SmallCNN(nn.Module):
         self.shape = (channels, height, width)
         pool = min(height, width) >= 4
         self.features = nn.Sequential(
-            nn.Conv2d(channels, 16, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(channels, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
             nn.MaxPool2d(2) if pool else nn.Identity(),
         )
         flat = 32 * (height // 2) * (width // 2) if pool else 32 * height * width
         self.head = nn.Sequential(
-            nn.Flatten(), nn.Dropout(spec.dropout), nn.Linear(flat, spec.width), nn.ReLU(),
-            nn.Dropout(spec.dropout), nn.Linear(spec.width, spec.num_classes),
+            nn.Flatten(),
+            nn.Dropout(spec.dropout),
+            nn.Linear(flat, spec.width),
+            nn.ReLU(),
+            nn.Dropout(spec.dropout),
+            nn.Linear(spec.width, spec.num_classes),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,28 +84,39 @@ def choose_arch(requested: str, schema: Schema) -> str:
     if requested == "auto":
         return "cnn" if schema.kind == "image" else "mlp"
     if requested == "cnn" and schema.kind != "image":
-        raise KubetrainError("model=cnn needs image data (digits or an NPZ of images); "
-                             "use --model mlp or --model auto for tables")
+        raise KubetrainError(
+            "model=cnn needs image data (digits or an NPZ of images); "
+            "use --model mlp or --model auto for tables"
+        )
     return requested
 
 
 def spec_for(schema: Schema, arch: str, width: int, dropout: float) -> ModelSpec:
-    return ModelSpec(arch=choose_arch(arch, schema), num_features=len(schema.feature_names),
-                     num_classes=schema.num_classes, width=int(width), dropout=float(dropout),
-                     image_shape=schema.image_shape, class_names=list(schema.class_names))
+    return ModelSpec(
+        arch=choose_arch(arch, schema),
+        num_features=len(schema.feature_names),
+        num_classes=schema.num_classes,
+        width=int(width),
+        dropout=float(dropout),
+        image_shape=schema.image_shape,
+        class_names=list(schema.class_names),
+    )
 
 
 def build(spec: ModelSpec) -> nn.Module:
     return {"mlp": MLP, "cnn": SmallCNN}[spec.arch](spec)
 
 
-def save_model(path: str | os.PathLike, model: nn.Module, spec: ModelSpec,
-               info: dict[str, Any] | None = None) -> None:
+def save_model(
+    path: str | os.PathLike, model: nn.Module, spec: ModelSpec, info: dict[str, Any] | None = None
+) -> None:
     """Write ``weights.pt`` (state dict), ``spec.json`` and ``info.json`` atomically,
     then ``sha256.json``, which `load_model` checks (a cached bundle may be damaged)."""
     with atomic_dir(path) as tmp:
-        state = {k: v.detach().to("cpu", torch.float32).contiguous()
-                 for k, v in model.state_dict().items()}
+        state = {
+            k: v.detach().to("cpu", torch.float32).contiguous()
+            for k, v in model.state_dict().items()
+        }
         torch.save(state, tmp / "weights.pt")
         (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
         (tmp / "info.json").write_text(json.dumps(info or {}, indent=2, default=str))
@@ -105,23 +126,26 @@ def save_model(path: str | os.PathLike, model: nn.Module, spec: ModelSpec,
 def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec, dict[str, Any]]:
     root = Path(path)
     if not (root / "weights.pt").is_file():
-        raise KubetrainError(f"{root} is not a kubetrain model bundle (no weights.pt); "
-                             "pass the train stage's model output")
+        raise KubetrainError(
+            f"{root} is not a kubetrain model bundle (no weights.pt); "
+            "pass the train stage's model output"
+        )
     verify_checksums(root)
     spec = ModelSpec(**json.loads((root / "spec.json").read_text()))
     model = build(spec)
-    model.load_state_dict(torch.load(root / "weights.pt", map_location="cpu",
-                                     weights_only=True))
+    model.load_state_dict(torch.load(root / "weights.pt", map_location="cpu", weights_only=True))
     model.eval()
     info = json.loads((root / "info.json").read_text()) if (root / "info.json").exists() else {}
     return model, spec, info
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, X, batch_size: int = 4096) -> "torch.Tensor":
+def predict_proba(model: nn.Module, X, batch_size: int = 4096) -> torch.Tensor:
     """Class probabilities on CPU, batched so large test sets fit in memory."""
     model.eval()
     X = torch.as_tensor(X, dtype=torch.float32)
-    out = [torch.softmax(model(X[i:i + batch_size]).float(), dim=1)
-           for i in range(0, len(X), batch_size)]
+    out = [
+        torch.softmax(model(X[i : i + batch_size]).float(), dim=1)
+        for i in range(0, len(X), batch_size)
+    ]
     return torch.cat(out) if out else torch.empty(0)

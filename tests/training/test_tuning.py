@@ -52,8 +52,9 @@ def cancer():
     """160 standardized training rows and 100 validation rows of breast_cancer."""
     data = load_breast_cancer()
     X, y = data.data.astype(np.float32), data.target.astype(np.int64)
-    X_tr, X_va, y_tr, y_va = train_test_split(X, y, train_size=160, test_size=100,
-                                              random_state=0, stratify=y)
+    X_tr, X_va, y_tr, y_va = train_test_split(
+        X, y, train_size=160, test_size=100, random_state=0, stratify=y
+    )
     mean, std = X_tr.mean(0), X_tr.std(0)
     scale = lambda a: ((a - mean) / std).astype(np.float32)  # noqa: E731
     schema = Schema("table", list(data.feature_names), list(data.target_names))
@@ -70,8 +71,9 @@ def _in_space(params: dict, space: list[Param]) -> bool:
             if value not in [p.cast(v) for v in p.values]:
                 return False
         elif not (p.min <= value <= p.max) or (
-                p.type == "int" and (not isinstance(value, int)
-                                     or (p.step and (value - p.min) % p.step))):
+            p.type == "int"
+            and (not isinstance(value, int) or (p.step and (value - p.min) % p.step))
+        ):
             return False
     return True
 
@@ -87,8 +89,7 @@ class ScriptedFit:
         self.hypers: list[HyperConfig] = []  # each trial's tunables, as fit received them
         self.shared: list[tuple] = []  # (recipe, seed, epochs) of each call
 
-    def __call__(self, train, hyper, seed, train_data, val_data, schema, epochs, hook=None,
-                 **_):
+    def __call__(self, train, hyper, seed, train_data, val_data, schema, epochs, hook=None, **_):
         with self.lock:
             index, self.calls = self.calls, self.calls + 1
             self.hypers.append(hyper)
@@ -101,19 +102,26 @@ class ScriptedFit:
                 stopped = True
                 break
         acc, loss = min(history, key=lambda h: h[1])
-        return SimpleNamespace(metrics={"val_accuracy": acc, "val_loss": loss,
-                                        "epochs_run": len(history)},
-                               stopped_by_hook=stopped)
+        return SimpleNamespace(
+            metrics={"val_accuracy": acc, "val_loss": loss, "epochs_run": len(history)},
+            stopped_by_hook=stopped,
+        )
 
 
 # --- search space ---------------------------------------------------------------------
+
 
 def test_search_space_covers_the_tunable_settings():
     space = search_space()
     assert [p.name for p in space] == list(TUNABLE)
     kinds = {p.name: p.type for p in space}
-    assert kinds == {"learning_rate": "double", "weight_decay": "double", "dropout": "double",
-                     "width": "int", "batch_size": "categorical"}
+    assert kinds == {
+        "learning_rate": "double",
+        "weight_decay": "double",
+        "dropout": "double",
+        "width": "int",
+        "batch_size": "categorical",
+    }
     for p in space:
         if p.type != "categorical":
             assert p.min < p.max
@@ -173,6 +181,7 @@ def test_every_katib_algorithm_has_a_sampler_and_unknown_is_an_error():
 
 # --- real studies ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("algorithm", TUNE_ALGORITHMS)
 def test_tune_with_every_algorithm(cancer, algorithm):
     train, val, schema = cancer
@@ -195,8 +204,13 @@ def test_tune_with_every_algorithm(cancer, algorithm):
 
 def test_parallel_trials(cancer):
     train, val, schema = cancer
-    cfg = TuneConfig(tune_algorithm="random", tune_trials=3, tune_parallel=2, tune_epochs=2,
-                     tune_early_stopping="none")
+    cfg = TuneConfig(
+        tune_algorithm="random",
+        tune_trials=3,
+        tune_parallel=2,
+        tune_epochs=2,
+        tune_early_stopping="none",
+    )
     before = torch.get_num_threads()
     best, rows = tune(TRAIN, cfg, SEED, train, val, schema)
     assert torch.get_num_threads() == before  # the thread split is undone
@@ -225,8 +239,13 @@ def test_run_trial_reports_both_metrics(cancer):
     train, val, schema = cancer
     cfg = TuneConfig(tune_epochs=2)
     # a trial's values as Katib hands them over: ints as floats, categoricals as strings
-    params = {"learning_rate": 5e-3, "weight_decay": 1e-4, "dropout": 0.1, "width": 32.0,
-              "batch_size": "64"}
+    params = {
+        "learning_rate": 5e-3,
+        "weight_decay": 1e-4,
+        "dropout": 0.1,
+        "width": 32.0,
+        "batch_size": "64",
+    }
     hyper = HyperConfig().replace(params)
     out = run_trial(TRAIN, hyper, cfg, SEED, train, val, schema)
     assert {"validation-accuracy", "validation-loss"} <= set(out)
@@ -241,13 +260,15 @@ def test_run_trial_reports_both_metrics(cancer):
 
 # --- early stopping, objectives and failures (scripted curves) -------------------------
 
+
 def test_medianstop_prunes_trials_below_the_median(cancer, monkeypatch):
     train, val, schema = cancer
     # the first three trials learn well; later ones stay far below their median
     fake = ScriptedFit(lambda hyper, index, epoch: (0.9, 0.3) if index < 3 else (0.5, 0.7))
     monkeypatch.setattr(tuning, "fit", fake)
-    cfg = TuneConfig(tune_algorithm="random", tune_trials=5, tune_epochs=6,
-                     tune_early_stopping="medianstop")
+    cfg = TuneConfig(
+        tune_algorithm="random", tune_trials=5, tune_epochs=6, tune_early_stopping="medianstop"
+    )
     best, rows = tune(TRAIN, cfg, SEED, train, val, schema)
     assert [r["state"] for r in rows] == ["COMPLETE"] * 3 + ["PRUNED"] * 2
     for row in rows[3:]:  # stopped at Katib's start_step, not before, not after
@@ -261,8 +282,9 @@ def test_no_early_stopping_prunes_nothing(cancer, monkeypatch):
     train, val, schema = cancer
     fake = ScriptedFit(lambda hyper, index, epoch: (0.9, 0.3) if index < 3 else (0.5, 0.7))
     monkeypatch.setattr(tuning, "fit", fake)
-    cfg = TuneConfig(tune_algorithm="random", tune_trials=5, tune_epochs=6,
-                     tune_early_stopping="none")
+    cfg = TuneConfig(
+        tune_algorithm="random", tune_trials=5, tune_epochs=6, tune_early_stopping="none"
+    )
     _, rows = tune(TRAIN, cfg, SEED, train, val, schema)
     assert [r["state"] for r in rows] == ["COMPLETE"] * 5
     assert all(r["epochs"] == 6 for r in rows)
@@ -276,11 +298,13 @@ def test_objective_direction(cancer, monkeypatch, objective):
     """Accuracy and loss both grow with the learning rate here, so the best trial is the
     highest rate when accuracy is maximized and the lowest when loss is minimized."""
     train, val, schema = cancer
-    fake = ScriptedFit(lambda hyper, index, epoch: (hyper.learning_rate * 10,
-                                                    hyper.learning_rate * 50))
+    fake = ScriptedFit(
+        lambda hyper, index, epoch: (hyper.learning_rate * 10, hyper.learning_rate * 50)
+    )
     monkeypatch.setattr(tuning, "fit", fake)
-    cfg = TuneConfig(tune_algorithm="random", tune_trials=5, tune_epochs=2,
-                     tune_objective=objective)
+    cfg = TuneConfig(
+        tune_algorithm="random", tune_trials=5, tune_epochs=2, tune_objective=objective
+    )
     best, rows = tune(TRAIN, cfg, SEED, train, val, schema)
     done = [r for r in rows if r["state"] == "COMPLETE"]
     assert len(done) == 5
@@ -296,8 +320,13 @@ def test_objective_direction(cancer, monkeypatch, objective):
 
 def test_real_loss_objective_picks_the_lowest_loss(cancer):
     train, val, schema = cancer
-    cfg = TuneConfig(tune_algorithm="random", tune_trials=3, tune_epochs=2,
-                     tune_objective="validation-loss", tune_early_stopping="none")
+    cfg = TuneConfig(
+        tune_algorithm="random",
+        tune_trials=3,
+        tune_epochs=2,
+        tune_objective="validation-loss",
+        tune_early_stopping="none",
+    )
     best, rows = tune(TRAIN, cfg, SEED, train, val, schema)
     lowest = min(rows, key=lambda r: r["value"])
     assert best == lowest["params"]
@@ -314,8 +343,11 @@ def test_too_many_failed_trials_stop_the_study(cancer, monkeypatch):
 
     monkeypatch.setattr(tuning, "run_trial", failing)
     cfg = TuneConfig(tune_algorithm="random", tune_trials=8, tune_max_failed=1)
-    with pytest.raises(KubetrainError, match=r"2 tuning trials failed .*maxFailedTrialCount 1"
-                                             r".*diverged"):
+    with pytest.raises(
+        KubetrainError,
+        match=r"2 tuning trials failed .*maxFailedTrialCount 1"
+        r".*diverged",
+    ):
         tune(TRAIN, cfg, SEED, train, val, schema)
     assert len(calls) == 2  # stopped as soon as the limit was passed, not after 8 trials
 
@@ -340,7 +372,8 @@ def test_failures_within_the_limit_are_recorded(cancer, monkeypatch):
     assert "diverged" in rows[0]["error"] and rows[0]["value"] is None
     assert best in [r["params"] for r in rows if r["state"] == "COMPLETE"]
 
-    monkeypatch.setattr(tuning, "run_trial", lambda *a, **k: (_ for _ in ()).throw(
-        KubetrainError("always fails")))
+    monkeypatch.setattr(
+        tuning, "run_trial", lambda *a, **k: (_ for _ in ()).throw(KubetrainError("always fails"))
+    )
     with pytest.raises(KubetrainError, match="no tuning trial completed"):
         tune(TRAIN, TuneConfig(tune_trials=2, tune_max_failed=3), SEED, train, val, schema)

@@ -19,8 +19,9 @@ class FakeApi:
     def __init__(self, present: set[str]):
         self.present, self.deleted = present, []
 
-    def delete_namespaced_custom_object(self, group, version, namespace, plural, name,
-                                        propagation_policy=None):
+    def delete_namespaced_custom_object(
+        self, group, version, namespace, plural, name, propagation_policy=None
+    ):
         if name not in self.present:
             raise api_exception(404, "not found")
         self.deleted.append((plural, namespace, name))
@@ -33,8 +34,9 @@ def refs(run_id: str = "run-1") -> dict[str, str]:
 def test_a_failed_run_deletes_its_experiment_and_trainjob():
     names = refs()
     api = FakeApi(set(names.values()))
-    report = cleanup.clean_up("run-1", ClusterConfig(), "FAILED", "boom", api=api,
-                              log=lambda line: None)
+    report = cleanup.clean_up(
+        "run-1", ClusterConfig(), "FAILED", "boom", api=api, log=lambda line: None
+    )
     assert sorted(api.deleted) == sorted((p, "kubetrain", n) for p, n in names.items())
     assert report["state"] == "FAILED" and len(report["deleted"]) == 2
 
@@ -57,8 +59,7 @@ def test_nothing_is_deleted_after_success_or_when_told_to_keep(state, keep):
 
 def test_already_gone_objects_are_fine():
     api = FakeApi(set())
-    report = cleanup.clean_up("run-1", ClusterConfig(), "CANCELED", api=api,
-                              log=lambda line: None)
+    report = cleanup.clean_up("run-1", ClusterConfig(), "CANCELED", api=api, log=lambda line: None)
     assert report["deleted"] == []
 
 
@@ -81,8 +82,7 @@ def test_webhook_gets_the_report_and_its_url_is_never_logged(monkeypatch):
     url = f"http://127.0.0.1:{server.server_port}/hook?token=secret-token"
     monkeypatch.setenv(cleanup.WEBHOOK_ENV, url)
     lines: list[str] = []
-    cleanup.clean_up("run-9", ClusterConfig(), "SUCCEEDED", api=FakeApi(set()),
-                     log=lines.append)
+    cleanup.clean_up("run-9", ClusterConfig(), "SUCCEEDED", api=FakeApi(set()), log=lines.append)
     thread.join(timeout=10)
     server.server_close()
     assert received == [{"run_id": "run-9", "state": "SUCCEEDED", "error": "", "deleted": []}]
@@ -92,8 +92,9 @@ def test_webhook_gets_the_report_and_its_url_is_never_logged(monkeypatch):
 def test_an_unreachable_webhook_does_not_fail_the_cleanup(monkeypatch):
     monkeypatch.setenv(cleanup.WEBHOOK_ENV, "http://127.0.0.1:9/hook?token=secret-token")
     lines: list[str] = []
-    report = cleanup.clean_up("run-9", ClusterConfig(), "FAILED", api=FakeApi(set()),
-                              log=lines.append)
+    report = cleanup.clean_up(
+        "run-9", ClusterConfig(), "FAILED", api=FakeApi(set()), log=lines.append
+    )
     assert report["state"] == "FAILED"
     assert any("could not notify" in line for line in lines)
     assert not any("secret-token" in line for line in lines)

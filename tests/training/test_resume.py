@@ -22,8 +22,22 @@ import torch
 pytestmark = pytest.mark.e2e
 
 # No tuning, no compression (a gate no model passes: exit 3): the test is about training.
-ARGS = ["--dataset", "breast_cancer", "--tune-trials", "0", "--epochs", "30",
-        "--patience", "100", "--width", "64", "--batch-size", "16", "--min-accuracy", "1"]
+ARGS = [
+    "--dataset",
+    "breast_cancer",
+    "--tune-trials",
+    "0",
+    "--epochs",
+    "30",
+    "--patience",
+    "100",
+    "--width",
+    "64",
+    "--batch-size",
+    "16",
+    "--min-accuracy",
+    "1",
+]
 GATE_FAILED = 3
 
 
@@ -35,15 +49,20 @@ def weights(runs: Path) -> dict[str, torch.Tensor]:
     import json
 
     summary = json.loads((runs / "latest" / "summary.json").read_text())
-    return torch.load(Path(summary["artifacts"]["trained_model"]) / "weights.pt",
-                      weights_only=True)
+    return torch.load(Path(summary["artifacts"]["trained_model"]) / "weights.pt", weights_only=True)
 
 
 def test_sigkill_then_same_command_resumes_with_identical_weights(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     runs = tmp_path / "runs"
-    proc = subprocess.Popen(command(runs), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        command(runs),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     seen, deadline = [], time.monotonic() + 300
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -61,8 +80,7 @@ def test_sigkill_then_same_command_resumes_with_identical_weights(tmp_path):
     assert "epoch 1/30" not in again.stdout  # it did not start over
 
     fresh = tmp_path / "fresh"
-    straight = subprocess.run(command(fresh), capture_output=True, text=True, env=env,
-                              timeout=600)
+    straight = subprocess.run(command(fresh), capture_output=True, text=True, env=env, timeout=600)
     assert straight.returncode == GATE_FAILED, straight.stdout[-3000:] + straight.stderr
     assert "resumed" not in straight.stdout
     a, b = weights(runs), weights(fresh)

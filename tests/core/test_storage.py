@@ -29,7 +29,7 @@ from s3_server import S3Server, free_ports, start
 pytestmark = pytest.mark.integration
 
 MiB = 1024 * 1024
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 #: How long the server stays down in the crash tests before it is restarted.
 DOWNTIME_S = 2.0
 
@@ -56,8 +56,12 @@ def s3(s3_server: S3Server, s3_env: str) -> Bucket:
 
 
 def make_tree(root: Path) -> dict[str, bytes]:
-    files = {"model.pt": os.urandom(3000), "meta.json": b'{"classes": 10}',
-             "sub/dir/weights.bin": os.urandom(10_000), "empty.txt": b""}
+    files = {
+        "model.pt": os.urandom(3000),
+        "meta.json": b'{"classes": 10}',
+        "sub/dir/weights.bin": os.urandom(10_000),
+        "empty.txt": b"",
+    }
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
@@ -70,6 +74,7 @@ def read_tree(root: Path) -> dict[str, bytes]:
 
 # --- URIs and settings -------------------------------------------------------------
 
+
 def test_split_uri_and_is_s3():
     assert storage.split_uri("s3://data/a/b.csv") == ("data", "a/b.csv")
     assert storage.split_uri("s3://data") == ("data", "")
@@ -81,10 +86,15 @@ def test_split_uri_and_is_s3():
 
 def test_split_uri_rejects_dot_and_empty_segments():
     """Old code passed these through and the server answered `400 Bad Request`."""
-    for bad, fix in [("s3://bk/x/../y", "s3://bk/y"), ("s3://bk/x/./y", "s3://bk/x/y"),
-                     ("s3://bk/x//y", "s3://bk/x/y"), ("s3://bk//x", "s3://bk/x"),
-                     ("s3://bk/x/y/../", "s3://bk/x/"), ("s3://bk/..", "remove them"),
-                     ("s3://bk/../x", "remove them")]:
+    for bad, fix in [
+        ("s3://bk/x/../y", "s3://bk/y"),
+        ("s3://bk/x/./y", "s3://bk/x/y"),
+        ("s3://bk/x//y", "s3://bk/x/y"),
+        ("s3://bk//x", "s3://bk/x"),
+        ("s3://bk/x/y/../", "s3://bk/x/"),
+        ("s3://bk/..", "remove them"),
+        ("s3://bk/../x", "remove them"),
+    ]:
         with pytest.raises(KubetrainError) as err:
             storage.split_uri(bad)
         message = str(err.value)
@@ -96,12 +106,22 @@ def test_split_uri_rejects_dot_and_empty_segments():
 
 
 def test_settings_from_env_hide_secrets():
-    settings = storage.S3Settings.from_env({
-        "S3_ENDPOINT_URL": "http://minio:9000", "AWS_ACCESS_KEY_ID": "AKID",
-        "AWS_SECRET_ACCESS_KEY": "s3cr3t-value", "AWS_SESSION_TOKEN": "t0ken-value",
-        "AWS_REGION": "eu-west-1", "AWS_MAX_ATTEMPTS": "3"})
+    settings = storage.S3Settings.from_env(
+        {
+            "S3_ENDPOINT_URL": "http://minio:9000",
+            "AWS_ACCESS_KEY_ID": "AKID",
+            "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",
+            "AWS_SESSION_TOKEN": "t0ken-value",
+            "AWS_REGION": "eu-west-1",
+            "AWS_MAX_ATTEMPTS": "3",
+        }
+    )
     assert (settings.endpoint_url, settings.region, settings.access_key, settings.max_attempts) == (
-        "http://minio:9000", "eu-west-1", "AKID", 3)
+        "http://minio:9000",
+        "eu-west-1",
+        "AKID",
+        3,
+    )
     assert "s3cr3t-value" not in repr(settings) and "t0ken-value" not in repr(settings)
     assert storage.S3Settings.from_env({}) == storage.S3Settings()
     with pytest.raises(KubetrainError, match="http://minio:9000"):
@@ -110,23 +130,23 @@ def test_settings_from_env_hide_secrets():
         storage.S3Settings.from_env({"AWS_MAX_ATTEMPTS": "many"})
 
 
-def test_endpoint_credentials_are_redacted(monkeypatch: pytest.MonkeyPatch,
-                                           caplog: pytest.LogCaptureFixture):
+def test_endpoint_credentials_are_redacted(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
     """user:secret@ in S3_ENDPOINT_URL used to show up in errors, reprs and tracebacks."""
     port = free_ports(1)[0]  # nothing listens there
     endpoint = f"http://admin:pa55-w0rd-secret@127.0.0.1:{port}"
     settings = storage.S3Settings.from_env({"S3_ENDPOINT_URL": endpoint})
     assert "pa55-w0rd-secret" not in repr(settings) and "***@127.0.0.1" in repr(settings)
     with pytest.raises(KubetrainError) as err:  # no scheme: the fix repeats the endpoint
-        storage.S3Settings.from_env({"S3_ENDPOINT_URL": endpoint[len("http://"):]})
+        storage.S3Settings.from_env({"S3_ENDPOINT_URL": endpoint[len("http://") :]})
     assert "pa55-w0rd-secret" not in str(err.value) and "http://***@127.0.0.1" in str(err.value)
 
     monkeypatch.setenv("S3_ENDPOINT_URL", endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLEKEY123456")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret-access-key")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")  # one retry: its log line is checked too
-    with caplog.at_level(logging.DEBUG, logger="kubetrain"), \
-            pytest.raises(KubetrainError) as err:
+    with caplog.at_level(logging.DEBUG, logger="kubetrain"), pytest.raises(KubetrainError) as err:
         storage.read_bytes("s3://bucket/key")
     message = str(err.value)
     assert f"cannot reach S3 endpoint http://***@127.0.0.1:{port}" in message
@@ -139,11 +159,13 @@ def test_endpoint_credentials_are_redacted(monkeypatch: pytest.MonkeyPatch,
     for secret in ("pa55-w0rd-secret", "admin:", "AKIAEXAMPLEKEY123456", "very-secret-access-key"):
         assert secret not in "\n".join(chain) and secret not in logs, secret
     assert storage.redact(f"GET {endpoint}/b/k failed") == (
-        f"GET http://***@127.0.0.1:{port}/b/k failed")
+        f"GET http://***@127.0.0.1:{port}/b/k failed"
+    )
 
 
-def test_endpoint_credentials_are_redacted_in_server_errors(s3: Bucket,
-                                                            monkeypatch: pytest.MonkeyPatch):
+def test_endpoint_credentials_are_redacted_in_server_errors(
+    s3: Bucket, monkeypatch: pytest.MonkeyPatch
+):
     """Errors the server answers (here NoSuchBucket) name the endpoint without its user part."""
     endpoint = s3.server.endpoint_url.replace("http://", "http://admin:pa55-w0rd-secret@")
     monkeypatch.setenv("S3_ENDPOINT_URL", endpoint)
@@ -151,11 +173,14 @@ def test_endpoint_credentials_are_redacted_in_server_errors(s3: Bucket,
     with pytest.raises(KubetrainError) as err:
         storage.read_bytes("s3://kt-no-such-bucket/k")
     redacted = s3.server.endpoint_url.replace("http://", "http://***@")
-    assert str(err.value) == (f"bucket 'kt-no-such-bucket' does not exist at {redacted}: "
-                              "create it or fix the bucket name in the URI")
+    assert str(err.value) == (
+        f"bucket 'kt-no-such-bucket' does not exist at {redacted}: "
+        "create it or fix the bucket name in the URI"
+    )
 
 
 # --- round trips ----------------------------------------------------------------------
+
 
 def test_bytes_round_trip_stores_sha256(s3: Bucket):
     data = b"hello kubetrain " * 100
@@ -199,14 +224,16 @@ def test_directory_round_trip(s3: Bucket, tmp_path: Path):
 
 # --- integrity ----------------------------------------------------------------------
 
+
 def test_corrupted_object_is_detected(s3: Bucket, tmp_path: Path):
     src = tmp_path / "weights.bin"
     src.write_bytes(b"good weights" * 1000)
     storage.upload(src, s3.uri("m/weights.bin"))
     meta = s3.raw.head_object(Bucket=s3.name, Key="m/weights.bin")["Metadata"]
     # Overwrite the content behind storage's back but keep the old sha256 metadata.
-    s3.raw.put_object(Bucket=s3.name, Key="m/weights.bin", Body=b"bad weights" * 1000,
-                      Metadata=meta)
+    s3.raw.put_object(
+        Bucket=s3.name, Key="m/weights.bin", Body=b"bad weights" * 1000, Metadata=meta
+    )
 
     with pytest.raises(KubetrainError, match=r"s3://.*/m/weights.bin is corrupt.*upload it again"):
         storage.download(s3.uri("m/weights.bin"), tmp_path / "dl" / "weights.bin")
@@ -230,6 +257,7 @@ def test_multipart_upload_and_download(s3: Bucket, tmp_path: Path):
 
 
 # --- publish --------------------------------------------------------------------------
+
 
 class CallLog:
     """Records the S3 operations storage's own (cached) client sends, in order."""
@@ -257,8 +285,9 @@ def test_publish_is_atomic(s3: Bucket, tmp_path: Path):
     assert not storage.is_published(dest)
 
     with CallLog() as log:
-        published = storage.publish(tmp_path / "model", dest.rstrip("/"),
-                                    multipart_threshold=5 * MiB)
+        published = storage.publish(
+            tmp_path / "model", dest.rstrip("/"), multipart_threshold=5 * MiB
+        )
     assert published == dest
     assert storage.is_published(dest) and storage.is_published(dest.rstrip("/"))
 
@@ -266,24 +295,34 @@ def test_publish_is_atomic(s3: Bucket, tmp_path: Path):
     assert s3.keys() == sorted(f"models/digits/v1/{k}" for k in [*files, "_SUCCESS"])
     manifest = storage.read_manifest(dest)
     assert {e["path"]: (e["size"], e["sha256"]) for e in manifest} == {
-        k: (len(v), hashlib.sha256(v).hexdigest()) for k, v in files.items()}
+        k: (len(v), hashlib.sha256(v).hexdigest()) for k, v in files.items()
+    }
     for entry in manifest:  # the copies kept the hash, so downloads stay verified
         head = s3.raw.head_object(Bucket=s3.name, Key=f"models/digits/v1/{entry['path']}")
         assert head["Metadata"]["sha256"] == entry["sha256"]
     assert read_tree(storage.download(dest, tmp_path / "back")) == {
-        **files, "_SUCCESS": storage.read_bytes(dest + "_SUCCESS")}
+        **files,
+        "_SUCCESS": storage.read_bytes(dest + "_SUCCESS"),
+    }
 
     # Order: staged uploads, then copies into place, then the manifest, then staging cleanup.
-    writes = [(op, key) for op, key in log.calls
-              if op in ("PutObject", "CreateMultipartUpload", "CopyObject", "UploadPartCopy",
-                        "DeleteObjects")]
+    writes = [
+        (op, key)
+        for op, key in log.calls
+        if op
+        in ("PutObject", "CreateMultipartUpload", "CopyObject", "UploadPartCopy", "DeleteObjects")
+    ]
     manifest_at = writes.index(("PutObject", "models/digits/v1/_SUCCESS"))
     final = [i for i, (op, key) in enumerate(writes) if key.startswith("models/digits/v1/")]
-    staged = [i for i, (op, key) in enumerate(writes)
-              if key.startswith("models/digits/.staging-v1-")]
+    staged = [
+        i for i, (op, key) in enumerate(writes) if key.startswith("models/digits/.staging-v1-")
+    ]
     assert final[-1] == manifest_at and staged and max(staged) < min(final)
-    assert all(op in ("CopyObject", "CreateMultipartUpload", "UploadPartCopy")
-               for op, key in writes[:manifest_at] if key.startswith("models/digits/v1/"))
+    assert all(
+        op in ("CopyObject", "CreateMultipartUpload", "UploadPartCopy")
+        for op, key in writes[:manifest_at]
+        if key.startswith("models/digits/v1/")
+    )
     assert writes[-1][0] == "DeleteObjects"
 
     # A second publish to the same prefix is refused unless asked to overwrite.
@@ -304,8 +343,9 @@ def test_publish_overwrite_replaces_old_version(s3: Bucket, tmp_path: Path):
     assert [e["path"] for e in storage.read_manifest(s3.uri("m"))] == ["same.bin"]
 
 
-def test_publish_failing_while_staging_leaves_nothing(s3: Bucket, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch):
+def test_publish_failing_while_staging_leaves_nothing(
+    s3: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     for name in ("a.bin", "b.bin", "c.bin"):
         (tmp_path / "model" / name).parent.mkdir(exist_ok=True)
         (tmp_path / "model" / name).write_bytes(os.urandom(1000))
@@ -323,8 +363,9 @@ def test_publish_failing_while_staging_leaves_nothing(s3: Bucket, tmp_path: Path
     assert not storage.is_published(s3.uri("models/v1/"))
 
 
-def test_publish_failing_while_copying_leaves_nothing(s3: Bucket, tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch):
+def test_publish_failing_while_copying_leaves_nothing(
+    s3: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     make_tree(tmp_path / "model")
     real_copy = storage._copy
     copies = []
@@ -345,8 +386,12 @@ def test_publish_failing_while_copying_leaves_nothing(s3: Bucket, tmp_path: Path
 
 def published_tree(root: Path) -> dict[str, bytes]:
     """A small model directory with one file big enough for multipart (5 MiB parts)."""
-    files = {"a.bin": os.urandom(2000), "big.bin": os.urandom(6 * MiB + 7), "c.json": b"{}",
-             "sub/d.bin": os.urandom(3000)}
+    files = {
+        "a.bin": os.urandom(2000),
+        "big.bin": os.urandom(6 * MiB + 7),
+        "c.json": b"{}",
+        "sub/d.bin": os.urandom(3000),
+    }
     for rel, data in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         (root / rel).write_bytes(data)
@@ -379,8 +424,9 @@ def test_readers_only_see_published_prefixes(s3: Bucket, tmp_path: Path):
 
     # Only what the manifest lists is fetched, and it must be what the manifest says.
     s3.raw.put_object(Bucket=s3.name, Key="models/m/v1/stray.bin", Body=b"stray")
-    assert "stray.bin" not in read_tree(storage.download_published(s3.uri("models/m/v1/"),
-                                                                   tmp_path / "again"))
+    assert "stray.bin" not in read_tree(
+        storage.download_published(s3.uri("models/m/v1/"), tmp_path / "again")
+    )
     storage.write_bytes(s3.uri("models/m/v1/meta.json"), b'{"classes": 3}')  # own sha256 is fine
     with pytest.raises(KubetrainError, match="meta.json does not match the _SUCCESS manifest"):
         storage.download_published(s3.uri("models/m/v1/"), tmp_path / "tampered")
@@ -402,11 +448,14 @@ def test_failed_publish_aborts_its_multipart_uploads(s3: Bucket, tmp_path: Path)
             calls[operation] += 1
             if calls[operation] == nth:
                 raise InjectedError(f"{operation} #{nth} failed")
+
         return handler
 
     events = storage.client().meta.events
-    handlers = {"UploadPart": fail("UploadPart", 2),
-                "AbortMultipartUpload": fail("AbortMultipartUpload", 1)}
+    handlers = {
+        "UploadPart": fail("UploadPart", 2),
+        "AbortMultipartUpload": fail("AbortMultipartUpload", 1),
+    }
     for operation, handler in handlers.items():
         events.register(f"before-send.s3.{operation}", handler)
     try:
@@ -419,12 +468,15 @@ def test_failed_publish_aborts_its_multipart_uploads(s3: Bucket, tmp_path: Path)
     assert uploads(s3) == [] and s3.keys() == []
 
 
-def test_publish_collects_garbage_of_killed_publishes(s3: Bucket, tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch):
+def test_publish_collects_garbage_of_killed_publishes(
+    s3: Bucket, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
     """Staging prefixes and multipart uploads left by killed publishes go once stale."""
     make_tree(tmp_path / "model")
-    leftovers = ["models/m/.staging-v0-0123456789ab/model.pt",
-                 "models/m/.staging-v0-0123456789ab/sub/weights.bin"]
+    leftovers = [
+        "models/m/.staging-v0-0123456789ab/model.pt",
+        "models/m/.staging-v0-0123456789ab/sub/weights.bin",
+    ]
     for key in leftovers:
         s3.raw.put_object(Bucket=s3.name, Key=key, Body=b"staged")
     for key in ("models/m/.staging-v0-0123456789ab/big.bin", "models/m/v0/big.bin"):
@@ -440,9 +492,12 @@ def test_publish_collects_garbage_of_killed_publishes(s3: Bucket, tmp_path: Path
     storage.publish(tmp_path / "model", s3.uri("models/m/v2/"))
     assert uploads(s3) == []
     assert [k for k in s3.keys() if ".staging-" in k] == [  # noqa: SIM118 - not a dict
-        "models/other/.staging-v0-0123456789ab/x"]  # another model's prefix is not touched
-    assert storage.published_prefixes(s3.uri("models/m/")) == [s3.uri("models/m/v1/"),
-                                                              s3.uri("models/m/v2/")]
+        "models/other/.staging-v0-0123456789ab/x"
+    ]  # another model's prefix is not touched
+    assert storage.published_prefixes(s3.uri("models/m/")) == [
+        s3.uri("models/m/v1/"),
+        s3.uri("models/m/v2/"),
+    ]
 
 
 def test_publish_with_run_id_replaces_only_its_own_leftovers(s3: Bucket, tmp_path: Path):
@@ -462,8 +517,9 @@ def test_publish_with_run_id_replaces_only_its_own_leftovers(s3: Bucket, tmp_pat
     storage.publish(tmp_path / "two", dest, run_id="run-1")
     assert storage.read_bytes(dest + "w.bin") == b"two"
     for other in ("run-2", ""):
-        with pytest.raises(KubetrainError,
-                           match=r"already holds 2 objects \(a published version\)"):
+        with pytest.raises(
+            KubetrainError, match=r"already holds 2 objects \(a published version\)"
+        ):
             storage.publish(tmp_path / "one", dest, run_id=other)
     # Half-written leftovers by another run stay refused too.
     s3.raw.put_object(Bucket=s3.name, Key="models/m/run-3/w.bin", Body=b"x")
@@ -490,13 +546,26 @@ storage.publish(src, dest, run_id=run_id, multipart_threshold=5 * 1024 * 1024)
 """
 
 
-def publish_and_kill(src: Path, dest: str, run_id: str, operation: str, nth: int,
-                     tmp_path: Path) -> None:
+def publish_and_kill(
+    src: Path, dest: str, run_id: str, operation: str, nth: int, tmp_path: Path
+) -> None:
     """Run `storage.publish` in a child process and SIGKILL it at the nth `operation` call:
     no `finally`, no cleanup, exactly what a pod eviction or OOM kill does."""
     marker = tmp_path / f"frozen-{operation}"
-    child = subprocess.Popen([sys.executable, "-c", KILLABLE_PUBLISH, str(src), dest, run_id,
-                              operation, str(nth), str(marker)], cwd=REPO)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            KILLABLE_PUBLISH,
+            str(src),
+            dest,
+            run_id,
+            operation,
+            str(nth),
+            str(marker),
+        ],
+        cwd=REPO,
+    )
     try:
         deadline = time.monotonic() + 60
         while not marker.exists():
@@ -509,12 +578,16 @@ def publish_and_kill(src: Path, dest: str, run_id: str, operation: str, nth: int
         child.wait(timeout=10)
 
 
-@pytest.mark.parametrize("operation, nth, half_copied", [
-    ("UploadPart", 2, []),  # staging big.bin, part 2 of 2
-    ("UploadPartCopy", 2, ["a.bin"]),  # copying big.bin into place, a.bin already there
-])
+@pytest.mark.parametrize(
+    "operation, nth, half_copied",
+    [
+        ("UploadPart", 2, []),  # staging big.bin, part 2 of 2
+        ("UploadPartCopy", 2, ["a.bin"]),  # copying big.bin into place, a.bin already there
+    ],
+)
 def test_killed_publish_is_invisible_and_its_retry_finishes(
-        s3: Bucket, tmp_path: Path, operation: str, nth: int, half_copied: list[str]):
+    s3: Bucket, tmp_path: Path, operation: str, nth: int, half_copied: list[str]
+):
     files = published_tree(tmp_path / "model")
     dest, run = s3.uri("models/m/run-7/"), "kfp-run-7"
     publish_and_kill(tmp_path / "model", dest, run, operation, nth, tmp_path)
@@ -523,7 +596,8 @@ def test_killed_publish_is_invisible_and_its_retry_finishes(
     # died while copying, final objects without a manifest.
     left = s3.keys()
     assert [k for k in left if k.startswith("models/m/run-7/")] == [
-        f"models/m/run-7/{k}" for k in half_copied]
+        f"models/m/run-7/{k}" for k in half_copied
+    ]
     assert [k for k in left if k.startswith("models/m/.staging-run-7-")]
     assert uploads(s3, "models/m/")
     # Readers never see it ...
@@ -545,6 +619,7 @@ def test_killed_publish_is_invisible_and_its_retry_finishes(
 
 # --- riding out a server crash ------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def crashy_server(tmp_path_factory: pytest.TempPathFactory):
     """A server of its own, so crashing it cannot break other modules' tests."""
@@ -560,8 +635,14 @@ def crashy_server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def crashy(crashy_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Bucket:
-    for name in ("AWS_SESSION_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-                 "AWS_MAX_ATTEMPTS", "AWS_PROFILE"):
+    for name in (
+        "AWS_SESSION_TOKEN",
+        "AWS_REGION",
+        "AWS_ENDPOINT_URL",
+        "AWS_ENDPOINT_URL_S3",
+        "AWS_MAX_ATTEMPTS",
+        "AWS_PROFILE",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("S3_ENDPOINT_URL", crashy_server.endpoint_url)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", crashy_server.access_key)
@@ -613,17 +694,23 @@ class Crash:
             self.error = e
 
 
-@pytest.mark.parametrize("operation, nth", [
-    ("UploadPart", 2),  # staging: multipart upload of big.bin
-    ("UploadPartCopy", 1),  # copying big.bin into place (multipart copy)
-    ("CopyObject", 2),  # copying a small file into place
-])
-def test_publish_survives_a_server_crash(crashy: Bucket, tmp_path: Path, operation: str,
-                                         nth: int, caplog: pytest.LogCaptureFixture):
+@pytest.mark.parametrize(
+    "operation, nth",
+    [
+        ("UploadPart", 2),  # staging: multipart upload of big.bin
+        ("UploadPartCopy", 1),  # copying big.bin into place (multipart copy)
+        ("CopyObject", 2),  # copying a small file into place
+    ],
+)
+def test_publish_survives_a_server_crash(
+    crashy: Bucket, tmp_path: Path, operation: str, nth: int, caplog: pytest.LogCaptureFixture
+):
     files = published_tree(tmp_path / "model")
     dest = crashy.uri("models/m/v1/")
-    with caplog.at_level(logging.WARNING, logger="kubetrain"), \
-            Crash(crashy.server, operation, nth) as crash:
+    with (
+        caplog.at_level(logging.WARNING, logger="kubetrain"),
+        Crash(crashy.server, operation, nth) as crash,
+    ):
         assert storage.publish(tmp_path / "model", dest, multipart_threshold=5 * MiB) == dest
     assert crash.killed_at and crash.back_at - crash.killed_at >= DOWNTIME_S
     assert any("retry" in r.getMessage() for r in caplog.records)
@@ -644,8 +731,14 @@ def test_download_survives_a_server_crash(crashy: Bucket, tmp_path: Path):
 
 # --- errors ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("variable, code", [("AWS_SECRET_ACCESS_KEY", "SignatureDoesNotMatch"),
-                                            ("AWS_ACCESS_KEY_ID", "InvalidAccessKeyId")])
+
+@pytest.mark.parametrize(
+    "variable, code",
+    [
+        ("AWS_SECRET_ACCESS_KEY", "SignatureDoesNotMatch"),
+        ("AWS_ACCESS_KEY_ID", "InvalidAccessKeyId"),
+    ],
+)
 def test_wrong_credentials(s3: Bucket, monkeypatch: pytest.MonkeyPatch, variable: str, code: str):
     wrong = "wrong-" + os.urandom(8).hex()
     monkeypatch.setenv(variable, wrong)
@@ -673,18 +766,21 @@ def test_missing_object_and_bucket(s3: Bucket, tmp_path: Path):
         storage.read_bytes(s3.uri("dir/"))
     no_bucket = f"bucket 'kt-no-such-bucket' does not exist at {s3.server.endpoint_url}"
     (tmp_path / "f.txt").write_text("x")
-    for call in (lambda: storage.read_bytes("s3://kt-no-such-bucket/k"),
-                 lambda: storage.download("s3://kt-no-such-bucket/k", tmp_path / "y"),
-                 lambda: storage.list_uris("s3://kt-no-such-bucket/"),
-                 lambda: storage.write_bytes("s3://kt-no-such-bucket/k", b"x"),
-                 # upload_file wraps the S3 error in S3UploadFailedError
-                 lambda: storage.upload(tmp_path / "f.txt", "s3://kt-no-such-bucket/f.txt")):
+    for call in (
+        lambda: storage.read_bytes("s3://kt-no-such-bucket/k"),
+        lambda: storage.download("s3://kt-no-such-bucket/k", tmp_path / "y"),
+        lambda: storage.list_uris("s3://kt-no-such-bucket/"),
+        lambda: storage.write_bytes("s3://kt-no-such-bucket/k", b"x"),
+        # upload_file wraps the S3 error in S3UploadFailedError
+        lambda: storage.upload(tmp_path / "f.txt", "s3://kt-no-such-bucket/f.txt"),
+    ):
         with pytest.raises(KubetrainError, match=re.escape(no_bucket)):
             call()
 
 
 def test_retry_budget_bounds_the_time_spent_on_an_unreachable_endpoint(
-        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture):
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+):
     """Connection errors are retried for RETRY_BUDGET_S seconds, not a fixed few attempts."""
     port = free_ports(1)[0]
     monkeypatch.setattr(storage, "RETRY_BUDGET_S", 1.5)
@@ -694,10 +790,14 @@ def test_retry_budget_bounds_the_time_spent_on_an_unreachable_endpoint(
     monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
     s3 = storage.client()
     assert (s3.meta.config.connect_timeout, s3.meta.config.read_timeout) == (
-        storage.CONNECT_TIMEOUT_S, storage.READ_TIMEOUT_S)
+        storage.CONNECT_TIMEOUT_S,
+        storage.READ_TIMEOUT_S,
+    )
     started = time.monotonic()
-    with caplog.at_level(logging.WARNING, logger="kubetrain"), \
-            pytest.raises(KubetrainError, match="cannot reach S3 endpoint"):
+    with (
+        caplog.at_level(logging.WARNING, logger="kubetrain"),
+        pytest.raises(KubetrainError, match="cannot reach S3 endpoint"),
+    ):
         storage.read_bytes("s3://bucket/key")
     elapsed = time.monotonic() - started
     assert 1.5 <= elapsed < 4, elapsed
@@ -711,12 +811,15 @@ def test_unreachable_endpoint(monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "key")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "very-secret")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    with pytest.raises(KubetrainError, match=f"cannot reach S3 endpoint http://127.0.0.1:{port}.*"
-                                             "check S3_ENDPOINT_URL"):
+    with pytest.raises(
+        KubetrainError,
+        match=f"cannot reach S3 endpoint http://127.0.0.1:{port}.*check S3_ENDPOINT_URL",
+    ):
         storage.read_bytes("s3://bucket/key")
 
 
 # --- local paths ----------------------------------------------------------------------
+
 
 def test_local_path_variants(tmp_path: Path):
     storage.write_bytes(tmp_path / "a" / "b.bin", b"abc")
@@ -754,8 +857,7 @@ def test_local_publish_with_run_id(tmp_path: Path):
     (tmp_path / "models" / ".staging-v0-fresh").mkdir()  # maybe running right now
     storage.publish(tmp_path / "tree", dest, run_id="run-1")  # the retry of the same run
     assert read_tree(dest) == {**files, "_SUCCESS": (dest / "_SUCCESS").read_bytes()}
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [".staging-v0-fresh",
-                                                                       "run-1"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [".staging-v0-fresh", "run-1"]
     with pytest.raises(KubetrainError, match="overwrite=True"):
         storage.publish(tmp_path / "tree", dest, run_id="run-2")
 

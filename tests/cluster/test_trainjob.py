@@ -31,23 +31,44 @@ from kubetrain.config.settings import RunConfig
 from kubetrain.core import storage
 from kubetrain.core.errors import KubetrainError
 
-GPU_CLUSTER = ClusterConfig(gpus=4, gpu_resource="nvidia.com/gpu",
-                            gpu_node_selector="kubetrain.io/node-pool=gpu",
-                            gpu_toleration="nvidia.com/gpu=present:NoSchedule",
-                            gpu_cpu="8", gpu_memory="32Gi", s3_secret="team-s3",
-                            s3_endpoint_url="http://minio.kubeflow:9000", s3_region="eu-west-1",
-                            namespace="ml-team", trainer_runtime="torch-distributed-gpu",
-                            wait_timeout=7200)
+GPU_CLUSTER = ClusterConfig(
+    gpus=4,
+    gpu_resource="nvidia.com/gpu",
+    gpu_node_selector="kubetrain.io/node-pool=gpu",
+    gpu_toleration="nvidia.com/gpu=present:NoSchedule",
+    gpu_cpu="8",
+    gpu_memory="32Gi",
+    s3_secret="team-s3",
+    s3_endpoint_url="http://minio.kubeflow:9000",
+    s3_region="eu-west-1",
+    namespace="ml-team",
+    trainer_runtime="torch-distributed-gpu",
+    wait_timeout=7200,
+)
 CFG = RunConfig.from_flat({"epochs": 7, "width": 64})
 TUNED = {"learning_rate": 0.01}
 URIS = ("s3://bucket/run/train", "minio://bucket/run/validation", "s3://bucket/run/out")
-RESERVED = {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR",
-            "PET_MASTER_PORT"}
+RESERVED = {
+    "PET_NNODES",
+    "PET_NPROC_PER_NODE",
+    "PET_NODE_RANK",
+    "PET_MASTER_ADDR",
+    "PET_MASTER_PORT",
+}
 
 
 def _job(cluster: ClusterConfig = GPU_CLUSTER, num_nodes: int = 3, **kwargs) -> dict:
-    return tj.trainjob(CFG.train, CFG.hyper.replace(TUNED), CFG.final, CFG.seed, cluster, *URIS,
-                       num_nodes, name=kwargs.pop("name", "train-abc"), **kwargs)
+    return tj.trainjob(
+        CFG.train,
+        CFG.hyper.replace(TUNED),
+        CFG.final,
+        CFG.seed,
+        cluster,
+        *URIS,
+        num_nodes,
+        name=kwargs.pop("name", "train-abc"),
+        **kwargs,
+    )
 
 
 def _pod_patch(job: dict) -> dict:
@@ -59,6 +80,7 @@ def _pod_patch(job: dict) -> dict:
 
 # --- the document ---------------------------------------------------------------------
 
+
 def test_trainjob_validates_against_the_trainer_api_and_round_trips():
     job = _job()
     model = TrainerV1alpha1TrainJob.from_dict(job)
@@ -66,15 +88,20 @@ def test_trainjob_validates_against_the_trainer_api_and_round_trips():
     assert model.api_version == "trainer.kubeflow.org/v1alpha1" and model.kind == "TrainJob"
     assert model.metadata.name == "train-abc" and model.metadata.namespace == "ml-team"
     ref = model.spec.runtime_ref
-    assert (ref.name, ref.kind, ref.api_group) == ("torch-distributed-gpu",
-                                                  "ClusterTrainingRuntime",
-                                                  "trainer.kubeflow.org")
+    assert (ref.name, ref.kind, ref.api_group) == (
+        "torch-distributed-gpu",
+        "ClusterTrainingRuntime",
+        "trainer.kubeflow.org",
+    )
     trainer = model.spec.trainer
     assert trainer.num_nodes == 3 and trainer.num_proc_per_node == 4  # one process per GPU
     assert trainer.image == GPU_CLUSTER.image("cuda")
     for side in (trainer.resources_per_node.limits, trainer.resources_per_node.requests):
         assert {k: v.actual_instance for k, v in side.items()} == {
-            "nvidia.com/gpu": "4", "cpu": "8", "memory": "32Gi"}
+            "nvidia.com/gpu": "4",
+            "cpu": "8",
+            "memory": "32Gi",
+        }
     assert model.spec.active_deadline_seconds == GPU_CLUSTER.wait_timeout
 
 
@@ -87,11 +114,16 @@ def test_scheduling_goes_through_a_runtime_patch_of_the_trainer_nodes():
     assert pod.node_selector == {"kubetrain.io/node-pool": "gpu"}
     (tol,) = pod.tolerations
     assert (tol.key, tol.operator, tol.value, tol.effect) == (
-        "nvidia.com/gpu", "Equal", "present", "NoSchedule")
+        "nvidia.com/gpu",
+        "Equal",
+        "present",
+        "NoSchedule",
+    )
     # a value-less taint is tolerated with Exists
     exists = _pod_patch(_job(ClusterConfig(gpu_toleration="nvidia.com/gpu:NoExecute")))
-    assert exists["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists",
-                                      "effect": "NoExecute"}]
+    assert exists["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoExecute"}
+    ]
     # nothing to place: the patch carries only the restricted profile
     plain = _pod_patch(_job(ClusterConfig(gpu_node_selector="", gpu_toleration="")))
     assert "nodeSelector" not in plain and "tolerations" not in plain
@@ -122,16 +154,21 @@ def test_trainer_pods_run_restricted_as_the_workload_account_without_a_token():
     env = {e["name"]: e for e in job["spec"]["trainer"]["env"]}
     assert "env" not in node  # Trainer's webhook refuses env patches of `node`
     assert env["TMPDIR"]["value"] == "/tmp"
-    assert env["XDG_CACHE_HOME"]["value"] == env["TORCH_HOME"]["value"].rsplit("/", 1)[0] \
+    assert (
+        env["XDG_CACHE_HOME"]["value"]
+        == env["TORCH_HOME"]["value"].rsplit("/", 1)[0]
         == "/home/kubetrain/.cache"
+    )
     assert [k for k, e in env.items() if "valueFrom" in e] == [
-        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]  # the only credentials: Secret refs
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    ]  # the only credentials: Secret refs
     # automountServiceAccountToken: Trainer's PodSpecPatch has no such field, so the
     # TrainJob cannot say it; the workload account itself says false
     patch_fields = {f.alias or name for name, f in TrainerV1alpha1PodSpecPatch.model_fields.items()}
     assert "automountServiceAccountToken" not in patch_fields | set(pod)
     assert {"serviceAccountName", "securityContext", "volumes", "containers"} <= patch_fields
-    manifest = Path(__file__).resolve().parents[1] / "manifests/base/workload-serviceaccount.yaml"
+    manifest = Path(__file__).resolve().parents[2] / "manifests/base/workload-serviceaccount.yaml"
     account = yaml.safe_load(manifest.read_text())
     assert account["kind"] == "ServiceAccount"
     assert account["metadata"]["name"] == ClusterConfig().workload_service_account
@@ -145,8 +182,10 @@ def test_s3_credentials_come_from_the_secret_never_as_values(monkeypatch):
     job = _job()
     env = {e["name"]: e for e in job["spec"]["trainer"]["env"]}
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        assert env[key] == {"name": key, "valueFrom": {"secretKeyRef": {"name": "team-s3",
-                                                                        "key": key}}}
+        assert env[key] == {
+            "name": key,
+            "valueFrom": {"secretKeyRef": {"name": "team-s3", "key": key}},
+        }
     assert env["S3_ENDPOINT_URL"]["value"] == "http://minio.kubeflow:9000"
     assert env["AWS_DEFAULT_REGION"]["value"] == "eu-west-1"
     text = json.dumps(job)
@@ -162,10 +201,14 @@ def test_command_runs_train_entry_under_torchrun_with_the_run_settings():
     args = train_entry.parser().parse_args(trainer["args"])
     # KFP's minio:// artifact URIs name the same object store
     assert (args.train, args.validation, args.output) == (
-        "s3://bucket/run/train", "s3://bucket/run/validation", "s3://bucket/run/out")
+        "s3://bucket/run/train",
+        "s3://bucket/run/validation",
+        "s3://bucket/run/out",
+    )
     # one --settings object: the four sections, the tuned values already applied
-    settings = RunConfig.from_flat(json.loads(args.settings)).flat("train", "hyper", "final",
-                                                                    "seed")
+    settings = RunConfig.from_flat(json.loads(args.settings)).flat(
+        "train", "hyper", "final", "seed"
+    )
     assert settings["learning_rate"] == TUNED["learning_rate"]
     expected = CFG.flat("train", "hyper", "final", "seed") | TUNED
     assert {k: settings[k] for k in expected} == expected
@@ -196,8 +239,9 @@ def test_bad_names_uris_and_process_counts_are_user_errors():
     assert tj.default_name().startswith("kubetrain-train-")
     _job(name=tj.default_name())
     with pytest.raises(KubetrainError, match="s3://"):
-        tj.trainjob(CFG.train, CFG.hyper, CFG.final, CFG.seed, GPU_CLUSTER, "/local/train",
-                    *URIS[1:], 2)
+        tj.trainjob(
+            CFG.train, CFG.hyper, CFG.final, CFG.seed, GPU_CLUSTER, "/local/train", *URIS[1:], 2
+        )
     with pytest.raises(KubetrainError, match="one GPU per process"):
         _job(nproc_per_node=8)
     assert ClusterConfig(num_nodes=2, gpus=1).trainjob
@@ -229,22 +273,40 @@ def test_cluster_settings_survive_kfp_dict_parameters():
     from kubetrain.config.cluster import ClusterConfig
 
     as_dict = dataclasses.asdict(GPU_CLUSTER)
-    assert ClusterConfig.from_dict({k: float(v) if isinstance(v, int) else v
-                                    for k, v in as_dict.items()}) == GPU_CLUSTER
+    assert (
+        ClusterConfig.from_dict(
+            {k: float(v) if isinstance(v, int) else v for k, v in as_dict.items()}
+        )
+        == GPU_CLUSTER
+    )
     with pytest.raises(KubetrainError, match="unknown cluster setting"):
         ClusterConfig.from_dict({"gpuz": 1})
 
 
 # --- status and following -----------------------------------------------------------
 
+
 def _condition(kind: str, reason: str, message: str = "", status: str = "True") -> dict:
-    return {"type": kind, "status": status, "reason": reason, "message": message,
-            "lastTransitionTime": "2026-01-01T00:00:00Z"}
+    return {
+        "type": kind,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    }
 
 
 def _jobs(active=0, ready=0, succeeded=0, failed=0) -> list[dict]:
-    return [{"name": "node", "active": active, "ready": ready, "succeeded": succeeded,
-             "failed": failed, "suspended": 0}]
+    return [
+        {
+            "name": "node",
+            "active": active,
+            "ready": ready,
+            "succeeded": succeeded,
+            "failed": failed,
+            "suspended": 0,
+        }
+    ]
 
 
 def _with_status(job: dict, **status) -> dict:
@@ -258,20 +320,28 @@ def test_progress_of_reads_conditions_and_child_jobs():
     assert tj.progress_of(job).phase == "Pending"
     created = _with_status(job, conditions=[_condition("Created", "JobsCreationSucceeded")])
     assert tj.progress_of(created).phase == "Created"
-    running = _with_status(job, jobsStatus=_jobs(active=3, ready=3),
-                           trainerStatus={"progressPercentage": 40,
-                                          "lastUpdatedTime": "2026-01-01T00:00:00Z"})
+    running = _with_status(
+        job,
+        jobsStatus=_jobs(active=3, ready=3),
+        trainerStatus={"progressPercentage": 40, "lastUpdatedTime": "2026-01-01T00:00:00Z"},
+    )
     state = tj.progress_of(running)
     assert state.phase == "Running" and state.detail == "node: 3 active 3 ready, 40%"
     suspended = _with_status(job, conditions=[_condition("Suspended", "Suspended")])
     assert tj.progress_of(suspended).phase == "Suspended"
     resumed = _with_status(job, conditions=[_condition("Suspended", "Resumed", status="False")])
     assert tj.progress_of(resumed).phase == "Pending"
-    done = _with_status(job, conditions=[_condition("Complete", "JobsCompleted")],
-                        jobsStatus=_jobs(succeeded=3))
+    done = _with_status(
+        job, conditions=[_condition("Complete", "JobsCompleted")], jobsStatus=_jobs(succeeded=3)
+    )
     assert tj.progress_of(done).phase == "Complete" and tj.progress_of(done).done
-    failed = _with_status(job, conditions=[_condition("Failed", "DeadlineExceeded", "too long"),
-                                           _condition("Complete", "x", status="False")])
+    failed = _with_status(
+        job,
+        conditions=[
+            _condition("Failed", "DeadlineExceeded", "too long"),
+            _condition("Complete", "x", status="False"),
+        ],
+    )
     state = tj.progress_of(failed)
     assert (state.phase, state.reason, state.message) == ("Failed", "DeadlineExceeded", "too long")
 
@@ -284,34 +354,48 @@ def _sequence(docs: list[dict]):
         nonlocal last
         last = next(it, last)
         return last
+
     return get
 
 
 def test_follow_returns_the_completed_job_logging_each_change_once():
     job = _job()
-    docs = [job, _with_status(job, conditions=[_condition("Created", "JobsCreationSucceeded")]),
-            _with_status(job, jobsStatus=_jobs(active=3)),
-            _with_status(job, jobsStatus=_jobs(active=3)),
-            _with_status(job, conditions=[_condition("Complete", "JobsCompleted")],
-                         jobsStatus=_jobs(succeeded=3))]
+    docs = [
+        job,
+        _with_status(job, conditions=[_condition("Created", "JobsCreationSucceeded")]),
+        _with_status(job, jobsStatus=_jobs(active=3)),
+        _with_status(job, jobsStatus=_jobs(active=3)),
+        _with_status(
+            job, conditions=[_condition("Complete", "JobsCompleted")], jobsStatus=_jobs(succeeded=3)
+        ),
+    ]
     clock, logs = Clock(), []
-    final = tj.follow(_sequence(docs), 3600, poll_s=5, sleep=clock.sleep, now=clock.now,
-                      log=logs.append)
+    final = tj.follow(
+        _sequence(docs), 3600, poll_s=5, sleep=clock.sleep, now=clock.now, log=logs.append
+    )
     assert final is docs[-1]
-    assert logs == ["TrainJob train-abc: Pending", "TrainJob train-abc: Created",
-                    "TrainJob train-abc: Running (node: 3 active)",
-                    "TrainJob train-abc: Complete (node: 3 succeeded): JobsCompleted"]
+    assert logs == [
+        "TrainJob train-abc: Pending",
+        "TrainJob train-abc: Created",
+        "TrainJob train-abc: Running (node: 3 active)",
+        "TrainJob train-abc: Complete (node: 3 succeeded): JobsCompleted",
+    ]
     assert clock.sleeps == [5] * 4
 
 
 def test_follow_fails_with_the_jobs_reason():
     job = _job()
-    failed = _with_status(job, conditions=[_condition(
-        "Failed", "FailedJobs", 'jobset failed: job "train-abc-node-0" has failed')])
+    failed = _with_status(
+        job,
+        conditions=[
+            _condition("Failed", "FailedJobs", 'jobset failed: job "train-abc-node-0" has failed')
+        ],
+    )
     clock = Clock()
     with pytest.raises(KubetrainError) as info:
-        tj.follow(_sequence([job, failed]), 3600, sleep=clock.sleep, now=clock.now,
-                  log=lambda m: None)
+        tj.follow(
+            _sequence([job, failed]), 3600, sleep=clock.sleep, now=clock.now, log=lambda m: None
+        )
     message = str(info.value)
     assert "ml-team/train-abc failed: FailedJobs" in message
     assert 'job "train-abc-node-0" has failed' in message
@@ -322,8 +406,7 @@ def test_follow_times_out_with_a_describe_hint():
     job = _with_status(_job(), jobsStatus=_jobs(active=3))
     clock = Clock()
     with pytest.raises(KubetrainError) as info:
-        tj.follow(lambda: job, 60, poll_s=25, sleep=clock.sleep, now=clock.now,
-                  log=lambda m: None)
+        tj.follow(lambda: job, 60, poll_s=25, sleep=clock.sleep, now=clock.now, log=lambda m: None)
     assert clock.t == 60 and clock.sleeps == [25, 25, 10]
     message = str(info.value)
     assert "did not finish within 60 s" in message and "Running" in message
@@ -343,8 +426,9 @@ class FakeApi:
     answers 409 and gets return it (with the statuses).
     """
 
-    def __init__(self, statuses=(), create_error=None, get_errors=(), on_create=None,
-                 existing=None):
+    def __init__(
+        self, statuses=(), create_error=None, get_errors=(), on_create=None, existing=None
+    ):
         self.statuses, self.create_error = list(statuses), create_error
         self.get_errors, self.on_create = list(get_errors), on_create
         self.created, self.deleted, self.gets = [], [], 0
@@ -367,8 +451,9 @@ class FakeApi:
         status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
         return {**(self.job or {}), "status": status}
 
-    def delete_namespaced_custom_object(self, group, version, namespace, plural, name,
-                                        propagation_policy=None):
+    def delete_namespaced_custom_object(
+        self, group, version, namespace, plural, name, propagation_policy=None
+    ):
         self.deleted.append((namespace, name, propagation_policy))
 
 
@@ -376,8 +461,9 @@ def _run(api, job=None, **kwargs):
     clock, logs = Clock(), []
     kwargs.setdefault("poll_s", 1)
     try:
-        return tj.run(job or _job(), api=api, sleep=clock.sleep, now=clock.now,
-                      log=logs.append, **kwargs)
+        return tj.run(
+            job or _job(), api=api, sleep=clock.sleep, now=clock.now, log=logs.append, **kwargs
+        )
     finally:
         _run.clock, _run.logs = clock, logs
 
@@ -404,33 +490,59 @@ def test_a_failed_job_is_still_deleted():
 
 
 def test_missing_trainer_install_and_rbac_are_named():
-    with pytest.raises(KubetrainError, match=r"Kubeflow Trainer v2 is not installed \(no "
-                                             r"trainjobs.trainer.kubeflow.org CRD\)"):
-        _run(FakeApi(create_error=_api_exception(
-            404, "the server could not find the requested resource")))
+    with pytest.raises(
+        KubetrainError,
+        match=r"Kubeflow Trainer v2 is not installed \(no "
+        r"trainjobs.trainer.kubeflow.org CRD\)",
+    ):
+        _run(
+            FakeApi(
+                create_error=_api_exception(404, "the server could not find the requested resource")
+            )
+        )
     with pytest.raises(KubetrainError, match="namespace 'ml-team' does not exist"):
         _run(FakeApi(create_error=_api_exception(404, 'namespaces "ml-team" not found')))
     with pytest.raises(KubetrainError) as info:
-        _run(FakeApi(create_error=_api_exception(
-            403, 'trainjobs.trainer.kubeflow.org is forbidden: User "system:serviceaccount:'
-                 'ml-team:runner" cannot create resource "trainjobs"')))
-    assert "not allowed to create trainjobs.trainer.kubeflow.org in namespace ml-team" in \
-        str(info.value) and "role.yaml" in str(info.value)
+        _run(
+            FakeApi(
+                create_error=_api_exception(
+                    403,
+                    'trainjobs.trainer.kubeflow.org is forbidden: User "system:serviceaccount:'
+                    'ml-team:runner" cannot create resource "trainjobs"',
+                )
+            )
+        )
+    assert "not allowed to create trainjobs.trainer.kubeflow.org in namespace ml-team" in str(
+        info.value
+    ) and "role.yaml" in str(info.value)
     with pytest.raises(KubetrainError, match="rejected TrainJob train-abc: admission webhook"):
-        _run(FakeApi(create_error=_api_exception(
-            403, 'admission webhook "validator.trainjob.trainer.kubeflow.org" denied the '
-                 'request: spec.trainer.env: must not have reserved envs')))
+        _run(
+            FakeApi(
+                create_error=_api_exception(
+                    403,
+                    'admission webhook "validator.trainjob.trainer.kubeflow.org" denied the '
+                    "request: spec.trainer.env: must not have reserved envs",
+                )
+            )
+        )
     # someone else's TrainJob of that name (not our labels): fail, never delete it
-    foreign = FakeApi([{}], existing={"apiVersion": tj.API_VERSION, "kind": tj.KIND,
-                                      "metadata": {"name": "train-abc", "namespace": "ml-team"}})
+    foreign = FakeApi(
+        [{}],
+        existing={
+            "apiVersion": tj.API_VERSION,
+            "kind": tj.KIND,
+            "metadata": {"name": "train-abc", "namespace": "ml-team"},
+        },
+    )
     with pytest.raises(KubetrainError, match="already exists"):
         _run(foreign)
     assert foreign.deleted == [] and len(foreign.created) == 1
 
 
 def test_transient_api_errors_are_retried_a_deleted_job_is_not():
-    api = FakeApi([COMPLETE], get_errors=[_api_exception(503, "etcd busy"),
-                                          ConnectionResetError("reset")])
+    api = FakeApi(
+        [COMPLETE], get_errors=[_api_exception(503, "etcd busy"), ConnectionResetError("reset")]
+    )
     assert _run(api)["status"] == COMPLETE and api.gets == 3
     gone = FakeApi([COMPLETE], get_errors=[_api_exception(404, 'trainjobs "train-abc" not found')])
     with pytest.raises(KubetrainError, match="disappeared"):
@@ -445,8 +557,10 @@ def test_transient_errors_follow_the_same_policy_as_katib():
     api = FakeApi([COMPLETE], get_errors=errors)
     assert _run(api, poll_s=5)["status"] == COMPLETE and api.gets == len(errors) + 1
     assert _run.clock.sleeps == backoff_sleeps(5, len(errors)) == [5, 10, 20, 40]
-    assert _run.logs[1] == ("Kubernetes API unavailable while trying to get TrainJob "
-                            "ml-team/train-abc (503 etcdserver: leader changed); retry 1 in 5 s")
+    assert _run.logs[1] == (
+        "Kubernetes API unavailable while trying to get TrainJob "
+        "ml-team/train-abc (503 etcdserver: leader changed); retry 1 in 5 s"
+    )
     assert len(api.created) == 1 and api.deleted == [("ml-team", "train-abc", "Background")]
 
 
@@ -468,13 +582,15 @@ def test_409_on_create_reattaches_to_this_runs_trainjob():
     api = FakeApi([{"jobsStatus": _jobs(active=3)}, COMPLETE], existing=_job())
     final = _run(api)
     assert final["status"] == COMPLETE and len(api.created) == 1  # no second create
-    assert _run.logs[0] == ("re-attached to TrainJob ml-team/train-abc: an earlier attempt of "
-                            "this step created it")
+    assert _run.logs[0] == (
+        "re-attached to TrainJob ml-team/train-abc: an earlier attempt of this step created it"
+    )
     assert not any(line.startswith("created TrainJob") for line in _run.logs)
     assert api.deleted == [("ml-team", "train-abc", "Background")]
 
 
 # --- the TrainJob's command, run the way the torch plugin starts it -------------------
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -495,14 +611,24 @@ def local_trainer(secrets: dict[str, dict[str, str]], scratch):
             ref = var.get("valueFrom", {}).get("secretKeyRef")
             env[var["name"]] = secrets[ref["name"]][ref["key"]] if ref else var["value"]
             if not ref and var["value"].startswith(security.CACHE_DIR):
-                env[var["name"]] = str(scratch) + var["value"][len(security.CACHE_DIR):]
-        env.update(PET_NNODES="1", PET_NPROC_PER_NODE=str(trainer["numProcPerNode"]),
-                   PET_NODE_RANK="0", PET_MASTER_ADDR="127.0.0.1",
-                   PET_MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1")
+                env[var["name"]] = str(scratch) + var["value"][len(security.CACHE_DIR) :]
+        env.update(
+            PET_NNODES="1",
+            PET_NPROC_PER_NODE=str(trainer["numProcPerNode"]),
+            PET_NODE_RANK="0",
+            PET_MASTER_ADDR="127.0.0.1",
+            PET_MASTER_PORT=str(_free_port()),
+            OMP_NUM_THREADS="1",
+        )
         command = trainer["command"] + trainer["args"]
         assert command[0] == "torchrun"  # the image's torchrun; here this venv's
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", *command[1:]],
-                              env=env, capture_output=True, text=True, timeout=300)
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", *command[1:]],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         start.output = proc.stdout + proc.stderr
         if proc.returncode:
             return {"conditions": [_condition("Failed", "FailedJobs", proc.stderr[-300:])]}
@@ -513,7 +639,8 @@ def local_trainer(secrets: dict[str, dict[str, str]], scratch):
 
 
 def test_train_on_cluster_runs_the_trainjob_command_and_collects_its_outputs(
-        s3_env, s3_server, tmp_path):
+    s3_env, s3_server, tmp_path
+):
     from sklearn.datasets import load_breast_cancer
 
     from kubetrain.data.datasets import Schema, save_split
@@ -528,22 +655,46 @@ def test_train_on_cluster_runs_the_trainjob_command_and_collects_its_outputs(
     base = f"s3://{s3_env}/pipeline-root/run-1"
     storage.upload(tmp_path / "train", f"{base}/train")
     storage.upload(tmp_path / "val", f"{base}/val")
-    cluster = ClusterConfig(gpus=0, s3_secret="kubetrain-s3",
-                            s3_endpoint_url=s3_server.endpoint_url, s3_region=s3_server.region)
-    start = local_trainer({"kubetrain-s3": {"AWS_ACCESS_KEY_ID": s3_server.access_key,
-                                            "AWS_SECRET_ACCESS_KEY": s3_server.secret_key}},
-                          tmp_path / "cache")
+    cluster = ClusterConfig(
+        gpus=0,
+        s3_secret="kubetrain-s3",
+        s3_endpoint_url=s3_server.endpoint_url,
+        s3_region=s3_server.region,
+    )
+    start = local_trainer(
+        {
+            "kubetrain-s3": {
+                "AWS_ACCESS_KEY_ID": s3_server.access_key,
+                "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+            }
+        },
+        tmp_path / "cache",
+    )
     api = FakeApi(on_create=start)
     clock, logs = Clock(), []
     out = tmp_path / "outputs"
-    cfg = RunConfig.from_flat({"epochs": 3, "width": 16, "batch_size": 32,
-                               "learning_rate": 0.01})
+    cfg = RunConfig.from_flat({"epochs": 3, "width": 16, "batch_size": 32, "learning_rate": 0.01})
     meta = tj.train_on_cluster(
-        cfg.train, cfg.hyper, cfg.final, cfg.seed, cluster,
-        f"{base}/train", f"minio://{s3_env}/pipeline-root/run-1/val", f"{base}/trainjob",
-        str(out / "model"), str(out / "metrics.json"), str(out / "report.html"),
-        {"dropout": 0.0}, name="train-e2e", api=api, nproc_per_node=2,
-        poll_s=1, sleep=clock.sleep, now=clock.now, log=logs.append)
+        cfg.train,
+        cfg.hyper,
+        cfg.final,
+        cfg.seed,
+        cluster,
+        f"{base}/train",
+        f"minio://{s3_env}/pipeline-root/run-1/val",
+        f"{base}/trainjob",
+        str(out / "model"),
+        str(out / "metrics.json"),
+        str(out / "report.html"),
+        {"dropout": 0.0},
+        name="train-e2e",
+        api=api,
+        nproc_per_node=2,
+        poll_s=1,
+        sleep=clock.sleep,
+        now=clock.now,
+        log=logs.append,
+    )
     assert "data-parallel over 2 process(es)" in start.output, start.output[-2000:]
     assert start.output.count("kubetrain | train | epoch 1/3") == 1  # rank 0 only
     assert meta["processes"] == 2 and meta["epochs_run"] == 3

@@ -38,8 +38,9 @@ def test_stage_help_lists_exactly_its_sections_settings(entry: registry.Stage):
         stage_cli.main([entry.stage, "--help"])
     shown = set(re.findall(r"--([a-z0-9-]+)", out.getvalue()))
     settings = {name.replace("_", "-") for name in SETTINGS}
-    expected = {f.name.replace("_", "-") for f in fields_of(*entry.sections)} \
-        if entry.sections else set()
+    expected = (
+        {f.name.replace("_", "-") for f in fields_of(*entry.sections)} if entry.sections else set()
+    )
     # boolean settings also offer --no-<flag>
     shown_settings = {s.removeprefix("no-") for s in shown} & settings
     assert shown_settings == expected
@@ -67,9 +68,8 @@ def test_registry_feeds_pipeline_runner_and_placement(tmp_path):
     from kubetrain.cluster.compile import GPU_STAGES, compile_pipeline
     from kubetrain.local import runner
 
-    assert GPU_STAGES == {"train"}
-    assert runner.STAGES == ("ingest", "clean", "augment", "tune", "train", "evaluate",
-                             "compress")
+    assert {"train"} == GPU_STAGES
+    assert runner.STAGES == ("ingest", "clean", "augment", "tune", "train", "evaluate", "compress")
     assert set(runner.TASK_STAGE) == {s.task for s in registry.STAGES}
     import yaml
 
@@ -80,29 +80,47 @@ def test_registry_feeds_pipeline_runner_and_placement(tmp_path):
 
 def test_cli_values_reach_the_stage_typed(tmp_path, capsys):
     """Flags are parsed once into sections; a bad value fails before the stage runs."""
-    code = stage_cli.main(["clean", "--table-path", str(tmp_path / "none"),
-                           "--train-path", "a", "--val-path", "b", "--test-path", "c",
-                           "--report-path", "d", "--test-fraction", "0.9"])
+    code = stage_cli.main(
+        [
+            "clean",
+            "--table-path",
+            str(tmp_path / "none"),
+            "--train-path",
+            "a",
+            "--val-path",
+            "b",
+            "--test-path",
+            "c",
+            "--report-path",
+            "d",
+            "--test-fraction",
+            "0.9",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: test_fraction=0.9 is out of range") and "\n" not in err
 
 
 def test_run_config_round_trips_through_flat_names():
-    cfg = RunConfig.from_flat({"epochs": "7", "learning_rate": 0.5, "seed": 3,
-                               "oversample": "false"})
+    cfg = RunConfig.from_flat(
+        {"epochs": "7", "learning_rate": 0.5, "seed": 3, "oversample": "false"}
+    )
     assert cfg.final.epochs == 7 and cfg.hyper.learning_rate == 0.5 and cfg.seed == 3
     assert cfg.augment.oversample is False
     assert RunConfig.from_flat(cfg.flat()) == cfg
 
 
-@pytest.mark.parametrize("values, needle", [
-    ({"epoch": 3}, "unknown setting(s) epoch"),
-    ({"seed": -1}, "seed=-1 is out of range"),
-    ({"seed": 2**40}, "out of range"),
-    ({"tune_parallel": 4, "tune_trials": 2}, "exceeds tune_trials"),
-    ({"batch_size": 1.5}, "batch_size must be a whole number"),
-])
+@pytest.mark.parametrize(
+    "values, needle",
+    [
+        ({"epoch": 3}, "unknown setting(s) epoch"),
+        ({"seed": -1}, "seed=-1 is out of range"),
+        ({"seed": 2**40}, "out of range"),
+        ({"tune_parallel": 4, "tune_trials": 2}, "exceeds tune_trials"),
+        ({"batch_size": 1.5}, "batch_size must be a whole number"),
+    ],
+)
 def test_bad_settings_fail_with_one_line(values, needle):
     from kubetrain.core.errors import KubetrainError
 

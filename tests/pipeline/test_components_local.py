@@ -45,7 +45,8 @@ from kubetrain.training.tuning import search_space
 pytestmark = [
     pytest.mark.integration,  # every component runs in a kfp.local subprocess
     pytest.mark.filterwarnings(
-        "ignore:You may be attemping to run a task that uses custom:RuntimeWarning"),
+        "ignore:You may be attemping to run a task that uses custom:RuntimeWarning"
+    ),
 ]
 
 D = RunConfig()
@@ -54,13 +55,33 @@ DIGITS_ROWS, DIGITS_FEATURES, DIGITS_CLASSES = 1797, 64, 10
 # widths costs ~5 s of CPU, and the components do not care which network it is
 # (tests/test_cli_e2e.py runs the CNN through the whole pipeline).
 MODEL = "mlp"
-PARAMETER_TYPES = {"String": str, "Float": float, "Integer": int, "Boolean": bool,
-                   "Dict": dict, "List": list}
-ALL_COMPONENTS = (ingest, clean, augment, tune, default_hyperparameters, train, evaluate,
-                  compress, skip_compression, publish)
+PARAMETER_TYPES = {
+    "String": str,
+    "Float": float,
+    "Integer": int,
+    "Boolean": bool,
+    "Dict": dict,
+    "List": list,
+}
+ALL_COMPONENTS = (
+    ingest,
+    clean,
+    augment,
+    tune,
+    default_hyperparameters,
+    train,
+    evaluate,
+    compress,
+    skip_compression,
+    publish,
+)
 # component parameters that are not RunConfig settings
-NOT_SETTINGS = {"ingest": {"source", "fingerprint"}, "train": {"hyperparameters"},
-                "publish": {"best_hyperparameters"}, "tune": {"backend", "cluster", "run_id"}}
+NOT_SETTINGS = {
+    "ingest": {"source", "fingerprint"},
+    "train": {"hyperparameters"},
+    "publish": {"best_hyperparameters"},
+    "tune": {"backend", "cluster", "run_id"},
+}
 NOT_SETTINGS["train"] |= {"cluster", "run_id"}
 # what the local target passes for those that are not data (see pipelines/training.py)
 LOCAL_EXTRAS = {"backend": "optuna", "cluster": {}, "run_id": ""}
@@ -71,8 +92,12 @@ def kfp_local_session(root: Path):
     """local.init under `root` (outputs and workspace); restores the previous session after."""
     previous = local_config.LocalExecutionConfig.instance
     (root / "workspace").mkdir(parents=True, exist_ok=True)
-    local.init(runner=local.SubprocessRunner(use_venv=False), pipeline_root=str(root / "outputs"),
-               workspace_root=str(root / "workspace"), raise_on_error=True)
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(root / "outputs"),
+        workspace_root=str(root / "workspace"),
+        raise_on_error=True,
+    )
     try:
         yield root / "outputs"
     finally:
@@ -88,8 +113,9 @@ def kfp_local(tmp_path_factory):
 def settings(component, **overrides) -> dict[str, Any]:
     """The RunConfig defaults for every parameter the component takes (and the local
     target's values for its non-setting switches), plus overrides."""
-    names = [n for n, spec in component.component_spec.inputs.items()
-             if spec.type in PARAMETER_TYPES]
+    names = [
+        n for n, spec in component.component_spec.inputs.items() if spec.type in PARAMETER_TYPES
+    ]
     values = {n: getattr(D, n) for n in names if hasattr(D, n)}
     values.update({n: LOCAL_EXTRAS[n] for n in names if n in LOCAL_EXTRAS})
     return {**values, **overrides}
@@ -103,15 +129,20 @@ def run(component, **arguments) -> dict[str, Any]:
     params = {k: v for k, v in arguments.items() if k not in inputs}
     fields = []
     for name, spec in component.component_spec.outputs.items():
-        kind = PARAMETER_TYPES.get(spec.type) or \
-            artifact_types._SCHEMA_TITLE_TO_TYPE[spec.type.split("@")[0]]
+        kind = (
+            PARAMETER_TYPES.get(spec.type)
+            or artifact_types._SCHEMA_TITLE_TO_TYPE[spec.type.split("@")[0]]
+        )
         fields.append((name, kind))
     Outputs = NamedTuple("Outputs", fields)
 
     def one_task() -> Outputs:
-        imported = {name: dsl.importer(artifact_uri=art.uri, artifact_class=type(art),
-                                       metadata=dict(art.metadata)).output
-                    for name, art in inputs.items()}
+        imported = {
+            name: dsl.importer(
+                artifact_uri=art.uri, artifact_class=type(art), metadata=dict(art.metadata)
+            ).output
+            for name, art in inputs.items()
+        }
         task = component(**params, **imported)
         return Outputs(**{name: task.outputs[name] for name, _ in fields})
 
@@ -147,8 +178,12 @@ def augmented(cleaned):
 
 @pytest.fixture(scope="module")
 def tuned(augmented, cleaned):
-    return run(tune, train=augmented["augmented"], validation=cleaned["validation"],
-               **settings(tune, model=MODEL, tune_trials=2, tune_epochs=1))
+    return run(
+        tune,
+        train=augmented["augmented"],
+        validation=cleaned["validation"],
+        **settings(tune, model=MODEL, tune_trials=2, tune_epochs=1),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -158,42 +193,57 @@ def defaults(kfp_local):
 
 @pytest.fixture(scope="module")
 def trained(augmented, cleaned, tuned):
-    return run(train, train=augmented["augmented"], validation=cleaned["validation"],
-               hyperparameters=tuned["best_hyperparameters"],
-               **settings(train, model=MODEL, epochs=2))
+    return run(
+        train,
+        train=augmented["augmented"],
+        validation=cleaned["validation"],
+        hyperparameters=tuned["best_hyperparameters"],
+        **settings(train, model=MODEL, epochs=2),
+    )
 
 
 @pytest.fixture(scope="module")
 def evaluated(trained, cleaned):
-    return run(evaluate, trained_model=trained["trained_model"], test=cleaned["test"],
-               min_accuracy=0.5)
+    return run(
+        evaluate, trained_model=trained["trained_model"], test=cleaned["test"], min_accuracy=0.5
+    )
 
 
 @pytest.fixture(scope="module")
 def compressed(trained, cleaned):
-    return run(compress, trained_model=trained["trained_model"], test=cleaned["test"],
-               **settings(compress))
+    return run(
+        compress, trained_model=trained["trained_model"], test=cleaned["test"], **settings(compress)
+    )
 
 
 @pytest.fixture(scope="module")
 def published(tmp_path_factory, ingested, tuned, trained, evaluated, compressed):
     folder = tmp_path_factory.mktemp("published")
-    uri = run(publish, trained_model=trained["trained_model"],
-              compressed_model=compressed["compressed_model"],
-              evaluation=evaluated["evaluation"], dataset=ingested["dataset"],
-              best_hyperparameters=tuned["best_hyperparameters"],
-              **settings(publish, publish_uri=str(folder)))["Output"]
+    uri = run(
+        publish,
+        trained_model=trained["trained_model"],
+        compressed_model=compressed["compressed_model"],
+        evaluation=evaluated["evaluation"],
+        dataset=ingested["dataset"],
+        best_hyperparameters=tuned["best_hyperparameters"],
+        **settings(publish, publish_uri=str(folder)),
+    )["Output"]
     return folder, uri
 
 
 @pytest.fixture(scope="module")
 def weak_evaluated(cleaned):
     """A model that cannot have learned anything (1 epoch at lr 1e-7), judged at 0.99."""
-    weak = run(train, train=cleaned["train"], validation=cleaned["validation"],
-               hyperparameters={"learning_rate": 1e-7, "width": 8},
-               **settings(train, model=MODEL, epochs=1))
-    return weak, run(evaluate, trained_model=weak["trained_model"], test=cleaned["test"],
-                     min_accuracy=0.99)
+    weak = run(
+        train,
+        train=cleaned["train"],
+        validation=cleaned["validation"],
+        hyperparameters={"learning_rate": 1e-7, "width": 8},
+        **settings(train, model=MODEL, epochs=1),
+    )
+    return weak, run(
+        evaluate, trained_model=weak["trained_model"], test=cleaned["test"], min_accuracy=0.99
+    )
 
 
 @pytest.fixture(scope="module")
@@ -389,8 +439,7 @@ def test_compress_exports_an_onnx_model_within_budget(compressed, evaluated, cle
     summary = compressed["summary"]
     assert summary["uri"] == model.uri
     assert summary["chosen"] in {v["name"] for v in summary["variants"]}
-    assert model.metadata == {"format": "onnx", "variant": summary["chosen"],
-                              "file": "model.onnx"}
+    assert model.metadata == {"format": "onnx", "variant": summary["chosen"], "file": "model.onnx"}
     assert summary["baseline_accuracy"] == pytest.approx(evaluated["accuracy"])
     metrics = compressed["metrics"].metadata
     assert metrics["bytes"] > 0 and metrics["cpu_latency_ms"] > 0
@@ -398,12 +447,13 @@ def test_compress_exports_an_onnx_model_within_budget(compressed, evaluated, cle
     assert read_json(compressed["metrics"].path) == metrics
     # the exported file is the model the metrics describe
     X, y, _ = load_split(cleaned["test"].path)
-    session = ort.InferenceSession(str(root / "model.onnx"),
-                                   providers=["CPUExecutionProvider"])
-    logits = session.run([summary["output_name"]],
-                         {summary["input_name"]: X.reshape(len(X), -1).astype(np.float32)})[0]
-    assert math.isclose(float((logits.argmax(axis=1) == y).mean()), metrics["accuracy"],
-                        abs_tol=1e-9)
+    session = ort.InferenceSession(str(root / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits = session.run(
+        [summary["output_name"]], {summary["input_name"]: X.reshape(len(X), -1).astype(np.float32)}
+    )[0]
+    assert math.isclose(
+        float((logits.argmax(axis=1) == y).mean()), metrics["accuracy"], abs_tol=1e-9
+    )
     assert "Compression" in Path(compressed["report"].path).read_text()
 
 
@@ -431,12 +481,21 @@ def test_publish_writes_a_complete_bundle(published, tuned, evaluated, ingested)
     assert bundle.parent.parent == folder and bundle.parent.name == D.model_name
     # the version names the data it was trained on
     assert bundle.name.endswith(ingested["dataset"].metadata["content_hash"][:8])
-    for name in ("model.onnx", "metrics.json", "compression.json", "model_card.md", "_SUCCESS",
-                 "pytorch/weights.pt"):
+    for name in (
+        "model.onnx",
+        "metrics.json",
+        "compression.json",
+        "model_card.md",
+        "_SUCCESS",
+        "pytorch/weights.pt",
+    ):
         assert (bundle / name).is_file(), name
     listed = {entry["path"] for entry in read_json(str(bundle / "_SUCCESS"))["files"]}
-    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*")
-               if p.is_file() and p.name != "_SUCCESS"}
+    on_disk = {
+        p.relative_to(bundle).as_posix()
+        for p in bundle.rglob("*")
+        if p.is_file() and p.name != "_SUCCESS"
+    }
     assert listed == on_disk
     metrics = read_json(str(bundle / "metrics.json"))
     assert metrics["gate"] == "pass"

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from kubetrain.core import storage
-from kubetrain.data.datasets import LABEL, load_table
 from kubetrain.core.errors import KubetrainError
+from kubetrain.data.datasets import LABEL, load_table
 from kubetrain.data.ingest import ingest, load_source
 
 
@@ -45,6 +45,7 @@ def write_csv(path: Path, text: str) -> Path:
 
 # --- built-ins -------------------------------------------------------------------------
 
+
 def test_digits_is_an_image_dataset(tmp_path):
     meta, frame, schema = run("digits", tmp_path)
     assert schema.kind == meta["kind"] == "image"
@@ -59,13 +60,17 @@ def test_digits_is_an_image_dataset(tmp_path):
     assert schema.extra["source"] == "digits"
     # pixel values in row-major order: first image's pixel (2, 3) from sklearn
     from sklearn.datasets import load_digits
+
     assert frame["pixel_2_3"].iloc[0] == load_digits().images[0][2, 3]
 
 
-@pytest.mark.parametrize("name, rows, features, classes", [
-    ("breast_cancer", 569, 30, {"malignant": 212, "benign": 357}),
-    ("wine", 178, 13, {"class_0": 59, "class_1": 71, "class_2": 48}),
-])
+@pytest.mark.parametrize(
+    "name, rows, features, classes",
+    [
+        ("breast_cancer", 569, 30, {"malignant": 212, "benign": 357}),
+        ("wine", 178, 13, {"class_0": 59, "class_1": 71, "class_2": 48}),
+    ],
+)
 def test_table_builtins(tmp_path, name, rows, features, classes):
     meta, frame, schema = run(name, tmp_path)
     assert schema.kind == "table" and schema.image_shape is None and meta["image_shape"] == []
@@ -77,14 +82,17 @@ def test_table_builtins(tmp_path, name, rows, features, classes):
 
 # --- files ---------------------------------------------------------------------------
 
+
 def test_csv_with_string_labels_categorical_and_missing(tmp_path):
-    path = write_csv(tmp_path / "pets.csv",
-                     "weight,colour,species\n"
-                     "4.5,black,dog\n"
-                     ",white,cat\n"
-                     "3.0,,cat\n"
-                     "7.25,black,dog\n"
-                     "2.0,ginger,cat\n")
+    path = write_csv(
+        tmp_path / "pets.csv",
+        "weight,colour,species\n"
+        "4.5,black,dog\n"
+        ",white,cat\n"
+        "3.0,,cat\n"
+        "7.25,black,dog\n"
+        "2.0,ginger,cat\n",
+    )
     meta, frame, schema = run(path, tmp_path, label_column="species")
     assert schema.kind == "table"
     assert schema.feature_names == ["weight", "colour"]
@@ -99,8 +107,9 @@ def test_csv_with_string_labels_categorical_and_missing(tmp_path):
 
 def test_parquet(tmp_path):
     path = tmp_path / "data.parquet"
-    pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0], "b": ["x", "y", "x", "y"],
-                  "target": [1, 0, 1, 0]}).to_parquet(path)
+    pd.DataFrame(
+        {"a": [1.0, 2.0, 3.0, 4.0], "b": ["x", "y", "x", "y"], "target": [1, 0, 1, 0]}
+    ).to_parquet(path)
     meta, frame, schema = run(path, tmp_path)
     assert schema.feature_names == ["a", "b"]
     assert schema.class_names == ["0", "1"]
@@ -195,6 +204,7 @@ def test_rewrite_replaces_previous_output(tmp_path):
 
 # --- bad input -------------------------------------------------------------------------
 
+
 def test_missing_file(tmp_path):
     fails(tmp_path / "nope.csv", tmp_path, "nope.csv", "not found", "pass an existing")
 
@@ -217,8 +227,9 @@ def test_zero_byte_parquet(tmp_path):
 
 def test_unknown_label_column(tmp_path):
     path = write_csv(tmp_path / "t.csv", "alpha,beta,gamma\n1,2,x\n3,4,y\n")
-    msg = fails(path, tmp_path, "'species'", "alpha, beta, gamma", "--label-column",
-                label_column="species")
+    msg = fails(
+        path, tmp_path, "'species'", "alpha, beta, gamma", "--label-column", label_column="species"
+    )
     assert "not in" in msg
 
 
@@ -243,13 +254,17 @@ def test_nan_labels(tmp_path):
     fails(path, tmp_path, "3 missing value(s)", "first at row 1", "fill or drop")
 
 
-@pytest.mark.parametrize("X, y, needles", [
-    (np.zeros((5, 3)), np.zeros(4), ("X has 5 rows but y has 4", "must match")),
-    (np.zeros((4, 3)), np.zeros((4, 1)), ("y must be 1-D", "(4, 1)")),
-    (np.zeros((2, 1, 1, 2, 2)), np.zeros(2), ("X must be", "(2, 1, 1, 2, 2)")),
-    (np.array([["a"], ["b"]]), np.array([0, 1]), ("X must be numeric",)),
-    (np.zeros((3, 2)), np.array([0.0, np.nan, 1.0]), ("1 missing value(s)", "row 1")),
-], ids=["rows-mismatch", "y-2d", "x-5d", "x-text", "y-nan"])
+@pytest.mark.parametrize(
+    "X, y, needles",
+    [
+        (np.zeros((5, 3)), np.zeros(4), ("X has 5 rows but y has 4", "must match")),
+        (np.zeros((4, 3)), np.zeros((4, 1)), ("y must be 1-D", "(4, 1)")),
+        (np.zeros((2, 1, 1, 2, 2)), np.zeros(2), ("X must be", "(2, 1, 1, 2, 2)")),
+        (np.array([["a"], ["b"]]), np.array([0, 1]), ("X must be numeric",)),
+        (np.zeros((3, 2)), np.array([0.0, np.nan, 1.0]), ("1 missing value(s)", "row 1")),
+    ],
+    ids=["rows-mismatch", "y-2d", "x-5d", "x-text", "y-nan"],
+)
 def test_bad_npz_shapes(tmp_path, X, y, needles):
     np.savez(tmp_path / "bad.npz", X=X, y=y)
     fails(tmp_path / "bad.npz", tmp_path, "bad.npz", *needles)
@@ -260,8 +275,11 @@ def test_npz_missing_arrays(tmp_path):
     fails(tmp_path / "arr.npz", tmp_path, "needs arrays named X and y", "data, classes")
 
 
-@pytest.mark.parametrize("content", [b"", b"PK\x03\x04truncated", b"plain text"],
-                         ids=["zero-bytes", "broken-zip", "not-a-zip"])
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"PK\x03\x04truncated", b"plain text"],
+    ids=["zero-bytes", "broken-zip", "not-a-zip"],
+)
 def test_unreadable_npz(tmp_path, content):
     (tmp_path / "broken.npz").write_bytes(content)
     fails(tmp_path / "broken.npz", tmp_path, "cannot read", "as NPZ", "numpy.savez")

@@ -13,12 +13,12 @@ from sklearn import metrics as skm
 from sklearn.datasets import load_breast_cancer
 from sklearn.model_selection import train_test_split
 
-from kubetrain.config.settings import RunConfig
-from kubetrain.data.datasets import Schema, save_split
-from kubetrain.core.errors import KubetrainError
 from kubetrain.assessment.evaluation import ROC_POINTS, compute_metrics, evaluate, gate, roc_curves
-from kubetrain.training.models import save_model
+from kubetrain.config.settings import RunConfig
+from kubetrain.core.errors import KubetrainError
+from kubetrain.data.datasets import Schema, save_split
 from kubetrain.training.loop import fit
+from kubetrain.training.models import save_model
 
 
 def _proba(rng: np.random.Generator, y: np.ndarray, classes: int, signal: float) -> np.ndarray:
@@ -35,6 +35,7 @@ def _one_hot_scores(pred: np.ndarray, classes: int) -> np.ndarray:
 
 
 # --- metrics --------------------------------------------------------------------------
+
 
 def test_metrics_match_hand_counts():
     y = np.array([0, 0, 1, 1, 2, 2])
@@ -63,8 +64,9 @@ def test_multiclass_metrics_match_sklearn():
     assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, pred))
     assert m["macro_f1"] == pytest.approx(skm.f1_score(y, pred, average="macro"))
     assert m["confusion_matrix"] == skm.confusion_matrix(y, pred).tolist()
-    assert m["roc_auc"] == pytest.approx(skm.roc_auc_score(y, proba, multi_class="ovr",
-                                                           average="macro"))
+    assert m["roc_auc"] == pytest.approx(
+        skm.roc_auc_score(y, proba, multi_class="ovr", average="macro")
+    )
     assert m["log_loss"] == pytest.approx(skm.log_loss(y, proba), rel=1e-4)
     assert set(m["roc"]) == {"w", "x", "y", "z", "micro"}
     for k, name in enumerate(["w", "x", "y", "z"]):  # one-vs-rest AUC per class
@@ -89,7 +91,7 @@ def test_roc_curves_are_thinned_and_well_formed():
     assert len(full) > ROC_POINTS  # so thinning really happens
     curves = roc_curves(y, proba, ["a", "b", "c"])
     assert set(curves) == {"a", "b", "c", "micro"}
-    for name, c in curves.items():
+    for _name, c in curves.items():
         fpr, tpr, thr = (np.array(c[k]) for k in ("fpr", "tpr", "thresholds"))
         assert 2 <= len(fpr) <= ROC_POINTS and len(fpr) == len(tpr) == len(thr)
         assert (fpr[0], tpr[0]) == (0.0, 0.0) and (fpr[-1], tpr[-1]) == (1.0, 1.0)
@@ -98,8 +100,7 @@ def test_roc_curves_are_thinned_and_well_formed():
         assert np.all(np.diff(thr) <= 0)  # thresholds fall along the curve
         assert 0.5 < c["auc"] <= 1.0
     onehot = np.eye(3)[y]
-    assert curves["micro"]["auc"] == pytest.approx(skm.roc_auc_score(onehot.ravel(),
-                                                                     proba.ravel()))
+    assert curves["micro"]["auc"] == pytest.approx(skm.roc_auc_score(onehot.ravel(), proba.ravel()))
 
 
 def test_a_class_missing_from_the_test_split_does_not_crash():
@@ -113,8 +114,7 @@ def test_a_class_missing_from_the_test_split_does_not_crash():
     assert m["accuracy"] == pytest.approx(skm.accuracy_score(y, proba.argmax(1)))
     assert np.array(m["confusion_matrix"]).shape == (3, 3)
     # binary with one class only: AUC undefined as well, still no crash
-    one = compute_metrics(np.zeros(10, int), _proba(rng, np.zeros(10, int), 2, 2.0),
-                          ["neg", "pos"])
+    one = compute_metrics(np.zeros(10, int), _proba(rng, np.zeros(10, int), 2, 2.0), ["neg", "pos"])
     assert math.isnan(one["roc_auc"]) and one["accuracy"] == 1.0
 
 
@@ -124,6 +124,7 @@ def test_empty_test_split_is_a_user_error():
 
 
 # --- gate -----------------------------------------------------------------------------
+
 
 def test_gate_passes_at_or_above_the_minimum_and_fails_below():
     ok, reason = gate({"accuracy": 0.9}, 0.9)
@@ -135,6 +136,7 @@ def test_gate_passes_at_or_above_the_minimum_and_fails_below():
 
 
 # --- evaluate on artifacts ------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
@@ -148,8 +150,9 @@ def artifacts(tmp_path_factory):
     X_tr, X_te = ((X_tr - mean) / std).astype(np.float32), ((X_te - mean) / std).astype(np.float32)
     schema = Schema("table", list(data.feature_names), list(data.target_names))
     cfg = RunConfig.from_flat({"width": 32, "learning_rate": 1e-2})
-    result = fit(cfg.train, cfg.hyper, cfg.seed, (X_tr, y_tr), (X_te, y_te), schema, 5,
-                 verbose=False)
+    result = fit(
+        cfg.train, cfg.hyper, cfg.seed, (X_tr, y_tr), (X_te, y_te), schema, 5, verbose=False
+    )
     torch.set_num_threads(previous)
     root = tmp_path_factory.mktemp("evaluate")
     save_model(root / "model", result.model, result.spec)

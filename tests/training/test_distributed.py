@@ -23,8 +23,9 @@ from kubetrain.stages import clean_stage, ingest_stage, train_stage
 from kubetrain.training import distributed
 from kubetrain.training.models import build, load_model, predict_proba, spec_for
 
-SETTINGS = dict(dataset="breast_cancer", epochs=4, width=32, batch_size=32, learning_rate=1e-2,
-                patience=100)
+SETTINGS = dict(
+    dataset="breast_cancer", epochs=4, width=32, batch_size=32, learning_rate=1e-2, patience=100
+)
 CFG = RunConfig.from_flat(SETTINGS)
 TOLERANCE = 0.03  # accuracy gap allowed between 2 processes and 1
 
@@ -35,10 +36,16 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory) -> tuple[str, str]:
     root = tmp_path_factory.mktemp("splits")
-    ingest_stage(str(root / "table"), str(root / "profile.md"),
-                 DataConfig(dataset="breast_cancer"))
-    clean_stage(str(root / "table"), str(root / "train"), str(root / "val"), str(root / "test"),
-                str(root / "quality.json"), CleanConfig(), CFG.seed)
+    ingest_stage(str(root / "table"), str(root / "profile.md"), DataConfig(dataset="breast_cancer"))
+    clean_stage(
+        str(root / "table"),
+        str(root / "train"),
+        str(root / "val"),
+        str(root / "test"),
+        str(root / "quality.json"),
+        CleanConfig(),
+        CFG.seed,
+    )
     return str(root / "train"), str(root / "val")
 
 
@@ -48,9 +55,15 @@ def _accuracy(model, X, y) -> float:
 
 # --- the rank's view, sharding, collectives outside a group ----------------------------
 
+
 def test_world_reads_the_torchrun_environment():
-    env = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4", "MASTER_ADDR": "h",
-           "MASTER_PORT": "1"}
+    env = {
+        "RANK": "3",
+        "LOCAL_RANK": "1",
+        "WORLD_SIZE": "4",
+        "MASTER_ADDR": "h",
+        "MASTER_PORT": "1",
+    }
     assert distributed.world(env) == (3, 1, 4)
     assert distributed.world({}) == (0, 0, 1)  # a plain `python -m ...` is one process
     with pytest.raises(KubetrainError, match="torchrun"):
@@ -87,8 +100,9 @@ def test_shards_are_equal_sized_distinct_and_cover_the_data(n, world_size):
     if n % world_size == 0:
         assert len(set(flat)) == len(flat)  # disjoint
     # deterministic
-    assert shards == [distributed.shard_order(order, r, world_size).tolist()
-                      for r in range(world_size)]
+    assert shards == [
+        distributed.shard_order(order, r, world_size).tolist() for r in range(world_size)
+    ]
 
 
 def test_failure_reason_names_the_root_cause_rank():
@@ -103,14 +117,19 @@ def test_failure_reason_names_the_root_cause_rank():
         "  rank      : 1 (local_rank: 1)",
         "  exitcode  : 1 (pid: 7)",
     ]
-    assert distributed.failure_reason(lines) == \
-        "rank 1: KubetrainError: training diverged at epoch 2"
+    assert (
+        distributed.failure_reason(lines) == "rank 1: KubetrainError: training diverged at epoch 2"
+    )
     # without torchrun's summary the user-facing error wins over collateral ones
     assert distributed.failure_reason(lines[:2]).startswith("rank 1: KubetrainError")
     assert "MemoryError: x" in distributed.failure_reason(["noise", "MemoryError: x", ""])
     # an uncaught exception: torch prefixes the traceback with the rank
-    crash = ["[rank0]: RuntimeError: Connection closed by peer", "[rank1]: Traceback:",
-             "[rank1]: NameError: name 'fit' is not defined", *lines[3:]]
+    crash = [
+        "[rank0]: RuntimeError: Connection closed by peer",
+        "[rank1]: Traceback:",
+        "[rank1]: NameError: name 'fit' is not defined",
+        *lines[3:],
+    ]
     assert distributed.failure_reason(crash) == "rank 1: NameError: name 'fit' is not defined"
 
 
@@ -181,10 +200,12 @@ def probe_run(splits, tmp_path_factory):
     out = root / "out"
     out.mkdir()
     lines: list[str] = []
-    env = dict(os.environ,
-               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    distributed.run_local_ddp(2, [*splits, str(out), json.dumps(SETTINGS)], module="ddp_probe",
-                              env=env, echo=lines.append)
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    )
+    distributed.run_local_ddp(
+        2, [*splits, str(out), json.dumps(SETTINGS)], module="ddp_probe", env=env, echo=lines.append
+    )
     reports = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     return reports, lines, out
 
@@ -195,8 +216,9 @@ def test_two_ranks_end_with_identical_weights(probe_run):
     assert reports[0]["digest"] == reports[1]["digest"]
     # all-reduced numbers: the same history (hence the same early-stopping decisions)
     assert reports[0]["history"] == reports[1]["history"]
-    assert {k: v for k, v in reports[0]["metrics"].items() if k != "seconds"} == \
-        {k: v for k, v in reports[1]["metrics"].items() if k != "seconds"}
+    assert {k: v for k, v in reports[0]["metrics"].items() if k != "seconds"} == {
+        k: v for k, v in reports[1]["metrics"].items() if k != "seconds"
+    }
     assert reports[0]["metrics"]["processes"] == 2
     assert len(reports[0]["history"]) == SETTINGS["epochs"]
     assert reports[0]["history"][-1]["train_loss"] < reports[0]["history"][0]["train_loss"]
@@ -235,8 +257,16 @@ def test_a_crafted_checkpoint_fails_every_rank_alike_unexecuted(probe_run):
 def single(splits, tmp_path_factory) -> tuple[dict, Path]:
     """The 1-process train stage on the same splits and settings: (meta, output folder)."""
     one = tmp_path_factory.mktemp("one")
-    meta = train_stage(*splits, str(one / "model"), str(one / "metrics.json"),
-                       str(one / "report.html"), CFG.train, CFG.hyper, CFG.final, CFG.seed)
+    meta = train_stage(
+        *splits,
+        str(one / "model"),
+        str(one / "metrics.json"),
+        str(one / "report.html"),
+        CFG.train,
+        CFG.hyper,
+        CFG.final,
+        CFG.seed,
+    )
     return meta, one
 
 
@@ -255,6 +285,7 @@ def test_accuracy_matches_a_one_process_run(probe_run, splits, single):
 
 # --- the train stage over 2 local processes ---------------------------------------------
 
+
 def _files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
@@ -264,11 +295,28 @@ def test_train_distributed_writes_what_train_stage_writes(splits, single, tmp_pa
     two = tmp_path / "two"
     lines: list[str] = []
     meta2 = distributed.train_distributed(
-        *splits, {}, str(two / "model"), str(two / "metrics.json"), str(two / "report.html"),
-        SETTINGS, nproc=2, checkpoint_dir=str(tmp_path / "ckpt"), echo=lines.append)
-    assert _files(two) == _files(one) == ["metrics.json", "model/info.json",
-                                          "model/sha256.json", "model/spec.json",
-                                          "model/weights.pt", "report.html"]
+        *splits,
+        {},
+        str(two / "model"),
+        str(two / "metrics.json"),
+        str(two / "report.html"),
+        SETTINGS,
+        nproc=2,
+        checkpoint_dir=str(tmp_path / "ckpt"),
+        echo=lines.append,
+    )
+    assert (
+        _files(two)
+        == _files(one)
+        == [
+            "metrics.json",
+            "model/info.json",
+            "model/sha256.json",
+            "model/spec.json",
+            "model/weights.pt",
+            "report.html",
+        ]
+    )
     assert (one / "model" / "spec.json").read_text() == (two / "model" / "spec.json").read_text()
     assert set(meta2) == set(meta1) | {"processes"} and meta2["processes"] == 2
     assert meta2["hyperparameters"] == meta1["hyperparameters"]
@@ -285,13 +333,13 @@ def test_train_distributed_writes_what_train_stage_writes(splits, single, tmp_pa
     assert sum("kubetrain | train | epoch 1/" in ln for ln in lines) == 1  # rank 0 only
 
 
-FAILING = textwrap.dedent('''
+FAILING = textwrap.dedent("""
     import os, sys, time
     if os.environ["RANK"] == "1":
         print("kubetrain | train | rank 1 failed: KubetrainError: width must be a int", flush=True)
         sys.exit(1)
     time.sleep(30)  # rank 0 waits in a collective; torchrun stops it
-''')
+""")
 
 
 def test_a_failing_rank_fails_the_launch_with_its_own_error(tmp_path):
@@ -300,8 +348,9 @@ def test_a_failing_rank_fails_the_launch_with_its_own_error(tmp_path):
     lines: list[str] = []
     with pytest.raises(KubetrainError) as info:
         distributed.run_local_ddp(2, [], module="failing_rank", env=env, echo=lines.append)
-    assert str(info.value) == ("distributed training over 2 processes failed: rank 1: "
-                               "KubetrainError: width must be a int")
+    assert str(info.value) == (
+        "distributed training over 2 processes failed: rank 1: KubetrainError: width must be a int"
+    )
     assert any("Root Cause" in line for line in lines)  # torchrun's summary was streamed
 
 
@@ -310,16 +359,30 @@ def test_a_rank_reports_its_error_in_one_line(splits, tmp_path, capsys, monkeypa
 
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
-    code = train_entry.main(["--train", str(tmp_path / "missing"), "--validation", splits[1],
-                             "--output", str(tmp_path / "out"), "--epochs", "2"])
+    code = train_entry.main(
+        [
+            "--train",
+            str(tmp_path / "missing"),
+            "--validation",
+            splits[1],
+            "--output",
+            str(tmp_path / "out"),
+            "--epochs",
+            "2",
+        ]
+    )
     assert code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and distributed.FAILED.search(err[0])
     assert err[0].startswith("kubetrain | train | rank 0 failed: KubetrainError: ")
     assert "no arrays.npz" in err[0]
     assert not (tmp_path / "out").exists()
-    assert train_entry.main(["--train", "x", "--validation", "y", "--output", "z",
-                             "--settings", "[1]"]) == 1
+    assert (
+        train_entry.main(
+            ["--train", "x", "--validation", "y", "--output", "z", "--settings", "[1]"]
+        )
+        == 1
+    )
     assert "--settings must be a JSON object" in capsys.readouterr().err
 
 
@@ -329,11 +392,34 @@ def test_train_entry_runs_as_one_process_without_torchrun(splits, tmp_path, monk
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     out = tmp_path / "out"
-    assert train_entry.main(["--train", splits[0], "--validation", splits[1], "--output",
-                             str(out), "--settings", json.dumps(SETTINGS), "--epochs", "1",
-                             "--hyperparameters", json.dumps({"width": 8})]) == 0
-    assert _files(out) == ["meta.json", "metrics.json", "model/info.json", "model/sha256.json",
-                           "model/spec.json", "model/weights.pt", "report.html"]
+    assert (
+        train_entry.main(
+            [
+                "--train",
+                splits[0],
+                "--validation",
+                splits[1],
+                "--output",
+                str(out),
+                "--settings",
+                json.dumps(SETTINGS),
+                "--epochs",
+                "1",
+                "--hyperparameters",
+                json.dumps({"width": 8}),
+            ]
+        )
+        == 0
+    )
+    assert _files(out) == [
+        "meta.json",
+        "metrics.json",
+        "model/info.json",
+        "model/sha256.json",
+        "model/spec.json",
+        "model/weights.pt",
+        "report.html",
+    ]
     meta = json.loads((out / "meta.json").read_text())
     assert meta["processes"] == 1 and meta["epochs_run"] == 1  # the flag beat --settings
     assert meta["hyperparameters"]["width"] == 8
@@ -346,13 +432,27 @@ def test_no_nested_launch_inside_a_worker(splits, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun gives each rank
     assert not distributed.should_launch(2)
     with pytest.raises(KubetrainError, match="inside a torchrun worker"):
-        distributed.train_distributed(*splits, {}, str(tmp_path / "m"), str(tmp_path / "x"),
-                                      str(tmp_path / "r"), SETTINGS, nproc=2)
+        distributed.train_distributed(
+            *splits,
+            {},
+            str(tmp_path / "m"),
+            str(tmp_path / "x"),
+            str(tmp_path / "r"),
+            SETTINGS,
+            nproc=2,
+        )
 
 
 def test_bad_nproc_is_a_user_error(splits, tmp_path):
     with pytest.raises(KubetrainError, match="at least 1"):
         distributed.run_local_ddp(0, [])
     with pytest.raises(KubetrainError, match="at least 1"):
-        distributed.train_distributed(*splits, {}, str(tmp_path / "m"), str(tmp_path / "x"),
-                                      str(tmp_path / "r"), SETTINGS, nproc=0)
+        distributed.train_distributed(
+            *splits,
+            {},
+            str(tmp_path / "m"),
+            str(tmp_path / "x"),
+            str(tmp_path / "r"),
+            SETTINGS,
+            nproc=0,
+        )

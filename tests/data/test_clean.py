@@ -3,17 +3,16 @@ statistic fitted on the training split only, and an honest stratified split."""
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from kubetrain.data.clean import clean, quality_report, split_indices
 from kubetrain.config.settings import RunConfig
-from kubetrain.data.datasets import LABEL, Schema, load_split, load_table, save_table
 from kubetrain.core.errors import KubetrainError
+from kubetrain.data.clean import clean, quality_report, split_indices
+from kubetrain.data.datasets import LABEL, Schema, load_split, load_table, save_table
 from kubetrain.data.ingest import ingest
 
 SPLITS = ("train", "validation", "test")
@@ -24,19 +23,25 @@ def cfg_with(**changes) -> RunConfig:
     return RunConfig.from_flat(changes)
 
 
-def table(tmp_path: Path, frame: pd.DataFrame, classes=("a", "b"), kind="table",
-          image_shape=None) -> str:
+def table(
+    tmp_path: Path, frame: pd.DataFrame, classes=("a", "b"), kind="table", image_shape=None
+) -> str:
     path = tmp_path / "table"
     features = [c for c in frame.columns if c != LABEL]
-    save_table(path, frame, Schema(kind=kind, feature_names=features,
-                                   class_names=list(classes), image_shape=image_shape))
+    save_table(
+        path,
+        frame,
+        Schema(
+            kind=kind, feature_names=features, class_names=list(classes), image_shape=image_shape
+        ),
+    )
     return str(path)
 
 
 def run_clean(tmp_path: Path, table_path: str, cfg: RunConfig, tag: str = ""):
     paths = [str(tmp_path / f"{name}{tag}") for name in SPLITS]
     stats = clean(table_path, *paths, cfg.clean, cfg.seed)
-    splits = {name: load_split(p) for name, p in zip(SPLITS, paths)}
+    splits = {name: load_split(p) for name, p in zip(SPLITS, paths, strict=False)}
     return stats, splits
 
 
@@ -54,8 +59,9 @@ def planned_split(cfg: RunConfig, n_per_class: int = N_PER_CLASS):
 
 def base_frame(n_per_class: int = N_PER_CLASS) -> pd.DataFrame:
     y = labels(n_per_class)
-    return pd.DataFrame({"key": np.arange(len(y), dtype=np.float64),
-                         LABEL: np.array(["a", "b"])[y]})
+    return pd.DataFrame(
+        {"key": np.arange(len(y), dtype=np.float64), LABEL: np.array(["a", "b"])[y]}
+    )
 
 
 def by_key(splits, name: str, column: int = 0) -> dict[int, np.ndarray]:
@@ -65,6 +71,7 @@ def by_key(splits, name: str, column: int = 0) -> dict[int, np.ndarray]:
 
 
 # --- duplicates ------------------------------------------------------------------------
+
 
 def test_duplicates_removed_and_counted(tmp_path):
     frame = base_frame()
@@ -86,24 +93,28 @@ def test_duplicates_removed_and_counted(tmp_path):
 
 # --- imputation ------------------------------------------------------------------------
 
+
 def impute_frame(cfg: RunConfig):
     tr, va, te = planned_split(cfg)
     frame = base_frame()
     rng = np.random.default_rng(0)
-    a = np.full(len(frame), 100.0)          # validation/test values: far from train's
+    a = np.full(len(frame), 100.0)  # validation/test values: far from train's
     a[tr] = rng.normal(0.0, 1.0, len(tr))
-    a[tr[:10]] = 2.0                        # train mode 2.0; overall mode 100.0
+    a[tr[:10]] = 2.0  # train mode 2.0; overall mode 100.0
     missing = [*tr[-3:], va[0], *te[:2]]
     a[missing] = np.nan
     frame["a"] = a
     return frame, sorted(int(m) for m in missing)
 
 
-@pytest.mark.parametrize("strategy, statistic", [
-    ("mean", lambda v: float(np.mean(v))),
-    ("median", lambda v: float(np.median(v))),
-    ("most_frequent", lambda v: float(pd.Series(v).mode().iloc[0])),
-])
+@pytest.mark.parametrize(
+    "strategy, statistic",
+    [
+        ("mean", lambda v: float(np.mean(v))),
+        ("median", lambda v: float(np.median(v))),
+        ("most_frequent", lambda v: float(pd.Series(v).mode().iloc[0])),
+    ],
+)
 def test_impute_uses_train_statistics(tmp_path, strategy, statistic):
     cfg = cfg_with(impute=strategy, scaling="none")
     frame, missing = impute_frame(cfg)
@@ -145,15 +156,16 @@ def test_impute_drop(tmp_path):
 
 # --- categorical -----------------------------------------------------------------------
 
+
 def test_categorical_one_hot_learned_on_train(tmp_path):
     cfg = cfg_with(scaling="none")
     tr, va, te = planned_split(cfg)
     frame = base_frame()
     colour = np.array(["green"] * len(frame), dtype=object)
     colour[tr] = ["red", "red", "blue", "green"] * (len(tr) // 4) + ["red"] * (len(tr) % 4)
-    colour[tr[1]] = None               # missing in train -> train mode 'red'
-    colour[va[0]] = None               # missing in validation -> train mode 'red'
-    colour[te[0]] = "purple"           # never seen in train
+    colour[tr[1]] = None  # missing in train -> train mode 'red'
+    colour[va[0]] = None  # missing in validation -> train mode 'red'
+    colour[te[0]] = "purple"  # never seen in train
     frame["colour"] = colour
     assert pd.Series(colour).mode().iloc[0] == "green"  # overall mode differs from train's
     stats, splits = run_clean(tmp_path, table(tmp_path, frame), cfg)
@@ -194,6 +206,7 @@ def test_all_missing_column(tmp_path, empty):
 
 
 # --- outliers ------------------------------------------------------------------------
+
 
 def outlier_frame(cfg: RunConfig):
     tr, va, te = planned_split(cfg)
@@ -237,8 +250,9 @@ def test_outlier_drop_only_touches_train(tmp_path):
     cfg = cfg_with(outliers="zscore", outlier_action="drop", scaling="none")
     stats, splits = run_clean(tmp_path, path, cfg)
     assert stats["outliers_dropped"] >= 1
-    assert stats["splits"]["train"]["rows"] == (kept["splits"]["train"]["rows"]
-                                                - stats["outliers_dropped"])
+    assert stats["splits"]["train"]["rows"] == (
+        kept["splits"]["train"]["rows"] - stats["outliers_dropped"]
+    )
     for name in ("validation", "test"):
         assert stats["splits"][name]["rows"] == kept["splits"][name]["rows"]
     assert train_out not in by_key(splits, "train")
@@ -248,6 +262,7 @@ def test_outlier_drop_only_touches_train(tmp_path):
 
 
 # --- scaling -------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def wine_table(tmp_path_factory):
@@ -319,6 +334,7 @@ def test_images_scaled_with_one_global_scalar(digits_splits):
 
 # --- split ---------------------------------------------------------------------------
 
+
 def test_stratified_split_proportions(digits_splits):
     stats, splits, frame = digits_splits
     total = frame[LABEL].value_counts()
@@ -360,8 +376,7 @@ def test_split_reproducible_by_seed(tmp_path):
 
 
 def test_too_few_rows_per_class(tmp_path):
-    frame = pd.DataFrame({"x": np.arange(45, dtype=float),
-                          LABEL: ["common"] * 40 + ["rare"] * 5})
+    frame = pd.DataFrame({"x": np.arange(45, dtype=float), LABEL: ["common"] * 40 + ["rare"] * 5})
     with pytest.raises(KubetrainError) as info:
         run_clean(tmp_path, table(tmp_path, frame, classes=("common", "rare")), RunConfig())
     message = str(info.value)

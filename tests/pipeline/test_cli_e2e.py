@@ -18,9 +18,13 @@ STAGES = ["ingest", "clean", "augment", "tune", "train", "evaluate", "compress"]
 
 
 def kubetrain(runs: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(Path(sys.executable).parent / "kubetrain"), "run",
-                           "--runs-dir", str(runs), *args], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "kubetrain"), "run", "--runs-dir", str(runs), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
 
 
 def summary_of(runs: Path) -> dict:
@@ -41,8 +45,13 @@ def test_digits_run_trains_tunes_evaluates_and_compresses(digits_run):
     assert all(st["status"] == "succeeded" for st in s["stages"]), s["stages"]
     assert s["test_metrics"]["accuracy"] >= 0.9
     assert 0.9 <= s["test_metrics"]["roc_auc"] <= 1.0
-    assert set(s["best_hyperparameters"]) == {"learning_rate", "weight_decay", "dropout",
-                                              "width", "batch_size"}
+    assert set(s["best_hyperparameters"]) == {
+        "learning_rate",
+        "weight_decay",
+        "dropout",
+        "width",
+        "batch_size",
+    }
     assert isinstance(s["best_hyperparameters"]["width"], int)
     c = s["compressed"]
     assert c["format"] == "onnx" and c["bytes"] > 0 and c["cpu_latency_ms"] > 0
@@ -74,8 +83,17 @@ def test_csv_file_with_tuning_skipped(tmp_path):
     csv = tmp_path / "cancer.csv"
     frame.to_csv(csv, index=False)
     runs = tmp_path / "runs"
-    proc = kubetrain(runs, "--dataset", str(csv), "--label-column", "diagnosis",
-                     "--tune-trials", "0", "--epochs", "5")
+    proc = kubetrain(
+        runs,
+        "--dataset",
+        str(csv),
+        "--label-column",
+        "diagnosis",
+        "--tune-trials",
+        "0",
+        "--epochs",
+        "5",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
     s = summary_of(runs)
     tune = next(st for st in s["stages"] if st["name"] == "tune")
@@ -87,8 +105,19 @@ def test_csv_file_with_tuning_skipped(tmp_path):
 
 def test_failed_quality_gate_skips_compression_and_exits_3(tmp_path):
     runs = tmp_path / "runs"
-    proc = kubetrain(runs, "--dataset", "wine", "--tune-trials", "0", "--epochs", "1",
-                     "--learning-rate", "1e-6", "--min-accuracy", "0.99")
+    proc = kubetrain(
+        runs,
+        "--dataset",
+        "wine",
+        "--tune-trials",
+        "0",
+        "--epochs",
+        "1",
+        "--learning-rate",
+        "1e-6",
+        "--min-accuracy",
+        "0.99",
+    )
     assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr
     s = summary_of(runs)
     assert s["quality_gate"]["passed"] is False
@@ -97,12 +126,15 @@ def test_failed_quality_gate_skips_compression_and_exits_3(tmp_path):
     assert "quality gate failed" in proc.stderr
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["--dataset", "no/such/file.csv"], "not found"),
-    (["--epochs", "0"], "epochs=0 is out of range"),
-    (["--tune-algorithm", "hyperband"], "is not supported; use one of"),
-    (["--dataset", "{csv}", "--label-column", "nope"], "label column 'nope' not in"),
-])
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["--dataset", "no/such/file.csv"], "not found"),
+        (["--epochs", "0"], "epochs=0 is out of range"),
+        (["--tune-algorithm", "hyperband"], "is not supported; use one of"),
+        (["--dataset", "{csv}", "--label-column", "nope"], "label column 'nope' not in"),
+    ],
+)
 def test_bad_input_is_one_line_error_exit_2(tmp_path, args, expected):
     csv = tmp_path / "t.csv"
     csv.write_text("a,b,label\n1,2,x\n3,4,y\n")
@@ -128,10 +160,25 @@ def s3_ddp_run(tmp_path_factory, s3_env_module):
     bunch.frame.to_csv(local_csv, index=False)
     storage.upload(local_csv, f"s3://{s3_env}/data/cancer.csv")
     runs = folder / "runs"
-    proc = kubetrain(runs, "--dataset", f"s3://{s3_env}/data/cancer.csv",
-                     "--publish-uri", f"s3://{s3_env}/models", "--model-name", "cancer",
-                     "--nproc", "2", "--tune-algorithm", "cmaes", "--tune-trials", "2",
-                     "--tune-epochs", "2", "--epochs", "4")
+    proc = kubetrain(
+        runs,
+        "--dataset",
+        f"s3://{s3_env}/data/cancer.csv",
+        "--publish-uri",
+        f"s3://{s3_env}/models",
+        "--model-name",
+        "cancer",
+        "--nproc",
+        "2",
+        "--tune-algorithm",
+        "cmaes",
+        "--tune-trials",
+        "2",
+        "--tune-epochs",
+        "2",
+        "--epochs",
+        "4",
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
     return s3_env, summary_of(runs)
 

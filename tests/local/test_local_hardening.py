@@ -37,6 +37,7 @@ SCHEMA = Schema(kind="table", feature_names=["a", "b"], class_names=["no", "yes"
 
 # --- fixtures ----------------------------------------------------------------------------
 
+
 @pytest.fixture(autouse=True)
 def restore_kfp_local():
     """run_local calls local.init; give later tests the kfp.local session they had."""
@@ -69,13 +70,19 @@ def fake_pipeline(monkeypatch):
         monkeypatch.setattr("kubetrain.pipelines.training.training_pipeline", pipeline)
 
     def summarize(cfg, run_id, run_dir, outputs, stages, seconds):
-        return {"run_id": run_id, "value": outputs["value"],
-                "artifacts": {"report": str(run_dir / "report.html"),
-                              "log": str(run_dir / "pipeline.log")}}
+        return {
+            "run_id": run_id,
+            "value": outputs["value"],
+            "artifacts": {
+                "report": str(run_dir / "report.html"),
+                "log": str(run_dir / "pipeline.log"),
+            },
+        }
 
     monkeypatch.setattr(runner, "summarize", summarize)
-    monkeypatch.setattr(runner, "write_report",
-                        lambda path, summary, outputs: Path(path).write_text("report"))
+    monkeypatch.setattr(
+        runner, "write_report", lambda path, summary, outputs: Path(path).write_text("report")
+    )
     return install
 
 
@@ -86,6 +93,7 @@ def cli(capsys, *args: str) -> tuple[int, list[str]]:
 
 
 # --- 1. run ids and run folders ------------------------------------------------------------
+
 
 def test_same_config_same_second_gets_different_run_ids(monkeypatch):
     frozen = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -159,6 +167,7 @@ def test_identical_runs_in_one_second_keep_their_own_files(tmp_path, monkeypatch
 
 # --- 2. unusable --runs-dir: one line, exit 2 ------------------------------------------------
 
+
 def test_runs_dir_that_is_a_file(tmp_path, capsys):
     runs = tmp_path / "runs"
     runs.write_text("not a folder")
@@ -175,9 +184,14 @@ def test_runs_dir_under_a_file(tmp_path, capsys):
     assert f"{blocker} is a file" in err[0] and "--runs-dir" in err[0]
 
 
-@pytest.mark.parametrize("code_, words", [(errno.EROFS, "read-only file system"),
-                                          (errno.ENOSPC, "no space left on device"),
-                                          (errno.EACCES, "permission denied")])
+@pytest.mark.parametrize(
+    "code_, words",
+    [
+        (errno.EROFS, "read-only file system"),
+        (errno.ENOSPC, "no space left on device"),
+        (errno.EACCES, "permission denied"),
+    ],
+)
 def test_runs_dir_that_cannot_be_created(tmp_path, capsys, monkeypatch, code_, words):
     runs = tmp_path / "runs"
 
@@ -213,14 +227,14 @@ def test_disk_full_while_logging_is_one_line(tmp_path, capsys, monkeypatch, fake
             self.inner.close()
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), self.path)
 
-    monkeypatch.setattr(runner, "open", lambda path, mode="r": FullDisk(str(path)),
-                        raising=False)
+    monkeypatch.setattr(runner, "open", lambda path, mode="r": FullDisk(str(path)), raising=False)
 
     def body(**params: Any) -> None:
         for i in range(20):
             print(f"kfp says line {i}")
-        raise RuntimeError("Pipeline 'training' finished with status FAILURE. "
-                           "Inner task failed: 'train'.")
+        raise RuntimeError(
+            "Pipeline 'training' finished with status FAILURE. Inner task failed: 'train'."
+        )
 
     fake_pipeline(body)
     code, err = cli(capsys, "--runs-dir", str(tmp_path / "runs"))
@@ -242,8 +256,10 @@ def test_disk_full_in_kfp_itself_is_one_line(tmp_path, capsys, fake_pipeline):
 
 def test_task_that_died_of_a_full_disk_gets_the_fix(tmp_path, fake_pipeline):
     def body(**params: Any) -> None:
-        print("Traceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
-              "OSError: [Errno 28] No space left on device: '/r/.kfp/t/model'")
+        print(
+            'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n'
+            "OSError: [Errno 28] No space left on device: '/r/.kfp/t/model'"
+        )
         raise RuntimeError("Inner task failed: 'train'.")
 
     fake_pipeline(body)
@@ -254,6 +270,7 @@ def test_task_that_died_of_a_full_disk_gets_the_fix(tmp_path, fake_pipeline):
 
 
 # --- 3. damaged artifacts ------------------------------------------------------------------
+
 
 def split(tmp_path: Path, name: str = "split") -> Path:
     path = tmp_path / name
@@ -333,7 +350,10 @@ def test_model_bundle_has_checksums_and_a_damaged_one_is_named(tmp_path):
     spec = ModelSpec(arch="mlp", num_features=2, num_classes=2, width=4, dropout=0.0)
     save_model(tmp_path / "model", build(spec), spec, {"note": "x"})
     assert set(json.loads((tmp_path / "model" / MANIFEST).read_text())["files"]) == {
-        "weights.pt", "spec.json", "info.json"}
+        "weights.pt",
+        "spec.json",
+        "info.json",
+    }
     model, loaded, info = load_model(tmp_path / "model")
     assert loaded == spec and info == {"note": "x"} and isinstance(model, torch.nn.Module)
     weights = tmp_path / "model" / "weights.pt"
@@ -372,21 +392,26 @@ def test_console_surfaces_any_exception_class_from_a_traceback():
 
 
 def test_console_takes_the_last_traceback_of_a_chain_and_prefers_kubetrain_errors():
-    chained = ("Traceback (most recent call last):\n  File \"a.py\", line 1, in f\n"
-               "KeyError: 'X'\n\nDuring handling of the above exception, another exception "
-               "occurred:\n\nTraceback (most recent call last):\n  File \"a.py\", line 3, in f\n"
-               "mylib.Broken: the real story\n")
+    chained = (
+        'Traceback (most recent call last):\n  File "a.py", line 1, in f\n'
+        "KeyError: 'X'\n\nDuring handling of the above exception, another exception "
+        'occurred:\n\nTraceback (most recent call last):\n  File "a.py", line 3, in f\n'
+        "mylib.Broken: the real story\n"
+    )
     assert filtered(chained).cause == "mylib.Broken: the real story"
-    ours = chained + ("Traceback (most recent call last):\n  File \"s.py\", line 9, in g\n"
-                      "kubetrain.core.errors.KubetrainError: artifact file /x is damaged\n")
+    ours = chained + (
+        'Traceback (most recent call last):\n  File "s.py", line 9, in g\n'
+        "kubetrain.core.errors.KubetrainError: artifact file /x is damaged\n"
+    )
     assert filtered(ours).cause == "artifact file /x is damaged"
 
 
 def test_failed_run_reports_the_task_exception_not_inner_task_failed(tmp_path, fake_pipeline):
     def body(**params: Any) -> None:
         print(TASK_LOG, end="")
-        raise RuntimeError("Pipeline 'training' finished with status FAILURE. "
-                           "Inner task failed: 'train'.")
+        raise RuntimeError(
+            "Pipeline 'training' finished with status FAILURE. Inner task failed: 'train'."
+        )
 
     fake_pipeline(body)
     with pytest.raises(KubetrainError) as caught:
@@ -418,8 +443,12 @@ def make_split(out: dsl.Output[dsl.Dataset]):
 
     from kubetrain.data.datasets import Schema, save_split
 
-    save_split(out.path, np.zeros((4, 2), np.float32), np.array([0, 1, 0, 1]),
-               Schema("table", ["a", "b"], ["no", "yes"], extra={"stamp": time.time_ns()}))
+    save_split(
+        out.path,
+        np.zeros((4, 2), np.float32),
+        np.array([0, 1, 0, 1]),
+        Schema("table", ["a", "b"], ["no", "yes"], extra={"stamp": time.time_ns()}),
+    )
 
 
 @dsl.component
@@ -462,8 +491,10 @@ def test_no_cache_refreshes_a_damaged_cache_entry(tmp_path, fake_pipeline):
 
 # --- 4. kfp.local's temporary folders --------------------------------------------------------
 
-MKTEMP_LIKE_KFP = 'program_path=$(mktemp -d); printf x > "$program_path/ephemeral_component.py"; ' \
-                  'echo "$program_path"'
+MKTEMP_LIKE_KFP = (
+    'program_path=$(mktemp -d); printf x > "$program_path/ephemeral_component.py"; '
+    'echo "$program_path"'
+)
 
 
 @pytest.mark.parametrize("fails", [False, True])
@@ -472,8 +503,13 @@ def test_task_program_folders_are_removed_after_the_run(tmp_path, fake_pipeline,
 
     def body(**params: Any) -> str:
         for _ in range(3):  # what kfp.local's lightweight component command does per task
-            made.append(Path(subprocess.run(["sh", "-ec", MKTEMP_LIKE_KFP], check=True,
-                                            capture_output=True, text=True).stdout.strip()))
+            made.append(
+                Path(
+                    subprocess.run(
+                        ["sh", "-ec", MKTEMP_LIKE_KFP], check=True, capture_output=True, text=True
+                    ).stdout.strip()
+                )
+            )
         from kfp.local import config as local_config
 
         made.append(Path(local_config.LocalExecutionConfig.instance.workspace_root))

@@ -41,24 +41,42 @@ from kubetrain.training import tuning
 KATIB_REGEX = re.compile(r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)")
 METRICS = ("validation-accuracy", "validation-loss")
 NAME = "kubetrain-tune-abc12"
-TRAIN_URI, VAL_URI = "s3://kubetrain/pipeline-root/run-1/clean/train", \
-    "s3://kubetrain/pipeline-root/run-1/clean/validation"
-SAMPLE = {"learningRate": "0.0012", "weightDecay": "3.5e-05", "dropout": "0.2",
-          "width": "96", "batchSize": "64"}
+TRAIN_URI, VAL_URI = (
+    "s3://kubetrain/pipeline-root/run-1/clean/train",
+    "s3://kubetrain/pipeline-root/run-1/clean/validation",
+)
+SAMPLE = {
+    "learningRate": "0.0012",
+    "weightDecay": "3.5e-05",
+    "dropout": "0.2",
+    "width": "96",
+    "batchSize": "64",
+}
 
 
-def make(algorithm: str = "tpe", early: str = "medianstop", cluster: ClusterConfig | None = None,
-         **settings) -> dict:
-    cfg = RunConfig.from_flat({"tune_algorithm": algorithm, "tune_early_stopping": early,
-                               **settings})
+def make(
+    algorithm: str = "tpe",
+    early: str = "medianstop",
+    cluster: ClusterConfig | None = None,
+    **settings,
+) -> dict:
+    cfg = RunConfig.from_flat(
+        {"tune_algorithm": algorithm, "tune_early_stopping": early, **settings}
+    )
     return experiment_of(cfg, cluster)
 
 
-def experiment_of(cfg: RunConfig, cluster: ClusterConfig | None = None, name: str = NAME,
-                  train_uri: str = TRAIN_URI, val_uri: str = VAL_URI) -> dict:
+def experiment_of(
+    cfg: RunConfig,
+    cluster: ClusterConfig | None = None,
+    name: str = NAME,
+    train_uri: str = TRAIN_URI,
+    val_uri: str = VAL_URI,
+) -> dict:
     """The Experiment of `cfg`'s sections, as the tune step builds it."""
-    return katib.experiment(cfg.train, cfg.tune, cfg.seed, cluster or ClusterConfig(), train_uri,
-                            val_uri, name)
+    return katib.experiment(
+        cfg.train, cfg.tune, cfg.seed, cluster or ClusterConfig(), train_uri, val_uri, name
+    )
 
 
 def job_of(exp: dict) -> dict:
@@ -71,11 +89,13 @@ def container_of(exp: dict) -> dict:
 
 def substituted(command: list[str], values: dict[str, str] = SAMPLE) -> list[str]:
     """The command as Katib runs it: each ${trialParameters.x} replaced by a value."""
-    return [re.sub(r"\$\{trialParameters\.(\w+)\}", lambda m: values[m.group(1)], a)
-            for a in command]
+    return [
+        re.sub(r"\$\{trialParameters\.(\w+)\}", lambda m: values[m.group(1)], a) for a in command
+    ]
 
 
 # ------------------------------------------------------------------ the Experiment
+
 
 @pytest.mark.parametrize("early", ["medianstop", "none"])
 @pytest.mark.parametrize("algorithm", TUNE_ALGORITHMS)
@@ -89,13 +109,18 @@ def test_experiment_passes_webhook_checks_and_round_trips(algorithm, early):
     spec = exp["spec"]
     assert ("earlyStopping" in spec) == (early == "medianstop")
     if early == "medianstop":
-        assert {s["name"]: int(s["value"]) for s in spec["earlyStopping"]["algorithmSettings"]} \
-            == tuning.MEDIANSTOP
+        assert {
+            s["name"]: int(s["value"]) for s in spec["earlyStopping"]["algorithmSettings"]
+        } == tuning.MEDIANSTOP
     assert spec["objective"] == {
-        "type": "maximize", "objectiveMetricName": "validation-accuracy",
+        "type": "maximize",
+        "objectiveMetricName": "validation-accuracy",
         "additionalMetricNames": ["validation-loss"],
-        "metricStrategies": [{"name": "validation-accuracy", "value": "latest"},
-                             {"name": "validation-loss", "value": "latest"}]}
+        "metricStrategies": [
+            {"name": "validation-accuracy", "value": "latest"},
+            {"name": "validation-loss", "value": "latest"},
+        ],
+    }
     assert spec["metricsCollectorSpec"] == {"collector": {"kind": "StdOut"}}
     assert spec["resumePolicy"] == "Never"
     # the search space is the local backend's, in Katib's vocabulary
@@ -121,8 +146,17 @@ def test_feasible_space_survives_yaml_as_strings():
             values = value if isinstance(value, list) else [value]
             assert all(isinstance(v, str) for v in values), (p["name"], key, value)
     # any YAML 1.1/1.2 loader: every scalar that looks like a number is quoted
-    tricky = {"a": "1e-05", "b": "1E5", "c": "yes", "d": "0x1F", "e": ".5", "f": "text",
-              "g": "on", "h": "-3", "i": "1_000"}
+    tricky = {
+        "a": "1e-05",
+        "b": "1E5",
+        "c": "yes",
+        "d": "0x1F",
+        "e": ".5",
+        "f": "text",
+        "g": "on",
+        "h": "-3",
+        "i": "1_000",
+    }
     dumped = katib.to_yaml(tricky)
     assert yaml.safe_load(dumped) == tricky
     for key, value in tricky.items():
@@ -140,11 +174,15 @@ def test_algorithm_settings_match_the_local_samplers_and_katibs_services():
         return {s["name"]: s["value"] for s in exp["spec"]["algorithm"]["algorithmSettings"]}
 
     mtpe = tuning.make_sampler("multivariate-tpe", seed, space, trials)
-    assert settings("multivariate-tpe") == {"random_state": "7",
-                                            "n_startup_trials": str(mtpe._n_startup_trials)}
+    assert settings("multivariate-tpe") == {
+        "random_state": "7",
+        "n_startup_trials": str(mtpe._n_startup_trials),
+    }
     gp = tuning.make_sampler("bayesianoptimization", seed, space, trials)
-    assert settings("bayesianoptimization") == {"random_state": "7",
-                                                "n_initial_points": str(gp._n_startup_trials)}
+    assert settings("bayesianoptimization") == {
+        "random_state": "7",
+        "n_initial_points": str(gp._n_startup_trials),
+    }
     assert gp._n_startup_trials == startup
     # hyperopt serves tpe and random in Katib's default config and refuses n_startup_trials
     for algorithm in ("tpe", "random", "grid", "cmaes"):
@@ -157,7 +195,8 @@ def test_grid_is_all_categorical_and_capped_at_its_size():
     params = exp["spec"]["parameters"]
     assert all(p["parameterType"] == "categorical" for p in params)
     assert [p["feasibleSpace"]["list"] for p in params] == [
-        list(p.values) for p in tuning.for_algorithm(tuning.search_space(), "grid")]
+        list(p.values) for p in tuning.for_algorithm(tuning.search_space(), "grid")
+    ]
     size = 1
     for p in params:
         size *= len(p["feasibleSpace"]["list"])
@@ -180,8 +219,12 @@ def test_trial_limits_follow_katibs_counting():
 
 
 def test_trial_job_runs_the_entrypoint_on_the_gpu_pool_with_s3_credentials():
-    cluster = ClusterConfig(s3_endpoint_url="http://minio.kubeflow:9000", gpus=2,
-                            gpu_node_selector="pool=a100", gpu_toleration="gpu:NoSchedule")
+    cluster = ClusterConfig(
+        s3_endpoint_url="http://minio.kubeflow:9000",
+        gpus=2,
+        gpu_node_selector="pool=a100",
+        gpu_toleration="gpu:NoSchedule",
+    )
     exp = make(cluster=cluster)
     job = job_of(exp)
     pod = job["spec"]["template"]["spec"]
@@ -192,8 +235,15 @@ def test_trial_job_runs_the_entrypoint_on_the_gpu_pool_with_s3_credentials():
     assert pod["serviceAccountName"] == cluster.workload_service_account  # not the runner's
     assert c["name"] == exp["spec"]["trialTemplate"]["primaryContainerName"] == "training"
     assert c["image"] == cluster.image("cuda")
-    assert c["command"][:7] == ["python", "-m", "kubetrain.cli.trial", "--train", TRAIN_URI,
-                                "--validation", VAL_URI]
+    assert c["command"][:7] == [
+        "python",
+        "-m",
+        "kubetrain.cli.trial",
+        "--train",
+        TRAIN_URI,
+        "--validation",
+        VAL_URI,
+    ]
     assert c["resources"]["limits"]["nvidia.com/gpu"] == "2"
     assert c["resources"]["limits"]["cpu"] == cluster.gpu_cpu
     assert c["resources"]["requests"]["memory"] == cluster.gpu_memory
@@ -236,9 +286,14 @@ def test_trial_pods_run_restricted_as_the_workload_account_without_a_token():
         assert env["XDG_CACHE_HOME"]["value"] == "/home/kubetrain/.cache"
         # the only credentials are the S3 keys, by reference to the Secret
         assert [k for k, e in env.items() if "valueFrom" in e] == [
-            "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
-        assert all(e["valueFrom"]["secretKeyRef"]["name"] == cluster.s3_secret
-                   for e in env.values() if "valueFrom" in e)
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+        ]
+        assert all(
+            e["valueFrom"]["secretKeyRef"]["name"] == cluster.s3_secret
+            for e in env.values()
+            if "valueFrom" in e
+        )
     katib.validate(exp)  # still what Katib's webhook and API models accept
     kubernetes_validate.validate(job_of(exp), kubernetes_validate.latest_version(), strict=True)
 
@@ -257,9 +312,18 @@ def test_cpu_only_cluster_gets_the_cpu_image_and_no_gpu_placement():
 
 
 def test_template_command_is_the_trial_cli_with_every_placeholder_defined():
-    cfg = RunConfig.from_flat({"model": "mlp", "optimizer": "sgd", "momentum": 0.8, "l1": 1e-5,
-                               "patience": 3, "seed": 5, "tune_epochs": 4,
-                               "tune_objective": "validation-loss"})
+    cfg = RunConfig.from_flat(
+        {
+            "model": "mlp",
+            "optimizer": "sgd",
+            "momentum": 0.8,
+            "l1": 1e-5,
+            "patience": 3,
+            "seed": 5,
+            "tune_epochs": 4,
+            "tune_objective": "validation-loss",
+        }
+    )
     exp = experiment_of(cfg)
     assert exp["spec"]["objective"]["type"] == "minimize"
     command = container_of(exp)["command"]
@@ -276,7 +340,10 @@ def test_template_command_is_the_trial_cli_with_every_placeholder_defined():
     for field, value in fixed.items():
         assert parsed.flat()[field] == value, field
     assert (parsed.hyper.learning_rate, parsed.hyper.width, parsed.hyper.batch_size) == (
-        0.0012, 96, 64)
+        0.0012,
+        96,
+        64,
+    )
     assert (parsed.train, parsed.tune.tune_epochs, parsed.seed) == (cfg.train, 4, 5)
     assert set(trial.METRICS) == set(tuning.GOALS) and set(trial.METRICS) == set(METRICS)
 
@@ -285,63 +352,138 @@ def test_trial_command_line_is_pinned():
     """Flag names, their order and the Katib parameter names of the default trial command."""
     command = container_of(make("tpe"))["command"]
     assert command == [
-        "python", "-m", "kubetrain.cli.trial", "--train", TRAIN_URI, "--validation", VAL_URI,
-        "--learning-rate", "${trialParameters.learningRate}",
-        "--weight-decay", "${trialParameters.weightDecay}",
-        "--dropout", "${trialParameters.dropout}",
-        "--width", "${trialParameters.width}",
-        "--batch-size", "${trialParameters.batchSize}",
-        "--model", "auto", "--optimizer", "adamw", "--momentum", "0.9", "--l1", "0.0",
-        "--lr-schedule", "cosine", "--patience", "6", "--device", "auto", "--seed", "42",
-        "--tune-epochs", "10", "--tune-objective", "validation-accuracy"]
+        "python",
+        "-m",
+        "kubetrain.cli.trial",
+        "--train",
+        TRAIN_URI,
+        "--validation",
+        VAL_URI,
+        "--learning-rate",
+        "${trialParameters.learningRate}",
+        "--weight-decay",
+        "${trialParameters.weightDecay}",
+        "--dropout",
+        "${trialParameters.dropout}",
+        "--width",
+        "${trialParameters.width}",
+        "--batch-size",
+        "${trialParameters.batchSize}",
+        "--model",
+        "auto",
+        "--optimizer",
+        "adamw",
+        "--momentum",
+        "0.9",
+        "--l1",
+        "0.0",
+        "--lr-schedule",
+        "cosine",
+        "--patience",
+        "6",
+        "--device",
+        "auto",
+        "--seed",
+        "42",
+        "--tune-epochs",
+        "10",
+        "--tune-objective",
+        "validation-accuracy",
+    ]
     assert [p["name"] for p in make("tpe")["spec"]["parameters"]] == [
-        "learning-rate", "weight-decay", "dropout", "width", "batch-size"]
+        "learning-rate",
+        "weight-decay",
+        "dropout",
+        "width",
+        "batch-size",
+    ]
 
 
 BAD = {
-    "unknown goal": (lambda s: s["objective"].update(type="maximise"),
-                     "objective.type 'maximise' is unknown"),
-    "unknown algorithm": (lambda s: s["algorithm"].update(algorithmName="annealing"),
-                          "algorithmName 'annealing' is unknown"),
-    "numeric min": (lambda s: s["parameters"][1]["feasibleSpace"].update(min=1e-06),
-                    r"feasibleSpace.min must be a string .*got float 1e-06"),
-    "numeric list": (lambda s: s["parameters"][4]["feasibleSpace"].update(list=[32, 64]),
-                     "feasibleSpace.list must be a list of strings"),
+    "unknown goal": (
+        lambda s: s["objective"].update(type="maximise"),
+        "objective.type 'maximise' is unknown",
+    ),
+    "unknown algorithm": (
+        lambda s: s["algorithm"].update(algorithmName="annealing"),
+        "algorithmName 'annealing' is unknown",
+    ),
+    "numeric min": (
+        lambda s: s["parameters"][1]["feasibleSpace"].update(min=1e-06),
+        r"feasibleSpace.min must be a string .*got float 1e-06",
+    ),
+    "numeric list": (
+        lambda s: s["parameters"][4]["feasibleSpace"].update(list=[32, 64]),
+        "feasibleSpace.list must be a list of strings",
+    ),
     "undefined placeholder": (
-        lambda s: s["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]["containers"][0]
-        ["command"].extend(["--momentum", "${trialParameters.y}"]),
-        r"undefined trial parameter\(s\) \$\{trialParameters.y\}"),
-    "parallel over max": (lambda s: s.update(parallelTrialCount=9, maxTrialCount=8),
-                          r"parallelTrialCount \(9\) must not exceed spec.maxTrialCount \(8\)"),
-    "failed over max": (lambda s: s.update(maxFailedTrialCount=9),
-                        r"maxFailedTrialCount \(9\) must not exceed"),
+        lambda s: s["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]["containers"][0][
+            "command"
+        ].extend(["--momentum", "${trialParameters.y}"]),
+        r"undefined trial parameter\(s\) \$\{trialParameters.y\}",
+    ),
+    "parallel over max": (
+        lambda s: s.update(parallelTrialCount=9, maxTrialCount=8),
+        r"parallelTrialCount \(9\) must not exceed spec.maxTrialCount \(8\)",
+    ),
+    "failed over max": (
+        lambda s: s.update(maxFailedTrialCount=9),
+        r"maxFailedTrialCount \(9\) must not exceed",
+    ),
     "tpe setting hyperopt refuses": (
         lambda s: s["algorithm"]["algorithmSettings"].append(
-            {"name": "n_startup_trials", "value": "3"}),
-        "setting 'n_startup_trials' is not accepted by Katib's tpe service"),
-    "unknown early stopping": (lambda s: s["earlyStopping"].update(algorithmName="hyperband"),
-                               "earlyStopping.algorithmName 'hyperband' is unknown"),
-    "unknown reference": (lambda s: s["trialTemplate"]["trialParameters"][0].update(
-        reference="lr"), "references 'lr', which is not in spec.parameters"),
-    "unused trial parameter": (lambda s: s["trialTemplate"]["trialParameters"].append(
-        {"name": "momentum", "reference": "dropout-2"}), "momentum is never used"),
-    "min above max": (lambda s: s["parameters"][0]["feasibleSpace"].update(min="0.5"),
-                      r"min \(0.5\) must be below max"),
-    "list on a double": (lambda s: s["parameters"][2]["feasibleSpace"].update(list=["0.1"]),
-                         "feasibleSpace.list is not supported for parameterType double"),
-    "categorical with min": (lambda s: s["parameters"][4]["feasibleSpace"].update(min="1"),
-                             "min/max/step are not supported for parameterType categorical"),
-    "unknown parameter type": (lambda s: s["parameters"][3].update(parameterType="integer"),
-                               "parameterType 'integer' is not supported"),
-    "bad resume policy": (lambda s: s.update(resumePolicy="Always"),
-                          "resumePolicy 'Always' is unknown"),
+            {"name": "n_startup_trials", "value": "3"}
+        ),
+        "setting 'n_startup_trials' is not accepted by Katib's tpe service",
+    ),
+    "unknown early stopping": (
+        lambda s: s["earlyStopping"].update(algorithmName="hyperband"),
+        "earlyStopping.algorithmName 'hyperband' is unknown",
+    ),
+    "unknown reference": (
+        lambda s: s["trialTemplate"]["trialParameters"][0].update(reference="lr"),
+        "references 'lr', which is not in spec.parameters",
+    ),
+    "unused trial parameter": (
+        lambda s: s["trialTemplate"]["trialParameters"].append(
+            {"name": "momentum", "reference": "dropout-2"}
+        ),
+        "momentum is never used",
+    ),
+    "min above max": (
+        lambda s: s["parameters"][0]["feasibleSpace"].update(min="0.5"),
+        r"min \(0.5\) must be below max",
+    ),
+    "list on a double": (
+        lambda s: s["parameters"][2]["feasibleSpace"].update(list=["0.1"]),
+        "feasibleSpace.list is not supported for parameterType double",
+    ),
+    "categorical with min": (
+        lambda s: s["parameters"][4]["feasibleSpace"].update(min="1"),
+        "min/max/step are not supported for parameterType categorical",
+    ),
+    "unknown parameter type": (
+        lambda s: s["parameters"][3].update(parameterType="integer"),
+        "parameterType 'integer' is not supported",
+    ),
+    "bad resume policy": (
+        lambda s: s.update(resumePolicy="Always"),
+        "resumePolicy 'Always' is unknown",
+    ),
     "unsafe shell argument": (
-        lambda s: s["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]["containers"][0]
-        ["command"].__setitem__(4, "s3://b/my data"), "is not shell-safe"),
-    "field Katib does not know": (lambda s: s.update(maxTrialsCount=3),
-                                  "field spec.maxTrialsCount is not part of Katib's"),
-    "wrong type for Katib's model": (lambda s: s.update(maxTrialCount="8"),
-                                     "maxTrialCount must be an integer"),
+        lambda s: s["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]["containers"][0][
+            "command"
+        ].__setitem__(4, "s3://b/my data"),
+        "is not shell-safe",
+    ),
+    "field Katib does not know": (
+        lambda s: s.update(maxTrialsCount=3),
+        "field spec.maxTrialsCount is not part of Katib's",
+    ),
+    "wrong type for Katib's model": (
+        lambda s: s.update(maxTrialCount="8"),
+        "maxTrialCount must be an integer",
+    ),
 }
 
 
@@ -353,7 +495,8 @@ def test_validate_rejects_what_katib_rejects_in_one_line(case):
     with pytest.raises(KubetrainError, match=message) as info:
         katib.validate(exp)
     assert "\n" not in str(info.value) and str(info.value).startswith(
-        f"invalid Katib Experiment {NAME}: ")
+        f"invalid Katib Experiment {NAME}: "
+    )
 
 
 def test_experiment_names_are_valid_and_stable():
@@ -368,9 +511,11 @@ def test_experiment_names_are_valid_and_stable():
 def test_validate_rejects_bad_names_and_small_cmaes_spaces():
     exp = make("cmaes")
     exp["metadata"]["name"] = "Tune_1"
-    exp["spec"]["parameters"] = [p for p in exp["spec"]["parameters"]
-                                 if p["parameterType"] == "categorical"
-                                 or p["name"] == "dropout"]
+    exp["spec"]["parameters"] = [
+        p
+        for p in exp["spec"]["parameters"]
+        if p["parameterType"] == "categorical" or p["name"] == "dropout"
+    ]
     with pytest.raises(KubetrainError) as info:
         katib.validate(exp)
     assert "Experiment name 'Tune_1'" in str(info.value)
@@ -379,42 +524,79 @@ def test_validate_rejects_bad_names_and_small_cmaes_spaces():
 
 # ------------------------------------------------------------- following status
 
-def status_doc(*phases: str, succeeded=0, failed=0, running=0, pending=0, early_stopped=0,
-               best: dict | None = None, reason: str = "", message: str = "",
-               base: dict | None = None) -> dict:
+
+def status_doc(
+    *phases: str,
+    succeeded=0,
+    failed=0,
+    running=0,
+    pending=0,
+    early_stopped=0,
+    best: dict | None = None,
+    reason: str = "",
+    message: str = "",
+    base: dict | None = None,
+) -> dict:
     """An Experiment as `kubectl get experiment -o json` shows it in the given phases."""
     doc = copy.deepcopy(base or make("tpe"))
-    doc["metadata"].update(uid="1b0c2c5e-2f7a-4c1e-9d1a-7e0e6f1f0a11",
-                           creationTimestamp="2025-03-01T10:00:00Z")
+    doc["metadata"].update(
+        uid="1b0c2c5e-2f7a-4c1e-9d1a-7e0e6f1f0a11", creationTimestamp="2025-03-01T10:00:00Z"
+    )
     conditions = []
     for i, phase in enumerate(phases):
         last = i == len(phases) - 1
-        conditions.append({
-            "type": phase, "status": "True" if last or phase == "Created" else "False",
-            "reason": reason if last and reason else f"Experiment{phase}",
-            "message": message if last and message else f"Experiment is {phase.lower()}",
-            "lastUpdateTime": f"2025-03-01T10:0{i}:00Z",
-            "lastTransitionTime": f"2025-03-01T10:0{i}:00Z"})
-    status = {"startTime": "2025-03-01T10:00:00Z", "conditions": conditions,
-              "trials": succeeded + failed + running + pending + early_stopped,
-              "trialsSucceeded": succeeded, "trialsFailed": failed, "trialsRunning": running,
-              "trialsPending": pending, "trialsEarlyStopped": early_stopped}
+        conditions.append(
+            {
+                "type": phase,
+                "status": "True" if last or phase == "Created" else "False",
+                "reason": reason if last and reason else f"Experiment{phase}",
+                "message": message if last and message else f"Experiment is {phase.lower()}",
+                "lastUpdateTime": f"2025-03-01T10:0{i}:00Z",
+                "lastTransitionTime": f"2025-03-01T10:0{i}:00Z",
+            }
+        )
+    status = {
+        "startTime": "2025-03-01T10:00:00Z",
+        "conditions": conditions,
+        "trials": succeeded + failed + running + pending + early_stopped,
+        "trialsSucceeded": succeeded,
+        "trialsFailed": failed,
+        "trialsRunning": running,
+        "trialsPending": pending,
+        "trialsEarlyStopped": early_stopped,
+    }
     if best:
         status["currentOptimalTrial"] = {
             "bestTrialName": best["trial"],
             "parameterAssignments": [{"name": k, "value": v} for k, v in best["params"].items()],
-            "observation": {"metrics": [
-                {"name": "validation-accuracy", "latest": best["accuracy"],
-                 "max": "0.99", "min": "0.5"},
-                {"name": "validation-loss", "latest": "0.0612", "max": "0.9", "min": "0.05"}]}}
+            "observation": {
+                "metrics": [
+                    {
+                        "name": "validation-accuracy",
+                        "latest": best["accuracy"],
+                        "max": "0.99",
+                        "min": "0.5",
+                    },
+                    {"name": "validation-loss", "latest": "0.0612", "max": "0.9", "min": "0.05"},
+                ]
+            },
+        }
     doc["status"] = status
     V1beta1Experiment.from_dict(doc)  # a document Katib's API types accept
     return doc
 
 
-BEST = {"trial": f"{NAME}-x7k2p9qd", "accuracy": "0.9812",
-        "params": {"learning-rate": "0.0012", "weight-decay": "3.5e-05", "dropout": "0.2",
-                   "width": "96", "batch-size": "64"}}
+BEST = {
+    "trial": f"{NAME}-x7k2p9qd",
+    "accuracy": "0.9812",
+    "params": {
+        "learning-rate": "0.0012",
+        "weight-decay": "3.5e-05",
+        "dropout": "0.2",
+        "width": "96",
+        "batch-size": "64",
+    },
+}
 
 
 def follow(docs: list[dict], timeout_s: float = 600, poll_s: float = 10):
@@ -426,53 +608,91 @@ def follow(docs: list[dict], timeout_s: float = 600, poll_s: float = 10):
         return state["last"]
 
     try:
-        return katib.follow(get, timeout_s, poll_s, sleep=clock.sleep, now=clock.now,
-                            log=lambda stage, msg: lines.append(f"{stage} | {msg}")), lines
+        return katib.follow(
+            get,
+            timeout_s,
+            poll_s,
+            sleep=clock.sleep,
+            now=clock.now,
+            log=lambda stage, msg: lines.append(f"{stage} | {msg}"),
+        ), lines
     finally:
         follow.lines, follow.clock = lines, clock  # for tests that expect an error
 
 
 def test_follow_created_running_succeeded_returns_typed_best_hyperparameters():
-    docs = [status_doc("Created"),
-            status_doc("Created", "Running", running=1, pending=1),
-            status_doc("Created", "Running", running=1, pending=1),  # no change: no line
-            status_doc("Created", "Running", succeeded=1, running=1, best=BEST),
-            status_doc("Created", "Running", "Succeeded", succeeded=3, early_stopped=1,
-                       failed=1, best=BEST, reason="ExperimentMaxTrialsReached")]
+    docs = [
+        status_doc("Created"),
+        status_doc("Created", "Running", running=1, pending=1),
+        status_doc("Created", "Running", running=1, pending=1),  # no change: no line
+        status_doc("Created", "Running", succeeded=1, running=1, best=BEST),
+        status_doc(
+            "Created",
+            "Running",
+            "Succeeded",
+            succeeded=3,
+            early_stopped=1,
+            failed=1,
+            best=BEST,
+            reason="ExperimentMaxTrialsReached",
+        ),
+    ]
     result, lines = follow(docs)
-    assert result["hyperparameters"] == {"learning_rate": 0.0012, "weight_decay": 3.5e-05,
-                                         "dropout": 0.2, "width": 96, "batch_size": 64}
+    assert result["hyperparameters"] == {
+        "learning_rate": 0.0012,
+        "weight_decay": 3.5e-05,
+        "dropout": 0.2,
+        "width": 96,
+        "batch_size": 64,
+    }
     assert type(result["hyperparameters"]["width"]) is int
     assert type(result["hyperparameters"]["batch_size"]) is int
     assert type(result["hyperparameters"]["learning_rate"]) is float
-    assert (result["value"], result["trial"], result["phase"]) == (0.9812, BEST["trial"],
-                                                                   "Succeeded")
+    assert (result["value"], result["trial"], result["phase"]) == (
+        0.9812,
+        BEST["trial"],
+        "Succeeded",
+    )
     assert result["trials"]["succeeded"] == 3 and result["done"] == 5
     assert len(lines) == 4  # one per change, none for the repeated document
     assert "Created | trials 0/8 done" in lines[0]
-    assert "Running | trials 0/8 done: 0 succeeded, 0 failed, 0 early-stopped; 1 running, " \
-           "1 pending | best -" in lines[1]
+    assert (
+        "Running | trials 0/8 done: 0 succeeded, 0 failed, 0 early-stopped; 1 running, "
+        "1 pending | best -" in lines[1]
+    )
     assert "best validation-accuracy 0.9812 (learning_rate 0.0012" in lines[2]
     assert "Succeeded | trials 5/8 done: 3 succeeded, 1 failed, 1 early-stopped" in lines[3]
     assert follow.clock.sleeps == [10, 10, 10, 10]
 
 
 def test_follow_failed_experiment_raises_with_reason_and_message():
-    docs = [status_doc("Created", "Running", running=1),
-            status_doc("Created", "Running", "Failed", failed=1, reason="ExperimentFailed",
-                       message="Suggestion service tpe is not ready")]
+    docs = [
+        status_doc("Created", "Running", running=1),
+        status_doc(
+            "Created",
+            "Running",
+            "Failed",
+            failed=1,
+            reason="ExperimentFailed",
+            message="Suggestion service tpe is not ready",
+        ),
+    ]
     with pytest.raises(KubetrainError) as info:
         follow(docs)
     text = str(info.value)
-    assert f"Katib Experiment {NAME} failed (ExperimentFailed: Suggestion service tpe is " \
-           "not ready)" in text
+    assert (
+        f"Katib Experiment {NAME} failed (ExperimentFailed: Suggestion service tpe is "
+        "not ready)" in text
+    )
     assert f"kubectl -n kubetrain describe experiment {NAME}" in text
 
 
 def test_follow_stops_when_failed_trials_reach_the_limit():
     exp = make("tpe", tune_max_failed=1)  # maxFailedTrialCount 2
-    docs = [status_doc("Created", "Running", failed=1, running=1, base=exp),
-            status_doc("Created", "Running", failed=2, running=1, base=exp)]
+    docs = [
+        status_doc("Created", "Running", failed=1, running=1, base=exp),
+        status_doc("Created", "Running", failed=2, running=1, base=exp),
+    ]
     with pytest.raises(KubetrainError, match=r"2 trials failed \(maxFailedTrialCount 2\)") as info:
         follow(docs)
     assert f"logs -l katib.kubeflow.org/experiment={NAME} -c training" in str(info.value)
@@ -485,7 +705,8 @@ def test_follow_times_out_with_a_clear_message():
         follow(docs, timeout_s=25, poll_s=10)
     assert str(info.value) == (
         f"Katib Experiment {NAME} did not finish within 25 s (phase Running, 3/8 trials done); "
-        f"raise --wait-timeout or check `kubectl -n kubetrain describe experiment {NAME}`")
+        f"raise --wait-timeout or check `kubectl -n kubetrain describe experiment {NAME}`"
+    )
     assert follow.clock.sleeps == [10, 10, 5]  # never sleeps past the deadline
     assert len(follow.lines) == 1
 
@@ -506,54 +727,94 @@ def test_progress_phase_is_the_latest_true_condition():
 
 # ---------------------------------------------------------------------- trials
 
-def trial_doc(suffix: str, condition: str, created: str, accuracy: str | None = "0.97",
-              message: str = "") -> dict:
+
+def trial_doc(
+    suffix: str, condition: str, created: str, accuracy: str | None = "0.97", message: str = ""
+) -> dict:
     """A Trial as `kubectl get trial -o json` shows it (trimmed runSpec)."""
     exp = make("tpe")
     doc = {
-        "apiVersion": "kubeflow.org/v1beta1", "kind": "Trial",
-        "metadata": {"name": f"{NAME}-{suffix}", "namespace": "kubetrain",
-                     "creationTimestamp": created,
-                     "labels": {"katib.kubeflow.org/experiment": NAME},
-                     "ownerReferences": [{"apiVersion": "kubeflow.org/v1beta1",
-                                          "kind": "Experiment", "name": NAME,
-                                          "uid": "1b0c2c5e", "controller": True}]},
-        "spec": {"objective": exp["spec"]["objective"],
-                 "parameterAssignments": [{"name": k, "value": v}
-                                          for k, v in BEST["params"].items()],
-                 "primaryContainerName": "training",
-                 "successCondition": katib.JOB_SUCCESS, "failureCondition": katib.JOB_FAILURE,
-                 "metricsCollector": {"collector": {"kind": "StdOut"}},
-                 "runSpec": {"apiVersion": "batch/v1", "kind": "Job"}},
-        "status": {"startTime": "2025-03-01T10:00:00Z", "completionTime": "2025-03-01T10:02:30Z",
-                   "conditions": [
-                       {"type": "Created", "status": "True", "reason": "TrialCreated"},
-                       {"type": "Running", "status": "False", "reason": "TrialRunning"},
-                       {"type": condition, "status": "True", "reason": f"Trial{condition}",
-                        "message": message or f"Trial has {condition.lower()}"}]}}
+        "apiVersion": "kubeflow.org/v1beta1",
+        "kind": "Trial",
+        "metadata": {
+            "name": f"{NAME}-{suffix}",
+            "namespace": "kubetrain",
+            "creationTimestamp": created,
+            "labels": {"katib.kubeflow.org/experiment": NAME},
+            "ownerReferences": [
+                {
+                    "apiVersion": "kubeflow.org/v1beta1",
+                    "kind": "Experiment",
+                    "name": NAME,
+                    "uid": "1b0c2c5e",
+                    "controller": True,
+                }
+            ],
+        },
+        "spec": {
+            "objective": exp["spec"]["objective"],
+            "parameterAssignments": [{"name": k, "value": v} for k, v in BEST["params"].items()],
+            "primaryContainerName": "training",
+            "successCondition": katib.JOB_SUCCESS,
+            "failureCondition": katib.JOB_FAILURE,
+            "metricsCollector": {"collector": {"kind": "StdOut"}},
+            "runSpec": {"apiVersion": "batch/v1", "kind": "Job"},
+        },
+        "status": {
+            "startTime": "2025-03-01T10:00:00Z",
+            "completionTime": "2025-03-01T10:02:30Z",
+            "conditions": [
+                {"type": "Created", "status": "True", "reason": "TrialCreated"},
+                {"type": "Running", "status": "False", "reason": "TrialRunning"},
+                {
+                    "type": condition,
+                    "status": "True",
+                    "reason": f"Trial{condition}",
+                    "message": message or f"Trial has {condition.lower()}",
+                },
+            ],
+        },
+    }
     if accuracy is not None:
-        doc["status"]["observation"] = {"metrics": [
-            {"name": "validation-accuracy", "latest": accuracy, "max": "0.98", "min": "0.6"},
-            {"name": "validation-loss", "latest": "0.081", "max": "0.7", "min": "0.08"}]}
+        doc["status"]["observation"] = {
+            "metrics": [
+                {"name": "validation-accuracy", "latest": accuracy, "max": "0.98", "min": "0.6"},
+                {"name": "validation-loss", "latest": "0.081", "max": "0.7", "min": "0.08"},
+            ]
+        }
     V1beta1Trial.from_dict(doc)
     return doc
 
 
 def test_trial_rows_look_like_local_rows():
-    items = [trial_doc("bbbbbbbb", "EarlyStopped", "2025-03-01T10:01:00Z", accuracy="0.91"),
-             trial_doc("aaaaaaaa", "Succeeded", "2025-03-01T10:00:00Z"),
-             trial_doc("cccccccc", "Failed", "2025-03-01T10:02:00Z", accuracy=None,
-                       message="Job has reached the specified backoff limit"),
-             trial_doc("dddddddd", "MetricsUnavailable", "2025-03-01T10:03:00Z",
-                       accuracy="unavailable")]
+    items = [
+        trial_doc("bbbbbbbb", "EarlyStopped", "2025-03-01T10:01:00Z", accuracy="0.91"),
+        trial_doc("aaaaaaaa", "Succeeded", "2025-03-01T10:00:00Z"),
+        trial_doc(
+            "cccccccc",
+            "Failed",
+            "2025-03-01T10:02:00Z",
+            accuracy=None,
+            message="Job has reached the specified backoff limit",
+        ),
+        trial_doc("dddddddd", "MetricsUnavailable", "2025-03-01T10:03:00Z", accuracy="unavailable"),
+    ]
     rows = katib.trial_rows(items)
     assert [(r["number"], r["name"][-8:], r["state"]) for r in rows] == [
-        (0, "aaaaaaaa", "COMPLETE"), (1, "bbbbbbbb", "PRUNED"), (2, "cccccccc", "FAIL"),
-        (3, "dddddddd", "FAIL")]
+        (0, "aaaaaaaa", "COMPLETE"),
+        (1, "bbbbbbbb", "PRUNED"),
+        (2, "cccccccc", "FAIL"),
+        (3, "dddddddd", "FAIL"),
+    ]
     done = rows[0]
     assert done["value"] == 0.97 and done["seconds"] == 150.0
-    assert done["params"] == {"learning_rate": 0.0012, "weight_decay": 3.5e-05, "dropout": 0.2,
-                              "width": 96, "batch_size": 64}
+    assert done["params"] == {
+        "learning_rate": 0.0012,
+        "weight_decay": 3.5e-05,
+        "dropout": 0.2,
+        "width": 96,
+        "batch_size": 64,
+    }
     assert done["metrics"] == {"validation-accuracy": 0.97, "validation-loss": 0.081}
     assert rows[1]["value"] == 0.91
     assert rows[2]["value"] is None
@@ -566,15 +827,20 @@ def test_trial_rows_look_like_local_rows():
 
 # ------------------------------------------------------------------ run (fake API)
 
+
 class FakeApi:
     """The four CustomObjectsApi calls `run` makes, scripted.
 
     `get_errors` are raised by the first gets, in order; then `docs` are returned.
     """
 
-    def __init__(self, docs: list[dict], trials: list[dict] | None = None,
-                 create_error: ApiException | None = None,
-                 get_errors: list[Exception] | None = None):
+    def __init__(
+        self,
+        docs: list[dict],
+        trials: list[dict] | None = None,
+        create_error: ApiException | None = None,
+        get_errors: list[Exception] | None = None,
+    ):
         self.docs, self.trials, self.create_error = list(docs), trials or [], create_error
         self.get_errors = list(get_errors or [])
         self.calls: list[tuple] = []
@@ -594,8 +860,9 @@ class FakeApi:
         self.calls.append(("list", plural, label_selector))
         return {"items": self.trials}
 
-    def delete_namespaced_custom_object(self, group, version, namespace, plural, name,
-                                        propagation_policy=None):
+    def delete_namespaced_custom_object(
+        self, group, version, namespace, plural, name, propagation_policy=None
+    ):
         self.calls.append(("delete", plural, name))
 
 
@@ -603,16 +870,29 @@ def run(api: FakeApi, exp: dict | None = None, **kwargs):
     clock, lines = Clock(), []
     kwargs.setdefault("timeout_s", 600)
     try:
-        return katib.run(exp or make("tpe"), "kubetrain", api=api, poll_s=5, sleep=clock.sleep,
-                         now=clock.now, log=lambda s, m: lines.append(m), **kwargs)
+        return katib.run(
+            exp or make("tpe"),
+            "kubetrain",
+            api=api,
+            poll_s=5,
+            sleep=clock.sleep,
+            now=clock.now,
+            log=lambda s, m: lines.append(m),
+            **kwargs,
+        )
     finally:
         run.lines, run.clock = lines, clock
 
 
 def test_run_creates_follows_reads_trials_and_deletes():
     items = [trial_doc("aaaaaaaa", "Succeeded", "2025-03-01T10:00:00Z")]
-    api = FakeApi([status_doc("Created", "Running", running=1),
-                   status_doc("Created", "Running", "Succeeded", succeeded=1, best=BEST)], items)
+    api = FakeApi(
+        [
+            status_doc("Created", "Running", running=1),
+            status_doc("Created", "Running", "Succeeded", succeeded=1, best=BEST),
+        ],
+        items,
+    )
     best, rows = run(api)
     assert best["hyperparameters"]["width"] == 96 and len(rows) == 1
     assert api.calls[0] == ("create", "kubeflow.org", "v1beta1", "kubetrain", "experiments", NAME)
@@ -632,11 +912,13 @@ def test_run_deletes_on_timeout_and_names_the_first_failed_trial():
         run(api, timeout_s=12)
     assert api.calls[-1] == ("delete", "experiments", NAME)
 
-    items = [trial_doc("cccccccc", "Failed", "2025-03-01T10:02:00Z", accuracy=None,
-                       message="OOMKilled")]
+    items = [
+        trial_doc("cccccccc", "Failed", "2025-03-01T10:02:00Z", accuracy=None, message="OOMKilled")
+    ]
     api = FakeApi([status_doc("Created", "Running", "Failed", failed=4)], items)
-    with pytest.raises(KubetrainError, match=f"first failed trial {NAME}-cccccccc: "
-                                             "TrialFailed: OOMKilled"):
+    with pytest.raises(
+        KubetrainError, match=f"first failed trial {NAME}-cccccccc: TrialFailed: OOMKilled"
+    ):
         run(api)
     assert api.calls[-1] == ("delete", "experiments", NAME)
 
@@ -658,12 +940,15 @@ def test_run_deletes_when_the_step_is_terminated():
     assert signal.getsignal(signal.SIGTERM) == before
 
 
-@pytest.mark.parametrize("status, message", [
-    (404, r"Katib is not installed \(no experiments.kubeflow.org CRD\)"),
-    (403, r"may not create Katib .* manifests/base/role.yaml"),
-    (409, f"Katib Experiment {NAME} already exists in namespace kubetrain"),
-    (400, "Katib rejected Experiment .*: admission webhook denied it"),
-])
+@pytest.mark.parametrize(
+    "status, message",
+    [
+        (404, r"Katib is not installed \(no experiments.kubeflow.org CRD\)"),
+        (403, r"may not create Katib .* manifests/base/role.yaml"),
+        (409, f"Katib Experiment {NAME} already exists in namespace kubetrain"),
+        (400, "Katib rejected Experiment .*: admission webhook denied it"),
+    ],
+)
 def test_run_turns_api_errors_into_one_line(status, message):
     error = ApiException(status=status, reason="Nope")
     error.body = json.dumps({"message": "admission webhook denied it"})
@@ -678,15 +963,20 @@ def test_run_rides_out_transient_api_errors_with_capped_backoff():
     """No answer, 5xx and 429 while following: back off (poll interval doubled) and retry."""
     items = [trial_doc("aaaaaaaa", "Succeeded", "2025-03-01T10:00:00Z")]
     errors = transient_errors()
-    api = FakeApi([status_doc("Created", "Running", "Succeeded", succeeded=1, best=BEST)],
-                  items, get_errors=errors)
+    api = FakeApi(
+        [status_doc("Created", "Running", "Succeeded", succeeded=1, best=BEST)],
+        items,
+        get_errors=errors,
+    )
     best, rows = run(api)
     assert best["hyperparameters"]["width"] == 96 and len(rows) == 1
     assert run.clock.sleeps == backoff_sleeps(5, len(errors)) == [5, 10, 20, 40]
     retries = [line for line in run.lines if "Kubernetes API unavailable" in line]
     assert len(retries) == len(errors)
-    assert retries[0] == (f"Kubernetes API unavailable while trying to get Katib Experiment "
-                          f"{NAME} (503 etcdserver: leader changed); retry 1 in 5 s")
+    assert retries[0] == (
+        f"Kubernetes API unavailable while trying to get Katib Experiment "
+        f"{NAME} (503 etcdserver: leader changed); retry 1 in 5 s"
+    )
     assert [c[0] for c in api.calls].count("create") == 1
     assert api.calls[-1] == ("delete", "experiments", NAME)
 
@@ -715,9 +1005,20 @@ def test_a_refusal_names_the_pipeline_runner_not_the_trials_account():
     cfg = RunConfig.from_flat({"tune_trials": 3})
     api = FakeApi([{}], create_error=api_exception(403, "forbidden"))
     with pytest.raises(KubetrainError) as info:
-        katib.tune(cfg.train, cfg.tune, cfg.seed, ClusterConfig(), TRAIN_URI, VAL_URI, NAME,
-                   api=api, poll_s=5, sleep=Clock().sleep, now=Clock().now,
-                   log=lambda stage, line: None)
+        katib.tune(
+            cfg.train,
+            cfg.tune,
+            cfg.seed,
+            ClusterConfig(),
+            TRAIN_URI,
+            VAL_URI,
+            NAME,
+            api=api,
+            poll_s=5,
+            sleep=Clock().sleep,
+            now=Clock().now,
+            log=lambda stage, line: None,
+        )
     assert "ServiceAccount kubetrain-pipeline-runner may not create" in str(info.value)
     assert "kubetrain-workload" not in str(info.value)
 
@@ -725,9 +1026,14 @@ def test_a_refusal_names_the_pipeline_runner_not_the_trials_account():
 def test_409_on_create_reattaches_to_this_runs_experiment():
     """A preempted tune step's retry finds its Experiment by name and follows it, not a copy."""
     items = [trial_doc("aaaaaaaa", "Succeeded", "2025-03-01T10:00:00Z")]
-    api = FakeApi([status_doc("Created", "Running", running=1),
-                   status_doc("Created", "Running", "Succeeded", succeeded=1, best=BEST)], items,
-                  create_error=api_exception(409, f'experiments "{NAME}" already exists'))
+    api = FakeApi(
+        [
+            status_doc("Created", "Running", running=1),
+            status_doc("Created", "Running", "Succeeded", succeeded=1, best=BEST),
+        ],
+        items,
+        create_error=api_exception(409, f'experiments "{NAME}" already exists'),
+    )
     best, rows = run(api)
     assert best["trial"] == BEST["trial"] and len(rows) == 1
     assert [c[0] for c in api.calls].count("create") == 1  # no second create
@@ -738,14 +1044,25 @@ def test_409_on_create_reattaches_to_this_runs_experiment():
 
 def test_tune_reads_wait_and_keep_from_the_cluster_config():
     cfg = RunConfig.from_flat({"tune_trials": 3})
-    api = FakeApi([status_doc("Created", "Running", "Succeeded", succeeded=1, best=BEST)],
-                  [trial_doc("aaaaaaaa", "Succeeded", "2025-03-01T10:00:00Z")])
+    api = FakeApi(
+        [status_doc("Created", "Running", "Succeeded", succeeded=1, best=BEST)],
+        [trial_doc("aaaaaaaa", "Succeeded", "2025-03-01T10:00:00Z")],
+    )
     clock, lines = Clock(), []
-    best, rows, meta = katib.tune(cfg.train, cfg.tune, cfg.seed,
-                                  ClusterConfig(finished_jobs="keep", wait_timeout=120),
-                                  TRAIN_URI, VAL_URI, NAME, api=api, poll_s=5,
-                                  sleep=clock.sleep, now=clock.now,
-                                  log=lambda stage, line: lines.append(line))
+    best, rows, meta = katib.tune(
+        cfg.train,
+        cfg.tune,
+        cfg.seed,
+        ClusterConfig(finished_jobs="keep", wait_timeout=120),
+        TRAIN_URI,
+        VAL_URI,
+        NAME,
+        api=api,
+        poll_s=5,
+        sleep=clock.sleep,
+        now=clock.now,
+        log=lambda stage, line: lines.append(line),
+    )
     assert best["width"] == 96 and len(rows) == 1
     assert meta["kept"] is True and meta["best_trial"] == BEST["trial"]
     assert not any(c[0] == "delete" for c in api.calls)
@@ -754,6 +1071,7 @@ def test_tune_reads_wait_and_keep_from_the_cluster_config():
 
 
 # ------------------------------------------------------------ the trial entrypoint
+
 
 @pytest.fixture(scope="module")
 def splits(tmp_path_factory) -> tuple[Path, Path]:
@@ -764,8 +1082,14 @@ def splits(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("katib-data")
     cfg = RunConfig.from_flat({"dataset": "breast_cancer"})
     ingest(cfg.data.dataset, cfg.data.label_column, str(root / "table"))
-    clean(str(root / "table"), str(root / "train"), str(root / "validation"),
-          str(root / "test"), cfg.clean, cfg.seed)
+    clean(
+        str(root / "table"),
+        str(root / "train"),
+        str(root / "validation"),
+        str(root / "test"),
+        cfg.clean,
+        cfg.seed,
+    )
     return root / "train", root / "validation"
 
 
@@ -808,8 +1132,9 @@ def check_katib_output(stdout: str, epochs: int) -> list[tuple[str, str, float]]
 
 def test_trial_subprocess_prints_metrics_katib_parses(splits):
     train, val = splits
-    out = subprocess.run(trial_command(str(train), str(val)), capture_output=True, text=True,
-                         timeout=120)
+    out = subprocess.run(
+        trial_command(str(train), str(val)), capture_output=True, text=True, timeout=120
+    )
     assert out.returncode == 0, out.stderr
     check_katib_output(out.stdout, epochs=2)
 
@@ -818,28 +1143,41 @@ def test_trial_reads_splits_straight_from_s3(splits, s3_env, s3_server):
     bucket = s3_env
     for split in splits:
         storage.upload(split, f"s3://{bucket}/run-1/clean/{split.name}")
-    command = trial_command(f"s3://{bucket}/run-1/clean/train",
-                            f"s3://{bucket}/run-1/clean/validation", epochs=1)
+    command = trial_command(
+        f"s3://{bucket}/run-1/clean/train", f"s3://{bucket}/run-1/clean/validation", epochs=1
+    )
     out = subprocess.run(command, capture_output=True, text=True, timeout=120)  # S3 env from s3_env
     assert out.returncode == 0, out.stderr
     check_katib_output(out.stdout, epochs=1)
 
 
 def test_trial_bad_arguments_exit_2_with_one_line(splits, capsys):
-    out = subprocess.run([sys.executable, "-m", "kubetrain.cli.trial", "--train", str(splits[0])],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "kubetrain.cli.trial", "--train", str(splits[0])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("error: ")
     assert "--validation" in out.stderr
     for argv, message in [
-        (["--train", str(splits[0]), "--validation", str(splits[1]), "--width", "abc"],
-         "width must be a int"),
-        (["--train", str(splits[0]), "--validation", str(splits[1]), "--batch-size", "0"],
-         "batch_size=0 is out of range"),
-        (["--train", "/nonexistent/train", "--validation", str(splits[1])],
-         "is not a kubetrain dataset artifact"),
-        (["--train", str(splits[0]), "--validation", str(splits[1]), "--bogus", "1"],
-         "unrecognized arguments: --bogus 1"),
+        (
+            ["--train", str(splits[0]), "--validation", str(splits[1]), "--width", "abc"],
+            "width must be a int",
+        ),
+        (
+            ["--train", str(splits[0]), "--validation", str(splits[1]), "--batch-size", "0"],
+            "batch_size=0 is out of range",
+        ),
+        (
+            ["--train", "/nonexistent/train", "--validation", str(splits[1])],
+            "is not a kubetrain dataset artifact",
+        ),
+        (
+            ["--train", str(splits[0]), "--validation", str(splits[1]), "--bogus", "1"],
+            "unrecognized arguments: --bogus 1",
+        ),
     ]:
         assert trial.main(argv) == 2
         captured = capsys.readouterr()
@@ -851,24 +1189,30 @@ def test_trial_entrypoint_calls_the_shared_run_trial(splits, monkeypatch, capsys
     calls = []
 
     def fake_run_trial(train, hyper, tune, seed, train_data, val_data, schema, hook):
-        calls.append((train, hyper, tune, seed, len(train_data[0]), len(val_data[0]),
-                      schema.kind))
+        calls.append((train, hyper, tune, seed, len(train_data[0]), len(val_data[0]), schema.kind))
         assert hook(1, {"validation-accuracy": 0.5, "validation-loss": 1.25e-7}) is False
-        return {"validation-accuracy": 0.75, "validation-loss": 0.5, "epochs": 1,
-                "stopped": False}
+        return {"validation-accuracy": 0.75, "validation-loss": 0.5, "epochs": 1, "stopped": False}
 
     monkeypatch.setattr(tuning, "run_trial", fake_run_trial)
     argv = substituted(container_of(make("tpe"))["command"])[3:]
     argv[argv.index("--train") + 1], argv[argv.index("--validation") + 1] = map(str, splits)
     assert trial.main(argv) == 0
     train, hyper, tune, seed, n_train, n_val, kind = calls[0]
-    assert hyper.to_dict() == {"learning_rate": 0.0012, "weight_decay": 3.5e-05, "dropout": 0.2,
-                               "width": 96, "batch_size": 64}
+    assert hyper.to_dict() == {
+        "learning_rate": 0.0012,
+        "weight_decay": 3.5e-05,
+        "dropout": 0.2,
+        "width": 96,
+        "batch_size": 64,
+    }
     assert (tune.tune_epochs, train.device, kind) == (10, "auto", "table")
     assert seed == RunConfig().seed
     assert n_train > n_val > 0
     lines = [line for line in capsys.readouterr().out.splitlines() if "validation-" in line]
     assert [line.split(" ", 1)[1] for line in lines] == [
-        "validation-accuracy=0.5", "validation-loss=1.25e-07",
-        "validation-accuracy=0.75", "validation-loss=0.5"]
+        "validation-accuracy=0.5",
+        "validation-loss=1.25e-07",
+        "validation-accuracy=0.75",
+        "validation-loss=0.5",
+    ]
     assert KATIB_REGEX.findall(lines[1])[0][1] == "1.25e-07"

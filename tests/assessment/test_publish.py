@@ -46,32 +46,63 @@ def trained(tmp_path_factory):
     """A real (small) wine model through ingest -> clean -> train -> evaluate -> compress."""
     d = tmp_path_factory.mktemp("stages")
     meta = stages.ingest_stage(str(d / "raw"), str(d / "profile.md"), DataConfig(dataset="wine"))
-    stages.clean_stage(str(d / "raw"), str(d / "train"), str(d / "val"), str(d / "test"),
-                       str(d / "clean.md"), CleanConfig(), seed=3)
-    stages.train_stage(str(d / "train"), str(d / "val"), str(d / "model"),
-                       str(d / "metrics.json"), str(d / "train.html"), TrainConfig(),
-                       HyperConfig(width=32), FinalConfig(epochs=8), seed=3)
-    stages.evaluate_stage(str(d / "model"), str(d / "test"), str(d / "eval.json"),
-                          str(d / "eval.html"), GateConfig(min_accuracy=0.5))
-    stages.compress_stage(str(d / "model"), str(d / "test"), str(d / "small"),
-                          str(d / "small.html"), CompressConfig())
+    stages.clean_stage(
+        str(d / "raw"),
+        str(d / "train"),
+        str(d / "val"),
+        str(d / "test"),
+        str(d / "clean.md"),
+        CleanConfig(),
+        seed=3,
+    )
+    stages.train_stage(
+        str(d / "train"),
+        str(d / "val"),
+        str(d / "model"),
+        str(d / "metrics.json"),
+        str(d / "train.html"),
+        TrainConfig(),
+        HyperConfig(width=32),
+        FinalConfig(epochs=8),
+        seed=3,
+    )
+    stages.evaluate_stage(
+        str(d / "model"),
+        str(d / "test"),
+        str(d / "eval.json"),
+        str(d / "eval.html"),
+        GateConfig(min_accuracy=0.5),
+    )
+    stages.compress_stage(
+        str(d / "model"), str(d / "test"), str(d / "small"), str(d / "small.html"), CompressConfig()
+    )
     return d, meta
 
 
 def bundle_args(d: Path, meta: dict):
-    return (str(d / "model"), str(d / "small"), str(d / "eval.json"), meta,
-            {"learning_rate": 0.002, "width": 32})
+    return (
+        str(d / "model"),
+        str(d / "small"),
+        str(d / "eval.json"),
+        meta,
+        {"learning_rate": 0.002, "width": 32},
+    )
 
 
 def test_bundle_on_s3_is_complete_and_atomic(trained, s3_env):
     d, meta = trained
-    uri = publish_model(*bundle_args(d, meta), f"s3://{s3_env}/models", "wine-clf",
-                        version="v1")
+    uri = publish_model(*bundle_args(d, meta), f"s3://{s3_env}/models", "wine-clf", version="v1")
     assert uri == f"s3://{s3_env}/models/wine-clf/v1/"
     assert storage.is_published(uri)
     files = {f["path"] for f in storage.read_manifest(uri)}
-    assert {"model.onnx", "pytorch/weights.pt", "pytorch/spec.json", "metrics.json",
-            "compression.json", "model_card.md"} <= files
+    assert {
+        "model.onnx",
+        "pytorch/weights.pt",
+        "pytorch/spec.json",
+        "metrics.json",
+        "compression.json",
+        "model_card.md",
+    } <= files
     card = storage.read_bytes(uri + "model_card.md").decode()
     assert meta["content_hash"] in card and "learning_rate: 0.002" in card
     metrics = json.loads(storage.read_bytes(uri + "metrics.json"))
@@ -100,8 +131,15 @@ def test_bundle_to_a_local_folder_and_default_version(trained, tmp_path):
 def test_publish_needs_a_compressed_model(trained, tmp_path):
     d, meta = trained
     with pytest.raises(KubetrainError, match="has no model.onnx"):
-        publish_model(str(d / "model"), str(d / "model"), str(d / "eval.json"), meta, {},
-                      str(tmp_path / "r"), "m")
+        publish_model(
+            str(d / "model"),
+            str(d / "model"),
+            str(d / "eval.json"),
+            meta,
+            {},
+            str(tmp_path / "r"),
+            "m",
+        )
     assert not (tmp_path / "r").exists()
 
 
@@ -111,6 +149,7 @@ def test_model_name_must_be_a_safe_path_segment():
 
 
 # --- retry-safe publishing and readers (a hand-made bundle: no training needed) ----------
+
 
 @pytest.fixture
 def bundle(tmp_path: Path):
@@ -122,21 +161,51 @@ def bundle(tmp_path: Path):
     (model / "spec.json").write_text('{"width": 32}')
     (model / "info.json").write_text("{}")
     (small / "model.onnx").write_bytes(os.urandom(3000))
-    (small / "compression.json").write_text(json.dumps({"chosen": "fp32", "variants": [
-        {"name": "fp32", "bytes": 3000, "accuracy": 0.9, "cpu_latency_ms": 0.05}]}))
-    (tmp_path / "in" / "eval.json").write_text(json.dumps({
-        "accuracy": 0.9, "gate": "pass", "gate_reason": "accuracy 0.9000 >= 0.5",
-        "class_names": [HOSTILE, "b"]}))
-    meta = {"source": "wine", "content_hash": "ab" * 32, "rows": 10, "features": 3,
-            "classes": [HOSTILE, "b"]}
-    return (str(model), str(small), str(tmp_path / "in" / "eval.json"), meta,
-            {"learning_rate": 0.002, "width": 32})
+    (small / "compression.json").write_text(
+        json.dumps(
+            {
+                "chosen": "fp32",
+                "variants": [
+                    {"name": "fp32", "bytes": 3000, "accuracy": 0.9, "cpu_latency_ms": 0.05}
+                ],
+            }
+        )
+    )
+    (tmp_path / "in" / "eval.json").write_text(
+        json.dumps(
+            {
+                "accuracy": 0.9,
+                "gate": "pass",
+                "gate_reason": "accuracy 0.9000 >= 0.5",
+                "class_names": [HOSTILE, "b"],
+            }
+        )
+    )
+    meta = {
+        "source": "wine",
+        "content_hash": "ab" * 32,
+        "rows": 10,
+        "features": 3,
+        "classes": [HOSTILE, "b"],
+    }
+    return (
+        str(model),
+        str(small),
+        str(tmp_path / "in" / "eval.json"),
+        meta,
+        {"learning_rate": 0.002, "width": 32},
+    )
 
 
 def test_model_card_escapes_user_text():
     """Class, column and source names come from users' data: none may become HTML or links."""
-    dataset = {"source": '<img src=x onerror="alert(2)">', "content_hash": "ab" * 32,
-               "rows": 10, "features": 3, "classes": [HOSTILE, "*bold*", "a|b", "_x_"]}
+    dataset = {
+        "source": '<img src=x onerror="alert(2)">',
+        "content_hash": "ab" * 32,
+        "rows": 10,
+        "features": 3,
+        "classes": [HOSTILE, "*bold*", "a|b", "_x_"],
+    }
     hyper = {"learning_rate": 0.002, "width": 32, "note": "[click](javascript:alert(3))\n# Owned"}
     evaluation = {"accuracy": 0.9, "gate_reason": "<b>pass</b>"}
     compression = {"chosen": "<i>fp32</i>", "variants": [{"name": "<i>fp32</i>", "bytes": 1}]}
@@ -198,5 +267,6 @@ def test_readers_only_see_complete_versions(bundle, s3_env, tmp_path):
     assert latest_version(str(tmp_path / "registry"), "m") == "run-run-c"
     (tmp_path / "registry" / "m" / "run-d").mkdir()  # no _SUCCESS: not a version
     assert published_versions(str(tmp_path / "registry"), "m") == ["run-run-c"]
-    assert (fetch_bundle(str(tmp_path / "registry"), "m", tmp_path / "lc") / "model.onnx"
-            ).read_bytes() == Path(local, "model.onnx").read_bytes()
+    assert (
+        fetch_bundle(str(tmp_path / "registry"), "m", tmp_path / "lc") / "model.onnx"
+    ).read_bytes() == Path(local, "model.onnx").read_bytes()

@@ -16,8 +16,9 @@ import dataclasses
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -34,23 +35,50 @@ from kubetrain.pipelines.training import PIPELINE_NAME, code_version
 # component name -> (output artifacts {name: schemaTitle}, output parameters {name: type})
 STAGE_OUTPUTS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
     "comp-ingest": ({"table": "system.Dataset", "profile": "system.Markdown"}, {}),
-    "comp-clean": ({"train": "system.Dataset", "validation": "system.Dataset",
-                    "test": "system.Dataset", "report": "system.Markdown"}, {}),
+    "comp-clean": (
+        {
+            "train": "system.Dataset",
+            "validation": "system.Dataset",
+            "test": "system.Dataset",
+            "report": "system.Markdown",
+        },
+        {},
+    ),
     "comp-augment": ({"augmented": "system.Dataset", "report": "system.HTML"}, {}),
-    "comp-tune": ({"trials": "system.Dataset", "report": "system.HTML"},
-                  {"best_hyperparameters": "STRUCT", "tuning": "STRUCT"}),
-    "comp-default-hyperparameters": ({"trials": "system.Dataset", "report": "system.HTML"},
-                                     {"best_hyperparameters": "STRUCT", "tuning": "STRUCT"}),
-    "comp-train": ({"trained_model": "system.Model", "metrics": "system.Metrics",
-                    "report": "system.HTML", "checkpoint": "system.Artifact"}, {}),
-    "comp-evaluate": ({"metrics": "system.Metrics",
-                       "classification": "system.ClassificationMetrics",
-                       "evaluation": "system.Artifact", "report": "system.HTML"},
-                      {"gate": "STRING", "accuracy": "NUMBER_DOUBLE"}),
-    "comp-compress": ({"compressed_model": "system.Model", "metrics": "system.Metrics",
-                       "report": "system.HTML"}, {"summary": "STRUCT"}),
-    "comp-skip-compression": ({"compressed_model": "system.Model", "metrics": "system.Metrics",
-                               "report": "system.HTML"}, {"summary": "STRUCT"}),
+    "comp-tune": (
+        {"trials": "system.Dataset", "report": "system.HTML"},
+        {"best_hyperparameters": "STRUCT", "tuning": "STRUCT"},
+    ),
+    "comp-default-hyperparameters": (
+        {"trials": "system.Dataset", "report": "system.HTML"},
+        {"best_hyperparameters": "STRUCT", "tuning": "STRUCT"},
+    ),
+    "comp-train": (
+        {
+            "trained_model": "system.Model",
+            "metrics": "system.Metrics",
+            "report": "system.HTML",
+            "checkpoint": "system.Artifact",
+        },
+        {},
+    ),
+    "comp-evaluate": (
+        {
+            "metrics": "system.Metrics",
+            "classification": "system.ClassificationMetrics",
+            "evaluation": "system.Artifact",
+            "report": "system.HTML",
+        },
+        {"gate": "STRING", "accuracy": "NUMBER_DOUBLE"},
+    ),
+    "comp-compress": (
+        {"compressed_model": "system.Model", "metrics": "system.Metrics", "report": "system.HTML"},
+        {"summary": "STRUCT"},
+    ),
+    "comp-skip-compression": (
+        {"compressed_model": "system.Model", "metrics": "system.Metrics", "report": "system.HTML"},
+        {"summary": "STRUCT"},
+    ),
     "comp-publish": ({}, {"Output": "STRING"}),
 }
 STAGE_INPUT_ARTIFACTS = {
@@ -63,21 +91,34 @@ STAGE_INPUT_ARTIFACTS = {
     "comp-evaluate": {"trained_model": "system.Model", "test": "system.Dataset"},
     "comp-compress": {"trained_model": "system.Model", "test": "system.Dataset"},
     "comp-skip-compression": {"evaluation": "system.Artifact"},
-    "comp-publish": {"trained_model": "system.Model", "compressed_model": "system.Model",
-                     "evaluation": "system.Artifact", "table": "system.Dataset"},
+    "comp-publish": {
+        "trained_model": "system.Model",
+        "compressed_model": "system.Model",
+        "evaluation": "system.Artifact",
+        "table": "system.Dataset",
+    },
 }
 DISPLAY_NAMES = {
-    "comp-ingest": "ingest", "comp-clean": "clean", "comp-augment": "augment",
-    "comp-tune": "tune", "comp-default-hyperparameters": "tune (skipped)",
-    "comp-train": "train", "comp-evaluate": "evaluate", "comp-compress": "compress",
+    "comp-ingest": "ingest",
+    "comp-clean": "clean",
+    "comp-augment": "augment",
+    "comp-tune": "tune",
+    "comp-default-hyperparameters": "tune (skipped)",
+    "comp-train": "train",
+    "comp-evaluate": "evaluate",
+    "comp-compress": "compress",
     "comp-skip-compression": "compress (skipped: quality gate)",
     "comp-publish": "publish",
 }
 TUNING = "int(inputs.parameter_values['pipelinechannel--tune_trials']) > 0"
 GATE = "inputs.parameter_values['pipelinechannel--evaluate-gate'] == 'pass'"
 PUBLISH = "inputs.parameter_values['pipelinechannel--publish_uri'] != ''"
-PARAMETER_TYPES = {"str": "STRING", "int": "NUMBER_INTEGER", "float": "NUMBER_DOUBLE",
-                   "bool": "BOOLEAN"}
+PARAMETER_TYPES = {
+    "str": "STRING",
+    "int": "NUMBER_INTEGER",
+    "float": "NUMBER_DOUBLE",
+    "bool": "BOOLEAN",
+}
 FAKE_SECRET_KEY = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY9q"
 FAKE_ACCESS_KEY = "AKIAZ7QK3EXAMPLE4J2X"
 FAKE_SESSION_TOKEN = "FwoGZXIvYXdzEXAMPLEtokenQm9ndXNTZXNzaW9uVG9rZW5Gb3JUZXN0cw=="
@@ -133,8 +174,9 @@ def any_target(request) -> Compiled:
     return request.getfixturevalue("compiled" if request.param == "local" else "compiled_cluster")
 
 
-def walk(doc: dict, dag: dict | None = None,
-         ancestors: tuple = ()) -> Iterator[tuple[str, dict, tuple]]:
+def walk(
+    doc: dict, dag: dict | None = None, ancestors: tuple = ()
+) -> Iterator[tuple[str, dict, tuple]]:
     """Every task of the DAG and of nested sub-DAGs: (task name, task, ancestor tasks)."""
     dag = dag if dag is not None else doc["root"]["dag"]
     for name, task in dag["tasks"].items():
@@ -156,8 +198,11 @@ def leaf_tasks(doc: dict) -> dict[str, tuple[dict, tuple]]:
 
 
 def conditions(ancestors: tuple) -> list[str]:
-    return [a["triggerPolicy"]["condition"] for a in ancestors
-            if a.get("triggerPolicy", {}).get("condition")]
+    return [
+        a["triggerPolicy"]["condition"]
+        for a in ancestors
+        if a.get("triggerPolicy", {}).get("condition")
+    ]
 
 
 # ---------------------------------------------------------------- strict protos
@@ -182,7 +227,8 @@ def test_unknown_fields_are_rejected_by_the_strict_parse(compiled):
     deployment = dict(compiled.doc["deploymentSpec"])
     deployment["executors"] = {k: dict(v) for k, v in deployment["executors"].items()}
     deployment["executors"]["exec-train"]["container"] = dict(
-        deployment["executors"]["exec-train"]["container"], imagePullPolicyy="Always")
+        deployment["executors"]["exec-train"]["container"], imagePullPolicyy="Always"
+    )
     with pytest.raises(json_format.ParseError):
         strict(deployment, pipeline_spec_pb2.PipelineDeploymentConfig())
 
@@ -197,9 +243,11 @@ def test_platform_spec_when_present_is_valid(any_target):
     for name, config in platform.platforms.items():
         assert set(config.deployment_spec.executors) <= executors, name
         # each executor's Kubernetes settings are a valid KubernetesExecutorConfig too
-        for label, struct in config.deployment_spec.executors.items():
-            strict(json_format.MessageToDict(struct),
-                   kubernetes_executor_config_pb2.KubernetesExecutorConfig())
+        for _label, struct in config.deployment_spec.executors.items():
+            strict(
+                json_format.MessageToDict(struct),
+                kubernetes_executor_config_pb2.KubernetesExecutorConfig(),
+            )
 
 
 def test_local_target_has_no_platform_spec_and_cluster_has_one(compiled, compiled_cluster):
@@ -236,16 +284,21 @@ def test_every_executor_runs_a_container_without_installing_kfp(any_target):
 
 def test_every_container_component_has_an_executor(compiled):
     executors = set(compiled.deployment.executors)
-    labels = {c["executorLabel"] for c in compiled.doc["components"].values()
-              if "executorLabel" in c}
+    labels = {
+        c["executorLabel"] for c in compiled.doc["components"].values() if "executorLabel" in c
+    }
     assert labels == executors
     for name in STAGE_OUTPUTS:
-        assert compiled.doc["components"][name]["executorLabel"] == "exec-" + name[len("comp-"):]
+        assert compiled.doc["components"][name]["executorLabel"] == "exec-" + name[len("comp-") :]
 
 
 def version_of(c: Compiled) -> str:
-    versions = {e.value for ex in c.deployment.executors.values()
-                for e in ex.container.env if e.name == "KUBETRAIN_CODE_VERSION"}
+    versions = {
+        e.value
+        for ex in c.deployment.executors.values()
+        for e in ex.container.env
+        if e.name == "KUBETRAIN_CODE_VERSION"
+    }
     assert len(versions) == 1, versions
     return versions.pop()
 
@@ -278,12 +331,14 @@ def test_stage_artifacts_and_parameters_are_typed(compiled, component):
     spec = compiled.doc["components"][component]
     artifacts, parameters = STAGE_OUTPUTS[component]
     outputs = spec["outputDefinitions"]
-    assert {k: v["artifactType"]["schemaTitle"]
-            for k, v in outputs.get("artifacts", {}).items()} == artifacts
+    assert {
+        k: v["artifactType"]["schemaTitle"] for k, v in outputs.get("artifacts", {}).items()
+    } == artifacts
     assert {k: v["parameterType"] for k, v in outputs.get("parameters", {}).items()} == parameters
     inputs = spec.get("inputDefinitions", {}).get("artifacts", {})
-    assert {k: v["artifactType"]["schemaTitle"] for k, v in inputs.items()} \
-        == STAGE_INPUT_ARTIFACTS[component]
+    assert {
+        k: v["artifactType"]["schemaTitle"] for k, v in inputs.items()
+    } == STAGE_INPUT_ARTIFACTS[component]
 
 
 def test_data_flows_stage_to_stage(compiled):
@@ -305,11 +360,17 @@ def test_data_flows_stage_to_stage(compiled):
     # inside the condition sub-DAGs the artifacts arrive through pipeline channels
     assert source("comp-tune", "train") == ("parent", "pipelinechannel--augment-augmented")
     assert source("comp-compress", "trained_model") == (
-        "parent", "pipelinechannel--train-trained_model")
+        "parent",
+        "pipelinechannel--train-trained_model",
+    )
     assert source("comp-skip-compression", "evaluation") == (
-        "parent", "pipelinechannel--evaluate-evaluation")
+        "parent",
+        "pipelinechannel--evaluate-evaluation",
+    )
     assert source("comp-publish", "compressed_model") == (
-        "parent", "pipelinechannel--compress-compressed_model")
+        "parent",
+        "pipelinechannel--compress-compressed_model",
+    )
     assert source("comp-publish", "table") == ("parent", "pipelinechannel--ingest-table")
     # train takes whichever branch's best_hyperparameters ran (dsl.OneOf)
     hyper = leaves["comp-train"][0]["inputs"]["parameters"]["hyperparameters"]
@@ -319,11 +380,17 @@ def test_data_flows_stage_to_stage(compiled):
 def test_pipeline_outputs_are_typed(compiled):
     outputs = compiled.doc["root"]["outputDefinitions"]
     assert {k: v["artifactType"]["schemaTitle"] for k, v in outputs["artifacts"].items()} == {
-        "dataset": "system.Dataset", "train_split": "system.Dataset",
-        "augmented": "system.Dataset", "trained_model": "system.Model",
-        "evaluation": "system.Artifact"}
+        "dataset": "system.Dataset",
+        "train_split": "system.Dataset",
+        "augmented": "system.Dataset",
+        "trained_model": "system.Model",
+        "evaluation": "system.Artifact",
+    }
     assert {k: v["parameterType"] for k, v in outputs["parameters"].items()} == {
-        "tuning": "STRUCT", "best_hyperparameters": "STRUCT", "compression": "STRUCT"}
+        "tuning": "STRUCT",
+        "best_hyperparameters": "STRUCT",
+        "compression": "STRUCT",
+    }
 
 
 # ---------------------------------------------------------------- branches
@@ -349,7 +416,8 @@ def test_tuning_runs_only_when_trials_are_requested(compiled):
     assert else_up[-1]["taskInfo"]["name"] == "tuning-skipped"
     group = tune_up[0]
     assert group["inputs"]["parameters"]["pipelinechannel--tune_trials"] == {
-        "componentInputParameter": "tune_trials"}
+        "componentInputParameter": "tune_trials"
+    }
 
 
 def test_compression_runs_only_when_the_quality_gate_passes(compiled):
@@ -364,7 +432,8 @@ def test_compression_runs_only_when_the_quality_gate_passes(compiled):
     group = pass_up[0]
     # the gate value is evaluate's own `gate` output, and the group waits for evaluate
     assert group["inputs"]["parameters"]["pipelinechannel--evaluate-gate"] == {
-        "taskOutputParameter": {"producerTask": "evaluate", "outputParameterKey": "gate"}}
+        "taskOutputParameter": {"producerTask": "evaluate", "outputParameterKey": "gate"}
+    }
     assert "evaluate" in group.get("dependentTasks", [])
 
 
@@ -456,9 +525,14 @@ def test_compiles_identically_in_another_process(tmp_path):
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     for _ in range(3):  # retry only if the library source changed in between
         version = code_version()
-        proc = subprocess.run([sys.executable, "-m", "kubetrain.cli.main", "compile", "--output",
-                               str(out)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "kubetrain.cli.main", "compile", "--output", str(out)],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         here = compile_pipeline("local", tmp_path / "here.yaml").read_bytes()
         if code_version() == version:
@@ -468,8 +542,11 @@ def test_compiles_identically_in_another_process(tmp_path):
 
 def assert_same(first: bytes, second: bytes) -> None:
     if first != second:
-        diff = [(a, b) for a, b in zip(first.decode().splitlines(),
-                                       second.decode().splitlines()) if a != b]
+        diff = [
+            (a, b)
+            for a, b in zip(first.decode().splitlines(), second.decode().splitlines(), strict=False)
+            if a != b
+        ]
         pytest.fail(f"compiles differ in {len(diff)} line(s), e.g. {diff[:3]}")
 
 
@@ -502,13 +579,15 @@ def test_compile_leaks_no_credentials_from_the_environment(tmp_path, monkeypatch
     doc, platform = load_docs(out)
     for label, executor in doc["deploymentSpec"]["executors"].items():
         for env in executor["container"].get("env", []):
-            assert not env["name"].startswith("AWS_") or env["name"] == "AWS_DEFAULT_REGION", \
+            assert not env["name"].startswith("AWS_") or env["name"] == "AWS_DEFAULT_REGION", (
                 f"{label} sets {env['name']} as a plain value"
+            )
     if target == "local":
         assert "AWS_SECRET_ACCESS_KEY" not in text and "AWS_ACCESS_KEY_ID" not in text
     else:  # the keys reach the pods only by reference to a Kubernetes Secret
         for label, config in platform["platforms"]["kubernetes"]["deploymentSpec"][
-                "executors"].items():
+            "executors"
+        ].items():
             refs = {k["envVar"] for s in config.get("secretAsEnv", []) for k in s["keyToEnv"]}
             assert refs == {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, label
 
@@ -527,14 +606,17 @@ def test_cluster_pipeline_ttl_and_webhook_come_from_cluster_settings(tmp_path):
 
     from kubetrain.config.cluster import ClusterConfig
 
-    path = compile_pipeline("cluster", tmp_path / "c.yaml",
-                            ClusterConfig(ttl_seconds=3600, webhook_secret="run-hooks"))
+    path = compile_pipeline(
+        "cluster", tmp_path / "c.yaml", ClusterConfig(ttl_seconds=3600, webhook_secret="run-hooks")
+    )
     docs = list(yaml.safe_load_all(path.read_text()))
     spec, platform = docs[0], docs[1]
     assert spec["root"]["dag"]["tasks"]["cleanup"]["componentRef"]["name"] == "comp-cleanup"
     config = platform["platforms"]["kubernetes"]["pipelineConfig"]
     assert config["resourceTtlOnCompletion"] == 3600
     cleanup_env = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"][
-        "exec-cleanup"]["secretAsEnv"]
-    assert any(s.get("secretName") == "run-hooks" or s.get("secretNameParameter")
-               for s in cleanup_env)
+        "exec-cleanup"
+    ]["secretAsEnv"]
+    assert any(
+        s.get("secretName") == "run-hooks" or s.get("secretNameParameter") for s in cleanup_env
+    )

@@ -12,8 +12,24 @@ from kubetrain.config.settings import RunConfig
 
 
 def test_render_writes_valid_experiment_and_trainjob(tmp_path, capsys):
-    assert main(["render", "--num-nodes", "2", "--gpus", "2", "--tune-algorithm", "grid",
-                 "--tune-trials", "6", "--output-dir", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "render",
+                "--num-nodes",
+                "2",
+                "--gpus",
+                "2",
+                "--tune-algorithm",
+                "grid",
+                "--tune-trials",
+                "6",
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     exp = yaml.safe_load((tmp_path / "katib-experiment.yaml").read_text())
     katib.validate(exp)  # the webhook's rules and Katib's API models, after a YAML round trip
     assert exp["spec"]["algorithm"]["algorithmName"] == "grid"
@@ -51,9 +67,24 @@ def _assert_restricted_pod(pod: dict, account: str) -> dict:
 
 
 def test_rendered_pods_are_restricted_and_run_as_the_workload_account(tmp_path):
-    assert main(["render", "--num-nodes", "2", "--gpus", "2", "--namespace", "ml",
-                 "--workload-service-account", "ml-workload", "--output-dir",
-                 str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "render",
+                "--num-nodes",
+                "2",
+                "--gpus",
+                "2",
+                "--namespace",
+                "ml",
+                "--workload-service-account",
+                "ml-workload",
+                "--output-dir",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     exp = yaml.safe_load((tmp_path / "katib-experiment.yaml").read_text())
     katib.validate(exp)
     pod = exp["spec"]["trialTemplate"]["trialSpec"]["spec"]["template"]["spec"]
@@ -78,7 +109,9 @@ def test_rendered_pods_are_restricted_and_run_as_the_workload_account(tmp_path):
     env = {e["name"]: e for e in job["spec"]["trainer"]["env"]}
     assert env["TMPDIR"]["value"] == "/tmp"
     assert [k for k, e in env.items() if "valueFrom" in e] == [
-        "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+        "AWS_ACCESS_KEY_ID",
+        "AWS_SECRET_ACCESS_KEY",
+    ]
 
 
 def test_render_says_when_training_would_stay_in_its_pod(tmp_path, capsys):

@@ -47,10 +47,15 @@ def digits():
     data = load_digits()
     X = data.data.astype(np.float32)
     X = ((X - X.mean()) / X.std()).astype(np.float32)
-    X_tr, X_va, y_tr, y_va = train_test_split(X, data.target.astype(np.int64), test_size=0.25,
-                                              random_state=0, stratify=data.target)
-    schema = Schema("image", [f"pixel_{i}" for i in range(64)], [str(i) for i in range(10)],
-                    image_shape=[1, 8, 8])
+    X_tr, X_va, y_tr, y_va = train_test_split(
+        X, data.target.astype(np.int64), test_size=0.25, random_state=0, stratify=data.target
+    )
+    schema = Schema(
+        "image",
+        [f"pixel_{i}" for i in range(64)],
+        [str(i) for i in range(10)],
+        image_shape=[1, 8, 8],
+    )
     return (X_tr, y_tr), (X_va, y_va), schema
 
 
@@ -60,8 +65,9 @@ def _accuracy(model, X, y) -> float:
 
 def _val_loss(model, X, y) -> float:
     with torch.no_grad():
-        return torch.nn.functional.cross_entropy(model(torch.as_tensor(X)),
-                                                 torch.as_tensor(y)).item()
+        return torch.nn.functional.cross_entropy(
+            model(torch.as_tensor(X)), torch.as_tensor(y)
+        ).item()
 
 
 def _same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -75,10 +81,19 @@ def _without_time(history):
 
 # --- learning -------------------------------------------------------------------------
 
+
 def test_mlp_learns_breast_cancer(cancer):
     train, val, schema = cancer
-    result = fit(TRAIN, HyperConfig(width=32, learning_rate=1e-2), SEED, train, val, schema,
-                 epochs=5, verbose=False)
+    result = fit(
+        TRAIN,
+        HyperConfig(width=32, learning_rate=1e-2),
+        SEED,
+        train,
+        val,
+        schema,
+        epochs=5,
+        verbose=False,
+    )
     assert result.spec.arch == "mlp"  # model=auto on a table
     assert result.metrics["val_accuracy"] > 0.93
     # the reported metric is the returned model's, measured again from the outside
@@ -89,8 +104,16 @@ def test_mlp_learns_breast_cancer(cancer):
 
 def test_cnn_learns_digits(digits):
     train, val, schema = digits
-    result = fit(TRAIN, HyperConfig(width=32, learning_rate=5e-3), SEED, train, val, schema,
-                 epochs=3, verbose=False)
+    result = fit(
+        TRAIN,
+        HyperConfig(width=32, learning_rate=5e-3),
+        SEED,
+        train,
+        val,
+        schema,
+        epochs=3,
+        verbose=False,
+    )
     assert result.spec.arch == "cnn"  # model=auto on images
     assert result.spec.image_shape == [1, 8, 8]
     assert result.metrics["val_accuracy"] > 0.9
@@ -98,6 +121,7 @@ def test_cnn_learns_digits(digits):
 
 
 # --- determinism ----------------------------------------------------------------------
+
 
 def test_same_seed_same_model_different_seed_different_model(cancer):
     train, val, schema = cancer
@@ -115,9 +139,11 @@ def test_same_seed_same_model_different_seed_different_model(cancer):
 
 #: On 40 training rows, no regularization and a high constant rate: validation loss falls
 #: for a few epochs, then rises as the network overfits. (recipe, tunables, epochs)
-OVERFIT = (TrainConfig(optimizer="adam", patience=2, lr_schedule="none"),
-           HyperConfig(width=64, learning_rate=3e-3, dropout=0.0, weight_decay=0.0,
-                       batch_size=8), 60)
+OVERFIT = (
+    TrainConfig(optimizer="adam", patience=2, lr_schedule="none"),
+    HyperConfig(width=64, learning_rate=3e-3, dropout=0.0, weight_decay=0.0, batch_size=8),
+    60,
+)
 
 
 def test_early_stopping_returns_best_epoch_model(cancer):
@@ -138,14 +164,23 @@ def test_early_stopping_returns_best_epoch_model(cancer):
 
 # --- optimizers and schedules ---------------------------------------------------------
 
+
 @pytest.mark.parametrize("optimizer", ["sgd", "adam", "adamw"])
 @pytest.mark.parametrize("schedule", ["cosine", "step", "none"])
 def test_optimizer_and_schedule(cancer, optimizer, schedule):
     train, val, schema = cancer
     lr = 1e-2
     recipe = TrainConfig(optimizer=optimizer, lr_schedule=schedule, patience=100)
-    result = fit(recipe, HyperConfig(width=16, learning_rate=lr), SEED, train, val, schema,
-                 epochs=6, verbose=False)
+    result = fit(
+        recipe,
+        HyperConfig(width=16, learning_rate=lr),
+        SEED,
+        train,
+        val,
+        schema,
+        epochs=6,
+        verbose=False,
+    )
     assert len(result.history) == 6
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"]  # it learns
     lrs = [r["lr"] for r in result.history]
@@ -167,12 +202,12 @@ def test_l1_shrinks_weights(cancer):
 
     hyper = HyperConfig(width=16)
     plain = fit(TrainConfig(l1=0.0), hyper, SEED, train, val, schema, epochs=4, verbose=False)
-    sparse = fit(TrainConfig(l1=1e-3), hyper, SEED, train, val, schema, epochs=4,
-                 verbose=False)
+    sparse = fit(TrainConfig(l1=1e-3), hyper, SEED, train, val, schema, epochs=4, verbose=False)
     assert weight_l1(sparse.model) < 0.97 * weight_l1(plain.model)
 
 
 # --- hook and checkpoints -------------------------------------------------------------
+
 
 def test_hook_stops_training(cancer):
     train, val, schema = cancer
@@ -182,8 +217,9 @@ def test_hook_stops_training(cancer):
         seen.append((epoch, dict(metrics)))
         return epoch == 2
 
-    result = fit(TRAIN, HyperConfig(width=16), SEED, train, val, schema, epochs=6, hook=hook,
-                 verbose=False)
+    result = fit(
+        TRAIN, HyperConfig(width=16), SEED, train, val, schema, epochs=6, hook=hook, verbose=False
+    )
     assert result.stopped_by_hook
     assert [r["epoch"] for r in result.history] == [1, 2]
     assert [e for e, _ in seen] == [1, 2]
@@ -207,14 +243,33 @@ def test_checkpoint_each_epoch_and_resume(cancer, tmp_path):
         saved.append(state["epoch"])
         return epoch == 2
 
-    first = fit(recipe, hyper, SEED, train, val, schema, epochs=epochs, checkpoint_dir=str(ckpt),
-                hook=preempted_after_epoch_2, verbose=False)
+    first = fit(
+        recipe,
+        hyper,
+        SEED,
+        train,
+        val,
+        schema,
+        epochs=epochs,
+        checkpoint_dir=str(ckpt),
+        hook=preempted_after_epoch_2,
+        verbose=False,
+    )
     assert saved == [1, 2] and len(first.history) == 2
 
     epochs_trained = []
-    resumed = fit(recipe, hyper, SEED, train, val, schema, epochs=epochs,
-                  checkpoint_dir=str(ckpt), verbose=False,
-                  hook=lambda epoch, m: epochs_trained.append(epoch) and False)
+    resumed = fit(
+        recipe,
+        hyper,
+        SEED,
+        train,
+        val,
+        schema,
+        epochs=epochs,
+        checkpoint_dir=str(ckpt),
+        verbose=False,
+        hook=lambda epoch, m: epochs_trained.append(epoch) and False,
+    )
     assert epochs_trained == [3, 4, 5]  # continued, did not restart at epoch 1
     assert [r["epoch"] for r in resumed.history] == [1, 2, 3, 4, 5]
     # resuming is exact: same weights, losses and learning rates as never stopping
@@ -223,18 +278,29 @@ def test_checkpoint_each_epoch_and_resume(cancer, tmp_path):
     assert resumed.best_epoch == uninterrupted.best_epoch
 
     # a finished run's checkpoint: nothing left to train, same result
-    again = fit(recipe, hyper, SEED, train, val, schema, epochs=epochs, checkpoint_dir=str(ckpt),
-                verbose=False,
-                hook=lambda epoch, m: pytest.fail("trained past the finished checkpoint"))
+    again = fit(
+        recipe,
+        hyper,
+        SEED,
+        train,
+        val,
+        schema,
+        epochs=epochs,
+        checkpoint_dir=str(ckpt),
+        verbose=False,
+        hook=lambda epoch, m: pytest.fail("trained past the finished checkpoint"),
+    )
     assert _without_time(again.history) == _without_time(uninterrupted.history)
     assert _same_weights(again.model, uninterrupted.model)
 
     # other settings, or another epoch count (the schedule differs): a fresh run
-    other = fit(recipe, hyper, 1, train, val, schema, checkpoint_dir=str(ckpt), epochs=2,
-                verbose=False)
+    other = fit(
+        recipe, hyper, 1, train, val, schema, checkpoint_dir=str(ckpt), epochs=2, verbose=False
+    )
     assert [r["epoch"] for r in other.history] == [1, 2]
-    longer = fit(recipe, hyper, SEED, train, val, schema, checkpoint_dir=str(ckpt), epochs=3,
-                 verbose=False)
+    longer = fit(
+        recipe, hyper, SEED, train, val, schema, checkpoint_dir=str(ckpt), epochs=3, verbose=False
+    )
     assert [r["epoch"] for r in longer.history] == [1, 2, 3]
 
 
@@ -252,10 +318,29 @@ def test_resume_keeps_early_stopping_count(cancer, tmp_path):
     train = (X[:40], y[:40])
     straight = fit(recipe, hyper, SEED, train, val, schema, epochs=epochs, verbose=False)
     stop_at = straight.best_epoch + 1  # one epoch without improvement already counted
-    fit(recipe, hyper, SEED, train, val, schema, epochs=epochs, checkpoint_dir=str(tmp_path),
-        verbose=False, hook=lambda epoch, m: epoch == stop_at)
-    resumed = fit(recipe, hyper, SEED, train, val, schema, epochs=epochs,
-                  checkpoint_dir=str(tmp_path), verbose=False)
+    fit(
+        recipe,
+        hyper,
+        SEED,
+        train,
+        val,
+        schema,
+        epochs=epochs,
+        checkpoint_dir=str(tmp_path),
+        verbose=False,
+        hook=lambda epoch, m: epoch == stop_at,
+    )
+    resumed = fit(
+        recipe,
+        hyper,
+        SEED,
+        train,
+        val,
+        schema,
+        epochs=epochs,
+        checkpoint_dir=str(tmp_path),
+        verbose=False,
+    )
     assert len(resumed.history) == len(straight.history)
     assert resumed.best_epoch == straight.best_epoch
 
@@ -282,8 +367,17 @@ def test_a_crafted_checkpoint_is_refused_unexecuted(cancer, tmp_path, writer):
     else:  # a bare pickle (protocol 2: plain GLOBAL/REDUCE opcodes)
         (ckpt / "last.pt").write_bytes(pickle.dumps(payload, protocol=2))
     with pytest.raises(KubetrainError) as info:
-        fit(TRAIN, HyperConfig(width=8), SEED, train, val, schema, epochs=1,
-            checkpoint_dir=str(ckpt), verbose=False)
+        fit(
+            TRAIN,
+            HyperConfig(width=8),
+            SEED,
+            train,
+            val,
+            schema,
+            epochs=1,
+            checkpoint_dir=str(ckpt),
+            verbose=False,
+        )
     message = str(info.value)
     assert not marker.exists()  # the command never ran
     assert "\n" not in message
@@ -294,10 +388,22 @@ def test_a_crafted_checkpoint_is_refused_unexecuted(cancer, tmp_path, writer):
 def test_a_damaged_checkpoint_is_a_one_line_error(cancer, tmp_path):
     train, val, schema = cancer
     (tmp_path / "last.pt").write_bytes(b"PK\x03\x04 truncated")
-    with pytest.raises(KubetrainError, match=r"cannot resume from checkpoint .*last\.pt.*"
-                                             r"delete it") as info:
-        fit(TRAIN, HyperConfig(width=8), SEED, train, val, schema, epochs=1,
-            checkpoint_dir=str(tmp_path), verbose=False)
+    with pytest.raises(
+        KubetrainError,
+        match=r"cannot resume from checkpoint .*last\.pt.*"
+        r"delete it",
+    ) as info:
+        fit(
+            TRAIN,
+            HyperConfig(width=8),
+            SEED,
+            train,
+            val,
+            schema,
+            epochs=1,
+            checkpoint_dir=str(tmp_path),
+            verbose=False,
+        )
     assert "\n" not in str(info.value)
 
 
@@ -315,8 +421,17 @@ def test_a_failed_checkpoint_write_leaves_no_temp_file(cancer, tmp_path, monkeyp
 
     monkeypatch.setattr(checkpoint.torch, "save", disk_full_at_epoch_2)
     with pytest.raises(KubetrainError) as info:
-        fit(TRAIN, HyperConfig(width=8), SEED, train, val, schema, epochs=3,
-            checkpoint_dir=str(tmp_path), verbose=False)
+        fit(
+            TRAIN,
+            HyperConfig(width=8),
+            SEED,
+            train,
+            val,
+            schema,
+            epochs=3,
+            checkpoint_dir=str(tmp_path),
+            verbose=False,
+        )
     message = str(info.value)
     assert "\n" not in message
     assert f"cannot write checkpoint {tmp_path / 'last.pt'}" in message
@@ -328,10 +443,12 @@ def test_a_failed_checkpoint_write_leaves_no_temp_file(cancer, tmp_path, monkeyp
 
 # --- settings and errors --------------------------------------------------------------
 
+
 def test_tuned_values_replace_coerces_and_rejects_unknown():
     # KFP hands ints inside dicts back as floats: Section.replace coerces them
-    hyper = HyperConfig().replace({"width": 64.0, "batch_size": 32.0, "learning_rate": 0.01,
-                                   "dropout": 0})
+    hyper = HyperConfig().replace(
+        {"width": 64.0, "batch_size": 32.0, "learning_rate": 0.01, "dropout": 0}
+    )
     assert hyper.width == 64 and type(hyper.width) is int
     assert hyper.batch_size == 32 and type(hyper.batch_size) is int
     assert hyper.learning_rate == 0.01 and hyper.dropout == 0.0
@@ -347,24 +464,47 @@ def test_tuned_values_replace_coerces_and_rejects_unknown():
 def test_describe_names_what_a_result_was_trained_with():
     hyper = HyperConfig(width=32)
     shown = describe(TrainConfig(optimizer="sgd", l1=1e-4), hyper, 7, 12)
-    assert shown == {**hyper.to_dict(), "optimizer": "sgd", "lr_schedule": "cosine",
-                     "epochs": 12, "model": "auto", "l1": 1e-4, "seed": 7}
-    assert list(shown)[:len(TUNABLE)] == list(TUNABLE)
+    assert shown == {
+        **hyper.to_dict(),
+        "optimizer": "sgd",
+        "lr_schedule": "cosine",
+        "epochs": 12,
+        "model": "auto",
+        "l1": 1e-4,
+        "seed": 7,
+    }
+    assert list(shown)[: len(TUNABLE)] == list(TUNABLE)
 
 
 def test_cnn_on_a_table_is_a_user_error(cancer):
     train, val, schema = cancer
     with pytest.raises(KubetrainError, match="model=cnn needs image data"):
-        fit(TrainConfig(model="cnn"), HyperConfig(), SEED, train, val, schema, epochs=1,
-            verbose=False)
+        fit(
+            TrainConfig(model="cnn"),
+            HyperConfig(),
+            SEED,
+            train,
+            val,
+            schema,
+            epochs=1,
+            verbose=False,
+        )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 def test_cuda_without_gpu_is_a_one_line_error(cancer):
     train, val, schema = cancer
     with pytest.raises(KubetrainError) as info:
-        fit(TrainConfig(device="cuda"), HyperConfig(), SEED, train, val, schema, epochs=1,
-            verbose=False)
+        fit(
+            TrainConfig(device="cuda"),
+            HyperConfig(),
+            SEED,
+            train,
+            val,
+            schema,
+            epochs=1,
+            verbose=False,
+        )
     message = str(info.value)
     assert "cuda" in message.lower() and "\n" not in message
 
@@ -375,14 +515,15 @@ def test_empty_or_mismatched_splits_are_user_errors(cancer):
     with pytest.raises(KubetrainError, match="must not be empty"):
         fit(TRAIN, hyper, SEED, (X, y), (Xv[:0], yv[:0]), schema, epochs=1, verbose=False)
     with pytest.raises(KubetrainError, match="feature count mismatch"):
-        fit(TRAIN, hyper, SEED, (X[:, :5], y), (Xv[:, :5], yv), schema, epochs=1,
-            verbose=False)
+        fit(TRAIN, hyper, SEED, (X[:, :5], y), (Xv[:, :5], yv), schema, epochs=1, verbose=False)
 
 
 def test_divergence_names_the_learning_rate(digits):
     train, val, schema = digits
-    recipe, hyper = TrainConfig(model="cnn", optimizer="sgd"), HyperConfig(learning_rate=10.0,
-                                                                            width=16)
+    recipe, hyper = (
+        TrainConfig(model="cnn", optimizer="sgd"),
+        HyperConfig(learning_rate=10.0, width=16),
+    )
     with pytest.raises(KubetrainError, match="diverged at epoch 1.*--learning-rate"):
         fit(recipe, hyper, SEED, train, val, schema, epochs=2, verbose=False)
 
@@ -402,25 +543,40 @@ def test_unstable_sgd_never_returns_a_non_finite_history(cancer, lr):
     train, val, schema = cancer
     recipe = TrainConfig(optimizer="sgd", patience=100)
     try:
-        result = fit(recipe, HyperConfig(learning_rate=lr, width=32), SEED, train, val, schema,
-                     epochs=5, verbose=False)
+        result = fit(
+            recipe,
+            HyperConfig(learning_rate=lr, width=32),
+            SEED,
+            train,
+            val,
+            schema,
+            epochs=5,
+            verbose=False,
+        )
     except KubetrainError as exc:
         assert "--learning-rate" in str(exc)
         return
-    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"])
-               for r in result.history)
+    assert all(
+        math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in result.history
+    )
 
 
 # --- model bundle ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("which", ["cancer", "digits"])
 def test_model_bundle_round_trip(which, cancer, digits, tmp_path):
     train, (Xv, yv), schema = {"cancer": cancer, "digits": digits}[which]
-    result = fit(TRAIN, HyperConfig(width=16), SEED, train, (Xv, yv), schema, epochs=1,
-                 verbose=False)
+    result = fit(
+        TRAIN, HyperConfig(width=16), SEED, train, (Xv, yv), schema, epochs=1, verbose=False
+    )
     save_model(tmp_path / "model", result.model, result.spec, {"note": "round trip"})
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == [
-        "info.json", "sha256.json", "spec.json", "weights.pt"]
+        "info.json",
+        "sha256.json",
+        "spec.json",
+        "weights.pt",
+    ]
     model, spec, info = load_model(tmp_path / "model")
     assert spec == result.spec and info == {"note": "round trip"}
     assert not model.training

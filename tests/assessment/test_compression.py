@@ -17,7 +17,13 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from kubetrain.assessment import compression
-from kubetrain.assessment.compression import choose, compress, export_onnx, onnx_predict, verify_export
+from kubetrain.assessment.compression import (
+    choose,
+    compress,
+    export_onnx,
+    onnx_predict,
+    verify_export,
+)
 from kubetrain.core.errors import KubetrainError
 from kubetrain.training.models import ModelSpec, build, load_model, predict_proba, save_model
 
@@ -33,7 +39,8 @@ def digits():
     data = load_digits()
     X, y = data.data.astype(np.float32), data.target.astype(np.int64)
     X_train, X_test, y_train, y_test = train_test_split(
-        X, y, test_size=0.25, random_state=0, stratify=y)
+        X, y, test_size=0.25, random_state=0, stratify=y
+    )
     return X_train, X_test, y_train, y_test
 
 
@@ -63,8 +70,14 @@ def mlp_case(digits, tmp_path_factory):
     mean, std = X_train.mean(0), X_train.std(0)
     std = np.where(std > 0, std, 1.0)  # constant pixels: avoid dividing by ~0
     scale = lambda a: ((a - mean) / std).astype(np.float32)  # noqa: E731
-    spec = ModelSpec(arch="mlp", num_features=NUM_FEATURES, num_classes=10, width=128,
-                     dropout=0.1, class_names=CLASSES)
+    spec = ModelSpec(
+        arch="mlp",
+        num_features=NUM_FEATURES,
+        num_classes=10,
+        width=128,
+        dropout=0.1,
+        class_names=CLASSES,
+    )
     model = _train(spec, scale(X_train), y_train, epochs=10)
     assert _accuracy(model, scale(X_test), y_test) > 0.9
     bundle = tmp_path_factory.mktemp("mlp") / "model"
@@ -76,8 +89,15 @@ def mlp_case(digits, tmp_path_factory):
 def cnn_case(digits, tmp_path_factory):
     """Digits scaled to [0, 1] as 1x8x8 images, SmallCNN: (bundle dir, X_test, y_test)."""
     X_train, X_test, y_train, y_test = digits
-    spec = ModelSpec(arch="cnn", num_features=NUM_FEATURES, num_classes=10, width=64,
-                     dropout=0.1, image_shape=[1, 8, 8], class_names=CLASSES)
+    spec = ModelSpec(
+        arch="cnn",
+        num_features=NUM_FEATURES,
+        num_classes=10,
+        width=64,
+        dropout=0.1,
+        image_shape=[1, 8, 8],
+        class_names=CLASSES,
+    )
     model = _train(spec, X_train / 16.0, y_train, epochs=8)
     assert _accuracy(model, X_test / 16.0, y_test) > 0.9
     bundle = tmp_path_factory.mktemp("cnn") / "model"
@@ -97,8 +117,7 @@ def compressed(mlp_case, cnn_case, tmp_path_factory, empty_cwd):
     with contextlib.chdir(empty_cwd):
         for name, (bundle, X, y) in {"mlp": mlp_case, "cnn": cnn_case}.items():
             out_dir = tmp_path_factory.mktemp(f"{name}-compressed") / "out"
-            result = compress(bundle, X, y, accuracy_budget=0.01, prune_amount=0.5,
-                              out_dir=out_dir)
+            result = compress(bundle, X, y, accuracy_budget=0.01, prune_amount=0.5, out_dir=out_dir)
             out[name] = (result, out_dir, bundle, X, y)
     return out
 
@@ -109,8 +128,9 @@ def _variant(result, name):
 
 def _weights(path):
     """Weight matrices/kernels (rank >= 2 initializers) of an ONNX file."""
-    return [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer
-            if len(t.dims) >= 2]
+    return [
+        numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if len(t.dims) >= 2
+    ]
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
@@ -129,14 +149,18 @@ def test_fp32_onnx_matches_pytorch(compressed, arch):
     # graph contract: named input/output, dynamic batch, raw logits out
     session = ort.InferenceSession(str(out_dir / "fp32.onnx"), providers=["CPUExecutionProvider"])
     (inp,), (outp,) = session.get_inputs(), session.get_outputs()
-    assert (inp.name, outp.name) == (result["input_name"], result["output_name"]) \
+    assert (
+        (inp.name, outp.name)
+        == (result["input_name"], result["output_name"])
         == ("features", "logits")
+    )
     assert isinstance(inp.shape[0], str) and inp.shape[1] == spec.num_features
     for batch in (1, 3):
         logits = session.run(None, {"features": X[:batch]})[0]
         assert logits.shape == (batch, 10)
-        np.testing.assert_allclose(logits, model(torch.from_numpy(X[:batch])).detach().numpy(),
-                                   atol=1e-4)
+        np.testing.assert_allclose(
+            logits, model(torch.from_numpy(X[:batch])).detach().numpy(), atol=1e-4
+        )
     opsets = {o.domain: o.version for o in onnx.load(str(out_dir / "fp32.onnx")).opset_import}
     assert opsets.get("", opsets.get("ai.onnx")) == result["onnx_opset"]
 
@@ -180,12 +204,14 @@ def test_choice_respects_budget_and_is_smallest(compressed, arch):
         assert v["within_budget"] == (v["name"] == "fp32" or v["accuracy"] >= floor)
     chosen = _variant(result, result["chosen"])
     assert chosen["within_budget"]
-    assert chosen["gzip_bytes"] == min(v["gzip_bytes"] for v in result["variants"]
-                                       if v["within_budget"])
+    assert chosen["gzip_bytes"] == min(
+        v["gzip_bytes"] for v in result["variants"] if v["within_budget"]
+    )
     assert (out_dir / "model.onnx").read_bytes() == (out_dir / chosen["file"]).read_bytes()
     assert json.loads((out_dir / "compression.json").read_text()) == json.loads(json.dumps(result))
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
-        ["compression.json", "model.onnx"] + [f"{n}.onnx" for n in compression.VARIANTS])
+        ["compression.json", "model.onnx"] + [f"{n}.onnx" for n in compression.VARIANTS]
+    )
 
 
 def test_no_stray_files_in_cwd(compressed, empty_cwd):
@@ -197,8 +223,12 @@ def _v(name, accuracy, gzip_bytes):
 
 
 def test_choose_picks_smallest_within_budget():
-    variants = [_v("fp32", 0.97, 1000), _v("pruned", 0.965, 600),
-                _v("int8", 0.95, 250), _v("pruned-int8", 0.94, 180)]
+    variants = [
+        _v("fp32", 0.97, 1000),
+        _v("pruned", 0.965, 600),
+        _v("int8", 0.95, 250),
+        _v("pruned-int8", 0.94, 180),
+    ]
     assert choose(variants, baseline=0.97, budget=0.03) == "pruned-int8"
     assert choose(variants, baseline=0.97, budget=0.02) == "int8"
     assert choose(variants, baseline=0.97, budget=0.01) == "pruned"
@@ -209,8 +239,12 @@ def test_choose_picks_smallest_within_budget():
 
 def test_choose_falls_back_to_fp32_and_breaks_ties_by_order():
     # int8 variants lose accuracy, pruning too: only fp32 is left at budget 0
-    variants = [_v("fp32", 0.90, 1000), _v("pruned", 0.89, 600),
-                _v("int8", 0.50, 250), _v("pruned-int8", 0.40, 180)]
+    variants = [
+        _v("fp32", 0.90, 1000),
+        _v("pruned", 0.89, 600),
+        _v("int8", 0.50, 250),
+        _v("pruned-int8", 0.40, 180),
+    ]
     assert choose(variants, baseline=0.90, budget=0.0) == "fp32"
     # fp32 qualifies even if its measured accuracy dipped (a near-tie flip)
     assert choose([_v("fp32", 0.89, 1000), _v("int8", 0.5, 10)], 0.90, 0.0) == "fp32"
@@ -232,18 +266,31 @@ def test_int8_that_loses_accuracy_is_rejected(mlp_case, tmp_path):
     X_big[:, column] *= factor
     save_model(tmp_path / "outlier", model, spec)
 
-    strict = compress(tmp_path / "outlier", X_big, y, accuracy_budget=0.0, prune_amount=0.0,
-                      out_dir=tmp_path / "strict")
+    strict = compress(
+        tmp_path / "outlier",
+        X_big,
+        y,
+        accuracy_budget=0.0,
+        prune_amount=0.0,
+        out_dir=tmp_path / "strict",
+    )
     assert [v["name"] for v in strict["variants"]] == ["fp32", "int8"]  # prune 0: skipped
     int8 = _variant(strict, "int8")
     assert int8["accuracy"] < strict["baseline_accuracy"] - 0.1
     assert not int8["within_budget"]
     assert strict["chosen"] == "fp32"
-    assert (tmp_path / "strict" / "model.onnx").read_bytes() == \
-        (tmp_path / "strict" / "fp32.onnx").read_bytes()
+    assert (tmp_path / "strict" / "model.onnx").read_bytes() == (
+        tmp_path / "strict" / "fp32.onnx"
+    ).read_bytes()
 
-    lax = compress(tmp_path / "outlier", X_big, y, accuracy_budget=1.0, prune_amount=0.0,
-                   out_dir=tmp_path / "lax")
+    lax = compress(
+        tmp_path / "outlier",
+        X_big,
+        y,
+        accuracy_budget=1.0,
+        prune_amount=0.0,
+        out_dir=tmp_path / "lax",
+    )
     assert lax["chosen"] == "int8"
 
 
@@ -264,16 +311,19 @@ def test_wrong_feature_count_is_a_clear_error_and_writes_nothing(mlp_case, tmp_p
     assert list(parent.iterdir()) == []
 
 
-@pytest.mark.parametrize("kwargs,needle", [
-    ({"X": np.zeros((0, NUM_FEATURES), np.float32), "y": np.zeros(0, np.int64)}, "empty"),
-    ({"accuracy_budget": -0.1}, "accuracy_budget"),
-    ({"accuracy_budget": 1.5}, "accuracy_budget"),
-    ({"accuracy_budget": float("nan")}, "accuracy_budget"),
-    ({"prune_amount": 1.0}, "prune_amount"),
-    ({"prune_amount": -0.5}, "prune_amount"),
-    ({"y": np.zeros(3, np.int64)}, "rows"),
-    ({"y": np.full(450, 10, np.int64)}, "classes"),
-])
+@pytest.mark.parametrize(
+    "kwargs,needle",
+    [
+        ({"X": np.zeros((0, NUM_FEATURES), np.float32), "y": np.zeros(0, np.int64)}, "empty"),
+        ({"accuracy_budget": -0.1}, "accuracy_budget"),
+        ({"accuracy_budget": 1.5}, "accuracy_budget"),
+        ({"accuracy_budget": float("nan")}, "accuracy_budget"),
+        ({"prune_amount": 1.0}, "prune_amount"),
+        ({"prune_amount": -0.5}, "prune_amount"),
+        ({"y": np.zeros(3, np.int64)}, "rows"),
+        ({"y": np.full(450, 10, np.int64)}, "classes"),
+    ],
+)
 def test_bad_input_is_rejected_before_writing(mlp_case, tmp_path, kwargs, needle):
     bundle, X, y = mlp_case
     args = {"X": X, "y": y, **kwargs}
@@ -311,8 +361,7 @@ def test_verify_export_flags_mismatches():
 def test_dynamo_exporter_gives_the_same_contract(mlp_case, tmp_path):
     bundle, X, _ = mlp_case
     model, spec, _ = load_model(bundle)
-    assert export_onnx(model, spec.num_features, tmp_path / "d.onnx", exporter="dynamo") \
-        == "dynamo"
+    assert export_onnx(model, spec.num_features, tmp_path / "d.onnx", exporter="dynamo") == "dynamo"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d.onnx"]  # no .data sidecar
     probs = onnx_predict(tmp_path / "d.onnx", X)
     assert verify_export(predict_proba(model, X).numpy(), probs) < 1e-4
@@ -324,6 +373,7 @@ def test_dynamo_exporter_gives_the_same_contract(mlp_case, tmp_path):
 
 def test_latency_measurement_is_bounded(compressed):
     import time
+
     result, out_dir, *_ = compressed["cnn"]
     start = time.perf_counter()
     ms = compression.measure_latency(out_dir / "int8.onnx", NUM_FEATURES, max_seconds=0.05)

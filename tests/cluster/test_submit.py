@@ -52,6 +52,7 @@ def load_docs(text: str | bytes) -> list[dict]:
 
 # ---------------------------------------------------------------- the fake API server
 
+
 def rpc_error(status: int, code: int, message: str) -> tuple[int, Any]:
     """A grpc-gateway error body, as the KFP API server sends it."""
     return status, {"error": message, "code": code, "message": message, "details": []}
@@ -80,8 +81,9 @@ class FakeKFP:
         return f"{kind}-{next(self._ids):04d}-5f0c"
 
     def calls(self, method: str | None = None, path: str | None = None) -> list[dict]:
-        return [r for r in self.requests
-                if method in (None, r["method"]) and path in (None, r["path"])]
+        return [
+            r for r in self.requests if method in (None, r["method"]) and path in (None, r["path"])
+        ]
 
     def route_summary(self) -> list[str]:
         return [f"{r['method']} {r['path']}" for r in self.requests]
@@ -90,8 +92,13 @@ class FakeKFP:
     def handle(self, method: str, raw_path: str, headers: dict, body: bytes) -> tuple[int, Any]:
         url = urlsplit(raw_path)
         query = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
-        record: dict[str, Any] = {"method": method, "path": url.path, "query": query,
-                                  "headers": headers, "body": body}
+        record: dict[str, Any] = {
+            "method": method,
+            "path": url.path,
+            "query": query,
+            "headers": headers,
+            "body": body,
+        }
         ctype = headers.get("content-type", "")
         if ctype.startswith("application/json") and body:
             record["json"] = json.loads(body)
@@ -114,41 +121,60 @@ class FakeKFP:
     def route(self, method: str, path: str, query: dict, record: dict) -> tuple[int, Any]:
         if not path.startswith(API + "/"):
             return 404, "404 page not found"
-        parts = path[len(API) + 1:].split("/")
+        parts = path[len(API) + 1 :].split("/")
         if method == "GET" and parts == ["healthz"]:
-            return 200, {"commit_sha": "0f4c2b1", "tag_name": "2.5.0",
-                         "multi_user": self.multi_user, "pipeline_store": "database"}
+            return 200, {
+                "commit_sha": "0f4c2b1",
+                "tag_name": "2.5.0",
+                "multi_user": self.multi_user,
+                "pipeline_store": "database",
+            }
         if method == "GET" and parts == ["pipelines"]:
             found = [p for p in self.pipelines.values() if matches(p, query.get("filter"))]
-            return 200, ({"pipelines": found, "total_size": len(found)} if found
-                         else {"total_size": 0})
+            return 200, (
+                {"pipelines": found, "total_size": len(found)} if found else {"total_size": 0}
+            )
         if method == "POST" and parts == ["pipelines", "upload"]:
             return self.upload(query, record, new_pipeline=True)
         if method == "POST" and parts == ["pipelines", "upload_version"]:
             return self.upload(query, record, new_pipeline=False)
-        if method == "GET" and len(parts) == 3 and parts[0] == "pipelines" \
-                and parts[2] == "versions":
+        if (
+            method == "GET"
+            and len(parts) == 3
+            and parts[0] == "pipelines"
+            and parts[2] == "versions"
+        ):
             if parts[1] not in self.pipelines:
                 return rpc_error(404, 5, f"Pipeline {parts[1]} not found")
-            versions = sorted((v for v in self.versions.values() if v["pipeline_id"] == parts[1]),
-                              key=lambda v: v["_seq"],
-                              reverse=query.get("sort_by", "").endswith(" desc"))
+            versions = sorted(
+                (v for v in self.versions.values() if v["pipeline_id"] == parts[1]),
+                key=lambda v: v["_seq"],
+                reverse=query.get("sort_by", "").endswith(" desc"),
+            )
             versions = [public(v) for v in versions]
             size = int(query.get("page_size") or 10)
             return 200, {"pipeline_versions": versions[:size], "total_size": len(versions)}
         if method == "GET" and parts == ["experiments"]:
-            found = [e for e in self.experiments.values() if matches(e, query.get("filter"))
-                     and (not self.multi_user or e["namespace"] == query.get("namespace"))]
-            return 200, ({"experiments": found, "total_size": len(found)} if found
-                         else {"total_size": 0})
+            found = [
+                e
+                for e in self.experiments.values()
+                if matches(e, query.get("filter"))
+                and (not self.multi_user or e["namespace"] == query.get("namespace"))
+            ]
+            return 200, (
+                {"experiments": found, "total_size": len(found)} if found else {"total_size": 0}
+            )
         if method == "POST" and parts == ["experiments"]:
             body = record["json"]
             exp_id = self.new_id("exp")
             self.experiments[exp_id] = {
-                "experiment_id": exp_id, "display_name": body["display_name"],
-                "description": body.get("description") or "", "created_at": CREATED,
+                "experiment_id": exp_id,
+                "display_name": body["display_name"],
+                "description": body.get("description") or "",
+                "created_at": CREATED,
                 "namespace": body.get("namespace", "") if self.multi_user else "",
-                "storage_state": "AVAILABLE"}
+                "storage_state": "AVAILABLE",
+            }
             return 200, self.experiments[exp_id]
         if method == "POST" and parts == ["runs"]:
             return self.create_run(record["json"], recurring=False)
@@ -162,8 +188,12 @@ class FakeKFP:
     def upload(self, query: dict, record: dict, new_pipeline: bool) -> tuple[int, Any]:
         files = record.get("files", {})
         if "uploadfile" not in files:
-            return rpc_error(400, 3, "Failed to create a pipeline due to error parsing "
-                                     "pipeline spec filename: http: no such file")
+            return rpc_error(
+                400,
+                3,
+                "Failed to create a pipeline due to error parsing "
+                "pipeline spec filename: http: no such file",
+            )
         filename, data = files["uploadfile"]
         try:
             docs = load_docs(data)
@@ -175,33 +205,47 @@ class FakeKFP:
         if new_pipeline:
             name = query.get("name") or query.get("display_name") or spec.pipeline_info.name
             if any(p["display_name"] == name for p in self.pipelines.values()):
-                return rpc_error(409, 6, f"Failed to create a pipeline: pipeline {name} "
-                                         "already exists")
+                return rpc_error(
+                    409, 6, f"Failed to create a pipeline: pipeline {name} already exists"
+                )
             pipeline_id = self.new_id("pipe")
             self.pipelines[pipeline_id] = {
-                "pipeline_id": pipeline_id, "display_name": name, "name": name,
-                "description": query.get("description", ""), "created_at": CREATED,
-                "namespace": query.get("namespace", "")}
+                "pipeline_id": pipeline_id,
+                "display_name": name,
+                "name": name,
+                "description": query.get("description", ""),
+                "created_at": CREATED,
+                "namespace": query.get("namespace", ""),
+            }
             self.add_version(pipeline_id, name, query.get("description", ""), docs)
             return 200, self.pipelines[pipeline_id]
         pipeline_id = query.get("pipelineid", "")
         if pipeline_id not in self.pipelines:
-            return rpc_error(404, 5, f"Failed to create a pipeline version: pipeline "
-                                     f"{pipeline_id} not found")
+            return rpc_error(
+                404, 5, f"Failed to create a pipeline version: pipeline {pipeline_id} not found"
+            )
         name = query.get("name") or filename
-        if any(v["pipeline_id"] == pipeline_id and v["display_name"] == name
-               for v in self.versions.values()):
-            return rpc_error(409, 6, f"Failed to create a pipeline version: version {name} "
-                                     "already exists")
-        return 200, public(self.add_version(pipeline_id, name, query.get("description", ""),
-                                            docs))
+        if any(
+            v["pipeline_id"] == pipeline_id and v["display_name"] == name
+            for v in self.versions.values()
+        ):
+            return rpc_error(
+                409, 6, f"Failed to create a pipeline version: version {name} already exists"
+            )
+        return 200, public(self.add_version(pipeline_id, name, query.get("description", ""), docs))
 
     def add_version(self, pipeline_id: str, name: str, description: str, docs: list) -> dict:
         version_id = self.new_id("ver")
         self.versions[version_id] = {
-            "pipeline_id": pipeline_id, "pipeline_version_id": version_id, "display_name": name,
-            "name": name, "description": description, "created_at": CREATED,
-            "_seq": len(self.versions), "_docs": docs}
+            "pipeline_id": pipeline_id,
+            "pipeline_version_id": version_id,
+            "display_name": name,
+            "name": name,
+            "description": description,
+            "created_at": CREATED,
+            "_seq": len(self.versions),
+            "_docs": docs,
+        }
         return self.versions[version_id]
 
     # -- runs
@@ -218,33 +262,47 @@ class FakeKFP:
             inline = body["pipeline_spec"]
             spec = inline.get("pipeline_spec", inline)
         else:
-            return rpc_error(400, 3, "Invalid input error: pipeline spec or version reference "
-                                     "is required")
+            return rpc_error(
+                400, 3, "Invalid input error: pipeline spec or version reference is required"
+            )
         declared = spec["root"].get("inputDefinitions", {}).get("parameters", {})
         for name, value in (body.get("runtime_config") or {}).get("parameters", {}).items():
             if name not in declared:
                 return rpc_error(400, 3, f"Invalid input error: unknown parameter {name}")
             kind = declared[name]["parameterType"]
-            ok = {"NUMBER_INTEGER": isinstance(value, int) and not isinstance(value, bool),
-                  "NUMBER_DOUBLE": isinstance(value, (int, float)) and not isinstance(value, bool),
-                  "BOOLEAN": isinstance(value, bool), "STRING": isinstance(value, str)}.get(kind,
-                                                                                          True)
+            ok = {
+                "NUMBER_INTEGER": isinstance(value, int) and not isinstance(value, bool),
+                "NUMBER_DOUBLE": isinstance(value, (int, float)) and not isinstance(value, bool),
+                "BOOLEAN": isinstance(value, bool),
+                "STRING": isinstance(value, str),
+            }.get(kind, True)
             if not ok:
-                return rpc_error(400, 3, f"Invalid input error: parameter {name} is not "
-                                         f"{kind}: {value!r}")
+                return rpc_error(
+                    400, 3, f"Invalid input error: parameter {name} is not {kind}: {value!r}"
+                )
         if recurring:
             cron = ((body.get("trigger") or {}).get("cron_schedule") or {}).get("cron", "")
             if len(cron.split()) != 6:
                 return rpc_error(400, 3, f"Invalid input error: invalid cron {cron!r}")
             job_id = self.new_id("rr")
             self.recurring_runs[job_id] = {
-                **body, "recurring_run_id": job_id, "status": "ENABLED", "created_at": CREATED,
-                "updated_at": CREATED, "max_concurrency": str(body.get("max_concurrency", 1)),
-                "namespace": ""}
+                **body,
+                "recurring_run_id": job_id,
+                "status": "ENABLED",
+                "created_at": CREATED,
+                "updated_at": CREATED,
+                "max_concurrency": str(body.get("max_concurrency", 1)),
+                "namespace": "",
+            }
             return 200, self.recurring_runs[job_id]
         run_id = self.new_id("run")
-        self.runs[run_id] = {**body, "run_id": run_id, "state": "PENDING",
-                             "created_at": CREATED, "storage_state": "AVAILABLE"}
+        self.runs[run_id] = {
+            **body,
+            "run_id": run_id,
+            "state": "PENDING",
+            "created_at": CREATED,
+            "storage_state": "AVAILABLE",
+        }
         return 200, self.runs[run_id]
 
     def get_run(self, run_id: str) -> tuple[int, Any]:
@@ -253,11 +311,27 @@ class FakeKFP:
         poll = self._polls.get(run_id, 0)
         self._polls[run_id] = poll + 1
         state, tasks = self.run_script[min(poll, len(self.run_script) - 1)]
-        run = {**self.runs[run_id], "state": state, "run_details": {"task_details": [
-            {"run_id": run_id, "task_id": f"task-{name}", "display_name": name, "state": st,
-             "create_time": CREATED, **({"error": {"code": 2, "message": f"{name} crashed"}}
-                                        if st == "FAILED" else {})}
-            for name, st in [("root", state), *tasks]]}}
+        run = {
+            **self.runs[run_id],
+            "state": state,
+            "run_details": {
+                "task_details": [
+                    {
+                        "run_id": run_id,
+                        "task_id": f"task-{name}",
+                        "display_name": name,
+                        "state": st,
+                        "create_time": CREATED,
+                        **(
+                            {"error": {"code": 2, "message": f"{name} crashed"}}
+                            if st == "FAILED"
+                            else {}
+                        ),
+                    }
+                    for name, st in [("root", state), *tasks]
+                ]
+            },
+        }
         if state == "FAILED":
             run["error"] = {"code": 2, "message": "task train failed: exit status 1"}
         return 200, run
@@ -281,10 +355,15 @@ def matches(item: dict, filter_json: str | None) -> bool:
 
 def parse_multipart(ctype: str, body: bytes) -> dict[str, tuple[str, bytes]]:
     message = BytesParser(policy=email_policy).parsebytes(
-        f"Content-Type: {ctype}\r\n\r\n".encode() + body)
-    return {part.get_param("name", header="content-disposition"):
-            (part.get_filename() or "", part.get_payload(decode=True))
-            for part in message.iter_parts()}
+        f"Content-Type: {ctype}\r\n\r\n".encode() + body
+    )
+    return {
+        part.get_param("name", header="content-disposition"): (
+            part.get_filename() or "",
+            part.get_payload(decode=True),
+        )
+        for part in message.iter_parts()
+    }
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -369,25 +448,44 @@ def gpu_checks(docs: list[dict], node_label: tuple[str, str]) -> int:
         if len(docs) > 1:
             placement = docs[1]["platforms"]["kubernetes"]["deploymentSpec"]["executors"][executor]
             assert placement["nodeSelector"]["labels"] == {node_label[0]: node_label[1]}
-            assert {"key": "nvidia.com/gpu", "operator": "Equal", "value": "present",
-                    "effect": "NoSchedule"} in placement["tolerations"]
+            assert {
+                "key": "nvidia.com/gpu",
+                "operator": "Equal",
+                "value": "present",
+                "effect": "NoSchedule",
+            } in placement["tolerations"]
             checked += 1
     return checked
 
 
 # ---------------------------------------------------------------- the tests
 
+
 def test_first_submit_uploads_pipeline_creates_experiment_and_run(kfp_server, capsys):
-    result = run_submit(kfp_server, "--param", "epochs=5", "--param", "learning-rate=0.01",
-                        "--param", "oversample=false", "--param", "dataset=wine",
-                        "--gpu-node-selector", "pool=a100")
+    result = run_submit(
+        kfp_server,
+        "--param",
+        "epochs=5",
+        "--param",
+        "learning-rate=0.01",
+        "--param",
+        "oversample=false",
+        "--param",
+        "dataset=wine",
+        "--gpu-node-selector",
+        "pool=a100",
+    )
 
     assert kfp_server.route_summary() == [
-        f"GET {API}/healthz", f"GET {API}/pipelines", f"POST {API}/pipelines/upload",
-        f"GET {API}/pipelines/{result['pipeline_id']}/versions", f"GET {API}/experiments",
-        f"POST {API}/experiments", f"POST {API}/runs"]
-    assert all(r["headers"].get("authorization") == f"Bearer {TOKEN}"
-               for r in kfp_server.requests)
+        f"GET {API}/healthz",
+        f"GET {API}/pipelines",
+        f"POST {API}/pipelines/upload",
+        f"GET {API}/pipelines/{result['pipeline_id']}/versions",
+        f"GET {API}/experiments",
+        f"POST {API}/experiments",
+        f"POST {API}/runs",
+    ]
+    assert all(r["headers"].get("authorization") == f"Bearer {TOKEN}" for r in kfp_server.requests)
 
     lookup = json.loads(kfp_server.calls("GET", f"{API}/pipelines")[0]["query"]["filter"])
     assert lookup["predicates"][0]["key"] == "display_name"
@@ -400,7 +498,8 @@ def test_first_submit_uploads_pipeline_creates_experiment_and_run(kfp_server, ca
     docs = load_docs(data)
     assert docs[0]["pipelineInfo"]["name"] == "kubetrain-training"
     assert {"epochs", "learning_rate", "dataset"} <= set(
-        docs[0]["root"]["inputDefinitions"]["parameters"])
+        docs[0]["root"]["inputDefinitions"]["parameters"]
+    )
     if len(docs) > 1 or "accelerator" in json.dumps(docs[0]):  # the cluster target is there
         assert gpu_checks(docs, ("pool", "a100")) >= 2  # --gpu-node-selector reached the YAML
 
@@ -413,7 +512,9 @@ def test_first_submit_uploads_pipeline_creates_experiment_and_run(kfp_server, ca
     assert type(params["epochs"]) is int and type(params["learning_rate"]) is float
     version = next(iter(kfp_server.versions.values()))
     assert run["pipeline_version_reference"] == {
-        "pipeline_id": result["pipeline_id"], "pipeline_version_id": version["pipeline_version_id"]}
+        "pipeline_id": result["pipeline_id"],
+        "pipeline_version_id": version["pipeline_version_id"],
+    }
     assert "pipeline_spec" not in run
     assert run["experiment_id"] == result["experiment_id"]
     assert run["service_account"] == "kubetrain-pipeline-runner"
@@ -421,11 +522,16 @@ def test_first_submit_uploads_pipeline_creates_experiment_and_run(kfp_server, ca
 
     run_id = next(iter(kfp_server.runs))
     assert result == {
-        "host": kfp_server.host, "pipeline_name": "kubetrain-training",
-        "version_name": "kubetrain-training", "pipeline_id": result["pipeline_id"],
-        "version_id": version["pipeline_version_id"], "experiment_id": result["experiment_id"],
-        "run_id": run_id, "url": f"{kfp_server.host}/#/runs/details/{run_id}",
-        "state": "PENDING"}
+        "host": kfp_server.host,
+        "pipeline_name": "kubetrain-training",
+        "version_name": "kubetrain-training",
+        "pipeline_id": result["pipeline_id"],
+        "version_id": version["pipeline_version_id"],
+        "experiment_id": result["experiment_id"],
+        "run_id": run_id,
+        "url": f"{kfp_server.host}/#/runs/details/{run_id}",
+        "state": "PENDING",
+    }
     out, err = capsys.readouterr()
     assert f"{kfp_server.host}/#/runs/details/{run_id}" in out
     assert "epochs=5" in out
@@ -433,17 +539,24 @@ def test_first_submit_uploads_pipeline_creates_experiment_and_run(kfp_server, ca
 
 
 def test_second_submit_uploads_a_new_version_and_reuses_the_experiment(
-        kfp_server, compiled, capsys):
+    kfp_server, compiled, capsys
+):
     first = run_submit(kfp_server, "--yaml", str(compiled))
-    second = run_submit(kfp_server, "--yaml", str(compiled), "--version", "v2-nightly",
-                        "--run-name", "retrain")
+    second = run_submit(
+        kfp_server, "--yaml", str(compiled), "--version", "v2-nightly", "--run-name", "retrain"
+    )
 
     assert len(kfp_server.calls("POST", f"{API}/pipelines/upload")) == 1
     (upload,) = kfp_server.calls("POST", f"{API}/pipelines/upload_version")
-    assert upload["query"] == {"name": "v2-nightly", "pipelineid": first["pipeline_id"],
-                               "description": upload["query"]["description"]}
-    assert load_docs(upload["files"]["uploadfile"][1])[0]["pipelineInfo"][
-        "name"] == "kubetrain-training"
+    assert upload["query"] == {
+        "name": "v2-nightly",
+        "pipelineid": first["pipeline_id"],
+        "description": upload["query"]["description"],
+    }
+    assert (
+        load_docs(upload["files"]["uploadfile"][1])[0]["pipelineInfo"]["name"]
+        == "kubetrain-training"
+    )
     assert len(kfp_server.calls("POST", f"{API}/experiments")) == 1
     assert second["pipeline_id"] == first["pipeline_id"]
     assert second["experiment_id"] == first["experiment_id"]
@@ -453,8 +566,10 @@ def test_second_submit_uploads_a_new_version_and_reuses_the_experiment(
     run = kfp_server.calls("POST", f"{API}/runs")[-1]["json"]
     assert run["display_name"] == "retrain"
     assert run["pipeline_version_reference"]["pipeline_version_id"] == second["version_id"]
-    assert f"/#/pipelines/details/{first['pipeline_id']}/version/{second['version_id']}" \
+    assert (
+        f"/#/pipelines/details/{first['pipeline_id']}/version/{second['version_id']}"
         in capsys.readouterr().out
+    )
 
     # the default version name: kubetrain version, UTC time, hash of the uploaded YAML
     third = run_submit(kfp_server, "--yaml", str(compiled))
@@ -463,9 +578,19 @@ def test_second_submit_uploads_a_new_version_and_reuses_the_experiment(
 
 
 def test_recurring_run_sends_the_cron_trigger_and_concurrency(kfp_server, compiled, capsys):
-    result = run_submit(kfp_server, "--yaml", str(compiled), "--recurring", "0 0 3 * * *",
-                        "--max-concurrency", "2", "--param", "tune_trials=0",
-                        "--run-name", "nightly")
+    result = run_submit(
+        kfp_server,
+        "--yaml",
+        str(compiled),
+        "--recurring",
+        "0 0 3 * * *",
+        "--max-concurrency",
+        "2",
+        "--param",
+        "tune_trials=0",
+        "--run-name",
+        "nightly",
+    )
 
     (job,) = [r["json"] for r in kfp_server.calls("POST", f"{API}/recurringruns")]
     assert job["trigger"] == {"cron_schedule": {"cron": "0 0 3 * * *"}}
@@ -481,10 +606,14 @@ def test_recurring_run_sends_the_cron_trigger_and_concurrency(kfp_server, compil
     assert "0 0 3 * * *" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("cron, hint", [
-    ("0 3 * * *", "did you mean '0 0 3 * * *'"),
-    ("every night", "6-field KFP cron"),
-    ("0 0 3 * * * *", "6-field KFP cron")])
+@pytest.mark.parametrize(
+    "cron, hint",
+    [
+        ("0 3 * * *", "did you mean '0 0 3 * * *'"),
+        ("every night", "6-field KFP cron"),
+        ("0 0 3 * * * *", "6-field KFP cron"),
+    ],
+)
 def test_bad_cron_fails_before_any_request(kfp_server, compiled, cron, hint):
     with pytest.raises(KubetrainError, match=hint.replace("*", r"\*")):
         run_submit(kfp_server, "--yaml", str(compiled), "--recurring", cron)
@@ -496,10 +625,12 @@ def test_wait_polls_until_succeeded_and_prints_task_progress(kfp_server, compile
         ("RUNNING", [("ingest", "RUNNING")]),
         ("RUNNING", [("ingest", "SUCCEEDED"), ("train", "RUNNING")]),
         ("RUNNING", [("ingest", "SUCCEEDED"), ("train", "RUNNING")]),
-        ("SUCCEEDED", [("ingest", "SUCCEEDED"), ("train", "SUCCEEDED")])]
+        ("SUCCEEDED", [("ingest", "SUCCEEDED"), ("train", "SUCCEEDED")]),
+    ]
     naps: list[float] = []
-    result = run_submit(kfp_server, "--yaml", str(compiled), "--wait", "--poll-interval", "7",
-                        sleep=naps.append)
+    result = run_submit(
+        kfp_server, "--yaml", str(compiled), "--wait", "--poll-interval", "7", sleep=naps.append
+    )
 
     run_id = result["run_id"]
     assert result["state"] == "SUCCEEDED"
@@ -508,17 +639,32 @@ def test_wait_polls_until_succeeded_and_prints_task_progress(kfp_server, compile
     name = kfp_server.runs[run_id]["display_name"]
     out = capsys.readouterr().out
     progress = [line.split("] ", 1)[1] for line in out.splitlines() if "] " in line]
-    assert progress == [f"run {name}: RUNNING", "task ingest: RUNNING", "task ingest: SUCCEEDED",
-                        "task train: RUNNING", "task train: SUCCEEDED",
-                        f"run {name} SUCCEEDED: {result['url']}"]
+    assert progress == [
+        f"run {name}: RUNNING",
+        "task ingest: RUNNING",
+        "task ingest: SUCCEEDED",
+        "task train: RUNNING",
+        "task train: SUCCEEDED",
+        f"run {name} SUCCEEDED: {result['url']}",
+    ]
     assert out.rstrip().endswith(result["url"])
 
 
 def test_wait_on_a_failed_run_is_an_error_with_exit_code_2(kfp_server, compiled, capsys):
-    kfp_server.run_script = [("RUNNING", [("train", "RUNNING")]),
-                             ("FAILED", [("train", "FAILED")])]
-    code = submit.main(["--host", kfp_server.host, "--token", TOKEN, "--yaml", str(compiled),
-                        "--wait", "--poll-interval", "0"])
+    kfp_server.run_script = [("RUNNING", [("train", "RUNNING")]), ("FAILED", [("train", "FAILED")])]
+    code = submit.main(
+        [
+            "--host",
+            kfp_server.host,
+            "--token",
+            TOKEN,
+            "--yaml",
+            str(compiled),
+            "--wait",
+            "--poll-interval",
+            "0",
+        ]
+    )
     assert code == 2
     out, err = capsys.readouterr()
     assert "task train: FAILED (train crashed)" in out
@@ -538,8 +684,11 @@ def test_wait_rides_out_a_restarting_api_server(kfp_server, compiled, capsys):
     assert "poll 2/3 failed, retrying: the KFP API at" in out and "server error (503)" in out
 
     kfp_server.failures[f"GET {API}/runs/*"] = rpc_error(503, 14, "no healthy upstream")
-    with pytest.raises(KubetrainError, match=r"server error \(503\) while polling run "
-                                             r"run-\d+-5f0c: no healthy upstream$"):
+    with pytest.raises(
+        KubetrainError,
+        match=r"server error \(503\) while polling run "
+        r"run-\d+-5f0c: no healthy upstream$",
+    ):
         run_submit(kfp_server, "--yaml", str(compiled), "--wait", sleep=lambda s: None)
     polls = [r for r in kfp_server.calls("GET") if r["path"].startswith(f"{API}/runs/")]
     assert len(polls) == 4 + 1 + submit.POLL_RETRIES  # 2 failed + 2 answered, then 1 + 3 failed
@@ -549,12 +698,19 @@ def test_wait_gives_up_after_the_timeout(kfp_server, compiled):
     kfp_server.run_script = [("RUNNING", [])]
     ticks = iter(range(0, 10_000, 30))
     with pytest.raises(KubetrainError, match=r"still RUNNING after 100s; it keeps running"):
-        run_submit(kfp_server, "--yaml", str(compiled), "--wait", "--timeout", "100",
-                   sleep=lambda s: None, clock=lambda: float(next(ticks)))
+        run_submit(
+            kfp_server,
+            "--yaml",
+            str(compiled),
+            "--wait",
+            "--timeout",
+            "100",
+            sleep=lambda s: None,
+            clock=lambda: float(next(ticks)),
+        )
 
 
-def test_no_cache_sends_the_spec_inline_with_caching_off_in_every_dag(
-        kfp_server, compiled):
+def test_no_cache_sends_the_spec_inline_with_caching_off_in_every_dag(kfp_server, compiled):
     result = run_submit(kfp_server, "--yaml", str(compiled), "--no-cache", "--param", "epochs=3")
 
     run = kfp_server.calls("POST", f"{API}/runs")[0]["json"]
@@ -564,17 +720,22 @@ def test_no_cache_sends_the_spec_inline_with_caching_off_in_every_dag(
     spec = inline["pipeline_spec"] if len(docs) > 1 else inline
     if len(docs) > 1:  # the GPU placement travels with the inline spec
         assert inline["platform_spec"] == docs[1]
-        assert gpu_checks([spec, inline["platform_spec"]],
-                          ClusterConfig().node_label) == 2 * len(GPU_COMPONENTS)
+        assert gpu_checks([spec, inline["platform_spec"]], ClusterConfig().node_label) == 2 * len(
+            GPU_COMPONENTS
+        )
     tasks = list(spec["root"]["dag"]["tasks"].values())
-    tasks += [t for c in spec["components"].values() for t in c.get("dag", {}).get("tasks",
-                                                                                   {}).values()]
+    tasks += [
+        t for c in spec["components"].values() for t in c.get("dag", {}).get("tasks", {}).values()
+    ]
     assert len(tasks) > len(spec["root"]["dag"]["tasks"])  # nested (condition) DAGs included
     # protobuf JSON leaves false out: `cachingOptions: {}` is caching off for the driver
     assert all(t.get("cachingOptions", {}).get("enableCache", False) is False for t in tasks)
-    compiled_on = [t for c in [docs[0]["root"], *docs[0]["components"].values()]
-                   for t in c.get("dag", {}).get("tasks", {}).values()
-                   if t.get("cachingOptions", {}).get("enableCache")]
+    compiled_on = [
+        t
+        for c in [docs[0]["root"], *docs[0]["components"].values()]
+        for t in c.get("dag", {}).get("tasks", {}).values()
+        if t.get("cachingOptions", {}).get("enableCache")
+    ]
     assert len(compiled_on) > len(docs[0]["root"]["dag"]["tasks"])  # nested ones were on
     assert run["runtime_config"]["parameters"] == {"epochs": 3}
     # the version is still uploaded for the UI, with caching as compiled
@@ -583,15 +744,22 @@ def test_no_cache_sends_the_spec_inline_with_caching_off_in_every_dag(
     assert stored["root"]["dag"]["tasks"] == docs[0]["root"]["dag"]["tasks"]
 
 
-@pytest.mark.parametrize("params, message", [
-    (["epochs=5", "epoks=3"], r"--param epoks: not a pipeline parameter \(did you mean epochs\?\)"),
-    (["epochs=0"], r"epochs=0 is out of range"),
-    (["epochs=many"], r"epochs must be a int, got 'many'"),
-    (["optimizer=lbfgs"], r"optimizer='lbfgs' is not supported; use one of: sgd, adam, adamw"),
-    (["test_fraction=0.5", "val_fraction=0.4"], r"keep it below 0.8"),
-    (["oversample=maybe"], r"oversample must be true or false"),
-    (["dataset=data/train.csv"], r"is a local path, which pods on the cluster cannot read"),
-    (["epochs"], r"must be KEY=VALUE")])
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        (
+            ["epochs=5", "epoks=3"],
+            r"--param epoks: not a pipeline parameter \(did you mean epochs\?\)",
+        ),
+        (["epochs=0"], r"epochs=0 is out of range"),
+        (["epochs=many"], r"epochs must be a int, got 'many'"),
+        (["optimizer=lbfgs"], r"optimizer='lbfgs' is not supported; use one of: sgd, adam, adamw"),
+        (["test_fraction=0.5", "val_fraction=0.4"], r"keep it below 0.8"),
+        (["oversample=maybe"], r"oversample must be true or false"),
+        (["dataset=data/train.csv"], r"is a local path, which pods on the cluster cannot read"),
+        (["epochs"], r"must be KEY=VALUE"),
+    ],
+)
 def test_bad_params_fail_before_any_request(kfp_server, compiled, params, message):
     argv = [arg for p in params for arg in ("--param", p)]
     with pytest.raises(KubetrainError, match=message) as info:
@@ -601,11 +769,20 @@ def test_bad_params_fail_before_any_request(kfp_server, compiled, params, messag
 
 
 def test_extra_pipeline_parameters_are_typed_from_the_yaml(kfp_server, compiled):
-    run_submit(kfp_server, "--yaml", str(compiled), "--param", "publish_uri=s3://models/kt",
-               "--param", "model_name=digits-cnn")
+    run_submit(
+        kfp_server,
+        "--yaml",
+        str(compiled),
+        "--param",
+        "publish_uri=s3://models/kt",
+        "--param",
+        "model_name=digits-cnn",
+    )
     run = kfp_server.calls("POST", f"{API}/runs")[0]["json"]
-    assert run["runtime_config"]["parameters"] == {"publish_uri": "s3://models/kt",
-                                                   "model_name": "digits-cnn"}
+    assert run["runtime_config"]["parameters"] == {
+        "publish_uri": "s3://models/kt",
+        "model_name": "digits-cnn",
+    }
 
 
 def bad_token(server: FakeKFP) -> dict:
@@ -618,29 +795,46 @@ def wrong_path(server: FakeKFP) -> dict:
 
 def server_error(server: FakeKFP) -> dict:
     server.failures[f"POST {API}/runs"] = rpc_error(
-        500, 13, "Internal error: Failed to create a run: database is locked")
+        500, 13, "Internal error: Failed to create a run: database is locked"
+    )
     return {}
 
 
 def forbidden(server: FakeKFP) -> dict:
-    server.failures[f"POST {API}/pipelines/upload"] = (
-        403, "RBAC: access denied")
+    server.failures[f"POST {API}/pipelines/upload"] = (403, "RBAC: access denied")
     return {}
 
 
-@pytest.mark.parametrize("setup, wording", [
-    (bad_token, r"^the KFP API at http://127\.0\.0\.1:\d+ rejected the credentials \(401\) "
-                r"while checking the KFP API health: Jwt verification fails; pass --token or "
-                r"set KF_PIPELINES_SA_TOKEN_PATH"),
-    (forbidden, r"rejected the credentials \(403\) while uploading pipeline "
-                r"'kubetrain-training': RBAC: access denied; pass --token"),
-    (wrong_path, r"^the KFP API at http://127\.0\.0\.1:\d+/pipeline answered not found \(404\) "
-                 r"while checking the KFP API health: 404 page not found; check --host and "
-                 r"that Kubeflow Pipelines v2 is installed"),
-    (server_error, r"had a server error \(500\) while creating run 'kubetrain-training-\d{8}-"
-                   r"\d{6}': Internal error: Failed to create a run: database is locked$")])
+@pytest.mark.parametrize(
+    "setup, wording",
+    [
+        (
+            bad_token,
+            r"^the KFP API at http://127\.0\.0\.1:\d+ rejected the credentials \(401\) "
+            r"while checking the KFP API health: Jwt verification fails; pass --token or "
+            r"set KF_PIPELINES_SA_TOKEN_PATH",
+        ),
+        (
+            forbidden,
+            r"rejected the credentials \(403\) while uploading pipeline "
+            r"'kubetrain-training': RBAC: access denied; pass --token",
+        ),
+        (
+            wrong_path,
+            r"^the KFP API at http://127\.0\.0\.1:\d+/pipeline answered not found \(404\) "
+            r"while checking the KFP API health: 404 page not found; check --host and "
+            r"that Kubeflow Pipelines v2 is installed",
+        ),
+        (
+            server_error,
+            r"had a server error \(500\) while creating run 'kubetrain-training-\d{8}-"
+            r"\d{6}': Internal error: Failed to create a run: database is locked$",
+        ),
+    ],
+)
 def test_api_errors_are_one_clean_line_without_the_token(
-        kfp_server, compiled, capsys, setup, wording):
+    kfp_server, compiled, capsys, setup, wording
+):
     overrides = setup(kfp_server)
     host = overrides.get("host", kfp_server.host)
     token = overrides.get("token", TOKEN)
@@ -649,7 +843,7 @@ def test_api_errors_are_one_clean_line_without_the_token(
     out, err = capsys.readouterr()
     (line,) = err.splitlines()
     assert line.startswith("error: ")
-    assert re.search(wording, line[len("error: "):]), line
+    assert re.search(wording, line[len("error: ") :]), line
     assert token not in out + err and TOKEN not in out + err
     assert "Traceback" not in err
 
@@ -660,12 +854,15 @@ def test_unreachable_host_is_one_clean_line(compiled, capsys):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    code = submit.main(["--host", f"http://127.0.0.1:{port}", "--token", TOKEN,
-                        "--yaml", str(compiled)])
+    code = submit.main(
+        ["--host", f"http://127.0.0.1:{port}", "--token", TOKEN, "--yaml", str(compiled)]
+    )
     assert code == 2
     (line,) = capsys.readouterr().err.splitlines()
-    assert line.startswith(f"error: cannot reach the KFP API at http://127.0.0.1:{port} "
-                           "(connection refused) while checking the KFP API health: check --host")
+    assert line.startswith(
+        f"error: cannot reach the KFP API at http://127.0.0.1:{port} "
+        "(connection refused) while checking the KFP API health: check --host"
+    )
     assert TOKEN not in line
 
 
@@ -680,10 +877,10 @@ def test_host_token_and_ui_from_the_kfp_environment(kfp_server, compiled, monkey
     monkeypatch.setenv("KF_PIPELINES_ENDPOINT", kfp_server.host)
     monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(token_file))
     monkeypatch.setenv("KF_PIPELINES_UI_ENDPOINT", "https://kubeflow.example.com/pipeline")
-    result = submit.submit(parse("--yaml", str(compiled), "--namespace", "team-a",
-                                 "--experiment", "nightly"))
-    assert all(r["headers"]["authorization"] == f"Bearer {TOKEN}"
-               for r in kfp_server.requests)
+    result = submit.submit(
+        parse("--yaml", str(compiled), "--namespace", "team-a", "--experiment", "nightly")
+    )
+    assert all(r["headers"]["authorization"] == f"Bearer {TOKEN}" for r in kfp_server.requests)
     ui = "https://kubeflow.example.com/pipeline"
     assert result["url"] == f"{ui}/#/runs/details/{result['run_id']}"
     experiment = kfp_server.calls("POST", f"{API}/experiments")[0]["json"]
@@ -692,8 +889,11 @@ def test_host_token_and_ui_from_the_kfp_environment(kfp_server, compiled, monkey
     assert lookup["namespace"] == "team-a"
 
     monkeypatch.setenv("KF_PIPELINES_SA_TOKEN_PATH", str(tmp_path / "missing"))
-    with pytest.raises(KubetrainError, match=r"KF_PIPELINES_SA_TOKEN_PATH=.*missing cannot be "
-                                             r"read"):
+    with pytest.raises(
+        KubetrainError,
+        match=r"KF_PIPELINES_SA_TOKEN_PATH=.*missing cannot be "
+        r"read",
+    ):
         submit.submit(parse("--yaml", str(compiled)))
 
 
@@ -701,14 +901,30 @@ def test_module_cli_smoke(kfp_server, compiled, tmp_path):
     """`python -m kubetrain.cluster.submit` end to end in a fresh interpreter, env settings."""
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
-    env = {**os.environ, "KF_PIPELINES_ENDPOINT": kfp_server.host,
-           "KF_PIPELINES_SA_TOKEN_PATH": str(token_file)}
-    proc = subprocess.run([sys.executable, "-m", "kubetrain.cluster.submit", "--yaml",
-                           str(compiled), "--param", "epochs=2"], capture_output=True, text=True,
-                          env=env, timeout=120)
+    env = {
+        **os.environ,
+        "KF_PIPELINES_ENDPOINT": kfp_server.host,
+        "KF_PIPELINES_SA_TOKEN_PATH": str(token_file),
+    }
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kubetrain.cluster.submit",
+            "--yaml",
+            str(compiled),
+            "--param",
+            "epochs=2",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     run_id = next(iter(kfp_server.runs))
     assert f"{kfp_server.host}/#/runs/details/{run_id}" in proc.stdout
     assert TOKEN not in proc.stdout + proc.stderr
-    assert kfp_server.calls("POST", f"{API}/runs")[0]["json"]["runtime_config"][
-        "parameters"] == {"epochs": 2}
+    assert kfp_server.calls("POST", f"{API}/runs")[0]["json"]["runtime_config"]["parameters"] == {
+        "epochs": 2
+    }
