@@ -17,7 +17,6 @@ halfway never shows up as a model.
 from __future__ import annotations
 
 import hashlib
-import html
 import json
 import re
 import shutil
@@ -28,14 +27,12 @@ from typing import Any
 
 from kubetrain.core import progress, storage
 from kubetrain.core.errors import KubetrainError, require
+from kubetrain.core.markdown import md_text
 
 # Run ids usable verbatim in a version name: one safe path segment, not too long.
 _SAFE_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 # Characters that start Markdown syntax anywhere in a line (links, images, code, emphasis,
 # tables, strikethrough); '_' is handled apart, '<', '>' and '&' become HTML entities.
-_MARKDOWN = re.compile(r"[\\`*\[\]()!|~{}#]")
-# '_' only emphasises at a word boundary, so `learning_rate` stays readable as is.
-_EDGE_UNDERSCORE = re.compile(r"(?<![A-Za-z0-9])_|_(?![A-Za-z0-9])")
 # Text shown verbatim inside a code span: nothing that could end the span or mean HTML.
 _CODE_SAFE = re.compile(r"[\w.:/@=+,-]*")
 
@@ -63,21 +60,6 @@ def version_for_run(run_id: str) -> str:
         else hashlib.sha256(run_id.encode()).hexdigest()[:16]
     )
     return f"run-{token}"
-
-
-def md_text(value: Any) -> str:
-    """``value`` as inert Markdown text: on one line, HTML-escaped and with Markdown syntax
-    backslash-escaped.
-
-    Model cards are rendered (GitHub, model registries, KFP's UI), and class
-    names, column names, sources and settings come from users' data and
-    configs: unescaped, ``<script>`` or ``[x](javascript:...)`` would run or
-    link in the reader's browser, and a newline could forge a section.
-    """
-    text = " ".join(str(value).split())
-    text = html.escape(text, quote=False)
-    text = _MARKDOWN.sub(lambda m: "\\" + m.group(0), text)
-    return _EDGE_UNDERSCORE.sub(r"\\_", text)
 
 
 def md_code(value: Any) -> str:

@@ -18,6 +18,7 @@ from sklearn.model_selection import train_test_split
 
 from kubetrain.config.settings import CleanConfig
 from kubetrain.core.errors import KubetrainError, require
+from kubetrain.core.markdown import md_text
 from kubetrain.data.datasets import LABEL, Schema, class_counts, load_table, save_split
 
 MAX_CATEGORIES = 100
@@ -281,7 +282,8 @@ def quality_report(stats: dict[str, Any]) -> str:
         "|---|---|---|",
     ]
     for name, s in splits.items():
-        per_class = ", ".join(f"{k}: {v}" for k, v in s["class_counts"].items())
+        # class names are the user's data: inert text, not Markdown or HTML
+        per_class = ", ".join(f"{md_text(k)}: {v}" for k, v in s["class_counts"].items())
         lines.append(f"| {name} | {s['rows']} | {per_class} |")
     lines += ["", f"Scaling: {stats['scaling']} (fitted on the training split only)."]
     return "\n".join(lines) + "\n"
