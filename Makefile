@@ -6,6 +6,9 @@ PIP    := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 ARGS   ?=
 TARGET ?= local
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test`; a test module stays on one worker (its fixtures are
+# module-scoped pipeline runs and servers)
+TEST_WORKERS ?= auto
 
 IMAGE_REGISTRY ?= ghcr.io/kubetrain
 IMAGE_TAG      ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
@@ -63,8 +66,8 @@ format: install-test ## ruff: apply the safe lint fixes and reformat
 	$(RUFF) check --fix $(LINT_PATHS)
 	$(RUFF) format $(LINT_PATHS)
 
-test: install-test ## run every tier: unit, integration, e2e (CI runs this; about 8 minutes)
-	$(PY) -m pytest -q --durations=15 $(PYTEST_ARGS)
+test: install-test ## run every tier: unit, integration, e2e (CI runs this; about 7 minutes on 2 cores)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
 test-fast: install-test ## run the unit tier only (about a minute; no servers or subprocesses)
 	$(PY) -m pytest -m unit -q $(PYTEST_ARGS)

@@ -16,12 +16,9 @@ takes a backend callable, chosen once by `kubetrain.cluster.backends`.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +39,7 @@ from kubetrain.core import progress
 from kubetrain.data.datasets import load_split, write_json, write_text
 from kubetrain.report import plots
 from kubetrain.report.html import Section, write_html, write_markdown
+from kubetrain.training import checkpoint
 
 
 @dataclass(frozen=True)
@@ -300,71 +298,6 @@ def _write_trials(
     return json.loads(json.dumps(tuning, default=str))
 
 
-def checkpoint_key(
-    train_path: str,
-    val_path: str,
-    train: TrainConfig,
-    hyper: HyperConfig,
-    final: FinalConfig,
-    seed: int,
-) -> str:
-    """What determines a training run: both splits' contents and every setting fit reads.
-
-    A retried task, a re-run after a crash and a re-submitted run with the same
-    inputs all compute the same key, so they find the same checkpoint.
-    """
-    digest = hashlib.sha256()
-    for split in (train_path, val_path):
-        for path in sorted(p for p in Path(split).rglob("*") if p.is_file()):
-            digest.update(path.relative_to(split).as_posix().encode())
-            with open(path, "rb") as f:
-                for block in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(block)
-    settings = {**train.to_dict(), **hyper.to_dict(), **final.to_dict(), "seed": seed}
-    digest.update(json.dumps(settings, sort_keys=True).encode())
-    return digest.hexdigest()[:24]
-
-
-def stable_checkpoint_dir(
-    root: str,
-    train_path: str,
-    val_path: str,
-    train: TrainConfig,
-    hyper: HyperConfig,
-    final: FinalConfig,
-    seed: int,
-) -> str:
-    """``<root>/<checkpoint_key>``: a checkpoint place that outlives the run's output folder."""
-    return f"{root.rstrip('/')}/{checkpoint_key(train_path, val_path, train, hyper, final, seed)}"
-
-
-@contextlib.contextmanager
-def _checkpoint_mirror(checkpoint_dir: str | None) -> Iterator[tuple[str | None, Any]]:
-    """A local folder for `fit`'s checkpoint, mirrored to ``checkpoint_dir`` when it is s3://.
-
-    `fit` writes checkpoints to a local folder; for object storage the last
-    one is fetched first and uploaded after every epoch (the epoch hook runs
-    right after the checkpoint is written), so a preempted pod loses at most
-    the epoch in flight.
-    """
-    if not checkpoint_dir or not checkpoint_dir.startswith("s3://"):
-        yield checkpoint_dir, None
-        return
-    from kubetrain.core import storage
-    from kubetrain.training.checkpoint import FILENAME
-
-    remote = f"{checkpoint_dir.rstrip('/')}/{FILENAME}"
-    with tempfile.TemporaryDirectory(prefix="kubetrain-ckpt-") as local:
-        if storage.exists(remote):
-            storage.download(remote, Path(local) / FILENAME)
-
-        def upload(epoch: int, metrics: dict[str, float]) -> bool:
-            storage.upload(Path(local) / FILENAME, remote)
-            return False
-
-        yield local, upload
-
-
 def train_here(req: TrainRequest) -> dict[str, Any]:
     """The in-process training backend (also rank 0 of a DDP run): fit, then write outputs."""
     from kubetrain.training.loop import describe, fit
@@ -378,7 +311,7 @@ def train_here(req: TrainRequest) -> dict[str, Any]:
         f"{len(X)} rows, {len(schema.feature_names)} features, "
         f"{schema.num_classes} classes, hyperparameters {described}",
     )
-    with _checkpoint_mirror(req.checkpoint_dir) as (checkpoint_dir, after_epoch):
+    with checkpoint.mirrored(req.checkpoint_dir) as (checkpoint_dir, after_epoch):
         result = fit(
             req.train,
             req.hyper,
@@ -451,10 +384,12 @@ def train_stage(
     """
     tuned = hyper.replace(hyperparameters or {})
     if checkpoint_root:
-        checkpoint_dir = stable_checkpoint_dir(
-            checkpoint_root, train_path, val_path, train, tuned, final, seed
-        )
-        progress.log("train", f"checkpoints under {checkpoint_dir}")
+        settings = {**train.to_dict(), **tuned.to_dict(), **final.to_dict(), "seed": seed}
+        stable = checkpoint.stable_dir(checkpoint_root, train_path, val_path, settings)
+        progress.log("train", f"checkpoints under {stable}")
+        if checkpoint_dir:  # the task's own output says where its checkpoint lives
+            write_json(Path(checkpoint_dir) / "location.json", {"checkpoint_dir": stable})
+        checkpoint_dir = stable
     return trainer(
         TrainRequest(
             train_path,

@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--validation", required=True, help="Validation split: s3:// URI or local directory."
     )
+    parser.add_argument(
+        "--checkpoint-root",
+        default="",
+        help="Where trials keep resumable checkpoints (s3:// prefix or folder), keyed by the "
+        "data and the trial's settings: a re-created trial pod resumes (default: none).",
+    )
     flags.add_arguments(parser, *SECTIONS)  # the searched ones included
     return parser
 
@@ -85,11 +91,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         cfg = flags.from_arguments(args, *SECTIONS)
-        from kubetrain.training import tuning  # torch: only once the arguments are known good
+        # torch: only once the arguments are known good
+        from kubetrain.training import checkpoint, tuning
 
         with tempfile.TemporaryDirectory(prefix="kubetrain-trial-") as tmp:
-            X, y, schema = load_split(storage.local_dir(args.train, Path(tmp) / "train"))
-            Xv, yv, _ = load_split(storage.local_dir(args.validation, Path(tmp) / "validation"))
+            train_dir = storage.local_dir(args.train, Path(tmp) / "train")
+            val_dir = storage.local_dir(args.validation, Path(tmp) / "validation")
+            X, y, schema = load_split(train_dir)
+            Xv, yv, _ = load_split(val_dir)
+            settings = {**cfg.flat(*SECTIONS), "role": "trial"}
+            where = (
+                checkpoint.stable_dir(args.checkpoint_root, str(train_dir), str(val_dir), settings)
+                if args.checkpoint_root
+                else None
+            )
         progress.log(
             "trial",
             f"{len(X)} training / {len(Xv)} validation rows; "
@@ -101,9 +116,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             report(metrics)
             return False  # Katib's median stopping ends weak trials from outside
 
-        final = tuning.run_trial(
-            cfg.train, cfg.hyper, cfg.tune, cfg.seed, (X, y), (Xv, yv), schema, hook
-        )
+        with checkpoint.mirrored(where) as (checkpoint_dir, after_epoch):
+            final = tuning.run_trial(
+                cfg.train,
+                cfg.hyper,
+                cfg.tune,
+                cfg.seed,
+                (X, y),
+                (Xv, yv),
+                schema,
+                checkpoint.chain(after_epoch, hook),
+                checkpoint_dir=checkpoint_dir,
+            )
         report(final)  # the restored best epoch: what `latest` scores the trial by
         progress.log("trial", f"done after {final['epochs']} epochs")
         return 0

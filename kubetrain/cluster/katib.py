@@ -165,6 +165,11 @@ def _pod_placement(cluster: ClusterConfig) -> dict[str, Any]:
     return spec
 
 
+def trial_checkpoint_root(cluster: ClusterConfig) -> str:
+    """Where trials keep their checkpoints: beside the final training's, by trial key."""
+    return f"{cluster.pipeline_root.rstrip('/')}/kubetrain-checkpoints/trials"
+
+
 def experiment(
     train: TrainConfig,
     tune: TuneConfig,
@@ -204,6 +209,9 @@ def experiment(
         str(train_uri),
         "--validation",
         str(val_uri),
+        # a trial pod re-created after preemption resumes from its last epoch
+        "--checkpoint-root",
+        trial_checkpoint_root(cluster),
     ]
     for p in space:
         command += ["--" + katib_name(p.name), f"${{trialParameters.{trial_parameter(p.name)}}}"]
@@ -229,6 +237,11 @@ def experiment(
         "kind": "Job",
         "spec": {
             "backoffLimit": 0,  # a failed trial is Katib's to count, not the Job's to retry
+            # ...but a pod evicted or preempted (node drain, spot reclaim) is not a failed
+            # trial: the Job makes a new pod, which resumes from the trial's checkpoint.
+            "podFailurePolicy": {
+                "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
+            },
             "template": {
                 # Istio's sidecar never exits, so a trial Job with one never completes.
                 "metadata": {"annotations": {"sidecar.istio.io/inject": "false"}},

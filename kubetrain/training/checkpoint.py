@@ -14,8 +14,12 @@ leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import pickle
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +82,70 @@ def save(path: Path, state: dict[str, Any]) -> None:
             f"cannot write checkpoint {path} ({type(exc).__name__}: {exc}); "
             f"check free space and write access under {path.parent}"
         ) from None
+
+
+# --- where checkpoints live --------------------------------------------------------------
+
+
+def key(train_path: str, val_path: str, settings: Mapping[str, Any]) -> str:
+    """What determines a training run: both splits' contents and every setting fit reads.
+
+    A retried task, a re-run after a crash, a re-submitted run with the same
+    inputs and a re-created Katib trial pod all compute the same key, so they
+    find the same checkpoint; any other input or setting gets a fresh one.
+    """
+    digest = hashlib.sha256()
+    for split in (train_path, val_path):
+        for path in sorted(p for p in Path(split).rglob("*") if p.is_file()):
+            digest.update(path.relative_to(split).as_posix().encode())
+            with open(path, "rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 20), b""):
+                    digest.update(block)
+    digest.update(json.dumps(dict(settings), sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:24]
+
+
+def stable_dir(root: str, train_path: str, val_path: str, settings: Mapping[str, Any]) -> str:
+    """``<root>/<key>``: a checkpoint place that outlives any one run's output folder."""
+    return f"{root.rstrip('/')}/{key(train_path, val_path, settings)}"
+
+
+EpochHook = Callable[[int, dict[str, float]], bool]
+
+
+@contextlib.contextmanager
+def mirrored(checkpoint_dir: str | None) -> Iterator[tuple[str | None, EpochHook | None]]:
+    """A local folder for `fit`'s checkpoint, mirrored to ``checkpoint_dir`` when it is s3://.
+
+    `fit` writes checkpoints to a local folder; for object storage the last
+    one is fetched first and uploaded after every epoch (the epoch hook runs
+    right after the checkpoint is written), so a preempted pod loses at most
+    the epoch in flight. Yields (folder for fit, hook to pass to fit or None).
+    """
+    if not checkpoint_dir or not checkpoint_dir.startswith("s3://"):
+        yield checkpoint_dir, None
+        return
+    from kubetrain.core import storage
+
+    remote = f"{checkpoint_dir.rstrip('/')}/{FILENAME}"
+    with tempfile.TemporaryDirectory(prefix="kubetrain-ckpt-") as local:
+        if storage.exists(remote):
+            storage.download(remote, Path(local) / FILENAME)
+
+        def upload(epoch: int, metrics: dict[str, float]) -> bool:
+            storage.upload(Path(local) / FILENAME, remote)
+            return False
+
+        yield local, upload
+
+
+def chain(*hooks: EpochHook | None) -> EpochHook | None:
+    """One epoch hook calling each given one in order; it stops when any of them says stop."""
+    present = [h for h in hooks if h is not None]
+    if not present:
+        return None
+
+    def both(epoch: int, metrics: dict[str, float]) -> bool:
+        return any([h(epoch, metrics) for h in present])  # every hook runs, every epoch
+
+    return both

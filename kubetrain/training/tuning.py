@@ -153,8 +153,11 @@ def run_trial(
     val_data: Split,
     schema: Schema,
     hook: EpochHook | None = None,
+    checkpoint_dir: str | None = None,
 ) -> dict[str, float]:
     """One trial: train for `tune_epochs` with the trial's `hyper`; returns its final metrics.
+
+    With ``checkpoint_dir`` a trial whose pod was preempted resumes where it stopped.
 
     Called by the local Optuna study and by the Katib trial entrypoint, so a trial
     means the same on both; the final training shares `train`, not the epoch count.
@@ -168,6 +171,7 @@ def run_trial(
         schema,
         epochs=tune.tune_epochs,
         hook=hook,
+        checkpoint_dir=checkpoint_dir,
         verbose=False,
         stage="tune",
     )

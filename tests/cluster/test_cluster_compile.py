@@ -386,6 +386,7 @@ def test_harden_pod_spec_makes_a_workload_pod_restricted_without_api_credentials
     assert custom["securityContext"]["readOnlyRootFilesystem"] is True
 
 
+@pytest.mark.integration  # a subprocess
 def test_a_hardened_pod_validates_strictly(tmp_path):
     cluster = ClusterConfig()
     pod = {

@@ -359,6 +359,8 @@ def test_trial_command_line_is_pinned():
         TRAIN_URI,
         "--validation",
         VAL_URI,
+        "--checkpoint-root",
+        "s3://kubetrain/pipeline-root/kubetrain-checkpoints/trials",
         "--learning-rate",
         "${trialParameters.learningRate}",
         "--weight-decay",
@@ -1093,12 +1095,19 @@ def splits(tmp_path_factory) -> tuple[Path, Path]:
     return root / "train", root / "validation"
 
 
-def trial_command(train: str, val: str, epochs: int = 2) -> list[str]:
-    """The trial template's own command, with placeholders filled as Katib fills them."""
+def trial_command(train: str, val: str, root: str, epochs: int = 2) -> list[str]:
+    """The trial template's own command, with placeholders filled as Katib fills them.
+
+    `root` is where trials keep checkpoints: the pipeline root's when it is an
+    s3:// URI, else a local folder put in place of it.
+    """
     cfg = RunConfig.from_flat({"tune_epochs": epochs, "device": "cpu"})
-    exp = experiment_of(cfg, ClusterConfig(gpus=0), train_uri=train, val_uri=val)
+    placement = ClusterConfig(gpus=0, **({"pipeline_root": root} if "://" in root else {}))
+    exp = experiment_of(cfg, placement, train_uri=train, val_uri=val)
     command = substituted(container_of(exp)["command"])
     assert command[0] == "python"
+    if "://" not in root:
+        command[command.index("--checkpoint-root") + 1] = root
     return [sys.executable] + command[1:]
 
 
@@ -1130,10 +1139,14 @@ def check_katib_output(stdout: str, epochs: int) -> list[tuple[str, str, float]]
     return reports
 
 
-def test_trial_subprocess_prints_metrics_katib_parses(splits):
+@pytest.mark.integration  # a subprocess
+def test_trial_subprocess_prints_metrics_katib_parses(splits, tmp_path):
     train, val = splits
     out = subprocess.run(
-        trial_command(str(train), str(val)), capture_output=True, text=True, timeout=120
+        trial_command(str(train), str(val), str(tmp_path / "root")),
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 0, out.stderr
     check_katib_output(out.stdout, epochs=2)
@@ -1144,13 +1157,25 @@ def test_trial_reads_splits_straight_from_s3(splits, s3_env, s3_server):
     for split in splits:
         storage.upload(split, f"s3://{bucket}/run-1/clean/{split.name}")
     command = trial_command(
-        f"s3://{bucket}/run-1/clean/train", f"s3://{bucket}/run-1/clean/validation", epochs=1
+        f"s3://{bucket}/run-1/clean/train",
+        f"s3://{bucket}/run-1/clean/validation",
+        f"s3://{bucket}/pipeline-root",
+        epochs=2,
     )
     out = subprocess.run(command, capture_output=True, text=True, timeout=120)  # S3 env from s3_env
     assert out.returncode == 0, out.stderr
-    check_katib_output(out.stdout, epochs=1)
+    first = check_katib_output(out.stdout, epochs=2)
+    stored = storage.list_uris(f"s3://{bucket}/pipeline-root/kubetrain-checkpoints/trials/")
+    assert [u for u in stored if u.endswith("/last.pt")], stored
+    # the pod re-created after a preemption: the checkpoint on S3 has every epoch done,
+    # so it trains nothing more and reports the same final metrics
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    final = [line.split(" ", 1)[1] for line in again.stdout.splitlines() if "validation-" in line]
+    assert final == [f"{name}={value!r}" for _, name, value in first[-2:]]
 
 
+@pytest.mark.integration  # a subprocess
 def test_trial_bad_arguments_exit_2_with_one_line(splits, capsys):
     out = subprocess.run(
         [sys.executable, "-m", "kubetrain.cli.trial", "--train", str(splits[0])],
@@ -1185,10 +1210,12 @@ def test_trial_bad_arguments_exit_2_with_one_line(splits, capsys):
         assert message in captured.err
 
 
-def test_trial_entrypoint_calls_the_shared_run_trial(splits, monkeypatch, capsys):
+def test_trial_entrypoint_calls_the_shared_run_trial(splits, monkeypatch, capsys, tmp_path):
     calls = []
 
-    def fake_run_trial(train, hyper, tune, seed, train_data, val_data, schema, hook):
+    def fake_run_trial(
+        train, hyper, tune, seed, train_data, val_data, schema, hook, checkpoint_dir=None
+    ):
         calls.append((train, hyper, tune, seed, len(train_data[0]), len(val_data[0]), schema.kind))
         assert hook(1, {"validation-accuracy": 0.5, "validation-loss": 1.25e-7}) is False
         return {"validation-accuracy": 0.75, "validation-loss": 0.5, "epochs": 1, "stopped": False}
@@ -1196,6 +1223,7 @@ def test_trial_entrypoint_calls_the_shared_run_trial(splits, monkeypatch, capsys
     monkeypatch.setattr(tuning, "run_trial", fake_run_trial)
     argv = substituted(container_of(make("tpe"))["command"])[3:]
     argv[argv.index("--train") + 1], argv[argv.index("--validation") + 1] = map(str, splits)
+    argv[argv.index("--checkpoint-root") + 1] = str(tmp_path / "checkpoints")
     assert trial.main(argv) == 0
     train, hyper, tune, seed, n_train, n_val, kind = calls[0]
     assert hyper.to_dict() == {
@@ -1216,3 +1244,15 @@ def test_trial_entrypoint_calls_the_shared_run_trial(splits, monkeypatch, capsys
         "validation-loss=0.5",
     ]
     assert KATIB_REGEX.findall(lines[1])[0][1] == "1.25e-07"
+
+
+def test_preempted_trial_pods_are_recreated_and_resume():
+    """An evicted pod is not a failed trial: the Job makes a new pod, which resumes."""
+    exp = make("tpe")
+    job = job_of(exp)
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules == [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}]
+    assert job["spec"]["backoffLimit"] == 0
+    command = container_of(exp)["command"]
+    root = command[command.index("--checkpoint-root") + 1]
+    assert root == katib.trial_checkpoint_root(ClusterConfig())

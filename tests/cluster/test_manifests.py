@@ -28,6 +28,9 @@ import yaml
 
 from kubetrain.config.cluster import ClusterConfig
 
+# kubectl kustomize and kubernetes-validate run as processes: the integration tier
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = ROOT / "manifests"
 BIN = Path(sys.executable).parent

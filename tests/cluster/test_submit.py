@@ -897,6 +897,7 @@ def test_host_token_and_ui_from_the_kfp_environment(kfp_server, compiled, monkey
         submit.submit(parse("--yaml", str(compiled)))
 
 
+@pytest.mark.integration  # a subprocess
 def test_module_cli_smoke(kfp_server, compiled, tmp_path):
     """`python -m kubetrain.cluster.submit` end to end in a fresh interpreter, env settings."""
     token_file = tmp_path / "token"

@@ -131,3 +131,11 @@ def test_bad_settings_fail_with_one_line(values, needle):
 def test_tuned_values_apply_with_one_replace():
     hyper = RunConfig().hyper.replace({"width": 64.0, "learning_rate": 0.01})
     assert hyper.width == 64 and isinstance(hyper.width, int) and hyper.learning_rate == 0.01
+
+
+def test_label_column_of_a_built_in_dataset_is_refused_up_front():
+    from kubetrain.core.errors import KubetrainError
+
+    with pytest.raises(KubetrainError, match="does not apply to the built-in dataset 'wine'"):
+        RunConfig.from_flat({"dataset": "wine", "label_column": "quality"})
+    assert RunConfig.from_flat({"dataset": "x.csv", "label_column": "y"}).data.label_column

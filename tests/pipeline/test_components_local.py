@@ -77,14 +77,13 @@ ALL_COMPONENTS = (
 )
 # component parameters that are not RunConfig settings
 NOT_SETTINGS = {
-    "ingest": {"source", "fingerprint"},
-    "train": {"hyperparameters"},
-    "publish": {"best_hyperparameters"},
-    "tune": {"backend", "cluster", "run_id"},
+    "ingest": {"fingerprint"},
+    "train": {"hyperparameters", "cluster", "run_id"},
+    "publish": {"best_hyperparameters", "run_id"},
+    "tune": {"cluster", "run_id"},
 }
-NOT_SETTINGS["train"] |= {"cluster", "run_id"}
 # what the local target passes for those that are not data (see pipelines/training.py)
-LOCAL_EXTRAS = {"backend": "optuna", "cluster": {}, "run_id": ""}
+LOCAL_EXTRAS = {"cluster": {}, "run_id": ""}
 
 
 @contextlib.contextmanager
@@ -116,7 +115,8 @@ def settings(component, **overrides) -> dict[str, Any]:
     names = [
         n for n, spec in component.component_spec.inputs.items() if spec.type in PARAMETER_TYPES
     ]
-    values = {n: getattr(D, n) for n in names if hasattr(D, n)}
+    defaults = D.flat()
+    values = {n: defaults[n] for n in names if n in defaults}
     values.update({n: LOCAL_EXTRAS[n] for n in names if n in LOCAL_EXTRAS})
     return {**values, **overrides}
 
@@ -163,12 +163,12 @@ def counts_total(counts: dict[str, float]) -> int:
 
 @pytest.fixture(scope="module")
 def ingested(kfp_local):
-    return run(ingest, source="digits", label_column="", fingerprint="")
+    return run(ingest, dataset="digits", label_column="", fingerprint="")
 
 
 @pytest.fixture(scope="module")
 def cleaned(ingested):
-    return run(clean, table=ingested["dataset"], **settings(clean))
+    return run(clean, table=ingested["table"], **settings(clean))
 
 
 @pytest.fixture(scope="module")
@@ -224,7 +224,7 @@ def published(tmp_path_factory, ingested, tuned, trained, evaluated, compressed)
         trained_model=trained["trained_model"],
         compressed_model=compressed["compressed_model"],
         evaluation=evaluated["evaluation"],
-        dataset=ingested["dataset"],
+        table=ingested["table"],
         best_hyperparameters=tuned["best_hyperparameters"],
         **settings(publish, publish_uri=str(folder)),
     )["Output"]
@@ -270,7 +270,7 @@ def test_component_parameters_are_run_config_settings(component):
 
 
 def test_ingest_writes_a_validated_table(ingested):
-    dataset, profile = ingested["dataset"], ingested["profile"]
+    dataset, profile = ingested["table"], ingested["profile"]
     assert isinstance(dataset, artifact_types.Dataset)
     assert isinstance(profile, artifact_types.Markdown)
     table = Path(dataset.path) / "data.parquet"
@@ -290,7 +290,7 @@ def test_ingest_writes_a_validated_table(ingested):
 
 
 def test_clean_splits_stratified_and_scaled(cleaned, ingested):
-    rows_in = ingested["dataset"].metadata["rows"]
+    rows_in = ingested["table"].metadata["rows"]
     sizes = {}
     for name in ("train", "validation", "test"):
         split = cleaned[name]
@@ -306,9 +306,9 @@ def test_clean_splits_stratified_and_scaled(cleaned, ingested):
         sizes[name] = len(y)
     meta = cleaned["train"].metadata
     assert sum(sizes.values()) == rows_in - meta["duplicates_removed"]
-    assert sizes["test"] == pytest.approx(D.test_fraction * rows_in, abs=3)
-    assert sizes["validation"] == pytest.approx(D.val_fraction * rows_in, abs=3)
-    assert meta["scaling"] == D.scaling and meta["impute"] == D.impute
+    assert sizes["test"] == pytest.approx(D.flat()["test_fraction"] * rows_in, abs=3)
+    assert sizes["validation"] == pytest.approx(D.flat()["val_fraction"] * rows_in, abs=3)
+    assert meta["scaling"] == D.flat()["scaling"] and meta["impute"] == D.flat()["impute"]
     # standard scaling fitted on the training split (images: one scalar for all pixels)
     X_train, _, _ = load_split(cleaned["train"].path)
     assert abs(float(X_train.mean())) < 1e-3 and abs(float(X_train.std()) - 1) < 1e-3
@@ -324,7 +324,7 @@ def test_augment_grows_only_the_training_split(augmented, cleaned):
     X, y, _ = load_split(out.path)
     before = cleaned["train"].metadata["rows"]
     assert meta["rows_before"] == before
-    assert len(X) == len(y) == meta["rows_after"] == before * (1 + D.augment_copies)
+    assert len(X) == len(y) == meta["rows_after"] == before * (1 + D.flat()["augment_copies"])
     assert counts_total(meta["class_counts_after"]) == len(y)
     assert counts_total(meta["class_counts_before"]) == before
     X_train, _, _ = load_split(cleaned["train"].path)
@@ -350,7 +350,7 @@ def test_tune_returns_the_best_hyperparameters_in_the_search_space(tuned):
         assert float(best[name]).is_integer(), name
     tuning = tuned["tuning"]
     assert tuning["meta"]["trials"] == 2 and len(tuning["trials"]) == 2
-    assert tuning["meta"]["algorithm"] == D.tune_algorithm
+    assert tuning["meta"]["algorithm"] == D.flat()["tune_algorithm"]
     assert tuning["meta"]["best_hyperparameters"] == best
     completed = [t for t in tuning["trials"] if t["state"] == "COMPLETE"]
     assert completed and all(0 <= t["value"] <= 1 for t in completed)
@@ -360,13 +360,16 @@ def test_tune_returns_the_best_hyperparameters_in_the_search_space(tuned):
 def test_tune_writes_trials_and_report(tuned):
     trials = tuned["trials"]
     assert read_json(trials.path)["meta"]["trials"] == 2
-    assert trials.metadata["trials"] == 2 and trials.metadata["objective"] == D.tune_objective
+    assert (
+        trials.metadata["trials"] == 2
+        and trials.metadata["objective"] == D.flat()["tune_objective"]
+    )
     assert "Hyperparameter tuning" in Path(tuned["report"].path).read_text()
 
 
 def test_default_hyperparameters_are_the_configured_values(defaults):
     best = defaults["best_hyperparameters"]
-    assert best == {k: getattr(D, k) for k in TUNABLE}
+    assert best == {k: D.flat()[k] for k in TUNABLE}
     assert defaults["tuning"]["meta"]["algorithm"] == "none"
     assert defaults["tuning"]["trials"] == []
     assert read_json(defaults["trials"].path)["meta"]["trials"] == 0
@@ -443,7 +446,7 @@ def test_compress_exports_an_onnx_model_within_budget(compressed, evaluated, cle
     assert summary["baseline_accuracy"] == pytest.approx(evaluated["accuracy"])
     metrics = compressed["metrics"].metadata
     assert metrics["bytes"] > 0 and metrics["cpu_latency_ms"] > 0
-    assert metrics["accuracy"] >= summary["baseline_accuracy"] - D.accuracy_budget - 1e-9
+    assert metrics["accuracy"] >= summary["baseline_accuracy"] - D.flat()["accuracy_budget"] - 1e-9
     assert read_json(compressed["metrics"].path) == metrics
     # the exported file is the model the metrics describe
     X, y, _ = load_split(cleaned["test"].path)
@@ -478,9 +481,9 @@ def test_publish_writes_a_complete_bundle(published, tuned, evaluated, ingested)
     folder, uri = published
     assert isinstance(uri, str) and uri.endswith("/")
     bundle = Path(uri)
-    assert bundle.parent.parent == folder and bundle.parent.name == D.model_name
+    assert bundle.parent.parent == folder and bundle.parent.name == D.publish.model_name
     # the version names the data it was trained on
-    assert bundle.name.endswith(ingested["dataset"].metadata["content_hash"][:8])
+    assert bundle.name.endswith(ingested["table"].metadata["content_hash"][:8])
     for name in (
         "model.onnx",
         "metrics.json",
@@ -501,7 +504,7 @@ def test_publish_writes_a_complete_bundle(published, tuned, evaluated, ingested)
     assert metrics["gate"] == "pass"
     assert metrics["accuracy"] == pytest.approx(evaluated["accuracy"])
     card = (bundle / "model_card.md").read_text()
-    assert ingested["dataset"].metadata["content_hash"] in card
+    assert ingested["table"].metadata["content_hash"] in card
     best = tuned["best_hyperparameters"]
     assert f"- width: {int(best['width'])}" in card  # ints are ints again in the card
 
@@ -511,7 +514,7 @@ def test_publish_writes_a_complete_bundle(published, tuned, evaluated, ingested)
 
 def test_a_failing_component_raises_with_the_kubetrain_error(tmp_path, capfd, kfp_local):
     with kfp_local_session(tmp_path) as outputs, pytest.raises(RuntimeError, match="FAILURE"):
-        ingest(source="missing.csv", label_column="", fingerprint="")
+        ingest(dataset="missing.csv", label_column="", fingerprint="")
     log = capfd.readouterr()
     text = log.out + log.err
     assert "KubetrainError: dataset missing.csv not found" in text

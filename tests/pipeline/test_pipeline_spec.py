@@ -519,6 +519,7 @@ def test_compiles_deterministically(tmp_path, target):
     assert_same(first, second)
 
 
+@pytest.mark.integration  # a subprocess
 def test_compiles_identically_in_another_process(tmp_path):
     """A fresh interpreter with another hash seed (set/dict order) writes the same bytes."""
     out = tmp_path / "other.yaml"

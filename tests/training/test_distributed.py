@@ -30,7 +30,8 @@ CFG = RunConfig.from_flat(SETTINGS)
 TOLERANCE = 0.03  # accuracy gap allowed between 2 processes and 1
 
 
-pytestmark = pytest.mark.usefixtures("one_torch_thread")
+# torchrun processes: the integration tier
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.integration]
 
 
 @pytest.fixture(scope="module")
