@@ -127,6 +127,28 @@ def make_schedule(opt: torch.optim.Optimizer, train: TrainConfig, epochs: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
+#: Up to this many training rows, `batch_size` is the batch; above it the batch grows
+#: with the data (see `effective_batch`).
+REFERENCE_ROWS = 16_384
+#: The largest batch the scaling reaches (a tuned or given batch_size above it is kept).
+MAX_SCALED_BATCH = 4096
+
+
+def effective_batch(batch_size: int, rows: int) -> int:
+    """`batch_size` scaled by the data: x2 for every doubling of rows past REFERENCE_ROWS.
+
+    At 64 rows a step a million-row table trains at a quarter of the speed the
+    same MLP reaches at 1024, and its epoch takes thousands of steps that each
+    see a sliver of the data. Small tables (digits, most CSVs) keep the batch
+    they were given or tuned; big ones get proportionally bigger steps, up to
+    MAX_SCALED_BATCH. Tuning still searches `batch_size`: the scale applies on top.
+    """
+    if rows <= REFERENCE_ROWS:
+        return batch_size
+    factor = 2 ** int(np.floor(np.log2(rows / REFERENCE_ROWS)))
+    return max(batch_size, min(batch_size * factor, MAX_SCALED_BATCH))
+
+
 # --- fit ---------------------------------------------------------------------------------
 
 
@@ -324,7 +346,7 @@ class _Loop:
             return torch.as_tensor(a, dtype=torch.int64, device=where.device)
 
         data = (features(X), labels(y), features(X_val), labels(y_val))
-        batch_rows = min(hyper.batch_size, len(train_data[0]))
+        batch_rows = min(effective_batch(hyper.batch_size, len(X)), len(X))
         if where.ddp:  # the global batch stays batch_size: each rank takes its share of it
             batch_rows = max(1, batch_rows // where.world_size)
         return cls(
@@ -481,6 +503,8 @@ def _result(
         "epochs_run": len(so_far.history),
         "seconds": round(time.perf_counter() - started, 3),
         "device": loop.where.device.type,
+        # the global batch after scaling with the data (`effective_batch`)
+        "batch_rows": loop.batch_rows * loop.where.world_size,
     }
     if loop.where.ddp:
         metrics["processes"] = loop.where.world_size

@@ -589,3 +589,14 @@ def test_loading_a_directory_without_weights_is_a_user_error(tmp_path):
         load_model(tmp_path)
     with pytest.raises(KubetrainError, match="no weights.pt"):
         load_model(tmp_path / "missing")
+
+
+def test_the_batch_grows_with_big_splits_and_stays_for_small_ones():
+    from kubetrain.training.loop import MAX_SCALED_BATCH, REFERENCE_ROWS, effective_batch
+
+    assert effective_batch(64, 1_797) == 64  # digits-sized: what was given or tuned
+    assert effective_batch(64, REFERENCE_ROWS) == 64
+    assert effective_batch(64, 2 * REFERENCE_ROWS) == 128
+    assert effective_batch(64, 700_000) == 2048  # a 1M-row table's training split
+    assert effective_batch(64, 10**8) == MAX_SCALED_BATCH
+    assert effective_batch(8192, 10**8) == 8192  # an explicit big batch is never cut
