@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from kubetrain.local.runner import unshadow_docker
-from s3_server import S3Server, start
+from s3_server import S3Server, point_aws_at, start
 
 # pytest puts the repo root on sys.path, where docker/ (Dockerfiles) would pose as
 # the `docker` package and break kfp.local's import.
@@ -83,19 +83,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _point_aws_at(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> str:
-    for name in (
-        "AWS_SESSION_TOKEN",
-        "AWS_REGION",
-        "AWS_ENDPOINT_URL",
-        "AWS_ENDPOINT_URL_S3",
-        "AWS_MAX_ATTEMPTS",
-        "AWS_PROFILE",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("S3_ENDPOINT_URL", s3_server.endpoint_url)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server.secret_key)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server.region)
+    point_aws_at(s3_server, monkeypatch)
     return s3_server.make_bucket()
 
 

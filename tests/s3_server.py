@@ -269,3 +269,24 @@ def _wait_ready(server: S3Server, timeout: float) -> None:
         f"SeaweedFS S3 at {server.endpoint_url} was not ready within {timeout:.0f}s "
         f"(last error: {last_error}); log tail:\n{server.log_tail()}"
     )
+
+
+#: Variables that would send boto3 elsewhere or change its retries; tests clear them.
+AWS_OVERRIDES = (
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_MAX_ATTEMPTS",
+    "AWS_PROFILE",
+)
+
+
+def point_aws_at(server: S3Server, monkeypatch) -> None:
+    """The standard AWS variables and S3_ENDPOINT_URL, pointing at `server` (undone after)."""
+    for name in AWS_OVERRIDES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("S3_ENDPOINT_URL", server.endpoint_url)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", server.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", server.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", server.region)

@@ -24,7 +24,7 @@ import pytest
 
 from kubetrain.core import storage
 from kubetrain.core.errors import KubetrainError
-from s3_server import S3Server, free_ports, start
+from s3_server import S3Server, free_ports, point_aws_at, start
 
 pytestmark = pytest.mark.integration
 
@@ -635,19 +635,7 @@ def crashy_server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture
 def crashy(crashy_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> Bucket:
-    for name in (
-        "AWS_SESSION_TOKEN",
-        "AWS_REGION",
-        "AWS_ENDPOINT_URL",
-        "AWS_ENDPOINT_URL_S3",
-        "AWS_MAX_ATTEMPTS",
-        "AWS_PROFILE",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("S3_ENDPOINT_URL", crashy_server.endpoint_url)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", crashy_server.access_key)
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", crashy_server.secret_key)
-    monkeypatch.setenv("AWS_DEFAULT_REGION", crashy_server.region)
+    point_aws_at(crashy_server, monkeypatch)
     if crashy_server.process.poll() is not None:  # a failed test left it down
         crashy_server.restart()
     return Bucket(crashy_server.make_bucket(), crashy_server.client(), crashy_server)
