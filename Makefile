@@ -24,7 +24,7 @@ S3_ENV  := manifests/base/s3-credentials.env
 LINT_PATHS := kubetrain components pipelines tests
 RUFF       := $(VENV)/bin/ruff
 
-.PHONY: help install install-test run compile render lint format test test-fast bench deploy submit images push clean
+.PHONY: help install install-test run compile render lint format test test-fast bench bench-scale deploy submit images push clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -74,6 +74,9 @@ test-fast: install-test ## run the unit tier only (about a minute; no servers or
 
 bench: install ## measure pipeline and stage speed
 	$(PY) -m kubetrain.local.bench $(ARGS)
+
+bench-scale: install ## peak RSS per stage at 1M vs 10M rows, clean vs pandas+sklearn; ARGS="--skip-big"
+	$(PY) -m kubetrain.local.bench_scale $(ARGS)
 
 images: ## build the CPU and CUDA component images (IMAGE_REGISTRY, IMAGE_TAG)
 	$(DOCKER) build -f docker/Dockerfile.cpu  $(BUILD_ARGS) -t $(IMAGE):$(IMAGE_TAG)-cpu .
