@@ -39,7 +39,7 @@ from kubetrain.core import progress
 from kubetrain.data.datasets import load_split, write_json, write_text
 from kubetrain.report import plots
 from kubetrain.report.html import Section, write_html, write_markdown
-from kubetrain.training import checkpoint
+from kubetrain.training import checkpoint, stream
 
 
 @dataclass(frozen=True)
@@ -304,11 +304,15 @@ def train_here(req: TrainRequest) -> dict[str, Any]:
     from kubetrain.training.models import save_model
 
     described = describe(req.train, req.hyper, req.seed, req.final.epochs)
-    X, y, schema = load_split(req.train_path)
+    # in memory when the split fits the budget; streamed from its shards when it does not
+    train_data, schema = stream.training_split(req.train_path)
     Xv, yv, _ = load_split(req.val_path)
+    streamed = isinstance(train_data, stream.Streamed)
+    rows = train_data.rows if streamed else len(train_data[0])
     progress.log(
         "train",
-        f"{len(X)} rows, {len(schema.feature_names)} features, "
+        f"{rows} rows{' (streamed from shards)' if streamed else ''}, "
+        f"{len(schema.feature_names)} features, "
         f"{schema.num_classes} classes, hyperparameters {described}",
     )
     with checkpoint.mirrored(req.checkpoint_dir) as (checkpoint_dir, after_epoch):
@@ -316,7 +320,7 @@ def train_here(req: TrainRequest) -> dict[str, Any]:
             req.train,
             req.hyper,
             req.seed,
-            (X, y),
+            train_data,
             (Xv, yv),
             schema,
             req.final.epochs,

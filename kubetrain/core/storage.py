@@ -516,6 +516,16 @@ def list_uris(prefix_uri: PathLike) -> list[str]:
         return [f"{_SCHEME}{bucket}/{k}" for k in _list_keys(s3, bucket, key)]
 
 
+def delete_objects(prefix_uri: PathLike, names: list[str]) -> None:
+    """Delete the objects ``names`` (relative keys) under the s3:// ``prefix_uri``; missing
+    ones are fine. Batched, and unlike pyarrow's S3FileSystem it leaves no directory marker
+    behind (`kubetrain.data.shards` writes with pyarrow and cleans up with this)."""
+    bucket, key = split_uri(prefix_uri)
+    s3 = client()
+    with _s3_errors(s3, prefix_uri):
+        _delete(s3, bucket, [_join(key, name) for name in names])
+
+
 def is_published(prefix_uri: PathLike) -> bool:
     """Whether ``publish`` finished writing ``prefix_uri`` (its manifest exists)."""
     return exists(_join(_as_dir(str(prefix_uri)), MANIFEST))

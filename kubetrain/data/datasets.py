@@ -3,10 +3,15 @@
 Two shapes, both directories so one KFP artifact carries data and schema:
 
 * a *table* (ingest's output): ``data.parquet`` with raw, possibly
-  categorical or missing features plus the label column, and ``meta.json``;
-* a *split* (clean's and augment's outputs): ``arrays.npz`` with numeric
-  ``X`` (float32) and ``y`` (int64 class indices), ``meta.json``, and
-  ``sha256.json`` (`kubetrain.core.integrity`), checked on every load.
+  categorical or missing features plus the label column, and ``meta.json``.
+  It stays one file: its columns are the source's own (strings, categories,
+  missing values), which do not fit the numeric ``x``/``y`` layout of shards;
+* a *split* (clean's and augment's outputs): a sharded dataset
+  (`kubetrain.data.shards`: Parquet shards of bounded size and a
+  ``_manifest.json`` with the schema and every shard's sha256), checked on
+  every load. Splits of the previous format, ``arrays.npz`` with ``X`` and
+  ``y``, ``meta.json`` and ``sha256.json`` (`kubetrain.core.integrity`), are
+  still read, so existing local caches keep working.
 
 Writes are atomic (a temporary sibling directory, then one rename), so a
 failed stage never leaves a half-written artifact behind; the checksums catch
@@ -32,6 +37,7 @@ import pandas as pd
 
 from kubetrain.core.errors import KubetrainError
 from kubetrain.core.integrity import FIX, verify_checksums, write_checksums
+from kubetrain.core.storage import is_s3
 
 LABEL = "label"  # name of the label column inside a canonical table
 
@@ -119,6 +125,20 @@ def load_table(path: str | os.PathLike) -> tuple[pd.DataFrame, Schema]:
 
 
 def save_split(path: str | os.PathLike, X: np.ndarray, y: np.ndarray, schema: Schema) -> None:
+    """Write a split as a sharded dataset (`kubetrain.data.shards`) at a local path or
+    ``s3://`` prefix: ``X`` float32 ``(rows, features)``, ``y`` class indices."""
+    from kubetrain.data import shards  # shards builds on this module's Schema and atomic_dir
+
+    if len(X) != len(y):
+        raise KubetrainError(f"features have {len(X)} rows but labels {len(y)}; they must match")
+    shards.write(path, X, y, schema)
+
+
+def save_split_npz(path: str | os.PathLike, X: np.ndarray, y: np.ndarray, schema: Schema) -> None:
+    """Write a split in the previous format (``arrays.npz``); `load_split` still reads it.
+
+    Kept so the reader of old caches stays tested; stages write `save_split`'s format.
+    """
     if len(X) != len(y):
         raise KubetrainError(f"features have {len(X)} rows but labels {len(y)}; they must match")
     with atomic_dir(path) as tmp:
@@ -128,12 +148,31 @@ def save_split(path: str | os.PathLike, X: np.ndarray, y: np.ndarray, schema: Sc
 
 
 def load_split(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, Schema]:
-    """Read a split, checking it against its checksums first.
+    """Read a split: ``(X float32 (rows, features), y int64, schema)``.
 
-    kfp.local's cache hands out an artifact as long as its files exist, so a
-    truncated ``arrays.npz`` must be caught here, with the file and the fix
-    named, not three stages later as a ``BadZipFile`` in the task log.
+    Sharded splits (a local path or ``s3://`` prefix) are checked shard by
+    shard against their manifest's sha256; a local folder of the previous
+    format (``arrays.npz``) against its ``sha256.json``. kfp.local's cache
+    hands out an artifact as long as its files exist, so damage must be
+    caught here, with the file and the fix named, not three stages later as a
+    ``BadZipFile`` or Parquet error in the task log.
     """
+    from kubetrain.data import shards
+
+    if not is_s3(path) and not shards.is_sharded(path):
+        root = Path(path)
+        if (root / "arrays.npz").exists():
+            return _load_split_npz(root)
+        if not (root.is_dir() and any(root.glob("part-*.parquet"))):  # else: "incomplete"
+            raise KubetrainError(
+                f"{root} is not a kubetrain dataset artifact (no {shards.MANIFEST}, "
+                "no arrays.npz); pass the output of the previous stage"
+            )
+    return shards.read_all(path)
+
+
+def _load_split_npz(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, Schema]:
+    """The previous format: ``arrays.npz`` + ``meta.json``, checked against ``sha256.json``."""
     root = _existing_dir(path, "arrays.npz")
     verify_checksums(root)
     arrays_path = root / "arrays.npz"

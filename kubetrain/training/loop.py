@@ -4,10 +4,10 @@ The final training, each local Optuna trial and each Katib trial call `fit`,
 so tuned values mean the same thing everywhere. `fit` takes only the sections
 that decide training (the shared recipe `TrainConfig`, the tunable
 `HyperConfig`, the seed and an epoch count), never a whole `RunConfig`: a
-trial and the final training differ only in what they pass. Data stay
-resident on the device as tensors (no DataLoader: the datasets this template
-targets fit in memory, and index batching is several times faster on small
-rows).
+trial and the final training differ only in what they pass. A split that fits
+the memory budget stays resident on the device as tensors (index batching is
+several times faster than a DataLoader on small rows); a bigger sharded split
+is streamed through a DataLoader (`kubetrain.training.stream`).
 
 Inside a torch.distributed process group (`kubetrain.training.distributed.init`, under
 torchrun) `fit` trains data-parallel: the model is wrapped in DDP, each rank
@@ -37,8 +37,9 @@ from kubetrain.config.settings import HyperConfig, TrainConfig
 from kubetrain.core import progress
 from kubetrain.core.errors import KubetrainError, require
 from kubetrain.data.datasets import Schema
-from kubetrain.training import checkpoint, distributed
+from kubetrain.training import checkpoint, distributed, stream
 from kubetrain.training.models import ModelSpec, build, spec_for
+from kubetrain.training.stream import Streamed
 
 #: Settings a tuner may override: exactly the `HyperConfig` section.
 TUNABLE: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(HyperConfig))
@@ -51,6 +52,11 @@ EpochHook = Callable[[int, dict[str, float]], bool]
 MIN_GAIN = 1e-5
 
 Split = tuple[np.ndarray, np.ndarray]
+#: Seconds between the checkpoints written in the middle of a streamed epoch (a streamed
+#: epoch over a big split is long: a preemption must not lose all of it).
+MID_EPOCH_CHECKPOINT_S = 300.0
+#: DataLoader processes that read shards for a streamed split.
+STREAM_WORKERS = 2
 
 
 @dataclass
@@ -156,7 +162,7 @@ def fit(
     train: TrainConfig,
     hyper: HyperConfig,
     seed: int,
-    train_data: Split,
+    train_data: Split | Streamed,
     val_data: Split,
     schema: Schema,
     epochs: int,
@@ -167,9 +173,12 @@ def fit(
 ) -> FitResult:
     """Train with early stopping on validation loss; returns the best epoch's weights.
 
-    With ``checkpoint_dir`` every epoch ends with a checkpoint there, and a run
-    of the same `fit_config` resumes from it exactly where it stopped (same
-    weights, losses and learning rates as never stopping).
+    `train_data` is the split in memory, or a `Streamed` sharded split that is
+    read batch by batch (see `kubetrain.training.stream`). With
+    ``checkpoint_dir`` every epoch ends with a checkpoint there (a streamed
+    epoch also writes one every MID_EPOCH_CHECKPOINT_S), and a run of the same
+    `fit_config` resumes from it exactly where it stopped (same weights, losses
+    and learning rates as never stopping).
     """
     _check_splits(train_data, val_data, schema)
     config = fit_config(train, hyper, seed, epochs)
@@ -186,7 +195,9 @@ def fit(
     for epoch in range(first, epochs + 1):
         t0 = time.perf_counter()
         lr = loop.opt.param_groups[0]["lr"]  # the rate this epoch trains with
-        train_loss = loop.train_epoch(epoch)
+        mid = _mid_epoch_saver(loop, ckpt, config, so_far, epoch)
+        train_loss = loop.train_epoch(epoch, resume_at=so_far.position, on_step=mid)
+        so_far.position = None
         val_loss, val_acc = loop.validate()
         _check_finite(epoch, train_loss, val_loss, hyper.learning_rate)
         so_far.record(
@@ -245,17 +256,40 @@ def _place(requested: str) -> _Placement:
     return _Placement(device, ddp, rank, world_size)
 
 
-def _check_splits(train_data: Split, val_data: Split, schema: Schema) -> None:
-    (X_tr, _), (X_va, _) = train_data, val_data
+def _check_splits(train_data: Split | Streamed, val_data: Split, schema: Schema) -> None:
+    rows, features = (
+        (train_data.rows, train_data.features)
+        if isinstance(train_data, Streamed)
+        else (len(train_data[0]), train_data[0].shape[1])
+    )
+    X_va = val_data[0]
     require(
-        len(X_tr) > 0 and len(X_va) > 0,
+        rows > 0 and len(X_va) > 0,
         "training and validation splits must not be empty; lower --test-fraction/--val-fraction",
     )
     require(
-        X_tr.shape[1] == len(schema.feature_names) == X_va.shape[1],
-        f"feature count mismatch: train has {X_tr.shape[1]}, validation {X_va.shape[1]}, "
+        features == len(schema.feature_names) == X_va.shape[1],
+        f"feature count mismatch: train has {features}, validation {X_va.shape[1]}, "
         f"schema {len(schema.feature_names)}; re-run clean on the same table",
     )
+
+
+def _mid_epoch_saver(
+    loop: _Loop, ckpt: Path | None, config: dict[str, Any], so_far: _Progress, epoch: int
+) -> Callable[[int, float, int], None] | None:
+    """For a streamed epoch: a step callback that checkpoints every MID_EPOCH_CHECKPOINT_S."""
+    if loop.stream is None or ckpt is None or loop.where.rank != 0:
+        return None
+    last = [time.monotonic()]
+
+    def save(batches: int, loss_sum: float, rows: int) -> None:
+        if time.monotonic() - last[0] < MID_EPOCH_CHECKPOINT_S:
+            return
+        so_far.position = {"epoch": epoch, "batches": batches, "loss_sum": loss_sum, "rows": rows}
+        checkpoint.save(ckpt, loop.state_dict(config, so_far))
+        so_far.position, last[0] = None, time.monotonic()
+
+    return save
 
 
 def _check_finite(epoch: int, train_loss: float, val_loss: float, learning_rate: float) -> None:
@@ -276,6 +310,8 @@ class _Progress:
     best_loss: float = math.inf
     best_epoch: int = 0
     best_weights: dict[str, torch.Tensor] | None = None  # on the CPU
+    #: Where a streamed epoch stopped mid-way: {"epoch", "batches", "loss_sum", "rows"}.
+    position: dict[str, Any] | None = None
 
     @property
     def epoch(self) -> int:
@@ -320,7 +356,9 @@ class _Loop:
     seed: int
     l1: float
     batch_rows: int  # per step on this rank
-    data: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # X, y, X_val, y_val
+    # X, y (None when streamed), X_val, y_val
+    data: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]
+    stream: Streamed | None = None  # the sharded training split, when it is streamed
 
     @classmethod
     def start(
@@ -331,13 +369,14 @@ class _Loop:
         seed: int,
         epochs: int,
         where: _Placement,
-        train_data: Split,
+        train_data: Split | Streamed,
         val_data: Split,
     ) -> _Loop:
         net = build(spec).to(where.device)  # same seed, same initial weights on every rank
         opt = make_optimizer(net, train, hyper)
         # Whole splits live on the device; index batching avoids per-batch host copies.
-        (X, y), (X_val, y_val) = train_data, val_data
+        X_val, y_val = val_data
+        stream = train_data if isinstance(train_data, Streamed) else None
 
         def features(a: np.ndarray) -> torch.Tensor:
             return torch.as_tensor(a, dtype=torch.float32, device=where.device)
@@ -345,8 +384,13 @@ class _Loop:
         def labels(a: np.ndarray) -> torch.Tensor:
             return torch.as_tensor(a, dtype=torch.int64, device=where.device)
 
-        data = (features(X), labels(y), features(X_val), labels(y_val))
-        batch_rows = min(effective_batch(hyper.batch_size, len(X)), len(X))
+        if stream is None:
+            X, y = train_data
+            data = (features(X), labels(y), features(X_val), labels(y_val))
+            rows = len(X)
+        else:
+            data, rows = (None, None, features(X_val), labels(y_val)), stream.rows
+        batch_rows = min(effective_batch(hyper.batch_size, rows), rows)
         if where.ddp:  # the global batch stays batch_size: each rank takes its share of it
             batch_rows = max(1, batch_rows // where.world_size)
         return cls(
@@ -361,13 +405,21 @@ class _Loop:
             l1=train.l1,
             batch_rows=batch_rows,
             data=data,
+            stream=stream,
         )
 
-    def train_epoch(self, epoch: int) -> float:
+    def train_epoch(
+        self,
+        epoch: int,
+        resume_at: dict[str, Any] | None = None,
+        on_step: Callable[[int, float, int], None] | None = None,
+    ) -> float:
         """One pass over the training split; its mean loss over every row of every rank.
 
         The loss sum stays on the device: one host sync per epoch, not per step.
         """
+        if self.stream is not None:
+            return self._train_streamed(epoch, resume_at, on_step)
         X, y, _, _ = self.data
         w = self.where
         self.model.train()
@@ -388,6 +440,56 @@ class _Loop:
         # all-reduced (identity on one process): every rank sees the same number
         total_sum, seen = distributed.all_reduce_sum([total.item(), len(order)])
         return total_sum / seen
+
+    def _train_streamed(
+        self,
+        epoch: int,
+        resume_at: dict[str, Any] | None,
+        on_step: Callable[[int, float, int], None] | None,
+    ) -> float:
+        """`train_epoch` over a sharded split: a fixed number of steps on every rank."""
+        w, split = self.where, self.stream
+        assert split is not None
+        self.model.train()
+        if w.ddp:
+            torch.manual_seed(distributed.rank_seed(self.seed, epoch, w.rank))  # own dropout
+        workers = min(STREAM_WORKERS, len(split.manifest["shards"]))
+        steps = stream.steps_per_epoch(
+            split, self.batch_rows, self.seed, epoch, w.world_size, max(workers, 1)
+        )
+        done = int(resume_at["batches"]) if resume_at and resume_at["epoch"] == epoch else 0
+        total = torch.tensor(
+            resume_at["loss_sum"] if done else 0.0, dtype=torch.float64, device=w.device
+        )
+        seen = int(resume_at["rows"]) if done else 0
+        batches = stream.loader(
+            split,
+            self.batch_rows,
+            self.seed,
+            epoch,
+            w.rank,
+            w.world_size,
+            workers,
+            pin_memory=w.device.type == "cuda",
+        )
+        for step, (xb, yb) in enumerate(batches):
+            if step >= steps:
+                break
+            if step < done:  # trained before the interruption: the order is the same
+                continue
+            xb = xb.to(w.device, non_blocking=True)
+            yb = yb.to(w.device, dtype=torch.int64, non_blocking=True)
+            loss = self._loss(xb, yb)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += loss.detach().double() * len(yb)
+            seen += len(yb)
+            if on_step:
+                on_step(step + 1, float(total.item()), seen)
+        self.sched.step()
+        total_sum, rows = distributed.all_reduce_sum([total.item(), seen])
+        return total_sum / max(rows, 1)
 
     def _loss(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self.autocast():
@@ -411,6 +513,7 @@ class _Loop:
         return {
             "config": config,
             "epoch": so_far.epoch,
+            "position": so_far.position,
             "history": so_far.history,
             "best": {
                 "loss": so_far.best_loss,
@@ -439,6 +542,7 @@ class _Loop:
             best_loss=best["loss"],
             best_epoch=best["epoch"],
             best_weights=best["weights"],
+            position=state.get("position"),
         )
 
 
@@ -462,7 +566,12 @@ def _resume(
         return _Progress()
     so_far = loop.load_state_dict(state)
     if log_stage:
-        progress.log(log_stage, f"resumed from checkpoint at epoch {so_far.epoch}")
+        where = (
+            f"epoch {so_far.position['epoch']}, batch {so_far.position['batches']}"
+            if so_far.position
+            else f"epoch {so_far.epoch}"
+        )
+        progress.log(log_stage, f"resumed from checkpoint at {where}")
     return so_far
 
 

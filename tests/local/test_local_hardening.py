@@ -28,7 +28,7 @@ from kubetrain.cli.main import main
 from kubetrain.config.settings import RunConfig
 from kubetrain.core.errors import KubetrainError
 from kubetrain.core.integrity import MANIFEST, verify_checksums, write_checksums
-from kubetrain.data.datasets import Schema, load_split, save_split
+from kubetrain.data.datasets import Schema, load_split, save_split_npz
 from kubetrain.local import runner
 from kubetrain.local.runner import ConsoleFilter, StageClock
 
@@ -273,8 +273,12 @@ def test_task_that_died_of_a_full_disk_gets_the_fix(tmp_path, fake_pipeline):
 
 
 def split(tmp_path: Path, name: str = "split") -> Path:
+    """A split in the previous format (arrays.npz), which load_split still reads and checks;
+    the sharded format's own damage tests are in tests/data/test_shards.py."""
     path = tmp_path / name
-    save_split(path, np.arange(12, dtype=np.float32).reshape(6, 2), np.array([0, 1] * 3), SCHEMA)
+    save_split_npz(
+        path, np.arange(12, dtype=np.float32).reshape(6, 2), np.array([0, 1] * 3), SCHEMA
+    )
     return path
 
 
@@ -474,7 +478,7 @@ def test_no_cache_refreshes_a_damaged_cache_entry(tmp_path, fake_pipeline):
     quiet = io.StringIO()
 
     first = runner.run_local(RunConfig(), runs, cache=True, console=quiet)["value"]
-    (npz,) = (runs / ".kfp").rglob("arrays.npz")
+    (npz,) = (runs / ".kfp").rglob("part-00000.parquet")  # the split's (only) shard
     npz.write_bytes(npz.read_bytes()[:50])
     with pytest.raises(KubetrainError) as caught:  # make_split cached, read_split runs
         runner.run_local(RunConfig(), runs, cache=True, console=quiet)

@@ -295,7 +295,7 @@ def test_clean_splits_stratified_and_scaled(cleaned, ingested):
     for name in ("train", "validation", "test"):
         split = cleaned[name]
         assert isinstance(split, artifact_types.Dataset)
-        assert (Path(split.path) / "arrays.npz").is_file()
+        assert (Path(split.path) / "_manifest.json").is_file()
         X, y, schema = load_split(split.path)
         assert len(X) == len(y) == split.metadata["rows"], name
         assert X.reshape(len(X), -1).shape[1] == DIGITS_FEATURES

@@ -1,0 +1,183 @@
+"""Training batches streamed from a sharded split, for splits that do not fit in memory.
+
+`fit` keeps a split on the device when it fits the memory budget (index
+batching is fastest). A bigger split is streamed: each epoch the shards are
+shuffled with the seed and dealt to the (DDP rank x DataLoader worker) slots,
+each slot reads its shards one by one into a shuffle buffer and yields
+batches, and the loop runs a fixed number of steps, the same on every rank
+(DDP would hang on a rank that runs out first). Memory per worker is one shard
+plus the buffer.
+
+The order of batches is a function of (seed, epoch) alone: the DataLoader
+interleaves its workers' batches in a fixed order, so a run resumed in the
+middle of an epoch skips exactly the batches it had trained on.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from kubetrain.data import shards
+
+#: Rows a worker's shuffle buffer holds before it starts yielding batches.
+BUFFER_ROWS = 65_536
+#: A split is streamed when holding it (features x rows x 4 bytes, train + validation) would
+#: exceed this share of the memory available (`memory_budget`).
+BUDGET_SHARE = 0.4
+
+
+@dataclass(frozen=True)
+class Streamed:
+    """A sharded split that `fit` reads batch by batch instead of holding it."""
+
+    uri: str
+    rows: int
+    features: int
+    manifest: dict[str, Any]
+
+    @classmethod
+    def open(cls, uri: str) -> Streamed:
+        manifest = shards.read_manifest(uri)
+        return cls(str(uri), int(manifest["rows"]), int(manifest["features"]), manifest)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.features * 4
+
+
+def memory_budget() -> int:
+    """Bytes a split may take in memory: `KUBETRAIN_MEMORY_BUDGET` if set, else a share of
+    the memory this process can use (the cgroup limit in a pod, else the machine's)."""
+    given = os.environ.get("KUBETRAIN_MEMORY_BUDGET", "")
+    if given:
+        return int(float(given))
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit.isdigit():
+            total = min(total, int(limit))
+    except OSError:
+        pass
+    return int(total * BUDGET_SHARE)
+
+
+def fits(split_bytes: int, budget: int | None = None) -> bool:
+    return split_bytes <= (memory_budget() if budget is None else budget)
+
+
+def training_split(path: str, budget: int | None = None) -> tuple[Any, Any]:
+    """The training split as `fit` takes it: in memory when it fits the budget (the fast
+    path), else `Streamed` from its shards. Returns (split, schema)."""
+    from kubetrain.data.datasets import load_split
+
+    if shards.is_sharded(path):
+        split = Streamed.open(path)
+        if not fits(split.nbytes, budget):
+            return split, shards.read_schema(path)
+    X, y, schema = load_split(path)
+    return (X, y), schema
+
+
+def deal(n_shards: int, seed: int, epoch: int, slot: int, slots: int) -> list[int]:
+    """The shards slot `slot` of `slots` reads in `epoch`: a seeded shuffle, dealt round-robin."""
+    order = np.random.default_rng([seed, epoch]).permutation(n_shards)
+    return [int(i) for i in order[slot::slots]]
+
+
+def steps_per_epoch(
+    split: Streamed, batch_rows: int, seed: int, epoch: int, world: int, workers: int
+) -> int:
+    """Steps every rank runs in `epoch`: what the rank dealt the fewest rows can fill."""
+    rows = [int(s["rows"]) for s in split.manifest["shards"]]
+    per_rank = []
+    for rank in range(world):
+        mine = [
+            i
+            for w in range(workers)
+            for i in deal(len(rows), seed, epoch, rank * workers + w, world * workers)
+        ]
+        per_rank.append(sum(rows[i] for i in mine))
+    return max(1, min(per_rank) // batch_rows)
+
+
+class ShardStream(IterableDataset):
+    """One rank's training batches for one epoch (see the module docstring)."""
+
+    def __init__(
+        self,
+        split: Streamed,
+        batch_rows: int,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world: int = 1,
+        buffer_rows: int = BUFFER_ROWS,
+    ):
+        self.split, self.batch_rows, self.seed, self.epoch = split, batch_rows, seed, epoch
+        self.rank, self.world, self.buffer_rows = rank, world, max(buffer_rows, batch_rows)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        slot, slots = self.rank * workers + worker, self.world * workers
+        listed = self.split.manifest["shards"]
+        rng = np.random.default_rng([self.seed, self.epoch, slot])
+        xs: list[np.ndarray] = []
+        ys: list[np.ndarray] = []
+        held = 0
+        for index in deal(len(listed), self.seed, self.epoch, slot, slots):
+            X, y = shards.read_shard(self.split.uri, self.split.manifest, listed[index])
+            xs.append(X)
+            ys.append(y)
+            held += len(y)
+            if held >= self.buffer_rows:
+                X_all, y_all = np.concatenate(xs), np.concatenate(ys)
+                keep = yield from self._batches(X_all, y_all, rng, final=False)
+                xs, ys, held = [X_all[keep:]], [y_all[keep:]], len(y_all) - keep
+        if held:
+            yield from self._batches(np.concatenate(xs), np.concatenate(ys), rng, final=True)
+
+    def _batches(
+        self, X: np.ndarray, y: np.ndarray, rng: np.random.Generator, final: bool
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Shuffle the buffer in place and yield its full batches (and the rest when final);
+        returns how many rows were yielded."""
+        order = rng.permutation(len(y))
+        X[:], y[:] = X[order], y[order]
+        full = len(y) // self.batch_rows * self.batch_rows
+        end = len(y) if final else full
+        for start in range(0, end, self.batch_rows):
+            stop = min(start + self.batch_rows, end)
+            yield torch.from_numpy(X[start:stop]), torch.from_numpy(y[start:stop])
+        return end
+
+
+def loader(
+    split: Streamed,
+    batch_rows: int,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world: int,
+    workers: int,
+    pin_memory: bool,
+) -> DataLoader:
+    """The epoch's batches as a DataLoader (`workers` processes read shards in parallel)."""
+    # Its own generator: a DataLoader draws a seed for its workers when iterated, and from
+    # torch's global generator that draw would shift the dropout masks of the steps after
+    # it (a run resumed mid-epoch iterates at another moment than one that never stopped).
+    return DataLoader(
+        ShardStream(split, batch_rows, seed, epoch, rank, world),
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed * 100_003 + epoch),
+    )
