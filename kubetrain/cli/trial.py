@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--train",
         required=True,
-        help="Training split: s3:// URI or local directory (arrays.npz + meta.json).",
+        help="Training split: s3:// URI or local directory (Parquet shards + _manifest.json).",
     )
     parser.add_argument(
         "--validation", required=True, help="Validation split: s3:// URI or local directory."
