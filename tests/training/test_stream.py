@@ -168,3 +168,10 @@ def test_the_train_stage_streams_a_split_over_the_memory_budget(tmp_path, monkey
         **kwargs,
     )
     assert "streamed" not in capsys.readouterr().out  # fits: the in-memory fast path
+
+
+def test_reader_processes_only_where_they_do_not_take_the_training_cores(monkeypatch):
+    monkeypatch.setattr(loop, "STREAM_WORKERS", None)
+    assert loop.stream_workers(torch.device("cpu"), 40) == 0
+    assert 1 <= loop.stream_workers(torch.device("cuda"), 40) <= 4
+    assert loop.stream_workers(torch.device("cuda"), 1) <= 1  # never more readers than shards
