@@ -58,7 +58,7 @@ def checkpoint_root(cluster: ClusterConfig | Mapping[str, Any] | None = None) ->
 
     placement = _placement(cluster)
     if placement is not None:
-        return f"{placement.pipeline_root.rstrip('/')}/kubetrain-checkpoints"
+        return placement.checkpoint_root
     return os.environ.get(CHECKPOINT_ROOT_ENV, "")
 
 

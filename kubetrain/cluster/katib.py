@@ -167,7 +167,7 @@ def _pod_placement(cluster: ClusterConfig) -> dict[str, Any]:
 
 def trial_checkpoint_root(cluster: ClusterConfig) -> str:
     """Where trials keep their checkpoints: beside the final training's, by trial key."""
-    return f"{cluster.pipeline_root.rstrip('/')}/kubetrain-checkpoints/trials"
+    return f"{cluster.checkpoint_root}/trials" if cluster.checkpoint_root else ""
 
 
 def experiment(
@@ -209,10 +209,9 @@ def experiment(
         str(train_uri),
         "--validation",
         str(val_uri),
-        # a trial pod re-created after preemption resumes from its last epoch
-        "--checkpoint-root",
-        trial_checkpoint_root(cluster),
     ]
+    if trial_checkpoint_root(cluster):  # a re-created (preempted) trial pod resumes from it
+        command += ["--checkpoint-root", trial_checkpoint_root(cluster)]
     for p in space:
         command += ["--" + katib_name(p.name), f"${{trialParameters.{trial_parameter(p.name)}}}"]
     for field, value in fixed_settings(train, tune, seed, space).items():

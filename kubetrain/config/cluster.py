@@ -100,6 +100,15 @@ class ClusterConfig:
         "notification when a run ends; empty sends none.",
     )
 
+    @property
+    def checkpoint_root(self) -> str:
+        """Where runs keep resumable checkpoints: beside the pipeline root, as s3:// (KFP's
+        minio:// is the same store); empty for gs://, which kubetrain's storage cannot write."""
+        root = self.pipeline_root.rstrip("/")
+        if root.startswith("minio://"):
+            root = "s3://" + root[len("minio://") :]
+        return f"{root}/kubetrain-checkpoints" if root.startswith("s3://") else ""
+
     def __post_init__(self) -> None:
         for name in ("cpu_image_digest", "cuda_image_digest"):
             value = getattr(self, name)

@@ -1256,3 +1256,20 @@ def test_preempted_trial_pods_are_recreated_and_resume():
     command = container_of(exp)["command"]
     root = command[command.index("--checkpoint-root") + 1]
     assert root == katib.trial_checkpoint_root(ClusterConfig())
+
+
+@pytest.mark.parametrize(
+    "root, expected",
+    [
+        ("s3://bk/root", "s3://bk/root/kubetrain-checkpoints/trials"),
+        ("minio://mlpipeline/v2", "s3://mlpipeline/v2/kubetrain-checkpoints/trials"),
+        ("gs://bk/root", None),  # kubetrain's storage writes S3 only: no trial checkpoints
+    ],
+)
+def test_trial_checkpoints_live_beside_the_pipeline_root(root, expected):
+    exp = experiment_of(RunConfig(), ClusterConfig(pipeline_root=root))
+    command = container_of(exp)["command"]
+    if expected is None:
+        assert "--checkpoint-root" not in command
+    else:
+        assert command[command.index("--checkpoint-root") + 1] == expected
