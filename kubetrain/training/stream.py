@@ -15,7 +15,6 @@ middle of an epoch skips exactly the batches it had trained on.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -24,13 +23,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from kubetrain.core.memory import fits
 from kubetrain.data import shards
 
 #: Rows a worker's shuffle buffer holds before it starts yielding batches.
 BUFFER_ROWS = 65_536
-#: A split is streamed when holding it (features x rows x 4 bytes, train + validation) would
-#: exceed this share of the memory available (`memory_budget`).
-BUDGET_SHARE = 0.4
 
 
 @dataclass(frozen=True)
@@ -50,27 +47,6 @@ class Streamed:
     @property
     def nbytes(self) -> int:
         return self.rows * self.features * 4
-
-
-def memory_budget() -> int:
-    """Bytes a split may take in memory: `KUBETRAIN_MEMORY_BUDGET` if set, else a share of
-    the memory this process can use (the cgroup limit in a pod, else the machine's)."""
-    given = os.environ.get("KUBETRAIN_MEMORY_BUDGET", "")
-    if given:
-        return int(float(given))
-    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    try:
-        with open("/sys/fs/cgroup/memory.max") as f:
-            limit = f.read().strip()
-        if limit.isdigit():
-            total = min(total, int(limit))
-    except OSError:
-        pass
-    return int(total * BUDGET_SHARE)
-
-
-def fits(split_bytes: int, budget: int | None = None) -> bool:
-    return split_bytes <= (memory_budget() if budget is None else budget)
 
 
 def training_split(path: str, budget: int | None = None) -> tuple[Any, Any]:

@@ -3,6 +3,8 @@ streamed epoch interrupted mid-way resumes to the same weights."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -175,3 +177,12 @@ def test_reader_processes_only_where_they_do_not_take_the_training_cores(monkeyp
     assert loop.stream_workers(torch.device("cpu"), 40) == 0
     assert 1 <= loop.stream_workers(torch.device("cuda"), 40) <= 4
     assert loop.stream_workers(torch.device("cuda"), 1) <= 1  # never more readers than shards
+
+
+def test_the_memory_budget_can_be_set_and_defaults_to_a_share_of_memory(monkeypatch):
+    from kubetrain.core import memory
+
+    monkeypatch.setenv("KUBETRAIN_MEMORY_BUDGET", "2e9")
+    assert memory.memory_budget() == 2_000_000_000 and memory.fits(10**9)
+    monkeypatch.delenv("KUBETRAIN_MEMORY_BUDGET")
+    assert 0 < memory.memory_budget() < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
