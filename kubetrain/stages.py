@@ -143,6 +143,11 @@ def ingest_stage(
     return meta
 
 
+#: Memory the in-memory clean takes per byte of the compressed Parquet table (measured
+#: on the 1M-row bench table: 1.6 GiB peak for a 0.23 GiB file, about 7x).
+TABLE_EXPANSION = 8
+
+
 def clean_stage(
     table_path: str,
     train_path: str,
@@ -152,10 +157,19 @@ def clean_stage(
     clean: CleanConfig,
     seed: int,
 ) -> dict[str, Any]:
+    from kubetrain.core.memory import fits
     from kubetrain.data.clean import clean as clean_table
     from kubetrain.data.clean import quality_report
+    from kubetrain.data.clean_stream import clean_streaming
 
-    meta = clean_table(table_path, train_path, val_path, test_path, clean, seed)
+    on_disk = sum(f.stat().st_size for f in Path(table_path).rglob("*") if f.is_file())
+    if fits(on_disk * TABLE_EXPANSION):
+        meta = clean_table(table_path, train_path, val_path, test_path, clean, seed)
+    else:  # two passes over record batches: memory does not grow with the rows
+        progress.log(
+            "clean", f"streaming: the table ({on_disk:,} bytes on disk) is over the memory budget"
+        )
+        meta = clean_streaming(table_path, train_path, val_path, test_path, clean, seed)
     write_text(report_path, quality_report(meta))
     sizes = ", ".join(f"{k} {v['rows']}" for k, v in meta["splits"].items())
     progress.log(
