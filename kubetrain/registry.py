@@ -11,6 +11,7 @@ cannot drift apart.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubetrain import stages
-from kubetrain.config.settings import SECTIONS, SEED
+from kubetrain.config.settings import SECTIONS, SEED, fields_of
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,12 @@ class Stage:
         """The config sections (and `seed`) the stage function takes, in signature order."""
         params = inspect.signature(self.function).parameters
         return tuple(p for p in params if p in SECTIONS or p == SEED)
+
+    @property
+    def settings(self) -> tuple[dataclasses.Field, ...]:
+        """The setting fields of those sections: its CLI flags and component parameters
+        (none for a stage without sections, such as skip-compression)."""
+        return tuple(fields_of(*self.sections)) if self.sections else ()
 
     @property
     def component(self) -> Any:

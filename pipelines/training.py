@@ -106,8 +106,7 @@ def _parameters() -> list[inspect.Parameter]:
 
 def _settings(p: dict[str, Any], task: str) -> dict[str, Any]:
     """The pipeline parameters a task takes: the fields of its stage's config sections."""
-    sections = registry.by_task(task).sections
-    return {f.name: p[f.name] for f in fields_of(*sections)} if sections else {}
+    return {f.name: p[f.name] for f in registry.by_task(task).settings}
 
 
 def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:

@@ -42,8 +42,9 @@ def _add_stage(sub: argparse._SubParsersAction, stage: Stage) -> None:
         ),
     )
     paths = parser.add_argument_group("artifacts")
-    if stage.sections:
-        flags.add_arguments(parser.add_argument_group("settings"), *stage.sections)
+    settings = parser.add_argument_group("settings")
+    for f in stage.settings:
+        flags.add_argument(settings, f)
     for p in inspect.signature(func).parameters.values():
         if p.name in SECTIONS or p.name == SEED or p.name in BACKENDS:
             continue
@@ -88,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _call(args: argparse.Namespace) -> Any:
     stage: Stage = args.stage
-    # parsed and validated once; a stage without settings sections reads none
-    cfg = flags.from_arguments(args, *stage.sections) if stage.sections else RunConfig()
+    # parsed and validated once (a stage without settings sections reads none)
+    given = {f.name: getattr(args, f.name) for f in stage.settings}
+    cfg = RunConfig.from_flat({k: v for k, v in given.items() if v is not None})
     kwargs: dict[str, Any] = {}
     for p in inspect.signature(stage.function).parameters.values():
         if p.name == SEED:

@@ -37,7 +37,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -499,7 +499,6 @@ def train_on_cluster(
     model_path: str,
     metrics_path: str,
     report_path: str,
-    hyperparameters: Mapping[str, Any] | None = None,
     *,
     name: str | None = None,
     api: Any = None,
@@ -508,17 +507,15 @@ def train_on_cluster(
 ) -> dict[str, Any]:
     """The train step as a TrainJob: build, submit, follow, collect; same outputs as training here.
 
-    ``hyperparameters`` (the tune step's best values, KFP-loosely typed) are
-    applied to ``hyper`` with one `HyperConfig.replace`, checked before anything
-    is submitted. Nodes come from ``cluster.num_nodes``; the wait and what
+    ``hyper`` already holds the tuned values (`stages.train_stage` applies them
+    once, for every backend). Nodes come from ``cluster.num_nodes``; the wait and what
     happens to the finished job from ``cluster`` (wait_timeout, finished_jobs)
     unless ``follow_options`` say otherwise (timeout_s, keep, poll_s, sleep,
     now, log: see `run`).
     """
-    tuned = hyper.replace(dict(hyperparameters or {}))
     job = trainjob(
         train,
-        tuned,
+        hyper,
         final,
         seed,
         cluster,

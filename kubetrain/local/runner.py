@@ -280,15 +280,10 @@ def task_tempdir() -> Iterator[Path]:
     """
     tempfile.gettempdir()  # fix this process's own tempdir before TMPDIR changes
     private = Path(tempfile.mkdtemp(prefix="kubetrain-tasks-"))
-    previous = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(private)  # subprocesses inherit os.environ
     try:
-        yield private
+        with environ("TMPDIR", str(private)):  # subprocesses inherit os.environ
+            yield private
     finally:
-        if previous is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = previous
         shutil.rmtree(private, ignore_errors=True)
 
 

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from kubetrain.core.errors import KubetrainError
+from kubetrain.data.shards import MANIFEST
 
 FILENAME = "last.pt"
 
@@ -96,7 +97,14 @@ def key(train_path: str, val_path: str, settings: Mapping[str, Any]) -> str:
     """
     digest = hashlib.sha256()
     for split in (train_path, val_path):
-        for path in sorted(p for p in Path(split).rglob("*") if p.is_file()):
+        # a sharded split's manifest holds every shard's sha256: hashing it stands for the
+        # data without reading gigabytes of shards again at every start
+        files = (
+            [Path(split) / MANIFEST]
+            if (Path(split) / MANIFEST).is_file()
+            else sorted(p for p in Path(split).rglob("*") if p.is_file())
+        )
+        for path in files:
             digest.update(path.relative_to(split).as_posix().encode())
             with open(path, "rb") as f:
                 for block in iter(lambda f=f: f.read(1 << 20), b""):

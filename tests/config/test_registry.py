@@ -15,7 +15,7 @@ import pytest
 
 from kubetrain import registry
 from kubetrain.cli import stage as stage_cli
-from kubetrain.config.settings import SECTIONS, RunConfig, fields_of, section_of_setting
+from kubetrain.config.settings import SECTIONS, RunConfig, section_of_setting
 
 SETTINGS = set(section_of_setting())
 
@@ -27,7 +27,7 @@ def component_inputs(entry: registry.Stage) -> set[str]:
 
 @pytest.mark.parametrize("entry", registry.STAGES, ids=lambda s: s.task)
 def test_component_takes_exactly_its_sections_settings(entry: registry.Stage):
-    expected = {f.name for f in fields_of(*entry.sections)} if entry.sections else set()
+    expected = {f.name for f in entry.settings}
     assert component_inputs(entry) & SETTINGS == expected
 
 
@@ -38,9 +38,7 @@ def test_stage_help_lists_exactly_its_sections_settings(entry: registry.Stage):
         stage_cli.main([entry.stage, "--help"])
     shown = set(re.findall(r"--([a-z0-9-]+)", out.getvalue()))
     settings = {name.replace("_", "-") for name in SETTINGS}
-    expected = (
-        {f.name.replace("_", "-") for f in fields_of(*entry.sections)} if entry.sections else set()
-    )
+    expected = {f.name.replace("_", "-") for f in entry.settings}
     # boolean settings also offer --no-<flag>
     shown_settings = {s.removeprefix("no-") for s in shown} & settings
     assert shown_settings == expected
