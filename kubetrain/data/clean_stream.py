@@ -31,20 +31,24 @@ for bit.
 from __future__ import annotations
 
 import contextlib
-import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 
 from kubetrain.config.settings import CleanConfig
 from kubetrain.core.errors import KubetrainError, require
 from kubetrain.data import shards
 from kubetrain.data.clean import MAX_CATEGORIES, Preprocessor, _check_classes
-from kubetrain.data.datasets import LABEL, Schema, _existing_dir, class_counts
+from kubetrain.data.datasets import (
+    LABEL,
+    Schema,
+    class_counts,
+    table_arrow_schema,
+    table_batches,
+    table_schema,
+)
 from kubetrain.data.stats import QuantileSample, route, row_hashes
 
 #: Distinct values a numeric column may have for ``impute="most_frequent"`` (exact counts).
@@ -89,23 +93,10 @@ class _ColumnMoments:
         return np.sqrt(self.m2 / self.count)
 
 
-def _table_file(table_path: str) -> tuple[Path, Schema]:
-    """The table's Parquet file (as `save_table` names it) and its schema, without reading rows."""
-    root = _existing_dir(table_path, "data.parquet")
-    return root / "data.parquet", Schema.from_json(json.loads((root / "meta.json").read_text()))
-
-
-def _batches(path: Path, batch_rows: int):
-    """The table as pandas frames of at most ``batch_rows`` rows, in file order."""
-    pf = pq.ParquetFile(path)
-    for batch in pf.iter_batches(batch_size=batch_rows):
-        yield batch.to_pandas()
-
-
-def _columns(path: Path) -> tuple[list[str], list[str]]:
+def _columns(table_path: str) -> tuple[list[str], list[str]]:
     """(numeric, categorical) feature columns, decided as `Preprocessor.fit` decides them
     on the whole table (from the file's schema, not from one batch's dtypes)."""
-    empty = pq.ParquetFile(path).schema_arrow.empty_table().to_pandas()
+    empty = table_arrow_schema(table_path).empty_table().to_pandas()
     features = empty.drop(columns=[LABEL])
     numeric = [
         c
@@ -158,8 +149,8 @@ def clean_streaming(
     """The clean stage in bounded memory; returns the metadata `clean` returns."""
     require(batch_rows >= 1, f"batch_rows={batch_rows} must be positive")
     started = time.perf_counter()
-    path, schema = _table_file(table_path)
-    numeric, categorical = _columns(path)
+    schema = table_schema(table_path)
+    numeric, categorical = _columns(table_path)
     index = {name: i for i, name in enumerate(schema.class_names)}
     label_dtype = np.min_scalar_type(max(len(schema.class_names), 1))
 
@@ -168,7 +159,7 @@ def clean_streaming(
     dropped_missing = 0
     seen = np.empty(0, np.uint64)
     kept_hashes, kept_labels, raw_keep = [], [], []
-    for frame in _batches(path, batch_rows):
+    for frame in table_batches(table_path, batch_rows):
         stats["rows_in"] += len(frame)
         hashes = batch_hashes(frame, numeric)
         unique = _first_unseen(hashes, seen)
@@ -208,7 +199,7 @@ def clean_streaming(
     def train_batches():
         """(frame of training feature rows, their row hashes), batch by batch."""
         start = cursor = 0
-        for frame in _batches(path, batch_rows):
+        for frame in table_batches(table_path, batch_rows):
             c = codes[start : start + len(frame)]
             start += len(frame)
             kept = c != DROPPED
@@ -277,7 +268,7 @@ def clean_streaming(
         ]
         writers[0].stats["preprocessing"] = params
         start = cursor = 0
-        for frame in _batches(path, batch_rows):
+        for frame in table_batches(table_path, batch_rows):
             c = codes[start : start + len(frame)]
             start += len(frame)
             kept = c != DROPPED

@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from kubetrain.core.errors import KubetrainError
 from kubetrain.core.integrity import FIX, verify_checksums, write_checksums
@@ -122,6 +124,29 @@ def load_table(path: str | os.PathLike) -> tuple[pd.DataFrame, Schema]:
     root = _existing_dir(path, "data.parquet")
     schema = Schema.from_json(json.loads((root / "meta.json").read_text()))
     return pd.read_parquet(root / "data.parquet"), schema
+
+
+def table_schema(path: str | os.PathLike) -> Schema:
+    """A table's `Schema`, without reading its rows."""
+    root = _existing_dir(path, "data.parquet")
+    return Schema.from_json(json.loads((root / "meta.json").read_text()))
+
+
+def table_files(path: str | os.PathLike) -> list[Path]:
+    """The table's Parquet files in row order (what an engine like Spark reads directly)."""
+    return [_existing_dir(path, "data.parquet") / "data.parquet"]
+
+
+def table_arrow_schema(path: str | os.PathLike) -> pa.Schema:
+    """The Arrow schema of the table's columns (label included), without reading rows."""
+    return pq.ParquetFile(table_files(path)[0]).schema_arrow
+
+
+def table_batches(path: str | os.PathLike, batch_rows: int) -> Iterator[pd.DataFrame]:
+    """The table as pandas frames of at most ``batch_rows`` rows, in row order."""
+    for file in table_files(path):
+        for batch in pq.ParquetFile(file).iter_batches(batch_size=batch_rows):
+            yield batch.to_pandas()
 
 
 def save_split(path: str | os.PathLike, X: np.ndarray, y: np.ndarray, schema: Schema) -> None:
