@@ -43,6 +43,20 @@ from kubetrain.training import checkpoint, stream
 
 
 @dataclass(frozen=True)
+class CleanRequest:
+    """What any clean engine needs: the table and the three split paths (URIs on a cluster)."""
+
+    table_path: str
+    train_path: str
+    val_path: str
+    test_path: str
+    clean: CleanConfig
+    seed: int
+    table_uri: str = ""
+    run_id: str = ""
+
+
+@dataclass(frozen=True)
 class TuneRequest:
     """What any tuning backend needs: the splits (as paths here and URIs on the cluster)."""
 
@@ -103,6 +117,8 @@ def read_meta(artifact_path: str) -> dict[str, Any]:
     return json.loads((Path(artifact_path) / META_FILE).read_text())
 
 
+#: A clean engine: writes the three splits; returns the stage metadata (`clean` documents it).
+Cleaner = Callable[[CleanRequest], dict[str, Any]]
 #: A tuning backend: returns (best hyperparameters, trial rows, extra metadata).
 Tuner = Callable[[TuneRequest], tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]]
 #: A training backend: writes the model, metrics and report; returns the stage metadata.
@@ -148,6 +164,22 @@ def ingest_stage(
 TABLE_EXPANSION = 8
 
 
+def clean_here(req: CleanRequest) -> dict[str, Any]:
+    """The local engine: in memory when the table fits the budget, else streamed in batches."""
+    from kubetrain.core.memory import fits
+    from kubetrain.data.clean import clean as clean_table
+    from kubetrain.data.clean_stream import clean_streaming
+
+    paths = (req.table_path, req.train_path, req.val_path, req.test_path)
+    on_disk = sum(f.stat().st_size for f in Path(req.table_path).rglob("*") if f.is_file())
+    if fits(on_disk * TABLE_EXPANSION):
+        return clean_table(*paths, req.clean, req.seed)
+    progress.log(
+        "clean", f"streaming: the table ({on_disk:,} bytes on disk) is over the memory budget"
+    )
+    return clean_streaming(*paths, req.clean, req.seed)
+
+
 def clean_stage(
     table_path: str,
     train_path: str,
@@ -156,20 +188,16 @@ def clean_stage(
     report_path: str,
     clean: CleanConfig,
     seed: int,
+    cleaner: Cleaner = clean_here,
+    table_uri: str = "",
+    run_id: str = "",
 ) -> dict[str, Any]:
-    from kubetrain.core.memory import fits
-    from kubetrain.data.clean import clean as clean_table
+    """Clean with whichever engine was chosen (here, or Spark locally or on the cluster)."""
     from kubetrain.data.clean import quality_report
-    from kubetrain.data.clean_stream import clean_streaming
 
-    on_disk = sum(f.stat().st_size for f in Path(table_path).rglob("*") if f.is_file())
-    if fits(on_disk * TABLE_EXPANSION):
-        meta = clean_table(table_path, train_path, val_path, test_path, clean, seed)
-    else:  # two passes over record batches: memory does not grow with the rows
-        progress.log(
-            "clean", f"streaming: the table ({on_disk:,} bytes on disk) is over the memory budget"
-        )
-        meta = clean_streaming(table_path, train_path, val_path, test_path, clean, seed)
+    meta = cleaner(
+        CleanRequest(table_path, train_path, val_path, test_path, clean, seed, table_uri, run_id)
+    )
     write_text(report_path, quality_report(meta))
     sizes = ", ".join(f"{k} {v['rows']}" for k, v in meta["splits"].items())
     progress.log(
