@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -80,6 +81,21 @@ class _ColumnMoments:
         self.min = np.minimum(self.min, X.min(axis=0))
         self.max = np.maximum(self.max, X.max(axis=0))
 
+    def merge(self, other: _ColumnMoments) -> _ColumnMoments:
+        """Fold another worker's moments in (Chan et al.); exact up to rounding."""
+        if other.count == 0:
+            return self
+        if self.count == 0:
+            return other
+        total = self.count + other.count
+        delta = other.mean - self.mean
+        self.m2 = self.m2 + other.m2 + delta * delta * self.count * other.count / total
+        self.mean = self.mean + delta * other.count / total
+        self.count = total
+        self.min = np.minimum(self.min, other.min)
+        self.max = np.maximum(self.max, other.max)
+        return self
+
     def overall(self) -> tuple[float, float, float, float]:
         """(mean, std, min, max) of every value of the matrix together (images)."""
         width = len(self.mean)
@@ -125,6 +141,79 @@ def batch_hashes(frame: pd.DataFrame, numeric: list[str]) -> np.ndarray:
     return row_hashes(pd.DataFrame(norm, columns=frame.columns))
 
 
+class EncodedStats:
+    """Moments (and, for IQR bounds, quantile samples) of the imputed, encoded training
+    matrix: passes 2b and 2c, folded batch by batch and merged across workers."""
+
+    def __init__(self, width: int, n_num: int, want_iqr: bool) -> None:
+        self.moments = _ColumnMoments(width)
+        self.samples = [QuantileSample() for _ in range(n_num if want_iqr else 0)]
+
+    def add(self, X: np.ndarray, h: np.ndarray) -> None:
+        self.moments.add(X)
+        for j, sample in enumerate(self.samples):
+            self.samples[j] = sample.merge(QuantileSample.of(X[:, j], h))
+
+    def merge(self, other: EncodedStats) -> EncodedStats:
+        self.moments = self.moments.merge(other.moments)
+        self.samples = [a.merge(b) for a, b in zip(self.samples, other.samples, strict=True)]
+        return self
+
+    def bounds(self, cfg: CleanConfig, n_num: int, image: bool) -> list | None:
+        """The outlier bounds `Preprocessor.outlier_mask` applies, or None."""
+        if cfg.outliers == "none" or not n_num or image:
+            return None
+        t = cfg.outlier_threshold
+        if cfg.outliers == "zscore":
+            mu, sd = self.moments.mean[:n_num], self.moments.std[:n_num]
+            return [(mu - t * sd).tolist(), (mu + t * sd).tolist()]
+        q1 = np.array([s.quantile(0.25) for s in self.samples])
+        q3 = np.array([s.quantile(0.75) for s in self.samples])
+        return [(q1 - t * (q3 - q1)).tolist(), (q3 + t * (q3 - q1)).tolist()]
+
+
+def encode_train(prep: Preprocessor, frame: pd.DataFrame, bounds: list | None) -> np.ndarray:
+    """Training rows imputed and encoded (clipped when bounds are known): what the
+    scaler is fitted on."""
+    X = prep._encode(frame)
+    if bounds is not None:
+        n_num = len(bounds[0])
+        X[:, :n_num] = np.clip(X[:, :n_num], *bounds)
+    return X
+
+
+def apply_batch(
+    prep: Preprocessor,
+    features: pd.DataFrame,
+    y: np.ndarray,
+    split: np.ndarray,
+    drop_outliers: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int, int]:
+    """Pass 3 for one batch of kept rows: (X, y, split, outliers dropped, rows clipped)."""
+    X = prep.transform(features)
+    dropped = clipped = 0
+    if prep.params.get("bounds") is not None:
+        out = prep.outlier_mask(features)
+        if drop_outliers:
+            bad = out & (split == 0)  # only training rows are dropped; others are clipped
+            dropped = int(bad.sum())
+            X, y, split = X[~bad], y[~bad], split[~bad]
+        else:
+            clipped = int(out.sum())
+    return X, y, split, dropped, clipped
+
+
+def batch_keys(
+    frame: pd.DataFrame, numeric: list[str], index: dict[str, int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pass 1 for one batch: (row hashes, label codes, missing values per row)."""
+    hashes = batch_hashes(frame, numeric)
+    missing = frame.drop(columns=[LABEL]).isna().sum(axis=1).to_numpy(np.int32)
+    y = frame[LABEL].map(index).to_numpy()
+    require(not pd.isna(y).any(), "labels outside the schema's classes; re-run ingest")
+    return hashes, np.asarray(y, np.int64), missing
+
+
 def _first_unseen(hashes: np.ndarray, seen: np.ndarray) -> np.ndarray:
     """Mask of rows whose hash occurs neither earlier in the batch nor in ``seen`` (sorted)."""
     _, first = np.unique(hashes, return_index=True)
@@ -149,171 +238,210 @@ def clean_streaming(
     """The clean stage in bounded memory; returns the metadata `clean` returns."""
     require(batch_rows >= 1, f"batch_rows={batch_rows} must be positive")
     started = time.perf_counter()
-    schema = table_schema(table_path)
-    numeric, categorical = _columns(table_path)
-    index = {name: i for i, name in enumerate(schema.class_names)}
-    label_dtype = np.min_scalar_type(max(len(schema.class_names), 1))
+    plan = Plan.of(table_path, cfg)
 
     # --- pass 1: dedupe, count missing values, route ---------------------------------
     stats: dict[str, Any] = {"rows_in": 0, "duplicates_removed": 0, "missing_values": 0}
-    dropped_missing = 0
     seen = np.empty(0, np.uint64)
-    kept_hashes, kept_labels, raw_keep = [], [], []
+    kept_hashes, kept_labels, kept_missing, raw_keep = [], [], [], []
     for frame in table_batches(table_path, batch_rows):
         stats["rows_in"] += len(frame)
-        hashes = batch_hashes(frame, numeric)
+        hashes, y, missing = batch_keys(frame, plan.numeric, plan.index)
         unique = _first_unseen(hashes, seen)
         seen = np.union1d(seen, hashes[unique])
-        stats["duplicates_removed"] += int((~unique).sum())
-        features = frame.drop(columns=[LABEL])
-        missing = features.isna()
-        stats["missing_values"] += int(missing[unique].sum().sum())
-        keep = unique
-        if cfg.impute == "drop":
-            has_missing = missing.any(axis=1).to_numpy()
-            dropped_missing += int((unique & has_missing).sum())
-            keep = unique & ~has_missing
-        y = frame.loc[keep, LABEL].map(index).to_numpy()
-        require(not pd.isna(y).any(), "labels outside the schema's classes; re-run ingest")
-        kept_hashes.append(hashes[keep])
-        kept_labels.append(np.asarray(y, np.int64).astype(label_dtype))
-        raw_keep.append(keep)
+        kept_hashes.append(hashes[unique])
+        kept_labels.append(y[unique].astype(plan.label_dtype))
+        kept_missing.append(missing[unique])
+        raw_keep.append(unique)
     del seen
-    if cfg.impute == "drop":
-        stats["rows_dropped_missing"] = dropped_missing
-    hashes = np.concatenate(kept_hashes) if kept_hashes else np.empty(0, np.uint64)
-    y_all = np.concatenate(kept_labels) if kept_labels else np.empty(0, np.int64)
-    keep_all = np.concatenate(raw_keep) if raw_keep else np.empty(0, bool)
-    del kept_hashes, kept_labels, raw_keep
-    require(
-        len(hashes) > 0,
-        "no rows left after dropping rows with missing values; use "
-        "--impute median (or mean/most_frequent) instead of drop",
-    )
-    _check_classes(y_all.astype(np.int64), schema.class_names, cfg)
-    routed = route(hashes, y_all, cfg.test_fraction, cfg.val_fraction, seed)
-    codes = np.full(len(keep_all), DROPPED, np.int8)  # per raw row: -1, 0 train, 1 val, 2 test
-    codes[keep_all] = routed
-    del keep_all, routed
+    hashes = _joined(kept_hashes, np.uint64)
+    y_all = _joined(kept_labels, np.int64)
+    missing = _joined(kept_missing, np.int32)
+    unique_all = _joined(raw_keep, bool)
+    del kept_hashes, kept_labels, kept_missing, raw_keep
+    stats["duplicates_removed"] = stats["rows_in"] - len(hashes)
+    keep, routed = plan.route(hashes, y_all, missing, stats, seed)
+    hashes, y_all = hashes[keep], y_all[keep]
+    codes = np.full(len(unique_all), DROPPED, np.int8)  # per raw row: -1, 0 train, 1 val, 2 test
+    codes[np.flatnonzero(unique_all)[keep]] = routed
+    del unique_all, routed, missing, keep
+
+    def kept_batches():
+        """(kept feature rows, their hashes, labels, split codes), batch by batch."""
+        start = cursor = 0
+        for frame in table_batches(table_path, batch_rows):
+            c = codes[start : start + len(frame)]
+            start += len(frame)
+            kept = c != DROPPED
+            n = int(kept.sum())
+            h, y = hashes[cursor : cursor + n], y_all[cursor : cursor + n]
+            cursor += n
+            yield frame.drop(columns=[LABEL])[kept].reset_index(drop=True), h, y, c[kept]
 
     def train_batches():
-        """(frame of training feature rows, their row hashes), batch by batch."""
-        start = cursor = 0
-        for frame in table_batches(table_path, batch_rows):
-            c = codes[start : start + len(frame)]
-            start += len(frame)
-            kept = c != DROPPED
-            h = hashes[cursor : cursor + int(kept.sum())]
-            cursor += len(h)
-            train = c[kept] == 0
-            yield frame.drop(columns=[LABEL])[c == 0].reset_index(drop=True), h[train]
+        for features, h, _, split in kept_batches():
+            train = split == 0
+            yield features[train].reset_index(drop=True), h[train]
 
     # --- pass 2: fill values and categories (training rows only) ----------------------
-    params = _fit_fill(cfg, numeric, categorical, train_batches())
-    prep = Preprocessor(cfg, schema)
-    prep.params = params  # fitted here, applied by the in-memory code
-    width = len(prep.feature_names())
-    n_num = len(numeric)
-    image = schema.kind == "image"
-
-    # --- pass 2b: moments (and quantiles) of the imputed, encoded matrix --------------
-    moments = _ColumnMoments(width)
-    samples = [QuantileSample() for _ in range(n_num)]
-    want_iqr = cfg.outliers == "iqr" and n_num and not image
+    fill = plan.fill_stats()
     for frame, h in train_batches():
-        X = prep._encode(frame)
-        moments.add(X)
-        if want_iqr:
-            for j in range(n_num):
-                samples[j] = samples[j].merge(QuantileSample.of(X[:, j], h))
-    bounds = None
-    if cfg.outliers != "none" and n_num and not image:
-        t = cfg.outlier_threshold
-        if cfg.outliers == "zscore":
-            mu, sd = moments.mean[:n_num], moments.std[:n_num]
-            bounds = [(mu - t * sd).tolist(), (mu + t * sd).tolist()]
-        else:
-            q1 = np.array([s.quantile(0.25) for s in samples])
-            q3 = np.array([s.quantile(0.75) for s in samples])
-            bounds = [(q1 - t * (q3 - q1)).tolist(), (q3 + t * (q3 - q1)).tolist()]
-    params["bounds"] = bounds
+        fill.add(frame, h)
+    prep = plan.preprocessor(fill)
 
-    # --- pass 2c: moments of the clipped matrix (only when outliers are handled) ------
-    if bounds is not None:
-        moments = _ColumnMoments(width)
-        for frame, _ in train_batches():
-            X = prep._encode(frame)
-            X[:, :n_num] = np.clip(X[:, :n_num], *bounds)
-            moments.add(X)
-    params["scale"] = _scale(cfg, moments, image, width)
+    # --- pass 2b (and 2c when outliers are handled): the encoded matrix ---------------
+    encoded = plan.encoded_stats(prep, want_iqr=True)
+    for frame, h in train_batches():
+        encoded.add(encode_train(prep, frame, None), h)
+    prep.params["bounds"] = encoded.bounds(cfg, plan.n_num(prep), plan.image)
+    if prep.params["bounds"] is not None:
+        encoded = plan.encoded_stats(prep, want_iqr=False)
+        for frame, h in train_batches():
+            encoded.add(encode_train(prep, frame, prep.params["bounds"]), h)
+    prep.params["scale"] = _scale(cfg, encoded.moments, plan.image, plan.width(prep))
 
     # --- pass 3: transform and write ----------------------------------------------------
-    split_schema = Schema(
-        kind=schema.kind,
-        feature_names=prep.feature_names(),
-        class_names=schema.class_names,
-        image_shape=schema.image_shape,
-        extra={
-            "preprocessing": params,
-            "categorical_columns": list(range(n_num, width)),
-        },
-    )
-    drop_outliers = bounds is not None and cfg.outlier_action == "drop"
-    outliers_dropped = outliers_clipped = 0
-    counts = np.zeros((3, len(schema.class_names)), np.int64)
+    drop = plan.drop_outliers(prep)
+    counters = {"dropped": 0, "clipped": 0}
+    counts = np.zeros((3, len(plan.schema.class_names)), np.int64)
     with contextlib.ExitStack() as stack:
         writers = [
-            stack.enter_context(shards.writer(p, split_schema))
+            stack.enter_context(shards.writer(p, plan.split_schema(prep)))
             for p in (train_path, val_path, test_path)
         ]
-        writers[0].stats["preprocessing"] = params
-        start = cursor = 0
-        for frame in table_batches(table_path, batch_rows):
-            c = codes[start : start + len(frame)]
-            start += len(frame)
-            kept = c != DROPPED
-            n_kept = int(kept.sum())
-            y = y_all[cursor : cursor + n_kept].astype(np.int64)
-            cursor += n_kept
-            features = frame.drop(columns=[LABEL])[kept].reset_index(drop=True)
-            split = c[kept]
-            X = prep.transform(features)
-            if bounds is not None:
-                out = prep.outlier_mask(features)
-                if drop_outliers:
-                    bad = out & (split == 0)
-                    outliers_dropped += int(bad.sum())
-                    X, y, split = X[~bad], y[~bad], split[~bad]
-                else:
-                    outliers_clipped += int(out.sum())
+        writers[0].stats["preprocessing"] = prep.params
+        for features, _, y, split in kept_batches():
+            X, y, split, dropped, clipped = apply_batch(prep, features, y, split, drop)
+            counters["dropped"] += dropped
+            counters["clipped"] += clipped
             for s in range(3):
                 rows = split == s
                 if rows.any():
                     writers[s].write(X[rows], y[rows])
-                    counts[s] += np.bincount(y[rows], minlength=len(schema.class_names))
-    if drop_outliers:
-        stats["outliers_dropped"] = outliers_dropped
-    elif cfg.outliers != "none":
-        stats["outliers_clipped_rows"] = outliers_clipped
-    splits = {
-        name: {
-            "rows": int(counts[s].sum()),
-            "class_counts": class_counts(
-                np.repeat(np.arange(len(schema.class_names)), counts[s]), schema.class_names
-            ),
+                    counts[s] += np.bincount(y[rows], minlength=len(plan.schema.class_names))
+    return plan.finish(stats, counts, counters, prep, started)
+
+
+def _joined(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.empty(0, dtype)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What every engine decides the same way before and after the passes: columns,
+    class codes, the routing, the preprocessor's shape and the stage metadata."""
+
+    cfg: CleanConfig
+    schema: Schema
+    numeric: list[str]
+    categorical: list[str]
+    index: dict[str, int]
+
+    @classmethod
+    def of(cls, table_path: str, cfg: CleanConfig) -> Plan:
+        schema = table_schema(table_path)
+        numeric, categorical = _columns(table_path)
+        index = {name: i for i, name in enumerate(schema.class_names)}
+        return cls(cfg, schema, numeric, categorical, index)
+
+    @property
+    def image(self) -> bool:
+        return self.schema.kind == "image"
+
+    @property
+    def label_dtype(self) -> np.dtype:
+        return np.min_scalar_type(max(len(self.schema.class_names), 1))
+
+    def route(
+        self,
+        hashes: np.ndarray,
+        y: np.ndarray,
+        missing: np.ndarray,
+        stats: dict[str, Any],
+        seed: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Of the unique rows: (kept mask, split code of each kept row); fills ``stats``."""
+        stats["missing_values"] = int(missing.sum())
+        keep = np.ones(len(hashes), bool)
+        if self.cfg.impute == "drop":
+            keep = missing == 0
+            stats["rows_dropped_missing"] = int((~keep).sum())
+        require(
+            bool(keep.any()),
+            "no rows left after dropping rows with missing values; use "
+            "--impute median (or mean/most_frequent) instead of drop",
+        )
+        y_kept = np.asarray(y[keep], np.int64)
+        _check_classes(y_kept, self.schema.class_names, self.cfg)
+        return keep, route(
+            hashes[keep], y_kept, self.cfg.test_fraction, self.cfg.val_fraction, seed
+        )
+
+    def fill_stats(self) -> FillStats:
+        return FillStats(self.cfg, self.numeric, self.categorical)
+
+    def preprocessor(self, fill: FillStats) -> Preprocessor:
+        prep = Preprocessor(self.cfg, self.schema)
+        prep.params = fill.params()  # fitted here, applied by the in-memory code
+        return prep
+
+    def n_num(self, prep: Preprocessor) -> int:
+        return len(prep.params["numeric"])
+
+    def width(self, prep: Preprocessor) -> int:
+        return len(prep.feature_names())
+
+    def encoded_stats(self, prep: Preprocessor, want_iqr: bool) -> EncodedStats:
+        iqr = want_iqr and self.cfg.outliers == "iqr" and not self.image
+        return EncodedStats(self.width(prep), self.n_num(prep), iqr)
+
+    def drop_outliers(self, prep: Preprocessor) -> bool:
+        return prep.params.get("bounds") is not None and self.cfg.outlier_action == "drop"
+
+    def split_schema(self, prep: Preprocessor) -> Schema:
+        n_num, width = self.n_num(prep), self.width(prep)
+        return Schema(
+            kind=self.schema.kind,
+            feature_names=prep.feature_names(),
+            class_names=self.schema.class_names,
+            image_shape=self.schema.image_shape,
+            extra={
+                "preprocessing": prep.params,
+                "categorical_columns": list(range(n_num, width)),
+            },
+        )
+
+    def finish(
+        self,
+        stats: dict[str, Any],
+        counts: np.ndarray,
+        counters: dict[str, int],
+        prep: Preprocessor,
+        started: float,
+    ) -> dict[str, Any]:
+        """The stage metadata `clean` returns, from what the passes counted."""
+        if self.drop_outliers(prep):
+            stats["outliers_dropped"] = counters["dropped"]
+        elif self.cfg.outliers != "none":
+            stats["outliers_clipped_rows"] = counters["clipped"]
+        names = self.schema.class_names
+        splits = {
+            name: {
+                "rows": int(counts[s].sum()),
+                "class_counts": class_counts(np.repeat(np.arange(len(names)), counts[s]), names),
+            }
+            for s, name in enumerate(("train", "validation", "test"))
         }
-        for s, name in enumerate(("train", "validation", "test"))
-    }
-    stats.update(
-        stage="clean",
-        splits=splits,
-        features_out=width,
-        scaling=cfg.scaling,
-        impute=cfg.impute,
-        outliers=cfg.outliers,
-        seconds=round(time.perf_counter() - started, 3),
-    )
-    return stats
+        stats.update(
+            stage="clean",
+            splits=splits,
+            features_out=self.width(prep),
+            scaling=self.cfg.scaling,
+            impute=self.cfg.impute,
+            outliers=self.cfg.outliers,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        return stats
 
 
 def _no_values(c: str) -> KubetrainError:
@@ -323,64 +451,94 @@ def _no_values(c: str) -> KubetrainError:
     )
 
 
-def _fit_fill(cfg: CleanConfig, numeric, categorical, batches) -> dict[str, Any]:
-    """The fill values and category lists `Preprocessor.fit` computes, batch by batch."""
-    strategy = cfg.impute if cfg.impute != "drop" else "median"
-    sums = {c: [0, 0.0] for c in numeric}  # count, running mean (merged exactly like Moments)
-    samples = {c: QuantileSample() for c in numeric}
-    modes: dict[str, dict[float, int]] = {c: {} for c in numeric}
-    cats: dict[str, dict[str, int]] = {c: {} for c in categorical}
-    for frame, h in batches:
-        for c in numeric:
+class FillStats:
+    """What `Preprocessor.fit` learns about fill values and categories, folded batch by
+    batch (pass 2) and merged across workers: exact counts, means merged like
+    `_ColumnMoments`, medians from `QuantileSample`s keyed by row hash."""
+
+    def __init__(self, cfg: CleanConfig, numeric: list[str], categorical: list[str]) -> None:
+        self.strategy = cfg.impute if cfg.impute != "drop" else "median"
+        self.numeric, self.categorical = list(numeric), list(categorical)
+        self.present = dict.fromkeys(numeric, 0)
+        self.means = dict.fromkeys(numeric, 0.0)
+        self.samples = {c: QuantileSample() for c in numeric}
+        self.modes: dict[str, dict[float, int]] = {c: {} for c in numeric}
+        self.cats: dict[str, dict[str, int]] = {c: {} for c in categorical}
+
+    def add(self, frame: pd.DataFrame, h: np.ndarray) -> None:
+        for c in self.numeric:
             v = frame[c].astype(np.float64).to_numpy()
             present = v[~np.isnan(v)]
-            if strategy == "mean" and len(present):
-                n0, m0 = sums[c]
-                n = n0 + len(present)
-                sums[c] = [n, m0 + (float(present.mean()) - m0) * len(present) / n]
-            elif strategy == "median":
-                samples[c] = samples[c].merge(QuantileSample.of(v, h))
-            elif strategy == "most_frequent":
+            if self.strategy == "mean" and len(present):
+                self._add_mean(c, len(present), float(present.mean()))
+            elif self.strategy == "median":
+                self.samples[c] = self.samples[c].merge(QuantileSample.of(v, h))
+            elif self.strategy == "most_frequent":
                 values, counts = np.unique(present, return_counts=True)
-                acc = modes[c]
-                for value, count in zip(values.tolist(), counts.tolist(), strict=True):
-                    acc[value] = acc.get(value, 0) + count
-                if len(acc) > MAX_MODE_VALUES:
-                    raise KubetrainError(
-                        f"feature column {c!r} has over {MAX_MODE_VALUES} distinct values; "
-                        "impute most_frequent needs exact counts of each: use "
-                        "--impute median (or mean) for a table this large"
-                    )
-            if strategy != "mean" and len(present):
-                sums[c][0] += len(present)
-        for c in categorical:
-            values = frame[c].dropna().astype(str).value_counts()
-            acc = cats[c]
-            for value, count in values.items():
-                if count:
-                    acc[value] = acc.get(value, 0) + int(count)
-            if len(acc) > MAX_CATEGORIES:
-                raise KubetrainError(
-                    f"feature column {c!r} has over {MAX_CATEGORIES} distinct text values "
-                    f"(limit {MAX_CATEGORIES}); drop it (an ID?) or encode it numerically first"
+                self._add_counts(
+                    self.modes, c, dict(zip(values.tolist(), counts.tolist(), strict=True))
                 )
-    fill: dict[str, Any] = {}
-    for c in numeric:
-        if sums[c][0] == 0:
-            raise _no_values(c)
-        if strategy == "mean":
-            fill[c] = float(sums[c][1])
-        elif strategy == "median":
-            fill[c] = samples[c].quantile(0.5)
-        else:
-            fill[c] = float(min(modes[c].items(), key=lambda kv: (-kv[1], kv[0]))[0])
-    categories: dict[str, list[str]] = {}
-    for c in categorical:
-        if not cats[c]:
-            raise _no_values(c)
-        categories[c] = sorted(cats[c])
-        fill[c] = min(cats[c].items(), key=lambda kv: (-kv[1], kv[0]))[0]
-    return {"numeric": list(numeric), "categorical": categories, "fill": fill}
+            if self.strategy != "mean":
+                self.present[c] += len(present)
+        for c in self.categorical:
+            values = frame[c].dropna().astype(str).value_counts()
+            self._add_counts(self.cats, c, {k: int(n) for k, n in values.items() if n})
+
+    def merge(self, other: FillStats) -> FillStats:
+        for c in self.numeric:
+            if self.strategy == "mean":
+                if other.present[c]:
+                    self._add_mean(c, other.present[c], other.means[c])
+            else:
+                self.present[c] += other.present[c]
+            self.samples[c] = self.samples[c].merge(other.samples[c])
+            self._add_counts(self.modes, c, other.modes[c])
+        for c in self.categorical:
+            self._add_counts(self.cats, c, other.cats[c])
+        return self
+
+    def _add_mean(self, c: str, n: int, mean: float) -> None:
+        total = self.present[c] + n
+        self.means[c] += (mean - self.means[c]) * n / total
+        self.present[c] = total
+
+    def _add_counts(self, into: dict[str, dict], c: str, counts: dict) -> None:
+        acc = into[c]
+        for value, count in counts.items():
+            acc[value] = acc.get(value, 0) + count
+        limit = MAX_CATEGORIES if into is self.cats else MAX_MODE_VALUES
+        if len(acc) <= limit:
+            return
+        if into is self.cats:
+            raise KubetrainError(
+                f"feature column {c!r} has over {MAX_CATEGORIES} distinct text values "
+                f"(limit {MAX_CATEGORIES}); drop it (an ID?) or encode it numerically first"
+            )
+        raise KubetrainError(
+            f"feature column {c!r} has over {MAX_MODE_VALUES} distinct values; "
+            "impute most_frequent needs exact counts of each: use "
+            "--impute median (or mean) for a table this large"
+        )
+
+    def params(self) -> dict[str, Any]:
+        """The `Preprocessor.params` fill values and category lists."""
+        fill: dict[str, Any] = {}
+        for c in self.numeric:
+            if self.present[c] == 0:
+                raise _no_values(c)
+            if self.strategy == "mean":
+                fill[c] = float(self.means[c])
+            elif self.strategy == "median":
+                fill[c] = self.samples[c].quantile(0.5)
+            else:
+                fill[c] = float(min(self.modes[c].items(), key=lambda kv: (-kv[1], kv[0]))[0])
+        categories: dict[str, list[str]] = {}
+        for c in self.categorical:
+            if not self.cats[c]:
+                raise _no_values(c)
+            categories[c] = sorted(self.cats[c])
+            fill[c] = min(self.cats[c].items(), key=lambda kv: (-kv[1], kv[0]))[0]
+        return {"numeric": list(self.numeric), "categorical": categories, "fill": fill}
 
 
 def _scale(cfg: CleanConfig, m: _ColumnMoments, image: bool, width: int) -> dict[str, Any]:
@@ -401,4 +559,4 @@ def _scale(cfg: CleanConfig, m: _ColumnMoments, image: bool, width: int) -> dict
     }
 
 
-__all__ = ["batch_hashes", "clean_streaming"]
+__all__ = ["Plan", "apply_batch", "batch_hashes", "batch_keys", "clean_streaming", "encode_train"]

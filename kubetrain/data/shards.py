@@ -75,7 +75,9 @@ DEFAULT_BATCH_ROWS = 65536
 #: What a reader tells the user to do about a missing or damaged dataset.
 FIX = f"re-run the producing stage (locally: {integrity.FIX})"
 _SHARD = "part-{:05d}.parquet"
-_SHARD_NAME = re.compile(r"part-\d{5,}\.parquet")
+#: A shard written by one task of a distributed writer (`write_part`): part-TASK-INDEX.
+_TASK_SHARD = "part-{:05d}-{:05d}.parquet"
+_SHARD_NAME = re.compile(r"part-\d{5,}(-\d{5,})?\.parquet")
 _COMPRESSION = "snappy"  # fast both ways; float features hardly compress anyway
 
 
@@ -99,6 +101,7 @@ class ShardWriter:
         shard_bytes: int,
         max_rows_per_shard: int | None,
         errors: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+        name: Callable[[int], str] = _SHARD.format,
     ) -> None:
         if shard_bytes < 1 or (max_rows_per_shard is not None and max_rows_per_shard < 1):
             raise KubetrainError(
@@ -110,6 +113,7 @@ class ShardWriter:
         self.manifest: dict[str, Any] = {}  # set once the dataset is published
         self.written: list[str] = []  # every shard name opened, for cleanup on failure
         self._opener = opener
+        self._name = name  # shard number -> file name
         self._errors = errors  # turns storage errors into one line (S3)
         self._shard_bytes = shard_bytes
         self._max_rows = max_rows_per_shard
@@ -200,7 +204,7 @@ class ShardWriter:
         y = np.concatenate([p[1] for p in self._pending])
         self._pending, self._pending_rows = [], 0
         if self._parquet is None:
-            name = _SHARD.format(len(self._shards))
+            name = self._name(len(self._shards))
             self.written.append(name)
             self._sink = _HashingSink(self._opener(name))
             self._parquet = pq.ParquetWriter(
@@ -323,6 +327,93 @@ def writer(
             raise
         (tmp / MANIFEST).write_bytes(data)  # last
         w.manifest = json.loads(data)
+
+
+@contextlib.contextmanager
+def part_writer(
+    uri: str | os.PathLike, schema: Schema, task: int, *, shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> Iterator[ShardWriter]:
+    """One task's share of a dataset that several workers write at once (Spark executors).
+
+    Shards are named ``part-TASK-INDEX.parquet`` so tasks never collide, and no
+    manifest is written: the coordinator gathers every task's
+    ``writer.manifest["shards"]`` and calls `publish`. ``uri`` is the staging
+    directory `publish` will turn into the dataset (locally) or the dataset's
+    own ``s3://`` prefix. A failing task deletes what it wrote; a retried task
+    rewrites the same names.
+    """
+    name = functools.partial(_TASK_SHARD.format, task)
+    if storage.is_s3(uri):
+        fs, base = _s3(uri)
+        w = ShardWriter(
+            lambda n: fs.open_output_stream(f"{base}/{n}"),
+            schema,
+            shard_bytes,
+            None,
+            functools.partial(_s3_errors, uri),
+            name,
+        )
+    else:
+        root = Path(uri)
+        root.mkdir(parents=True, exist_ok=True)
+        w = ShardWriter(lambda n: open(root / n, "wb"), schema, shard_bytes, None, name=name)  # noqa: SIM115
+    try:
+        yield w
+        w.manifest = w.finish()
+    except BaseException:
+        w.abort()
+        with contextlib.suppress(Exception):
+            if storage.is_s3(uri):
+                storage.delete_objects(uri, w.written)
+            else:
+                for n in w.written:
+                    (Path(uri) / n).unlink(missing_ok=True)
+        raise
+
+
+def publish(
+    uri: str | os.PathLike,
+    schema: Schema,
+    parts: list[list[dict[str, Any]]],
+    features: int,
+    stats: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write the manifest of a dataset whose shards `part_writer` tasks wrote (in task order).
+
+    Locally ``uri`` is the staging directory (the caller renames it, e.g. with
+    `kubetrain.data.datasets.atomic_dir`); on S3 it is the dataset's prefix, and
+    writing the manifest is what publishes it.
+    """
+    shard_list = [s for part in parts for s in part]
+    counts = np.zeros(len(schema.class_names), np.int64)
+    for s in shard_list:
+        counts = _add_counts(counts, None, np.asarray(s["class_counts"], np.int64))
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "schema": asdict(schema),
+        "features": features,
+        "rows": sum(s["rows"] for s in shard_list),
+        "class_counts": counts.tolist(),
+        "shards": shard_list,
+        "stats": stats or {},
+    }
+    data = _manifest_bytes(manifest)
+    if storage.is_s3(uri):
+        fs, base = _s3(uri)
+        with _s3_errors(uri), fs.open_output_stream(f"{base}/{MANIFEST}") as f:
+            f.write(data)
+    else:
+        (Path(uri) / MANIFEST).write_bytes(data)
+    return json.loads(data)
+
+
+def unpublish(uri: str | os.PathLike) -> None:
+    """Remove any dataset at an ``s3://`` prefix before tasks write new shards there."""
+    if storage.is_s3(uri):
+        fs, base = _s3(uri)
+        with _s3_errors(uri):
+            _unpublish(uri, fs, base)
 
 
 def write(
