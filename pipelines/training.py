@@ -148,7 +148,7 @@ def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:
 
     def _body(params: dict[str, Any]) -> Outputs:
         raw = step("ingest", fingerprint=params["fingerprint"])
-        splits = step("clean", table=raw.outputs["table"])
+        splits = step("clean", table=raw.outputs["table"], cluster=cluster, run_id=run_id)
         aug = step("augment", train=splits.outputs["train"])
         with dsl.If(params["tune_trials"] > 0, name="tuning-requested"):
             tuned = step(

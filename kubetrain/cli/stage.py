@@ -22,14 +22,14 @@ import json
 import sys
 from typing import Any
 
-from kubetrain.cluster.backends import trainer_for, tuner_for
+from kubetrain.cluster.backends import cleaner_for, trainer_for, tuner_for
 from kubetrain.config import flags
 from kubetrain.config.settings import SECTIONS, SEED, RunConfig
 from kubetrain.core.errors import KubetrainError
 from kubetrain.registry import CLI_STAGES, Stage
 
 #: Parameters filled here, not from flags: the backends chosen for a local run.
-BACKENDS = ("tuner", "trainer")
+BACKENDS = ("cleaner", "tuner", "trainer")
 
 
 def _add_stage(sub: argparse._SubParsersAction, stage: Stage) -> None:
@@ -98,6 +98,8 @@ def _call(args: argparse.Namespace) -> Any:
             kwargs[p.name] = cfg.seed
         elif p.name in SECTIONS:
             kwargs[p.name] = getattr(cfg, p.name)
+        elif p.name == "cleaner":
+            kwargs[p.name] = cleaner_for(cfg.clean)
         elif p.name == "tuner":
             kwargs[p.name] = tuner_for(None)
         elif p.name == "trainer":

@@ -16,8 +16,8 @@ from typing import Any
 
 from kubetrain import stages
 from kubetrain.config.cluster import ClusterConfig
-from kubetrain.config.settings import FinalConfig, RunConfig
-from kubetrain.stages import Trainer, TrainRequest, Tuner, TuneRequest
+from kubetrain.config.settings import CleanConfig, FinalConfig, RunConfig
+from kubetrain.stages import Cleaner, CleanRequest, Trainer, TrainRequest, Tuner, TuneRequest
 from kubetrain.training import distributed
 
 
@@ -26,6 +26,31 @@ def _placement(cluster: ClusterConfig | Mapping[str, Any] | None) -> ClusterConf
     if not cluster:
         return None
     return cluster if isinstance(cluster, ClusterConfig) else ClusterConfig.from_dict(cluster)
+
+
+def cleaner_for(
+    clean: CleanConfig, cluster: ClusterConfig | Mapping[str, Any] | None = None, run_id: str = ""
+) -> Cleaner:
+    """PySpark for engine=spark (a SparkApplication on a cluster, local mode here), else here."""
+    if clean.engine != "spark":
+        return stages.clean_here
+    placement = _placement(cluster)
+    if placement is None:
+        return clean_with_local_spark
+    return functools.partial(clean_on_spark, placement, run_id)
+
+
+def clean_with_local_spark(req: CleanRequest) -> dict[str, Any]:
+    from kubetrain.data.clean_spark import clean_spark
+
+    return clean_spark(
+        req.table_path, req.train_path, req.val_path, req.test_path, req.clean, req.seed
+    )
+
+
+def clean_on_spark(placement: ClusterConfig, run_id: str, req: CleanRequest) -> dict[str, Any]:
+    """A SparkApplication on the cluster runs `kubetrain.cli.spark_clean`; this pod follows it."""
+    raise NotImplementedError("SparkApplication backend: being built")
 
 
 def tuner_for(cluster: ClusterConfig | Mapping[str, Any] | None = None, run_id: str = "") -> Tuner:

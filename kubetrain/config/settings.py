@@ -106,6 +106,13 @@ class CleanConfig(Section):
     """Imputation, outliers, scaling and the split."""
 
     name: ClassVar[str] = "clean"
+    engine: str = _opt(
+        "local",
+        "Where clean runs: 'local' (this process; streams batches when the table is over "
+        "the memory budget) or 'spark' (PySpark: local mode here, a SparkApplication on a "
+        "cluster).",
+        ("local", "spark"),
+    )
     impute: str = _opt(
         "median",
         "How missing feature values are filled.",

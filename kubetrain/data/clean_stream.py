@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from kubetrain.config.settings import CleanConfig
 from kubetrain.core.errors import KubetrainError, require
@@ -109,11 +110,10 @@ class _ColumnMoments:
         return np.sqrt(self.m2 / self.count)
 
 
-def _columns(table_path: str) -> tuple[list[str], list[str]]:
+def columns_of(arrow_schema: pa.Schema) -> tuple[list[str], list[str]]:
     """(numeric, categorical) feature columns, decided as `Preprocessor.fit` decides them
-    on the whole table (from the file's schema, not from one batch's dtypes)."""
-    empty = table_arrow_schema(table_path).empty_table().to_pandas()
-    features = empty.drop(columns=[LABEL])
+    on the whole table (from the table's schema, not from one batch's dtypes)."""
+    features = arrow_schema.empty_table().to_pandas().drop(columns=[LABEL])
     numeric = [
         c
         for c in features.columns
@@ -339,8 +339,11 @@ class Plan:
 
     @classmethod
     def of(cls, table_path: str, cfg: CleanConfig) -> Plan:
-        schema = table_schema(table_path)
-        numeric, categorical = _columns(table_path)
+        return cls.of_schemas(cfg, table_schema(table_path), table_arrow_schema(table_path))
+
+    @classmethod
+    def of_schemas(cls, cfg: CleanConfig, schema: Schema, arrow_schema: pa.Schema) -> Plan:
+        numeric, categorical = columns_of(arrow_schema)
         index = {name: i for i, name in enumerate(schema.class_names)}
         return cls(cfg, schema, numeric, categorical, index)
 
@@ -559,4 +562,4 @@ def _scale(cfg: CleanConfig, m: _ColumnMoments, image: bool, width: int) -> dict
     }
 
 
-__all__ = ["Plan", "apply_batch", "batch_hashes", "batch_keys", "clean_streaming", "encode_train"]
+__all__ = ["Plan", "columns_of", "apply_batch", "batch_hashes", "batch_keys", "clean_streaming", "encode_train"]
