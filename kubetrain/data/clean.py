@@ -8,18 +8,16 @@ fitted, on the training split alone, and applied to all three.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import train_test_split
 
 from kubetrain.config.settings import CleanConfig
 from kubetrain.core.errors import KubetrainError, require
 from kubetrain.core.markdown import md_text
-from kubetrain.data.datasets import LABEL, Schema, class_counts, load_table, save_split
+from kubetrain.data.datasets import Schema
 
 MAX_CATEGORIES = 100
 MIN_ROWS_PER_CLASS = 3  # one each for train, validation and test
@@ -29,17 +27,6 @@ MIN_ROWS_PER_CLASS = 3  # one each for train, validation and test
 class Split:
     X: np.ndarray
     y: np.ndarray
-
-
-def split_indices(
-    y: np.ndarray, cfg: CleanConfig, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Stratified train/validation/test row indices, reproducible from the seed."""
-    idx = np.arange(len(y))
-    rest, test = train_test_split(idx, test_size=cfg.test_fraction, stratify=y, random_state=seed)
-    val_share = cfg.val_fraction / (1.0 - cfg.test_fraction)
-    train, val = train_test_split(rest, test_size=val_share, stratify=y[rest], random_state=seed)
-    return train, val, test
 
 
 def _check_classes(y: np.ndarray, class_names: list[str], cfg: CleanConfig) -> None:
@@ -59,6 +46,17 @@ def _check_classes(y: np.ndarray, class_names: list[str], cfg: CleanConfig) -> N
             f"(smallest: {smallest}); a stratified train/validation/test split needs at "
             "least that many: add rows or drop those classes"
         )
+
+
+def _one_hot(col: pd.Series, categories: list[str], fill: str) -> np.ndarray:
+    """One column per category; missing values count as ``fill``, unseen values as none."""
+    if not isinstance(col.dtype, pd.StringDtype):
+        col = col.astype(object).where(col.isna(), col.astype(str))
+    codes = pd.Categorical(col.fillna(fill), categories=categories).codes
+    out = np.zeros((len(col), len(categories)), np.float64)
+    seen = np.flatnonzero(codes >= 0)
+    out[seen, codes[seen]] = 1.0
+    return out
 
 
 class Preprocessor:
@@ -119,15 +117,11 @@ class Preprocessor:
 
     def _encode(self, frame: pd.DataFrame) -> np.ndarray:
         p = self.params
-        parts = [
-            frame[p["numeric"]]
-            .astype(np.float64)
-            .fillna({c: p["fill"][c] for c in p["numeric"]})
-            .to_numpy()
-        ]
+        numeric = frame[p["numeric"]].to_numpy(np.float64, na_value=np.nan)
+        fill = np.array([p["fill"][c] for c in p["numeric"]], np.float64)
+        parts = [np.where(np.isnan(numeric), fill, numeric)]
         for c, cats in p["categorical"].items():
-            col = frame[c].astype(object).where(frame[c].notna(), p["fill"][c]).astype(str)
-            parts.append((col.to_numpy()[:, None] == np.array(cats)[None, :]).astype(float))
+            parts.append(_one_hot(frame[c], cats, p["fill"][c]))
         return np.concatenate(parts, axis=1) if parts else np.empty((len(frame), 0))
 
     def _bounds(self, X: np.ndarray, n_numeric: int) -> list[list[float]] | None:
@@ -185,71 +179,14 @@ class Preprocessor:
 def clean(
     table_path: str, train_path: str, val_path: str, test_path: str, cfg: CleanConfig, seed: int
 ) -> dict[str, Any]:
-    """The clean stage; returns metadata and writes the three splits atomically."""
-    started = time.perf_counter()
-    frame, schema = load_table(table_path)
-    stats: dict[str, Any] = {"rows_in": int(len(frame))}
-    before = len(frame)
-    frame = frame.drop_duplicates(ignore_index=True)
-    stats["duplicates_removed"] = before - len(frame)
-    features = frame.drop(columns=[LABEL])
-    stats["missing_values"] = int(features.isna().sum().sum())
-    if cfg.impute == "drop":
-        keep = ~features.isna().any(axis=1).to_numpy()
-        frame, features = frame[keep].reset_index(drop=True), features[keep].reset_index(drop=True)
-        stats["rows_dropped_missing"] = int((~keep).sum())
-    require(
-        len(frame) > 0,
-        "no rows left after dropping rows with missing values; use "
-        "--impute median (or mean/most_frequent) instead of drop",
+    """The clean stage for a table that fits in memory: read once, then the streaming
+    clean's passes (`kubetrain.data.clean_stream`) over the held batches, so both
+    paths, and the Spark engine, dedupe, route and fit exactly alike."""
+    from kubetrain.data.clean_stream import clean_streaming  # it builds on this module
+
+    return clean_streaming(
+        table_path, train_path, val_path, test_path, cfg, seed, batch_rows=1 << 17, in_memory=True
     )
-    index = {name: i for i, name in enumerate(schema.class_names)}
-    y = frame[LABEL].map(index).to_numpy()
-    require(not pd.isna(y).any(), "labels outside the schema's classes; re-run ingest")
-    y = y.astype(np.int64)
-    _check_classes(y, schema.class_names, cfg)
-    tr, va, te = split_indices(y, cfg, seed)
-    prep = Preprocessor(cfg, schema).fit(features.iloc[tr])
-    if cfg.outliers != "none" and cfg.outlier_action == "drop":
-        out = prep.outlier_mask(features.iloc[tr])
-        stats["outliers_dropped"] = int(out.sum())
-        tr = tr[~out]  # validation/test rows are clipped, never dropped: honest metrics
-    elif cfg.outliers != "none":
-        stats["outliers_clipped_rows"] = int(prep.outlier_mask(features).sum())
-    split_schema = Schema(
-        kind=schema.kind,
-        feature_names=prep.feature_names(),
-        class_names=schema.class_names,
-        image_shape=schema.image_shape,
-        extra={
-            "preprocessing": prep.params,
-            "categorical_columns": list(
-                range(len(prep.params["numeric"]), len(prep.feature_names()))
-            ),
-        },
-    )
-    splits = {}
-    for name, rows, path in (
-        ("train", tr, train_path),
-        ("validation", va, val_path),
-        ("test", te, test_path),
-    ):
-        X = prep.transform(features.iloc[rows])
-        save_split(path, X, y[rows], split_schema)
-        splits[name] = {
-            "rows": int(len(rows)),
-            "class_counts": class_counts(y[rows], schema.class_names),
-        }
-    stats.update(
-        stage="clean",
-        splits=splits,
-        features_out=len(split_schema.feature_names),
-        scaling=cfg.scaling,
-        impute=cfg.impute,
-        outliers=cfg.outliers,
-        seconds=round(time.perf_counter() - started, 3),
-    )
-    return stats
 
 
 def quality_report(stats: dict[str, Any]) -> str:

@@ -3,7 +3,7 @@
 `clean_streaming` produces what `kubetrain.data.clean.clean` produces (three
 sharded splits and the same metadata) while holding one record batch at a
 time plus a few bytes per row (row hashes, label codes, one routing code per
-raw row). It reads the table's single Parquet file several times:
+raw row). It reads the table (its Parquet parts) several times:
 
 1. every row: content hash of features + label, exact duplicates dropped
    (first occurrence kept, across batches), missing values counted, rows with
@@ -19,19 +19,26 @@ raw row). It reads the table's single Parquet file several times:
 3. every kept row: `Preprocessor.transform`, written to the three splits with
    `kubetrain.data.shards.writer` (nothing is published if anything fails).
 
-The routing differs from the in-memory clean's (scikit-learn's shuffled
-split): both are exactly stratified, but they pick different rows, and rows
-keep their table order inside each split. Median and IQR are exact up to
-`stats.SAMPLE_SIZE` training values per column, a uniform hash-chosen sample
-beyond. Means and standard deviations are merged batch by batch, so different
-batch sizes agree to floating-point rounding (about 1e-15 relative), not bit
-for bit.
+The in-memory clean (`kubetrain.data.clean.clean`) is this function with the
+table's batches held in memory after one read, and the Spark engine
+(`kubetrain.data.clean_spark`) runs the same pieces per task, so all three
+route every row alike. Rows keep their table order inside each split. Median
+and IQR are exact up to `stats.SAMPLE_SIZE` training values per column, a
+uniform hash-chosen sample beyond. Batches are worked on by `THREADS` threads
+(`ordered_map`), each summary merged in batch order; means and standard
+deviations therefore agree across batch sizes to floating-point rounding
+(about 1e-15 relative), not bit for bit.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
+import os
 import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -131,11 +138,14 @@ def batch_hashes(frame: pd.DataFrame, numeric: list[str]) -> np.ndarray:
     text) makes equal rows hash equally whichever batch holds them.
     """
     norm = {}
+    wanted = set(numeric)
     for c in frame.columns:
         col = frame[c]
-        if c in numeric:
+        if c in wanted:
             norm[c] = col.astype(np.float64)
-        else:
+        elif isinstance(col.dtype, pd.StringDtype):
+            norm[c] = col  # text stays text in every batch (the table's Arrow type decides)
+        else:  # booleans (object when a batch has missing values) and other objects
             obj = col.astype(object)
             norm[c] = obj.where(obj.isna(), obj.astype(str)).where(obj.notna(), None)
     return row_hashes(pd.DataFrame(norm, columns=frame.columns))
@@ -234,21 +244,30 @@ def clean_streaming(
     cfg: CleanConfig,
     seed: int,
     batch_rows: int = 100_000,
+    in_memory: bool = False,
 ) -> dict[str, Any]:
-    """The clean stage in bounded memory; returns the metadata `clean` returns."""
+    """The clean stage; returns its metadata. ``in_memory`` reads the table once and
+    keeps its batches for the later passes (fast, for a table that fits the budget);
+    otherwise every pass reads it again and memory does not grow with the rows."""
     require(batch_rows >= 1, f"batch_rows={batch_rows} must be positive")
     started = time.perf_counter()
     plan = Plan.of(table_path, cfg)
+    read: Callable[[], Iterator[pd.DataFrame]] = functools.partial(
+        table_batches, table_path, batch_rows
+    )
+    if in_memory:
+        held = list(read())
+        read = functools.partial(iter, held)
 
     # --- pass 1: dedupe, count missing values, route ---------------------------------
     stats: dict[str, Any] = {"rows_in": 0, "duplicates_removed": 0, "missing_values": 0}
     seen = np.empty(0, np.uint64)
     kept_hashes, kept_labels, kept_missing, raw_keep = [], [], [], []
-    for frame in table_batches(table_path, batch_rows):
-        stats["rows_in"] += len(frame)
-        hashes, y, missing = batch_keys(frame, plan.numeric, plan.index)
+    keyed = functools.partial(_keys_of, plan)
+    for rows, (hashes, y, missing) in ordered_map(keyed, read()):
+        stats["rows_in"] += rows
         unique = _first_unseen(hashes, seen)
-        seen = np.union1d(seen, hashes[unique])
+        seen = np.sort(np.concatenate([seen, hashes[unique]]))  # new hashes are unique
         kept_hashes.append(hashes[unique])
         kept_labels.append(y[unique].astype(plan.label_dtype))
         kept_missing.append(missing[unique])
@@ -269,7 +288,7 @@ def clean_streaming(
     def kept_batches():
         """(kept feature rows, their hashes, labels, split codes), batch by batch."""
         start = cursor = 0
-        for frame in table_batches(table_path, batch_rows):
+        for frame in read():
             c = codes[start : start + len(frame)]
             start += len(frame)
             kept = c != DROPPED
@@ -284,20 +303,22 @@ def clean_streaming(
             yield features[train].reset_index(drop=True), h[train]
 
     # --- pass 2: fill values and categories (training rows only) ----------------------
-    fill = plan.fill_stats()
-    for frame, h in train_batches():
-        fill.add(frame, h)
+    fill = _fold(plan.fill_stats, FillStats.add, train_batches())
     prep = plan.preprocessor(fill)
 
     # --- pass 2b (and 2c when outliers are handled): the encoded matrix ---------------
-    encoded = plan.encoded_stats(prep, want_iqr=True)
-    for frame, h in train_batches():
-        encoded.add(encode_train(prep, frame, None), h)
+    encoded = _fold(
+        functools.partial(plan.encoded_stats, prep, True),
+        functools.partial(_add_encoded, prep, None),
+        train_batches(),
+    )
     prep.params["bounds"] = encoded.bounds(cfg, plan.n_num(prep), plan.image)
     if prep.params["bounds"] is not None:
-        encoded = plan.encoded_stats(prep, want_iqr=False)
-        for frame, h in train_batches():
-            encoded.add(encode_train(prep, frame, prep.params["bounds"]), h)
+        encoded = _fold(
+            functools.partial(plan.encoded_stats, prep, False),
+            functools.partial(_add_encoded, prep, prep.params["bounds"]),
+            train_batches(),
+        )
     prep.params["scale"] = _scale(cfg, encoded.moments, plan.image, plan.width(prep))
 
     # --- pass 3: transform and write ----------------------------------------------------
@@ -310,8 +331,8 @@ def clean_streaming(
             for p in (train_path, val_path, test_path)
         ]
         writers[0].stats["preprocessing"] = prep.params
-        for features, _, y, split in kept_batches():
-            X, y, split, dropped, clipped = apply_batch(prep, features, y, split, drop)
+        applied = functools.partial(_apply, prep, drop)
+        for X, y, split, dropped, clipped in ordered_map(applied, kept_batches()):
             counters["dropped"] += dropped
             counters["clipped"] += clipped
             for s in range(3):
@@ -320,6 +341,51 @@ def clean_streaming(
                     writers[s].write(X[rows], y[rows])
                     counts[s] += np.bincount(y[rows], minlength=len(plan.schema.class_names))
     return plan.finish(stats, counts, counters, prep, started)
+
+
+#: Threads that work on batches at once (pandas and numpy release the GIL in most of
+#: the work); each holds one batch, so memory grows by a batch per thread, not by rows.
+THREADS = max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+def ordered_map(fn: Callable[[Any], Any], items: Iterable[Any], threads: int = THREADS):
+    """``map(fn, items)`` on `threads` threads: results in order, at most `threads`
+    items in flight (a plain executor ``map`` would read the whole table first)."""
+    if threads <= 1:
+        yield from map(fn, items)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        pending: collections.deque = collections.deque()
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) >= threads:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _fold(start: Callable[[], Any], add: Callable[..., None], batches: Iterable) -> Any:
+    """Fold each (frame, hashes) batch into its own summary, on threads; merge them."""
+
+    def one(batch: tuple[pd.DataFrame, np.ndarray]) -> Any:
+        acc = start()
+        add(acc, *batch)
+        return acc
+
+    return functools.reduce(lambda a, b: a.merge(b), ordered_map(one, batches), start())
+
+
+def _keys_of(plan: Plan, frame: pd.DataFrame) -> tuple[int, tuple]:
+    return len(frame), batch_keys(frame, plan.numeric, plan.index)
+
+
+def _add_encoded(prep: Preprocessor, bounds: list | None, acc: EncodedStats, frame, h) -> None:
+    acc.add(encode_train(prep, frame, bounds), h)
+
+
+def _apply(prep: Preprocessor, drop: bool, batch: tuple) -> tuple:
+    features, _, y, split = batch
+    return apply_batch(prep, features, y, split, drop)
 
 
 def _joined(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
@@ -562,4 +628,12 @@ def _scale(cfg: CleanConfig, m: _ColumnMoments, image: bool, width: int) -> dict
     }
 
 
-__all__ = ["Plan", "columns_of", "apply_batch", "batch_hashes", "batch_keys", "clean_streaming", "encode_train"]
+__all__ = [
+    "Plan",
+    "columns_of",
+    "apply_batch",
+    "batch_hashes",
+    "batch_keys",
+    "clean_streaming",
+    "encode_train",
+]

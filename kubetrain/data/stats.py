@@ -96,9 +96,14 @@ class QuantileSample:
 
     def _trim(self) -> QuantileSample:
         if len(self.keys) > self.k:
-            # ties on the key are broken by value, so the kept set never depends on order
-            keep = np.lexsort((self.values, self.keys))[: self.k]
-            self.keys, self.values = self.keys[keep], self.values[keep]
+            # the k smallest keys in linear time; only a tie at the k-th key needs a sort,
+            # where ties are broken by value, so the kept set never depends on order
+            kth = np.partition(self.keys, self.k - 1)[self.k - 1]
+            keys, values = self.keys[self.keys <= kth], self.values[self.keys <= kth]
+            if len(keys) > self.k:
+                keep = np.lexsort((values, keys))[: self.k]
+                keys, values = keys[keep], values[keep]
+            self.keys, self.values = keys, values
         return self
 
     def quantile(self, q: float) -> float:

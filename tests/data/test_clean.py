@@ -11,11 +11,14 @@ import pytest
 
 from kubetrain.config.settings import RunConfig
 from kubetrain.core.errors import KubetrainError
-from kubetrain.data.clean import clean, quality_report, split_indices
+from kubetrain.data.clean import clean, quality_report
+from kubetrain.data.clean_stream import batch_hashes
 from kubetrain.data.datasets import LABEL, Schema, load_split, load_table, save_table
 from kubetrain.data.ingest import ingest
+from kubetrain.data.stats import route, unit_interval
 
-SPLITS = ("train", "validation", "test")
+SPLITS = ("train", "validation", "test")  # route's codes 0, 1, 2
+TRAIN, VALIDATION, TEST = range(3)
 N_PER_CLASS = 30
 
 
@@ -50,11 +53,76 @@ def labels(n_per_class: int = N_PER_CLASS) -> np.ndarray:
 
 
 def planned_split(cfg: RunConfig, n_per_class: int = N_PER_CLASS):
-    """The row indices clean will use (to plant train-only / test-only values).
+    """Row positions (classes as `labels`) meant for train, validation and test, in
+    route's numbers per class: round(test_fraction * n) test rows, round(val_fraction *
+    n) validation rows. A test sets the values of these rows, then `planted` picks keys
+    that make clean route every row where it was meant to go."""
+    y = labels(n_per_class)
+    split = np.full(len(y), TRAIN)
+    for cls in np.unique(y):
+        rows = np.flatnonzero(y == cls)
+        n_test = int(round(cfg.clean.test_fraction * len(rows)))
+        n_val = int(round(cfg.clean.val_fraction * len(rows)))
+        split[rows[:n_test]] = TEST
+        split[rows[n_test : n_test + n_val]] = VALIDATION
+    return tuple(np.flatnonzero(split == s) for s in (TRAIN, VALIDATION, TEST))
 
-    Tests re-check membership through the `key` column of the output, so they
-    do not rely on this plan being right."""
-    return split_indices(labels(n_per_class), cfg.clean, cfg.seed)
+
+def routing(frame: pd.DataFrame, cfg: RunConfig) -> np.ndarray:
+    """Where clean routes each row of a duplicate-free frame (kept whole): the library's
+    own content hashes (features + label) and `route`, classes in schema order."""
+    numeric = [c for c in frame.columns if c != LABEL and pd.api.types.is_numeric_dtype(frame[c])]
+    y = frame[LABEL].map({"a": 0, "b": 1}).to_numpy(np.int64)
+    hashes = batch_hashes(frame, numeric)
+    return route(hashes, y, cfg.clean.test_fraction, cfg.clean.val_fraction, cfg.seed)
+
+
+def planted(cfg: RunConfig, columns: dict[str, np.ndarray], n_per_class: int = N_PER_CLASS):
+    """`base_frame` plus ``columns`` (values by row position) with each row routed where
+    `planned_split` meant it to go.
+
+    Routing depends on a row's content, so the values are fixed first and the
+    free `key` is chosen last: each row gets the smallest unused key whose seeded
+    routing draw falls in its split's band (test below 1/3, validation below 2/3,
+    train above). `route` sends each class's lowest draws to test and the next to
+    validation, so with planned_split's counts every row lands as planned; checked
+    with `routing` on the final frame, and each test checks the outputs by key too."""
+    frame = base_frame(n_per_class)
+    for name, values in columns.items():
+        frame[name] = values
+    split = np.full(len(frame), TRAIN)
+    for s, rows in zip((TRAIN, VALIDATION, TEST), planned_split(cfg, n_per_class), strict=True):
+        split[rows] = s
+    bands = {TEST: (0.0, 1 / 3), VALIDATION: (1 / 3, 2 / 3), TRAIN: (2 / 3, 1.0)}
+    numeric = [c for c in frame.columns if c != LABEL and pd.api.types.is_numeric_dtype(frame[c])]
+    used: set[int] = set()
+    for i in range(len(frame)):
+        lo, hi = bands[split[i]]
+        candidates = frame.iloc[[i] * 64].reset_index(drop=True)
+        start = 0
+        while True:
+            keys = np.arange(start, start + 64)
+            candidates["key"] = keys.astype(np.float64)
+            draw = unit_interval(batch_hashes(candidates, numeric), cfg.seed)
+            fits = [k for k, d in zip(keys, draw, strict=True) if lo <= d < hi and k not in used]
+            if fits:
+                break
+            start += 64
+        used.add(fits[0])
+        frame.loc[i, "key"] = float(fits[0])
+    assert frame["key"].is_unique
+    np.testing.assert_array_equal(routing(frame, cfg), split)
+    return frame
+
+
+def keys_of(frame: pd.DataFrame, rows) -> list[int]:
+    return [int(k) for k in frame["key"].to_numpy()[np.asarray(rows, int)]]
+
+
+def assert_routed_as_planned(splits, frame: pd.DataFrame, cfg: RunConfig) -> None:
+    """Each split holds exactly the keys `planned_split` meant for it."""
+    for name, rows in zip(SPLITS, planned_split(cfg), strict=True):
+        assert sorted(by_key(splits, name)) == sorted(keys_of(frame, rows)), name
 
 
 def base_frame(n_per_class: int = N_PER_CLASS) -> pd.DataFrame:
@@ -96,15 +164,14 @@ def test_duplicates_removed_and_counted(tmp_path):
 
 def impute_frame(cfg: RunConfig):
     tr, va, te = planned_split(cfg)
-    frame = base_frame()
     rng = np.random.default_rng(0)
-    a = np.full(len(frame), 100.0)  # validation/test values: far from train's
+    a = np.full(2 * N_PER_CLASS, 100.0)  # validation/test values: far from train's
     a[tr] = rng.normal(0.0, 1.0, len(tr))
     a[tr[:10]] = 2.0  # train mode 2.0; overall mode 100.0
-    missing = [*tr[-3:], va[0], *te[:2]]
+    missing = [*tr[-3:], va[0], *te[:2]]  # missing in every split
     a[missing] = np.nan
-    frame["a"] = a
-    return frame, sorted(int(m) for m in missing)
+    frame = planted(cfg, {"a": a})
+    return frame, sorted(keys_of(frame, missing))
 
 
 @pytest.mark.parametrize(
@@ -120,6 +187,7 @@ def test_impute_uses_train_statistics(tmp_path, strategy, statistic):
     frame, missing = impute_frame(cfg)
     stats, splits = run_clean(tmp_path, table(tmp_path, frame), cfg)
     assert stats["missing_values"] == len(missing) == 6
+    assert_routed_as_planned(splits, frame, cfg)
     train_keys = sorted(by_key(splits, "train"))
     raw = frame.set_index("key")["a"]
     expected = statistic(raw[train_keys].dropna().to_numpy())
@@ -129,6 +197,7 @@ def test_impute_uses_train_statistics(tmp_path, strategy, statistic):
     for name in SPLITS:
         rows = by_key(splits, name)
         assert not np.isnan(splits[name][0]).any()
+        assert any(k in rows for k in missing), name  # a missing value in every split
         for k in missing:
             if k in rows:
                 assert rows[k][1] == pytest.approx(expected, abs=1e-5), (name, k)
@@ -150,7 +219,7 @@ def test_impute_drop(tmp_path):
     for name in SPLITS:
         assert not np.isnan(splits[name][0]).any()
         keys |= set(by_key(splits, name))
-    assert keys == set(range(len(frame))) - set(missing)
+    assert keys == set(keys_of(frame, range(len(frame)))) - set(missing)
     assert "| rows dropped for missing values | 6 |" in quality_report(stats)
 
 
@@ -160,15 +229,18 @@ def test_impute_drop(tmp_path):
 def test_categorical_one_hot_learned_on_train(tmp_path):
     cfg = cfg_with(scaling="none")
     tr, va, te = planned_split(cfg)
-    frame = base_frame()
-    colour = np.array(["green"] * len(frame), dtype=object)
+    colour = np.array(["green"] * 2 * N_PER_CLASS, dtype=object)
     colour[tr] = ["red", "red", "blue", "green"] * (len(tr) // 4) + ["red"] * (len(tr) % 4)
     colour[tr[1]] = None  # missing in train -> train mode 'red'
     colour[va[0]] = None  # missing in validation -> train mode 'red'
     colour[te[0]] = "purple"  # never seen in train
-    frame["colour"] = colour
     assert pd.Series(colour).mode().iloc[0] == "green"  # overall mode differs from train's
+    assert pd.Series(colour[tr]).mode().iloc[0] == "red"
+    frame = planted(cfg, {"colour": colour})
+    (purple,) = keys_of(frame, [te[0]])
+    colour_of = dict(zip(keys_of(frame, range(len(frame))), colour, strict=True))
     stats, splits = run_clean(tmp_path, table(tmp_path, frame), cfg)
+    assert_routed_as_planned(splits, frame, cfg)
     schema = splits["train"][2]
     assert schema.feature_names == ["key", "colour=blue", "colour=green", "colour=red"]
     assert schema.extra["categorical_columns"] == [1, 2, 3]
@@ -176,12 +248,12 @@ def test_categorical_one_hot_learned_on_train(tmp_path):
     for name in SPLITS:
         for k, row in by_key(splits, name).items():
             onehot = row[1:4]
-            if k == te[0]:
+            if k == purple:
                 assert name == "test" and onehot.tolist() == [0, 0, 0]
-            elif colour[k] is None:
+            elif colour_of[k] is None:
                 assert onehot.tolist() == [0, 0, 1], (name, k)
             else:
-                assert onehot.sum() == 1 and names[int(onehot.argmax())] == colour[k]
+                assert onehot.sum() == 1 and names[int(onehot.argmax())] == colour_of[k]
 
 
 def test_text_column_with_too_many_values(tmp_path):
@@ -210,11 +282,12 @@ def test_all_missing_column(tmp_path, empty):
 
 def outlier_frame(cfg: RunConfig):
     tr, va, te = planned_split(cfg)
-    frame = base_frame()
-    x = np.random.default_rng(1).normal(0.0, 1.0, len(frame))
-    x[tr[0]], x[te[0]] = 50.0, -40.0
-    frame["x"] = x
-    return frame, int(tr[0]), int(te[0])
+    x = np.random.default_rng(1).normal(0.0, 1.0, 2 * N_PER_CLASS)
+    x[tr[0]], x[te[0]] = 50.0, -40.0  # far beyond train's bounds: a train and a test row
+    frame = planted(cfg, {"x": x})
+    (train_out,) = keys_of(frame, [tr[0]])
+    (test_out,) = keys_of(frame, [te[0]])
+    return frame, train_out, test_out
 
 
 def train_bounds(frame, keys, method, t):
@@ -230,6 +303,7 @@ def test_outliers_clipped_to_train_bounds(tmp_path, method, threshold):
     cfg = cfg_with(outliers=method, outlier_threshold=threshold, scaling="none")
     frame, train_out, test_out = outlier_frame(cfg)
     stats, splits = run_clean(tmp_path, table(tmp_path, frame), cfg)
+    assert_routed_as_planned(splits, frame, cfg)
     lo, hi = train_bounds(frame, by_key(splits, "train"), method, threshold)
     assert sum(s["rows"] for s in stats["splits"].values()) == len(frame)
     assert stats["outliers_clipped_rows"] >= 2
@@ -246,7 +320,8 @@ def test_outlier_drop_only_touches_train(tmp_path):
     base = cfg_with(outliers="none", scaling="none")
     frame, train_out, test_out = outlier_frame(base)
     path = table(tmp_path, frame)
-    kept, _ = run_clean(tmp_path, path, base, tag="-none")
+    kept, all_rows = run_clean(tmp_path, path, base, tag="-none")
+    assert_routed_as_planned(all_rows, frame, base)
     cfg = cfg_with(outliers="zscore", outlier_action="drop", scaling="none")
     stats, splits = run_clean(tmp_path, path, cfg)
     assert stats["outliers_dropped"] >= 1
@@ -255,8 +330,14 @@ def test_outlier_drop_only_touches_train(tmp_path):
     )
     for name in ("validation", "test"):
         assert stats["splits"][name]["rows"] == kept["splits"][name]["rows"]
-    assert train_out not in by_key(splits, "train")
-    lo, _ = train_bounds(frame, [*by_key(splits, "train"), train_out], "zscore", 3.0)
+        assert sorted(by_key(splits, name)) == sorted(by_key(all_rows, name)), name
+    # bounds fitted on every training row; exactly the training rows outside them go
+    train_keys = set(by_key(all_rows, "train"))
+    lo, hi = train_bounds(frame, train_keys, "zscore", 3.0)
+    raw = frame.set_index("key")["x"]
+    outside = {k for k in train_keys if not lo <= raw[k] <= hi}
+    assert train_out in outside and len(outside) == stats["outliers_dropped"]
+    assert set(by_key(splits, "train")) == train_keys - outside
     assert by_key(splits, "test")[test_out][1] == pytest.approx(lo, abs=1e-4)  # clipped
     assert "training rows dropped as outliers (zscore)" in quality_report(stats)
 
@@ -344,8 +425,8 @@ def test_stratified_split_proportions(digits_splits):
         val = stats["splits"]["validation"]["class_counts"][cls]
         train = stats["splits"]["train"]["class_counts"][cls]
         assert train + val + test == n
-        assert abs(test - n * cfg.clean.test_fraction) <= 1, (cls, test, n)
-        assert abs(val - n * cfg.clean.val_fraction) <= 1, (cls, val, n)
+        assert test == round(n * cfg.clean.test_fraction), (cls, test, n)
+        assert val == round(n * cfg.clean.val_fraction), (cls, val, n)
     for name in SPLITS:
         X, y, _ = splits[name]
         assert stats["splits"][name]["rows"] == len(X) == len(y)
