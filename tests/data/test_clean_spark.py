@@ -150,3 +150,18 @@ def test_spark_writes_splits_to_s3(tmp_path: Path, spark, s3_env_module) -> None
         X2, y2, _ = shards.read_all(uri)
         np.testing.assert_allclose(sorted_rows(X1, y1), sorted_rows(X2, y2), atol=1e-6)
     assert meta["splits"]["train"]["rows"] == shards.read_manifest(uris[0])["rows"]
+
+
+def test_the_clean_stage_cli_runs_the_spark_engine(tmp_path: Path, spark, capsys) -> None:
+    from kubetrain.cli import stage
+
+    table = write_table(tmp_path, raw_frame())
+    paths = {name: str(tmp_path / name) for name in ("train", "val", "test")}
+    argv = ["clean", "--table-path", table, "--report-path", str(tmp_path / "report.md")]
+    for name, path in paths.items():
+        argv += [f"--{name}-path", path]
+    assert stage.main([*argv, "--engine", "spark"]) == 0
+    meta = json.loads(capsys.readouterr().out)
+    assert meta["engine"] == "spark"
+    assert shards.read_manifest(paths["train"])["rows"] == meta["splits"]["train"]["rows"]
+    assert "Data quality" in (tmp_path / "report.md").read_text()
