@@ -3,6 +3,7 @@ into one `KubetrainError` line with nothing written."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -199,7 +200,7 @@ def test_rewrite_replaces_previous_output(tmp_path):
     (out).mkdir()
     (out / "stale.txt").write_text("old")
     ingest("wine", "", str(out))
-    assert sorted(p.name for p in out.iterdir()) == ["data.parquet", "meta.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "part-00000.parquet"]
 
 
 # --- bad input -------------------------------------------------------------------------
@@ -294,3 +295,184 @@ def test_npy_saved_as_npz(tmp_path):
 @pytest.mark.parametrize("uri", ["s3://bad bucket/data.csv", "s3:///data.csv", "s3://"])
 def test_malformed_s3_uri(tmp_path, uri):
     fails(uri, tmp_path, "s3://BUCKET/KEY", "bucket")
+
+
+# --- streaming: batches, parts, CSV blocks -----------------------------------------------
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """CSV blocks of 512 bytes (pyarrow infers column types from the first one), batches
+    of 40 rows and parts of about 64 rows: a few hundred rows cross every boundary."""
+    from kubetrain.data import datasets
+    from kubetrain.data import ingest as module
+
+    monkeypatch.setattr(module, "CSV_BLOCK_BYTES", 512)
+    monkeypatch.setattr(module, "BATCH_ROWS", 40)
+    monkeypatch.setattr(module, "PROGRESS_EVERY", 2)
+    monkeypatch.setattr(datasets, "TABLE_PART_BYTES", 64 * 30)  # about 30 bytes a row
+
+
+def numbered_csv(path: Path, rows: int, line=lambda i: f"{i},{i % 7},{'ab'[i % 2]}") -> Path:
+    """A CSV of `rows` rows (columns n, m, label by default); `line(i)` writes row i."""
+    lines = ["n,m,label", *(line(i) for i in range(rows))]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_a_large_csv_streams_into_several_parts(tmp_path, small_blocks, capsys):
+    path = numbered_csv(tmp_path / "big.csv", 1000)
+    meta, frame, schema = run(path, tmp_path)
+    parts = sorted(p.name for p in (tmp_path / "out" / "table").glob("part-*.parquet"))
+    assert len(parts) > 3
+    assert meta["rows"] == len(frame) == 1000
+    assert frame["n"].tolist() == list(range(1000)) and frame["n"].dtype == np.int64
+    assert meta["class_counts"] == {"a": 500, "b": 500} and schema.class_names == ["a", "b"]
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) > 3 and re.fullmatch(
+        r"kubetrain \| ingest \| \d+ rows read \(\d+%, ETA .*\)", lines[0]
+    )
+    expected = pd.read_csv(path)  # what pandas makes of the same file
+    assert frame["m"].tolist() == expected["m"].tolist()
+
+
+def test_content_hash_and_counts_do_not_depend_on_batching(tmp_path, monkeypatch):
+    """Missing values in some batches only (an int column is float64 there)."""
+    from kubetrain.data import ingest as module
+
+    def line(i: int) -> str:
+        category = "" if i % 31 == 0 else f"c{i % 4}"
+        return f"{'' if i % 97 == 5 else i},{i * 0.5},{category},{i % 3}"
+
+    path = tmp_path / "h.csv"
+    path.write_text("n,f,c,label\n" + "\n".join(line(i) for i in range(600)) + "\n")
+    results = []
+    for block, batch in ((1 << 20, 65_536), (300, 7), (1000, 50)):
+        monkeypatch.setattr(module, "CSV_BLOCK_BYTES", block)
+        monkeypatch.setattr(module, "BATCH_ROWS", batch)
+        meta = ingest(str(path), "", str(tmp_path / f"out-{batch}"))
+        results.append({k: meta[k] for k in ("content_hash", "class_counts", "missing_values")})
+    assert results[0] == results[1] == results[2]
+    assert results[0]["class_counts"] == {"0": 200, "1": 200, "2": 200}
+    assert results[0]["missing_values"] == 7 + 20
+
+
+def test_missing_labels_are_counted_across_batches(tmp_path, small_blocks):
+    path = numbered_csv(
+        tmp_path / "gaps.csv", 300, lambda i: f"{i},{i},{'' if i in (173, 250) else 'ab'[i % 2]}"
+    )
+    fails(path, tmp_path, "2 missing value(s)", "first at row 173", "fill or drop")
+
+
+def test_a_number_column_with_text_after_the_first_block_becomes_text(
+    tmp_path, small_blocks, capsys
+):
+    """pyarrow types columns from the first block; pandas makes such a column text."""
+    path = numbered_csv(
+        tmp_path / "late.csv",
+        400,
+        lambda i: f"{i},{'unknown' if i == 350 else i % 7},{'ab'[i % 2]}",
+    )
+    meta, frame, _ = run(path, tmp_path)
+    assert "column 'm' holds 'unknown' after its first block" in capsys.readouterr().out
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["table"]  # no temp dirs left
+    assert meta["rows"] == 400
+    assert not pd.api.types.is_numeric_dtype(frame["m"])
+    assert frame["m"][350] == "unknown" and frame["m"][9] == "2"
+    assert frame["n"].dtype == np.int64  # the other columns keep their types
+    assert pd.read_csv(path)["m"][9] == "2"  # pandas agrees
+
+
+def test_ints_then_floats_become_floats_and_a_late_first_value_too(tmp_path, small_blocks):
+    path = numbered_csv(
+        tmp_path / "wider.csv",
+        400,
+        lambda i: f"{i + 0.5 if i == 399 else i},{i if i > 300 else ''},{'ab'[i % 2]}",
+    )
+    meta, frame, _ = run(path, tmp_path)
+    assert frame["n"].dtype == frame["m"].dtype == np.float64
+    assert frame["n"].iloc[-1] == 399.5 and frame["m"].iloc[-1] == 399
+    assert meta["missing_values"] == 301
+
+
+def test_a_row_longer_than_a_block_is_read_with_bigger_blocks(tmp_path, small_blocks):
+    long = "w" * 3000
+    path = numbered_csv(
+        tmp_path / "wide.csv", 300, lambda i: f"{i},{long if i == 200 else 'v'},{'ab'[i % 2]}"
+    )
+    meta, frame, _ = run(path, tmp_path)
+    assert meta["rows"] == 300 and frame["m"][200] == long and frame["m"][199] == "v"
+
+
+def test_a_malformed_row_far_into_the_file_is_named(tmp_path, small_blocks):
+    path = numbered_csv(
+        tmp_path / "bad.csv", 500, lambda i: f"{i},{i},{'ab'[i % 2]}" + (",9" if i == 411 else "")
+    )
+    message = fails(path, tmp_path, "bad.csv", "data row 412", "4 fields", "header has 3")
+    assert "fix that row" in message
+    short = numbered_csv(tmp_path / "short.csv", 500, lambda i: "7" if i == 60 else f"{i},{i},a")
+    fails(short, tmp_path, "data row 61", "1 fields", "header has 3")
+
+
+def test_null_markers_as_pandas_reads_them(tmp_path):
+    markers = ["NA", "N/A", "NaN", "nan", "null", "NULL", "None", "<NA>", "", "#N/A", "n/a"]
+    rows = "".join(f"{m},{m},{'ab'[i % 2]}\n" for i, m in enumerate(markers))
+    path = write_csv(tmp_path / "nulls.csv", "x,word,label\n1.5,text,a\n" + rows)
+    meta, frame, _ = run(path, tmp_path)
+    assert meta["missing_values"] == 2 * len(markers)
+    assert frame["x"].dtype == np.float64
+    assert frame["word"].isna().sum() == len(markers) and frame["word"][0] == "text"
+    assert meta["missing_values"] == int(pd.read_csv(path).drop(columns="label").isna().sum().sum())
+
+
+def test_csv_columns_as_pandas_names_and_types_them(tmp_path):
+    path = write_csv(
+        tmp_path / "cols.csv",
+        "a,a,,a.1,when,empty,label\n1,2,3,4,2024-01-02,,x\n5,6,7,8,2024-02-03,,y\n",
+    )
+    _, frame, schema = run(path, tmp_path)
+    expected = pd.read_csv(path)
+    assert schema.feature_names == [c for c in expected.columns if c != "label"]
+    assert schema.feature_names == ["a", "a.2", "Unnamed: 2", "a.1", "when", "empty"]
+    assert frame["when"].tolist() == ["2024-01-02", "2024-02-03"]  # dates stay text
+    assert frame["empty"].dtype == np.float64 and frame["empty"].isna().all()
+
+
+def test_parquet_streams_without_its_pandas_index(tmp_path, small_blocks):
+    source = pd.DataFrame(
+        {
+            "v": np.arange(300, dtype=np.float64),
+            "c": pd.Categorical(["p", "q", "r"] * 100),
+            "target": [1, 2, 3] * 100,
+        },
+        index=pd.Index(np.arange(300) * 2, name="row_id"),
+    )
+    source.to_parquet(tmp_path / "src.parquet", row_group_size=50)
+    meta, frame, schema = run(tmp_path / "src.parquet", tmp_path)
+    assert schema.feature_names == ["v", "c"]  # not row_id
+    assert frame["c"].tolist() == ["p", "q", "r"] * 100
+    assert schema.class_names == ["1", "2", "3"] and meta["rows"] == 300
+    assert frame["v"].tolist() == list(range(300))
+
+
+def test_s3_streams_csv_and_parquet(tmp_path, s3_env, small_blocks):
+    bucket = s3_env
+    local = numbered_csv(tmp_path / "s.csv", 600)
+    storage.upload(local, f"s3://{bucket}/data/s.csv")
+    meta, frame, _ = run(f"s3://{bucket}/data/s.csv", tmp_path / "a")
+    assert meta["rows"] == 600 and frame["n"].tolist() == list(range(600))
+    assert meta["content_hash"] == ingest(str(local), "", str(tmp_path / "local"))["content_hash"]
+    late = numbered_csv(
+        tmp_path / "late.csv", 400, lambda i: f"{i},{'x' if i == 390 else i},{'ab'[i % 2]}"
+    )
+    storage.upload(late, f"s3://{bucket}/data/late.csv")
+    _, frame, _ = run(f"s3://{bucket}/data/late.csv", tmp_path / "b")
+    assert frame["m"][390] == "x" and frame["m"][5] == "5"
+    pd.read_csv(local).to_parquet(tmp_path / "s.parquet")
+    storage.upload(tmp_path / "s.parquet", f"s3://{bucket}/data/s.parquet")
+    meta, frame, _ = run(f"s3://{bucket}/data/s.parquet", tmp_path / "c")
+    assert meta["rows"] == 600 and meta["class_counts"] == {"a": 300, "b": 300}
+    bad = numbered_csv(tmp_path / "bad.csv", 300, lambda i: "1,2,3,4" if i == 250 else f"{i},1,a")
+    storage.upload(bad, f"s3://{bucket}/data/bad.csv")
+    (tmp_path / "d").mkdir()
+    fails(f"s3://{bucket}/data/bad.csv", tmp_path / "d", "data row 251", "4 fields")

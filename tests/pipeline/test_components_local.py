@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
-import pandas as pd
 import pytest
 from kfp import dsl, local
 from kfp.dsl.types import artifact_types
@@ -38,7 +37,7 @@ from kubetrain.components.publish import publish
 from kubetrain.components.train import train
 from kubetrain.components.tune import default_hyperparameters, tune
 from kubetrain.config.settings import RunConfig, fields_of
-from kubetrain.data.datasets import load_split
+from kubetrain.data.datasets import load_split, load_table
 from kubetrain.training.loop import TUNABLE
 from kubetrain.training.tuning import search_space
 
@@ -273,9 +272,8 @@ def test_ingest_writes_a_validated_table(ingested):
     dataset, profile = ingested["table"], ingested["profile"]
     assert isinstance(dataset, artifact_types.Dataset)
     assert isinstance(profile, artifact_types.Markdown)
-    table = Path(dataset.path) / "data.parquet"
-    assert table.is_file()
-    frame = pd.read_parquet(table)
+    assert (Path(dataset.path) / "part-00000.parquet").is_file()
+    frame, _ = load_table(dataset.path)  # every part, checked against meta.json
     meta = dataset.metadata
     assert len(frame) == meta["rows"] == DIGITS_ROWS
     assert meta["features"] == DIGITS_FEATURES and meta["kind"] == "image"
@@ -521,4 +519,4 @@ def test_a_failing_component_raises_with_the_kubetrain_error(tmp_path, capfd, kf
     assert "pass an existing .csv/.parquet/.npz file" in text
     written = [p for p in outputs.rglob("*") if p.is_file()]
     assert not [p for p in written if "dataset" in p.parts], written
-    assert not list(outputs.rglob("data.parquet"))
+    assert not list(outputs.rglob("part-*.parquet"))
