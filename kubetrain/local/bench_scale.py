@@ -30,8 +30,11 @@ test: it prints what it measured, on this machine, and never fakes a number.
 Every measured step runs in a subprocess with an address-space cap (`RLIMIT_AS`,
 default `MEMORY_CAP_GIB`) and a time limit, so a step that would exhaust the
 machine's memory or run for hours is reported as "failed: out of memory at N GiB" or
-"timed out after S s". What does not exist yet (training from shards, a Spark engine)
-is printed as "not implemented yet".
+"timed out after S s".
+* Spark: the clean stage with ``--engine spark`` (local mode) on the same ingested
+  table, beside the local engine: wall time, and whether split sizes, class counts and
+  fitted statistics agree (the JVM maps far more address space than it uses, so this
+  step gets `SPARK_CAP_GIB`).
 
     python -m kubetrain.local.bench_scale [--rows 1000000 --big-rows 10000000
         --out DIR --skip-big]
@@ -61,7 +64,6 @@ if TYPE_CHECKING:
 
 #: What the issue asks for (printed beside the measurements; never asserted in a test).
 TARGETS = {"peak_ratio": 1.25, "peak_gib": 2.0, "clean_speedup": 3.0, "stream_ratio": 0.9}
-NOT_IMPLEMENTED = "not implemented yet"
 GIB = 1024**3
 MEMORY_CAP_GIB = 6.0
 TIMEOUT_SECONDS = 900
@@ -548,8 +550,76 @@ def clean_comparison(table: Path, work: Path, cap_gib: float, timeout_s: float) 
         result["same_output_shape"] = k["splits"] == r["splits"] and (
             k["features_out"] == r["features_out"]
         )
-    shutil.rmtree(art, ignore_errors=True)  # the splits of 1M rows: hundreds of MB
     return result
+
+
+#: Address space a Spark step may map: the JVM reserves far more than it uses.
+SPARK_CAP_GIB = 32.0
+
+
+def spark_comparison(work: Path, timeout_s: float) -> dict[str, Any]:
+    """The clean stage with ``--engine spark`` (local mode) on the table `clean_comparison`
+    ingested, against the local engine's splits written there: split sizes, class
+    counts and fitted statistics, and both wall times."""
+    from kubetrain.data import shards
+
+    art = work / "artifacts"
+    if not (art / "train" / shards.MANIFEST).is_file():
+        return {"failure": "not run: the local clean did not finish"}
+    log = work / "clean-spark.log"
+    spark = measure(
+        [
+            *_python("-m", "kubetrain.cli.stage"),
+            "clean",
+            "--engine",
+            "spark",
+            "--seed",
+            str(SEED),
+            "--table-path",
+            str(art / "table"),
+            "--train-path",
+            str(art / "spark-train"),
+            "--val-path",
+            str(art / "spark-validation"),
+            "--test-path",
+            str(art / "spark-test"),
+            "--report-path",
+            str(art / "spark-quality.md"),
+        ],
+        log,
+        SPARK_CAP_GIB,
+        timeout_s,
+    )
+    if "failure" in spark:
+        return spark
+    spark["function_seconds"] = _last_json(log.read_text())["seconds"]
+    same_counts = True
+    for name in ("train", "validation", "test"):
+        local, remote = (shards.read_manifest(art / f"{p}{name}") for p in ("", "spark-"))
+        same_counts &= local["rows"] == remote["rows"]
+        same_counts &= local["class_counts"] == remote["class_counts"]
+    prep = [
+        shards.read_manifest(art / f"{p}train")["stats"]["preprocessing"] for p in ("", "spark-")
+    ]
+    spark["same_split_sizes_and_class_counts"] = bool(same_counts)
+    spark["max_statistic_difference"] = _max_difference(prep[0], prep[1])
+    return spark
+
+
+def _max_difference(a: Any, b: Any) -> float:
+    """Largest absolute difference between the numbers of two JSON values of the same
+    shape (inf when their shapes or non-numeric values differ)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return float("inf")
+        return max((_max_difference(a[k], b[k]) for k in a), default=0.0)
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return float("inf")
+        return max((_max_difference(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(float(a) - float(b))
+    return 0.0 if a == b else float("inf")
 
 
 def _last_json(text: str) -> dict[str, Any]:
@@ -713,9 +783,23 @@ def report(result: dict[str, Any]) -> str:
             f"(target >= {TARGETS['clean_speedup']:g}x); same split sizes and feature count: "
             f"{'yes' if c['same_output_shape'] else 'NO'}"
         )
-    lines += ["", "Not measured"]
-    for name, value in result["not_implemented"].items():
-        lines.append(f"  {name:<42}{value}")
+    sp = result.get("spark", {})
+    lines += ["", f"Spark engine (local mode) vs local engine, clean on {int(c['rows']):,} rows"]
+    if "failure" in sp:
+        lines.append(f"  spark: {sp['failure']}")
+    elif sp:
+        k = c["kubetrain"]
+        lines += [
+            f"  {'':<26}{'seconds':>10}{'process s':>11}{'peak RSS':>11}",
+            f"  {'local engine':<26}{k.get('function_seconds', 0):>10.1f}"
+            f"{k.get('seconds', 0):>11.1f}"
+            f"{_gib(k.get('peak_bytes', 0)):>11}",
+            f"  {'spark engine':<26}{sp['function_seconds']:>10.1f}{sp['seconds']:>11.1f}"
+            f"{_gib(sp['peak_bytes']):>11}  (driver process tree)",
+            "  identical split sizes and class counts: "
+            f"{'yes' if sp['same_split_sizes_and_class_counts'] else 'NO'}; largest difference "
+            f"of a fitted statistic: {sp['max_statistic_difference']:.2e}",
+        ]
     return "\n".join(lines)
 
 
@@ -801,6 +885,21 @@ def targets(result: dict[str, Any], small: str, big: str | None) -> list[tuple[s
             _verdict(c.get("speedup", 0) >= TARGETS["clean_speedup"]),
         )
     )
+    sp = result.get("spark", {})
+    rows.append(
+        (
+            "spark = local: split sizes, class counts, stats within 1e-6",
+            "not measured: " + _short(sp["failure"])
+            if "failure" in sp
+            else f"counts {'equal' if sp['same_split_sizes_and_class_counts'] else 'DIFFER'}, "
+            f"stats within {sp['max_statistic_difference']:.1e}",
+            _verdict(
+                "failure" not in sp
+                and sp["same_split_sizes_and_class_counts"]
+                and sp["max_statistic_difference"] <= 1e-6
+            ),
+        )
+    )
     s = result.get("training")
     if s:
         rows.append(
@@ -875,9 +974,11 @@ def main(argv: list[str] | None = None) -> int:
         args.timeout_s,
     )
     result["clean"] = clean | {"rows": small}
+    print(f"bench-scale | spark engine vs local engine on {int(small):,} rows", flush=True)
+    result["spark"] = spark_comparison(out / f"work-{small}", args.timeout_s)
+    shutil.rmtree(out / f"work-{small}" / "artifacts", ignore_errors=True)  # GBs of splits
     print(f"bench-scale | training in memory vs from shards on {int(small):,} rows", flush=True)
     result["training"] = training_comparison(int(small), out / f"work-{small}")
-    result["not_implemented"] = {"Spark engine vs local engine": NOT_IMPLEMENTED}
     result["targets"] = targets(result, small, big)
     print()
     print(report(result))
