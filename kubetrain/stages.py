@@ -237,10 +237,11 @@ def augment_stage(
 
 
 def tune_here(req: TuneRequest) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
-    """The local tuning backend: Optuna trials in this process."""
-    from kubetrain.training.tuning import tune
+    """The local tuning backend: Optuna trials in this process (on a stratified sample of
+    the training split when it is over the memory budget: `tuning.tuning_split`)."""
+    from kubetrain.training.tuning import tune, tuning_split
 
-    X, y, schema = load_split(req.train_path)
+    (X, y), schema = tuning_split(req.train_path, req.seed)
     Xv, yv, _ = load_split(req.val_path)
     best, trials = tune(req.train, req.tune, req.seed, (X, y), (Xv, yv), schema)
     return best, trials, {"backend": "optuna"}
@@ -501,12 +502,12 @@ def evaluation_sections(result: dict[str, Any]) -> list[Section]:
 def compress_stage(
     model_path: str, test_path: str, out_path: str, report_path: str, compress: CompressConfig
 ) -> dict[str, Any]:
-    from kubetrain.assessment.compression import compress as compress_model
+    from kubetrain.assessment.compression import compress_split
 
-    X, y, _ = load_split(test_path)
     progress.log("compress", f"pruning {compress.prune_amount:.0%}, int8 quantization, ONNX export")
-    summary = compress_model(
-        model_path, X, y, compress.accuracy_budget, compress.prune_amount, out_dir=out_path
+    # the test split in memory when it fits the budget, else scored batch by batch
+    summary = compress_split(
+        model_path, test_path, compress.accuracy_budget, compress.prune_amount, out_dir=out_path
     )
     chosen = next(v for v in summary["variants"] if v["name"] == summary["chosen"])
     progress.log(

@@ -19,6 +19,10 @@ Graph contract, the same for every variant: one input ``features`` (float32,
 ``(batch, num_classes)``). Softmax is *not* in the graph, so servers get the raw
 scores and apply softmax themselves when they need probabilities (`onnx_predict`
 does).
+
+The test split is scored in memory when it fits the memory budget, else batch by
+batch from its shards (`compress_split`); one pass scores PyTorch and every
+variant, so only running totals (correct answers, largest difference) are kept.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +47,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from kubetrain.core import progress
 from kubetrain.core.errors import KubetrainError
+from kubetrain.data import batches
+from kubetrain.data.batches import Batches
 from kubetrain.data.datasets import atomic_dir, write_json
-from kubetrain.training.models import load_model, predict_proba
+from kubetrain.training.models import ModelSpec, load_model, predict_proba
 
 INPUT_NAME = "features"
 OUTPUT_NAME = "logits"
@@ -52,9 +60,18 @@ OPSET = 18  # the lowest opset the dynamo exporter targets; fine for the legacy 
 VARIANTS = ("fp32", "pruned", "int8", "pruned-int8")
 MATCH_ATOL = 1e-4  # fp32 ONNX vs PyTorch, on probabilities
 MAX_PRUNE = 0.99
+#: Rows per ONNX Runtime call when scoring. Dynamic int8 quantization scales the
+#: activations per input tensor, so an int8 variant's scores depend on which rows are
+#: scored together: a split is always scored in these chunks, counted from its first
+#: row, in memory or streamed (`_compress` aligns streamed batches to them).
+ONNX_BATCH = 1024
+#: Bytes per class score that scoring a batch holds: PyTorch's probabilities, each
+#: variant's logits (float64) and probabilities, and the float64 copies compared.
+SCORE_BYTES = 48
 
 __all__ = [
     "compress",
+    "compress_split",
     "choose",
     "within_budget",
     "export_onnx",
@@ -192,17 +209,19 @@ def _session(path: str | os.PathLike):
 
 
 def onnx_predict(
-    path: str | os.PathLike, X: np.ndarray, batch_size: int = 1024, session: Any = None
+    path: str | os.PathLike, X: np.ndarray, batch_size: int | None = None, session: Any = None
 ) -> np.ndarray:
     """Class probabilities from an ONNX file of this module's graph contract
-    (softmax applied here to the ``logits`` output)."""
+    (softmax applied here to the ``logits`` output), run `ONNX_BATCH` rows at a time."""
     session = session or _session(path)
+    batch_size = batch_size or ONNX_BATCH
     X = np.ascontiguousarray(X, dtype=np.float32)
-    chunks = [
-        session.run([OUTPUT_NAME], {INPUT_NAME: X[i : i + batch_size]})[0]
-        for i in range(0, len(X), batch_size)
-    ]
-    logits = np.concatenate(chunks).astype(np.float64) if chunks else np.empty((0, 0))
+    logits = np.empty((0, 0))
+    for i in range(0, len(X), batch_size):  # into one array: a list of chunks fragments the heap
+        chunk = session.run([OUTPUT_NAME], {INPUT_NAME: X[i : i + batch_size]})[0]
+        if i == 0:
+            logits = np.empty((len(X), chunk.shape[1]), np.float64)
+        logits[i : i + len(chunk)] = chunk
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
     return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -253,6 +272,16 @@ def verify_export(reference: np.ndarray, candidate: np.ndarray, atol: float = MA
     two probabilities are more than ``2 * atol`` apart: closer than that, a
     flip is within the tolerance and not an export fault.
     """
+    diff, flips = compare_export(reference, candidate, atol)
+    check_export(diff, flips, len(reference), atol)
+    return diff
+
+
+def compare_export(
+    reference: np.ndarray, candidate: np.ndarray, atol: float = MATCH_ATOL
+) -> tuple[float, int]:
+    """``(max |prob difference|, clear-margin class flips)`` of ONNX against PyTorch on
+    some rows; separate from `check_export` so a split can be compared batch by batch."""
     reference = np.asarray(reference, np.float64)
     candidate = np.asarray(candidate, np.float64)
     if reference.shape != candidate.shape:
@@ -267,14 +296,19 @@ def verify_export(reference: np.ndarray, candidate: np.ndarray, atol: float = MA
         (top2[:, 1] - top2[:, 0] > 2 * atol) if top2 is not None else np.ones(len(reference), bool)
     )
     flips = int(np.sum((reference.argmax(1) != candidate.argmax(1)) & clear))
+    return diff, flips
+
+
+def check_export(diff: float, flips: int, rows: int, atol: float = MATCH_ATOL) -> None:
+    """Raise `KubetrainError` when `compare_export`'s totals over ``rows`` rows show a
+    broken export."""
     if diff > atol or flips:
         raise KubetrainError(
             f"fp32 ONNX export does not match PyTorch: max |prob diff| {diff:.2e} "
-            f"(allowed {atol:.0e}), {flips} of {len(reference)} predicted classes differ; "
+            f"(allowed {atol:.0e}), {flips} of {rows} predicted classes differ; "
             "this is an exporter fault, not a data problem: report it with the model "
             "bundle, or skip the compress stage and serve the PyTorch model"
         )
-    return diff
 
 
 # ------------------------------------------------------------------ selection
@@ -309,6 +343,23 @@ def _validate(
     accuracy_budget: float,
     prune_amount: float,
 ) -> None:
+    """Every check of in-memory test arrays, before anything is written."""
+    _check_settings(accuracy_budget, prune_amount)
+    if X.ndim != 2:
+        raise KubetrainError(
+            f"test features must be a 2-D array (rows, features), got shape "
+            f"{X.shape}; pass the test split's X as saved by the clean stage"
+        )
+    _check_shape(len(X), X.shape[1], num_features)
+    if y.ndim != 1 or len(y) != len(X):
+        raise KubetrainError(
+            f"test labels have shape {y.shape} but features have {len(X)} "
+            "rows; pass X and y from the same split"
+        )
+    _check_batch(X, y, num_classes)
+
+
+def _check_settings(accuracy_budget: float, prune_amount: float) -> None:
     if not (
         isinstance(accuracy_budget, (int, float))
         and math.isfinite(accuracy_budget)
@@ -327,32 +378,29 @@ def _validate(
             f"prune_amount={prune_amount!r} is out of range; use a share of "
             f"weights in [0, {MAX_PRUNE}], e.g. 0.5 (0 turns pruning off)"
         )
-    if X.ndim != 2:
-        raise KubetrainError(
-            f"test features must be a 2-D array (rows, features), got shape "
-            f"{X.shape}; pass the test split's X as saved by the clean stage"
-        )
-    if len(X) == 0:
+
+
+def _check_shape(rows: int, features: int, num_features: int) -> None:
+    if rows == 0:
         raise KubetrainError(
             "the test set is empty; compression needs labelled test rows "
             "to measure accuracy, pass a non-empty test split"
         )
-    if X.shape[1] != num_features:
+    if features != num_features:
         raise KubetrainError(
-            f"test features have {X.shape[1]} columns but the model expects "
+            f"test features have {features} columns but the model expects "
             f"{num_features}; pass the test split produced by the same "
             "clean/augment stages as the model's training data"
         )
-    if y.ndim != 1 or len(y) != len(X):
-        raise KubetrainError(
-            f"test labels have shape {y.shape} but features have {len(X)} "
-            "rows; pass X and y from the same split"
-        )
+
+
+def _check_batch(X: np.ndarray, y: np.ndarray, num_classes: int) -> None:
+    """The checks on values: done per batch, as a streamed split is only read once."""
     if not np.isfinite(X).all():
         raise KubetrainError(
             "test features contain NaN or infinite values; pass the cleaned test split"
         )
-    if y.min() < 0 or y.max() >= num_classes:
+    if len(y) and (y.min() < 0 or y.max() >= num_classes):
         raise KubetrainError(
             f"test labels range over [{int(y.min())}, {int(y.max())}] but the "
             f"model has {num_classes} classes (0..{num_classes - 1}); pass the "
@@ -383,7 +431,8 @@ def compress(
     *,
     out_dir: str | os.PathLike,
 ) -> dict[str, Any]:
-    """Build, measure and choose among the compressed variants of a model bundle.
+    """Build, measure and choose among the compressed variants of a model bundle,
+    scored on test arrays in memory.
 
     Writes ``<variant>.onnx`` for each variant, ``model.onnx`` (a copy of the
     chosen one) and ``compression.json`` (the returned dict) into `out_dir`,
@@ -399,11 +448,90 @@ def compress(
         )
     y = y.astype(np.int64)
     _validate(X, y, spec.num_features, spec.num_classes, accuracy_budget, prune_amount)
+    return _compress(model, spec, batches.of(X, y), accuracy_budget, prune_amount, out_dir)
 
-    reference = predict_proba(model, X).numpy()
-    baseline = float(np.mean(reference.argmax(1) == y))
+
+def compress_split(
+    model_dir: str | os.PathLike,
+    test_path: str | os.PathLike,
+    accuracy_budget: float = 0.01,
+    prune_amount: float = 0.5,
+    *,
+    out_dir: str | os.PathLike,
+    budget: int | None = None,
+) -> dict[str, Any]:
+    """`compress`, scored on the split at ``test_path``: in memory when it fits the
+    memory budget, else batch by batch from its shards (one pass scores every variant).
+
+    A streamed split's values (NaN, labels out of range) are checked as they are
+    read, after the variants are built: a bad split still writes nothing.
+    """
+    model, spec, _ = load_model(model_dir)
+    _check_settings(accuracy_budget, prune_amount)
+    split = batches.open_split(test_path, lambda s: held_bytes(s, spec.num_classes), budget)
+    _check_shape(split.rows, split.features, spec.num_features)
+    if split.streamed:
+        progress.log(
+            "compress", f"streaming: the test split ({split.rows:,} rows) is over the memory budget"
+        )
+    return _compress(model, spec, split, accuracy_budget, prune_amount, out_dir)
+
+
+def held_bytes(split: Batches, num_classes: int) -> int:
+    """What scoring ``split`` in memory (as one batch) holds: the split, its labels and
+    the scores of one variant at a time (`SCORE_BYTES`)."""
+    return split.nbytes + split.rows * (8 + num_classes * SCORE_BYTES)
+
+
+@dataclass
+class _Score:
+    """One variant's running totals over the test batches."""
+
+    correct: int = 0
+    max_diff: float = 0.0  # largest |probability difference| from PyTorch
+    flips: int = 0  # clear-margin class flips (`compare_export`; checked for fp32 only)
+
+
+def _score(
+    model: nn.Module, sessions: dict[Path, Any], split: Batches, num_classes: int
+) -> tuple[int, dict[Path, _Score], np.ndarray]:
+    """Score PyTorch and every ONNX variant (its file and session) on each batch of
+    ``split``, in one pass, so a streamed split is read once and no scores are held;
+    returns (PyTorch's correct answers, each variant's totals, the first row)."""
+    scores = {path: _Score() for path in sessions}
+    correct, first = 0, None
+    for X, y in batches.logged(split, "compress", "scored"):
+        _check_batch(X, y, num_classes)
+        X = np.ascontiguousarray(X, dtype=np.float32)
+        first = X[:1].copy() if first is None and len(X) else first
+        reference = predict_proba(model, X).numpy()
+        correct += int(np.sum(reference.argmax(1) == y))
+        for path, session in sessions.items():
+            probs = onnx_predict(path, X, session=session)
+            score = scores[path]
+            score.correct += int(np.sum(probs.argmax(1) == y))
+            if path.stem == "fp32":
+                diff, flips = compare_export(reference, probs)
+                score.flips += flips
+            else:
+                diff = float(np.abs(reference - probs).max())
+            score.max_diff = max(score.max_diff, diff)
+    assert first is not None  # `_check_shape` refused an empty split
+    return correct, scores, first
+
+
+def _compress(
+    model: nn.Module,
+    spec: ModelSpec,
+    split: Batches,
+    accuracy_budget: float,
+    prune_amount: float,
+    out_dir: str | os.PathLike,
+) -> dict[str, Any]:
+    """Export the variants, score them on ``split`` and keep the smallest within budget."""
     names = [n for n in VARIANTS if prune_amount > 0 or not n.startswith("pruned")]
-
+    if split.streamed:  # whole ONNX_BATCH chunks per batch, as in memory (see ONNX_BATCH)
+        split = replace(split, batch_rows=-(-split.batch_rows // ONNX_BATCH) * ONNX_BATCH)
     with atomic_dir(out_dir) as tmp:
         exporter = export_onnx(model, spec.num_features, tmp / "fp32.onnx")
         if prune_amount > 0:
@@ -412,27 +540,25 @@ def compress(
         if prune_amount > 0:
             quantize_int8(tmp / "pruned.onnx", tmp / "pruned-int8.onnx")
 
+        paths = [tmp / f"{name}.onnx" for name in names]
+        sessions = {path: _session(path) for path in paths}
+        correct, scores, first = _score(model, sessions, split, spec.num_classes)
+        check_export(scores[paths[0]].max_diff, scores[paths[0]].flips, split.rows)  # fp32
+        baseline = correct / split.rows
         variants = []
-        for name in names:
-            path = tmp / f"{name}.onnx"
-            session = _session(path)
-            probs = onnx_predict(path, X, session=session)
-            diff = (
-                verify_export(reference, probs)
-                if name == "fp32"
-                else float(np.abs(reference - probs).max())
-            )
+        for name, path in zip(names, paths, strict=True):
             variants.append(
                 {
                     "name": name,
                     "file": path.name,
                     "bytes": path.stat().st_size,
                     "gzip_bytes": gzip_size(path),
-                    "accuracy": float(np.mean(probs.argmax(1) == y)),
+                    "accuracy": scores[path].correct / split.rows,
                     "cpu_latency_ms": round(
-                        measure_latency(path, spec.num_features, X[0], session=session), 4
+                        measure_latency(path, spec.num_features, first, session=sessions[path]),
+                        4,
                     ),
-                    "max_abs_diff": diff,
+                    "max_abs_diff": scores[path].max_diff,
                     "weight_sparsity": round(_weight_sparsity(path), 4),
                 }
             )
@@ -450,7 +576,7 @@ def compress(
             "chosen": chosen,
             "chosen_file": "model.onnx",
             "variants": variants,
-            "num_test": int(len(X)),
+            "num_test": int(split.rows),
             "onnx_opset": OPSET,
             "exporter": exporter,
             "input_name": INPUT_NAME,

@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="kubetrain-trial-") as tmp:
             train_dir = storage.local_dir(args.train, Path(tmp) / "train")
             val_dir = storage.local_dir(args.validation, Path(tmp) / "validation")
-            X, y, schema = load_split(train_dir)
+            # a stratified sample when over the memory budget, as in local tuning
+            (X, y), schema = tuning.tuning_split(str(train_dir), cfg.seed)
             Xv, yv, _ = load_split(val_dir)
             settings = {**cfg.flat(*SECTIONS), "role": "trial"}
             where = (

@@ -141,11 +141,17 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec, dict[str,
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, X, batch_size: int = 4096) -> torch.Tensor:
-    """Class probabilities on CPU, batched so large test sets fit in memory."""
+    """Class probabilities on CPU, batched so large test sets fit in memory.
+
+    Each chunk's scores go straight into one preallocated tensor: kept as a list of
+    small tensors, they pin the heap between the chunks' large temporaries and
+    memory grew by ~1 MiB per chunk (740 MiB on 3M rows, for 36 MB of scores)."""
     model.eval()
     X = torch.as_tensor(X, dtype=torch.float32)
-    out = [
-        torch.softmax(model(X[i : i + batch_size]).float(), dim=1)
-        for i in range(0, len(X), batch_size)
-    ]
-    return torch.cat(out) if out else torch.empty(0)
+    out: torch.Tensor | None = None
+    for i in range(0, len(X), batch_size):
+        scores = torch.softmax(model(X[i : i + batch_size]).float(), dim=1)
+        if out is None:
+            out = torch.empty((len(X), scores.shape[1]), dtype=scores.dtype)
+        out[i : i + len(scores)] = scores
+    return out if out is not None else torch.empty(0)

@@ -22,12 +22,17 @@ import numpy as np
 from kubetrain.config.settings import HyperConfig, TrainConfig, TuneConfig
 from kubetrain.core import progress
 from kubetrain.core.errors import KubetrainError
+from kubetrain.core.memory import memory_budget
+from kubetrain.data import batches
 from kubetrain.data.datasets import Schema
 from kubetrain.training.loop import EpochHook, Split, fit
 
 GOALS = {"validation-accuracy": "maximize", "validation-loss": "minimize"}
 MEDIANSTOP = {"min_trials_required": 3, "start_step": 4}  # Katib's defaults
 GRID_POINTS = 3  # values per continuous parameter when the algorithm is grid
+#: Share of the memory budget a training sample for tuning may take (`tuning_split`):
+#: the validation split, the trials' networks and their batches need the rest.
+SAMPLE_SHARE = 0.5
 
 
 @dataclass(frozen=True)
@@ -142,6 +147,36 @@ def suggest(trial, space: list[Param]) -> dict[str, Any]:
         else:
             values[p.name] = p.cast(trial.suggest_categorical(p.name, list(p.values)))
     return values
+
+
+def tuning_split(
+    path: str, seed: int, budget: int | None = None
+) -> tuple[tuple[np.ndarray, np.ndarray], Schema]:
+    """The training split trials train on: whole when it fits the memory budget, else a
+    stratified sample of it that takes `SAMPLE_SHARE` of the budget. Returns ``((X, y), schema)``.
+
+    A sample, not shards streamed like the train stage: a study runs
+    ``tune_trials x tune_epochs`` epochs, several trials at once, and streaming
+    every shard each epoch would cost more than the final training; a trial only
+    has to rank hyperparameters, which millions of rows do as well as all of
+    them. The sample keeps each class's share and is spread evenly along the
+    split (`kubetrain.data.batches.stratified_sample`); the same split and seed
+    give the same rows. The train stage still trains on every row.
+    """
+    split = batches.open_split(path, budget=budget)
+    assert split.schema is not None
+    if not split.streamed:
+        assert split.arrays is not None
+        return split.arrays, split.schema
+    limit = int((memory_budget() if budget is None else budget) * SAMPLE_SHARE)
+    rows = max(1, limit // max(1, split.features * 4))
+    X, y = batches.stratified_sample(split, rows, seed, stage="tune")
+    progress.log(
+        "tune",
+        f"the training split ({split.rows:,} rows) is over the memory budget: trials train on "
+        f"a stratified sample of {len(y):,} rows (seed {seed}); the train stage uses every row",
+    )
+    return (X, y), split.schema
 
 
 def run_trial(

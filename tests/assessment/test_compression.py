@@ -379,3 +379,73 @@ def test_latency_measurement_is_bounded(compressed):
     ms = compression.measure_latency(out_dir / "int8.onnx", NUM_FEATURES, max_seconds=0.05)
     assert time.perf_counter() - start < 2.0
     assert 0 < ms < 100
+
+
+# --- streamed: a test split over the memory budget ------------------------------------
+
+
+@pytest.fixture
+def sharded_mlp(mlp_case, tmp_path, monkeypatch):
+    """The MLP case's 450 test rows as 5 shards, streamed in batches of 100 rows (70
+    rounded up to whole ONNX Runtime calls of 50 rows)."""
+    from kubetrain.data import batches, shards
+    from kubetrain.data.datasets import Schema
+
+    bundle, X, y = mlp_case
+    schema = Schema("table", [f"p{i}" for i in range(NUM_FEATURES)], CLASSES)
+    shards.write(tmp_path / "test", X, y, schema, max_rows_per_shard=100)
+    monkeypatch.setattr(batches, "BATCH_BYTES", 70 * NUM_FEATURES * 4)
+    monkeypatch.setattr(compression, "ONNX_BATCH", 50)
+    return bundle, X, y, str(tmp_path / "test")
+
+
+def test_streamed_compression_picks_the_same_variant(sharded_mlp, tmp_path, capsys):
+    bundle, X, y, test = sharded_mlp
+    arrays = compress(bundle, X, y, accuracy_budget=0.01, prune_amount=0.5, out_dir=tmp_path / "a")
+    whole = compression.compress_split(
+        bundle, test, 0.01, 0.5, out_dir=tmp_path / "w", budget=10**9
+    )
+    assert "streaming" not in capsys.readouterr().out
+    streamed = compression.compress_split(
+        bundle, test, 0.01, 0.5, out_dir=tmp_path / "s", budget=1000
+    )
+    out = capsys.readouterr().out
+    assert "streaming: the test split (450 rows)" in out and "scored 450/450 rows" in out
+    for result in (whole, streamed):
+        assert result["chosen"] == arrays["chosen"] and result["num_test"] == 450
+        assert result["baseline_accuracy"] == arrays["baseline_accuracy"]
+        for v, ref in zip(result["variants"], arrays["variants"], strict=True):
+            assert v["name"] == ref["name"] and v["accuracy"] == ref["accuracy"]
+            assert v["within_budget"] == ref["within_budget"]
+            assert v["max_abs_diff"] == pytest.approx(ref["max_abs_diff"], abs=1e-6)
+            assert v["bytes"] == ref["bytes"] and v["gzip_bytes"] == ref["gzip_bytes"]
+    # int8 scores depend on the rows scored together, so the chunks are the same on
+    # both paths: all figures come out the same
+    assert [v["max_abs_diff"] for v in whole["variants"]] == [
+        v["max_abs_diff"] for v in arrays["variants"]
+    ]
+    assert [v["max_abs_diff"] for v in streamed["variants"]][2:] == [
+        v["max_abs_diff"] for v in arrays["variants"]
+    ][2:]
+
+
+def test_a_bad_streamed_split_is_refused_and_writes_nothing(sharded_mlp, tmp_path):
+    from kubetrain.data import shards
+    from kubetrain.data.datasets import Schema
+
+    bundle, X, y, _ = sharded_mlp
+    schema = Schema("table", [f"p{i}" for i in range(NUM_FEATURES)], CLASSES)
+    X_bad = X.copy()
+    X_bad[400, 3] = np.nan  # in the last shard: found while scoring, after the exports
+    shards.write(tmp_path / "nan", X_bad, y, schema, max_rows_per_shard=100)
+    out = tmp_path / "out"
+    with pytest.raises(KubetrainError) as excinfo:
+        compression.compress_split(bundle, tmp_path / "nan", out_dir=out, budget=1000)
+    _assert_one_line_error(excinfo, "NaN")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["nan", "test"]
+    short = Schema("table", [f"p{i}" for i in range(30)], CLASSES)
+    shards.write(tmp_path / "short", X[:, :30], y, short, max_rows_per_shard=100)
+    with pytest.raises(KubetrainError) as excinfo:
+        compression.compress_split(bundle, tmp_path / "short", out_dir=out, budget=1000)
+    _assert_one_line_error(excinfo, "30", "64", "test split")
+    assert not out.exists()

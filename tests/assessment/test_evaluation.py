@@ -192,3 +192,42 @@ def test_evaluate_rejects_paths_that_are_not_artifacts(artifacts, tmp_path):
         evaluate(str(tmp_path), str(root / "test"), 0.9)
     with pytest.raises(KubetrainError, match="no arrays.npz"):
         evaluate(str(root / "model"), str(tmp_path), 0.9)
+
+
+# --- streamed: a test split over the memory budget -----------------------------------
+
+
+def _assert_same(streamed, whole, where="metrics"):
+    """Equal up to float noise (1e-6): batch shapes change the last bits of a matmul."""
+    if isinstance(whole, dict):
+        assert set(streamed) == set(whole), where
+        for key in whole:
+            if key != "seconds":
+                _assert_same(streamed[key], whole[key], f"{where}.{key}")
+    elif isinstance(whole, list):
+        assert len(streamed) == len(whole), where
+        for i, (a, b) in enumerate(zip(streamed, whole, strict=True)):
+            _assert_same(a, b, f"{where}[{i}]")
+    elif isinstance(whole, float):
+        assert streamed == pytest.approx(whole, abs=1e-6, nan_ok=True), where
+    else:
+        assert streamed == whole, where
+
+
+def test_streamed_evaluation_gives_the_in_memory_metrics(artifacts, monkeypatch, capsys):
+    from kubetrain.data import batches, shards
+
+    root, X, y = artifacts
+    schema = shards.read_schema(root / "test")
+    shards.write(root / "sharded", X, y, schema, max_rows_per_shard=40)  # 5 shards
+    monkeypatch.setattr(batches, "BATCH_BYTES", 30 * X.shape[1] * 4)  # batches of 30 rows
+    whole = evaluate(str(root / "model"), str(root / "sharded"), 0.9, budget=10**9)
+    assert "streaming" not in capsys.readouterr().out
+    streamed = evaluate(str(root / "model"), str(root / "sharded"), 0.9, budget=1000)
+    out = capsys.readouterr().out
+    assert f"streaming: the test split ({len(y)} rows)" in out
+    assert f"predicted {len(y)}/{len(y)} rows" in out
+    _assert_same(streamed, whole)
+    assert streamed["accuracy"] == whole["accuracy"] and streamed["test_rows"] == len(y)
+    with pytest.raises(KubetrainError, match="10 features but the model expects 30"):
+        evaluate(str(root / "model"), str(root / "short"), 0.9, budget=1000)

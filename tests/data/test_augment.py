@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from kubetrain.config.settings import RunConfig
+from kubetrain.data import augment as augment_mod
+from kubetrain.data import batches, shards
 from kubetrain.data.augment import augment, augment_arrays
 from kubetrain.data.clean import clean
 from kubetrain.data.datasets import Schema, load_split, save_split
@@ -288,3 +290,106 @@ def test_augment_stage_images(tmp_path, digits_train):
     assert meta["kind"] == "image" and meta["rows_before"] == 50 and meta["rows_after"] == 150
     assert meta["class_counts_after"] == {k: 3 * v for k, v in meta["class_counts_before"].items()}
     assert load_split(tmp_path / "out")[2].image_shape == [1, 8, 8]
+
+
+# --- streamed: a training split over the memory budget -----------------------------------
+
+
+def sharded_table(tmp_path, monkeypatch, counts=(300, 70, 12)):
+    """An imbalanced table as shards of 50 rows, streamed in batches of 40; the first
+    column tags each row (rows are recognisable after augmenting)."""
+    rng = np.random.default_rng(8)
+    y = rng.permutation(np.concatenate([np.full(c, k) for k, c in enumerate(counts)]))
+    X = np.concatenate(
+        [np.arange(len(y))[:, None] * 5.0, rng.normal(size=(len(y), 1)), np.eye(2)[y % 2]],
+        axis=1,
+    ).astype(np.float32)
+    _, _, schema = table_split()
+    shards.write(tmp_path / "train", X, y, schema, max_rows_per_shard=50)
+    monkeypatch.setattr(batches, "BATCH_BYTES", 40 * X.shape[1] * 4)
+    return str(tmp_path / "train"), X, y.astype(np.int64), schema
+
+
+def run_augment(tmp_path, train, name, budget, **changes):
+    cfg = cfg_with(**changes)
+    meta = augment(train, str(tmp_path / name), cfg.augment, cfg.seed, budget=budget)
+    X, y, _ = load_split(tmp_path / name)
+    return meta, X, y
+
+
+def rows_of(X: np.ndarray) -> list[bytes]:
+    return [r.tobytes() for r in X]
+
+
+@pytest.mark.parametrize("changes", [{}, {"augment_copies": 2}, {"oversample": False}])
+def test_streamed_augment_writes_the_in_memory_counts(tmp_path, monkeypatch, capsys, changes):
+    train, X, y, schema = sharded_table(tmp_path, monkeypatch)
+    whole, _, y_whole = run_augment(tmp_path, train, "whole", 10**9, **changes)
+    assert "streaming" not in capsys.readouterr().out
+    meta, X_out, y_out = run_augment(tmp_path, train, "streamed", 1000, **changes)
+    out = capsys.readouterr().out
+    assert "streaming: the training split (382 rows" in out
+    assert "augmented 382/382 rows" in out  # progress lines of the streamed pass
+    assert meta["class_counts_after"] == whole["class_counts_after"]
+    assert meta["class_counts_before"] == whole["class_counts_before"]
+    assert meta["rows_after"] == whole["rows_after"] == len(y_out)
+    assert np.bincount(y_out).tolist() == np.bincount(y_whole).tolist()
+    expected = augment_mod.counts_after(np.bincount(y), schema, cfg_with(**changes).augment)
+    assert np.bincount(y_out).tolist() == expected.tolist()
+    # every original row is there, exactly once and unchanged (jittered rows all moved)
+    originals = set(rows_of(X))
+    assert sum(r in originals for r in rows_of(X_out)) == len(X)
+    assert set(rows_of(X_out)) >= originals
+
+
+def test_streamed_augment_draws_extra_rows_from_the_whole_split(tmp_path, monkeypatch):
+    train, X, y, _ = sharded_table(tmp_path, monkeypatch)
+    _, X_out, y_out = run_augment(tmp_path, train, "out", 1000, augment_copies=0)
+    added = np.array([r not in set(rows_of(X)) for r in rows_of(X_out)])
+    assert added.sum() == len(y_out) - len(y) == 2 * 300 - 70 - 12
+    source = np.rint(X_out[added, 0] / 5).astype(int)  # column 0 is 5x the source row
+    assert (y[source] == y_out[added]).all()  # drawn from the row's own class
+    rare = source[y_out[added] == 2]
+    assert set(rare) == set(np.flatnonzero(y == 2))  # from all 12 rows of the rare class
+    mid = source[y_out[added] == 1]
+    assert mid.min() < 50 and mid.max() > 330  # from every part of the split
+
+
+def test_streamed_augment_is_deterministic_for_a_seed(tmp_path, monkeypatch):
+    train, *_ = sharded_table(tmp_path, monkeypatch)
+    first = run_augment(tmp_path, train, "a", 1000, seed=3)
+    again = run_augment(tmp_path, train, "b", 1000, seed=3)
+    other = run_augment(tmp_path, train, "c", 1000, seed=4)
+    np.testing.assert_array_equal(first[1], again[1])
+    np.testing.assert_array_equal(first[2], again[2])
+    assert not np.array_equal(first[1], other[1])
+
+
+def test_streamed_augment_of_images(tmp_path, monkeypatch):
+    X = asymmetric_images(90).astype(np.float32)
+    y = np.arange(len(X)) % 2
+    shards.write(tmp_path / "train", X, y, image_schema(6, 7), max_rows_per_shard=20)
+    monkeypatch.setattr(batches, "BATCH_BYTES", 25 * 42 * 4)
+    still = {**STILL, "noise_std": 0.01}  # copies stay close to their originals
+    meta, X_out, y_out = run_augment(tmp_path, str(tmp_path / "train"), "out", 1000, **still)
+    assert meta["rows_after"] == 180 and meta["class_counts_after"] == {"a": 90, "b": 90}
+    assert sum(r in set(rows_of(X)) for r in rows_of(X_out)) == len(X)
+    # each batch is followed by its copy: rows 25..49 copy rows 0..24
+    np.testing.assert_array_equal(X_out[:25], X[:25])
+    np.testing.assert_array_equal(y_out[25:50], y[:25])
+    np.testing.assert_allclose(X_out[25:50], X[:25], atol=0.06)
+
+
+def test_one_batch_is_the_in_memory_augmentation(tmp_path):
+    """The in-memory path is the streamed path with one batch: the same rows."""
+    X, y, schema = table_split()
+    cfg = cfg_with(augment_copies=2, noise_std=0.3)
+    X_aug, y_aug = augment_arrays(X, y, schema, cfg.augment, cfg.seed)
+    pieces = list(
+        augment_mod.augment_batches(
+            [(X, y)], np.bincount(y), schema, cfg.augment, cfg.seed, chunk_rows=5
+        )
+    )
+    np.testing.assert_array_equal(np.concatenate([p[0] for p in pieces]), X_aug)
+    np.testing.assert_array_equal(np.concatenate([p[1] for p in pieces]), y_aug)
+    assert max(len(p[1]) for p in pieces) == 20  # the originals; augmented rows in fives

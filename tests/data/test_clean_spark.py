@@ -53,7 +53,9 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("changes", CASES, ids=lambda c: "-".join(map(str, c.values())) or "default")
+@pytest.mark.parametrize(
+    "changes", CASES, ids=lambda c: "-".join(map(str, c.values())) or "default"
+)
 def test_spark_matches_the_local_engine(tmp_path: Path, spark, changes) -> None:
     table = write_table(tmp_path, raw_frame())
     cfg = RunConfig.from_flat({"seed": 11, **changes})

@@ -377,3 +377,43 @@ def test_failures_within_the_limit_are_recorded(cancer, monkeypatch):
     )
     with pytest.raises(KubetrainError, match="no tuning trial completed"):
         tune(TRAIN, TuneConfig(tune_trials=2, tune_max_failed=3), SEED, train, val, schema)
+
+
+# --- a training split over the memory budget ------------------------------------------
+
+
+@pytest.fixture
+def sharded_cancer(cancer, tmp_path):
+    """The 160 training rows as 4 shards and the 100 validation rows, saved."""
+    from kubetrain.data import shards
+    from kubetrain.data.datasets import save_split
+
+    (X, y), (Xv, yv), schema = cancer
+    shards.write(tmp_path / "train", X, y, schema, max_rows_per_shard=40)
+    save_split(tmp_path / "val", Xv, yv, schema)
+    return str(tmp_path / "train"), str(tmp_path / "val"), X, y
+
+
+def test_tuning_over_the_budget_trains_on_a_stratified_sample(sharded_cancer, monkeypatch, capsys):
+    from kubetrain.stages import TuneRequest, tune_here
+
+    train, val, X, y = sharded_cancer
+    budget = 80 * X.shape[1] * 4  # half of it holds 40 of the 160 rows
+    monkeypatch.setenv("KUBETRAIN_MEMORY_BUDGET", str(budget))
+    cfg = TuneConfig(tune_algorithm="random", tune_trials=2, tune_epochs=1)
+    best, rows, extra = tune_here(TuneRequest(train, val, TRAIN, cfg, SEED))
+    out = capsys.readouterr().out
+    assert "trials train on a stratified sample of 40 rows (seed 42)" in out
+    assert len(rows) == 2 and all(r["state"] == "COMPLETE" for r in rows)
+    assert _in_space(best, search_space()) and extra == {"backend": "optuna"}
+    (Xs, ys), _ = tuning.tuning_split(train, SEED, budget)
+    assert len(ys) == 40 and np.bincount(ys).tolist() == (np.bincount(y) // 4).tolist()
+    tags = [next(i for i, r in enumerate(X) if np.array_equal(r, s)) for s in Xs]
+    assert tags == sorted(set(tags)) and (ys == y[tags]).all()  # real rows, in order
+    again = tuning.tuning_split(train, SEED, budget)[0][0]
+    np.testing.assert_array_equal(again, Xs)  # the same sample for the same seed
+    monkeypatch.setenv("KUBETRAIN_MEMORY_BUDGET", str(10**9))
+    capsys.readouterr()
+    (Xw, _), _ = tuning.tuning_split(train, SEED)
+    np.testing.assert_array_equal(Xw, X)  # within the budget: every row, as before
+    assert "sample" not in capsys.readouterr().out
