@@ -50,7 +50,7 @@ run: install ## run the whole pipeline locally (kfp.local); ARGS="--dataset brea
 compile: install ## write the pipeline YAML to pipelines/compiled/ (TARGET=local|cluster)
 	$(VENV)/bin/kubetrain compile --target $(TARGET) --image-registry $(IMAGE_REGISTRY) --image-tag $(IMAGE_TAG) $(ARGS)
 
-render: install ## write the Katib Experiment and TrainJob a cluster run creates; ARGS="--num-nodes 2"
+render: install ## write the SparkApplication, Katib Experiment and TrainJob a cluster run creates; ARGS="--engine spark"
 	$(VENV)/bin/kubetrain render --image-registry $(IMAGE_REGISTRY) --image-tag $(IMAGE_TAG) $(ARGS)
 
 submit: install ## compile for the cluster, upload and run on Kubeflow; ARGS="--host http://localhost:8080 --param epochs=50 --wait"
@@ -78,7 +78,7 @@ bench: install ## measure pipeline and stage speed
 bench-scale: install ## peak RSS per stage at 1M vs 10M rows, clean vs pandas+sklearn; ARGS="--skip-big"
 	$(PY) -m kubetrain.local.bench_scale $(ARGS)
 
-images: ## build the CPU and CUDA component images (IMAGE_REGISTRY, IMAGE_TAG)
+images: ## build the CPU (with Java and pyspark for --engine spark) and CUDA images (IMAGE_REGISTRY, IMAGE_TAG)
 	$(DOCKER) build -f docker/Dockerfile.cpu  $(BUILD_ARGS) -t $(IMAGE):$(IMAGE_TAG)-cpu .
 	$(DOCKER) build -f docker/Dockerfile.cuda $(BUILD_ARGS) -t $(IMAGE):$(IMAGE_TAG)-cuda .
 

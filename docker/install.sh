@@ -7,7 +7,11 @@
 # Creates <venv-dir> with $PYTHON (default python3.11) unless it exists, installs
 # kubetrain NON-editable with constraints.txt (kfp, kfp-kubernetes and torch are
 # pinned in pyproject.toml, everything else in constraints.txt), then checks that
-# kfp, torch of the requested flavor and every component module import.
+# kfp, torch of the requested flavor and every component module import. The cpu
+# flavor also gets the `spark` extra (pyspark): the clean step's SparkApplication
+# runs its driver and executors in the CPU image (kubetrain/cluster/spark.py), so the
+# check also finds Spark's Kubernetes backend and the driver program where the
+# SparkApplication's mainApplicationFile points.
 #   PIP_EXTRA_ARGS  extra pip arguments, e.g. "--extra-index-url https://download.pytorch.org/whl/cpu"
 #                   (the CPU image passes the CPU wheel index here)
 # The build runs in a temporary copy of the sources: no build/ or *.egg-info is
@@ -32,9 +36,14 @@ trap 'rm -rf "$src"' EXIT
 (cd "$root" && tar -cf - --exclude=__pycache__ --exclude='*.pyc' --exclude=pipelines/compiled \
     pyproject.toml constraints.txt README.md kubetrain components pipelines) | tar -xf - -C "$src"
 
+target=$src
+if [[ "$flavor" == cpu ]]; then
+    target="${src}[spark]"
+fi
+
 echo "kubetrain | install | $flavor image venv in $venv (${extra[*]:-default indexes})"
 "$venv/bin/python" -m pip install --no-cache-dir --disable-pip-version-check --no-input --root-user-action=ignore \
-    -c "$src/constraints.txt" ${extra[@]+"${extra[@]}"} "$src"
+    -c "$src/constraints.txt" ${extra[@]+"${extra[@]}"} "$target"
 
 # Fails the build when the wrong torch flavor, or a module, did not make it in.
 cd "$venv"  # not the source tree: imports must come from site-packages
@@ -59,6 +68,25 @@ if "site-packages" not in kubetrain.__file__:
 names = [m.name for m in pkgutil.iter_modules(kubetrain.components.__path__)]
 for name in names:
     importlib.import_module(f"kubetrain.components.{name}")
+spark = "no Spark"
+if flavor == "cpu":
+    import sys
+    from pathlib import Path, PurePosixPath
+
+    import pyspark
+
+    from kubetrain.cluster import spark as app
+
+    if pyspark.__version__ != app.SPARK_VERSION:
+        raise SystemExit(f"error: pyspark {pyspark.__version__}, but SparkApplications say "
+                         f"sparkVersion {app.SPARK_VERSION} (kubetrain/cluster/spark.py)")
+    if not list((Path(pyspark.__file__).parent / "jars").glob("spark-kubernetes_*.jar")):
+        raise SystemExit("error: pyspark has no spark-kubernetes jar: Spark cannot run on Kubernetes")
+    main_file = Path(sys.prefix) / PurePosixPath(app.MAIN_FILE).relative_to(app.VENV)
+    if not main_file.is_file():
+        raise SystemExit(f"error: no {main_file}: the SparkApplication's mainApplicationFile "
+                         f"{app.MAIN_FILE} would not exist in the image")
+    spark = f"pyspark {pyspark.__version__}"
 print(f"kubetrain | install | ok: kubetrain {kubetrain.__version__}, kfp {kfp.__version__}, "
-      f"torch {torch.__version__} (CUDA {cuda}), components: {', '.join(names)}")
+      f"torch {torch.__version__} (CUDA {cuda}), {spark}, components: {', '.join(names)}")
 EOF

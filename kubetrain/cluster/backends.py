@@ -49,8 +49,20 @@ def clean_with_local_spark(req: CleanRequest) -> dict[str, Any]:
 
 
 def clean_on_spark(placement: ClusterConfig, run_id: str, req: CleanRequest) -> dict[str, Any]:
-    """A SparkApplication on the cluster runs `kubetrain.cli.spark_clean`; this pod follows it."""
-    raise NotImplementedError("SparkApplication backend: being built")
+    """A SparkApplication on the cluster runs `kubetrain.cli.spark_clean`; this pod follows it
+    and copies the splits it wrote (under the pipeline root) into the step's outputs."""
+    from kubetrain.cluster import spark
+
+    return spark.clean_on_cluster(
+        placement,
+        run_id or req.run_id,
+        req.clean,
+        req.seed,
+        req.table_uri,
+        req.train_path,
+        req.val_path,
+        req.test_path,
+    )
 
 
 def tuner_for(cluster: ClusterConfig | Mapping[str, Any] | None = None, run_id: str = "") -> Tuner:

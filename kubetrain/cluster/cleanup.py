@@ -1,7 +1,8 @@
 """What the pipeline's exit handler does when a run ends: clean up, then tell someone.
 
-A failed or cancelled run can leave a Katib Experiment (and its trial pods) or
-a TrainJob (and its GPU pods) behind: the step that owned it may have been
+A failed or cancelled run can leave a SparkApplication (and its driver and
+executors), a Katib Experiment (and its trial pods) or a TrainJob (and its GPU
+pods) behind: the step that owned it may have been
 killed before its own `finally` ran. Their names derive from the run id
 (`k8s.run_name`), so the exit task can find and delete them without any
 state. It then POSTs a small JSON document to a webhook, if a URL was given
@@ -19,6 +20,7 @@ from typing import Any
 
 from kubetrain.cluster import follow, k8s
 from kubetrain.cluster import katib_checks as katib_api
+from kubetrain.cluster import spark as spark_api
 from kubetrain.cluster import trainjob as trainjob_api
 from kubetrain.cluster.katib import experiment_name
 from kubetrain.config.cluster import ClusterConfig
@@ -33,7 +35,17 @@ def leftovers(run_id: str, namespace: str) -> list[follow.Ref]:
     """The custom objects a run may have created, by their deterministic names."""
     exp = experiment_name(run_id)
     job = k8s.run_name(run_id, "kubetrain-train", trainjob_api.MAX_NAME)
+    app = spark_api.application_name(run_id)
     return [
+        follow.Ref(
+            spark_api.GROUP,
+            spark_api.VERSION,
+            spark_api.PLURAL,
+            namespace,
+            app,
+            f"SparkApplication {namespace}/{app}",
+            f"kubectl -n {namespace} delete sparkapplication {app}",
+        ),
         follow.Ref(
             katib_api.GROUP,
             katib_api.VERSION,

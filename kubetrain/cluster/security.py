@@ -11,8 +11,9 @@ One source for the Pod Security Standard "restricted" fields (Kubernetes docs,
   executor) and a cache directory at ``$HOME/.cache`` of the images, which the
   cache variables of matplotlib, torch, Triton, CUDA and XDG point into.
 
-The Katib trial Job (`kubetrain.cluster.katib`) and the TrainJob
-(`kubetrain.cluster.trainjob`) apply these to the pod specs they write, e.g.::
+The Katib trial Job (`kubetrain.cluster.katib`), the TrainJob
+(`kubetrain.cluster.trainjob`) and the SparkApplication's pod templates
+(`kubetrain.cluster.spark`) apply these to the pod specs they write, e.g.::
 
     pod = harden_pod_spec({"containers": [container], ...}, cluster.workload_service_account)
 

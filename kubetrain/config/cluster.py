@@ -21,6 +21,8 @@ _QUANTITY = re.compile(r"^\d+(\.\d+)?(m|Ki|Mi|Gi|Ti|K|M|G|T)?$")
 _LABEL = re.compile(r"^([\w.-]+/)?[\w.-]+=[\w.-]*$")
 _TAINT = re.compile(r"^([\w.-]+/)?[\w.-]+(=[\w.-]*)?:(NoSchedule|PreferNoSchedule|NoExecute)$")
 _DIGEST = re.compile(r"sha256:[0-9a-f]{64}")  # OCI image digest (lower-case hex)
+_SPARK_MEMORY = re.compile(r"[1-9][0-9]*[kmgt]")  # a JVM size as Spark reads it: 512m, 2g
+_DNS_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")  # RFC 1123 subdomain
 
 
 def _opt(default, help: str):
@@ -82,11 +84,32 @@ class ClusterConfig:
     trainer_runtime: str = _opt(
         "torch-distributed", "Kubeflow Trainer ClusterTrainingRuntime of multi-node TrainJobs."
     )
+    spark_executors: int = _opt(
+        2, "Executors of the clean step's SparkApplication (engine=spark on a cluster)."
+    )
+    spark_executor_cores: int = _opt(
+        1, "CPU cores per Spark executor (the request; the limit is twice that)."
+    )
+    spark_executor_memory: str = _opt(
+        "2g",
+        "JVM heap per Spark executor, in Spark's units (512m, 2g); the pod gets half "
+        "as much again for the Python workers.",
+    )
+    spark_driver_memory: str = _opt("1g", "JVM heap of the Spark driver, in Spark's units.")
+    spark_service_account: str = _opt(
+        "kubetrain-spark",
+        "Service account of the Spark driver, which creates and deletes its executor "
+        "pods; executors run as workload_service_account.",
+    )
     wait_timeout: int = _opt(
-        86400, "Longest wait, in seconds, for a Katib Experiment or a TrainJob to finish."
+        86400,
+        "Longest wait, in seconds, for a Katib Experiment, a TrainJob or a "
+        "SparkApplication to finish.",
     )
     finished_jobs: str = _opt(
-        "delete", "What happens to a finished Katib Experiment or TrainJob: delete or keep."
+        "delete",
+        "What happens to a finished Katib Experiment, TrainJob or SparkApplication: "
+        "delete or keep.",
     )
     ttl_seconds: int = _opt(
         604800,
@@ -146,12 +169,38 @@ class ClusterConfig:
             raise KubetrainError(f"ttl_seconds={self.ttl_seconds} must be 0 (keep) or more")
         if self.wait_timeout < 1:
             raise KubetrainError(f"wait_timeout={self.wait_timeout} must be at least 1 second")
+        self._check_spark()
         if self.finished_jobs not in ("delete", "keep"):
             raise KubetrainError(f"finished_jobs={self.finished_jobs!r} must be delete or keep")
         if not self.pipeline_root.startswith(("s3://", "minio://", "gs://")):
             raise KubetrainError(
                 f"pipeline_root={self.pipeline_root!r} must be an object "
                 "store URI such as s3://bucket/pipeline-root"
+            )
+
+    def _check_spark(self) -> None:
+        """The SparkApplication settings: sizes Spark accepts, a driver identity of its own."""
+        if self.spark_executors < 1 or self.spark_executor_cores < 1:
+            raise KubetrainError(
+                f"spark_executors={self.spark_executors} and spark_executor_cores="
+                f"{self.spark_executor_cores} must be at least 1"
+            )
+        for name in ("spark_executor_memory", "spark_driver_memory"):
+            if not _SPARK_MEMORY.fullmatch(getattr(self, name)):
+                raise KubetrainError(
+                    f"{name}={getattr(self, name)!r} is not a Spark memory size; use e.g. "
+                    "512m or 2g (Spark's units, not Kubernetes' Mi/Gi)"
+                )
+        if not _DNS_NAME.fullmatch(self.spark_service_account):
+            raise KubetrainError(
+                f"spark_service_account={self.spark_service_account!r} is not a service "
+                "account name: lower-case letters, digits, '-' and '.'"
+            )
+        if self.spark_service_account in (self.service_account, self.workload_service_account):
+            raise KubetrainError(
+                f"spark_service_account={self.spark_service_account!r} must differ from "
+                "service_account and workload_service_account: the Spark driver gets its "
+                "own Role (manifests/base/spark-role.yaml)"
             )
 
     @classmethod
@@ -186,6 +235,23 @@ class ClusterConfig:
             if value:
                 toleration["value"] = value
             spec["tolerations"] = [toleration]
+        return spec
+
+    def cpu_scheduling(self) -> dict:
+        """Pod spec fields that keep a CPU pod on the CPU pool: the optional CPU node label,
+        and off the GPU nodes (node anti-affinity), as the pipeline's CPU steps."""
+        spec: dict = {}
+        if self.cpu_node_selector:
+            key, value = self.cpu_node_selector.split("=", 1)
+            spec["nodeSelector"] = {key: value}
+        if self.gpu_node_selector:
+            key, value = self.node_label
+            term = {"matchExpressions": [{"key": key, "operator": "NotIn", "values": [value]}]}
+            spec["affinity"] = {
+                "nodeAffinity": {
+                    "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [term]}
+                }
+            }
         return spec
 
     def s3_env(self) -> list[dict]:

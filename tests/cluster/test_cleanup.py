@@ -31,20 +31,21 @@ def refs(run_id: str = "run-1") -> dict[str, str]:
     return {r.plural: r.name for r in cleanup.leftovers(run_id, "kubetrain")}
 
 
-def test_a_failed_run_deletes_its_experiment_and_trainjob():
+def test_a_failed_run_deletes_its_spark_application_experiment_and_trainjob():
     names = refs()
     api = FakeApi(set(names.values()))
     report = cleanup.clean_up(
         "run-1", ClusterConfig(), "FAILED", "boom", api=api, log=lambda line: None
     )
     assert sorted(api.deleted) == sorted((p, "kubetrain", n) for p, n in names.items())
-    assert report["state"] == "FAILED" and len(report["deleted"]) == 2
+    assert report["state"] == "FAILED" and len(report["deleted"]) == 3
 
 
 def test_names_match_what_the_steps_create():
-    from kubetrain.cluster import k8s, katib, trainjob
+    from kubetrain.cluster import k8s, katib, spark, trainjob
 
     names = refs("abc")
+    assert names["sparkapplications"] == spark.application_name("abc")
     assert names["experiments"] == katib.experiment_name("abc")
     assert names["trainjobs"] == k8s.run_name("abc", "kubetrain-train", trainjob.MAX_NAME)
 

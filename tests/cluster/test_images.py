@@ -3,11 +3,11 @@
 - hadolint passes on every docker/Dockerfile* at its strictest threshold;
 - the Dockerfiles are parsed: multi-stage, pinned bases, the builder installs
   with docker/install.sh, the final stage runs as a numeric non-root user and
-  bakes in no secrets;
+  bakes in no secrets; the CPU image adds the pinned Java runtime Spark needs;
 - docker/install.sh, the exact install step of the images, runs into a clean
   venv; from that venv every component module imports, every stage's
-  `python -m kubetrain.cli.stage <stage> --help` works and one stage runs end
-  to end.
+  `python -m kubetrain.cli.stage <stage> --help` works, one stage runs end to
+  end, and pyspark is where the clean step's SparkApplication expects it.
 
 The clean venv is cached (`image_venv`): the first session with a given
 constraints.txt + pyproject.toml + docker/install.sh (and base Python) creates
@@ -181,6 +181,28 @@ def test_dockerfile_builds_a_small_non_root_image_without_secrets(dockerfile: Pa
     env = dict(a for kw, v in final["instructions"] if kw == "ENV" for a in assignments(v).items())
     assert env.get("PYTHONUNBUFFERED") == "1"
     assert env.get("PATH", "").startswith("/opt/venv/bin:")
+
+
+def test_the_cpu_image_carries_the_java_runtime_spark_needs_and_the_cuda_image_not():
+    """The clean step's SparkApplication runs in the CPU image (kubetrain/cluster/spark.py):
+    pyspark comes with the venv (docker/install.sh), Java from Debian in the runtime stage,
+    pinned, without recommends, as root before USER, apt lists removed."""
+    for dockerfile in DOCKERFILES:
+        final = parse_dockerfile(dockerfile)[-1]
+        runs = [(i, args) for i, (kw, args) in enumerate(final["instructions"]) if kw == "RUN"]
+        java = [(i, args) for i, args in runs if "openjdk" in args]
+        if flavor_of(dockerfile) == "cuda":
+            assert not java, "the CUDA image runs no Spark"
+            continue
+        (index, args), keywords = java[0], [kw for kw, _ in final["instructions"]]
+        assert len(java) == 1 and index < keywords.index("USER")
+        assert "apt-get install -y --no-install-recommends" in args
+        assert '"openjdk-17-jre-headless=${JRE_VERSION}"' in args
+        assert args.endswith("rm -rf /var/lib/apt/lists/*")
+        versions = dict(
+            a for kw, v in final["instructions"] if kw == "ARG" for a in assignments(v).items()
+        )
+        assert re.fullmatch(r"17\.[0-9.]+\+\d+-\d+~deb12u\d+", versions["JRE_VERSION"] or "")
 
 
 def _glob_regex(pattern: str) -> str:
@@ -417,6 +439,31 @@ def test_every_component_imports_from_the_image_venv(image_venv: Path, tmp_path:
         assert Path(file).is_relative_to(image_venv), f"{name} imported from {file}"
 
 
+def test_the_cpu_image_venv_is_a_spark_install_for_the_spark_application(
+    image_venv: Path, tmp_path: Path
+):
+    """What the SparkApplication relies on inside the image: pyspark of its sparkVersion
+    with the Kubernetes backend (SPARK_HOME for `kubetrain.cli.spark_pod`) and the
+    driver program at mainApplicationFile (below the venv)."""
+    code = (
+        "import json, pathlib, pyspark\n"
+        "from kubetrain.cli import spark_pod\n"
+        "from kubetrain.cluster import spark\n"
+        "home = pathlib.Path(spark_pod.spark_home({}))\n"
+        "print(json.dumps({'version': pyspark.__version__, 'home': str(home),\n"
+        "  'submit': (home / 'bin/spark-submit').is_file(),\n"
+        "  'k8s': [p.name for p in (home / 'jars').glob('spark-kubernetes_*.jar')],\n"
+        "  'main': spark.MAIN_FILE, 'venv': spark.VENV}))\n"
+    )
+    proc = in_venv(image_venv, "-c", code, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    found = json.loads(proc.stdout)
+    assert found["version"] == "4.3.0" and found["submit"] and found["k8s"]
+    assert Path(found["home"]).is_relative_to(image_venv)
+    main_file = image_venv / Path(found["main"]).relative_to(found["venv"])
+    assert main_file.is_file() and main_file.name == "spark_clean.py"
+
+
 def test_the_stage_cli_offers_every_pipeline_stage():
     assert list(STAGES) == ["ingest", "clean", "augment", "tune", "train", "evaluate", "compress"]
 
@@ -463,7 +510,7 @@ def test_stage_cli_runs_ingest_end_to_end_from_the_image_venv(image_venv: Path, 
         10,
     )
     assert "kubetrain | ingest |" in proc.stderr
-    assert (tmp_path / "out/dataset/data.parquet").is_file()
+    assert (tmp_path / "out/dataset/part-00000.parquet").is_file()
     assert json.loads((tmp_path / "out/dataset/meta.json").read_text())["kind"] == "image"
     assert "digits" in (tmp_path / "out/profile.md").read_text()
 

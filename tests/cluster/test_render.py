@@ -1,4 +1,5 @@
-"""`kubetrain render`: the Katib Experiment and TrainJob files an admin reviews or applies."""
+"""`kubetrain render`: the Katib Experiment and TrainJob files an admin reviews or applies
+(the SparkApplication it also writes: tests/cluster/test_spark.py)."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def test_render_writes_valid_experiment_and_trainjob(tmp_path, capsys):
     args = job["spec"]["trainer"]["args"]
     settings = json.loads(args[args.index("--settings") + 1])
     assert settings == RunConfig().flat("train", "hyper", "final", "seed")  # untuned: the flags'
-    assert "note:" not in capsys.readouterr().out
+    assert "trains in its own pod" not in capsys.readouterr().out
 
 
 def _assert_restricted_container(c: dict, volumes: dict) -> None:
