@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
+
+from kubetrain.core.errors import KubetrainError
 
 #: A stage streams when holding its data would exceed this share of the memory available.
 BUDGET_SHARE = 0.4
@@ -11,9 +14,9 @@ BUDGET_SHARE = 0.4
 def memory_budget() -> int:
     """Bytes a stage may hold: `KUBETRAIN_MEMORY_BUDGET` if set, else a share of the memory
     this process can use (the cgroup limit in a pod, else the machine's)."""
-    given = os.environ.get("KUBETRAIN_MEMORY_BUDGET", "")
+    given = os.environ.get("KUBETRAIN_MEMORY_BUDGET", "").strip()
     if given:
-        return int(float(given))
+        return parse_bytes(given, "KUBETRAIN_MEMORY_BUDGET")
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     try:
         with open("/sys/fs/cgroup/memory.max") as f:
@@ -23,6 +26,25 @@ def memory_budget() -> int:
     except OSError:
         pass
     return int(total * BUDGET_SHARE)
+
+
+_UNITS = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_bytes(text: str, name: str) -> int:
+    """``1073741824``, ``1GiB``, ``512MiB`` or ``2G`` as bytes; one-line error otherwise."""
+    match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).lower().removesuffix("b") if match else ""
+    unit = {"ki": "kib", "mi": "mib", "gi": "gib"}.get(unit, unit)
+    try:
+        value = float(match.group(1)) * _UNITS[unit] if match else -1.0
+    except (KeyError, ValueError):
+        value = -1.0
+    if value <= 0:
+        raise KubetrainError(
+            f"{name}={text!r} is not a size; give bytes or a size such as 512MiB or 2GiB"
+        )
+    return int(value)
 
 
 def fits(nbytes: int, budget: int | None = None) -> bool:

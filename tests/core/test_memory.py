@@ -1,0 +1,38 @@
+"""kubetrain.core.memory: the budget a stage holds data within, from the environment."""
+
+from __future__ import annotations
+
+import pytest
+
+from kubetrain.core.errors import KubetrainError
+from kubetrain.core.memory import fits, memory_budget, parse_bytes
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("1073741824", 2**30),
+        ("1GiB", 2**30),
+        ("512MiB", 512 * 2**20),
+        ("512mi", 512 * 2**20),
+        ("2G", 2 * 10**9),
+        ("1.5GB", 1_500_000_000),
+        ("64KiB", 64 * 1024),
+    ],
+)
+def test_sizes_parse(text: str, expected: int) -> None:
+    assert parse_bytes(text, "X") == expected
+
+
+@pytest.mark.parametrize("text", ["lots", "1TiB", "-5", "0", "GiB"])
+def test_bad_sizes_fail_with_one_line(text: str) -> None:
+    with pytest.raises(KubetrainError, match="is not a size; give bytes or a size such as"):
+        parse_bytes(text, "KUBETRAIN_MEMORY_BUDGET")
+
+
+def test_the_environment_overrides_the_budget(monkeypatch) -> None:
+    monkeypatch.setenv("KUBETRAIN_MEMORY_BUDGET", "256MiB")
+    assert memory_budget() == 256 * 2**20
+    assert fits(256 * 2**20) and not fits(256 * 2**20 + 1)
+    monkeypatch.delenv("KUBETRAIN_MEMORY_BUDGET")
+    assert memory_budget() > 0
