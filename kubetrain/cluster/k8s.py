@@ -114,3 +114,44 @@ def _no_answer_errors() -> tuple[type[BaseException], ...]:
     except ImportError:  # the kubernetes client brings urllib3; without it nothing else answers
         pass
     return tuple(kinds)
+
+
+#: What a step was doing when an API call of each verb failed.
+_DOING = {"create": "creating", "get": "following", "delete": "deleting"}
+
+
+def custom_object_error(
+    exc: Any, verb: str, kind: str, resource: str, namespace: str, name: str, not_installed: str
+) -> KubetrainError:
+    """One line naming the cause and the fix of a failed call on a custom resource
+    (``kind`` TrainJob, ``resource`` trainjobs.trainer.kubeflow.org; verb create, get or
+    delete); ``not_installed`` says how to install its controller."""
+    detail = detail_of(exc)
+    if getattr(exc, "status", None) == 404 and 'namespaces "' in detail:
+        return KubetrainError(
+            f"namespace {namespace!r} does not exist: set --namespace to "
+            "your Kubeflow profile's namespace"
+        )
+    doing = _DOING.get(verb, verb)
+    rejected = f"the API server rejected {kind} {name}: {detail}"
+    plural = resource.split(".")[0]
+    return api_error(
+        exc,
+        verb == "create",
+        f"{doing} {kind} {namespace}/{name}",
+        not_installed=not_installed,
+        gone=f"{kind} {namespace}/{name} disappeared while {doing} (deleted by someone?)",
+        # an admission webhook refuses with 403 too: that is the document, not RBAC
+        forbidden=rejected
+        if "admission webhook" in detail
+        else (
+            f"not allowed to {verb} {resource} in namespace {namespace} ({detail}); grant "
+            f"the step's service account create/get/delete on {plural} "
+            "(manifests/base/role.yaml)"
+        ),
+        exists=(
+            f"a {kind} named {name} already exists in {namespace} and was not created "
+            "by kubetrain; delete it or use another run"
+        ),
+        rejected=rejected,
+    )

@@ -597,41 +597,20 @@ def _timed_out(state: Progress, timeout_s: float) -> str:
 
 # --- the Kubernetes API ------------------------------------------------------------------
 
-_DOING = {"create": "creating", "get": "following", "delete": "deleting"}
-
 
 def _api_error(exc: Any, verb: str, namespace: str, name: str) -> KubetrainError:
-    """One line naming the cause and the fix of a failed API call (verb: create, get, delete)."""
-    detail = k8s.detail_of(exc)
-    if getattr(exc, "status", None) == 404 and 'namespaces "' in detail:
-        return KubetrainError(
-            f"namespace {namespace!r} does not exist: set --namespace to "
-            "your Kubeflow profile's namespace"
-        )
-    doing = _DOING.get(verb, verb)
-    rejected = f"the API server rejected SparkApplication {name}: {detail}"
-    return k8s.api_error(
+    return k8s.custom_object_error(
         exc,
-        verb == "create",
-        f"{doing} SparkApplication {namespace}/{name}",
+        verb,
+        "SparkApplication",
+        "sparkapplications.sparkoperator.k8s.io",
+        namespace,
+        name,
         not_installed=(
             "the Kubeflow Spark Operator is not installed (no sparkapplications."
             "sparkoperator.k8s.io CRD); install its Helm chart (README: the Spark engine "
             "on a cluster) or clean with --engine local"
         ),
-        gone=f"SparkApplication {namespace}/{name} disappeared while {doing} (deleted by someone?)",
-        forbidden=rejected
-        if "admission webhook" in detail
-        else (
-            f"not allowed to {verb} sparkapplications.sparkoperator.k8s.io in namespace "
-            f"{namespace} ({detail}); grant the step's service account create/get/delete on "
-            "sparkapplications (manifests/base/role.yaml)"
-        ),
-        exists=(
-            f"a SparkApplication named {name} already exists in {namespace} and was not "
-            "created by kubetrain; delete it or use another run"
-        ),
-        rejected=rejected,
     )
 
 

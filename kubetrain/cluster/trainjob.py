@@ -372,43 +372,20 @@ def _outcome(job: dict[str, Any]) -> dict[str, Any] | None:
 
 # --- the Kubernetes API ---------------------------------------------------------------
 
-#: What the step was doing when an API call of each verb failed.
-_DOING = {"create": "creating", "get": "following", "delete": "deleting"}
-
 
 def _api_error(exc: Any, verb: str, namespace: str, name: str) -> KubetrainError:
-    """One line naming the cause and the fix of a failed API call (verb: create, get, delete)."""
-    detail = k8s.detail_of(exc)
-    if getattr(exc, "status", None) == 404 and 'namespaces "' in detail:
-        return KubetrainError(
-            f"namespace {namespace!r} does not exist: set --namespace to "
-            "your Kubeflow profile's namespace"
-        )
-    doing = _DOING.get(verb, verb)
-    rejected = f"the API server rejected TrainJob {name}: {detail}"
-    return k8s.api_error(
+    return k8s.custom_object_error(
         exc,
-        verb == "create",
-        f"{doing} TrainJob {namespace}/{name}",
+        verb,
+        "TrainJob",
+        "trainjobs.trainer.kubeflow.org",
+        namespace,
+        name,
         not_installed=(
             "Kubeflow Trainer v2 is not installed (no trainjobs.trainer.kubeflow.org CRD); "
             "install it (https://www.kubeflow.org/docs/components/trainer/) or train with "
             "num_nodes=1 and one GPU"
         ),
-        gone=f"TrainJob {namespace}/{name} disappeared while {doing} (deleted by someone?)",
-        # an admission webhook refuses with 403 too: that is the document, not RBAC
-        forbidden=rejected
-        if "admission webhook" in detail
-        else (
-            f"not allowed to {verb} trainjobs.trainer.kubeflow.org in "
-            f"namespace {namespace} ({detail}); grant the step's service account create/get/"
-            "delete on trainjobs (manifests/base/role.yaml)"
-        ),
-        exists=(
-            f"a TrainJob named {name} already exists in {namespace} and was not created "
-            "by kubetrain; delete it or pick another name"
-        ),
-        rejected=rejected,
     )
 
 
