@@ -16,6 +16,8 @@ def clean(
     scaling: str,
     test_fraction: float,
     val_fraction: float,
+    column_types: str,
+    drop_columns: str,
     seed: int,
     cluster: dict,
     run_id: str,
@@ -24,7 +26,8 @@ def clean(
     test: Output[Dataset],
     report: Output[Markdown],
 ):
-    """Deduplicate, impute, handle outliers, encode, split (stratified) and scale.
+    """Type the columns, deduplicate, impute, handle outliers, encode, split (stratified)
+    and scale.
 
     Here, or with `engine=spark` on PySpark: local mode in this pod, or a
     SparkApplication that this pod follows when the run is on a cluster.

@@ -17,10 +17,25 @@ import pandas as pd
 from kubetrain.config.settings import CleanConfig
 from kubetrain.core.errors import KubetrainError, require
 from kubetrain.core.markdown import md_text
+from kubetrain.data.column_types import (
+    ACTIONS,
+    DATETIME_PARTS,
+    DROPPED_KINDS,
+    HASH_WIDTH,
+    MAX_CATEGORIES,
+    NUMERIC_KINDS,
+    Typing,
+    date_features,
+    feature_names,
+    hashed,
+    legacy_types,
+    to_float,
+)
 from kubetrain.data.datasets import Schema
 
-MAX_CATEGORIES = 100
 MIN_ROWS_PER_CLASS = 3  # one each for train, validation and test
+#: Rows of the report's column table (a wide table's columns are in the stage metadata).
+REPORT_COLUMNS = 100
 
 
 @dataclass
@@ -59,30 +74,72 @@ def _one_hot(col: pd.Series, categories: list[str], fill: str) -> np.ndarray:
     return out
 
 
+def no_values(c: str) -> KubetrainError:
+    return KubetrainError(
+        f"feature column {c!r} has no values in the training "
+        "split; drop the column (--drop-columns) or fill it before ingest"
+    )
+
+
+def continuous_width(params: dict[str, Any]) -> int:
+    """Leading encoded columns that are continuous (numbers, and each date's year and
+    elapsed days): the ones outlier bounds apply to. Old params: the numeric columns."""
+    return len(params["numeric"]) + 2 * len(params.get("datetime", {}))
+
+
+def _numbers(frame: pd.DataFrame, cols: list[str], p: dict[str, Any]) -> np.ndarray:
+    """Columns as floats (NaN: missing or junk), each read as its type says; a plain
+    numeric block in one step (wide image tables)."""
+    kinds = p.get("types", {})
+    plain = all(
+        kinds.get(c, "numeric") == "numeric"
+        and pd.api.types.is_numeric_dtype(frame[c])
+        and not pd.api.types.is_bool_dtype(frame[c])
+        for c in cols
+    )
+    if plain:
+        return frame[cols].to_numpy(np.float64, na_value=np.nan).reshape(len(frame), len(cols))
+    how = p.get("datetime", {})
+    return np.column_stack(
+        [to_float(frame[c], kinds.get(c, "numeric"), how.get(c, {}).get("how", "")) for c in cols]
+    ).reshape(len(frame), len(cols))
+
+
+def _filled(frame: pd.DataFrame, cols: list[str], p: dict[str, Any]) -> np.ndarray:
+    values = _numbers(frame, cols, p)
+    fill = np.array([p["fill"][c] for c in cols], np.float64)
+    return np.where(np.isnan(values), fill, values)
+
+
 class Preprocessor:
-    """Statistics fitted on the training split, replayable on any split or at serving."""
+    """Statistics fitted on the training split, replayable on any split or at serving.
+
+    ``params`` (JSON) holds everything `transform` needs: each column's type
+    (``types``), the fill values, categories, each date column's reading and earliest
+    training date, each hashed column's width, then the outlier bounds and scaler. The
+    encoded matrix is [numbers, dates' year and days | booleans, dates' cyclic parts,
+    one-hot categories, hashed features]; outlier bounds apply to the part before the
+    bar. Params written before column types existed (no ``types``: numeric and
+    categorical columns only) transform exactly as they did.
+    """
 
     def __init__(self, cfg: CleanConfig, schema: Schema):
         self.cfg, self.schema = cfg, schema
         self.params: dict[str, Any] = {}
 
-    def fit(self, frame: pd.DataFrame) -> Preprocessor:
+    def fit(self, frame: pd.DataFrame, types: Typing | None = None) -> Preprocessor:
+        """Fit on the training rows held in memory: the reference the streaming folds
+        (`kubetrain.data.clean_stream.FillStats`) are checked against. Without ``types``,
+        numeric dtypes are numeric and everything else categorical."""
         cfg, image = self.cfg, self.schema.kind == "image"
-        numeric = [
-            c
-            for c in frame.columns
-            if pd.api.types.is_numeric_dtype(frame[c]) and not pd.api.types.is_bool_dtype(frame[c])
-        ]
-        categorical = [c for c in frame.columns if c not in numeric]
-        fill: dict[str, Any] = {}
-        for c in numeric:
-            col = frame[c].astype(np.float64)
-            if col.isna().all():
-                raise KubetrainError(
-                    f"feature column {c!r} has no values in the training "
-                    "split; drop the column or fill it before ingest"
-                )
-            strategy = cfg.impute if cfg.impute != "drop" else "median"
+        types = types if types is not None else legacy_types(frame)
+        self.params = fill_params(types)
+        strategy = cfg.impute if cfg.impute != "drop" else "median"
+        p, fill = self.params, self.params["fill"]
+        for c in [*p["numeric"], *p["boolean"], *p["datetime"]]:
+            col = pd.Series(_numbers(frame, [c], p)[:, 0]).dropna()
+            if col.empty:
+                raise no_values(c)
             fill[c] = float(
                 col.mean()
                 if strategy == "mean"
@@ -90,39 +147,40 @@ class Preprocessor:
                 if strategy == "median"
                 else col.mode().iloc[0]
             )
-        categories: dict[str, list[str]] = {}
-        for c in categorical:
+            if c in p["datetime"]:
+                p["datetime"][c]["earliest"] = float(col.min())
+        for c in p["categorical"]:
             values = frame[c].dropna().astype(str)
             if values.empty:  # all-missing text/null column: same error as a numeric one
-                raise KubetrainError(
-                    f"feature column {c!r} has no values in the training "
-                    "split; drop the column or fill it before ingest"
-                )
+                raise no_values(c)
             distinct = sorted(values.unique())
             if len(distinct) > MAX_CATEGORIES:
-                raise KubetrainError(
-                    f"feature column {c!r} has {len(distinct)} distinct text values (limit "
-                    f"{MAX_CATEGORIES}); drop it (an ID?) or encode it numerically first"
-                )
-            categories[c] = distinct
-            fill[c] = values.mode().iloc[0] if len(values) else ""
-        self.params = {"numeric": numeric, "categorical": categories, "fill": fill}
+                raise too_many_categories(c, len(distinct))
+            p["categorical"][c] = distinct
+            fill[c] = values.mode().iloc[0]
         X = self._encode(frame)
-        self.params["bounds"] = self._bounds(X, len(numeric)) if not image else None
-        if self.params["bounds"] is not None and cfg.outliers != "none":
-            lo, hi = self.params["bounds"]
-            X[:, : len(numeric)] = np.clip(X[:, : len(numeric)], lo, hi)
-        self.params["scale"] = self._scaler(X, image)
+        n = continuous_width(p)
+        p["bounds"] = self._bounds(X, n) if not image else None
+        if p["bounds"] is not None and cfg.outliers != "none":
+            lo, hi = p["bounds"]
+            X[:, :n] = np.clip(X[:, :n], lo, hi)
+        p["scale"] = self._scaler(X, image)
         return self
 
     def _encode(self, frame: pd.DataFrame) -> np.ndarray:
         p = self.params
-        numeric = frame[p["numeric"]].to_numpy(np.float64, na_value=np.nan)
-        fill = np.array([p["fill"][c] for c in p["numeric"]], np.float64)
-        parts = [np.where(np.isnan(numeric), fill, numeric)]
+        dates = p.get("datetime", {})
+        continuous = [_filled(frame, p["numeric"], p)]
+        bounded = [_filled(frame, p.get("boolean", []), p)]
+        for c, d in dates.items():
+            steady, cyclic = date_features(_filled(frame, [c], p)[:, 0], d["earliest"])
+            continuous.append(steady)
+            bounded.append(cyclic)
         for c, cats in p["categorical"].items():
-            parts.append(_one_hot(frame[c], cats, p["fill"][c]))
-        return np.concatenate(parts, axis=1) if parts else np.empty((len(frame), 0))
+            bounded.append(_one_hot(frame[c], cats, p["fill"][c]))
+        for c, h in p.get("hashed", {}).items():
+            bounded.append(hashed(frame[c], h["kind"], h["width"]))
+        return np.concatenate(continuous + bounded, axis=1)
 
     def _bounds(self, X: np.ndarray, n_numeric: int) -> list[list[float]] | None:
         if self.cfg.outliers == "none" or n_numeric == 0:
@@ -151,10 +209,10 @@ class Preprocessor:
         }
 
     def outlier_mask(self, frame: pd.DataFrame) -> np.ndarray:
-        """Rows with any numeric feature outside the fitted bounds."""
+        """Rows with any continuous feature outside the fitted bounds."""
         if self.params.get("bounds") is None:
             return np.zeros(len(frame), bool)
-        n = len(self.params["numeric"])
+        n = continuous_width(self.params)
         num = self._encode(frame)[:, :n]
         lo, hi = (np.asarray(b) for b in self.params["bounds"])
         return ((num < lo) | (num > hi)).any(axis=1)
@@ -162,7 +220,7 @@ class Preprocessor:
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
         X = self._encode(frame)
         if self.params.get("bounds") is not None:
-            n = len(self.params["numeric"])
+            n = continuous_width(self.params)
             X[:, :n] = np.clip(X[:, :n], *self.params["bounds"])
         s = self.params["scale"]
         if s["kind"] != "none":
@@ -171,9 +229,46 @@ class Preprocessor:
 
     def feature_names(self) -> list[str]:
         p = self.params
-        return list(p["numeric"]) + [
-            f"{c}={v}" for c, cats in p["categorical"].items() for v in cats
+        dates = list(p.get("datetime", {}))
+        parts = [f"{c}:{part}" for c in dates for part in DATETIME_PARTS[2:]]
+        return [
+            *p["numeric"],
+            *(f"{c}:{part}" for c in dates for part in DATETIME_PARTS[:2]),
+            *p.get("boolean", []),
+            *parts,
+            *(f"{c}={v}" for c, cats in p["categorical"].items() for v in cats),
+            *(name for c, h in p.get("hashed", {}).items() for name in feature_names(c, h["kind"])),
         ]
+
+
+def fill_params(types: Typing) -> dict[str, Any]:
+    """The params' shape for a typing, before anything is fitted: which column goes where
+    (fill values, categories and earliest dates are filled in by the fit)."""
+    kept = {c: t for c, t in types.items() if t.kind not in DROPPED_KINDS}
+
+    def of(*kinds: str) -> list[str]:  # in table order
+        return [c for c, t in kept.items() if t.kind in kinds]
+
+    return {
+        "types": {c: t.kind for c, t in types.items()},
+        "numeric": of(*NUMERIC_KINDS),
+        "boolean": of("boolean"),
+        "datetime": {c: {"how": kept[c].how, "earliest": 0.0} for c in of("datetime")},
+        "categorical": {c: [] for c in of("categorical")},
+        "hashed": {
+            c: {"kind": kept[c].kind, "width": HASH_WIDTH[kept[c].kind]}
+            for c in of("high_cardinality", "text")
+        },
+        "fill": {},
+    }
+
+
+def too_many_categories(c: str, n: int | str) -> KubetrainError:
+    return KubetrainError(
+        f"feature column {c!r} has {n} distinct text values (limit {MAX_CATEGORIES} for "
+        f"categorical); pass --column-types {c}=high_cardinality (hashed) or drop it "
+        f"(--drop-columns {c})"
+    )
 
 
 def clean(
@@ -223,4 +318,20 @@ def quality_report(stats: dict[str, Any]) -> str:
         per_class = ", ".join(f"{md_text(k)}: {v}" for k, v in s["class_counts"].items())
         lines.append(f"| {name} | {s['rows']} | {per_class} |")
     lines += ["", f"Scaling: {stats['scaling']} (fitted on the training split only)."]
+    lines += _columns_section(stats.get("column_types", {}), stats.get("column_notes", []))
     return "\n".join(lines) + "\n"
+
+
+def _columns_section(types: dict[str, str], notes: list[str]) -> list[str]:
+    """The "Columns" table: each feature column's type and what clean did with it, then
+    the notes (junk values, identifiers dropped, how to override)."""
+    if not types:
+        return []
+    lines = ["", "## Columns", "", "| column | type | what was done |", "|---|---|---|"]
+    for name, kind in list(types.items())[:REPORT_COLUMNS]:
+        lines.append(f"| {md_text(name)} | {kind} | {ACTIONS.get(kind, kind)} |")
+    if len(types) > REPORT_COLUMNS:
+        lines.append(f"| ... | | {len(types) - REPORT_COLUMNS} more (stage metadata) |")
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {md_text(n)}" for n in notes]
+    return lines

@@ -56,7 +56,6 @@ from kubetrain.data.clean_stream import (
     Plan,
     _scale,
     apply_batch,
-    batch_hashes,
     batch_keys,
     encode_train,
 )
@@ -134,6 +133,15 @@ def read_part(part: Part, batch_rows: int) -> Iterator[pa.RecordBatch]:
     yield from pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=batch_rows)
 
 
+def _sample(table: Table) -> Any:
+    """The table's first rows, read on the driver as the local engine reads them: the
+    rows the column types are inferred from (`kubetrain.data.column_types`)."""
+    from kubetrain.data.column_types import read_sample
+
+    batches = (b.to_pandas() for part in table.parts for b in read_part(part, BATCH_ROWS))
+    return read_sample(batches)
+
+
 def spark_types(arrow_schema: pa.Schema) -> pa.Schema:
     """The table's columns in types Spark takes from Arrow (dictionary columns become
     their values, large strings strings, all-null columns strings)."""
@@ -186,7 +194,7 @@ def _is_local(spark: Any) -> bool:
 
 
 def _hashed(
-    parts: list[Part], arrow_schema: pa.Schema, numeric: list[str], batches: Iterator
+    parts: list[Part], arrow_schema: pa.Schema, plan: Plan, batches: Iterator
 ) -> Iterator[pa.RecordBatch]:
     """Task: read the parts named in the incoming rows; each row plus its content hash."""
     out = arrow_schema.append(pa.field(HASH, pa.int64()))
@@ -195,7 +203,7 @@ def _hashed(
             for batch in read_part(parts[i], BATCH_ROWS):
                 batch = pa.Table.from_batches([batch]).cast(arrow_schema)
                 frame = batch.to_pandas()
-                h = batch_hashes(frame, numeric)
+                h = batch_keys(frame, plan.numeric, plan.index, plan.kept)[0]
                 cols = [*batch.columns, pa.array(h.view(np.int64))]
                 yield pa.RecordBatch.from_arrays(
                     [c.combine_chunks() if hasattr(c, "combine_chunks") else c for c in cols],
@@ -213,7 +221,7 @@ def _frames(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[Any, np.ndarray
 def _keys(plan: Plan, batches: Iterator) -> Iterator[pa.RecordBatch]:
     """Task: (hash, label code, missing values) of each unique row."""
     for frame, h in _frames(batches):
-        _, y, missing = batch_keys(frame, plan.numeric, plan.index)
+        _, y, missing = batch_keys(frame, plan.numeric, plan.index, plan.kept)
         yield pa.RecordBatch.from_pydict(
             {"h": h.view(np.int64), "y": y.astype(np.int32), "missing": missing}
         )
@@ -374,7 +382,7 @@ def _clean(
     started = time.perf_counter()
     table = open_table(str(table_path))
     arrow_schema = spark_types(table.arrow_schema)
-    plan = Plan.of_schemas(cfg, table.schema, arrow_schema)
+    plan = Plan.of_schemas(cfg, table.schema, arrow_schema, _sample(table))
     spark = spark or session()
     sc = spark.sparkContext
     say = functools.partial(progress.log, "clean")
@@ -386,7 +394,7 @@ def _clean(
     rows = (
         spark.createDataFrame(units, "part int")
         .mapInArrow(
-            functools.partial(_hashed, list(table.parts), arrow_schema, plan.numeric),
+            functools.partial(_hashed, list(table.parts), arrow_schema, plan),
             hashed_schema,
         )
         .dropDuplicates([HASH])

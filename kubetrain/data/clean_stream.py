@@ -5,17 +5,21 @@ sharded splits and the same metadata) while holding one record batch at a
 time plus a few bytes per row (row hashes, label codes, one routing code per
 raw row). It reads the table (its Parquet parts) several times:
 
+0. the first rows (`kubetrain.data.column_types.read_sample`): each feature
+   column's type (numeric, date, text, identifier, ...), which decides its
+   encoding; `Plan` holds it, so every engine encodes alike;
 1. every row: content hash of features + label, exact duplicates dropped
    (first occurrence kept, across batches), missing values counted, rows with
    missing values dropped for ``impute="drop"``; then the train/validation/test
    routing (`kubetrain.data.stats.route`: exactly stratified, decided by row
    hashes only, so any batching routes every row the same way);
 2. training rows: fill values (mean via merged moments, median via a
-   `QuantileSample` keyed by row hash, most frequent via exact counts) and
-   category lists; 2b: moments (and, for ``outliers="iqr"``, quantile samples)
-   of the imputed, encoded matrix, which give the outlier bounds, or the scaler
-   when outliers are not handled; 2c (only when outliers are handled): moments
-   of the clipped matrix, which give the scaler;
+   `QuantileSample` keyed by row hash, most frequent via exact counts),
+   category lists and each date column's earliest date; 2b: moments (and, for
+   ``outliers="iqr"``, quantile samples) of the imputed, encoded matrix, which
+   give the outlier bounds, or the scaler when outliers are not handled; 2c
+   (only when outliers are handled): moments of the clipped matrix, which give
+   the scaler;
 3. every kept row: `Preprocessor.transform`, written to the three splits with
    `kubetrain.data.shards.writer` (nothing is published if anything fails).
 
@@ -49,7 +53,23 @@ import pyarrow as pa
 from kubetrain.config.settings import CleanConfig
 from kubetrain.core.errors import KubetrainError, require
 from kubetrain.data import shards
-from kubetrain.data.clean import MAX_CATEGORIES, Preprocessor, _check_classes
+from kubetrain.data.clean import (
+    MAX_CATEGORIES,
+    Preprocessor,
+    _check_classes,
+    continuous_width,
+    fill_params,
+    no_values,
+    too_many_categories,
+)
+from kubetrain.data.column_types import (
+    DROPPED_KINDS,
+    Typing,
+    infer_types,
+    notes,
+    read_sample,
+    to_float,
+)
 from kubetrain.data.datasets import (
     LABEL,
     Schema,
@@ -214,11 +234,20 @@ def apply_batch(
 
 
 def batch_keys(
-    frame: pd.DataFrame, numeric: list[str], index: dict[str, int]
+    frame: pd.DataFrame,
+    numeric: list[str],
+    index: dict[str, int],
+    features: list[str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Pass 1 for one batch: (row hashes, label codes, missing values per row)."""
-    hashes = batch_hashes(frame, numeric)
-    missing = frame.drop(columns=[LABEL]).isna().sum(axis=1).to_numpy(np.int32)
+    """Pass 1 for one batch: (row hashes, label codes, missing values per row).
+
+    Only the ``features`` kept (default: all) and the label count: rows that differ
+    only in a dropped column (an ID) are duplicates for the model, and must not land
+    in train and test both; a dropped column's gaps neither count nor drop rows for
+    ``impute="drop"``."""
+    kept = frame.drop(columns=[LABEL]) if features is None else frame[features]
+    hashes = batch_hashes(kept.assign(**{LABEL: frame[LABEL]}), numeric)
+    missing = kept.isna().sum(axis=1).to_numpy(np.int32)
     y = frame[LABEL].map(index).to_numpy()
     require(not pd.isna(y).any(), "labels outside the schema's classes; re-run ingest")
     return hashes, np.asarray(y, np.int64), missing
@@ -376,7 +405,7 @@ def _fold(start: Callable[[], Any], add: Callable[..., None], batches: Iterable)
 
 
 def _keys_of(plan: Plan, frame: pd.DataFrame) -> tuple[int, tuple]:
-    return len(frame), batch_keys(frame, plan.numeric, plan.index)
+    return len(frame), batch_keys(frame, plan.numeric, plan.index, plan.kept)
 
 
 def _add_encoded(prep: Preprocessor, bounds: list | None, acc: EncodedStats, frame, h) -> None:
@@ -394,24 +423,49 @@ def _joined(parts: list[np.ndarray], dtype: Any) -> np.ndarray:
 
 @dataclass(frozen=True)
 class Plan:
-    """What every engine decides the same way before and after the passes: columns,
-    class codes, the routing, the preprocessor's shape and the stage metadata."""
+    """What every engine decides the same way before and after the passes: columns and
+    their types, class codes, the routing, the preprocessor's shape and the stage
+    metadata. ``numeric``/``categorical`` are the raw Arrow columns (row hashes and
+    dedupe work on raw values); ``types`` says how each feature column is encoded."""
 
     cfg: CleanConfig
     schema: Schema
     numeric: list[str]
     categorical: list[str]
     index: dict[str, int]
+    types: Typing
 
     @classmethod
     def of(cls, table_path: str, cfg: CleanConfig) -> Plan:
-        return cls.of_schemas(cfg, table_schema(table_path), table_arrow_schema(table_path))
+        """The plan of a local table: its schemas and its first rows (`read_sample`)."""
+        sample = read_sample(table_batches(table_path, 1 << 16))
+        arrow_schema = table_arrow_schema(table_path)
+        return cls.of_schemas(cfg, table_schema(table_path), arrow_schema, sample)
 
     @classmethod
-    def of_schemas(cls, cfg: CleanConfig, schema: Schema, arrow_schema: pa.Schema) -> Plan:
+    def of_schemas(
+        cls, cfg: CleanConfig, schema: Schema, arrow_schema: pa.Schema, sample: pd.DataFrame
+    ) -> Plan:
+        """The plan from the table's schemas and ``sample``, its first rows in table order
+        (`kubetrain.data.column_types.read_sample`): every engine passes the same rows,
+        so every engine types the columns alike."""
         numeric, categorical = columns_of(arrow_schema)
         index = {name: i for i, name in enumerate(schema.class_names)}
-        return cls(cfg, schema, numeric, categorical, index)
+        features = [n for n in arrow_schema.names if n != LABEL]
+        types = infer_types(
+            sample,
+            arrow_schema,
+            features,
+            image=schema.kind == "image",
+            overrides=cfg.type_overrides,
+            drop=cfg.dropped_columns,
+        )
+        return cls(cfg, schema, numeric, categorical, index, types)
+
+    @property
+    def kept(self) -> list[str]:
+        """Feature columns that reach the model (not dropped)."""
+        return [c for c, t in self.types.items() if t.kind not in DROPPED_KINDS]
 
     @property
     def image(self) -> bool:
@@ -447,7 +501,7 @@ class Plan:
         )
 
     def fill_stats(self) -> FillStats:
-        return FillStats(self.cfg, self.numeric, self.categorical)
+        return FillStats(self.cfg, self.types)
 
     def preprocessor(self, fill: FillStats) -> Preprocessor:
         prep = Preprocessor(self.cfg, self.schema)
@@ -455,7 +509,8 @@ class Plan:
         return prep
 
     def n_num(self, prep: Preprocessor) -> int:
-        return len(prep.params["numeric"])
+        """Leading continuous columns of the encoded matrix (what outlier bounds cover)."""
+        return continuous_width(prep.params)
 
     def width(self, prep: Preprocessor) -> int:
         return len(prep.feature_names())
@@ -508,35 +563,38 @@ class Plan:
             scaling=self.cfg.scaling,
             impute=self.cfg.impute,
             outliers=self.cfg.outliers,
+            column_types={c: t.kind for c, t in self.types.items()} if not self.image else {},
+            column_notes=notes(self.types),
             seconds=round(time.perf_counter() - started, 3),
         )
         return stats
 
 
-def _no_values(c: str) -> KubetrainError:
-    return KubetrainError(
-        f"feature column {c!r} has no values in the training "
-        "split; drop the column or fill it before ingest"
-    )
-
-
 class FillStats:
-    """What `Preprocessor.fit` learns about fill values and categories, folded batch by
-    batch (pass 2) and merged across workers: exact counts, means merged like
-    `_ColumnMoments`, medians from `QuantileSample`s keyed by row hash."""
+    """What `Preprocessor.fit` learns (fill values, categories, earliest dates), folded
+    batch by batch (pass 2) and merged across workers: exact counts, means merged like
+    `_ColumnMoments`, medians from `QuantileSample`s keyed by row hash, minima.
 
-    def __init__(self, cfg: CleanConfig, numeric: list[str], categorical: list[str]) -> None:
+    Numbers, booleans and dates (as epoch seconds) get a numeric fill; hashed columns
+    need none (a missing value hashes to zeros) and dropped columns are not read."""
+
+    def __init__(self, cfg: CleanConfig, types: Typing) -> None:
         self.strategy = cfg.impute if cfg.impute != "drop" else "median"
-        self.numeric, self.categorical = list(numeric), list(categorical)
-        self.present = dict.fromkeys(numeric, 0)
-        self.means = dict.fromkeys(numeric, 0.0)
-        self.samples = {c: QuantileSample() for c in numeric}
-        self.modes: dict[str, dict[float, int]] = {c: {} for c in numeric}
-        self.cats: dict[str, dict[str, int]] = {c: {} for c in categorical}
+        self.types = types
+        shape = fill_params(types)
+        self.numeric = [*shape["numeric"], *shape["boolean"], *shape["datetime"]]
+        self.categorical = list(shape["categorical"])
+        self.present = dict.fromkeys(self.numeric, 0)
+        self.means = dict.fromkeys(self.numeric, 0.0)
+        self.samples = {c: QuantileSample() for c in self.numeric}
+        self.modes: dict[str, dict[float, int]] = {c: {} for c in self.numeric}
+        self.cats: dict[str, dict[str, int]] = {c: {} for c in self.categorical}
+        self.earliest = dict.fromkeys(shape["datetime"], np.inf)
 
     def add(self, frame: pd.DataFrame, h: np.ndarray) -> None:
         for c in self.numeric:
-            v = frame[c].astype(np.float64).to_numpy()
+            t = self.types[c]
+            v = to_float(frame[c], t.kind, t.how)
             present = v[~np.isnan(v)]
             if self.strategy == "mean" and len(present):
                 self._add_mean(c, len(present), float(present.mean()))
@@ -549,6 +607,8 @@ class FillStats:
                 )
             if self.strategy != "mean":
                 self.present[c] += len(present)
+            if c in self.earliest and len(present):
+                self.earliest[c] = min(self.earliest[c], float(present.min()))
         for c in self.categorical:
             values = frame[c].dropna().astype(str).value_counts()
             self._add_counts(self.cats, c, {k: int(n) for k, n in values.items() if n})
@@ -564,6 +624,8 @@ class FillStats:
             self._add_counts(self.modes, c, other.modes[c])
         for c in self.categorical:
             self._add_counts(self.cats, c, other.cats[c])
+        for c, first in other.earliest.items():
+            self.earliest[c] = min(self.earliest[c], first)
         return self
 
     def _add_mean(self, c: str, n: int, mean: float) -> None:
@@ -579,10 +641,7 @@ class FillStats:
         if len(acc) <= limit:
             return
         if into is self.cats:
-            raise KubetrainError(
-                f"feature column {c!r} has over {MAX_CATEGORIES} distinct text values "
-                f"(limit {MAX_CATEGORIES}); drop it (an ID?) or encode it numerically first"
-            )
+            raise too_many_categories(c, f"over {MAX_CATEGORIES}")
         raise KubetrainError(
             f"feature column {c!r} has over {MAX_MODE_VALUES} distinct values; "
             "impute most_frequent needs exact counts of each: use "
@@ -590,24 +649,27 @@ class FillStats:
         )
 
     def params(self) -> dict[str, Any]:
-        """The `Preprocessor.params` fill values and category lists."""
-        fill: dict[str, Any] = {}
+        """The `Preprocessor.params` before bounds and scaling: the column layout, fill
+        values, category lists and earliest dates."""
+        out = fill_params(self.types)
+        fill = out["fill"]
         for c in self.numeric:
             if self.present[c] == 0:
-                raise _no_values(c)
+                raise no_values(c)
             if self.strategy == "mean":
                 fill[c] = float(self.means[c])
             elif self.strategy == "median":
                 fill[c] = self.samples[c].quantile(0.5)
             else:
                 fill[c] = float(min(self.modes[c].items(), key=lambda kv: (-kv[1], kv[0]))[0])
-        categories: dict[str, list[str]] = {}
+        for c, first in self.earliest.items():
+            out["datetime"][c]["earliest"] = float(first)
         for c in self.categorical:
             if not self.cats[c]:
-                raise _no_values(c)
-            categories[c] = sorted(self.cats[c])
+                raise no_values(c)
+            out["categorical"][c] = sorted(self.cats[c])
             fill[c] = min(self.cats[c].items(), key=lambda kv: (-kv[1], kv[0]))[0]
-        return {"numeric": list(self.numeric), "categorical": categories, "fill": fill}
+        return out
 
 
 def _scale(cfg: CleanConfig, m: _ColumnMoments, image: bool, width: int) -> dict[str, Any]:

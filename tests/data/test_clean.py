@@ -73,8 +73,13 @@ def routing(frame: pd.DataFrame, cfg: RunConfig) -> np.ndarray:
     own content hashes (features + label) and `route`, classes in schema order."""
     numeric = [c for c in frame.columns if c != LABEL and pd.api.types.is_numeric_dtype(frame[c])]
     y = frame[LABEL].map({"a": 0, "b": 1}).to_numpy(np.int64)
-    hashes = batch_hashes(frame, numeric)
+    hashes = content_hashes(frame, numeric)
     return route(hashes, y, cfg.clean.test_fraction, cfg.clean.val_fraction, cfg.seed)
+
+
+def content_hashes(frame: pd.DataFrame, numeric: list[str]) -> np.ndarray:
+    """What clean hashes: the kept feature columns in order, then the label."""
+    return batch_hashes(frame[[*(c for c in frame.columns if c != LABEL), LABEL]], numeric)
 
 
 def planted(cfg: RunConfig, columns: dict[str, np.ndarray], n_per_class: int = N_PER_CLASS):
@@ -103,7 +108,7 @@ def planted(cfg: RunConfig, columns: dict[str, np.ndarray], n_per_class: int = N
         while True:
             keys = np.arange(start, start + 64)
             candidates["key"] = keys.astype(np.float64)
-            draw = unit_interval(batch_hashes(candidates, numeric), cfg.seed)
+            draw = unit_interval(content_hashes(candidates, numeric), cfg.seed)
             fits = [k for k, d in zip(keys, draw, strict=True) if lo <= d < hi and k not in used]
             if fits:
                 break
@@ -256,24 +261,51 @@ def test_categorical_one_hot_learned_on_train(tmp_path):
                 assert onehot.sum() == 1 and names[int(onehot.argmax())] == colour_of[k]
 
 
-def test_text_column_with_too_many_values(tmp_path):
+def test_unique_text_column_is_an_identifier_dropped_with_a_note(tmp_path):
+    frame = base_frame(200)
+    frame["user_id"] = [f"user-{i:04d}" for i in range(len(frame))]
+    stats, splits = run_clean(tmp_path, table(tmp_path, frame), cfg_with(scaling="none"))
+    assert splits["train"][2].feature_names == ["key"]
+    assert stats["column_types"] == {"key": "numeric", "user_id": "identifier"}
+    (note,) = stats["column_notes"]
+    assert "'user_id': identifier (100% distinct) — dropped" in note
+    assert "--column-types user_id=high_cardinality" in note
+    report = quality_report(stats)
+    assert "## Columns" in report and "| user_id | identifier | dropped |" in report
+
+
+def test_text_column_forced_categorical_with_too_many_values(tmp_path):
     frame = base_frame(200)
     frame["user_id"] = [f"user-{i:04d}" for i in range(len(frame))]
     out = tmp_path / "train"
     with pytest.raises(KubetrainError) as info:
-        run_clean(tmp_path, table(tmp_path, frame), RunConfig())
+        run_clean(tmp_path, table(tmp_path, frame), cfg_with(column_types="user_id=categorical"))
     assert "'user_id'" in str(info.value) and "distinct" in str(info.value)
-    assert "drop it" in str(info.value)
+    assert "--column-types user_id=high_cardinality" in str(info.value)
     assert not out.exists() and not (tmp_path / "test").exists()
 
 
 @pytest.mark.parametrize("empty", [np.nan, None], ids=["float-nan", "null-column"])
-def test_all_missing_column(tmp_path, empty):
+def test_all_missing_column_is_dropped_and_noted(tmp_path, empty):
     frame = base_frame()
     frame["x"] = np.arange(len(frame), dtype=float)
     frame["hollow"] = [empty] * len(frame)
+    cfg = cfg_with(impute="drop")  # the empty column's gaps drop no row
+    stats, splits = run_clean(tmp_path, table(tmp_path, frame), cfg)
+    assert splits["train"][2].feature_names == ["key", "x"]
+    assert stats["column_types"]["hollow"] == "empty"
+    assert stats["missing_values"] == 0 and stats["rows_dropped_missing"] == 0
+    assert any("'hollow': empty" in n for n in stats["column_notes"])
+
+
+def test_column_without_training_values(tmp_path):
+    cfg = cfg_with()
+    _, _, te = planned_split(cfg)
+    hollow = np.full(2 * N_PER_CLASS, np.nan)
+    hollow[te] = np.arange(len(te), dtype=float)  # values only in test rows
+    frame = planted(cfg, {"hollow": hollow})
     with pytest.raises(KubetrainError, match=r"'hollow' has no values.*drop the column"):
-        run_clean(tmp_path, table(tmp_path, frame), RunConfig())
+        run_clean(tmp_path, table(tmp_path, frame), cfg)
     assert not list(tmp_path.glob("train*")) and not list(tmp_path.glob(".train.*"))
 
 

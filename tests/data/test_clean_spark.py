@@ -75,6 +75,30 @@ def test_spark_matches_the_local_engine(tmp_path: Path, spark, changes) -> None:
         assert_close(schema1.extra["preprocessing"], schema2.extra["preprocessing"])
 
 
+def test_spark_types_and_encodes_columns_like_the_local_engine(tmp_path: Path, spark) -> None:
+    """Dates (text, epoch, Arrow timestamps), names, free text, junk-laden numbers,
+    booleans, IDs and an empty column: the same typing, params and rows on both engines."""
+    from test_column_types import mixed_frame, save
+
+    frame = mixed_frame(seed=2)
+    frame.loc[[3, 30], "amount"] = np.nan
+    frame.loc[[4, 40], "visited"] = None
+    table = save(tmp_path, frame)
+    cfg = RunConfig.from_flat(
+        {"seed": 3, "outliers": "iqr", "column_types": "caseid=highcard", "drop_columns": "count"}
+    )
+    (local, local_splits), (remote, spark_splits) = both_engines(tmp_path, table, cfg, spark)
+    for key in ("rows_in", "splits", "features_out", "column_types", "column_notes"):
+        assert remote[key] == local[key], key
+    assert local["column_types"]["seen"] == "datetime" and local["features_out"] > 100
+    for name in SPLITS:
+        X1, y1, schema1 = local_splits[name]
+        X2, y2, schema2 = spark_splits[name]
+        np.testing.assert_allclose(sorted_rows(X1, y1), sorted_rows(X2, y2), rtol=1e-6, atol=1e-6)
+        assert schema2.feature_names == schema1.feature_names
+        assert_close(schema1.extra["preprocessing"], schema2.extra["preprocessing"])
+
+
 def test_spark_reads_every_part_and_splits_are_complete_datasets(tmp_path: Path, spark) -> None:
     table = write_table(tmp_path, raw_frame(seed=3))
     paths = [str(tmp_path / name) for name in SPLITS]

@@ -173,8 +173,11 @@ def test_too_many_categories_and_rare_classes_fail_with_one_line(tmp_path: Path)
     frame = raw_frame()
     frame["cat"] = [f"id{i}" for i in range(len(frame))]
     table = write_table(tmp_path / "ids", frame)
+    stats, _ = run(tmp_path, table, cfg, batch_rows=37, tag="ids")  # an identifier: dropped
+    assert stats["column_types"]["cat"] == "identifier"
+    forced = RunConfig.from_flat({"column_types": "cat=categorical"})
     with pytest.raises(KubetrainError, match="distinct text values"):
-        run(tmp_path, table, cfg, batch_rows=37, tag="ids")
+        run(tmp_path, table, forced, batch_rows=37, tag="ids2")
     rare = raw_frame()
     rare.loc[rare.index[:3], LABEL] = "c"
     rare = rare[(rare[LABEL] != "c") | (rare.index < 3)]
@@ -222,3 +225,21 @@ def test_the_clean_stage_streams_a_table_over_the_memory_budget(tmp_path, monkey
     monkeypatch.setenv("KUBETRAIN_MEMORY_BUDGET", str(10**10))
     clean_stage(str(tmp_path / "table"), *[o + "2" for o in outs], CleanConfig(), 42)
     assert "streaming" not in capsys.readouterr().out  # it fits: the in-memory clean
+
+
+def test_rows_differing_only_in_a_dropped_column_are_duplicates(tmp_path: Path) -> None:
+    """An ID the model never sees must not make copies of a row count as different rows
+    (they could land in train and test both)."""
+    plain = write_table(tmp_path / "plain", raw_frame())
+    frame = raw_frame()
+    frame["rowno"] = np.arange(len(frame))
+    table = write_table(tmp_path, frame)
+    keep_all = RunConfig.from_flat({"seed": 1})
+    drop_id = RunConfig.from_flat({"seed": 1, "drop_columns": "rowno"})
+    reference, reference_splits = run(tmp_path, plain, keep_all, 50, "plain")
+    with_id, _ = run(tmp_path, table, keep_all, 50, "all")
+    without, splits = run(tmp_path, table, drop_id, 50, "dropped")
+    assert with_id["duplicates_removed"] == 0  # every row differs in rowno
+    assert without["duplicates_removed"] == reference["duplicates_removed"] > 0
+    for name in SPLITS:  # the same rows, routed alike, as if the column never existed
+        np.testing.assert_array_equal(splits[name][0], reference_splits[name][0])
