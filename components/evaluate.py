@@ -12,6 +12,7 @@ def evaluate(
     trained_model: Input[Model],
     test: Input[Dataset],
     min_accuracy: float,
+    max_gap_to_baseline: float,
     metrics: Output[Metrics],
     classification: Output[ClassificationMetrics],
     evaluation: Output[Artifact],
@@ -27,6 +28,9 @@ def evaluate(
     result = evaluate_stage(trained_model.path, test.path, evaluation.path, report.path, cfg.gate)
     for name in ("accuracy", "macro_f1", "precision_macro", "recall_macro", "roc_auc"):
         metrics.log_metric(name, float(result[name]))
+    if "challenger" in result:  # the gradient-boosting challenger the train stage saved
+        metrics.log_metric("challenger_accuracy", float(result["challenger"]["accuracy"]))
+        metrics.log_metric("gap_to_challenger", float(result["gap_to_challenger"]))
     classification.log_confusion_matrix(result["class_names"], result["confusion_matrix"])
     roc = result["roc"]["micro"]
     classification.log_roc_curve(roc["fpr"], roc["tpr"], roc["thresholds"])

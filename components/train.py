@@ -24,6 +24,7 @@ def train(
     batch_size: int,
     epochs: int,
     nproc: int,
+    challenger: bool,
     seed: int,
     cluster: dict,
     run_id: str,
@@ -62,4 +63,6 @@ def train(
     )
     for name in ("val_accuracy", "val_loss", "best_epoch", "epochs_run", "seconds"):
         metrics.log_metric(name, float(meta[name]))
+    if "challenger_val_accuracy" in meta:  # the gradient-boosting challenger (tables)
+        metrics.log_metric("challenger_val_accuracy", float(meta["challenger_val_accuracy"]))
     trained_model.metadata.update(meta)

@@ -243,8 +243,8 @@ def tune_here(req: TuneRequest) -> tuple[dict[str, Any], list[dict[str, Any]], d
 
     (X, y), schema = tuning_split(req.train_path, req.seed)
     Xv, yv, _ = load_split(req.val_path)
-    best, trials = tune(req.train, req.tune, req.seed, (X, y), (Xv, yv), schema)
-    return best, trials, {"backend": "optuna"}
+    best, trials, facts = tune(req.train, req.tune, req.seed, (X, y), (Xv, yv), schema)
+    return best, trials, {"backend": "optuna", **facts}
 
 
 def tune_stage(
@@ -343,6 +343,7 @@ def _write_trials(
 
 def train_here(req: TrainRequest) -> dict[str, Any]:
     """The in-process training backend (also rank 0 of a DDP run): fit, then write outputs."""
+    from kubetrain.training import challenger
     from kubetrain.training.loop import describe, fit
     from kubetrain.training.models import save_model
 
@@ -370,6 +371,9 @@ def train_here(req: TrainRequest) -> dict[str, Any]:
             hook=after_epoch,
             checkpoint_dir=checkpoint_dir,
         )
+    rival = challenger.train_beside(
+        req.final.challenger, train_data, schema, req.train_path, (Xv, yv), req.seed
+    )
     info = {
         "hyperparameters": described,
         "history": result.history,
@@ -378,6 +382,7 @@ def train_here(req: TrainRequest) -> dict[str, Any]:
         "feature_names": schema.feature_names,
     }
     save_model(req.model_path, result.model, result.spec, info)
+    challenger.save(req.model_path, rival)
     write_json(req.metrics_path, result.metrics)
     write_html(
         req.report_path,
@@ -395,6 +400,10 @@ def train_here(req: TrainRequest) -> dict[str, Any]:
             ),
             Section("Learning curves", images=[plots.learning_curves(result.history)]),
             Section("Hyperparameters", tables=[[described]]),
+            Section(
+                "Gradient-boosting challenger",
+                facts={k.removeprefix("challenger_"): v for k, v in rival.meta.items()},
+            ),
         ],
     )
     return {
@@ -402,6 +411,7 @@ def train_here(req: TrainRequest) -> dict[str, Any]:
         **result.metrics,
         "hyperparameters": described,
         "arch": result.spec.arch,
+        **rival.meta,
     }
 
 
@@ -432,6 +442,7 @@ def train_stage(
     tuned = hyper.replace(hyperparameters or {})
     if checkpoint_root:
         settings = {**train.to_dict(), **tuned.to_dict(), **final.to_dict(), "seed": seed}
+        settings.pop("challenger")  # the network trains the same with or without one
         stable = checkpoint.stable_dir(checkpoint_root, train_path, val_path, settings)
         progress.log("train", f"checkpoints under {stable}")
         if checkpoint_dir:  # the task's own output says where its checkpoint lives
@@ -461,19 +472,34 @@ def evaluate_stage(
 ) -> dict[str, Any]:
     from kubetrain.assessment.evaluation import evaluate
 
-    result = evaluate(model_path, test_path, gate.min_accuracy)
+    result = evaluate(
+        model_path, test_path, gate.min_accuracy, max_gap_to_baseline=gate.max_gap_to_baseline
+    )
     write_json(evaluation_path, result)
     progress.log(
         "evaluate",
         f"accuracy {result['accuracy']:.4f} | macro_f1 "
         f"{result['macro_f1']:.4f} | roc_auc {result['roc_auc']:.4f}",
     )
+    if "challenger" in result:
+        progress.log(
+            "evaluate",
+            f"gradient boosting: accuracy {result['challenger']['accuracy']:.4f} | "
+            f"gap to the network {result['gap_to_challenger']:+.4f}",
+        )
     progress.log("evaluate", result["gate_reason"])
     write_html(report_path, "Evaluation on the held-out test split", evaluation_sections(result))
     return result
 
 
 def evaluation_sections(result: dict[str, Any]) -> list[Section]:
+    from kubetrain.assessment.evaluation import comparison_rows
+
+    rival = (
+        [Section("Network vs gradient boosting", tables=[comparison_rows(result)])]
+        if "challenger" in result
+        else []
+    )
     return [
         Section(
             "Test metrics",
@@ -496,6 +522,7 @@ def evaluation_sections(result: dict[str, Any]) -> list[Section]:
         ),
         Section("ROC", images=[plots.roc_curves(result["roc"])]),
         Section("Per class", tables=[result["per_class"]]),
+        *rival,
     ]
 
 

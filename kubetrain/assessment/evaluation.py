@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -13,6 +14,7 @@ from kubetrain.core import progress
 from kubetrain.core.errors import require
 from kubetrain.data import batches
 from kubetrain.data.batches import Batches
+from kubetrain.training import challenger
 from kubetrain.training.models import load_model, predict_proba
 
 ROC_POINTS = 200  # the KFP UI and JSON artifacts stay small
@@ -81,23 +83,64 @@ def compute_metrics(y: np.ndarray, proba: np.ndarray, class_names: list[str]) ->
     }
 
 
-def gate(metrics: dict[str, Any], min_accuracy: float) -> tuple[bool, str]:
-    ok = metrics["accuracy"] >= min_accuracy
-    verdict = "passed" if ok else "failed"
-    return ok, (
-        f"quality gate {verdict}: test accuracy {metrics['accuracy']:.4f} "
-        f"{'>=' if ok else '<'} min_accuracy {min_accuracy}"
+#: Test metrics of the challenger shown beside the network's (and kept in its JSON).
+CHALLENGER_METRICS = (
+    "accuracy",
+    "macro_f1",
+    "precision_macro",
+    "recall_macro",
+    "roc_auc",
+    "log_loss",
+)
+
+
+def gate(
+    metrics: dict[str, Any], min_accuracy: float, max_gap_to_baseline: float = -1.0
+) -> tuple[bool, str]:
+    """Pass when the test accuracy reaches ``min_accuracy`` and, with ``max_gap_to_baseline``
+    >= 0, the challenger beats the network by no more than that. One line says why; a
+    failure names only the checks that failed."""
+    accurate = metrics["accuracy"] >= min_accuracy
+    checks = [
+        (
+            accurate,
+            f"test accuracy {metrics['accuracy']:.4f} {'>=' if accurate else '<'} "
+            f"min_accuracy {min_accuracy}",
+        )
+    ]
+    if max_gap_to_baseline >= 0:
+        checks.append(gap_check(metrics.get("gap_to_challenger"), max_gap_to_baseline))
+    ok = all(passed for passed, _ in checks)
+    shown = [text for passed, text in checks if ok or not passed]
+    return ok, f"quality gate {'passed' if ok else 'failed'}: {'; '.join(shown)}"
+
+
+def gap_check(gap: float | None, max_gap: float) -> tuple[bool, str]:
+    """``(passed, why)`` of the challenger check; without a challenger there is nothing to
+    compare (images, challenger=false), which the reason says instead of failing."""
+    if gap is None:
+        return True, "no gradient-boosting challenger to compare (max_gap_to_baseline unused)"
+    close = gap <= max_gap
+    if gap <= 0:
+        return True, f"the network matches or beats gradient boosting (gap {gap:+.3f})"
+    return close, (
+        f"gradient boosting beats the network by {gap:.3f} "
+        f"{'<=' if close else '>'} max_gap_to_baseline {max_gap}"
     )
 
 
-def predict_split(
-    model: nn.Module, split: Batches, num_classes: int, stage: str = "evaluate"
-) -> tuple[np.ndarray, np.ndarray]:
-    """``(y int64, class probabilities float32)`` of every row of ``split``, predicted batch
-    by batch: memory is one batch of features plus rows x classes of scores (the
-    metrics and curves need every score)."""
+#: Features (float32 rows) -> class probabilities (float32, rows x classes).
+Scorer = Callable[[np.ndarray], np.ndarray]
+
+
+def score_split(
+    split: Batches, scorers: Sequence[Scorer], num_classes: int, stage: str = "evaluate"
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``(y int64, [class probabilities float32 per scorer])`` of every row of ``split``,
+    in one pass batch by batch: memory is one batch of features plus rows x classes of
+    scores per scorer (the metrics and curves need every score)."""
     y = np.empty(split.rows, np.int64)
-    proba = np.empty((split.rows, num_classes), np.float32)
+    probas = [np.empty((split.rows, num_classes), np.float32) for _ in scorers]
     at = 0
     for X, yb in batches.logged(split, stage, "predicted"):
         n = len(yb)
@@ -107,27 +150,79 @@ def predict_split(
             "re-run the clean stage",
         )
         if n:
-            proba[at : at + n], y[at : at + n] = predict_proba(model, X).numpy(), yb
+            for proba, score in zip(probas, scorers, strict=True):
+                proba[at : at + n] = score(X)
+            y[at : at + n] = yb
             at += n
-    return y[:at], proba[:at]
+    return y[:at], [proba[:at] for proba in probas]
 
 
-def held_bytes(split: Batches, num_classes: int) -> int:
-    """What evaluating ``split`` in memory holds at its peak: the split, its labels and
-    the metrics' copies of the scores (`METRIC_BYTES_PER_SCORE`)."""
-    return split.nbytes + split.rows * (8 + num_classes * METRIC_BYTES_PER_SCORE)
+def predict_split(
+    model: nn.Module, split: Batches, num_classes: int, stage: str = "evaluate"
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(y int64, class probabilities float32)`` of the network on every row of ``split``."""
+    y, (proba,) = score_split(split, [network_scorer(model)], num_classes, stage)
+    return y, proba
+
+
+def network_scorer(model: nn.Module) -> Scorer:
+    return lambda X: predict_proba(model, X).numpy()
+
+
+def held_bytes(split: Batches, num_classes: int, scorers: int = 1) -> int:
+    """What evaluating ``split`` in memory holds at its peak: the split, its labels, every
+    scorer's scores and the metrics' copies of one scorer's (`METRIC_BYTES_PER_SCORE`)."""
+    scores = num_classes * (METRIC_BYTES_PER_SCORE + 4 * (scorers - 1))
+    return split.nbytes + split.rows * (8 + scores)
+
+
+def challenger_metrics(
+    y: np.ndarray, proba: np.ndarray, class_names: list[str], saved: dict[str, Any]
+) -> dict[str, Any]:
+    """The challenger's test metrics (`CHALLENGER_METRICS`) and what the train stage
+    recorded about it (validation accuracy, iterations, rows, sample)."""
+    full = compute_metrics(y, proba, class_names)
+    return {k: full[k] for k in CHALLENGER_METRICS} | {
+        k.removeprefix("challenger_"): v for k, v in saved.items() if k.startswith("challenger_")
+    }
+
+
+def comparison_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Network vs gradient boosting, one row per test metric (the report's table)."""
+    rival = result["challenger"]
+    return [
+        {
+            "metric": k,
+            "network": result[k],
+            "gradient boosting": rival[k],
+            "challenger - network": rival[k] - result[k],
+        }
+        for k in CHALLENGER_METRICS
+    ]
 
 
 def evaluate(
-    model_path: str, test_path: str, min_accuracy: float, budget: int | None = None
+    model_path: str,
+    test_path: str,
+    min_accuracy: float,
+    budget: int | None = None,
+    max_gap_to_baseline: float = -1.0,
 ) -> dict[str, Any]:
     """The evaluate stage: metrics on the test split plus the gate decision.
 
     The split is predicted in memory when it fits the memory budget, else batch by
-    batch from its shards; the metrics are the same either way (`predict_split`)."""
+    batch from its shards; the metrics are the same either way (`score_split`). A
+    gradient-boosting challenger saved in the bundle is scored in the same pass and
+    reported beside the network (``challenger``, ``gap_to_challenger``)."""
     started = time.perf_counter()
     model, spec, info = load_model(model_path)
-    split = batches.open_split(test_path, lambda s: held_bytes(s, spec.num_classes), budget)
+    rival = challenger.load(model_path)
+    scorers = [network_scorer(model)]
+    if rival is not None:
+        scorers.append(lambda X: challenger.predict_proba(rival["model"], X, spec.num_classes))
+    split = batches.open_split(
+        test_path, lambda s: held_bytes(s, spec.num_classes, len(scorers)), budget
+    )
     require(
         split.features == spec.num_features,
         f"test split has {split.features} features but the model expects "
@@ -137,17 +232,21 @@ def evaluate(
         progress.log(
             "evaluate", f"streaming: the test split ({split.rows:,} rows) is over the memory budget"
         )
-    y, proba = predict_split(model, split, spec.num_classes)
+    y, (proba, *rival_proba) = score_split(split, scorers, spec.num_classes)
     assert split.schema is not None
     class_names = split.schema.class_names
     del split  # a split held in memory is freed before the metrics copy the scores
     result = compute_metrics(y, proba, class_names)
-    passed, reason = gate(result, min_accuracy)
+    if rival is not None:
+        result["challenger"] = challenger_metrics(y, rival_proba[0], class_names, rival)
+        result["gap_to_challenger"] = result["challenger"]["accuracy"] - result["accuracy"]
+    passed, reason = gate(result, min_accuracy, max_gap_to_baseline)
     result.update(
         stage="evaluate",
         gate="pass" if passed else "fail",
         gate_reason=reason,
         min_accuracy=min_accuracy,
+        max_gap_to_baseline=max_gap_to_baseline,
         seconds=round(time.perf_counter() - started, 3),
     )
     return result

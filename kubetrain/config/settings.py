@@ -33,6 +33,32 @@ TUNE_ALGORITHMS = (
     "sobol",
     "bayesianoptimization",
 )
+#: Feature column types (`kubetrain.data.column_types` infers them; `--column-types`
+#: overrides). Defined here so the setting is checked where it is parsed.
+COLUMN_TYPES = (
+    "numeric",
+    "numeric_text",
+    "boolean",
+    "categorical",
+    "high_cardinality",
+    "text",
+    "datetime",
+    "identifier",
+    "constant",
+    "empty",
+)
+#: Short names accepted in `--column-types` (``caseid=id``).
+COLUMN_TYPE_ALIASES = {
+    "id": "identifier",
+    "num": "numeric",
+    "number": "numeric",
+    "bool": "boolean",
+    "cat": "categorical",
+    "category": "categorical",
+    "date": "datetime",
+    "time": "datetime",
+    "highcard": "high_cardinality",
+}
 SEED_HELP = "Random seed for splits, augmentation, init and tuning."
 SEED_RANGE = (0, 2**32 - 1)
 
@@ -134,6 +160,13 @@ class CleanConfig(Section):
     val_fraction: float = _opt(
         0.15, "Share of rows held out for validation (early stopping, tuning).", low=0.05, high=0.5
     )
+    column_types: str = _opt(
+        "",
+        "Feature column types that override the inferred ones, as 'name=type,...' "
+        f"(e.g. 'name=text,caseid=id'); types: {', '.join(COLUMN_TYPES)} "
+        f"(or {', '.join(f'{k}={v}' for k, v in COLUMN_TYPE_ALIASES.items())}).",
+    )
+    drop_columns: str = _opt("", "Feature columns left out of the model, as 'a,b'.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -142,6 +175,58 @@ class CleanConfig(Section):
                 f"test_fraction + val_fraction is {self.test_fraction + self.val_fraction:.2f};"
                 " keep it below 0.8 so enough rows remain for training"
             )
+        overridden = parse_column_types(self.column_types)  # checks the syntax and types
+        both = sorted(set(overridden) & set(parse_drop_columns(self.drop_columns)))
+        if both:
+            raise KubetrainError(
+                f"column {both[0]!r} is in both --column-types and --drop-columns; "
+                "keep it in one of them"
+            )
+
+    @property
+    def type_overrides(self) -> dict[str, str]:
+        """``column_types`` as {column: canonical type} (the value stays a string setting)."""
+        return parse_column_types(self.column_types)
+
+    @property
+    def dropped_columns(self) -> list[str]:
+        """``drop_columns`` as a list of column names."""
+        return parse_drop_columns(self.drop_columns)
+
+
+def parse_column_types(text: str) -> dict[str, str]:
+    """'a=text, b=id' -> {'a': 'text', 'b': 'identifier'}; one-line errors for bad entries.
+
+    Column names are checked against the table later (the config does not know
+    the table); here the syntax and the type names are.
+    """
+    out: dict[str, str] = {}
+    valid = f"valid types: {', '.join(COLUMN_TYPES)} (short: {', '.join(COLUMN_TYPE_ALIASES)})"
+    for entry in (e.strip() for e in text.split(",")):
+        if not entry:
+            continue
+        name, sep, kind = (part.strip() for part in entry.rpartition("="))
+        if not sep or not name:
+            raise KubetrainError(
+                f"column_types entry {entry!r} is not 'column=type'; write e.g. "
+                f"'name=text,caseid=id' ({valid})"
+            )
+        canonical = COLUMN_TYPE_ALIASES.get(kind.lower(), kind.lower())
+        if canonical not in COLUMN_TYPES:
+            raise KubetrainError(
+                f"column_types: unknown type {kind!r} for column {name!r}; {valid}"
+            )
+        if name in out and out[name] != canonical:
+            raise KubetrainError(
+                f"column_types gives column {name!r} two types ({out[name]}, {canonical}); keep one"
+            )
+        out[name] = canonical
+    return out
+
+
+def parse_drop_columns(text: str) -> list[str]:
+    """'a, b' -> ['a', 'b'] (order kept, repeats once)."""
+    return list(dict.fromkeys(c.strip() for c in text.split(",") if c.strip()))
 
 
 @dataclass(frozen=True)
@@ -220,6 +305,9 @@ class FinalConfig(Section):
         low=1,
         high=512,
     )
+    challenger: bool = _opt(
+        True, "Also train a gradient-boosting challenger on the same splits (tables only)."
+    )
 
 
 @dataclass(frozen=True)
@@ -232,6 +320,13 @@ class TuneConfig(Section):
         "Katib maxTrialCount; 0 skips tuning and trains with the values above.",
         low=0,
         high=10_000,
+    )
+    tune_time_budget: float = _opt(
+        120.0,
+        "Seconds tuning may take; 0 or less: no limit. Locally Optuna's timeout (no trial "
+        "starts after it, running ones finish, at least one runs); on Katib, which has no "
+        "time limit, it caps maxTrialCount at parallel trials x budget / estimated trial "
+        "time (--wait-timeout stays the hard stop).",
     )
     tune_parallel: int = _opt(1, "Katib parallelTrialCount.", low=1, high=1000)
     tune_algorithm: str = _opt("tpe", "Katib search algorithm.", TUNE_ALGORITHMS)
@@ -262,6 +357,13 @@ class GateConfig(Section):
     name: ClassVar[str] = "gate"
     min_accuracy: float = _opt(
         0.9, "Quality gate: test accuracy needed before the model is compressed.", low=0, high=1
+    )
+    max_gap_to_baseline: float = _opt(
+        -1.0,
+        "Fail the quality gate when the gradient-boosting challenger beats the network's test "
+        "accuracy by more than this (e.g. 0.02); negative: off.",
+        low=-1,
+        high=1,
     )
 
 
