@@ -70,9 +70,9 @@ def test_challenger_is_deterministic_for_a_seed(splits):
 
 def test_time_limit_stops_adding_iterations(splits, capsys):
     rival = fitted(splits, time_limit_s=0.0)
-    assert rival.meta["challenger_iterations"] == challenger.FIRST_ITERATIONS
+    assert rival.meta["challenger_iterations"] == challenger.ROUND_ITERATIONS
     out = capsys.readouterr().out
-    assert f"stopped at {challenger.FIRST_ITERATIONS} iterations by the time limit" in out
+    assert f"stopped at {challenger.ROUND_ITERATIONS} iterations by the time limit" in out
 
 
 def test_images_and_switched_off_skip_with_a_note():
@@ -100,7 +100,16 @@ def test_over_the_memory_budget_it_fits_a_stratified_sample(splits, monkeypatch,
     rows = first.meta["challenger_train_rows"]
     assert first.meta["challenger_sampled"] is True and 50 <= rows <= 150
     assert again.meta == {**first.meta, "challenger_seconds": again.meta["challenger_seconds"]}
-    assert f"fitting on a stratified sample of {rows} rows (seed {SEED})" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"fitting on a stratified sample of {rows:,} of the training split's 800 rows" in out
+
+
+def test_a_big_training_split_is_sampled_to_max_rows(splits, monkeypatch) -> None:
+    monkeypatch.setattr(challenger, "MAX_ROWS", 300)
+    Xv, yv, _ = load_split(splits["validation"])
+    rival = challenger.fit_challenger(batches.streamed(splits["train"]), (Xv, yv), SEED)
+    assert rival.meta["challenger_sampled"] is True
+    assert 290 <= rival.meta["challenger_train_rows"] <= 300
 
 
 # --- through the train and evaluate stages -------------------------------------------
