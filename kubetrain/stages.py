@@ -93,6 +93,8 @@ class TrainRequest:
 #: "Argument list too long". The full values stay in files inside the artifacts.
 METADATA_ITEMS = 50
 META_FILE = "stage_meta.json"
+#: Clean's validation result (`kubetrain.data.validation`), in the train split's directory.
+VALIDATION_FILE = "validation.json"
 
 
 def compact(meta: dict[str, Any], limit: int = METADATA_ITEMS) -> dict[str, Any]:
@@ -198,7 +200,10 @@ def clean_stage(
     meta = cleaner(
         CleanRequest(table_path, train_path, val_path, test_path, clean, seed, table_uri, run_id)
     )
-    write_text(report_path, quality_report(meta))
+    validation = meta.pop("validation", None)
+    if validation is not None:  # beside the training shards: no new pipeline output
+        write_json(Path(train_path) / VALIDATION_FILE, validation)
+    write_text(report_path, quality_report({**meta, "validation": validation}))
     sizes = ", ".join(f"{k} {v['rows']}" for k, v in meta["splits"].items())
     progress.log(
         "clean",

@@ -27,6 +27,7 @@ from kubetrain.data.column_types import (
     Typing,
     date_features,
     feature_names,
+    finite,
     hashed,
     legacy_types,
     to_float,
@@ -97,8 +98,9 @@ def _numbers(frame: pd.DataFrame, cols: list[str], p: dict[str, Any]) -> np.ndar
         and not pd.api.types.is_bool_dtype(frame[c])
         for c in cols
     )
-    if plain:
-        return frame[cols].to_numpy(np.float64, na_value=np.nan).reshape(len(frame), len(cols))
+    if plain:  # inf and -inf are missing here too (`to_float`)
+        values = frame[cols].to_numpy(np.float64, na_value=np.nan)
+        return finite(values).reshape(len(frame), len(cols))
     how = p.get("datetime", {})
     return np.column_stack(
         [to_float(frame[c], kinds.get(c, "numeric"), how.get(c, {}).get("how", "")) for c in cols]
@@ -319,7 +321,19 @@ def quality_report(stats: dict[str, Any]) -> str:
         lines.append(f"| {name} | {s['rows']} | {per_class} |")
     lines += ["", f"Scaling: {stats['scaling']} (fitted on the training split only)."]
     lines += _columns_section(stats.get("column_types", {}), stats.get("column_notes", []))
+    lines += _validation_section(stats)
     return "\n".join(lines) + "\n"
+
+
+def _validation_section(stats: dict[str, Any]) -> list[str]:
+    """The "Data validation" section: the full result when the stage has it, else (an
+    engine without statistics) the anomalies alone."""
+    from kubetrain.data.validation import report_lines
+
+    result = stats.get("validation") or (
+        {"anomalies": stats["anomalies"]} if "anomalies" in stats else None
+    )
+    return report_lines(result, md_text, REPORT_COLUMNS) if result else []
 
 
 def _columns_section(types: dict[str, str], notes: list[str]) -> list[str]:

@@ -482,4 +482,5 @@ def _clean(
         rows.unpersist()
     meta = plan.finish(stats, counts, counters, prep, started)
     meta["engine"] = "spark"
+    meta["anomalies"] = plan.typed_anomalies()  # no statistics pass here: no inf counts
     return meta

@@ -12,7 +12,10 @@ raw row). It reads the table (its Parquet parts) several times:
    (first occurrence kept, across batches), missing values counted, rows with
    missing values dropped for ``impute="drop"``; then the train/validation/test
    routing (`kubetrain.data.stats.route`: exactly stratified, decided by row
-   hashes only, so any batching routes every row the same way);
+   hashes only, so any batching routes every row the same way); the same pass
+   folds the validation statistics (`kubetrain.data.validation.TableProfile`),
+   stops on a fatal anomaly, and checks leakage and train/test skew on the
+   first rows with their routing (bounded whatever the table's size);
 2. training rows: fill values (mean via merged moments, median via a
    `QuantileSample` keyed by row hash, most frequent via exact counts),
    category lists and each date column's earliest date; 2b: moments (and, for
@@ -72,6 +75,7 @@ from kubetrain.data.column_types import (
 )
 from kubetrain.data.datasets import (
     LABEL,
+    LABEL_ALIASES,
     Schema,
     class_counts,
     table_arrow_schema,
@@ -79,6 +83,7 @@ from kubetrain.data.datasets import (
     table_schema,
 )
 from kubetrain.data.stats import QuantileSample, route, row_hashes
+from kubetrain.data.validation import TableProfile, raise_fatal, table_anomalies, validate
 
 #: Distinct values a numeric column may have for ``impute="most_frequent"`` (exact counts).
 MAX_MODE_VALUES = 1_000_000
@@ -292,8 +297,11 @@ def clean_streaming(
     stats: dict[str, Any] = {"rows_in": 0, "duplicates_removed": 0, "missing_values": 0}
     seen = np.empty(0, np.uint64)
     kept_hashes, kept_labels, kept_missing, raw_keep = [], [], [], []
-    keyed = functools.partial(_keys_of, plan)
-    for rows, (hashes, y, missing) in ordered_map(keyed, read()):
+    # validation's exact statistics (an image's pixels: only the label is profiled)
+    profile = TableProfile.of_types({} if plan.image else plan.types)
+    keyed = functools.partial(_keys_and_profile, plan, profile)
+    for rows, (hashes, y, missing), batch_profile in ordered_map(keyed, read()):
+        profile.merge(batch_profile)
         stats["rows_in"] += rows
         unique = _first_unseen(hashes, seen)
         seen = np.sort(np.concatenate([seen, hashes[unique]]))  # new hashes are unique
@@ -308,11 +316,14 @@ def clean_streaming(
     unique_all = _joined(raw_keep, bool)
     del kept_hashes, kept_labels, kept_missing, raw_keep
     stats["duplicates_removed"] = stats["rows_in"] - len(hashes)
+    raise_fatal(a.to_json() for a in table_anomalies(plan.types, plan.schema, profile))
     keep, routed = plan.route(hashes, y_all, missing, stats, seed)
     hashes, y_all = hashes[keep], y_all[keep]
     codes = np.full(len(unique_all), DROPPED, np.int8)  # per raw row: -1, 0 train, 1 val, 2 test
     codes[np.flatnonzero(unique_all)[keep]] = routed
     del unique_all, routed, missing, keep
+    stats["validation"] = plan.validation(profile, read_sample(read()), codes)
+    stats["anomalies"] = stats["validation"]["anomalies"]
 
     def kept_batches():
         """(kept feature rows, their hashes, labels, split codes), batch by batch."""
@@ -408,6 +419,13 @@ def _keys_of(plan: Plan, frame: pd.DataFrame) -> tuple[int, tuple]:
     return len(frame), batch_keys(frame, plan.numeric, plan.index, plan.kept)
 
 
+def _keys_and_profile(
+    plan: Plan, profile: TableProfile, frame: pd.DataFrame
+) -> tuple[int, tuple, TableProfile]:
+    """Pass 1 for one batch: its keys and its validation statistics."""
+    return (*_keys_of(plan, frame), profile.empty().add(frame))
+
+
 def _add_encoded(prep: Preprocessor, bounds: list | None, acc: EncodedStats, frame, h) -> None:
     acc.add(encode_train(prep, frame, bounds), h)
 
@@ -451,6 +469,9 @@ class Plan:
         so every engine types the columns alike."""
         numeric, categorical = columns_of(arrow_schema)
         index = {name: i for i, name in enumerate(schema.class_names)}
+        for variant, name in schema.extra.get(LABEL_ALIASES, {}).items():  # "YES" -> "yes"
+            if name in index:
+                index.setdefault(variant, index[name])
         features = [n for n in arrow_schema.names if n != LABEL]
         types = infer_types(
             sample,
@@ -521,6 +542,31 @@ class Plan:
 
     def drop_outliers(self, prep: Preprocessor) -> bool:
         return prep.params.get("bounds") is not None and self.cfg.outlier_action == "drop"
+
+    def validation(
+        self, profile: TableProfile, sample: pd.DataFrame, codes: np.ndarray
+    ) -> dict[str, Any]:
+        """The validation result (`kubetrain.data.validation`): ``profile`` over every raw
+        row, leakage and skew on ``sample`` (the table's first rows) with their routing
+        (``codes``: per raw row, -1 dropped, else the split), so it stays bounded."""
+        if self.image:  # pixels: no column types worth checking, and too many columns
+            return validate(self.types, self.schema, profile, sample.iloc[:0])
+        split = codes[: len(sample)]
+        labels = sample[LABEL].map(self.index).fillna(-1).to_numpy(np.int64)
+        ok = labels >= 0
+        return validate(
+            self.types,
+            self.schema,
+            profile,
+            sample[ok].reset_index(drop=True),
+            split[ok],
+            labels[ok],
+        )
+
+    def typed_anomalies(self) -> list[dict[str, str]]:
+        """The anomalies known without statistics (renamed headers, merged labels, mixed
+        types, constant and empty columns): what an engine without a profile reports."""
+        return [a.to_json() for a in table_anomalies(self.types, self.schema, TableProfile({}))]
 
     def split_schema(self, prep: Preprocessor) -> Schema:
         n_num, width = self.n_num(prep), self.width(prep)

@@ -385,18 +385,33 @@ def legacy_types(frame: pd.DataFrame) -> Typing:
 
 
 def to_float(col: pd.Series, kind: str, how: str = "") -> np.ndarray:
-    """A numeric, numeric_text, boolean or datetime column as float64, NaN when missing or
-    junk (datetime: seconds since 1970-01-01 UTC)."""
+    """A numeric, numeric_text, boolean or datetime column as float64, NaN when missing,
+    junk or infinite (datetime: seconds since 1970-01-01 UTC).
+
+    inf and -inf count as missing: filled like any gap. Kept, they went through the
+    scaler as inf (or NaN: inf - inf) and surfaced only as "training diverged"."""
     if kind == "datetime":
         return epoch_seconds(col, how)
     if kind == "boolean":
         return _booleans(col)
+    return finite(raw_float(col))
+
+
+def raw_float(col: pd.Series) -> np.ndarray:
+    """A number (or numbers-as-text) column as float64, inf kept: what validation counts;
+    junk and missing values are NaN."""
     if pd.api.types.is_bool_dtype(col):
         return col.to_numpy(np.float64)
     if pd.api.types.is_numeric_dtype(col):
         return col.to_numpy(np.float64, na_value=np.nan)
     text = _text(col).str.strip()  # numeric_text, or numbers stored as text
     return pd.to_numeric(text, errors="coerce").to_numpy(np.float64, na_value=np.nan)
+
+
+def finite(values: np.ndarray) -> np.ndarray:
+    """``values`` with inf and -inf made NaN (missing); the array itself when it has none."""
+    inf = np.isinf(values)
+    return np.where(inf, np.nan, values) if inf.any() else values
 
 
 def _text(col: pd.Series) -> pd.Series:
@@ -596,6 +611,8 @@ __all__ = [
     "notes",
     "legacy_types",
     "to_float",
+    "raw_float",
+    "finite",
     "epoch_seconds",
     "date_features",
     "hashed",

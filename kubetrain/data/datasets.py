@@ -49,6 +49,9 @@ from kubetrain.core.integrity import FIX, sha256_file, verify_checksums, write_c
 from kubetrain.core.storage import is_s3
 
 LABEL = "label"  # name of the label column inside a canonical table
+#: Schema ``extra`` key: {label as written: class} for labels that differ from a class only
+#: by case (ingest merges them after the rows are written); every reader applies it.
+LABEL_ALIASES = "label_aliases"
 MiB = 1024 * 1024
 #: Bound on one table part's Arrow data (uncompressed): small enough that a reader holds
 #: one part in memory while checking its sha256, big enough to keep the parts few.
@@ -310,7 +313,7 @@ def load_table(path: str | os.PathLike) -> tuple[pd.DataFrame, Schema]:
     if not meta["parts"]:
         raise KubetrainError(f"{root} lists no table parts in {TABLE_META}; {TABLE_FIX}")
     tables = [pq.read_table(_part_source(root, part)) for part in meta["parts"]]
-    return pa.concat_tables(tables).to_pandas(), schema
+    return with_label_aliases(pa.concat_tables(tables).to_pandas(), schema), schema
 
 
 def table_schema(path: str | os.PathLike) -> Schema:
@@ -340,10 +343,20 @@ def table_batches(path: str | os.PathLike, batch_rows: int) -> Iterator[pd.DataF
     and sha256 in meta.json before any of its rows is yielded.
     """
     root, meta = _table_meta(path)
+    schema = _table_schema(meta)
     for part in _parts(meta):
         source = _part_source(root, part)
         for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
-            yield batch.to_pandas()
+            yield with_label_aliases(batch.to_pandas(), schema)
+
+
+def with_label_aliases(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
+    """``frame`` with its labels spelled as the schema's classes (`LABEL_ALIASES`)."""
+    aliases = schema.extra.get(LABEL_ALIASES)
+    if not aliases or LABEL not in frame.columns:
+        return frame
+    labels = frame[LABEL]
+    return frame.assign(**{LABEL: labels.map(aliases).fillna(labels)})
 
 
 def _table_meta(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:

@@ -19,6 +19,11 @@ block does not convert (a number column with text at row 9,000,000), the read
 starts over with that column widened (to float64 for numbers, else to text),
 which is what pandas makes of such a column.
 
+Labels lose surrounding whitespace; labels that then differ only by case are one
+class, spelled as the most frequent variant (the schema's ``label_aliases``,
+applied by every table reader). Renamed header cells are recorded in the schema's
+``renamed_columns``; clean's validation reports both as handled anomalies.
+
 Every problem a user can cause ends in one `KubetrainError` line, and nothing
 is published.
 """
@@ -48,7 +53,14 @@ import pyarrow.parquet as pq
 from kubetrain.config.settings import BUILTIN_DATASETS
 from kubetrain.core import progress
 from kubetrain.core.errors import KubetrainError, require
-from kubetrain.data.datasets import LABEL, ContentHash, Schema, load_table, table_writer
+from kubetrain.data.datasets import (
+    LABEL,
+    LABEL_ALIASES,
+    ContentHash,
+    Schema,
+    load_table,
+    table_writer,
+)
 
 FILE_TYPES = (".csv", ".parquet", ".pq", ".npz")
 LABEL_GUESSES = ("label", "target", "class", "y")
@@ -107,6 +119,8 @@ class _Plan:
     kind: str = "table"
     image_shape: list[int] | None = None
     class_names: list[str] | None = None  # fixed (built-ins); None: sorted from the labels
+    #: Header cells renamed as pandas renames them: {"column", "header", "why"} each.
+    renamed: list[dict[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -143,6 +157,7 @@ class _CsvRead:
 
     block_bytes: int  # CSV text parsed at once: every row must fit in one block
     column_types: dict[str, pa.DataType] = field(default_factory=dict)  # forced types
+    renamed: list[dict[str, str]] = field(default_factory=list)  # `_renames` of the header
 
 
 # --- entry points ----------------------------------------------------------------------
@@ -175,6 +190,7 @@ def ingest(source: str, label_column: str, out_path: str, fingerprint: str = "")
         "content_hash": tally.digest.hexdigest(),
         "image_shape": schema.image_shape or [],
         "missing_values": tally.missing,
+        **{k: schema.extra[k] for k in ("renamed_columns", LABEL_ALIASES) if k in schema.extra},
         "seconds": round(time.perf_counter() - started, 3),
     }
 
@@ -231,11 +247,46 @@ def _write(
             if i % PROGRESS_EVERY == 0:
                 report(tally.rows)
         _check_labels(tally, plan)
+        aliases = {} if plan.class_names else _merge_case_variants(tally.counts)
         classes = plan.class_names or _ordered_classes(pd.Series(list(tally.counts)))
-        schema = Schema(plan.kind, plan.features, classes, plan.image_shape, {"source": source})
+        schema = Schema(
+            plan.kind, plan.features, classes, plan.image_shape, _extra(source, plan, aliases)
+        )
         validate(tally.rows, schema, plan.shown_as)
         writer.schema = schema
     return tally, schema
+
+
+def _extra(source: str, plan: _Plan, aliases: dict[str, str]) -> dict[str, Any]:
+    """The schema's ``extra``: the source, and what ingest changed so validation reports it
+    (``renamed_columns``) and readers apply it (``label_aliases``)."""
+    extra: dict[str, Any] = {"source": source}
+    if plan.renamed:
+        extra["renamed_columns"] = plan.renamed
+    if aliases:
+        extra[LABEL_ALIASES] = aliases
+    return extra
+
+
+def _merge_case_variants(counts: Counter[str]) -> dict[str, str]:
+    """Labels that differ only by case ("Yes", "yes", "YES") folded into their most
+    frequent spelling (ties: the first in sort order), in ``counts`` too; returns
+    {variant: spelling}. The rows keep the variant as read (they are written already,
+    batch by batch); `kubetrain.data.datasets` readers apply the aliases, so a variant
+    never becomes a class of its own."""
+    groups: dict[str, list[str]] = {}
+    for label in counts:
+        groups.setdefault(label.casefold(), []).append(label)
+    aliases: dict[str, str] = {}
+    for spellings in groups.values():
+        if len(spellings) < 2:
+            continue
+        keep = min(spellings, key=lambda s: (-counts[s], s))
+        for variant in spellings:
+            if variant != keep:
+                aliases[variant] = keep
+                counts[keep] += counts.pop(variant)
+    return aliases
 
 
 def _canonical(batch: pa.RecordBatch, plan: _Plan, tally: _Tally) -> pa.RecordBatch | None:
@@ -277,10 +328,11 @@ def _numeric(schema: pa.Schema) -> list[str]:
 
 
 def _label_texts(labels: pa.Array) -> pa.Array:
-    """Labels as text, `_label_text` per distinct value (few: they are classes)."""
+    """Labels as text, `_label_text` per distinct value (few: they are classes), without
+    surrounding whitespace ("yes " is "yes": a stray space must not make a class)."""
     labels = _plain(labels)
     if pa.types.is_string(labels.type) or pa.types.is_large_string(labels.type):
-        return labels.cast(pa.string())
+        return pc.utf8_trim_whitespace(labels.cast(pa.string()))
     encoded = pc.dictionary_encode(labels)
     texts = pa.array([_label_text(v) for v in encoded.dictionary.to_pylist()], pa.string())
     return texts.take(encoded.indices)
@@ -487,6 +539,7 @@ def _csv_attempt(
         )
         assert first is not None
         plan = _plan(reader.schema.names, label_column, file.shown_as)
+        plan.renamed = read.renamed
 
         def report(rows: int) -> None:
             _log_progress(started, rows, stream.tell(), file.size)
@@ -518,6 +571,7 @@ def _open_csv(file: _File, read: _CsvRead) -> tuple[pacsv.CSVStreamingReader, pa
         adjust: dict[str, pa.DataType] = {}
         if names is None and _pandas_names(header) != header:
             names = _pandas_names(header)
+            read.renamed = _renames(header, names)
         else:
             for f in reader.schema:
                 known = f.name in read.column_types
@@ -583,6 +637,15 @@ def _pandas_names(header: list[str]) -> list[str]:
         names[i] = col
         counts[col] = count + 1
     return names
+
+
+def _renames(header: list[str], names: list[str]) -> list[dict[str, str]]:
+    """What `_pandas_names` changed: each renamed column, its header cell and why."""
+    return [
+        {"column": new, "header": old, "why": "empty" if not old else "duplicate"}
+        for old, new in zip(header, names, strict=True)
+        if old != new
+    ]
 
 
 def _csv_batches(reader: pacsv.CSVStreamingReader, shown_as: str) -> Iterator[pa.RecordBatch]:
@@ -838,7 +901,7 @@ def _label_strings(labels: pd.Series, name: str, shown_as: str) -> list[str]:
 def _label_text(value: Any) -> str:
     if isinstance(value, (float, np.floating)) and float(value).is_integer():
         return str(int(value))
-    return str(value)
+    return str(value).strip()
 
 
 def _ordered_classes(labels: pd.Series) -> list[str]:
