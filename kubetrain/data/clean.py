@@ -17,6 +17,7 @@ import pandas as pd
 from kubetrain.config.settings import CleanConfig
 from kubetrain.core.errors import KubetrainError, require
 from kubetrain.core.markdown import md_text
+from kubetrain.data import feature_selection
 from kubetrain.data.column_types import (
     ACTIONS,
     DATETIME_PARTS,
@@ -45,7 +46,14 @@ class Split:
     y: np.ndarray
 
 
-def _check_classes(y: np.ndarray, class_names: list[str], cfg: CleanConfig) -> None:
+def rows_needed(cfg: CleanConfig) -> int:
+    """Fewest rows a class needs for a stratified train/validation/test split."""
+    return max(MIN_ROWS_PER_CLASS, int(np.ceil(2 / min(cfg.test_fraction, cfg.val_fraction))))
+
+
+def rare_classes(y: np.ndarray, class_names: list[str], cfg: CleanConfig) -> list[int]:
+    """Classes with too few rows to split, to be dropped (a model cannot learn, nor a test
+    measure, a class seen once); refuses only when fewer than two classes would remain."""
     counts = np.bincount(y, minlength=len(class_names))
     present = [n for n, c in zip(class_names, counts, strict=False) if c > 0]
     require(
@@ -53,15 +61,16 @@ def _check_classes(y: np.ndarray, class_names: list[str], cfg: CleanConfig) -> N
         f"only one class ({present[0]!r}) is left after cleaning; "
         "a classifier needs at least two (check the label column)",
     )
-    smallest = min(counts[counts > 0])
-    need = max(MIN_ROWS_PER_CLASS, int(np.ceil(2 / min(cfg.test_fraction, cfg.val_fraction))))
-    if smallest < need:
-        rare = [n for n, c in zip(class_names, counts, strict=False) if 0 < c < need]
+    need = rows_needed(cfg)
+    rare = [i for i, c in enumerate(counts) if 0 < c < need]
+    if len(present) - len(rare) < 2:
+        names = [class_names[i] for i in rare]
         raise KubetrainError(
-            f"class(es) {', '.join(map(repr, rare[:5]))} have fewer than {need} rows "
-            f"(smallest: {smallest}); a stratified train/validation/test split needs at "
-            "least that many: add rows or drop those classes"
+            f"class(es) {', '.join(map(repr, names[:5]))} have fewer than {need} rows "
+            f"(smallest: {min(counts[counts > 0])}); a stratified train/validation/test split "
+            "needs at least that many and fewer than two classes have them: add rows"
         )
+    return rare
 
 
 def _one_hot(col: pd.Series, categories: list[str], fill: str) -> np.ndarray:
@@ -121,8 +130,10 @@ class Preprocessor:
     training date, each hashed column's width, then the outlier bounds and scaler. The
     encoded matrix is [numbers, dates' year and days | booleans, dates' cyclic parts,
     one-hot categories, hashed features]; outlier bounds apply to the part before the
-    bar. Params written before column types existed (no ``types``: numeric and
-    categorical columns only) transform exactly as they did.
+    bar. ``selected`` (feature selection) lists the encoded columns `transform` outputs;
+    bounds and scaler cover every encoded column. Params written before column types
+    existed (no ``types``: numeric and categorical columns only), or without
+    ``selected`` (every column), transform exactly as they did.
     """
 
     def __init__(self, cfg: CleanConfig, schema: Schema):
@@ -220,16 +231,48 @@ class Preprocessor:
         return ((num < lo) | (num > hi)).any(axis=1)
 
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        """Encode, clip, keep the selected columns, scale. Bounds and scaler are fitted on
+        the full encoded width (before selection), so they are sliced like the columns."""
         X = self._encode(frame)
         if self.params.get("bounds") is not None:
             n = continuous_width(self.params)
             X[:, :n] = np.clip(X[:, :n], *self.params["bounds"])
+        selected = self.selected()
+        if selected is not None:
+            X = X[:, selected]
         s = self.params["scale"]
         if s["kind"] != "none":
-            X = (X - np.asarray(s["offset"])) / np.asarray(s["scale"])
+            X = (X - _picked(s["offset"], selected)) / _picked(s["scale"], selected)
         return X.astype(np.float32)
 
+    def selected(self) -> list[int] | None:
+        """Indices into the encoded width of the columns `transform` outputs (feature
+        selection, `kubetrain.data.feature_selection`); None: all (params without it)."""
+        return self.params.get("selected")
+
     def feature_names(self) -> list[str]:
+        """Names of the columns `transform` outputs (the selected encoded columns)."""
+        names = self.encoded_names()
+        selected = self.selected()
+        return names if selected is None else [names[j] for j in selected]
+
+    def sources(self) -> list[str]:
+        """The source column of each encoded column, in `encoded_names` order: a one-hot
+        group, a date's parts and a text column's hashed features share theirs."""
+        p = self.params
+        dates = list(p.get("datetime", {}))
+        parts = len(DATETIME_PARTS)
+        return [
+            *p["numeric"],
+            *(c for c in dates for _ in range(2)),
+            *p.get("boolean", []),
+            *(c for c in dates for _ in range(parts - 2)),
+            *(c for c, cats in p["categorical"].items() for _ in cats),
+            *(c for c, h in p.get("hashed", {}).items() for _ in range(h["width"])),
+        ]
+
+    def encoded_names(self) -> list[str]:
+        """Names of every encoded column (before selection): what bounds and scaler cover."""
         p = self.params
         dates = list(p.get("datetime", {}))
         parts = [f"{c}:{part}" for c in dates for part in DATETIME_PARTS[2:]]
@@ -241,6 +284,13 @@ class Preprocessor:
             *(f"{c}={v}" for c, cats in p["categorical"].items() for v in cats),
             *(name for c, h in p.get("hashed", {}).items() for name in feature_names(c, h["kind"])),
         ]
+
+
+def _picked(values: list[float], selected: list[int] | None) -> np.ndarray:
+    """A per-column scaler vector sliced to the selected columns (an image's one scalar
+    stays as it is)."""
+    v = np.asarray(values)
+    return v if selected is None or v.size == 1 else v[selected]
 
 
 def fill_params(types: Typing) -> dict[str, Any]:
@@ -301,6 +351,7 @@ def quality_report(stats: dict[str, Any]) -> str:
     ]
     for key, label in (
         ("rows_dropped_missing", "rows dropped for missing values"),
+        ("rows_dropped_rare_classes", "rows dropped: classes too rare to split"),
         ("outliers_dropped", f"training rows dropped as outliers ({stats['outliers']})"),
         ("outliers_clipped_rows", f"rows with clipped outliers ({stats['outliers']})"),
     ):
@@ -322,7 +373,13 @@ def quality_report(stats: dict[str, Any]) -> str:
     lines += ["", f"Scaling: {stats['scaling']} (fitted on the training split only)."]
     lines += _columns_section(stats.get("column_types", {}), stats.get("column_notes", []))
     lines += _validation_section(stats)
+    lines += _selection_section(stats)
     return "\n".join(lines) + "\n"
+
+
+def _selection_section(stats: dict[str, Any]) -> list[str]:
+    """The "Feature selection" section (absent from metadata written before it existed)."""
+    return feature_selection.report_lines(stats, md_text, REPORT_COLUMNS)
 
 
 def _validation_section(stats: dict[str, Any]) -> list[str]:

@@ -19,8 +19,10 @@ raw row). It reads the table (its Parquet parts) several times:
 2. training rows: fill values (mean via merged moments, median via a
    `QuantileSample` keyed by row hash, most frequent via exact counts),
    category lists and each date column's earliest date; 2b: moments (and, for
-   ``outliers="iqr"``, quantile samples) of the imputed, encoded matrix, which
-   give the outlier bounds, or the scaler when outliers are not handled; 2c
+   ``outliers="iqr"``, quantile samples; for feature selection, cross products
+   and a hash-chosen row sample) of the imputed, encoded matrix, which give the
+   selected columns (`kubetrain.data.feature_selection`), the outlier bounds, and
+   the scaler when outliers are not handled; 2c
    (only when outliers are handled): moments of the clipped matrix, which give
    the scaler;
 3. every kept row: `Preprocessor.transform`, written to the three splits with
@@ -54,15 +56,17 @@ import pandas as pd
 import pyarrow as pa
 
 from kubetrain.config.settings import CleanConfig
+from kubetrain.core import progress
 from kubetrain.core.errors import KubetrainError, require
 from kubetrain.data import shards
 from kubetrain.data.clean import (
     MAX_CATEGORIES,
     Preprocessor,
-    _check_classes,
     continuous_width,
     fill_params,
     no_values,
+    rare_classes,
+    rows_needed,
     too_many_categories,
 )
 from kubetrain.data.column_types import (
@@ -82,6 +86,7 @@ from kubetrain.data.datasets import (
     table_batches,
     table_schema,
 )
+from kubetrain.data.feature_selection import SelectionStats, labels_of, select
 from kubetrain.data.stats import QuantileSample, route, row_hashes
 from kubetrain.data.validation import TableProfile, raise_fatal, table_anomalies, validate
 
@@ -177,21 +182,27 @@ def batch_hashes(frame: pd.DataFrame, numeric: list[str]) -> np.ndarray:
 
 
 class EncodedStats:
-    """Moments (and, for IQR bounds, quantile samples) of the imputed, encoded training
+    """Moments (and, for IQR bounds, quantile samples; for feature selection, cross
+    products and a row sample: `SelectionStats`) of the imputed, encoded training
     matrix: passes 2b and 2c, folded batch by batch and merged across workers."""
 
-    def __init__(self, width: int, n_num: int, want_iqr: bool) -> None:
+    def __init__(self, width: int, n_num: int, want_iqr: bool, selection: bool = False) -> None:
         self.moments = _ColumnMoments(width)
         self.samples = [QuantileSample() for _ in range(n_num if want_iqr else 0)]
+        self.selection = SelectionStats(width) if selection else None
 
     def add(self, X: np.ndarray, h: np.ndarray) -> None:
         self.moments.add(X)
         for j, sample in enumerate(self.samples):
             self.samples[j] = sample.merge(QuantileSample.of(X[:, j], h))
+        if self.selection is not None:
+            self.selection.add(X, h)
 
     def merge(self, other: EncodedStats) -> EncodedStats:
         self.moments = self.moments.merge(other.moments)
         self.samples = [a.merge(b) for a, b in zip(self.samples, other.samples, strict=True)]
+        if self.selection is not None and other.selection is not None:
+            self.selection = self.selection.merge(other.selection)
         return self
 
     def bounds(self, cfg: CleanConfig, n_num: int, image: bool) -> list | None:
@@ -324,6 +335,8 @@ def clean_streaming(
     del unique_all, routed, missing, keep
     stats["validation"] = plan.validation(profile, read_sample(read()), codes)
     stats["anomalies"] = stats["validation"]["anomalies"]
+    if stats.get("classes_dropped"):
+        stats["anomalies"].append(plan.rare_class_anomaly(stats))
 
     def kept_batches():
         """(kept feature rows, their hashes, labels, split codes), batch by batch."""
@@ -346,12 +359,13 @@ def clean_streaming(
     fill = _fold(plan.fill_stats, FillStats.add, train_batches())
     prep = plan.preprocessor(fill)
 
-    # --- pass 2b (and 2c when outliers are handled): the encoded matrix ---------------
+    # --- pass 2b (and 2c when outliers are handled): the encoded matrix; selection -----
     encoded = _fold(
         functools.partial(plan.encoded_stats, prep, True),
         functools.partial(_add_encoded, prep, None),
         train_batches(),
     )
+    stats.update(plan.select(prep, encoded, hashes, y_all, seed))
     prep.params["bounds"] = encoded.bounds(cfg, plan.n_num(prep), plan.image)
     if prep.params["bounds"] is not None:
         encoded = _fold(
@@ -359,7 +373,7 @@ def clean_streaming(
             functools.partial(_add_encoded, prep, prep.params["bounds"]),
             train_batches(),
         )
-    prep.params["scale"] = _scale(cfg, encoded.moments, plan.image, plan.width(prep))
+    prep.params["scale"] = _scale(cfg, encoded.moments, plan.image, plan.encoded_width(prep))
 
     # --- pass 3: transform and write ----------------------------------------------------
     drop = plan.drop_outliers(prep)
@@ -515,8 +529,20 @@ class Plan:
             "no rows left after dropping rows with missing values; use "
             "--impute median (or mean/most_frequent) instead of drop",
         )
+        rare = rare_classes(np.asarray(y[keep], np.int64), self.schema.class_names, self.cfg)
+        if rare:
+            dropped = keep & np.isin(y, rare)
+            keep &= ~dropped
+            names = [self.schema.class_names[i] for i in rare]
+            stats["rows_dropped_rare_classes"] = int(dropped.sum())
+            stats["classes_dropped"] = names
+            progress.log(
+                "clean",
+                f"dropped {int(dropped.sum())} row(s) of {len(names)} class(es) with fewer than "
+                f"{rows_needed(self.cfg)} rows: {', '.join(map(repr, names[:5]))}"
+                + (f" and {len(names) - 5} more" if len(names) > 5 else ""),
+            )
         y_kept = np.asarray(y[keep], np.int64)
-        _check_classes(y_kept, self.schema.class_names, self.cfg)
         return keep, route(
             hashes[keep], y_kept, self.cfg.test_fraction, self.cfg.val_fraction, seed
         )
@@ -534,11 +560,57 @@ class Plan:
         return continuous_width(prep.params)
 
     def width(self, prep: Preprocessor) -> int:
+        """Columns of the splits (after feature selection)."""
         return len(prep.feature_names())
 
-    def encoded_stats(self, prep: Preprocessor, want_iqr: bool) -> EncodedStats:
-        iqr = want_iqr and self.cfg.outliers == "iqr" and not self.image
-        return EncodedStats(self.width(prep), self.n_num(prep), iqr)
+    def encoded_width(self, prep: Preprocessor) -> int:
+        """Columns of the encoded matrix (before selection): what bounds and scaler cover."""
+        return len(prep.encoded_names())
+
+    @property
+    def selects(self) -> bool:
+        """Whether feature selection runs (never on images: pixels keep their grid)."""
+        return not self.image and (self.cfg.feature_selection or self.cfg.max_features > 0)
+
+    def encoded_stats(self, prep: Preprocessor, first: bool) -> EncodedStats:
+        """Pass 2b's summary (``first``: IQR samples and selection statistics too), or
+        pass 2c's (moments of the clipped matrix only)."""
+        iqr = first and self.cfg.outliers == "iqr" and not self.image
+        selection = first and self.selects
+        return EncodedStats(self.encoded_width(prep), self.n_num(prep), iqr, selection)
+
+    def select(
+        self,
+        prep: Preprocessor,
+        encoded: EncodedStats,
+        hashes: np.ndarray,
+        labels: np.ndarray,
+        seed: int,
+    ) -> dict[str, Any]:
+        """Feature selection from pass 2b's statistics (`kubetrain.data.feature_selection`):
+        sets ``prep.params["selected"]`` when a column goes; returns the metadata.
+        ``hashes``/``labels``: every kept row's hash and label code (the sample's labels)."""
+        out: dict[str, Any] = {"features_dropped": [], "feature_selection_notes": []}
+        if self.image and self.cfg.max_features:
+            out["feature_selection_notes"].append(
+                "max_features ignored: an image's pixels keep their grid"
+            )
+        if encoded.selection is None:
+            return out
+        keys = encoded.selection.sample.keys
+        chosen = select(
+            prep.encoded_names(),
+            prep.sources(),
+            encoded.moments,
+            encoded.selection,
+            labels_of(keys, hashes, labels) if self.cfg.max_features else None,
+            self.cfg,
+            seed,
+        )
+        if chosen.changed:
+            prep.params["selected"] = chosen.kept
+        out.update(features_dropped=chosen.dropped, feature_selection_notes=chosen.notes)
+        return out
 
     def drop_outliers(self, prep: Preprocessor) -> bool:
         return prep.params.get("bounds") is not None and self.cfg.outlier_action == "drop"
@@ -563,13 +635,27 @@ class Plan:
             labels[ok],
         )
 
+    def rare_class_anomaly(self, stats: dict[str, Any]) -> dict[str, str]:
+        names = stats["classes_dropped"]
+        return {
+            "column": LABEL,
+            "kind": "rare_classes",
+            "severity": "handled",
+            "message": f"{stats['rows_dropped_rare_classes']} row(s) of {len(names)} class(es) "
+            f"with fewer than {rows_needed(self.cfg)} rows dropped "
+            f"({', '.join(map(repr, names[:5]))}); add rows of them to keep them",
+        }
+
     def typed_anomalies(self) -> list[dict[str, str]]:
         """The anomalies known without statistics (renamed headers, merged labels, mixed
         types, constant and empty columns): what an engine without a profile reports."""
         return [a.to_json() for a in table_anomalies(self.types, self.schema, TableProfile({}))]
 
     def split_schema(self, prep: Preprocessor) -> Schema:
-        n_num, width = self.n_num(prep), self.width(prep)
+        """The splits' schema: the output (selected) columns' names, and which of them
+        are not continuous (``categorical_columns``, positions in the output)."""
+        n_num = self.n_num(prep)
+        columns = prep.selected() or range(self.encoded_width(prep))
         return Schema(
             kind=self.schema.kind,
             feature_names=prep.feature_names(),
@@ -577,7 +663,7 @@ class Plan:
             image_shape=self.schema.image_shape,
             extra={
                 "preprocessing": prep.params,
-                "categorical_columns": list(range(n_num, width)),
+                "categorical_columns": [i for i, j in enumerate(columns) if j >= n_num],
             },
         )
 
@@ -606,6 +692,8 @@ class Plan:
             stage="clean",
             splits=splits,
             features_out=self.width(prep),
+            features_encoded=self.encoded_width(prep),
+            features_selected=self.width(prep),
             scaling=self.cfg.scaling,
             impute=self.cfg.impute,
             outliers=self.cfg.outliers,

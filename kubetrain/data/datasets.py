@@ -52,6 +52,8 @@ LABEL = "label"  # name of the label column inside a canonical table
 #: Schema ``extra`` key: {label as written: class} for labels that differ from a class only
 #: by case (ingest merges them after the rows are written); every reader applies it.
 LABEL_ALIASES = "label_aliases"
+#: Schema extra: CSV rows ingest skipped for a wrong field count ({"count", "examples"}).
+SKIPPED_ROWS = "skipped_rows"
 MiB = 1024 * 1024
 #: Bound on one table part's Arrow data (uncompressed): small enough that a reader holds
 #: one part in memory while checking its sha256, big enough to keep the parts few.

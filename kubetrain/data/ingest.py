@@ -56,6 +56,7 @@ from kubetrain.core.errors import KubetrainError, require
 from kubetrain.data.datasets import (
     LABEL,
     LABEL_ALIASES,
+    SKIPPED_ROWS,
     ContentHash,
     Schema,
     load_table,
@@ -121,6 +122,8 @@ class _Plan:
     class_names: list[str] | None = None  # fixed (built-ins); None: sorted from the labels
     #: Header cells renamed as pandas renames them: {"column", "header", "why"} each.
     renamed: list[dict[str, str]] = field(default_factory=list)
+    #: Text of the CSV rows skipped for a wrong number of fields (see `_CsvRead`).
+    bad_rows: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -158,6 +161,15 @@ class _CsvRead:
     block_bytes: int  # CSV text parsed at once: every row must fit in one block
     column_types: dict[str, pa.DataType] = field(default_factory=dict)  # forced types
     renamed: list[dict[str, str]] = field(default_factory=list)  # `_renames` of the header
+    #: Rows whose field count differs from the header's, skipped (`_skip_bad_row`).
+    bad_rows: list[str] = field(default_factory=list)
+
+    def skip_bad_row(self, row: Any) -> str:
+        """pyarrow's invalid-row handler: skip the row and keep its text for the report.
+        Real exports break rows (a newline inside an unquoted tweet); one bad row should
+        not cost the table, but many mean a wrong file, which `_check_bad_rows` refuses."""
+        self.bad_rows.append(row.text if len(row.text) <= 60 else row.text[:60] + "...")
+        return "skip"
 
 
 # --- entry points ----------------------------------------------------------------------
@@ -190,7 +202,11 @@ def ingest(source: str, label_column: str, out_path: str, fingerprint: str = "")
         "content_hash": tally.digest.hexdigest(),
         "image_shape": schema.image_shape or [],
         "missing_values": tally.missing,
-        **{k: schema.extra[k] for k in ("renamed_columns", LABEL_ALIASES) if k in schema.extra},
+        **{
+            k: schema.extra[k]
+            for k in ("renamed_columns", LABEL_ALIASES, SKIPPED_ROWS)
+            if k in schema.extra
+        },
         "seconds": round(time.perf_counter() - started, 3),
     }
 
@@ -247,6 +263,7 @@ def _write(
             if i % PROGRESS_EVERY == 0:
                 report(tally.rows)
         _check_labels(tally, plan)
+        _check_bad_rows(plan, tally.rows)
         aliases = {} if plan.class_names else _merge_case_variants(tally.counts)
         classes = plan.class_names or _ordered_classes(pd.Series(list(tally.counts)))
         schema = Schema(
@@ -257,12 +274,34 @@ def _write(
     return tally, schema
 
 
+#: Malformed CSV rows skipped before the file counts as wrong: this share of its rows...
+BAD_ROWS_SHARE = 0.01
+#: ...and never more than this many.
+MAX_BAD_ROWS = 1000
+
+
+def _check_bad_rows(plan: _Plan, rows: int) -> None:
+    """A few broken rows are skipped and reported; many mean a wrong delimiter or a
+    file that is not the table, which fails naming the first bad row."""
+    bad = len(plan.bad_rows)
+    if bad and (bad > MAX_BAD_ROWS or bad > BAD_ROWS_SHARE * (rows + bad)):
+        raise _Malformed(f"{bad} rows have the wrong number of fields")
+    if bad:
+        progress.log(
+            "ingest",
+            f"skipped {bad} row(s) whose number of fields differs from the header's "
+            f"(first: {plan.bad_rows[0]!r}); reported in the data validation",
+        )
+
+
 def _extra(source: str, plan: _Plan, aliases: dict[str, str]) -> dict[str, Any]:
     """The schema's ``extra``: the source, and what ingest changed so validation reports it
     (``renamed_columns``) and readers apply it (``label_aliases``)."""
     extra: dict[str, Any] = {"source": source}
     if plan.renamed:
         extra["renamed_columns"] = plan.renamed
+    if plan.bad_rows:
+        extra[SKIPPED_ROWS] = {"count": len(plan.bad_rows), "examples": plan.bad_rows[:3]}
     if aliases:
         extra[LABEL_ALIASES] = aliases
     return extra
@@ -540,6 +579,7 @@ def _csv_attempt(
         assert first is not None
         plan = _plan(reader.schema.names, label_column, file.shown_as)
         plan.renamed = read.renamed
+        plan.bad_rows = read.bad_rows
 
         def report(rows: int) -> None:
             _log_progress(started, rows, stream.tell(), file.size)
@@ -557,7 +597,9 @@ def _open_csv(file: _File, read: _CsvRead) -> tuple[pacsv.CSVStreamingReader, pa
         stream = file.open()
         buffered = pa.BufferedInputStream(stream, READ_BUFFER_BYTES)
         try:
-            options = _csv_options(names, read.column_types, read.block_bytes, threads=True)
+            options = _csv_options(
+                names, read.column_types, read.block_bytes, True, invalid_row=read.skip_bad_row
+            )
             reader = pacsv.open_csv(buffered, *options)
         except pa.ArrowInvalid as exc:
             stream.close()

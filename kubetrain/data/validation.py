@@ -45,7 +45,7 @@ from kubetrain.data.column_types import (
     raw_float,
     to_float,
 )
-from kubetrain.data.datasets import LABEL, LABEL_ALIASES, Schema
+from kubetrain.data.datasets import LABEL, LABEL_ALIASES, SKIPPED_ROWS, Schema
 
 #: Distinct values counted exactly per column; past it, ``"> cap"`` (and top values come
 #: from the sample).
@@ -296,8 +296,21 @@ def raise_fatal(anomalies: Iterable[Mapping[str, str]]) -> None:
 
 
 def header_anomalies(schema: Schema) -> list[Anomaly]:
-    """Duplicate or empty header cells that ingest renamed as pandas does."""
+    """Duplicate or empty header cells that ingest renamed as pandas does, and CSV rows
+    it skipped for a wrong number of fields."""
     out = []
+    skipped = schema.extra.get(SKIPPED_ROWS)
+    if skipped:
+        out.append(
+            Anomaly(
+                "",
+                "malformed_rows",
+                "handled",
+                f"{skipped['count']} CSV row(s) had a different number of fields than the "
+                f"header and were skipped (first: {skipped['examples'][0]!r}); quote values "
+                "that hold the delimiter or newlines to keep them",
+            )
+        )
     for r in schema.extra.get("renamed_columns", []):
         shown = (
             "an empty header cell" if r["why"] == "empty" else f"duplicate header {r['header']!r}"

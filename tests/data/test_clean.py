@@ -288,7 +288,7 @@ def test_text_column_forced_categorical_with_too_many_values(tmp_path):
 @pytest.mark.parametrize("empty", [np.nan, None], ids=["float-nan", "null-column"])
 def test_all_missing_column_is_dropped_and_noted(tmp_path, empty):
     frame = base_frame()
-    frame["x"] = np.arange(len(frame), dtype=float)
+    frame["x"] = np.random.default_rng(0).normal(size=len(frame))  # not a copy of key
     frame["hollow"] = [empty] * len(frame)
     cfg = cfg_with(impute="drop")  # the empty column's gaps drop no row
     stats, splits = run_clean(tmp_path, table(tmp_path, frame), cfg)
@@ -496,6 +496,20 @@ def test_too_few_rows_per_class(tmp_path):
     assert "'rare'" in message and "'common'" not in message
     assert "fewer than 14 rows" in message and "add rows" in message
     assert not list(tmp_path.glob("train*")) and not list(tmp_path.glob(".*"))
+
+
+def test_a_rare_class_is_dropped_when_two_others_remain(tmp_path):
+    labels = ["a"] * 40 + ["b"] * 40 + ["rare"] * 5
+    frame = pd.DataFrame({"x": np.arange(len(labels), dtype=float), LABEL: labels})
+    stats, splits = run_clean(
+        tmp_path, table(tmp_path, frame, classes=("a", "b", "rare")), RunConfig()
+    )
+    assert stats["rows_dropped_rare_classes"] == 5 and stats["classes_dropped"] == ["rare"]
+    assert all(s["class_counts"]["rare"] == 0 for s in stats["splits"].values())
+    assert sum(s["rows"] for s in stats["splits"].values()) == 80
+    (anomaly,) = [a for a in stats["anomalies"] if a["kind"] == "rare_classes"]
+    assert anomaly["severity"] == "handled" and "'rare'" in anomaly["message"]
+    assert "rows dropped: classes too rare to split | 5" in quality_report(stats)
 
 
 def test_quality_report_counts(tmp_path):

@@ -99,6 +99,29 @@ def test_spark_types_and_encodes_columns_like_the_local_engine(tmp_path: Path, s
         assert_close(schema1.extra["preprocessing"], schema2.extra["preprocessing"])
 
 
+def test_spark_selects_the_features_the_local_engine_selects(tmp_path: Path, spark) -> None:
+    """Cross products and the row sample merge across tasks: the same columns go, for
+    the same reasons (mutual information included), and the splits hold the same rows."""
+    from test_feature_selection import selection_frame, write
+
+    table = write(tmp_path, selection_frame())
+    cfg = RunConfig.from_flat({"seed": 7, "max_features": 3, "outliers": "zscore"})
+    (local, local_splits), (remote, spark_splits) = both_engines(tmp_path, table, cfg, spark)
+    assert local["features_dropped"] and remote["features_dropped"] == local["features_dropped"]
+    for key in ("features_out", "features_selected", "features_encoded", "splits"):
+        assert remote[key] == local[key], key
+    for name in SPLITS:
+        X1, y1, schema1 = local_splits[name]
+        X2, y2, schema2 = spark_splits[name]
+        assert schema2.feature_names == schema1.feature_names == ["x", "z", *COLOURS]
+        assert schema2.extra["categorical_columns"] == schema1.extra["categorical_columns"]
+        np.testing.assert_allclose(sorted_rows(X1, y1), sorted_rows(X2, y2), rtol=1e-6, atol=1e-6)
+        assert_close(schema1.extra["preprocessing"], schema2.extra["preprocessing"])
+
+
+COLOURS = ["colour=blue", "colour=green", "colour=red"]
+
+
 def test_spark_reads_every_part_and_splits_are_complete_datasets(tmp_path: Path, spark) -> None:
     table = write_table(tmp_path, raw_frame(seed=3))
     paths = [str(tmp_path / name) for name in SPLITS]
@@ -129,7 +152,7 @@ def test_a_damaged_table_part_fails_with_one_line_naming_it(tmp_path: Path, spar
     assert not any(Path(p).exists() for p in paths)
 
 
-def test_rare_classes_fail_like_the_local_engine(tmp_path: Path, spark) -> None:
+def test_rare_classes_are_dropped_like_the_local_engine(tmp_path: Path, spark) -> None:
     frame = raw_frame()
     frame.loc[:3, "label"] = "rare"
     table = write_table(tmp_path, frame)
@@ -137,9 +160,10 @@ def test_rare_classes_fail_like_the_local_engine(tmp_path: Path, spark) -> None:
     meta = json.loads(meta_path.read_text())
     meta["class_names"] = [*meta["class_names"], "rare"]
     meta_path.write_text(json.dumps(meta))
-    paths = [str(tmp_path / name) for name in SPLITS]
-    with pytest.raises(KubetrainError, match="'rare' have fewer than"):
-        clean_spark(table, *paths, RunConfig().clean, 1, spark=spark)
+    (local, _), (remote, _) = both_engines(tmp_path, table, RunConfig(), spark)
+    assert remote["classes_dropped"] == local["classes_dropped"] == ["rare"]
+    assert remote["rows_dropped_rare_classes"] == local["rows_dropped_rare_classes"] > 0
+    assert remote["splits"] == local["splits"]
 
 
 def test_routing_lookup_marks_unknown_rows() -> None:

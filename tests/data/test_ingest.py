@@ -404,13 +404,29 @@ def test_a_row_longer_than_a_block_is_read_with_bigger_blocks(tmp_path, small_bl
     assert meta["rows"] == 300 and frame["m"][200] == long and frame["m"][199] == "v"
 
 
-def test_a_malformed_row_far_into_the_file_is_named(tmp_path, small_blocks):
+def test_a_few_malformed_rows_are_skipped_and_reported(tmp_path, small_blocks):
+    """A broken row or two (a newline inside an unquoted value) should not cost the table."""
     path = numbered_csv(
         tmp_path / "bad.csv", 500, lambda i: f"{i},{i},{'ab'[i % 2]}" + (",9" if i == 411 else "")
     )
-    message = fails(path, tmp_path, "bad.csv", "data row 412", "4 fields", "header has 3")
+    meta, frame, schema = run(path, tmp_path)
+    assert meta["rows"] == 499 and 411 not in frame["n"].tolist()
+    assert meta["skipped_rows"]["count"] == 1 and "411,411" in meta["skipped_rows"]["examples"][0]
+    from kubetrain.data.validation import header_anomalies
+
+    (anomaly,) = header_anomalies(schema)
+    assert anomaly.kind == "malformed_rows" and anomaly.severity == "handled"
+
+
+def test_many_malformed_rows_fail_naming_the_first(tmp_path, small_blocks):
+    path = numbered_csv(
+        tmp_path / "bad.csv",
+        500,
+        lambda i: f"{i},{i},{'ab'[i % 2]}" + (",9" if i >= 411 and i % 7 == 0 else ""),
+    )
+    message = fails(path, tmp_path, "bad.csv", "data row 414", "4 fields", "header has 3")
     assert "fix that row" in message
-    short = numbered_csv(tmp_path / "short.csv", 500, lambda i: "7" if i == 60 else f"{i},{i},a")
+    short = numbered_csv(tmp_path / "short.csv", 500, lambda i: "7" if i >= 60 else f"{i},{i},a")
     fails(short, tmp_path, "data row 61", "1 fields", "header has 3")
 
 
@@ -472,7 +488,7 @@ def test_s3_streams_csv_and_parquet(tmp_path, s3_env, small_blocks):
     storage.upload(tmp_path / "s.parquet", f"s3://{bucket}/data/s.parquet")
     meta, frame, _ = run(f"s3://{bucket}/data/s.parquet", tmp_path / "c")
     assert meta["rows"] == 600 and meta["class_counts"] == {"a": 300, "b": 300}
-    bad = numbered_csv(tmp_path / "bad.csv", 300, lambda i: "1,2,3,4" if i == 250 else f"{i},1,a")
+    bad = numbered_csv(tmp_path / "bad.csv", 300, lambda i: "1,2,3,4" if i >= 250 else f"{i},1,a")
     storage.upload(bad, f"s3://{bucket}/data/bad.csv")
     (tmp_path / "d").mkdir()
     fails(f"s3://{bucket}/data/bad.csv", tmp_path / "d", "data row 251", "4 fields")
