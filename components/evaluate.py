@@ -27,7 +27,8 @@ def evaluate(
     cfg = RunConfig.pick(locals())
     result = evaluate_stage(trained_model.path, test.path, evaluation.path, report.path, cfg.gate)
     for name in ("accuracy", "macro_f1", "precision_macro", "recall_macro", "roc_auc"):
-        metrics.log_metric(name, float(result[name]))
+        if result[name] is not None:  # roc_auc needs two classes in the test split
+            metrics.log_metric(name, float(result[name]))
     if "challenger" in result:  # the gradient-boosting challenger the train stage saved
         metrics.log_metric("challenger_accuracy", float(result["challenger"]["accuracy"]))
         metrics.log_metric("gap_to_challenger", float(result["gap_to_challenger"]))

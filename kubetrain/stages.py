@@ -484,7 +484,8 @@ def evaluate_stage(
     progress.log(
         "evaluate",
         f"accuracy {result['accuracy']:.4f} | macro_f1 "
-        f"{result['macro_f1']:.4f} | roc_auc {result['roc_auc']:.4f}",
+        f"{result['macro_f1']:.4f} | roc_auc "
+        + ("n/a" if result["roc_auc"] is None else f"{result['roc_auc']:.4f}"),
     )
     if "challenger" in result:
         progress.log(

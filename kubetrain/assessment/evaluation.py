@@ -47,24 +47,30 @@ def roc_curves(y: np.ndarray, proba: np.ndarray, class_names: list[str]) -> dict
     return curves
 
 
+def _macro_auc(y: np.ndarray, proba: np.ndarray, present: np.ndarray) -> float | None:
+    """One-vs-rest ROC-AUC averaged over the classes present (scikit-learn's macro "ovr"
+    when all are); the binary AUC for two classes; None with a single class."""
+    if len(present) < 2:
+        return None
+    if proba.shape[1] == 2:
+        return float(skm.roc_auc_score(y, proba[:, 1]))
+    return float(np.mean([skm.roc_auc_score(y == c, proba[:, c]) for c in present]))
+
+
 def compute_metrics(y: np.ndarray, proba: np.ndarray, class_names: list[str]) -> dict[str, Any]:
     require(len(y) > 0, "the test split is empty; lower --test-fraction only if data allow")
     labels = list(range(len(class_names)))
     pred = proba.argmax(1)
     p, r, f, s = skm.precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    # macro averages over the classes the test split has: a class clean dropped as too
+    # rare to split has no test rows, and would count as a zero in every average
     present = np.unique(y)
-    if len(class_names) == 2:
-        auc = float(skm.roc_auc_score(y, proba[:, 1])) if len(present) == 2 else float("nan")
-    elif len(present) == len(class_names):
-        auc = float(skm.roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=labels))
-    else:
-        auc = float("nan")
     return {
         "accuracy": float(skm.accuracy_score(y, pred)),
-        "precision_macro": float(np.mean(p)),
-        "recall_macro": float(np.mean(r)),
-        "macro_f1": float(skm.f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
-        "roc_auc": auc,
+        "precision_macro": float(np.mean(p[present])),
+        "recall_macro": float(np.mean(r[present])),
+        "macro_f1": float(np.mean(f[present])),
+        "roc_auc": _macro_auc(y, proba, present),
         "log_loss": float(skm.log_loss(y, np.clip(proba, 1e-7, 1), labels=labels)),
         "per_class": [
             {

@@ -167,6 +167,19 @@ class CleanConfig(Section):
         f"(or {', '.join(f'{k}={v}' for k, v in COLUMN_TYPE_ALIASES.items())}).",
     )
     drop_columns: str = _opt("", "Feature columns left out of the model, as 'a,b'.")
+    feature_selection: bool = _opt(
+        True,
+        "Drop constant and near-constant encoded features (one value in over 999 of 1000 "
+        "training rows) and duplicate or highly correlated ones (|r| > 0.98: the later one).",
+    )
+    max_features: int = _opt(
+        0,
+        "Keep the N feature columns with the highest mutual information with the label "
+        "(a categorical column's one-hot group, a date's parts or a text column's hashed "
+        "features count as one column); 0 keeps all.",
+        low=0,
+        high=1_000_000,
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -247,7 +260,11 @@ class AugmentConfig(Section):
         0.05, "Gaussian noise std (scaled units) for images and table jitter.", low=0, high=2
     )
     brightness: float = _opt(0.1, "Images: largest relative brightness change.", low=0, high=1)
-    oversample: bool = _opt(True, "Tables: oversample minority classes up to the majority count.")
+    oversample: bool = _opt(
+        True,
+        "Tables: oversample minority classes up to the majority count (each at most 4x its "
+        "rows).",
+    )
 
 
 @dataclass(frozen=True)
@@ -257,8 +274,10 @@ class TrainConfig(Section):
     name: ClassVar[str] = "train"
     model: str = _opt(
         "auto",
-        "Network: 'cnn' for images, 'mlp' for tables; 'auto' picks from the data.",
-        ("auto", "mlp", "cnn"),
+        "Network: 'cnn' for images, 'mlp' for tables, 'tabular' for tables with "
+        "periodic embeddings and a k-member ensemble (~9x the MLP's CPU time, more "
+        "accurate on large nonlinear tables); 'auto' picks 'cnn' or 'mlp' from the data.",
+        ("auto", "mlp", "cnn", "tabular"),
     )
     optimizer: str = _opt("adamw", "Optimizer.", ("sgd", "adam", "adamw"))
     momentum: float = _opt(0.9, "SGD momentum.", low=0, high=0.999)

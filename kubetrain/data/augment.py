@@ -83,12 +83,19 @@ def jitter(X: np.ndarray, schema: Schema, std: float, rng: np.random.Generator) 
     return X + noise
 
 
+#: A class grows at most to this many times its rows: repeating a class of ten rows a
+#: thousand times teaches the network those ten rows, and multiplies the epoch's work
+#: (19 classes of a 20,000-row table became 181,000 rows without it).
+MAX_OVERSAMPLE = 4
+
+
 def extra_rows(counts: np.ndarray, oversample: bool) -> np.ndarray:
-    """Rows to add per class to bring every present class up to the majority count."""
+    """Rows to add per class: up to the majority count, at most `MAX_OVERSAMPLE` times
+    the class's own rows."""
     counts = np.asarray(counts, np.int64)
     if not oversample or not counts.size:
         return np.zeros_like(counts)
-    return np.where(counts > 0, counts.max() - counts, 0)
+    return np.where(counts > 0, np.minimum(counts.max(), MAX_OVERSAMPLE * counts) - counts, 0)
 
 
 def counts_after(counts: np.ndarray, schema: Schema, cfg: AugmentConfig) -> np.ndarray:

@@ -346,11 +346,12 @@ def test_streamed_augment_draws_extra_rows_from_the_whole_split(tmp_path, monkey
     train, X, y, _ = sharded_table(tmp_path, monkeypatch)
     _, X_out, y_out = run_augment(tmp_path, train, "out", 1000, augment_copies=0)
     added = np.array([r not in set(rows_of(X)) for r in rows_of(X_out)])
-    assert added.sum() == len(y_out) - len(y) == 2 * 300 - 70 - 12
+    # classes of 300, 70 and 12 rows: each grows toward 300, at most 4x its rows
+    assert added.sum() == len(y_out) - len(y) == (280 - 70) + (48 - 12)
     source = np.rint(X_out[added, 0] / 5).astype(int)  # column 0 is 5x the source row
     assert (y[source] == y_out[added]).all()  # drawn from the row's own class
     rare = source[y_out[added] == 2]
-    assert set(rare) == set(np.flatnonzero(y == 2))  # from all 12 rows of the rare class
+    assert set(rare) <= set(np.flatnonzero(y == 2)) and len(set(rare)) >= 8  # 36 of 12 rows
     mid = source[y_out[added] == 1]
     assert mid.min() < 50 and mid.max() > 330  # from every part of the split
 
