@@ -261,9 +261,10 @@ class AugmentConfig(Section):
     )
     brightness: float = _opt(0.1, "Images: largest relative brightness change.", low=0, high=1)
     oversample: bool = _opt(
-        True,
+        False,
         "Tables: oversample minority classes up to the majority count (each at most 4x its "
-        "rows).",
+        "rows). Off by default: balancing trades accuracy for minority recall (a table whose "
+        "minority is a sixth of the rows: test accuracy 0.59 with it, 0.75 without).",
     )
 
 
@@ -342,10 +343,10 @@ class TuneConfig(Section):
     )
     tune_time_budget: float = _opt(
         120.0,
-        "Seconds tuning may take; 0 or less: no limit. Locally Optuna's timeout (no trial "
-        "starts after it, running ones finish, at least one runs); on Katib, which has no "
-        "time limit, it caps maxTrialCount at parallel trials x budget / estimated trial "
-        "time (--wait-timeout stays the hard stop).",
+        "Seconds tuning may take; 0 or less: no limit. Locally Optuna's timeout: no trial "
+        "starts after it, running ones finish, and tuning goes on until one trial has "
+        "completed. On Katib, which has no time limit, it caps maxTrialCount at parallel "
+        "trials x budget / estimated trial time (--wait-timeout stays the hard stop).",
     )
     tune_parallel: int = _opt(1, "Katib parallelTrialCount.", low=1, high=1000)
     tune_algorithm: str = _opt("tpe", "Katib search algorithm.", TUNE_ALGORITHMS)

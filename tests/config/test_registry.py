@@ -102,10 +102,10 @@ def test_cli_values_reach_the_stage_typed(tmp_path, capsys):
 
 def test_run_config_round_trips_through_flat_names():
     cfg = RunConfig.from_flat(
-        {"epochs": "7", "learning_rate": 0.5, "seed": 3, "oversample": "false"}
+        {"epochs": "7", "learning_rate": 0.5, "seed": 3, "oversample": "true"}
     )
     assert cfg.final.epochs == 7 and cfg.hyper.learning_rate == 0.5 and cfg.seed == 3
-    assert cfg.augment.oversample is False
+    assert cfg.augment.oversample is True
     assert RunConfig.from_flat(cfg.flat()) == cfg
 
 

@@ -18,7 +18,8 @@ STILL = dict(max_rotation=0.0, max_shift=0, noise_std=0.0, brightness=0.0)
 
 
 def cfg_with(**changes) -> RunConfig:
-    return RunConfig.from_flat(changes)
+    """Oversampling on unless a test says otherwise: most tests here are about it."""
+    return RunConfig.from_flat({"oversample": True, **changes})
 
 
 def of(cfg: RunConfig) -> tuple:
