@@ -11,7 +11,12 @@ through ``PET_*`` variables. URIs are ``s3://`` (credentials from the standard
 AWS variables plus ``S3_ENDPOINT_URL``) or local paths.
 
 Every rank fetches both splits and trains (`kubetrain.training.loop.fit` shards the
-work); rank 0 trains through `kubetrain.stages.train_stage`, so the model
+work). A training split over the memory budget is not loaded: every rank streams
+its share of the shards (`kubetrain.training.stream.training_split`, as the
+single-process train stage does); the validation split stays in memory. The ranks
+agree first, so all of them stream when any one's budget is too small (in-memory
+and streamed epochs run different step counts, and DDP would hang on the
+difference). Rank 0 trains through `kubetrain.stages.train_stage`, so the model
 bundle, metrics and report are exactly the single-process stage's, written to
 a temporary folder and then copied to ``--output``::
 
@@ -40,7 +45,9 @@ from kubetrain.config import flags
 from kubetrain.config.settings import RunConfig
 from kubetrain.core import progress, storage
 from kubetrain.core.errors import KubetrainError
-from kubetrain.training import distributed
+from kubetrain.core.memory import fits
+from kubetrain.data import shards
+from kubetrain.training import distributed, stream
 
 
 def parser() -> argparse.ArgumentParser:
@@ -94,6 +101,24 @@ def _publish(local: Path, output: str) -> None:
     storage.upload(meta, f"{dest}/{meta.name}")
 
 
+#: The variable `kubetrain.core.memory.memory_budget` reads.
+BUDGET_ENV = "KUBETRAIN_MEMORY_BUDGET"
+
+
+def agree_on_streaming(train_dir: str | os.PathLike) -> bool:
+    """Whether the ranks stream the training split: yes on every rank when it is over any
+    rank's memory budget. A rank whose own budget would hold the split lowers it to just
+    below the split's size, so its `stream.training_split` (rank 0's inside `train_here`)
+    streams too. A collective: every rank calls it, before loading."""
+    if not shards.is_sharded(train_dir):  # the previous format has no shards to stream
+        return False
+    nbytes = stream.Streamed.open(str(train_dir)).nbytes
+    streamed = distributed.any_rank(not fits(nbytes))
+    if streamed and fits(nbytes):
+        os.environ[BUDGET_ENV] = str(nbytes - 1)
+    return streamed
+
+
 def run(args: argparse.Namespace) -> dict[str, Any] | None:
     """Train this rank; rank 0 returns the train stage's meta, the others None."""
     from kubetrain.data.datasets import load_split
@@ -108,6 +133,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         work = Path(tmp)
         train_dir = storage.local_dir(args.train, work / "train")
         val_dir = storage.local_dir(args.validation, work / "validation")
+        agree_on_streaming(train_dir)
         if me.rank == 0:
             from kubetrain.stages import TrainRequest, train_here  # reports and plots: rank 0
 
@@ -136,14 +162,15 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             (out / distributed.OUTPUT_META).write_text(json.dumps(meta, indent=2, default=str))
             _publish(out, args.output)
             return meta
-        # What train_here does before and around fit, minus every write.
-        X, y, schema = load_split(train_dir)
+        # What train_here does before and around fit, minus every write: the training
+        # split in memory when it fits the budget, else streamed from its shards.
+        train_data, schema = stream.training_split(str(train_dir))
         Xv, yv, _ = load_split(val_dir)
         fit(
             cfg.train,
             cfg.hyper,
             cfg.seed,
-            (X, y),
+            train_data,
             (Xv, yv),
             schema,
             cfg.final.epochs,

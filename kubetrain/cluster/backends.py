@@ -113,9 +113,20 @@ def tune_on_katib(
         storage.object_uri(req.train_uri),
         storage.object_uri(req.val_uri),
         katib.experiment_name(run_id),
+        train_rows=split_rows(req.train_path),
         timeout_s=placement.wait_timeout,
         keep=placement.finished_jobs == "keep",
     )
+
+
+def split_rows(path: str) -> int:
+    """Rows of a sharded split, from its manifest; 0 when there is none to read (Katib's
+    trial-time estimate then counts only a trial's start)."""
+    from kubetrain.data import shards
+
+    if not path or not shards.is_sharded(path):
+        return 0
+    return int(shards.read_manifest(path)["rows"])
 
 
 def train_on_trainjob(placement: ClusterConfig, run_id: str, req: TrainRequest) -> dict[str, Any]:

@@ -21,6 +21,7 @@ same trial function, but not bit-identical suggestions.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -60,6 +61,14 @@ DEFAULT_METRICS_FORMAT = r"([\w|-]+)\s*=\s*([+-]?\d*(\.\d+)?([Ee][+-]?\d+)?)"
 #: Experiment does not depend on the mutating webhook having run.
 JOB_SUCCESS = 'status.conditions.#(type=="Complete")#|#(status=="True")#'
 JOB_FAILURE = 'status.conditions.#(type=="Failed")#|#(status=="True")#'
+
+#: How long one trial is assumed to take, to turn --tune-time-budget into maxTrialCount
+#: (`budgeted_trials`): a fixed start (pod scheduled, container started, Python and
+#: torch imported, both splits read from S3) plus a cost per training row per epoch,
+#: that of a CPU trial pod (a GPU trial is faster). Erring long means fewer trials
+#: and an Experiment that ends before the budget rather than after it.
+TRIAL_START_S = 30.0
+SECONDS_PER_ROW_EPOCH = 1e-5
 
 
 # --------------------------------------------------------------------------- build
@@ -143,6 +152,29 @@ def fixed_settings(
     return fixed
 
 
+def trial_seconds(rows: int, epochs: int) -> float:
+    """Estimated wall time of one trial on `rows` training rows for `epochs` epochs."""
+    return TRIAL_START_S + rows * epochs * SECONDS_PER_ROW_EPOCH
+
+
+def budgeted_trials(tune: TuneConfig, trials: int, rows: int) -> int:
+    """maxTrialCount under `tune_time_budget`: Katib has no wall-clock limit on an
+    Experiment, so the budget becomes a trial count.
+
+    ``min(trials, max(1, floor(budget / trial_seconds(rows, tune_epochs)) * tune_parallel))``:
+    as many waves of `tune_parallel` trials as fit in the budget, at least one trial,
+    never more than asked. `rows` is the training split's row count (0 when unknown:
+    then a trial is its start time alone); trial pods may train on a sample of an
+    over-budget split (`tuning.tuning_split`), so the estimate is an upper bound. A
+    budget of 0 or less leaves `trials` as it is. The estimate can be wrong either
+    way: the follower's --wait-timeout stays the hard stop.
+    """
+    if tune.tune_time_budget <= 0:
+        return trials
+    waves = math.floor(tune.tune_time_budget / trial_seconds(rows, tune.tune_epochs))
+    return min(trials, max(1, waves * tune.tune_parallel))
+
+
 def _pod_placement(cluster: ClusterConfig) -> dict[str, Any]:
     """Resources and scheduling of a trial pod, the same as the pipeline's GPU steps."""
     spec: dict[str, Any] = {}
@@ -179,11 +211,14 @@ def experiment(
     val_uri: str,
     name: str,
     resume_policy: str = "Never",
+    train_rows: int = 0,
 ) -> dict[str, Any]:
     """The Experiment manifest (a plain dict): `tune`'s search over trials of the `train` recipe.
 
     Trials read both splits straight from the upstream artifacts' URIs (s3:// on
     the cluster), so no PVC is shared between the pipeline step and the trials.
+    maxTrialCount is `tune_trials`, capped by the grid's size and by the time budget
+    (`budgeted_trials`, from `train_rows`).
     """
     if tune.tune_trials < 1:
         raise KubetrainError(
@@ -200,6 +235,7 @@ def experiment(
     max_trials = tune.tune_trials
     if tune.tune_algorithm == "grid":  # optuna's grid refuses more trials than points
         max_trials = min(max_trials, grid_size(params))
+    max_trials = budgeted_trials(tune, max_trials, train_rows)
     other = next(m for m in tuning.GOALS if m != tune.tune_objective)
     command = [
         "python",
@@ -353,15 +389,19 @@ def tune(
     name: str,
     resume_policy: str = "Never",
     api=None,
+    train_rows: int = 0,
     **follow_options: Any,
 ) -> tuple[dict[str, Any], list[dict], dict[str, Any]]:
     """Build, validate, run: (best hyperparameters, trial rows, meta for the artifacts).
 
     How long to wait and whether to keep the finished Experiment come from
     `cluster` (wait_timeout, finished_jobs) unless `follow_options` say
-    otherwise (timeout_s, keep, poll_s, sleep, now, log: see `run`).
+    otherwise (timeout_s, keep, poll_s, sleep, now, log: see `run`). `train_rows`
+    sizes the time budget's maxTrialCount (`budgeted_trials`).
     """
-    exp = experiment(train, tune, seed, cluster, train_uri, val_uri, name, resume_policy)
+    exp = experiment(
+        train, tune, seed, cluster, train_uri, val_uri, name, resume_policy, train_rows
+    )
     options = {
         "timeout_s": cluster.wait_timeout,
         "keep": cluster.finished_jobs == "keep",
@@ -378,5 +418,9 @@ def tune(
         "best_trial": result["trial"],
         "best_value": result["value"],
         "trials_summary": result["trials"],
+        "trials_run": len(rows),
+        "time_budget_s": max(tune.tune_time_budget, 0.0),
+        "max_trial_count": exp["spec"]["maxTrialCount"],
+        "estimated_trial_s": round(trial_seconds(train_rows, tune.tune_epochs), 1),
     }
     return result["hyperparameters"], rows, meta

@@ -6,7 +6,9 @@ shuffled with the seed and dealt to the (DDP rank x DataLoader worker) slots,
 each slot reads its shards one by one into a shuffle buffer and yields
 batches, and the loop runs a fixed number of steps, the same on every rank
 (DDP would hang on a rank that runs out first). Memory per worker is one shard
-plus the buffer.
+plus the buffer. With fewer shards than slots (a split just over the budget, many
+ranks) each shard is read by several slots, each keeping every k-th of its rows,
+so no rank is left without batches.
 
 The order of batches is a function of (seed, epoch) alone: the DataLoader
 interleaves its workers' batches in a fixed order, so a run resumed in the
@@ -68,6 +70,20 @@ def deal(n_shards: int, seed: int, epoch: int, slot: int, slots: int) -> list[in
     return [int(i) for i in order[slot::slots]]
 
 
+def portion(
+    n_shards: int, seed: int, epoch: int, slot: int, slots: int
+) -> tuple[list[int], int, int]:
+    """What slot `slot` of `slots` reads in `epoch`: (shards, part, parts), the slot keeping
+    rows ``part::parts`` of each. With at least as many shards as slots that is `deal`'s
+    shards whole (part 0 of 1); with fewer, slot s takes shard s mod n of the seeded order
+    and shares it with the other slots mapped to it, so every slot gets rows."""
+    if n_shards >= slots:
+        return deal(n_shards, seed, epoch, slot, slots), 0, 1
+    order = np.random.default_rng([seed, epoch]).permutation(n_shards)
+    first = slot % n_shards
+    return [int(order[first])], slot // n_shards, len(range(first, slots, n_shards))
+
+
 def steps_per_epoch(
     split: Streamed, batch_rows: int, seed: int, epoch: int, world: int, workers: int
 ) -> int:
@@ -75,12 +91,11 @@ def steps_per_epoch(
     rows = [int(s["rows"]) for s in split.manifest["shards"]]
     per_rank = []
     for rank in range(world):
-        mine = [
-            i
-            for w in range(workers)
-            for i in deal(len(rows), seed, epoch, rank * workers + w, world * workers)
-        ]
-        per_rank.append(sum(rows[i] for i in mine))
+        held = 0
+        for w in range(workers):
+            mine, part, parts = portion(len(rows), seed, epoch, rank * workers + w, world * workers)
+            held += sum(len(range(part, rows[i], parts)) for i in mine)
+        per_rank.append(held)
     return max(1, min(per_rank) // batch_rows)
 
 
@@ -109,8 +124,11 @@ class ShardStream(IterableDataset):
         xs: list[np.ndarray] = []
         ys: list[np.ndarray] = []
         held = 0
-        for index in deal(len(listed), self.seed, self.epoch, slot, slots):
+        mine, part, parts = portion(len(listed), self.seed, self.epoch, slot, slots)
+        for index in mine:
             X, y = shards.read_shard(self.split.uri, self.split.manifest, listed[index])
+            if parts > 1:  # a shard shared with other slots: every parts-th row from part
+                X, y = X[part::parts], y[part::parts]
             xs.append(X)
             ys.append(y)
             held += len(y)

@@ -226,11 +226,20 @@ def tune(
     val_data: Split,
     schema: Schema,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
-) -> tuple[dict[str, Any], list[dict]]:
-    """Run the study; returns (best hyperparameters, trials table).
+) -> tuple[dict[str, Any], list[dict], dict[str, Any]]:
+    """Run the study; returns (best hyperparameters, trials table, study facts).
 
     Each trial's `HyperConfig` is the defaults with the sampled values applied: the
     search space covers every tunable, so no value of the caller's leaks into a trial.
+
+    `tune_time_budget` (> 0) is Optuna's ``timeout``: no trial starts once it has
+    passed and trials already running finish. The budget never ends a study without a
+    completed trial: past it, trials run one at a time until one completes (however
+    long it takes), `tune_trials` have run or `tune_max_failed` is passed. When no trial
+    completed (all failed within `tune_max_failed`) the best hyperparameters are
+    empty, so the train step keeps the configured values, and the facts say why.
+    The facts (`trials_run`, `time_budget_s`, `stopped_by_time_budget`, `note`) go
+    into the tune step's metadata.
     """
     import optuna
 
@@ -243,13 +252,15 @@ def tune(
         pruner=make_pruner(tune.tune_early_stopping),
     )
     total, started, lock = tune.tune_trials, time.perf_counter(), threading.Lock()
+    budget = tune.tune_time_budget if tune.tune_time_budget > 0 else None
     rows: list[dict[str, Any]] = []
     progress.log(
         "tune",
         f"{tune.tune_algorithm} search, {total} trials x {tune.tune_epochs} "
         f"epochs, {tune.tune_parallel} in parallel, objective "
         f"{tune.tune_objective} ({goal}), early stopping "
-        f"{tune.tune_early_stopping}",
+        f"{tune.tune_early_stopping}, time budget "
+        f"{'none' if budget is None else f'{budget:g} s'}",
     )
 
     def objective(trial) -> float:
@@ -295,7 +306,7 @@ def tune(
                 "tune",
                 f"trial {len(rows)}/{total} (#{row['number']}) | {row['state']} "
                 f"{value} | {best_text} | {row['seconds']:.1f}s | ETA "
-                f"{progress.eta(started, len(rows), total)}",
+                f"{progress.eta(started, len(rows), total, budget)}",
             )
             failed = sum(r["state"] == "FAIL" for r in rows)
             if failed > tune.tune_max_failed:
@@ -309,9 +320,32 @@ def tune(
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        study.optimize(objective, n_trials=total, n_jobs=tune.tune_parallel, catch=(_TrialFailed,))
+        study.optimize(
+            objective,
+            n_trials=total,
+            timeout=budget,
+            n_jobs=tune.tune_parallel,
+            catch=(_TrialFailed,),
+        )
+        # Optuna checks the clock before each trial, so a budget spent before a trial
+        # completed (a tiny one, or a first trial that failed) would leave no result:
+        # past the budget, trials run one at a time until one completes.
+        while (
+            budget is not None
+            and best_of(rows, goal) is None
+            and len(rows) < total
+            and _counts(rows).get("FAIL", 0) <= tune.tune_max_failed
+        ):
+            progress.log(
+                "tune", f"time budget {budget:g} s reached before a trial completed: one more"
+            )
+            ran = len(rows)
+            study.optimize(objective, n_trials=1, catch=(_TrialFailed,))
+            if len(rows) == ran:  # the sampler stopped the study (a finished grid)
+                break
     finally:
         torch.set_num_threads(previous)
+    elapsed = time.perf_counter() - started
     failed = sum(r["state"] == "FAIL" for r in rows)
     if failed > tune.tune_max_failed:
         raise KubetrainError(
@@ -319,13 +353,43 @@ def tune(
             f"{tune.tune_max_failed}); first error: "
             f"{next(r['error'] for r in rows if r['state'] == 'FAIL')}"
         )
+    # Fewer trials than asked with the budget spent: the timeout stopped the study (a grid
+    # sampler that ran out of points stops it too, but only once every point has run).
+    grid_done = tune.tune_algorithm == "grid" and len(rows) >= grid_points(space)
+    by_budget = budget is not None and len(rows) < total and elapsed >= budget and not grid_done
+    if by_budget:
+        progress.log(
+            "tune", f"time budget {budget:g} s reached after {len(rows)} of {total} trials"
+        )
+    facts: dict[str, Any] = {
+        "trials_run": len(rows),
+        "time_budget_s": budget or 0.0,
+        "stopped_by_time_budget": by_budget,
+    }
+    rows.sort(key=lambda r: r["number"])
     best = best_of(rows, goal)
     if best is None:
-        raise KubetrainError(
-            "no tuning trial completed; raise --tune-trials or use --tune-early-stopping none"
+        states = ", ".join(f"{n} {s}" for s, n in _counts(rows).items()) or "none ran"
+        errors = [r["error"] for r in rows if r["state"] == "FAIL"]
+        facts["note"] = (
+            f"no tuning trial completed ({states}); the train step uses the configured "
+            "hyperparameters" + (f" (first error: {errors[0]})" if errors else "")
         )
-    rows.sort(key=lambda r: r["number"])
-    return dict(best["params"]), rows
+        progress.log("tune", facts["note"])
+        return {}, rows, facts
+    return dict(best["params"]), rows, facts
+
+
+def grid_points(space: list[Param]) -> int:
+    """How many points a grid over `space` (`for_algorithm(..., "grid")`) has."""
+    return math.prod(len(p.values) for p in space)
+
+
+def _counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for r in rows:
+        out[r["state"]] = out.get(r["state"], 0) + 1
+    return out
 
 
 class _TrialFailed(Exception):

@@ -60,8 +60,15 @@ def make(
     cluster: ClusterConfig | None = None,
     **settings,
 ) -> dict:
+    """The Experiment of these settings; without a time budget unless one is given, so
+    maxTrialCount is tune_trials (the budget's cap has its own tests)."""
     cfg = RunConfig.from_flat(
-        {"tune_algorithm": algorithm, "tune_early_stopping": early, **settings}
+        {
+            "tune_algorithm": algorithm,
+            "tune_early_stopping": early,
+            "tune_time_budget": 0,
+            **settings,
+        }
     )
     return experiment_of(cfg, cluster)
 
@@ -216,6 +223,95 @@ def test_trial_limits_follow_katibs_counting():
     assert make(tune_trials=2, tune_max_failed=3)["spec"]["maxFailedTrialCount"] == 2
     with pytest.raises(KubetrainError, match="tune_trials is 0"):
         make(tune_trials=0)
+
+
+def test_the_trial_time_estimate_is_a_start_plus_rows_times_epochs():
+    assert (katib.TRIAL_START_S, katib.SECONDS_PER_ROW_EPOCH) == (30.0, 1e-5)
+    assert katib.trial_seconds(0, 10) == 30.0
+    assert katib.trial_seconds(65_004, 10) == pytest.approx(36.5004)
+    assert katib.trial_seconds(1_000_000, 10) == pytest.approx(130.0)
+
+
+@pytest.mark.parametrize(
+    ("budget", "trials", "parallel", "rows", "expected"),
+    [
+        # a 50,000-row table (65,004 rows after augmentation) at the default 120 s budget:
+        # floor(120 / 36.5004) = 3 waves of 1 trial
+        (120, 8, 1, 65_004, 3),
+        (120, 8, 2, 65_004, 6),  # 3 waves of 2
+        (120, 4, 2, 65_004, 4),  # never more than asked
+        (20, 8, 2, 65_004, 1),  # not even one trial's time: still one trial
+        (120, 8, 1, 0, 4),  # rows unknown: the start alone, floor(120 / 30)
+        (3600, 200, 4, 1_000_000, 108),  # floor(3600 / 130) = 27 waves of 4
+        (0, 8, 1, 65_004, 8),  # no budget: tune_trials
+        (-1, 8, 1, 65_004, 8),
+    ],
+)
+def test_the_time_budget_caps_max_trial_count(budget, trials, parallel, rows, expected):
+    tune = RunConfig.from_flat(
+        {"tune_time_budget": budget, "tune_trials": trials, "tune_parallel": parallel}
+    ).tune
+    assert katib.budgeted_trials(tune, trials, rows) == expected
+    exp = katib.experiment(
+        RunConfig().train, tune, 42, ClusterConfig(), TRAIN_URI, VAL_URI, NAME, train_rows=rows
+    )
+    spec = exp["spec"]
+    assert spec["maxTrialCount"] == expected
+    assert spec["parallelTrialCount"] == min(parallel, expected)
+    assert spec["maxFailedTrialCount"] == min(tune.tune_max_failed + 1, expected)
+    katib.validate(exp)
+
+
+def test_the_time_budget_caps_a_grid_below_its_size():
+    assert make("grid", tune_trials=1000, tune_time_budget=120)["spec"]["maxTrialCount"] == 4
+
+
+def test_tune_records_the_budgeted_trial_count():
+    cfg = RunConfig.from_flat({"tune_trials": 8, "tune_time_budget": 120})
+    api = FakeApi(
+        [status_doc("Created", "Running", "Succeeded", succeeded=1, best=BEST)],
+        [trial_doc("aaaaaaaa", "Succeeded", "2025-03-01T10:00:00Z")],
+    )
+    created = []
+    real_create = api.create_namespaced_custom_object
+
+    def create(group, version, namespace, plural, body):  # the body the API server got
+        created.append(body)
+        return real_create(group, version, namespace, plural, body)
+
+    api.create_namespaced_custom_object = create
+    _, _, meta = katib.tune(
+        cfg.train,
+        cfg.tune,
+        cfg.seed,
+        ClusterConfig(),
+        TRAIN_URI,
+        VAL_URI,
+        NAME,
+        api=api,
+        train_rows=65_004,
+        poll_s=5,
+        sleep=Clock().sleep,
+        now=Clock().now,
+        log=lambda stage, line: None,
+    )
+    assert created[0]["spec"]["maxTrialCount"] == 3
+    assert meta["max_trial_count"] == 3 and meta["time_budget_s"] == 120
+    assert meta["estimated_trial_s"] == 36.5 and meta["trials_run"] == 1
+
+
+def test_the_cluster_tune_step_counts_the_training_rows_from_the_manifest(tmp_path):
+    import numpy as np
+
+    from kubetrain.cluster import backends
+    from kubetrain.data import shards
+    from kubetrain.data.datasets import Schema
+
+    X, y = np.zeros((250, 3), np.float32), np.arange(250) % 2
+    schema = Schema("table", ["a", "b", "c"], ["n", "p"])
+    shards.write(tmp_path / "train", X, y, schema, max_rows_per_shard=100)
+    assert backends.split_rows(str(tmp_path / "train")) == 250
+    assert backends.split_rows(str(tmp_path / "missing")) == 0  # the estimate: start only
 
 
 def test_trial_job_runs_the_entrypoint_on_the_gpu_pool_with_s3_credentials():

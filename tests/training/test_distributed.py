@@ -2,9 +2,10 @@
 `kubetrain.cli.train_entry`): real 2-process gloo runs on CPU under torchrun, on
 breast_cancer splits made by the real ingest and clean stages.
 
-Three torchrun launches (~10 s each on 2 cores): a probe script that runs `fit`
+Five torchrun launches (~10 s each on 2 cores): a probe script that runs `fit`
 on every rank and reports what each rank holds, `train_distributed` (the
-`--nproc 2` path of the train stage), and a failing run."""
+`--nproc 2` path of the train stage), two `train_entry` runs streaming a split
+over the memory budget, and a failing run."""
 
 from __future__ import annotations
 
@@ -311,6 +312,7 @@ def test_train_distributed_writes_what_train_stage_writes(splits, single, tmp_pa
         == _files(one)
         == [
             "metrics.json",
+            "model/challenger.joblib",  # the gradient-boosting challenger (tables)
             "model/info.json",
             "model/sha256.json",
             "model/spec.json",
@@ -353,6 +355,64 @@ def test_a_failing_rank_fails_the_launch_with_its_own_error(tmp_path):
         "distributed training over 2 processes failed: rank 1: KubetrainError: width must be a int"
     )
     assert any("Root Cause" in line for line in lines)  # torchrun's summary was streamed
+
+
+STREAMING_RANK = textwrap.dedent("""
+    \"\"\"One rank of train_entry, recording what `stream.training_split` gave it.\"\"\"
+    import json, os, sys
+
+    from kubetrain.cli import train_entry
+    from kubetrain.training import stream
+
+    out, rank = os.environ["PROBE_OUT"], os.environ["RANK"]
+    if rank in os.environ["PROBE_TINY_BUDGET_RANKS"].split(","):
+        os.environ["KUBETRAIN_MEMORY_BUDGET"] = "1000"  # far below the split's bytes
+    real = stream.training_split
+
+    def observed(path, budget=None):  # the real function, its answer written down
+        split, schema = real(path, budget)
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump({"streamed": isinstance(split, stream.Streamed),
+                       "budget": os.environ.get("KUBETRAIN_MEMORY_BUDGET")}, f)
+        return split, schema
+
+    stream.training_split = observed  # rank 0 reaches it through stages.train_here
+    sys.exit(train_entry.main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("tiny", ["0,1", "1"], ids=["every-rank-over-budget", "one-rank-over"])
+def test_ranks_stream_a_training_split_over_the_memory_budget(splits, tmp_path, tiny):
+    """train_entry under torchrun: a training split over the budget streams from its shards
+    on every rank, also when only one rank's budget is too small (they agree; a rank
+    streaming while another holds the split would break DDP's collectives). The
+    breast_cancer split is one shard, fewer than the two ranks: both still get rows."""
+    (tmp_path / "streaming_rank.py").write_text(STREAMING_RANK)
+    probe, out = tmp_path / "probe", tmp_path / "out"
+    probe.mkdir()
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]),
+        PROBE_OUT=str(probe),
+        PROBE_TINY_BUDGET_RANKS=tiny,
+    )
+    env.pop("KUBETRAIN_MEMORY_BUDGET", None)
+    lines: list[str] = []
+    args = ["--train", splits[0], "--validation", splits[1], "--output", str(out)]
+    args += ["--settings", json.dumps(SETTINGS), "--device", "cpu"]
+    distributed.run_local_ddp(2, args, module="streaming_rank", env=env, echo=lines.append)
+    seen = [json.loads((probe / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [r["streamed"] for r in seen] == [True, True]
+    rows = len(load_split(splits[0])[1])
+    assert sum(f"{rows} rows (streamed from shards)" in ln for ln in lines) == 1  # rank 0 logs
+    if tiny == "1":  # rank 0's own budget held the split; it lowered it to stream alike
+        assert int(seen[0]["budget"]) < rows * len(load_split(splits[0])[2].feature_names) * 4
+    meta = json.loads((out / distributed.OUTPUT_META).read_text())
+    assert meta["processes"] == 2 and meta["epochs_run"] == SETTINGS["epochs"]
+    assert meta["val_accuracy"] > 0.9
+    model, _, _ = load_model(out / "model")
+    X, y, _ = load_split(splits[1])
+    assert _accuracy(model, X, y) == pytest.approx(meta["val_accuracy"], abs=1e-6)
 
 
 def test_a_rank_reports_its_error_in_one_line(splits, tmp_path, capsys, monkeypatch):
@@ -415,6 +475,7 @@ def test_train_entry_runs_as_one_process_without_torchrun(splits, tmp_path, monk
     assert _files(out) == [
         "meta.json",
         "metrics.json",
+        "model/challenger.joblib",
         "model/info.json",
         "model/sha256.json",
         "model/spec.json",

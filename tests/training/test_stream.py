@@ -66,6 +66,29 @@ def test_ranks_split_the_shards_and_run_the_same_number_of_steps(split):
         assert len(list(ShardStream(streamed, 50, 3, 0, rank, 3))) >= steps
 
 
+@pytest.mark.parametrize("slots", [13, 16, 29])
+def test_fewer_shards_than_slots_share_shards_so_every_slot_gets_rows(split, slots):
+    """12 shards over 13+ (rank x worker) slots: a shard is split by rows among the slots
+    mapped to it, every row still streams once per epoch and no rank is left empty (an
+    empty rank would skip the collectives of the steps the others run)."""
+    streamed, X, _ = split
+    for epoch in (0, 1):
+        seen, per_slot = [], []
+        for slot in range(slots):
+            rows = [
+                xb[:, 0].int().tolist()
+                for xb, _ in ShardStream(streamed, 16, 3, epoch, slot, slots)
+            ]
+            per_slot.append(sum(len(r) for r in rows))
+            seen += sum(rows, [])
+        assert sorted(seen) == list(range(len(X)))
+        assert min(per_slot) > 0
+        steps = stream.steps_per_epoch(streamed, 16, 3, epoch, world=slots, workers=1)
+        assert steps == max(1, min(per_slot) // 16)
+    # with enough shards a slot reads whole shards, as `deal` hands them out
+    assert stream.portion(12, 3, 0, 5, 12) == (stream.deal(12, 3, 0, 5, 12), 0, 1)
+
+
 def test_a_damaged_shard_stops_the_stream_naming_it(split, tmp_path):
     streamed, _, _ = split
     victim = tmp_path / "train" / streamed.manifest["shards"][0]["name"]

@@ -187,7 +187,7 @@ def test_tune_with_every_algorithm(cancer, algorithm):
     train, val, schema = cancer
     cfg = TuneConfig(tune_algorithm=algorithm, tune_trials=3, tune_epochs=2)
     seen = []
-    best, rows = tune(TRAIN, cfg, SEED, train, val, schema, on_trial=seen.append)
+    best, rows, _ = tune(TRAIN, cfg, SEED, train, val, schema, on_trial=seen.append)
     assert len(rows) == cfg.tune_trials == len(seen)
     assert [r["number"] for r in rows] == [0, 1, 2]
     assert all(r["state"] in ("COMPLETE", "PRUNED", "FAIL") for r in rows)
@@ -212,7 +212,7 @@ def test_parallel_trials(cancer):
         tune_early_stopping="none",
     )
     before = torch.get_num_threads()
-    best, rows = tune(TRAIN, cfg, SEED, train, val, schema)
+    best, rows, _ = tune(TRAIN, cfg, SEED, train, val, schema)
     assert torch.get_num_threads() == before  # the thread split is undone
     assert len(rows) == 3 and [r["number"] for r in rows] == [0, 1, 2]
     assert all(r["state"] == "COMPLETE" for r in rows)
@@ -231,7 +231,7 @@ def test_parallel_trials_really_overlap(cancer, monkeypatch):
 
     monkeypatch.setattr(tuning, "fit", ScriptedFit(curve))
     cfg = TuneConfig(tune_algorithm="random", tune_trials=4, tune_parallel=2, tune_epochs=2)
-    _, rows = tune(TRAIN, cfg, SEED, train, val, schema)
+    _, rows, _ = tune(TRAIN, cfg, SEED, train, val, schema)
     assert len(rows) == 4
 
 
@@ -269,7 +269,7 @@ def test_medianstop_prunes_trials_below_the_median(cancer, monkeypatch):
     cfg = TuneConfig(
         tune_algorithm="random", tune_trials=5, tune_epochs=6, tune_early_stopping="medianstop"
     )
-    best, rows = tune(TRAIN, cfg, SEED, train, val, schema)
+    best, rows, _ = tune(TRAIN, cfg, SEED, train, val, schema)
     assert [r["state"] for r in rows] == ["COMPLETE"] * 3 + ["PRUNED"] * 2
     for row in rows[3:]:  # stopped at Katib's start_step, not before, not after
         assert row["epochs"] == MEDIANSTOP["start_step"]
@@ -285,7 +285,7 @@ def test_no_early_stopping_prunes_nothing(cancer, monkeypatch):
     cfg = TuneConfig(
         tune_algorithm="random", tune_trials=5, tune_epochs=6, tune_early_stopping="none"
     )
-    _, rows = tune(TRAIN, cfg, SEED, train, val, schema)
+    _, rows, _ = tune(TRAIN, cfg, SEED, train, val, schema)
     assert [r["state"] for r in rows] == ["COMPLETE"] * 5
     assert all(r["epochs"] == 6 for r in rows)
     # each trial trains the shared recipe with its own sampled values, for tune_epochs
@@ -305,7 +305,7 @@ def test_objective_direction(cancer, monkeypatch, objective):
     cfg = TuneConfig(
         tune_algorithm="random", tune_trials=5, tune_epochs=2, tune_objective=objective
     )
-    best, rows = tune(TRAIN, cfg, SEED, train, val, schema)
+    best, rows, _ = tune(TRAIN, cfg, SEED, train, val, schema)
     done = [r for r in rows if r["state"] == "COMPLETE"]
     assert len(done) == 5
     rates = [r["params"]["learning_rate"] for r in done]
@@ -327,7 +327,7 @@ def test_real_loss_objective_picks_the_lowest_loss(cancer):
         tune_objective="validation-loss",
         tune_early_stopping="none",
     )
-    best, rows = tune(TRAIN, cfg, SEED, train, val, schema)
+    best, rows, _ = tune(TRAIN, cfg, SEED, train, val, schema)
     lowest = min(rows, key=lambda r: r["value"])
     assert best == lowest["params"]
     assert all(r["value"] > 0 for r in rows)
@@ -367,16 +367,81 @@ def test_failures_within_the_limit_are_recorded(cancer, monkeypatch):
     monkeypatch.setattr(tuning, "fit", fake)
     monkeypatch.setattr(tuning, "run_trial", sometimes_failing)
     cfg = TuneConfig(tune_algorithm="random", tune_trials=5, tune_max_failed=2)
-    best, rows = tune(TRAIN, cfg, SEED, train, val, schema)
+    best, rows, _ = tune(TRAIN, cfg, SEED, train, val, schema)
     assert [r["state"] for r in rows] == ["FAIL", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert "diverged" in rows[0]["error"] and rows[0]["value"] is None
     assert best in [r["params"] for r in rows if r["state"] == "COMPLETE"]
 
-    monkeypatch.setattr(
-        tuning, "run_trial", lambda *a, **k: (_ for _ in ()).throw(KubetrainError("always fails"))
+
+# --- the time budget --------------------------------------------------------------------
+
+
+def test_a_spent_time_budget_stops_the_study_after_one_completed_trial(cancer, capsys):
+    """A budget gone before the first trial ends: that trial still runs to the end and is
+    the result; no other starts."""
+    train, val, schema = cancer
+    cfg = TuneConfig(tune_trials=20, tune_epochs=2, tune_time_budget=1e-9)
+    best, rows, facts = tune(TRAIN, cfg, SEED, train, val, schema)
+    assert [r["state"] for r in rows] == ["COMPLETE"]
+    assert rows[0]["epochs"] == 2 and best == rows[0]["params"]
+    assert facts == {"trials_run": 1, "time_budget_s": 1e-9, "stopped_by_time_budget": True}
+    out = capsys.readouterr().out
+    assert "kubetrain | tune | time budget 1e-09 s reached after 1 of 20 trials" in out
+    trial_line = next(line for line in out.splitlines() if "trial 1/20 (#0)" in line)
+    assert trial_line.endswith("| ETA 0s")  # no more than the budget leaves, not 19 trials'
+
+
+def test_trials_running_when_the_budget_ends_finish(cancer):
+    """Two trials in parallel, each longer than the budget: both end COMPLETE, with all
+    their epochs, and no third starts."""
+    train, val, schema = cancer
+    cfg = TuneConfig(
+        tune_algorithm="random",
+        tune_trials=10,
+        tune_parallel=2,
+        tune_epochs=100,
+        tune_early_stopping="none",
+        tune_time_budget=0.05,
     )
-    with pytest.raises(KubetrainError, match="no tuning trial completed"):
-        tune(TRAIN, TuneConfig(tune_trials=2, tune_max_failed=3), SEED, train, val, schema)
+    recipe = TrainConfig(patience=1000)  # every trial runs its 100 epochs
+    best, rows, facts = tune(recipe, cfg, SEED, train, val, schema)
+    assert [(r["state"], r["epochs"]) for r in rows] == [("COMPLETE", 100)] * 2
+    assert all(r["seconds"] > cfg.tune_time_budget for r in rows)
+    assert facts["trials_run"] == 2 and facts["stopped_by_time_budget"] is True
+    assert best == max(rows, key=lambda r: r["value"])["params"]
+
+
+def test_no_budget_or_an_ample_one_runs_every_trial(cancer):
+    train, val, schema = cancer
+    for budget in (0.0, -1.0, 3600.0):
+        cfg = TuneConfig(tune_trials=2, tune_epochs=1, tune_time_budget=budget)
+        _, rows, facts = tune(TRAIN, cfg, SEED, train, val, schema)
+        assert len(rows) == 2
+        assert facts == {
+            "trials_run": 2,
+            "time_budget_s": max(budget, 0.0),
+            "stopped_by_time_budget": False,
+        }
+
+
+def test_no_completed_trial_falls_back_to_the_configured_values(cancer, capsys):
+    """Features with a NaN column make every trial diverge (a real FAIL): within
+    tune_max_failed the study ends without a result, and the train step keeps the
+    configured hyperparameters (empty best) instead of the run failing."""
+    (X, y), val, schema = cancer
+    X = X.copy()
+    X[:, 0] = np.nan
+    cfg = TuneConfig(tune_trials=2, tune_epochs=1, tune_max_failed=3)
+    best, rows, facts = tune(TRAIN, cfg, SEED, (X, y), val, schema)
+    assert best == {} and [r["state"] for r in rows] == ["FAIL", "FAIL"]
+    assert facts["note"].startswith("no tuning trial completed (2 FAIL); the train step uses")
+    assert "diverged" in facts["note"] and facts["note"] in capsys.readouterr().out
+    assert HyperConfig().replace(best) == HyperConfig()  # what the train stage applies
+    # with the budget spent at once, trials go on one at a time until one completes
+    # or the failure limit ends the study, as without a budget
+    cfg = TuneConfig(tune_trials=10, tune_epochs=1, tune_max_failed=2, tune_time_budget=1e-9)
+    with pytest.raises(KubetrainError, match=r"3 tuning trials failed .*diverged"):
+        tune(TRAIN, cfg, SEED, (X, y), val, schema)
 
 
 # --- a training split over the memory budget ------------------------------------------
@@ -405,7 +470,13 @@ def test_tuning_over_the_budget_trains_on_a_stratified_sample(sharded_cancer, mo
     out = capsys.readouterr().out
     assert "trials train on a stratified sample of 40 rows (seed 42)" in out
     assert len(rows) == 2 and all(r["state"] == "COMPLETE" for r in rows)
-    assert _in_space(best, search_space()) and extra == {"backend": "optuna"}
+    assert _in_space(best, search_space())
+    assert extra == {
+        "backend": "optuna",
+        "trials_run": 2,
+        "time_budget_s": cfg.tune_time_budget,
+        "stopped_by_time_budget": False,
+    }
     (Xs, ys), _ = tuning.tuning_split(train, SEED, budget)
     assert len(ys) == 40 and np.bincount(ys).tolist() == (np.bincount(y) // 4).tolist()
     tags = [next(i for i, r in enumerate(X) if np.array_equal(r, s)) for s in Xs]
