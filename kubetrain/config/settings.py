@@ -248,7 +248,11 @@ class AugmentConfig(Section):
 
     name: ClassVar[str] = "augment"
     augment_copies: int = _opt(
-        1, "Augmented copies added per training example (0 disables augmentation).", low=0, high=20
+        -1,
+        "Augmented copies added per training example (0 disables augmentation; -1: one copy "
+        "for training splits up to 200,000 rows, none beyond).",
+        low=-1,
+        high=20,
     )
     max_shift: int = _opt(1, "Images: largest random shift in pixels.", low=0, high=8)
     max_rotation: float = _opt(10.0, "Images: largest random rotation in degrees.", low=0, high=180)

@@ -101,6 +101,7 @@ def extra_rows(counts: np.ndarray, oversample: bool) -> np.ndarray:
 def counts_after(counts: np.ndarray, schema: Schema, cfg: AugmentConfig) -> np.ndarray:
     """Rows per class the augmentation writes (what both paths produce)."""
     counts = np.asarray(counts, np.int64)
+    cfg = cfg.replace({"augment_copies": copies_for(cfg, int(counts.sum()), quiet=True)})
     if schema.kind != "image":
         counts = counts + extra_rows(counts, cfg.oversample)
     return counts * (1 + cfg.augment_copies)
@@ -165,6 +166,7 @@ def augment_batches(
     augmentation, with many the random draws differ (same counts, other rows
     and noise).
     """
+    cfg = cfg.replace({"augment_copies": copies_for(cfg, int(np.sum(counts)))})
     if schema.kind == "image":
         gen = torch.Generator().manual_seed(seed)
         for X, y in source:
@@ -205,6 +207,26 @@ def held_bytes(split: Batches) -> float:
     return split.nbytes * HELD_PER_BYTE.get(kind, HELD_PER_BYTE["table"])
 
 
+#: Largest training split `augment_copies=-1` (auto) adds a jittered copy to: past it
+#: the data regularise themselves, and a copy only doubles every epoch's work.
+AUTO_COPIES_MAX_ROWS = 200_000
+
+
+def copies_for(cfg: AugmentConfig, rows: int, quiet: bool = False) -> int:
+    """The augmented copies to add: as set, or for -1 (auto) one copy up to
+    `AUTO_COPIES_MAX_ROWS` training rows and none beyond."""
+    if cfg.augment_copies >= 0:
+        return cfg.augment_copies
+    copies = 1 if rows <= AUTO_COPIES_MAX_ROWS else 0
+    if not copies and not quiet:
+        progress.log(
+            "augment",
+            f"no augmented copies: {rows:,} training rows is over {AUTO_COPIES_MAX_ROWS:,} "
+            "(augment_copies=-1, auto; set it to add copies anyway)",
+        )
+    return copies
+
+
 def augment(
     train_path: str, out_path: str, cfg: AugmentConfig, seed: int, budget: int | None = None
 ) -> dict[str, Any]:
@@ -223,6 +245,7 @@ def augment(
             f"streaming: the training split ({split.rows:,} rows, {split.nbytes:,} bytes) is "
             "over the memory budget; extra rows are drawn shard by shard",
         )
+    cfg = cfg.replace({"augment_copies": copies_for(cfg, split.rows)})
     pieces = augment_batches(
         batches.logged(split, "augment", "augmented"), split.class_counts, schema, cfg, seed
     )

@@ -395,3 +395,16 @@ def test_one_batch_is_the_in_memory_augmentation(tmp_path):
     np.testing.assert_array_equal(np.concatenate([p[0] for p in pieces]), X_aug)
     np.testing.assert_array_equal(np.concatenate([p[1] for p in pieces]), y_aug)
     assert max(len(p[1]) for p in pieces) == 20  # the originals; augmented rows in fives
+
+
+def test_auto_copies_add_one_copy_to_small_splits_and_none_to_big_ones(tmp_path, monkeypatch):
+    from kubetrain.data import augment as augment_module
+
+    train, X, y, _ = sharded_table(tmp_path, monkeypatch)
+    meta, _, y_small = run_augment(tmp_path, train, "small", 10**9, oversample=False)
+    assert meta["copies"] == 1 and len(y_small) == 2 * len(y)
+    monkeypatch.setattr(augment_module, "AUTO_COPIES_MAX_ROWS", len(y) - 1)
+    meta, _, y_big = run_augment(tmp_path, train, "big", 10**9, oversample=False)
+    assert meta["copies"] == 0 and len(y_big) == len(y)
+    meta, _, y_set = run_augment(tmp_path, train, "set", 10**9, oversample=False, augment_copies=2)
+    assert meta["copies"] == 2 and len(y_set) == 3 * len(y)  # a value set is honoured

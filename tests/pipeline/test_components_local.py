@@ -322,7 +322,8 @@ def test_augment_grows_only_the_training_split(augmented, cleaned):
     X, y, _ = load_split(out.path)
     before = cleaned["train"].metadata["rows"]
     assert meta["rows_before"] == before
-    assert len(X) == len(y) == meta["rows_after"] == before * (1 + D.flat()["augment_copies"])
+    assert D.flat()["augment_copies"] == -1 and meta["copies"] == 1  # auto: a small split
+    assert len(X) == len(y) == meta["rows_after"] == before * (1 + meta["copies"])
     assert counts_total(meta["class_counts_after"]) == len(y)
     assert counts_total(meta["class_counts_before"]) == before
     X_train, _, _ = load_split(cleaned["train"].path)
