@@ -18,6 +18,8 @@ def clean(
     val_fraction: float,
     column_types: str,
     drop_columns: str,
+    feature_selection: bool,
+    max_features: int,
     seed: int,
     cluster: dict,
     run_id: str,
@@ -26,8 +28,8 @@ def clean(
     test: Output[Dataset],
     report: Output[Markdown],
 ):
-    """Type the columns, deduplicate, impute, handle outliers, encode, split (stratified)
-    and scale.
+    """Type the columns, deduplicate, impute, handle outliers, encode, split (stratified),
+    select features and scale.
 
     Here, or with `engine=spark` on PySpark: local mode in this pod, or a
     SparkApplication that this pod follows when the run is on a cluster.

@@ -11,8 +11,9 @@ preprocessor and route every row to the same split:
 2. the (hash, label, missing count) of every unique row is collected (about
    16 bytes a row) and `Plan.route` splits them on the driver, exactly as the
    local engine does; the routing table is broadcast;
-3. fill values, then the encoded matrix's moments (and quantile samples), are
-   folded per task and merged on the driver;
+3. fill values, then the encoded matrix's moments (and quantile samples, and
+   feature selection's cross products and row sample), are folded per task and
+   merged on the driver, which selects the features;
 4. every task transforms its rows and writes its own shards of each split
    (`kubetrain.data.shards.part_writer`); the driver writes the manifests last.
 
@@ -410,15 +411,11 @@ def _clean(
             "rows_in": table.rows,
             "duplicates_removed": table.rows - len(hashes),
         }
-        keep, codes = plan.route(
-            hashes,
-            keys.column("y").to_numpy().astype(np.int64),
-            keys.column("missing").to_numpy(),
-            stats,
-            seed,
-        )
-        routing = sc.broadcast(Routing.of(hashes[keep], codes))
-        del keys, hashes, keep, codes
+        labels = keys.column("y").to_numpy().astype(np.int64)
+        keep, codes = plan.route(hashes, labels, keys.column("missing").to_numpy(), stats, seed)
+        hashes, labels = hashes[keep], labels[keep]  # feature selection's sample labels
+        routing = sc.broadcast(Routing.of(hashes, codes))
+        del keys, keep, codes
 
         say("spark pass 2/4: fill values and categories")
         fill = _merged(
@@ -428,7 +425,7 @@ def _clean(
         )
         prep = plan.preprocessor(fill)
 
-        say("spark pass 3/4: outlier bounds and scaling")
+        say("spark pass 3/4: feature selection, outlier bounds and scaling")
         encoded = _merged(
             rows.mapInArrow(
                 functools.partial(
@@ -440,6 +437,8 @@ def _clean(
                 "payload binary",
             )
         )
+        stats.update(plan.select(prep, encoded, hashes, labels, seed))
+        del hashes, labels
         prep.params["bounds"] = encoded.bounds(cfg, plan.n_num(prep), plan.image)
         if prep.params["bounds"] is not None:
             encoded = _merged(
@@ -453,7 +452,7 @@ def _clean(
                     "payload binary",
                 )
             )
-        prep.params["scale"] = _scale(cfg, encoded.moments, plan.image, plan.width(prep))
+        prep.params["scale"] = _scale(cfg, encoded.moments, plan.image, plan.encoded_width(prep))
 
         say("spark pass 4/4: transform and write the splits")
         drop = plan.drop_outliers(prep)
