@@ -234,11 +234,32 @@ def validate(rows: int, schema: Schema, shown_as: str) -> None:
         f"{shown_as} has only one class ({schema.class_names[0]!r}) in its labels; a "
         "classifier needs at least two",
     )
+    _refuse_continuous_label(rows, schema, shown_as)
     if schema.image_shape:
         require(
             int(np.prod(schema.image_shape)) == len(schema.feature_names),
             f"{shown_as}: image shape {schema.image_shape} does not match "
             f"{len(schema.feature_names)} pixel columns",
+        )
+
+
+#: A numeric label with more distinct values than this and than `CONTINUOUS_SHARE` of
+#: the rows is a measurement, not a class: stratifying 350 "classes" of one row each is
+#: what a salary column would otherwise become.
+CONTINUOUS_CLASSES = 20
+CONTINUOUS_SHARE = 0.05
+
+
+def _refuse_continuous_label(rows: int, schema: Schema, shown_as: str) -> None:
+    names = schema.class_names
+    if len(names) <= max(CONTINUOUS_CLASSES, CONTINUOUS_SHARE * rows):
+        return
+    if all(_is_number(n) for n in names):
+        raise KubetrainError(
+            f"the label column of {shown_as} holds {len(names)} distinct numbers in {rows} "
+            "rows: it looks continuous (a regression target), and kubetrain trains "
+            "classifiers for now; bin it into classes (e.g. low/mid/high) or pick a "
+            "categorical label column"
         )
 
 

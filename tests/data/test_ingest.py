@@ -492,3 +492,21 @@ def test_s3_streams_csv_and_parquet(tmp_path, s3_env, small_blocks):
     storage.upload(bad, f"s3://{bucket}/data/bad.csv")
     (tmp_path / "d").mkdir()
     fails(f"s3://{bucket}/data/bad.csv", tmp_path / "d", "data row 251", "4 fields")
+
+
+def test_a_continuous_numeric_label_is_refused_with_one_line(tmp_path):
+    rows = "".join(f"{i},{1000 + 17 * i}\n" for i in range(200))
+    path = write_csv(tmp_path / "salaries.csv", "years,salary\n" + rows)
+    message = fails(
+        path,
+        tmp_path,
+        "200 distinct numbers",
+        "regression",
+        "bin it into classes",
+        label_column="salary",
+    )
+    assert "\n" not in message
+    many = "".join(f"{i},{i % 30}\n" for i in range(3000))  # 30 numeric classes, 100 rows each
+    ok = write_csv(tmp_path / "classes.csv", "x,label\n" + many)
+    meta, _, _ = run(ok, tmp_path / "ok")
+    assert len(meta["classes"]) == 30
