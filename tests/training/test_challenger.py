@@ -202,3 +202,15 @@ def test_gate_messages():
         True,
         "quality gate passed: test accuracy 0.9500 >= min_accuracy 0.9",
     )
+
+
+def test_early_stopping_scores_a_bounded_sample_of_the_validation_split(monkeypatch) -> None:
+    Xv = np.arange(50, dtype=np.float32).reshape(25, 2)
+    yv = np.arange(25) % 2
+    assert challenger.early_stopping_rows((Xv, yv), 1)[1] is yv  # small: all of it
+    monkeypatch.setattr(challenger, "EARLY_STOPPING_ROWS", 10)
+    X1, y1 = challenger.early_stopping_rows((Xv, yv), 1)
+    X2, _ = challenger.early_stopping_rows((Xv, yv), 1)
+    assert len(y1) == 10 and np.array_equal(X1, X2)  # deterministic for a seed
+    rows = (X1[:, 0] / 2).astype(int)
+    assert np.all(np.diff(rows) > 0) and np.array_equal(yv[rows], y1)  # real rows, in order
