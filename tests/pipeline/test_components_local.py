@@ -77,6 +77,7 @@ ALL_COMPONENTS = (
 # component parameters that are not RunConfig settings
 NOT_SETTINGS = {
     "ingest": {"fingerprint"},
+    "clean": {"cluster", "run_id"},
     "train": {"hyperparameters", "cluster", "run_id"},
     "publish": {"best_hyperparameters", "run_id"},
     "tune": {"cluster", "run_id"},
@@ -204,7 +205,10 @@ def trained(augmented, cleaned, tuned):
 @pytest.fixture(scope="module")
 def evaluated(trained, cleaned):
     return run(
-        evaluate, trained_model=trained["trained_model"], test=cleaned["test"], min_accuracy=0.5
+        evaluate,
+        trained_model=trained["trained_model"],
+        test=cleaned["test"],
+        **{**settings(evaluate), "min_accuracy": 0.5},
     )
 
 
@@ -241,7 +245,10 @@ def weak_evaluated(cleaned):
         **settings(train, model=MODEL, epochs=1),
     )
     return weak, run(
-        evaluate, trained_model=weak["trained_model"], test=cleaned["test"], min_accuracy=0.99
+        evaluate,
+        trained_model=weak["trained_model"],
+        test=cleaned["test"],
+        **{**settings(evaluate), "min_accuracy": 0.99},
     )
 
 
