@@ -641,14 +641,29 @@ def _result(
     )
 
 
+#: Validation rows scored per forward pass: the whole split at once held its hidden
+#: activations too (1.5M rows x 128 units: 0.8 GiB a layer in the 10M-row bench).
+EVAL_ROWS = 65_536
+
+
+@torch.no_grad()
+def _sums(model: nn.Module, X: torch.Tensor, y: torch.Tensor, autocast) -> tuple[float, float]:
+    """(summed cross-entropy, correct predictions) over ``X`` in `EVAL_ROWS` chunks."""
+    loss_sum = correct = 0.0
+    for start in range(0, len(y), EVAL_ROWS):
+        xb, yb = X[start : start + EVAL_ROWS], y[start : start + EVAL_ROWS]
+        with autocast():
+            logits = model(xb).float()
+        loss_sum += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
+        correct += (logits.argmax(1) == yb).sum().item()
+    return loss_sum, correct
+
+
 @torch.no_grad()
 def _evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, autocast) -> tuple[float, float]:
     model.eval()
-    with autocast():
-        logits = model(X).float()
-    loss = nn.functional.cross_entropy(logits, y).item()
-    acc = (logits.argmax(1) == y).float().mean().item()
-    return loss, acc
+    loss_sum, correct = _sums(model, X, y, autocast)
+    return loss_sum / len(y), correct / len(y)
 
 
 @torch.no_grad()
@@ -658,11 +673,6 @@ def _evaluate_sharded(
     """`_evaluate` over all ranks: each scores rows ``rank::world``, the sums are all-reduced."""
     model.eval()
     Xs, ys = X[rank::world_size], y[rank::world_size]
-    loss_sum = correct = 0.0
-    if len(ys):
-        with autocast():
-            logits = model(Xs).float()
-        loss_sum = nn.functional.cross_entropy(logits, ys, reduction="sum").item()
-        correct = (logits.argmax(1) == ys).sum().item()
+    loss_sum, correct = _sums(model, Xs, ys, autocast)
     loss_sum, correct, count = distributed.all_reduce_sum([loss_sum, correct, len(ys)])
     return loss_sum / count, correct / count

@@ -600,3 +600,22 @@ def test_the_batch_grows_with_big_splits_and_stays_for_small_ones():
     assert effective_batch(64, 700_000) == 2048  # a 1M-row table's training split
     assert effective_batch(64, 10**8) == MAX_SCALED_BATCH
     assert effective_batch(8192, 10**8) == 8192  # an explicit big batch is never cut
+
+
+def test_validation_is_scored_in_chunks_with_the_whole_split_result(monkeypatch) -> None:
+    import contextlib
+
+    from torch import nn
+
+    from kubetrain.training import loop
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
+    X, y = torch.randn(1000, 5), torch.randint(0, 3, (1000,))
+    whole = loop._evaluate(model, X, y, contextlib.nullcontext)
+    monkeypatch.setattr(loop, "EVAL_ROWS", 64)  # 16 chunks, the last one short
+    chunked = loop._evaluate(model, X, y, contextlib.nullcontext)
+    with torch.no_grad():
+        logits = model(X)
+    assert whole[0] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+    assert chunked[0] == pytest.approx(whole[0], rel=1e-6) and chunked[1] == whole[1]
