@@ -37,32 +37,24 @@ def leftovers(run_id: str, namespace: str) -> list[follow.Ref]:
     job = k8s.run_name(run_id, "kubetrain-train", trainjob_api.MAX_NAME)
     app = spark_api.application_name(run_id)
     return [
-        follow.Ref(
+        follow.Ref.of(
             spark_api.GROUP,
             spark_api.VERSION,
             spark_api.PLURAL,
+            "SparkApplication",
             namespace,
             app,
-            f"SparkApplication {namespace}/{app}",
-            f"kubectl -n {namespace} delete sparkapplication {app}",
         ),
-        follow.Ref(
-            katib_api.GROUP,
-            katib_api.VERSION,
-            "experiments",
-            namespace,
-            exp,
-            f"Katib Experiment {namespace}/{exp}",
-            f"kubectl -n {namespace} delete experiment {exp}",
+        follow.Ref.of(
+            katib_api.GROUP, katib_api.VERSION, "experiments", "Katib Experiment", namespace, exp
         ),
-        follow.Ref(
+        follow.Ref.of(
             trainjob_api.GROUP,
             trainjob_api.VERSION,
             trainjob_api.PLURAL,
+            "TrainJob",
             namespace,
             job,
-            f"TrainJob {namespace}/{job}",
-            f"kubectl -n {namespace} delete trainjob {job}",
         ),
     ]
 

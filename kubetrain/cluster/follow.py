@@ -62,6 +62,21 @@ class Ref:
     title: str  # "Katib Experiment x", "TrainJob ns/x"
     delete_hint: str = ""  # "kubectl -n ns delete experiment x"
 
+    @classmethod
+    def of(cls, group: str, version: str, plural: str, kind: str, namespace: str, name: str) -> Ref:
+        """The usual wording: "TrainJob ns/x", deleted with "kubectl -n ns delete trainjob x"
+        (the kubectl resource is the kind's last word, lower-cased)."""
+        resource = kind.split()[-1].lower()
+        return cls(
+            group,
+            version,
+            plural,
+            namespace,
+            name,
+            f"{kind} {namespace}/{name}",
+            f"kubectl -n {namespace} delete {resource} {name}",
+        )
+
 
 @dataclass(frozen=True)
 class Pace:

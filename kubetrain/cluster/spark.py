@@ -646,15 +646,7 @@ def run(
     app = {**app, "metadata": {**app["metadata"], "namespace": namespace}}
     log = log or (lambda message: progress.log("clean", message))
     api = api or k8s.custom_objects_api()
-    ref = follower.Ref(
-        GROUP,
-        VERSION,
-        PLURAL,
-        namespace,
-        name,
-        f"SparkApplication {namespace}/{name}",
-        f"kubectl -n {namespace} delete sparkapplication {name}",
-    )
+    ref = follower.Ref.of(GROUP, VERSION, PLURAL, "SparkApplication", namespace, name)
     pace = follower.Pace(timeout_s, poll_s, sleep, now)
 
     def error(exc: BaseException, verb: str) -> KubetrainError:

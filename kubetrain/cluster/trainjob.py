@@ -412,15 +412,7 @@ def run(
     job = {**job, "metadata": {**job["metadata"], "namespace": namespace}}
     log = log or (lambda message: progress.log("train", message))
     api = api or k8s.custom_objects_api()
-    ref = follower.Ref(
-        GROUP,
-        VERSION,
-        PLURAL,
-        namespace,
-        name,
-        f"TrainJob {namespace}/{name}",
-        f"kubectl -n {namespace} delete trainjob {name}",
-    )
+    ref = follower.Ref.of(GROUP, VERSION, PLURAL, "TrainJob", namespace, name)
     pace = follower.Pace(timeout_s, poll_s, sleep, now)
 
     def error(exc: BaseException, verb: str) -> KubetrainError:

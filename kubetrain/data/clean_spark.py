@@ -354,6 +354,7 @@ def _staging(uris: tuple[str, str, str], local_spark: bool) -> Iterator[tuple[st
         yield out[0], out[1], out[2]
 
 
+@_task_errors()
 def clean_spark(
     table_path: str,
     train_path: str,
@@ -363,20 +364,8 @@ def clean_spark(
     seed: int,
     spark: Any = None,
 ) -> dict[str, Any]:
-    """The clean stage on Spark; returns the metadata `clean` returns (``engine: spark``)."""
-    with _task_errors():
-        return _clean(table_path, train_path, val_path, test_path, cfg, seed, spark)
-
-
-def _clean(
-    table_path: str,
-    train_path: str,
-    val_path: str,
-    test_path: str,
-    cfg: CleanConfig,
-    seed: int,
-    spark: Any,
-) -> dict[str, Any]:
+    """The clean stage on Spark; returns the metadata `clean` returns (``engine: spark``).
+    A task's one-line error reaches the caller as that line (`_task_errors`)."""
     from pyspark import StorageLevel
     from pyspark.sql.pandas.types import from_arrow_schema
 
