@@ -87,7 +87,7 @@ from kubetrain.data.datasets import (
     table_schema,
 )
 from kubetrain.data.feature_selection import SelectionStats, labels_of, select
-from kubetrain.data.stats import QuantileSample, route, row_hashes
+from kubetrain.data.stats import Frequencies, QuantileSample, route, row_hashes
 from kubetrain.data.validation import TableProfile, raise_fatal, table_anomalies, validate
 
 #: Distinct values a numeric column may have for ``impute="most_frequent"`` (exact counts).
@@ -722,7 +722,7 @@ class FillStats:
         self.means = dict.fromkeys(self.numeric, 0.0)
         self.samples = {c: QuantileSample() for c in self.numeric}
         self.modes: dict[str, dict[float, int]] = {c: {} for c in self.numeric}
-        self.cats: dict[str, dict[str, int]] = {c: {} for c in self.categorical}
+        self.cats = {c: Frequencies(cap=MAX_CATEGORIES) for c in self.categorical}
         self.earliest = dict.fromkeys(shape["datetime"], np.inf)
 
     def add(self, frame: pd.DataFrame, h: np.ndarray) -> None:
@@ -744,8 +744,7 @@ class FillStats:
             if c in self.earliest and len(present):
                 self.earliest[c] = min(self.earliest[c], float(present.min()))
         for c in self.categorical:
-            values = frame[c].dropna().astype(str).value_counts()
-            self._add_counts(self.cats, c, {k: int(n) for k, n in values.items() if n})
+            self._add_categories(c, Frequencies.of(frame[c], MAX_CATEGORIES))
 
     def merge(self, other: FillStats) -> FillStats:
         for c in self.numeric:
@@ -757,7 +756,7 @@ class FillStats:
             self.samples[c] = self.samples[c].merge(other.samples[c])
             self._add_counts(self.modes, c, other.modes[c])
         for c in self.categorical:
-            self._add_counts(self.cats, c, other.cats[c])
+            self._add_categories(c, other.cats[c])
         for c, first in other.earliest.items():
             self.earliest[c] = min(self.earliest[c], first)
         return self
@@ -767,15 +766,18 @@ class FillStats:
         self.means[c] += (mean - self.means[c]) * n / total
         self.present[c] = total
 
+    def _add_categories(self, c: str, more: Frequencies) -> None:
+        self.cats[c] = self.cats[c].merge(more)
+        if self.cats[c].over_cap:
+            raise too_many_categories(c, f"over {MAX_CATEGORIES}")
+
     def _add_counts(self, into: dict[str, dict], c: str, counts: dict) -> None:
+        """Exact value counts of a numeric column for ``impute="most_frequent"``."""
         acc = into[c]
         for value, count in counts.items():
             acc[value] = acc.get(value, 0) + count
-        limit = MAX_CATEGORIES if into is self.cats else MAX_MODE_VALUES
-        if len(acc) <= limit:
+        if len(acc) <= MAX_MODE_VALUES:
             return
-        if into is self.cats:
-            raise too_many_categories(c, f"over {MAX_CATEGORIES}")
         raise KubetrainError(
             f"feature column {c!r} has over {MAX_MODE_VALUES} distinct values; "
             "impute most_frequent needs exact counts of each: use "
@@ -799,10 +801,10 @@ class FillStats:
         for c, first in self.earliest.items():
             out["datetime"][c]["earliest"] = float(first)
         for c in self.categorical:
-            if not self.cats[c]:
+            if not self.cats[c].counts:
                 raise no_values(c)
-            out["categorical"][c] = sorted(self.cats[c])
-            fill[c] = min(self.cats[c].items(), key=lambda kv: (-kv[1], kv[0]))[0]
+            out["categorical"][c] = sorted(self.cats[c].counts)
+            fill[c] = self.cats[c].mode()
         return out
 
 
