@@ -782,7 +782,6 @@ def test_a_completed_application_without_outputs_is_a_user_error(s3_env, tmp_pat
 @pytest.mark.integration  # the real driver program with PySpark in local mode
 def test_the_applications_arguments_run_the_real_driver_program(s3_env, tmp_path):
     """spark_clean.py with exactly the SparkApplication's arguments, against real S3."""
-    pytest.importorskip("kubetrain.data.clean_spark", reason="the Spark engine is not built yet")
     from sklearn.datasets import load_breast_cancer
 
     from kubetrain.data.datasets import save_table
