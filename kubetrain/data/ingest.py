@@ -593,6 +593,8 @@ def _csv_attempt(
     with contextlib.closing(stream), contextlib.closing(reader):
         batches = _rebatched(_csv_batches(reader, file.shown_as), BATCH_ROWS)
         first = next(batches, None)
+        if first is None and read.bad_rows:  # every row was malformed: say so, not "empty"
+            raise _Malformed(f"all {len(read.bad_rows)} rows have the wrong number of fields")
         require(
             first is not None and reader.schema.names,
             f"{file.shown_as} is empty (no rows); give a table with a header and data rows",

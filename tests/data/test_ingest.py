@@ -510,3 +510,9 @@ def test_a_continuous_numeric_label_is_refused_with_one_line(tmp_path):
     ok = write_csv(tmp_path / "classes.csv", "x,label\n" + many)
     meta, _, _ = run(ok, tmp_path / "ok")
     assert len(meta["classes"]) == 30
+
+
+def test_a_csv_whose_every_row_is_malformed_names_the_first_not_empty(tmp_path):
+    path = write_csv(tmp_path / "bad.csv", "a,b,label\n1,2\n3,4,5,6\n")
+    message = fails(path, tmp_path, "data row 1", "2 fields", "header has 3")
+    assert "empty" not in message
