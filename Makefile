@@ -24,7 +24,7 @@ S3_ENV  := manifests/base/s3-credentials.env
 LINT_PATHS := kubetrain components pipelines tests
 RUFF       := $(VENV)/bin/ruff
 
-.PHONY: help install install-test run compile render lint format test test-fast bench bench-scale deploy submit images push clean
+.PHONY: help install install-serve install-test run serve compile render lint format test test-fast bench bench-scale deploy submit images push clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -36,16 +36,25 @@ $(VENV)/.run: pyproject.toml constraints.txt
 	$(PIP) -e .
 	@touch $@
 
+$(VENV)/.serve: $(VENV)/.run
+	$(PIP) -e ".[serve]"
+	@touch $@
+
 $(VENV)/.test: $(VENV)/.run
 	$(PIP) -e ".[test]"
 	@touch $@
 
 install: $(VENV)/.run ## create .venv and install kubetrain
 
+install-serve: $(VENV)/.serve ## install kubetrain with the serving extra (FastAPI, uvicorn)
+
 install-test: $(VENV)/.test ## install kubetrain with the test tools
 
 run: install ## run the whole pipeline locally (kfp.local); ARGS="--dataset breast_cancer --epochs 5"
 	$(VENV)/bin/kubetrain run $(ARGS)
+
+serve: $(VENV)/.serve ## serve a published bundle over KServe's v2 protocol; ARGS="--bundle runs/models/digits/<version> --port 8080"
+	$(VENV)/bin/kubetrain serve $(ARGS)
 
 compile: install ## write the pipeline YAML to pipelines/compiled/ (TARGET=local|cluster)
 	$(VENV)/bin/kubetrain compile --target $(TARGET) --image-registry $(IMAGE_REGISTRY) --image-tag $(IMAGE_TAG) $(ARGS)

@@ -2,7 +2,7 @@
 
 Layers, low to high:
 
-    core < config < data < training < assessment < report
+    core < config < data < training < assessment < report < serving
          < stages (kubetrain/stages.py, kubetrain/registry.py)
          < components < pipelines < cluster < local < cli
 
@@ -43,6 +43,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("training", ("kubetrain.training",)),
     ("assessment", ("kubetrain.assessment",)),
     ("report", ("kubetrain.report",)),
+    ("serving", ("kubetrain.serving",)),
     ("stages", ("kubetrain.stages", "kubetrain.registry")),
     ("components", ("kubetrain.components",)),
     ("pipelines", ("kubetrain.pipelines",)),

@@ -7,6 +7,8 @@ Layout of ``<publish_uri>/<model_name>/<version>/``::
     metrics.json        test metrics and the quality gate verdict
     compression.json    every variant's size, latency and accuracy
     model_card.md       data lineage (source, content hash), hyperparameters, metrics
+    preprocessor.json   clean's fitted preprocessor (`kubetrain.data.clean.Preprocessor`)
+    schema.json         the raw columns, their types and classes (`kubetrain.data.raw_schema`)
     _SUCCESS            manifest written last by `storage.publish`: no half models
 
 Readers go through `published_versions`, `latest_version` and `fetch_bundle`,
@@ -133,7 +135,10 @@ def build_bundle(
     name: str,
     version: str,
     out: Path,
+    table_path: str = "",
 ) -> None:
+    """Fill ``out`` with the bundle; with ``table_path`` (the ingested table) also the
+    preprocessor and raw schema that let `kubetrain serve` take raw rows."""
     compressed = Path(compressed_model)
     require(
         (compressed / "model.onnx").is_file(),
@@ -162,6 +167,11 @@ def build_bundle(
     (out / "model_card.md").write_text(
         model_card(name, version, dataset, hyperparameters, evaluation, compression)
     )
+    if table_path:
+        from kubetrain.data import raw_schema as schema
+
+        info = json.loads((Path(trained_model) / "info.json").read_text())
+        schema.write(out, table_path, info.get("schema") or {})
 
 
 def publish_model(
@@ -174,6 +184,7 @@ def publish_model(
     model_name: str,
     version: str | None = None,
     run_id: str = "",
+    table_path: str = "",
 ) -> str:
     """Assemble the bundle and publish it atomically; returns the version's URI.
 
@@ -195,6 +206,7 @@ def publish_model(
             model_name,
             version,
             Path(tmp),
+            table_path,
         )
         uri = storage.publish(tmp, dest, run_id=run_id.strip())
     progress.log("publish", f"model bundle published to {uri}")

@@ -4,6 +4,7 @@
     kubetrain compile --target cluster
     kubetrain submit --host http://localhost:8080 --wait
     kubetrain render --num-nodes 2
+    kubetrain serve --bundle s3://models/digits/run-1234/
 
 Errors a user can fix print as one line (`error: ...`) with exit code 2; a
 run whose model fails the quality gate exits 3.
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit.add_parser(sub)
     render.add_parser(sub)
+    from kubetrain.cli import serve
+
+    serve.add_parser(sub)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""Serving a published bundle: raw rows or images in, predictions out (`kubetrain serve`)."""
