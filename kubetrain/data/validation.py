@@ -147,12 +147,20 @@ def profile_column(col: pd.Series, kind: str, count_values: bool = True) -> Colu
         values = pd.Series(present)
     elif not isinstance(values.dtype, pd.StringDtype):
         values = values.astype(str)
-    if not count_values:
+    if not count_values or _past_cap(values):
         p.counts = None
         return p
     counts = values.value_counts(sort=False)
     p.counts = None if len(counts) > DISTINCT_CAP else {k: int(n) for k, n in counts.items()}
     return p
+
+
+def _past_cap(values: pd.Series) -> bool:
+    """Whether the batch's first values alone are over `DISTINCT_CAP` distinct: then so is
+    the batch, and counting every value of it (100k floats of a continuous column, in
+    each batch before the merged profile marks the column) is skipped."""
+    head = values.iloc[: 4 * DISTINCT_CAP]
+    return len(head) > DISTINCT_CAP and head.nunique() > DISTINCT_CAP
 
 
 class TableProfile:
