@@ -24,7 +24,7 @@ S3_ENV  := manifests/base/s3-credentials.env
 LINT_PATHS := kubetrain components pipelines tests
 RUFF       := $(VENV)/bin/ruff
 
-.PHONY: help install install-serve install-test run serve compile render lint format test test-fast bench bench-scale deploy submit images push clean
+.PHONY: help install install-serve install-test run serve compile render lint format test test-fast bench bench-scale bench-images deploy submit images push clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -86,6 +86,9 @@ bench: install ## measure pipeline and stage speed
 
 bench-scale: install ## peak RSS per stage at 1M vs 10M rows, clean vs pandas+sklearn; ARGS="--skip-big"
 	$(PY) -m kubetrain.local.bench_scale $(ARGS)
+
+bench-images: install ## image path on CPU: generate, decode, augment, ResNet train img/s; ARGS="--images 2000"
+	$(PY) -m kubetrain.local.bench_images $(ARGS)
 
 images: ## build the CPU (with Java and pyspark for --engine spark) and CUDA images (IMAGE_REGISTRY, IMAGE_TAG)
 	$(DOCKER) build -f docker/Dockerfile.cpu  $(BUILD_ARGS) -t $(IMAGE):$(IMAGE_TAG)-cpu .

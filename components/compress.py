@@ -12,6 +12,7 @@ def compress(
     trained_model: Input[Model],
     test: Input[Dataset],
     accuracy_budget: float,
+    error_budget: float,
     prune_amount: float,
     compressed_model: Output[Model],
     metrics: Output[Metrics],
@@ -28,8 +29,9 @@ def compress(
         trained_model.path, test.path, compressed_model.path, report.path, cfg.compress
     )
     chosen = next(v for v in summary["variants"] if v["name"] == summary["chosen"])
-    for name in ("bytes", "gzip_bytes", "accuracy", "cpu_latency_ms"):
-        metrics.log_metric(name, float(chosen[name]))
+    for name in ("bytes", "gzip_bytes", "accuracy", "rmse", "cpu_latency_ms"):
+        if name in chosen:  # accuracy for classes, rmse for a regression
+            metrics.log_metric(name, float(chosen[name]))
     with open(metrics.path, "w") as f:
         json.dump(metrics.metadata, f)
     compressed_model.metadata.update(

@@ -12,13 +12,15 @@ def evaluate(
     trained_model: Input[Model],
     test: Input[Dataset],
     min_accuracy: float,
+    min_r2: float,
     max_gap_to_baseline: float,
     metrics: Output[Metrics],
     classification: Output[ClassificationMetrics],
     evaluation: Output[Artifact],
     report: Output[HTML],
-) -> NamedTuple("Verdict", [("gate", str), ("accuracy", float)]):
-    """Test-split metrics, confusion matrix and ROC for the Kubeflow UI; gate pass/fail."""
+) -> NamedTuple("Verdict", [("gate", str), ("score", float)]):
+    """Test-split metrics, confusion matrix and ROC (a regression: R^2, RMSE, MAE) for the
+    Kubeflow UI; gate pass/fail, and the score it judged (accuracy or R^2)."""
     import json
 
     from kubetrain.config import RunConfig
@@ -26,18 +28,26 @@ def evaluate(
 
     cfg = RunConfig.pick(locals())
     result = evaluate_stage(trained_model.path, test.path, evaluation.path, report.path, cfg.gate)
-    for name in ("accuracy", "macro_f1", "precision_macro", "recall_macro", "roc_auc"):
+    regression = result.get("task") == "regression"
+    score = "r2" if regression else "accuracy"
+    shown = (
+        ("r2", "rmse", "mae")
+        if regression
+        else ("accuracy", "macro_f1", "precision_macro", "recall_macro", "roc_auc")
+    )
+    for name in shown:
         if result[name] is not None:  # roc_auc needs two classes in the test split
             metrics.log_metric(name, float(result[name]))
     if "challenger" in result:  # the gradient-boosting challenger the train stage saved
-        metrics.log_metric("challenger_accuracy", float(result["challenger"]["accuracy"]))
+        metrics.log_metric(f"challenger_{score}", float(result["challenger"][score]))
         metrics.log_metric("gap_to_challenger", float(result["gap_to_challenger"]))
-    classification.log_confusion_matrix(result["class_names"], result["confusion_matrix"])
-    roc = result["roc"]["micro"]
-    classification.log_roc_curve(roc["fpr"], roc["tpr"], roc["thresholds"])
+    if not regression:  # a regression has no classes: the report plots its fit instead
+        classification.log_confusion_matrix(result["class_names"], result["confusion_matrix"])
+        roc = result["roc"]["micro"]
+        classification.log_roc_curve(roc["fpr"], roc["tpr"], roc["thresholds"])
     # kfp.local caches only outputs that exist as files; Metrics write none by themselves.
     for artifact in (metrics, classification):
         with open(artifact.path, "w") as f:
             json.dump(artifact.metadata, f)
-    evaluation.metadata.update({"gate": result["gate"], "accuracy": result["accuracy"]})
-    return (result["gate"], result["accuracy"])
+    evaluation.metadata.update({"gate": result["gate"], score: result[score]})
+    return (result["gate"], result[score])

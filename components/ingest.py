@@ -9,11 +9,15 @@ from kubetrain.components.common import component
 def ingest(
     dataset: str,
     label_column: str,
+    image_size: int,
+    bad_images: str,
+    task: str,
     fingerprint: str,
     table: Output[Dataset],
     profile: Output[Markdown],
 ):
-    """Read a built-in dataset, CSV/Parquet/NPZ file or s3:// URI into a validated table."""
+    """Read a built-in dataset, CSV/Parquet/NPZ file, image folder or manifest, or s3:// URI
+    into a validated table."""
     from kubetrain.config import RunConfig
     from kubetrain.stages import compact, ingest_stage
 

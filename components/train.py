@@ -11,12 +11,14 @@ def train(
     validation: Input[Dataset],
     hyperparameters: dict,
     model: str,
+    regression_loss: str,
     optimizer: str,
     momentum: float,
     l1: float,
     lr_schedule: str,
     patience: int,
     device: str,
+    initial_weights: str,
     learning_rate: float,
     weight_decay: float,
     dropout: float,
@@ -61,8 +63,7 @@ def train(
         output_uri=checkpoint.uri + "-trainjob",
         checkpoint_root=checkpoint_root(cluster),
     )
-    for name in ("val_accuracy", "val_loss", "best_epoch", "epochs_run", "seconds"):
+    scores = [k for k in meta if k.startswith(("val_", "challenger_val_"))]
+    for name in (*scores, "best_epoch", "epochs_run", "seconds"):
         metrics.log_metric(name, float(meta[name]))
-    if "challenger_val_accuracy" in meta:  # the gradient-boosting challenger (tables)
-        metrics.log_metric("challenger_val_accuracy", float(meta["challenger_val_accuracy"]))
     trained_model.metadata.update(meta)

@@ -133,12 +133,16 @@ def ingest_stage(
     from kubetrain.data.ingest import ingest
 
     progress.log("ingest", f"reading {data.dataset}")
-    meta = ingest(data.dataset, data.label_column, dataset_path, fingerprint)
+    from kubetrain.data.image_ingest import ImageOptions
+
+    images = ImageOptions(size=data.image_size, on_bad=data.bad_images)
+    meta = ingest(data.dataset, data.label_column, dataset_path, fingerprint, data.task, images)
     write_json(Path(dataset_path) / META_FILE, meta)
+    labels = "regression" if meta["task"] == "regression" else f"{len(meta['classes'])} classes"
     progress.log(
         "ingest",
         f"{meta['rows']} rows, {meta['features']} features, "
-        f"{len(meta['classes'])} classes, hash {meta['content_hash'][:12]}",
+        f"{labels}, hash {meta['content_hash'][:12]}",
     )
     rows = [{"class": k, "rows": v} for k, v in meta["class_counts"].items()]
     write_markdown(
@@ -149,13 +153,14 @@ def ingest_stage(
                 "Summary",
                 facts={
                     "kind": meta["kind"],
+                    "task": meta["task"],
                     "rows": meta["rows"],
                     "features": meta["features"],
                     "missing values": meta["missing_values"],
                     "content sha256": meta["content_hash"][:16],
                 },
             ),
-            Section("Class counts", tables=[rows]),
+            *([Section("Class counts", tables=[rows])] if rows else []),
         ],
     )
     return meta
@@ -265,8 +270,10 @@ def tune_stage(
     val_uri: str = "",
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Search the hyperparameters with whichever backend was chosen (Optuna here, Katib there)."""
-    from kubetrain.training.tuning import GOALS
+    from kubetrain.data.shards import read_schema
+    from kubetrain.training.tuning import GOALS, objective_for
 
+    tune = objective_for(tune, read_schema(train_path).regression)
     started = time.perf_counter()
     best, trials, extra = tuner(
         TuneRequest(train_path, val_path, train, tune, seed, train_uri, val_uri)
@@ -297,7 +304,7 @@ def default_hyperparameters_stage(
         "stage": "tune",
         "algorithm": "none",
         "objective": tune.tune_objective,
-        "goal": GOALS[tune.tune_objective],
+        "goal": GOALS.get(tune.tune_objective, "maximize"),  # auto: accuracy or R^2
         "trials": 0,
         "best_hyperparameters": best,
         "seconds": 0.0,
@@ -334,6 +341,7 @@ def _write_trials(
                 text="" if trials else "Tuning was skipped (tune_trials=0).",
             ),
             Section("Best hyperparameters", tables=[[meta["best_hyperparameters"]]]),
+            *cross_validation_sections(meta.get("cv")),
             Section(
                 "Trials",
                 images=[plots.tuning_trials(trials, meta["objective"], meta["goal"])]
@@ -344,6 +352,23 @@ def _write_trials(
         ],
     )
     return json.loads(json.dumps(tuning, default=str))
+
+
+def cross_validation_sections(
+    cv: dict[str, Any] | None, test: dict[str, float] | None = None
+) -> list[Section]:
+    """The best trial's K-fold scores: each fold, and mean ± std beside the held-out
+    ``test`` figures when given (the run report)."""
+    if not cv:
+        return []
+    per_fold = [{"fold": i + 1, **f} for i, f in enumerate(cv["per_fold"])]
+    metrics = [k for k in cv["per_fold"][0] if f"{k}_mean" in cv]
+    facts = {
+        f"{k} ({cv['folds']}-fold mean ± std)": f"{cv[f'{k}_mean']:.4f} ± {cv[f'{k}_std']:.4f}"
+        for k in metrics
+    }
+    facts.update({f"held-out test {k}": v for k, v in (test or {}).items()})
+    return [Section("Cross-validation (best trial)", facts=facts, tables=[per_fold])]
 
 
 def train_here(req: TrainRequest) -> dict[str, Any]:
@@ -362,7 +387,8 @@ def train_here(req: TrainRequest) -> dict[str, Any]:
         "train",
         f"{rows} rows{' (streamed from shards)' if streamed else ''}, "
         f"{len(schema.feature_names)} features, "
-        f"{schema.num_classes} classes, hyperparameters {described}",
+        f"{'a number to predict' if schema.regression else f'{schema.num_classes} classes'}, "
+        f"hyperparameters {described}",
     )
     with checkpoint.mirrored(req.checkpoint_dir) as (checkpoint_dir, after_epoch):
         result = fit(
@@ -396,8 +422,11 @@ def train_here(req: TrainRequest) -> dict[str, Any]:
             Section(
                 "Result",
                 facts={
-                    "validation accuracy": result.metrics["val_accuracy"],
-                    "validation loss": result.metrics["val_loss"],
+                    **{
+                        f"validation {k[4:].replace('r2', 'R^2').replace('rmse', 'RMSE')}": v
+                        for k, v in result.metrics.items()
+                        if k.startswith("val_")
+                    },
                     "best epoch": result.best_epoch,
                     "epochs run": result.metrics["epochs_run"],
                     "device": result.metrics["device"],
@@ -478,19 +507,31 @@ def evaluate_stage(
     from kubetrain.assessment.evaluation import evaluate
 
     result = evaluate(
-        model_path, test_path, gate.min_accuracy, max_gap_to_baseline=gate.max_gap_to_baseline
+        model_path,
+        test_path,
+        gate.min_accuracy,
+        max_gap_to_baseline=gate.max_gap_to_baseline,
+        min_r2=gate.min_r2,
     )
     write_json(evaluation_path, result)
-    progress.log(
-        "evaluate",
-        f"accuracy {result['accuracy']:.4f} | macro_f1 "
-        f"{result['macro_f1']:.4f} | roc_auc "
-        + ("n/a" if result["roc_auc"] is None else f"{result['roc_auc']:.4f}"),
-    )
-    if "challenger" in result:
+    regression = result.get("task") == "regression"
+    if regression:
         progress.log(
             "evaluate",
-            f"gradient boosting: accuracy {result['challenger']['accuracy']:.4f} | "
+            f"R^2 {result['r2']:.4f} | RMSE {result['rmse']:.4g} | MAE {result['mae']:.4g}",
+        )
+    else:
+        progress.log(
+            "evaluate",
+            f"accuracy {result['accuracy']:.4f} | macro_f1 "
+            f"{result['macro_f1']:.4f} | roc_auc "
+            + ("n/a" if result["roc_auc"] is None else f"{result['roc_auc']:.4f}"),
+        )
+    if "challenger" in result:
+        score = "r2" if regression else "accuracy"
+        progress.log(
+            "evaluate",
+            f"gradient boosting: {score} {result['challenger'][score]:.4f} | "
             f"gap to the network {result['gap_to_challenger']:+.4f}",
         )
     progress.log("evaluate", result["gate_reason"])
@@ -506,6 +547,16 @@ def evaluation_sections(result: dict[str, Any]) -> list[Section]:
         if "challenger" in result
         else []
     )
+    if result.get("task") == "regression":
+        return [
+            Section(
+                "Test metrics",
+                facts={k: result[k] for k in ("r2", "rmse", "mae", "target_std", "test_rows")},
+                text=result["gate_reason"],
+            ),
+            Section("Predicted vs actual", images=[plots.regression_fit(result["points"])]),
+            *rival,
+        ]
     return [
         Section(
             "Test metrics",
@@ -540,13 +591,19 @@ def compress_stage(
     progress.log("compress", f"pruning {compress.prune_amount:.0%}, int8 quantization, ONNX export")
     # the test split in memory when it fits the budget, else scored batch by batch
     summary = compress_split(
-        model_path, test_path, compress.accuracy_budget, compress.prune_amount, out_dir=out_path
+        model_path,
+        test_path,
+        compress.accuracy_budget,
+        compress.prune_amount,
+        out_dir=out_path,
+        error_budget=compress.error_budget,
     )
     chosen = next(v for v in summary["variants"] if v["name"] == summary["chosen"])
+    score = "rmse" if "rmse" in chosen else "accuracy"
     progress.log(
         "compress",
-        f"kept {chosen['name']}: {chosen['bytes']} bytes, accuracy "
-        f"{chosen['accuracy']:.4f}, {chosen['cpu_latency_ms']:.3f} ms",
+        f"kept {chosen['name']}: {chosen['bytes']} bytes, {score} "
+        f"{chosen[score]:.4g}, {chosen['cpu_latency_ms']:.3f} ms",
     )
     write_html(report_path, "Compression", compression_sections(summary, compress.accuracy_budget))
     return summary
@@ -554,6 +611,18 @@ def compress_stage(
 
 def compression_sections(summary: dict[str, Any], budget: float) -> list[Section]:
     variants = [dict(v, chosen=v["name"] == summary["chosen"]) for v in summary["variants"]]
+    if "baseline_rmse" in summary:  # a regression: RMSE within a relative budget
+        return [
+            Section(
+                "Kept variant",
+                facts={
+                    "variant": summary["chosen"],
+                    "baseline test RMSE": summary["baseline_rmse"],
+                    "relative RMSE budget": summary["error_budget"],
+                },
+            ),
+            Section("Variants", tables=[variants]),
+        ]
     return [
         Section(
             "Kept variant",
@@ -608,4 +677,5 @@ def publish_stage(
         publish.publish_uri,
         publish.model_name,
         run_id=run_id,
+        table_path=table_path,
     )

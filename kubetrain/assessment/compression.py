@@ -220,8 +220,10 @@ def onnx_predict(
     for i in range(0, len(X), batch_size):  # into one array: a list of chunks fragments the heap
         chunk = session.run([OUTPUT_NAME], {INPUT_NAME: X[i : i + batch_size]})[0]
         if i == 0:
-            logits = np.empty((len(X), chunk.shape[1]), np.float64)
-        logits[i : i + len(chunk)] = chunk
+            logits = np.empty((len(X), int(np.prod(chunk.shape[1:]))), np.float64)
+        logits[i : i + len(chunk)] = chunk.reshape(len(chunk), -1)
+    if logits.shape[1] == 1:  # a regressor's output: the predicted values themselves
+        return logits.astype(np.float32)
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
     return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
@@ -394,13 +396,22 @@ def _check_shape(rows: int, features: int, num_features: int) -> None:
         )
 
 
+def _correct(probs: np.ndarray, y: np.ndarray) -> float:
+    return float(np.sum(probs.argmax(1) == y))
+
+
+def _squared_error(values: np.ndarray, y: np.ndarray) -> float:
+    return float(np.sum((values[:, 0].astype(np.float64) - y) ** 2))
+
+
 def _check_batch(X: np.ndarray, y: np.ndarray, num_classes: int) -> None:
-    """The checks on values: done per batch, as a streamed split is only read once."""
+    """The checks on values: done per batch, as a streamed split is only read once
+    (``num_classes`` 0: a regression's targets, any number)."""
     if not np.isfinite(X).all():
         raise KubetrainError(
             "test features contain NaN or infinite values; pass the cleaned test split"
         )
-    if len(y) and (y.min() < 0 or y.max() >= num_classes):
+    if num_classes and len(y) and (y.min() < 0 or y.max() >= num_classes):
         raise KubetrainError(
             f"test labels range over [{int(y.min())}, {int(y.max())}] but the "
             f"model has {num_classes} classes (0..{num_classes - 1}); pass the "
@@ -459,6 +470,7 @@ def compress_split(
     *,
     out_dir: str | os.PathLike,
     budget: int | None = None,
+    error_budget: float = 0.05,
 ) -> dict[str, Any]:
     """`compress`, scored on the split at ``test_path``: in memory when it fits the
     memory budget, else batch by batch from its shards (one pass scores every variant).
@@ -474,7 +486,7 @@ def compress_split(
         progress.log(
             "compress", f"streaming: the test split ({split.rows:,} rows) is over the memory budget"
         )
-    return _compress(model, spec, split, accuracy_budget, prune_amount, out_dir)
+    return _compress(model, spec, split, accuracy_budget, prune_amount, out_dir, error_budget)
 
 
 def held_bytes(split: Batches, num_classes: int) -> int:
@@ -487,30 +499,39 @@ def held_bytes(split: Batches, num_classes: int) -> int:
 class _Score:
     """One variant's running totals over the test batches."""
 
-    correct: int = 0
+    correct: float = 0  # right classes; a regression's summed squared error
     max_diff: float = 0.0  # largest |probability difference| from PyTorch
     flips: int = 0  # clear-margin class flips (`compare_export`; checked for fp32 only)
 
 
 def _score(
-    model: nn.Module, sessions: dict[Path, Any], split: Batches, num_classes: int
-) -> tuple[int, dict[Path, _Score], np.ndarray]:
+    model: nn.Module, sessions: dict[Path, Any], split: Batches, spec: ModelSpec
+) -> tuple[float, dict[Path, _Score], np.ndarray]:
     """Score PyTorch and every ONNX variant (its file and session) on each batch of
     ``split``, in one pass, so a streamed split is read once and no scores are held;
-    returns (PyTorch's correct answers, each variant's totals, the first row)."""
+    returns (PyTorch's correct answers, each variant's totals, the first row). A
+    regression sums squared errors instead, and compares the export in units of the
+    target's standard deviation."""
+    regression = spec.task == "regression"
+    right = _squared_error if regression else _correct
     scores = {path: _Score() for path in sessions}
-    correct, first = 0, None
+    correct, first = 0.0, None
     for X, y in batches.logged(split, "compress", "scored"):
-        _check_batch(X, y, num_classes)
+        _check_batch(X, y, 0 if regression else spec.num_classes)
         X = np.ascontiguousarray(X, dtype=np.float32)
         first = X[:1].copy() if first is None and len(X) else first
         reference = predict_proba(model, X).numpy()
-        correct += int(np.sum(reference.argmax(1) == y))
+        correct += right(reference, y)
         for path, session in sessions.items():
             probs = onnx_predict(path, X, session=session)
             score = scores[path]
-            score.correct += int(np.sum(probs.argmax(1) == y))
-            if path.stem == "fp32":
+            score.correct += right(probs, y)
+            if regression:
+                std = float(spec.target.get("std") or 1.0)
+                diff, flips = float(np.abs(reference - probs).max(initial=0.0)) / std, 0
+                if path.stem != "fp32":
+                    diff = 0.0  # only the fp32 export must match; others are scored
+            elif path.stem == "fp32":
                 diff, flips = compare_export(reference, probs)
                 score.flips += flips
             else:
@@ -527,8 +548,12 @@ def _compress(
     accuracy_budget: float,
     prune_amount: float,
     out_dir: str | os.PathLike,
+    error_budget: float = 0.05,
 ) -> dict[str, Any]:
-    """Export the variants, score them on ``split`` and keep the smallest within budget."""
+    """Export the variants, score them on ``split`` and keep the smallest within budget:
+    ``accuracy_budget`` points of test accuracy, or for a regression a relative
+    test-RMSE increase of ``error_budget``."""
+    regression = spec.task == "regression"
     names = [n for n in VARIANTS if prune_amount > 0 or not n.startswith("pruned")]
     if split.streamed:  # whole ONNX_BATCH chunks per batch, as in memory (see ONNX_BATCH)
         split = replace(split, batch_rows=-(-split.batch_rows // ONNX_BATCH) * ONNX_BATCH)
@@ -542,9 +567,15 @@ def _compress(
 
         paths = [tmp / f"{name}.onnx" for name in names]
         sessions = {path: _session(path) for path in paths}
-        correct, scores, first = _score(model, sessions, split, spec.num_classes)
+        correct, scores, first = _score(model, sessions, split, spec)
         check_export(scores[paths[0]].max_diff, scores[paths[0]].flips, split.rows)  # fp32
-        baseline = correct / split.rows
+
+        def quality(total: float) -> dict[str, float]:
+            if regression:
+                return {"rmse": float(np.sqrt(total / split.rows))}
+            return {"accuracy": total / split.rows}
+
+        baseline = quality(correct)
         variants = []
         for name, path in zip(names, paths, strict=True):
             variants.append(
@@ -553,7 +584,7 @@ def _compress(
                     "file": path.name,
                     "bytes": path.stat().st_size,
                     "gzip_bytes": gzip_size(path),
-                    "accuracy": scores[path].correct / split.rows,
+                    **quality(scores[path].correct),
                     "cpu_latency_ms": round(
                         measure_latency(path, spec.num_features, first, session=sessions[path]),
                         4,
@@ -562,16 +593,24 @@ def _compress(
                     "weight_sparsity": round(_weight_sparsity(path), 4),
                 }
             )
-        for v in variants:
-            v["within_budget"] = v["name"] == "fp32" or within_budget(
-                v["accuracy"], baseline, accuracy_budget
-            )
-        chosen = choose(variants, baseline, accuracy_budget)
+        if regression:  # lower RMSE is better: choose on -RMSE, budget in RMSE units
+            rmse = baseline["rmse"]
+            ranked = [v | {"accuracy": -v["rmse"]} for v in variants]
+            base, allowed = -rmse, rmse * error_budget
+        else:
+            ranked, base, allowed = variants, baseline["accuracy"], accuracy_budget
+        for v, r in zip(variants, ranked, strict=True):
+            v["within_budget"] = v["name"] == "fp32" or within_budget(r["accuracy"], base, allowed)
+        chosen = choose(ranked, base, allowed)
         shutil.copyfile(tmp / f"{chosen}.onnx", tmp / "model.onnx")
 
         result = {
-            "baseline_accuracy": baseline,
-            "accuracy_budget": float(accuracy_budget),
+            **{f"baseline_{k}": v for k, v in baseline.items()},
+            **(
+                {"error_budget": float(error_budget)}
+                if regression
+                else {"accuracy_budget": float(accuracy_budget)}
+            ),
             "prune_amount": float(prune_amount),
             "chosen": chosen,
             "chosen_file": "model.onnx",
@@ -581,7 +620,11 @@ def _compress(
             "exporter": exporter,
             "input_name": INPUT_NAME,
             "output_name": OUTPUT_NAME,
-            "output_kind": "logits (apply softmax for probabilities)",
+            "output_kind": (
+                "predicted values (the target's units)"
+                if regression
+                else "logits (apply softmax for probabilities)"
+            ),
             "num_features": spec.num_features,
             "class_names": list(spec.class_names),
         }

@@ -16,6 +16,7 @@ from kubetrain.data import batches
 from kubetrain.data.batches import Batches
 from kubetrain.training import challenger
 from kubetrain.training.models import load_model, predict_proba
+from kubetrain.training.objective import r2
 
 ROC_POINTS = 200  # the KFP UI and JSON artifacts stay small
 #: Bytes per class score the metrics take at their peak: scikit-learn sorts float64
@@ -98,22 +99,53 @@ CHALLENGER_METRICS = (
     "roc_auc",
     "log_loss",
 )
+REGRESSION_METRICS = ("r2", "rmse", "mae")
+#: Points of the predicted-vs-actual and residual plots (an even sample of the rows).
+PLOT_POINTS = 2000
+
+
+def regression_metrics(y: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
+    """RMSE, MAE and R^2 of ``pred`` against ``y``, plus an even sample of the pairs for
+    the predicted-vs-actual and residual plots."""
+    require(len(y) > 0, "the test split is empty; lower --test-fraction only if data allow")
+    y64, p64 = np.asarray(y, np.float64), np.asarray(pred, np.float64).reshape(-1)
+    err = p64 - y64
+    sse = float((err**2).sum())
+    keep = np.unique(np.linspace(0, len(y64) - 1, min(len(y64), PLOT_POINTS)).round().astype(int))
+    return {
+        "task": "regression",
+        "r2": r2(sse, float(((y64 - y64.mean()) ** 2).sum())),
+        "rmse": float(np.sqrt(sse / len(y64))),
+        "mae": float(np.abs(err).mean()),
+        "target_mean": float(y64.mean()),
+        "target_std": float(y64.std()),
+        "points": {"actual": y64[keep].tolist(), "predicted": p64[keep].tolist()},
+        "test_rows": int(len(y64)),
+    }
+
+
+def task_metrics(y: np.ndarray, scores: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    """`compute_metrics` for classes, `regression_metrics` for numbers (no class names)."""
+    if not class_names:
+        return regression_metrics(y, scores)
+    return compute_metrics(y, scores, class_names)
 
 
 def gate(
-    metrics: dict[str, Any], min_accuracy: float, max_gap_to_baseline: float = -1.0
+    metrics: dict[str, Any],
+    min_accuracy: float,
+    max_gap_to_baseline: float = -1.0,
+    min_r2: float = 0.5,
 ) -> tuple[bool, str]:
-    """Pass when the test accuracy reaches ``min_accuracy`` and, with ``max_gap_to_baseline``
-    >= 0, the challenger beats the network by no more than that. One line says why; a
-    failure names only the checks that failed."""
-    accurate = metrics["accuracy"] >= min_accuracy
-    checks = [
-        (
-            accurate,
-            f"test accuracy {metrics['accuracy']:.4f} {'>=' if accurate else '<'} "
-            f"min_accuracy {min_accuracy}",
-        )
-    ]
+    """Pass when the test accuracy reaches ``min_accuracy`` (a regression's R^2
+    ``min_r2``) and, with ``max_gap_to_baseline`` >= 0, the challenger beats the network
+    by no more than that. One line says why; a failure names only the checks that failed."""
+    name, setting, floor = (
+        ("R^2", "min_r2", min_r2) if "r2" in metrics else ("accuracy", "min_accuracy", min_accuracy)
+    )
+    value = metrics["r2" if "r2" in metrics else "accuracy"]
+    accurate = value >= floor
+    checks = [(accurate, f"test {name} {value:.4f} {'>=' if accurate else '<'} {setting} {floor}")]
     if max_gap_to_baseline >= 0:
         checks.append(gap_check(metrics.get("gap_to_challenger"), max_gap_to_baseline))
     ok = all(passed for passed, _ in checks)
@@ -142,10 +174,12 @@ Scorer = Callable[[np.ndarray], np.ndarray]
 def score_split(
     split: Batches, scorers: Sequence[Scorer], num_classes: int, stage: str = "evaluate"
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """``(y int64, [class probabilities float32 per scorer])`` of every row of ``split``,
+    """``(y, [class probabilities float32 per scorer])`` of every row of ``split``,
     in one pass batch by batch: memory is one batch of features plus rows x classes of
-    scores per scorer (the metrics and curves need every score)."""
-    y = np.empty(split.rows, np.int64)
+    scores per scorer (the metrics and curves need every score). A regression's ``y`` is
+    float32 and its scores one column of predicted values (``num_classes`` 1)."""
+    regression = split.schema is not None and split.schema.regression
+    y = np.empty(split.rows, np.float32 if regression else np.int64)
     probas = [np.empty((split.rows, num_classes), np.float32) for _ in scorers]
     at = 0
     for X, yb in batches.logged(split, stage, "predicted"):
@@ -166,7 +200,7 @@ def score_split(
 def predict_split(
     model: nn.Module, split: Batches, num_classes: int, stage: str = "evaluate"
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``(y int64, class probabilities float32)`` of the network on every row of ``split``."""
+    """``(y, class probabilities float32)`` of the network on every row of ``split``."""
     y, (proba,) = score_split(split, [network_scorer(model)], num_classes, stage)
     return y, proba
 
@@ -187,8 +221,9 @@ def challenger_metrics(
 ) -> dict[str, Any]:
     """The challenger's test metrics (`CHALLENGER_METRICS`) and what the train stage
     recorded about it (validation accuracy, iterations, rows, sample)."""
-    full = compute_metrics(y, proba, class_names)
-    return {k: full[k] for k in CHALLENGER_METRICS} | {
+    full = task_metrics(y, proba, class_names)
+    keys = CHALLENGER_METRICS if class_names else REGRESSION_METRICS
+    return {k: full[k] for k in keys} | {
         k.removeprefix("challenger_"): v for k, v in saved.items() if k.startswith("challenger_")
     }
 
@@ -196,6 +231,7 @@ def challenger_metrics(
 def comparison_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Network vs gradient boosting, one row per test metric (the report's table)."""
     rival = result["challenger"]
+    keys = REGRESSION_METRICS if result.get("task") == "regression" else CHALLENGER_METRICS
     return [
         {
             "metric": k,
@@ -203,7 +239,7 @@ def comparison_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
             "gradient boosting": rival[k],
             "challenger - network": rival[k] - result[k],
         }
-        for k in CHALLENGER_METRICS
+        for k in keys
     ]
 
 
@@ -213,6 +249,7 @@ def evaluate(
     min_accuracy: float,
     budget: int | None = None,
     max_gap_to_baseline: float = -1.0,
+    min_r2: float = 0.5,
 ) -> dict[str, Any]:
     """The evaluate stage: metrics on the test split plus the gate decision.
 
@@ -224,7 +261,9 @@ def evaluate(
     model, spec, info = load_model(model_path)
     rival = challenger.load(model_path)
     scorers = [network_scorer(model)]
-    if rival is not None:
+    if rival is not None and spec.task == "regression":
+        scorers.append(lambda X: challenger.predict(rival["model"], X)[:, None])
+    elif rival is not None:
         scorers.append(lambda X: challenger.predict_proba(rival["model"], X, spec.num_classes))
     split = batches.open_split(
         test_path, lambda s: held_bytes(s, spec.num_classes, len(scorers)), budget
@@ -242,16 +281,18 @@ def evaluate(
     assert split.schema is not None
     class_names = split.schema.class_names
     del split  # a split held in memory is freed before the metrics copy the scores
-    result = compute_metrics(y, proba, class_names)
+    result = task_metrics(y, proba, class_names)
     if rival is not None:
+        score = "r2" if spec.task == "regression" else "accuracy"
         result["challenger"] = challenger_metrics(y, rival_proba[0], class_names, rival)
-        result["gap_to_challenger"] = result["challenger"]["accuracy"] - result["accuracy"]
-    passed, reason = gate(result, min_accuracy, max_gap_to_baseline)
+        result["gap_to_challenger"] = result["challenger"][score] - result[score]
+    passed, reason = gate(result, min_accuracy, max_gap_to_baseline, min_r2)
     result.update(
         stage="evaluate",
         gate="pass" if passed else "fail",
         gate_reason=reason,
         min_accuracy=min_accuracy,
+        min_r2=min_r2,
         max_gap_to_baseline=max_gap_to_baseline,
         seconds=round(time.perf_counter() - started, 3),
     )

@@ -36,8 +36,9 @@ def _run(args: argparse.Namespace) -> int:
     print(summary_table(summary))
     if not summary["quality_gate"]["passed"]:
         print(
-            f"error: {summary['quality_gate']['reason']}; compression skipped "
-            "(lower --min-accuracy or improve the model)",
+            f"error: {summary['quality_gate']['reason']}; compression skipped (lower "
+            f"--{'min-r2' if summary.get('task') == 'regression' else 'min-accuracy'} or "
+            "improve the model)",
             file=sys.stderr,
         )
         return 3

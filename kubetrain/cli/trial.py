@@ -33,7 +33,7 @@ from kubetrain.data.datasets import load_split
 
 #: The keys of `tuning.GOALS` (a test pins them equal), written out so that a bad
 #: command line fails before torch is imported.
-METRICS = ("validation-accuracy", "validation-loss")
+METRICS = ("validation-accuracy", "validation-loss", "validation-r2", "validation-rmse")
 #: The settings a trial reads: what `tuning.run_trial` takes.
 SECTIONS = ("train", "hyper", "tune", "seed")
 
@@ -76,7 +76,7 @@ def timestamp() -> str:
 def metric_lines(metrics: Mapping[str, float], when: str | None = None) -> list[str]:
     """`<timestamp> name=value` per metric; repr keeps full precision and parses back exactly."""
     when = when or timestamp()
-    return [f"{when} {name}={float(metrics[name])!r}" for name in METRICS]
+    return [f"{when} {name}={float(metrics[name])!r}" for name in METRICS if name in metrics]
 
 
 def report(metrics: Mapping[str, float], out: TextIO | None = None) -> None:

@@ -114,6 +114,7 @@ def tune_on_katib(
         storage.object_uri(req.val_uri),
         katib.experiment_name(run_id),
         train_rows=split_rows(req.train_path),
+        regression=_regression(req.train_path),
         timeout_s=placement.wait_timeout,
         keep=placement.finished_jobs == "keep",
     )
@@ -127,6 +128,13 @@ def split_rows(path: str) -> int:
     if not path or not shards.is_sharded(path):
         return 0
     return int(shards.read_manifest(path)["rows"])
+
+
+def _regression(path: str) -> bool:
+    """Whether the sharded split at `path` is a regression's (False when there is none)."""
+    from kubetrain.data import shards
+
+    return bool(path) and shards.is_sharded(path) and shards.read_schema(path).regression
 
 
 def train_on_trainjob(placement: ClusterConfig, run_id: str, req: TrainRequest) -> dict[str, Any]:

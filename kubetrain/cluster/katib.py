@@ -141,14 +141,20 @@ def fixed_settings(
     """Flat settings every trial gets unchanged: the shared recipe, the seed, the trial length.
 
     The recipe (`TrainConfig`) minus anything searched, the seed, and
-    `tune_epochs`/`tune_objective`. Derived, not listed, so a new recipe setting
+    `tune_epochs`/`tune_objective`/`cv_folds`. Derived, not listed, so a new recipe setting
     reaches Katib trials without touching this file. No `HyperConfig` value is
     passed: like a local Optuna trial, a trial starts from the defaults and
     applies the searched values (the space covers every tunable).
     """
     searched = {p.name for p in space}
-    fixed = {k: v for k, v in {**train.to_dict(), SEED: seed}.items() if k not in searched}
-    fixed.update(tune_epochs=tune.tune_epochs, tune_objective=tune.tune_objective)
+    # an empty text setting (no initial weights) is the trial's default: no '' argument,
+    # which Katib's `sh -c` would not pass through
+    fixed = {
+        k: v for k, v in {**train.to_dict(), SEED: seed}.items() if k not in searched and v != ""
+    }
+    fixed.update(
+        tune_epochs=tune.tune_epochs, tune_objective=tune.tune_objective, cv_folds=tune.cv_folds
+    )
     return fixed
 
 
@@ -212,6 +218,7 @@ def experiment(
     name: str,
     resume_policy: str = "Never",
     train_rows: int = 0,
+    regression: bool = False,
 ) -> dict[str, Any]:
     """The Experiment manifest (a plain dict): `tune`'s search over trials of the `train` recipe.
 
@@ -236,7 +243,8 @@ def experiment(
     if tune.tune_algorithm == "grid":  # optuna's grid refuses more trials than points
         max_trials = min(max_trials, grid_size(params))
     max_trials = budgeted_trials(tune, max_trials, train_rows)
-    other = next(m for m in tuning.GOALS if m != tune.tune_objective)
+    tune = tuning.objective_for(tune, regression)
+    others = [m for m in tuning.TASK_METRICS[regression] if m != tune.tune_objective]
     command = [
         "python",
         "-m",
@@ -289,12 +297,11 @@ def experiment(
         "objective": {
             "type": tuning.GOALS[tune.tune_objective],
             "objectiveMetricName": tune.tune_objective,
-            "additionalMetricNames": [other],
+            "additionalMetricNames": others,
             # The trial prints the restored best epoch's metrics last: "latest" is
             # the value the local backend scores a trial by.
             "metricStrategies": [
-                {"name": tune.tune_objective, "value": "latest"},
-                {"name": other, "value": "latest"},
+                {"name": m, "value": "latest"} for m in (tune.tune_objective, *others)
             ],
         },
         "algorithm": {
@@ -390,6 +397,7 @@ def tune(
     resume_policy: str = "Never",
     api=None,
     train_rows: int = 0,
+    regression: bool = False,
     **follow_options: Any,
 ) -> tuple[dict[str, Any], list[dict], dict[str, Any]]:
     """Build, validate, run: (best hyperparameters, trial rows, meta for the artifacts).
@@ -400,7 +408,7 @@ def tune(
     sizes the time budget's maxTrialCount (`budgeted_trials`).
     """
     exp = experiment(
-        train, tune, seed, cluster, train_uri, val_uri, name, resume_policy, train_rows
+        train, tune, seed, cluster, train_uri, val_uri, name, resume_policy, train_rows, regression
     )
     options = {
         "timeout_s": cluster.wait_timeout,

@@ -59,6 +59,20 @@ COLUMN_TYPE_ALIASES = {
     "time": "datetime",
     "highcard": "high_cardinality",
 }
+#: Katib objective metrics (maximized: accuracy, r2; minimized: loss, rmse).
+TUNE_OBJECTIVES = (
+    "auto",
+    "validation-accuracy",
+    "validation-loss",
+    "validation-r2",
+    "validation-rmse",
+)
+TASKS = ("auto", "classification", "regression")
+#: `task="auto"` calls a numeric label with more distinct values than this, and than
+#: `CONTINUOUS_SHARE` of the rows, a measurement (regression), not classes: stratifying
+#: 350 "classes" of one row each is what a salary column would otherwise become.
+CONTINUOUS_CLASSES = 20
+CONTINUOUS_SHARE = 0.05
 SEED_HELP = "Random seed for splits, augmentation, init and tuning."
 SEED_RANGE = (0, 2**32 - 1)
 
@@ -111,10 +125,33 @@ class DataConfig(Section):
     dataset: str = _opt(
         "digits",
         "Built-in dataset (digits, breast_cancer, wine), a local "
-        ".csv/.parquet/.npz file, or an s3:// URI.",
+        ".csv/.parquet/.npz file, an image folder (one subfolder per class) or manifest "
+        "(CSV/Parquet with path,label), or the same under s3://.",
     )
     label_column: str = _opt(
         "", "Label column of a CSV/Parquet table; empty picks 'label', 'target' or 'class'."
+    )
+    image_size: int = _opt(
+        0,
+        "Image folders and manifests: resize every image to N x N (shorter side, then a "
+        "centre crop); 0 keeps the images' size, which must then be the same for all.",
+        low=0,
+        high=4096,
+    )
+    bad_images: str = _opt(
+        "skip",
+        "Image folders and manifests: corrupt or unreadable images, greyscale among colour "
+        "ones (or the reverse) and tiny ones are reported and left out ('skip'), or the "
+        "first of them stops the run ('fail').",
+        ("skip", "fail"),
+    )
+    task: str = _opt(
+        "auto",
+        "What the label is: 'classification' (classes), 'regression' (a number to "
+        "predict), or 'auto': regression when the label is numeric with more than "
+        f"{CONTINUOUS_CLASSES} distinct values and more than "
+        f"{CONTINUOUS_SHARE} of the rows distinct, else classification.",
+        TASKS,
     )
 
     def __post_init__(self) -> None:
@@ -281,8 +318,17 @@ class TrainConfig(Section):
         "auto",
         "Network: 'cnn' for images, 'mlp' for tables, 'tabular' for tables with "
         "periodic embeddings and a k-member ensemble (~9x the MLP's CPU time, more "
-        "accurate on large nonlinear tables); 'auto' picks 'cnn' or 'mlp' from the data.",
-        ("auto", "mlp", "cnn", "tabular"),
+        "accurate on small and on large nonlinear tables); 'resnet' for images of 16 px "
+        "and more (depth and width by image size; resnet8/14/20/32 fix the depth); 'auto' "
+        "picks 'tabular' for tables of up to 5,000 training rows and 'mlp' beyond, "
+        "'resnet' or 'cnn' (smaller images) for images.",
+        ("auto", "mlp", "cnn", "tabular", "resnet", "resnet8", "resnet14", "resnet20", "resnet32"),
+    )
+    regression_loss: str = _opt(
+        "mse",
+        "Regression loss on the standardized target: 'mse', or 'huber' (squared within "
+        "one training standard deviation, linear beyond: outlying targets pull less).",
+        ("mse", "huber"),
     )
     optimizer: str = _opt("adamw", "Optimizer.", ("sgd", "adam", "adamw"))
     momentum: float = _opt(0.9, "SGD momentum.", low=0, high=0.999)
@@ -293,6 +339,12 @@ class TrainConfig(Section):
     )
     device: str = _opt(
         "auto", "Where to train: 'auto' uses CUDA when present.", ("auto", "cpu", "cuda")
+    )
+    initial_weights: str = _opt(
+        "",
+        "Start the network from this state dict (a local file or s3:// URI, read with "
+        "torch.load(weights_only=True)); tensors of another shape, such as a head for "
+        "another number of classes, keep their random start. Empty: random start.",
     )
 
 
@@ -348,9 +400,10 @@ class TuneConfig(Section):
     tune_time_budget: float = _opt(
         120.0,
         "Seconds tuning may take; 0 or less: no limit. Locally Optuna's timeout: no trial "
-        "starts after it, running ones finish, and tuning goes on until one trial has "
-        "completed. On Katib, which has no time limit, it caps maxTrialCount at parallel "
-        "trials x budget / estimated trial time (--wait-timeout stays the hard stop).",
+        "starts after it, running ones stop at their next epoch once one trial has "
+        "completed, and tuning goes on until one has. On Katib, which has no time limit, "
+        "it caps maxTrialCount at parallel trials x budget / estimated trial time "
+        "(--wait-timeout stays the hard stop).",
     )
     tune_parallel: int = _opt(1, "Katib parallelTrialCount.", low=1, high=1000)
     tune_algorithm: str = _opt("tpe", "Katib search algorithm.", TUNE_ALGORITHMS)
@@ -358,11 +411,20 @@ class TuneConfig(Section):
         "medianstop", "Katib early stopping of weak trials.", ("medianstop", "none")
     )
     tune_epochs: int = _opt(10, "Epochs per tuning trial.", low=1, high=10_000)
+    cv_folds: int = _opt(
+        -1,
+        "K-fold cross-validation in tuning: each trial trains K times on the training and "
+        "validation rows, one fold held out each time, and scores the mean; -1 (auto): 5 "
+        "folds up to 20,000 rows, none beyond; 0: one validation split.",
+        low=-1,
+        high=20,
+    )
     tune_max_failed: int = _opt(3, "Katib maxFailedTrialCount.", low=0, high=10_000)
     tune_objective: str = _opt(
-        "validation-accuracy",
-        "Objective metric (Katib objectiveMetricName).",
-        ("validation-accuracy", "validation-loss"),
+        "auto",
+        "Objective metric (Katib objectiveMetricName); 'auto': validation-accuracy for "
+        "classification, validation-r2 for regression.",
+        TUNE_OBJECTIVES,
     )
 
     def __post_init__(self) -> None:
@@ -380,12 +442,22 @@ class GateConfig(Section):
 
     name: ClassVar[str] = "gate"
     min_accuracy: float = _opt(
-        0.9, "Quality gate: test accuracy needed before the model is compressed.", low=0, high=1
+        0.9,
+        "Quality gate of a classifier: test accuracy needed before the model is compressed.",
+        low=0,
+        high=1,
+    )
+    min_r2: float = _opt(
+        0.5,
+        "Quality gate of a regression: test R^2 needed before the model is compressed "
+        "(0: no better than predicting the training mean).",
+        low=-1e9,
+        high=1,
     )
     max_gap_to_baseline: float = _opt(
         -1.0,
         "Fail the quality gate when the gradient-boosting challenger beats the network's test "
-        "accuracy by more than this (e.g. 0.02); negative: off.",
+        "accuracy (R^2 for a regression) by more than this (e.g. 0.02); negative: off.",
         low=-1,
         high=1,
     )
@@ -401,6 +473,13 @@ class CompressConfig(Section):
         "Largest test-accuracy drop a compressed variant may have (0.01 = 1 point).",
         low=0,
         high=1,
+    )
+    error_budget: float = _opt(
+        0.05,
+        "Regression: largest relative test-RMSE increase a compressed variant may have "
+        "(0.05: five percent).",
+        low=0,
+        high=10,
     )
     prune_amount: float = _opt(0.5, "Share of smallest-magnitude weights pruned.", low=0, high=0.99)
 

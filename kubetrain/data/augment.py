@@ -176,9 +176,13 @@ def augment_batches(
         return
     rng = np.random.default_rng(seed)
     counts = np.asarray(counts, np.int64)
-    extra, before = extra_rows(counts, cfg.oversample), np.zeros_like(counts)
+    # a regression has no classes to balance: its rows are one group, never oversampled
+    extra = extra_rows(counts, cfg.oversample and not schema.regression)
+    before = np.zeros_like(counts)
     for X, y in source:
-        here = np.bincount(y, minlength=len(counts))
+        here = np.bincount(
+            np.zeros(len(y), np.int64) if schema.regression else y, minlength=len(counts)
+        )
         if len(here) > len(counts):
             raise KubetrainError(
                 f"labels go up to {len(here) - 1} but the split counts {len(counts)} classes; "
@@ -194,7 +198,10 @@ def augment_arrays(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Original rows first, then the augmented ones; deterministic given the seed."""
     y = np.asarray(y)
-    counts = np.bincount(y) if len(y) else np.zeros(0, np.int64)
+    if schema.regression:
+        counts = np.array([len(y)], np.int64)
+    else:
+        counts = np.bincount(y) if len(y) else np.zeros(0, np.int64)
     pieces = list(augment_batches([(X, y)], counts, schema, cfg, seed))
     return np.concatenate([p[0] for p in pieces]), np.concatenate([p[1] for p in pieces])
 

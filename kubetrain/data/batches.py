@@ -74,11 +74,12 @@ class Batches:
 def of(X: np.ndarray, y: np.ndarray, schema: Schema | None = None, **kw: Any) -> Batches:
     """Arrays already in memory, as one batch."""
     classes = schema.num_classes if schema else 0
-    counts = (
-        np.bincount(np.asarray(y, np.int64), minlength=classes)
-        if len(y)
-        else np.zeros(classes, np.int64)
-    )
+    if schema is not None and schema.regression:
+        counts = np.array([len(y)], np.int64)  # one group: numbers have no classes
+    elif len(y):
+        counts = np.bincount(np.asarray(y, np.int64), minlength=classes)
+    else:
+        counts = np.zeros(classes, np.int64)
     return Batches(schema, len(X), int(np.prod(X.shape[1:])), counts, arrays=(X, y), **kw)
 
 
@@ -90,6 +91,8 @@ def streamed(uri: str | os.PathLike, batch_bytes: int | None = None) -> Batches:
     schema = Schema.from_json(manifest["schema"])
     rows, features = int(manifest["rows"]), int(manifest["features"])
     counts = np.asarray(manifest.get("class_counts", []), np.int64)
+    if schema.regression:
+        counts = np.array([rows], np.int64)  # one group: numbers have no classes
     if int(counts.sum()) != rows:
         raise KubetrainError(
             f"{redact(os.fspath(uri))}/{shards.MANIFEST} counts {int(counts.sum())} labelled rows "
@@ -174,15 +177,19 @@ def stratified_sample(
     counts = split.class_counts
     quota = np.minimum(counts, np.maximum(counts * rows // max(1, split.rows), counts > 0))
     X_out = np.empty((int(quota.sum()), split.features), np.float32)
-    y_out = np.empty(int(quota.sum()), np.int64)
+    regression = split.schema is not None and split.schema.regression
+    y_out = np.empty(int(quota.sum()), np.float32 if regression else np.int64)
     rng = np.random.default_rng(seed)
     before, at = np.zeros_like(counts), 0
     for X, y in logged(split, stage, "sampled"):
-        here = np.bincount(y, minlength=len(counts))
+        group = np.zeros(len(y), np.int64) if regression else y  # a regression: one group
+        here = np.bincount(group, minlength=len(counts))
         share = spread(quota, counts, before, here)
         before += here
         picks = [
-            rng.choice(np.flatnonzero(y == k), n, replace=False) for k, n in enumerate(share) if n
+            rng.choice(np.flatnonzero(group == k), n, replace=False)
+            for k, n in enumerate(share)
+            if n
         ]
         if picks:
             idx = np.sort(np.concatenate(picks))

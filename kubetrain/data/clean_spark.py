@@ -55,6 +55,7 @@ from kubetrain.core.errors import KubetrainError, require
 from kubetrain.data import shards
 from kubetrain.data.clean_stream import (
     Plan,
+    SplitCounts,
     _scale,
     apply_batch,
     batch_keys,
@@ -204,7 +205,7 @@ def _hashed(
             for batch in read_part(parts[i], BATCH_ROWS):
                 batch = pa.Table.from_batches([batch]).cast(arrow_schema)
                 frame = batch.to_pandas()
-                h = batch_keys(frame, plan.numeric, plan.index, plan.kept)[0]
+                h = batch_keys(frame, plan.numeric, plan.label_codes, plan.kept)[0]
                 cols = [*batch.columns, pa.array(h.view(np.int64))]
                 yield pa.RecordBatch.from_arrays(
                     [c.combine_chunks() if hasattr(c, "combine_chunks") else c for c in cols],
@@ -222,7 +223,7 @@ def _frames(batches: Iterator[pa.RecordBatch]) -> Iterator[tuple[Any, np.ndarray
 def _keys(plan: Plan, batches: Iterator) -> Iterator[pa.RecordBatch]:
     """Task: (hash, label code, missing values) of each unique row."""
     for frame, h in _frames(batches):
-        _, y, missing = batch_keys(frame, plan.numeric, plan.index, plan.kept)
+        _, y, missing = batch_keys(frame, plan.numeric, plan.label_codes, plan.kept)
         yield pa.RecordBatch.from_pydict(
             {"h": h.view(np.int64), "y": y.astype(np.int32), "missing": missing}
         )
@@ -279,8 +280,7 @@ def _write(
 
     task = TaskContext.get().partitionId()
     split_schema = plan.split_schema(prep)
-    classes = len(plan.schema.class_names)
-    counts = np.zeros((3, classes), np.int64)
+    counts = SplitCounts.of(plan.schema)
     dropped = clipped = 0
     with contextlib.ExitStack() as stack:
         writers = [stack.enter_context(shards.part_writer(u, split_schema, task)) for u in staging]
@@ -288,7 +288,9 @@ def _write(
             split = routing.value.lookup(h)
             kept = split >= 0
             frame, split = frame[kept].reset_index(drop=True), split[kept]
-            y = frame[LABEL].map(plan.index).to_numpy(np.int64)
+            labels = frame[LABEL]
+            regression = plan.schema.regression
+            y = plan.targets(labels.to_numpy()) if regression else plan.label_codes(labels)
             features = frame.drop(columns=[LABEL])
             X, y, split, d, c = apply_batch(prep, features, y, split, drop)
             dropped, clipped = dropped + d, clipped + c
@@ -296,12 +298,12 @@ def _write(
                 rows = split == s
                 if rows.any():
                     writers[s].write(X[rows], y[rows])
-                    counts[s] += np.bincount(y[rows], minlength=classes)
+                    counts.add(s, y[rows])
     yield pa.RecordBatch.from_pydict(
         {
             "task": pa.array([task], pa.int32()),
             "shards": [json.dumps([w.manifest["shards"] for w in writers])],
-            "counts": [json.dumps(counts.tolist())],
+            "counts": [pickle.dumps(counts)],
             "dropped": pa.array([dropped], pa.int64()),
             "clipped": pa.array([clipped], pa.int64()),
         }
@@ -450,14 +452,19 @@ def clean_spark(
             done = (
                 rows.mapInArrow(
                     functools.partial(_write, plan, prep, routing, staging, drop),
-                    "task int, shards string, counts string, dropped long, clipped long",
+                    "task int, shards string, counts binary, dropped long, clipped long",
                 )
                 .toArrow()
                 .to_pylist()
             )
             done.sort(key=lambda r: r["task"])
-            counts = sum(np.array(json.loads(r["counts"]), np.int64) for r in done)
+            counts = functools.reduce(
+                SplitCounts.merge,
+                (pickle.loads(r["counts"]) for r in done),
+                SplitCounts.of(plan.schema),
+            )
             split_schema = plan.split_schema(prep)
+            split_schema.extra.update(counts.target())
             for s, target in enumerate(staging):
                 parts = [json.loads(r["shards"])[s] for r in done]
                 extra = {"preprocessing": prep.params} if s == 0 else {}

@@ -76,10 +76,18 @@ class Schema:
     class_names: list[str]
     image_shape: list[int] | None = None  # (channels, height, width) for images
     extra: dict[str, Any] = field(default_factory=dict)
+    #: "classification" (labels are `class_names` codes) or "regression" (labels are
+    #: numbers; `class_names` is empty and ``extra["target"]`` has the training split's
+    #: mean and standard deviation once clean has run).
+    task: str = "classification"
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    @property
+    def regression(self) -> bool:
+        return self.task == "regression"
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Schema:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import math
 import re
 import tempfile
 import time
@@ -50,7 +51,7 @@ import pyarrow.csv as pacsv
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from kubetrain.config.settings import BUILTIN_DATASETS
+from kubetrain.config.settings import BUILTIN_DATASETS, CONTINUOUS_CLASSES, CONTINUOUS_SHARE
 from kubetrain.core import progress
 from kubetrain.core.errors import KubetrainError, require
 from kubetrain.data.datasets import (
@@ -62,6 +63,8 @@ from kubetrain.data.datasets import (
     load_table,
     table_writer,
 )
+from kubetrain.data.image_ingest import ImageOptions, ingest_images
+from kubetrain.data.image_sources import is_image_source
 
 FILE_TYPES = (".csv", ".parquet", ".pq", ".npz")
 LABEL_GUESSES = ("label", "target", "class", "y")
@@ -124,6 +127,7 @@ class _Plan:
     renamed: list[dict[str, str]] = field(default_factory=list)
     #: Text of the CSV rows skipped for a wrong number of fields (see `_CsvRead`).
     bad_rows: list[str] = field(default_factory=list)
+    task: str = "auto"  # the requested task (`decide_task` settles "auto")
 
 
 @dataclass
@@ -132,6 +136,10 @@ class _Tally:
 
     rows: int = 0
     counts: Counter[str] = field(default_factory=Counter)
+    #: More than `MAX_COUNTED_LABELS` distinct labels: the counting stopped.
+    uncounted: bool = False
+    #: The first label that is not a number (None: every label is one so far).
+    text_label: str | None = None
     missing: int = 0
     missing_labels: int = 0
     first_missing_label: int = -1
@@ -175,26 +183,43 @@ class _CsvRead:
 # --- entry points ----------------------------------------------------------------------
 
 
-def ingest(source: str, label_column: str, out_path: str, fingerprint: str = "") -> dict[str, Any]:
+def ingest(
+    source: str,
+    label_column: str,
+    out_path: str,
+    fingerprint: str = "",
+    task: str = "auto",
+    images: ImageOptions | None = None,
+) -> dict[str, Any]:
     """The ingest stage: read, validate and write the table; returns artifact metadata.
 
     `fingerprint` is not read: the caller passes a hash of a local file's
-    content so that KFP's cache key changes when the file does.
+    content so that KFP's cache key changes when the file does. `task` (auto,
+    classification, regression) is decided here, once, and travels in the schema.
     """
     started = time.perf_counter()
+    if source not in BUILTIN_DATASETS and is_image_source(source, label_column):
+        require(task != "regression", f"{source} holds images: its labels are classes")
+        return ingest_images(source, label_column, out_path, images)  # image_ingest.py
     if source in BUILTIN_DATASETS:
+        require(
+            task != "regression",
+            f"the built-in dataset {source!r} has classes, not a number to predict; "
+            "drop --task regression or point --dataset at your table",
+        )
         frame, schema = _load_builtin(source)
         tally, schema = _ingest_frame(frame, schema, source, out_path)
     elif _suffix(source) == ".npz":
         frame, schema = _load_npz_source(source)
         tally, schema = _ingest_frame(frame, schema, source, out_path)
     else:
-        tally, schema = _ingest_stream(source, label_column, out_path, started)
+        tally, schema = _ingest_stream(source, label_column, out_path, started, task)
     assert tally.digest is not None
     return {
         "stage": "ingest",
         "source": source,
         "kind": schema.kind,
+        "task": schema.task,
         "rows": tally.rows,
         "features": len(schema.feature_names),
         "classes": schema.class_names,
@@ -230,11 +255,10 @@ def validate(rows: int, schema: Schema, shown_as: str) -> None:
     """Checks every source must pass before its table is published."""
     require(rows > 0, f"{shown_as} has no rows; give at least a few rows per class")
     require(
-        len(schema.class_names) >= 2,
-        f"{shown_as} has only one class ({schema.class_names[0]!r}) in its labels; a "
-        "classifier needs at least two",
+        schema.regression or len(schema.class_names) >= 2,
+        f"{shown_as} has only one class ({(schema.class_names or ['?'])[0]!r}) in its "
+        "labels; a classifier needs at least two",
     )
-    _refuse_continuous_label(rows, schema, shown_as)
     if schema.image_shape:
         require(
             int(np.prod(schema.image_shape)) == len(schema.feature_names),
@@ -243,24 +267,41 @@ def validate(rows: int, schema: Schema, shown_as: str) -> None:
         )
 
 
-#: A numeric label with more distinct values than this and than `CONTINUOUS_SHARE` of
-#: the rows is a measurement, not a class: stratifying 350 "classes" of one row each is
-#: what a salary column would otherwise become.
-CONTINUOUS_CLASSES = 20
-CONTINUOUS_SHARE = 0.05
+#: Distinct label values counted exactly; a label with more is no set of classes
+#: (counting on would hold every distinct value of a 10M-row measurement in memory).
+MAX_COUNTED_LABELS = 100_000
 
 
-def _refuse_continuous_label(rows: int, schema: Schema, shown_as: str) -> None:
-    names = schema.class_names
-    if len(names) <= max(CONTINUOUS_CLASSES, CONTINUOUS_SHARE * rows):
-        return
-    if all(_is_number(n) for n in names):
-        raise KubetrainError(
-            f"the label column of {shown_as} holds {len(names)} distinct numbers in {rows} "
-            "rows: it looks continuous (a regression target), and kubetrain trains "
-            "classifiers for now; bin it into classes (e.g. low/mid/high) or pick a "
-            "categorical label column"
+def decide_task(requested: str, tally: _Tally, shown_as: str) -> str:
+    """classification or regression: as requested, or for ``auto`` regression when the
+    label is numeric with many distinct values (`CONTINUOUS_CLASSES`, `CONTINUOUS_SHARE`)."""
+    distinct = MAX_COUNTED_LABELS + 1 if tally.uncounted else len(tally.counts)
+    many = tally.uncounted or distinct > max(CONTINUOUS_CLASSES, CONTINUOUS_SHARE * tally.rows)
+    if requested == "regression" or (requested == "auto" and many and tally.text_label is None):
+        require(
+            tally.text_label is None,
+            f"the label column of {shown_as} holds {tally.text_label!r}, not a number; "
+            "regression needs numeric labels (fix or drop those rows, or use --task "
+            "classification)",
         )
+        require(
+            distinct >= 2,
+            f"the label column of {shown_as} has a single value; there is nothing to predict",
+        )
+        return "regression"
+    require(
+        not tally.uncounted,
+        f"the label column of {shown_as} has over {MAX_COUNTED_LABELS:,} distinct values: "
+        "too many to be classes; pick a categorical label column (or --task regression "
+        "for numeric labels)",
+    )
+    require(
+        not (many and tally.text_label is None),
+        f"the label column of {shown_as} holds {distinct} distinct numbers in "
+        f"{tally.rows} rows: a measurement, not classes; use --task regression (or auto), "
+        "or bin it into classes (e.g. low/mid/high)",
+    )
+    return "classification"
 
 
 # --- writing: one loop for every source ------------------------------------------------
@@ -285,10 +326,20 @@ def _write(
                 report(tally.rows)
         _check_labels(tally, plan)
         _check_bad_rows(plan, tally.rows)
-        aliases = {} if plan.class_names else _merge_case_variants(tally.counts)
-        classes = plan.class_names or _ordered_classes(pd.Series(list(tally.counts)))
+        task = "classification" if plan.class_names else decide_task(plan.task, tally, source)
+        if task == "regression":
+            aliases, classes = {}, []
+            progress.log("ingest", "the label is a number to predict: task regression")
+        else:
+            aliases = {} if plan.class_names else _merge_case_variants(tally.counts)
+            classes = plan.class_names or _ordered_classes(pd.Series(list(tally.counts)))
         schema = Schema(
-            plan.kind, plan.features, classes, plan.image_shape, _extra(source, plan, aliases)
+            plan.kind,
+            plan.features,
+            classes,
+            plan.image_shape,
+            _extra(source, plan, aliases),
+            task=task,
         )
         validate(tally.rows, schema, plan.shown_as)
         writer.schema = schema
@@ -365,8 +416,7 @@ def _canonical(batch: pa.RecordBatch, plan: _Plan, tally: _Tally) -> pa.RecordBa
     if tally.missing_labels:
         return None
     texts = _label_texts(labels)
-    for item in pc.value_counts(texts).to_pylist():
-        tally.counts[item["values"]] += item["counts"]
+    _count_labels(labels, texts, tally)
     columns = [_plain(batch.column(name)) for name in plan.features]
     tally.missing += sum(pc.sum(pc.is_null(c, nan_is_null=True)).as_py() or 0 for c in columns)
     rows = pa.RecordBatch.from_arrays([*columns, texts], names=[*plan.features, LABEL])
@@ -374,6 +424,33 @@ def _canonical(batch: pa.RecordBatch, plan: _Plan, tally: _Tally) -> pa.RecordBa
         tally.digest = ContentHash(rows.schema.names, _numeric(rows.schema))
     tally.digest.update(rows.to_pandas())
     return rows
+
+
+def _count_labels(labels: pa.Array, texts: pa.Array, tally: _Tally) -> None:
+    """Count the labels per value (up to `MAX_COUNTED_LABELS` values), and note the first
+    that is not a number: together they decide the task (`decide_task`)."""
+    if tally.text_label is None:
+        kind = _plain(labels).type
+        if pa.types.is_floating(kind):
+            infinite = pc.is_inf(_plain(labels))
+            tally.text_label = "inf" if pc.any(infinite).as_py() else None
+        elif not pa.types.is_integer(kind):
+            tally.text_label = _first_non_number(texts)
+    if tally.uncounted:
+        return
+    for item in pc.value_counts(texts).to_pylist():
+        tally.counts[item["values"]] += item["counts"]
+    if len(tally.counts) > MAX_COUNTED_LABELS:
+        tally.uncounted = True
+        tally.counts.clear()
+
+
+def _first_non_number(texts: pa.Array) -> str | None:
+    """The first distinct label that is not a finite number, or None."""
+    for value in pc.unique(texts).to_pylist():
+        if not (_is_number(value) and math.isfinite(float(value))):
+            return value
+    return None
 
 
 def _plain(column: pa.Array) -> pa.Array:
@@ -406,7 +483,7 @@ def _check_labels(tally: _Tally, plan: _Plan) -> None:
         )
 
 
-def _plan(columns: list[str], label_column: str, shown_as: str) -> _Plan:
+def _plan(columns: list[str], label_column: str, shown_as: str, task: str) -> _Plan:
     """Which column holds the labels (given, or guessed by name) and which are features."""
     if not label_column:
         guesses = [c for c in columns if c.lower() in LABEL_GUESSES]
@@ -428,7 +505,7 @@ def _plan(columns: list[str], label_column: str, shown_as: str) -> _Plan:
         f"{shown_as} has a feature column named {LABEL!r} besides the label column "
         f"{label_column!r}; rename that column (or pass --label-column {LABEL})",
     )
-    return _Plan(shown_as, label_column, features)
+    return _Plan(shown_as, label_column, features, task=task)
 
 
 # --- streamed sources: CSV and Parquet, local or on S3 ---------------------------------
@@ -446,13 +523,13 @@ class _File:
 
 
 def _ingest_stream(
-    source: str, label_column: str, out_path: str, started: float
+    source: str, label_column: str, out_path: str, started: float, task: str
 ) -> tuple[_Tally, Schema]:
     file = _open_file(source)
     with file.errors():
         if file.suffix == ".csv":
-            return _ingest_csv(file, label_column, out_path, started)
-        return _ingest_parquet(file, label_column, out_path, started)
+            return _ingest_csv(file, label_column, out_path, started, task)
+        return _ingest_parquet(file, label_column, out_path, started, task)
 
 
 def _open_file(source: str) -> _File:
@@ -506,14 +583,19 @@ def _local_error_lines(shown_as: str) -> Callable[[], contextlib.AbstractContext
 
 
 def _ingest_parquet(
-    file: _File, label_column: str, out_path: str, started: float
+    file: _File, label_column: str, out_path: str, started: float, task: str
 ) -> tuple[_Tally, Schema]:
     with contextlib.closing(file.open()) as handle:
-        return _parquet_from(handle, file, label_column, out_path, started)
+        return _parquet_from(handle, file, label_column, out_path, started, task)
 
 
 def _parquet_from(
-    handle: pa.NativeFile, file: _File, label_column: str, out_path: str, started: float
+    handle: pa.NativeFile,
+    file: _File,
+    label_column: str,
+    out_path: str,
+    started: float,
+    task: str,
 ) -> tuple[_Tally, Schema]:
     remote = file.shown_as.startswith("s3://")
     try:
@@ -532,7 +614,7 @@ def _parquet_from(
         bool(columns) and total > 0,
         f"{file.shown_as} is empty (no rows); give a table with a header and data rows",
     )
-    plan = _plan(columns, label_column, file.shown_as)
+    plan = _plan(columns, label_column, file.shown_as, task)
 
     def batches() -> Iterator[pa.RecordBatch]:
         try:
@@ -549,7 +631,7 @@ def _parquet_from(
 
 
 def _ingest_csv(
-    file: _File, label_column: str, out_path: str, started: float
+    file: _File, label_column: str, out_path: str, started: float, task: str
 ) -> tuple[_Tally, Schema]:
     """Read (and write) the CSV, again with a column widened each time a later block does
     not convert to the type inferred from the first (or with bigger blocks when a row is
@@ -557,7 +639,7 @@ def _ingest_csv(
     read = _CsvRead(block_bytes=CSV_BLOCK_BYTES)
     while True:
         try:
-            return _csv_attempt(file, label_column, out_path, started, read)
+            return _csv_attempt(file, label_column, out_path, started, read, task)
         except _LongRow:
             require(
                 read.block_bytes * 4 <= MAX_CSV_BLOCK_BYTES,
@@ -588,6 +670,7 @@ def _csv_attempt(
     out_path: str,
     started: float,
     read: _CsvRead,
+    task: str,
 ) -> tuple[_Tally, Schema]:
     reader, stream = _open_csv(file, read)
     with contextlib.closing(stream), contextlib.closing(reader):
@@ -600,7 +683,7 @@ def _csv_attempt(
             f"{file.shown_as} is empty (no rows); give a table with a header and data rows",
         )
         assert first is not None
-        plan = _plan(reader.schema.names, label_column, file.shown_as)
+        plan = _plan(reader.schema.names, label_column, file.shown_as, task)
         plan.renamed = read.renamed
         plan.bad_rows = read.bad_rows
 

@@ -164,7 +164,7 @@ class ShardWriter:
             self._pending.append(
                 (
                     np.array(X[start : start + take], np.float32, order="C"),
-                    np.array(y[start : start + take], np.int32),
+                    np.array(y[start : start + take], self._y_type.to_pandas_dtype()),
                 )
             )
             self._pending_rows += take
@@ -180,10 +180,21 @@ class ShardWriter:
         if self._max_rows is not None:
             self._rows_per_shard = min(self._rows_per_shard, self._max_rows)
         self._group_rows = max(1, min(self._rows_per_shard, ROW_GROUP_BYTES // row_bytes))
-        self._arrow_schema = pa.schema([("x", pa.list_(pa.float32(), features)), ("y", pa.int32())])
+        self._arrow_schema = pa.schema(
+            [("x", pa.list_(pa.float32(), features)), ("y", self._y_type)]
+        )
+
+    @property
+    def _y_type(self) -> pa.DataType:
+        """Class codes as int32; a regression's targets as float32."""
+        return pa.float32() if self.schema.regression else pa.int32()
 
     def _check_labels(self, y: np.ndarray) -> None:
         if not len(y):
+            return
+        if self.schema.regression:
+            if not np.isfinite(y).all():
+                raise KubetrainError("regression targets must be finite numbers")
             return
         if not np.issubdtype(y.dtype, np.integer) and not np.array_equal(y, np.round(y)):
             raise KubetrainError(f"labels must be class indices (integers), got {y.dtype} values")
@@ -220,7 +231,8 @@ class ShardWriter:
             row_group_size=len(y),
         )
         self._shard_rows += len(y)
-        self._shard_counts = _add_counts(self._shard_counts, y)
+        if not self.schema.regression:
+            self._shard_counts = _add_counts(self._shard_counts, y)
         if self._shard_rows >= self._rows_per_shard:
             self._close_shard()
 
@@ -537,7 +549,7 @@ def read_all(uri: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, Schema]:
             f"{_display(uri)}/{MANIFEST} says {rows} rows but lists shards of {listed}; {FIX}"
         )
     X = np.empty((rows, features), np.float32)
-    y = np.empty(rows, np.int64)
+    y = np.empty(rows, label_dtype(manifest))
     at = 0
     for shard in manifest["shards"]:
         n = int(shard["rows"])
@@ -553,9 +565,14 @@ def read_shard(
     streaming reader deals out to ranks and data-loader workers. ``manifest`` is
     `read_manifest`'s, ``shard`` one of its ``manifest["shards"]``."""
     n, features = int(shard["rows"]), int(manifest["features"])
-    X, y = np.empty((n, features), np.float32), np.empty(n, np.int64)
+    X, y = np.empty((n, features), np.float32), np.empty(n, label_dtype(manifest))
     _fill(uri, shard, X, y)
     return X, y
+
+
+def label_dtype(manifest: dict[str, Any]) -> type:
+    """What ``y`` is read as: int64 class codes, or float32 regression targets."""
+    return np.float32 if manifest["schema"].get("task") == "regression" else np.int64
 
 
 def _fill(uri: str | os.PathLike, shard: dict[str, Any], X: np.ndarray, y: np.ndarray) -> None:
@@ -582,7 +599,8 @@ def _arrays(data: pa.Table | pa.RecordBatch, features: int) -> tuple[np.ndarray,
     if isinstance(x, pa.ChunkedArray):
         x = x.combine_chunks()
     values = x.flatten().to_numpy(zero_copy_only=False)  # no nulls: a view in practice
-    y = data.column("y").to_numpy().astype(np.int64)
+    y = data.column("y").to_numpy()
+    y = y.astype(np.float32 if np.issubdtype(y.dtype, np.floating) else np.int64, copy=False)
     return values.reshape(len(y), features), y
 
 

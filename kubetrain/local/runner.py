@@ -175,10 +175,20 @@ class ConsoleFilter(io.TextIOBase):
 
 
 def fingerprint(source: str) -> str:
-    """Content hash of a local dataset file (cache key input); empty for other sources."""
+    """Content hash of a local dataset file (cache key input), or of an image folder's
+    listing (paths, sizes, modification times: hashing every image would cost as much
+    as decoding it); empty for other sources."""
     from kubetrain.core.integrity import sha256_file
 
-    return sha256_file(source) if Path(source).is_file() else ""
+    path = Path(source)
+    if path.is_dir():
+        listing = sorted(
+            f"{p.relative_to(path)}\t{st.st_size}\t{st.st_mtime_ns}"
+            for p in path.rglob("*")
+            if p.is_file() and (st := p.stat())
+        )
+        return hashlib.sha256("\n".join(listing).encode()).hexdigest()
+    return sha256_file(source) if path.is_file() else ""
 
 
 def _absolute_source(cfg: RunConfig) -> RunConfig:
@@ -476,15 +486,18 @@ def summarize(
         compressed: dict[str, Any] = {"skipped": True, "reason": compression["reason"]}
     else:
         chosen = next(v for v in compression["variants"] if v["name"] == compression["chosen"])
+        score = "rmse" if "rmse" in chosen else "accuracy"
         compressed = {
             "format": "onnx",
             "variant": chosen["name"],
             "bytes": int(chosen["bytes"]),
             "gzip_bytes": int(chosen["gzip_bytes"]),
-            "accuracy": chosen["accuracy"],
+            score: chosen[score],
             "cpu_latency_ms": chosen["cpu_latency_ms"],
-            "baseline_accuracy": compression["baseline_accuracy"],
+            f"baseline_{score}": compression[f"baseline_{score}"],
         }
+    regression = evaluation.get("task") == "regression"
+    trained = _meta(outputs["trained_model"])
     return {
         "run_id": run_id,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -493,18 +506,32 @@ def summarize(
         "stages": stages,
         "dataset": _meta(outputs["dataset"]),
         "best_hyperparameters": best,
+        # the best trial's K-fold mean and std per metric (absent without cross-validation)
+        "cross_validation": {
+            k: v for k, v in (outputs["tuning"]["meta"].get("cv") or {}).items() if k != "per_fold"
+        },
+        "task": "regression" if regression else "classification",
         "validation_metrics": {
-            k: _meta(outputs["trained_model"]).get(k)
-            for k in ("val_accuracy", "val_loss", "best_epoch", "epochs_run")
+            k: trained.get(k)
+            for k in trained
+            if k.startswith("val_") or k in ("best_epoch", "epochs_run")
         },
         "test_metrics": {
             k: evaluation[k]
-            for k in ("accuracy", "macro_f1", "roc_auc", "precision_macro", "recall_macro")
+            for k in (
+                ("r2", "rmse", "mae")
+                if regression
+                else ("accuracy", "macro_f1", "roc_auc", "precision_macro", "recall_macro")
+            )
         },
         "quality_gate": {
             "passed": evaluation["gate"] == "pass",
             "reason": evaluation["gate_reason"],
-            "min_accuracy": evaluation["min_accuracy"],
+            **(
+                {"min_r2": evaluation["min_r2"]}
+                if regression
+                else {"min_accuracy": evaluation["min_accuracy"]}
+            ),
         },
         "compressed": compressed,
         "artifacts": {
@@ -538,7 +565,11 @@ def _write_run(runs: Path, run_dir: Path, summary: dict[str, Any], outputs: dict
 
 def write_report(path: Path, summary: dict[str, Any], outputs: dict[str, Any]) -> None:
     """The run report: every stage's picture in one self-contained HTML file."""
-    from kubetrain.stages import compression_sections, evaluation_sections
+    from kubetrain.stages import (
+        compression_sections,
+        cross_validation_sections,
+        evaluation_sections,
+    )
 
     ingest_meta = summary["dataset"]
     clean_meta = _meta(outputs["train_split"])
@@ -559,7 +590,11 @@ def write_report(path: Path, summary: dict[str, Any], outputs: dict[str, Any]) -
                 "run": summary["run_id"],
                 "dataset": ingest_meta.get("source"),
                 "pipeline seconds": summary["pipeline_seconds"],
-                "test accuracy": summary["test_metrics"]["accuracy"],
+                **(
+                    {"test R^2": summary["test_metrics"]["r2"]}
+                    if "r2" in summary["test_metrics"]
+                    else {"test accuracy": summary["test_metrics"]["accuracy"]}
+                ),
             },
             tables=[summary["stages"]],
         ),
@@ -618,6 +653,7 @@ def write_report(path: Path, summary: dict[str, Any], outputs: dict[str, Any]) -
             else [],
             tables=[[summary["best_hyperparameters"]]],
         ),
+        *cross_validation_sections(trials_doc["meta"].get("cv"), summary["test_metrics"]),
         Section(
             "Learning curves (final training)",
             images=[plots.learning_curves(model_info.get("history", []))],
@@ -650,8 +686,13 @@ def summary_table(summary: dict[str, Any]) -> str:
             f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
             for k, v in summary["best_hyperparameters"].items()
         ),
-        f"test metrics           accuracy {m['accuracy']:.4f} | macro_f1 "
-        f"{m['macro_f1']:.4f} | roc_auc {m['roc_auc']:.4f}",
+        (
+            f"test metrics           R^2 {m['r2']:.4f} | RMSE {m['rmse']:.4g} | MAE {m['mae']:.4g}"
+            if "r2" in m
+            else f"test metrics           accuracy {m['accuracy']:.4f} | macro_f1 "
+            f"{m['macro_f1']:.4f} | roc_auc "
+            + ("n/a" if m["roc_auc"] is None else f"{m['roc_auc']:.4f}")
+        ),
         f"quality gate           {summary['quality_gate']['reason']}",
     ]
     if c.get("skipped"):
@@ -659,8 +700,9 @@ def summary_table(summary: dict[str, Any]) -> str:
     else:
         lines.append(
             f"compressed model       {c['variant']} ONNX, {c['bytes'] / 1024:.1f} KiB "
-            f"({c['gzip_bytes'] / 1024:.1f} KiB gzip), accuracy {c['accuracy']:.4f}, "
-            f"{c['cpu_latency_ms']:.3f} ms/row on CPU"
+            f"({c['gzip_bytes'] / 1024:.1f} KiB gzip), "
+            + (f"RMSE {c['rmse']:.4g}, " if "rmse" in c else f"accuracy {c['accuracy']:.4f}, ")
+            + f"{c['cpu_latency_ms']:.3f} ms/row on CPU"
         )
     lines += [
         f"report                 {summary['artifacts']['report']}",

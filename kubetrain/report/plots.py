@@ -264,9 +264,11 @@ def learning_curves(history: Sequence[Mapping[str, Any]], title: str = "Learning
     epochs = epochs[order]
     series = {
         key: _nums(r.get(key) for r in rows)
-        for key in ("train_loss", "val_loss", "val_accuracy", "lr")
+        for key in ("train_loss", "val_loss", "val_accuracy", "val_r2", "lr")
     }
     has = {key: bool(np.isfinite(v).any()) for key, v in series.items()}
+    # the validation score: accuracy, or a regression's R^2
+    score, score_name = ("val_r2", "R^2") if has["val_r2"] else ("val_accuracy", "accuracy")
 
     fig = _figure(WIDE)
     ax_loss, ax_acc = fig.subplots(1, 2)
@@ -310,9 +312,9 @@ def learning_curves(history: Sequence[Mapping[str, Any]], title: str = "Learning
     else:
         _empty_panel(ax_loss, "Loss", "no loss values")
 
-    if has["val_accuracy"]:
+    if has[score]:
         _style(ax_acc, integer_x=True)
-        acc = series["val_accuracy"]
+        acc = series[score]
         ok = np.isfinite(acc)
         ax_acc.plot(
             epochs[ok],
@@ -321,7 +323,7 @@ def learning_curves(history: Sequence[Mapping[str, Any]], title: str = "Learning
             marker=marker,
             markersize=3,
             linewidth=1.5,
-            label="val accuracy",
+            label=f"val {score_name}",
         )
         top = int(np.nanargmax(acc))
         ax_acc.annotate(
@@ -335,9 +337,9 @@ def learning_curves(history: Sequence[Mapping[str, Any]], title: str = "Learning
         if best is not None:
             ax_acc.axvline(epochs[best], color=_GREEN, linestyle="--", linewidth=1)
         ax_acc.set_xlabel("epoch", fontsize=9)
-        ax_acc.set_ylabel("accuracy", fontsize=9)
+        ax_acc.set_ylabel(score_name, fontsize=9)
         ax_acc.margins(y=0.15)
-        ax_acc.set_title("Validation accuracy", fontsize=10)
+        ax_acc.set_title(f"Validation {score_name}", fontsize=10)
         lr = series["lr"]
         finite_lr = lr[np.isfinite(lr)]
         if finite_lr.size > 1 and np.ptp(finite_lr) > 0:
@@ -731,4 +733,33 @@ def compression_tradeoff(
     ax.set_title(_text(title, 50), fontsize=11)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, frameon=False, loc="best")
+    return _png(fig)
+
+
+def regression_fit(
+    points: Mapping[str, Sequence[float]], title: str = "Predicted vs actual"
+) -> bytes:
+    """A regression's test fit: predicted against actual (the diagonal is a perfect model)
+    and the residuals against the prediction (a trend or a funnel says what it misses)."""
+    actual, predicted = _nums(points.get("actual")), _nums(points.get("predicted"))
+    ok = np.isfinite(actual) & np.isfinite(predicted)
+    if len(actual) != len(predicted) or not ok.any():
+        return _no_data(title, "no predictions")
+    actual, predicted = actual[ok], predicted[ok]
+    fig = _figure(WIDE)
+    ax_fit, ax_res = fig.subplots(1, 2)
+    for ax in (ax_fit, ax_res):
+        _style(ax)
+    low, high = float(min(actual.min(), predicted.min())), float(max(actual.max(), predicted.max()))
+    ax_fit.scatter(actual, predicted, s=6, alpha=0.5, color=_BLUE, linewidths=0)
+    ax_fit.plot([low, high], [low, high], color=_GREY, linestyle="--", linewidth=1)
+    ax_fit.set_xlabel("actual", fontsize=9)
+    ax_fit.set_ylabel("predicted", fontsize=9)
+    ax_fit.set_title(title, fontsize=10)
+    residual = actual - predicted
+    ax_res.scatter(predicted, residual, s=6, alpha=0.5, color=_ORANGE, linewidths=0)
+    ax_res.axhline(0, color=_GREY, linestyle="--", linewidth=1)
+    ax_res.set_xlabel("predicted", fontsize=9)
+    ax_res.set_ylabel("actual - predicted", fontsize=9)
+    ax_res.set_title("Residuals", fontsize=10)
     return _png(fig)

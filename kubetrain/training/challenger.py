@@ -40,6 +40,7 @@ from kubetrain.core.memory import fits, memory_budget
 from kubetrain.data import batches
 from kubetrain.data.batches import Batches
 from kubetrain.data.datasets import Schema, load_split
+from kubetrain.training.objective import r2
 
 #: The file inside the model bundle (next to weights.pt and spec.json).
 FILENAME = "challenger.joblib"
@@ -119,10 +120,11 @@ def training_rows(
     return X, y, True
 
 
-def _booster(seed: int, max_iter: int) -> Any:
-    from sklearn.ensemble import HistGradientBoostingClassifier
+def _booster(seed: int, max_iter: int, regression: bool = False) -> Any:
+    from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 
-    return HistGradientBoostingClassifier(
+    kind = HistGradientBoostingRegressor if regression else HistGradientBoostingClassifier
+    return kind(
         learning_rate=LEARNING_RATE,
         max_iter=max_iter,
         early_stopping=True,
@@ -139,6 +141,7 @@ def boost(
     val: tuple[np.ndarray, np.ndarray],
     seed: int,
     time_limit_s: float = TIME_LIMIT_S,
+    regression: bool = False,
 ) -> Any:
     """Fit gradient-boosted trees on ``(X, y)``, early-stopped on ``val`` and time-bound.
 
@@ -149,10 +152,11 @@ def boost(
     length would grow.
     """
     Xv, yv = val
-    known = np.isin(yv, np.unique(y))  # the booster knows only the classes it trained on
+    # a classifier knows only the classes it trained on
+    known = np.ones(len(yv), bool) if regression else np.isin(yv, np.unique(y))
     kw = {"X_val": Xv[known], "y_val": yv[known]}
     started = time.perf_counter()
-    model = _booster(seed, 0)
+    model = _booster(seed, 0, regression)
     target = 0
     with threads(len(y)):
         while target < MAX_ITER:
@@ -176,6 +180,19 @@ def boost(
 
 def accuracy(model: Any, X: np.ndarray, y: np.ndarray, num_classes: int) -> float:
     return float((predict_proba(model, X, num_classes).argmax(1) == y).mean()) if len(y) else 0.0
+
+
+def r2_score(model: Any, X: np.ndarray, y: np.ndarray) -> float:
+    return r2(float(((predict(model, X) - y) ** 2).sum()), float(((y - y.mean()) ** 2).sum()))
+
+
+def predict(model: Any, X: np.ndarray) -> np.ndarray:
+    """A regressor's predictions (float32) in chunks of `PREDICT_ROWS`."""
+    out = np.zeros(len(X), np.float32)
+    with threads(len(X)):
+        for i in range(0, len(X), PREDICT_ROWS):
+            out[i : i + PREDICT_ROWS] = model.predict(X[i : i + PREDICT_ROWS])
+    return out
 
 
 def predict_proba(model: Any, X: np.ndarray, num_classes: int) -> np.ndarray:
@@ -220,22 +237,29 @@ def fit_challenger(
         return skipped(f"{split.schema.kind} data (gradient boosting is a bar for tables)")
     started = time.perf_counter()
     X, y, sampled = training_rows(split, seed, budget)
+    regression = split.schema.regression
     if len(np.unique(y)) < 2:
-        return skipped("the training split holds a single class")
-    if not np.isin(val[1], y).any():
+        return skipped("the training split holds a single " + ("value" if regression else "class"))
+    if not regression and not np.isin(val[1], y).any():
         return skipped("the validation split holds none of the training split's classes")
     progress.log("train", f"challenger: gradient boosting on {len(y):,} rows")
-    model = boost(X, y, early_stopping_rows(val, seed), seed, time_limit_s)
+    model = boost(X, y, early_stopping_rows(val, seed), seed, time_limit_s, regression)
+    score = (
+        {"challenger_val_r2": r2_score(model, *val)}
+        if regression
+        else {"challenger_val_accuracy": accuracy(model, *val, split.schema.num_classes)}
+    )
     meta = {
-        "challenger_val_accuracy": accuracy(model, *val, split.schema.num_classes),
+        **score,
         "challenger_seconds": round(time.perf_counter() - started, 3),
         "challenger_iterations": int(model.n_iter_),
         "challenger_train_rows": int(len(y)),
         "challenger_sampled": sampled,
     }
+    name, value = next(iter(score.items()))
     progress.log(
         "train",
-        f"challenger: validation accuracy {meta['challenger_val_accuracy']:.4f} after "
+        f"challenger: validation {name.removeprefix('challenger_val_')} {value:.4f} after "
         f"{meta['challenger_iterations']} iterations, {meta['challenger_seconds']:.1f}s",
     )
     return Challenger(model, meta)

@@ -141,7 +141,8 @@ def mirrored(checkpoint_dir: str | None) -> Iterator[tuple[str | None, EpochHook
             storage.download(remote, Path(local) / FILENAME)
 
         def upload(epoch: int, metrics: dict[str, float]) -> bool:
-            storage.upload(Path(local) / FILENAME, remote)
+            if (Path(local) / FILENAME).is_file():  # a cross-validated trial writes none
+                storage.upload(Path(local) / FILENAME, remote)
             return False
 
         yield local, upload

@@ -40,6 +40,8 @@ from kubetrain.core.errors import KubetrainError, require
 from kubetrain.data.datasets import Schema
 from kubetrain.training import checkpoint, distributed, stream
 from kubetrain.training.models import ModelSpec, build, spec_for
+from kubetrain.training.objective import Objective
+from kubetrain.training.resnet import load_initial_weights
 from kubetrain.training.stream import Streamed
 
 #: Settings a tuner may override: exactly the `HyperConfig` section.
@@ -198,8 +200,10 @@ def fit(
     seed_everything(seed)
     where = _place(train.device)
     verbose = verbose and where.rank == 0
-    spec = spec_for(schema, train.model, hyper.width, hyper.dropout)
-    loop = _Loop.start(spec, train, hyper, seed, epochs, where, train_data, val_data)
+    rows = train_data.rows if isinstance(train_data, Streamed) else len(train_data[0])
+    spec = spec_for(schema, train.model, hyper.width, hyper.dropout, rows)
+    objective = Objective.of(schema, train.regression_loss)
+    loop = _Loop.start(spec, train, hyper, seed, epochs, where, train_data, val_data, objective)
     ckpt = checkpoint.path_in(checkpoint_dir)
     so_far = _resume(loop, ckpt, config, stage if verbose else None)
     # A checkpointed run that had already stopped early has nothing left to train.
@@ -211,14 +215,16 @@ def fit(
         mid = _mid_epoch_saver(loop, ckpt, config, so_far, epoch)
         train_loss = loop.train_epoch(epoch, resume_at=so_far.position, on_step=mid)
         so_far.position = None
-        val_loss, val_acc = loop.validate()
+        metrics = loop.validate()
+        val_loss, val_score = metrics["validation-loss"], metrics[objective.score_metric]
         _check_finite(epoch, train_loss, val_loss, hyper.learning_rate)
         so_far.record(
             {
                 "epoch": epoch,
                 "train_loss": train_loss,
                 "val_loss": val_loss,
-                "val_accuracy": val_acc,
+                objective.score_key: val_score,
+                **({"val_rmse": metrics["validation-rmse"]} if objective.regression else {}),
                 "lr": lr,
                 "seconds": time.perf_counter() - t0,
             },
@@ -230,10 +236,11 @@ def fit(
             _log_epoch(
                 stage,
                 so_far.history[-1],
+                objective,
                 epochs,
                 progress.eta(started, epoch - first + 1, epochs - first + 1),
             )
-        if _hook_stops(hook, epoch, val_loss, val_acc, where.ddp):
+        if _hook_stops(hook, epoch, metrics, where.ddp):
             stopped_by_hook = True
             break
         if so_far.epochs_without_gain >= train.patience:
@@ -368,6 +375,7 @@ class _Loop:
     where: _Placement
     seed: int
     l1: float
+    objective: Objective
     batch_rows: int  # per step on this rank
     # X, y (None when streamed), X_val, y_val
     data: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]
@@ -384,8 +392,12 @@ class _Loop:
         where: _Placement,
         train_data: Split | Streamed,
         val_data: Split,
+        objective: Objective,
     ) -> _Loop:
-        net = build(spec).to(where.device)  # same seed, same initial weights on every rank
+        net = build(spec)  # same seed, same initial weights on every rank
+        if train.initial_weights:
+            load_initial_weights(net, train.initial_weights)
+        net = net.to(where.device)
         opt = make_optimizer(net, train, hyper)
         # Whole splits live on the device; index batching avoids per-batch host copies.
         X_val, y_val = val_data
@@ -395,7 +407,7 @@ class _Loop:
             return torch.as_tensor(a, dtype=torch.float32, device=where.device)
 
         def labels(a: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(a, dtype=torch.int64, device=where.device)
+            return torch.as_tensor(a, dtype=objective.label_dtype, device=where.device)
 
         if stream is None:
             X, y = train_data
@@ -416,6 +428,7 @@ class _Loop:
             where=where,
             seed=seed,
             l1=train.l1,
+            objective=objective,
             batch_rows=batch_rows,
             data=data,
             stream=stream,
@@ -491,7 +504,7 @@ class _Loop:
             if step < done:  # trained before the interruption: the order is the same
                 continue
             xb = xb.to(w.device, non_blocking=True)
-            yb = yb.to(w.device, dtype=torch.int64, non_blocking=True)
+            yb = yb.to(w.device, dtype=self.objective.label_dtype, non_blocking=True)
             loss = self._loss(xb, yb)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -506,18 +519,20 @@ class _Loop:
 
     def _loss(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         with self.autocast():
-            loss = nn.functional.cross_entropy(self.model(X).float(), y)
+            loss = self.objective.loss(self.model(X).float(), y)
         if self.l1 > 0:
             loss = loss + self.l1 * sum(p.abs().sum() for p in self.net.parameters() if p.ndim > 1)
         return loss
 
-    def validate(self) -> tuple[float, float]:
-        """(loss, accuracy) on the validation split, the same on every rank."""
+    def validate(self) -> dict[str, float]:
+        """`Objective.score`'s metrics on the validation split, the same on every rank."""
         _, _, X, y = self.data
         w = self.where
         if w.ddp:
-            return _evaluate_sharded(self.net, X, y, self.autocast, w.rank, w.world_size)
-        return _evaluate(self.model, X, y, self.autocast)
+            return _evaluate_sharded(
+                self.net, X, y, self.autocast, self.objective, w.rank, w.world_size
+            )
+        return _evaluate(self.model, X, y, self.autocast, self.objective)
 
     def state_dict(self, config: dict[str, Any], so_far: _Progress) -> dict[str, Any]:
         """Everything a resume needs, as tensors and plain values only (`checkpoint.load`
@@ -588,19 +603,20 @@ def _resume(
     return so_far
 
 
-def _log_epoch(stage: str, row: dict[str, float], epochs: int, eta: str) -> None:
+def _log_epoch(
+    stage: str, row: dict[str, float], objective: Objective, epochs: int, eta: str
+) -> None:
+    score = "val_r2" if objective.regression else "val_acc"
     progress.log(
         stage,
         f"epoch {row['epoch']}/{epochs} | train_loss {row['train_loss']:.4f} | "
-        f"val_loss {row['val_loss']:.4f} | val_acc {row['val_accuracy']:.4f} | "
+        f"val_loss {row['val_loss']:.4f} | {score} {row[objective.score_key]:.4f} | "
         f"{row['seconds']:.2f}s/epoch | ETA {eta}",
     )
 
 
-def _hook_stops(
-    hook: EpochHook | None, epoch: int, val_loss: float, val_acc: float, ddp: bool
-) -> bool:
-    stop = bool(hook and hook(epoch, {"validation-accuracy": val_acc, "validation-loss": val_loss}))
+def _hook_stops(hook: EpochHook | None, epoch: int, metrics: dict[str, float], ddp: bool) -> bool:
+    stop = bool(hook and hook(epoch, metrics))
     # no rank may leave the loop alone: the others would hang in the next collective
     return distributed.any_rank(stop) if ddp else stop
 
@@ -619,8 +635,7 @@ def _result(
     loop.net.eval()
     best = so_far.best_row()
     metrics = {
-        "val_loss": best["val_loss"],
-        "val_accuracy": best["val_accuracy"],
+        **{k: v for k, v in best.items() if k.startswith("val_")},
         "best_epoch": best["epoch"],
         "epochs_run": len(so_far.history),
         "seconds": round(time.perf_counter() - started, 3),
@@ -647,32 +662,40 @@ EVAL_ROWS = 65_536
 
 
 @torch.no_grad()
-def _sums(model: nn.Module, X: torch.Tensor, y: torch.Tensor, autocast) -> tuple[float, float]:
-    """(summed cross-entropy, correct predictions) over ``X`` in `EVAL_ROWS` chunks."""
-    loss_sum = correct = 0.0
+def _sums(
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, autocast, objective: Objective
+) -> list[float]:
+    """`Objective.sums` over ``X`` in `EVAL_ROWS` chunks."""
+    total: list[float] = []
     for start in range(0, len(y), EVAL_ROWS):
         xb, yb = X[start : start + EVAL_ROWS], y[start : start + EVAL_ROWS]
         with autocast():
-            logits = model(xb).float()
-        loss_sum += nn.functional.cross_entropy(logits, yb, reduction="sum").item()
-        correct += (logits.argmax(1) == yb).sum().item()
-    return loss_sum, correct
+            out = model(xb).float()
+        part = objective.sums(out, yb)
+        total = [a + b for a, b in zip(total, part, strict=True)] if total else part
+    return total
 
 
 @torch.no_grad()
-def _evaluate(model: nn.Module, X: torch.Tensor, y: torch.Tensor, autocast) -> tuple[float, float]:
+def _evaluate(
+    model: nn.Module, X: torch.Tensor, y: torch.Tensor, autocast, objective: Objective
+) -> dict[str, float]:
     model.eval()
-    loss_sum, correct = _sums(model, X, y, autocast)
-    return loss_sum / len(y), correct / len(y)
+    return objective.score(_sums(model, X, y, autocast, objective), len(y))
 
 
 @torch.no_grad()
 def _evaluate_sharded(
-    model: nn.Module, X: torch.Tensor, y: torch.Tensor, autocast, rank: int, world_size: int
-) -> tuple[float, float]:
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    autocast,
+    objective: Objective,
+    rank: int,
+    world_size: int,
+) -> dict[str, float]:
     """`_evaluate` over all ranks: each scores rows ``rank::world``, the sums are all-reduced."""
     model.eval()
     Xs, ys = X[rank::world_size], y[rank::world_size]
-    loss_sum, correct = _sums(model, Xs, ys, autocast)
-    loss_sum, correct, count = distributed.all_reduce_sum([loss_sum, correct, len(ys)])
-    return loss_sum / count, correct / count
+    *sums, count = distributed.all_reduce_sum([*_sums(model, Xs, ys, autocast, objective), len(ys)])
+    return objective.score(sums, int(count))

@@ -441,7 +441,8 @@ def test_template_command_is_the_trial_cli_with_every_placeholder_defined():
         64,
     )
     assert (parsed.train, parsed.tune.tune_epochs, parsed.seed) == (cfg.train, 4, 5)
-    assert set(trial.METRICS) == set(tuning.GOALS) and set(trial.METRICS) == set(METRICS)
+    assert set(trial.METRICS) == set(tuning.GOALS)
+    assert set(tuning.TASK_METRICS[False]) == set(METRICS)  # what a classifier trial prints
 
 
 def test_trial_command_line_is_pinned():
@@ -469,6 +470,8 @@ def test_trial_command_line_is_pinned():
         "${trialParameters.batchSize}",
         "--model",
         "auto",
+        "--regression-loss",
+        "mse",
         "--optimizer",
         "adamw",
         "--momentum",
@@ -487,6 +490,8 @@ def test_trial_command_line_is_pinned():
         "10",
         "--tune-objective",
         "validation-accuracy",
+        "--cv-folds",
+        "-1",
     ]
     assert [p["name"] for p in make("tpe")["spec"]["parameters"]] == [
         "learning-rate",
@@ -1191,13 +1196,14 @@ def splits(tmp_path_factory) -> tuple[Path, Path]:
     return root / "train", root / "validation"
 
 
-def trial_command(train: str, val: str, root: str, epochs: int = 2) -> list[str]:
+def trial_command(train: str, val: str, root: str, epochs: int = 2, cv_folds: int = 0) -> list[str]:
     """The trial template's own command, with placeholders filled as Katib fills them.
 
     `root` is where trials keep checkpoints: the pipeline root's when it is an
-    s3:// URI, else a local folder put in place of it.
+    s3:// URI, else a local folder put in place of it. One validation split unless
+    `cv_folds` says otherwise (a cross-validated trial reports per fold, not per epoch).
     """
-    cfg = RunConfig.from_flat({"tune_epochs": epochs, "device": "cpu"})
+    cfg = RunConfig.from_flat({"tune_epochs": epochs, "device": "cpu", "cv_folds": cv_folds})
     placement = ClusterConfig(gpus=0, **({"pipeline_root": root} if "://" in root else {}))
     exp = experiment_of(cfg, placement, train_uri=train, val_uri=val)
     command = substituted(container_of(exp)["command"])
@@ -1246,6 +1252,19 @@ def test_trial_subprocess_prints_metrics_katib_parses(splits, tmp_path):
     )
     assert out.returncode == 0, out.stderr
     check_katib_output(out.stdout, epochs=2)
+
+
+def test_a_cross_validated_trial_reports_the_running_mean_after_each_fold(splits, tmp_path):
+    train, val = splits
+    command = trial_command(str(train), str(val), str(tmp_path / "root"), epochs=1, cv_folds=3)
+    out = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    found = [
+        KATIB_REGEX.findall(line)[0] for line in out.stdout.splitlines() if "validation-" in line
+    ]
+    values = [(name, float(value)) for name, value, *_ in found]
+    assert [n for n, _ in values] == list(METRICS) * 4  # a report per fold, then the final
+    assert values[-2:] == values[4:6]  # the final mean is the running mean after fold 3
 
 
 def test_trial_reads_splits_straight_from_s3(splits, s3_env, s3_server):
@@ -1369,3 +1388,30 @@ def test_trial_checkpoints_live_beside_the_pipeline_root(root, expected):
         assert "--checkpoint-root" not in command
     else:
         assert command[command.index("--checkpoint-root") + 1] == expected
+
+
+def test_a_regression_experiment_maximizes_r2_and_collects_rmse_and_loss() -> None:
+    cfg = RunConfig.from_flat({"tune_time_budget": 0})
+    exp = katib.experiment(
+        cfg.train, cfg.tune, cfg.seed, ClusterConfig(), TRAIN_URI, VAL_URI, NAME, regression=True
+    )
+    objective = exp["spec"]["objective"]
+    assert (objective["type"], objective["objectiveMetricName"]) == ("maximize", "validation-r2")
+    assert objective["additionalMetricNames"] == ["validation-rmse", "validation-loss"]
+    assert [s["name"] for s in objective["metricStrategies"]] == [
+        "validation-r2",
+        "validation-rmse",
+        "validation-loss",
+    ]
+    command = container_of(exp)["command"]
+    assert command[command.index("--tune-objective") + 1] == "validation-r2"
+    rmse = RunConfig.from_flat({"tune_time_budget": 0, "tune_objective": "validation-rmse"})
+    exp = katib.experiment(
+        rmse.train, rmse.tune, 1, ClusterConfig(), TRAIN_URI, VAL_URI, NAME, regression=True
+    )
+    assert exp["spec"]["objective"]["type"] == "minimize"
+    wrong = RunConfig.from_flat({"tune_objective": "validation-accuracy"})
+    with pytest.raises(KubetrainError, match="does not apply to a regression"):
+        katib.experiment(
+            wrong.train, wrong.tune, 1, ClusterConfig(), TRAIN_URI, VAL_URI, NAME, regression=True
+        )

@@ -15,7 +15,7 @@ from kubetrain.core.errors import KubetrainError
 from kubetrain.data import shards
 from kubetrain.data.clean_spark import Routing, clean_spark, session
 from kubetrain.data.clean_stream import clean_streaming
-from kubetrain.data.datasets import load_split
+from kubetrain.data.datasets import LABEL, Schema, load_split, save_table
 
 pytestmark = pytest.mark.integration  # a real Spark JVM and Python workers
 
@@ -212,3 +212,28 @@ def test_the_clean_stage_cli_runs_the_spark_engine(tmp_path: Path, spark, capsys
     assert meta["engine"] == "spark"
     assert shards.read_manifest(paths["train"])["rows"] == meta["splits"]["train"]["rows"]
     assert "Data quality" in (tmp_path / "report.md").read_text()
+
+
+def test_a_regression_splits_alike_on_both_engines(tmp_path: Path, spark) -> None:
+    """A numeric label: the same quantile-stratified routing, float targets and training
+    target moments (the network's output scale) on Spark as locally."""
+    frame = raw_frame()
+    rng = np.random.default_rng(1)
+    frame[LABEL] = [
+        repr(float(v)) for v in 10 * np.nan_to_num(frame.x1) + rng.normal(size=len(frame))
+    ]
+    path = tmp_path / "table"
+    save_table(path, frame, Schema("table", ["x1", "x2", "cat"], [], task="regression"))
+    cfg = RunConfig.from_flat({"seed": 5})
+    (local, local_splits), (remote, spark_splits) = both_engines(tmp_path, str(path), cfg, spark)
+    assert local["task"] == remote["task"] == "regression"
+    assert remote["splits"].keys() == local["splits"].keys()
+    for name in local["splits"]:
+        a, b = local["splits"][name]["target"], remote["splits"][name]["target"]
+        assert a["count"] == b["count"] and a["mean"] == pytest.approx(b["mean"], rel=1e-9)
+    for name in SPLITS:
+        X1, y1, schema1 = local_splits[name]
+        X2, y2, schema2 = spark_splits[name]
+        assert y1.dtype == y2.dtype == np.float32
+        np.testing.assert_allclose(sorted_rows(X1, y1), sorted_rows(X2, y2), rtol=1e-6, atol=1e-6)
+        assert schema1.extra["target"] == pytest.approx(schema2.extra["target"], rel=1e-9)

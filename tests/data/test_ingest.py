@@ -16,20 +16,20 @@ from kubetrain.data.datasets import LABEL, load_table
 from kubetrain.data.ingest import ingest, load_source
 
 
-def run(source, tmp_path: Path, label_column: str = ""):
+def run(source, tmp_path: Path, label_column: str = "", task: str = "auto"):
     out = tmp_path / "out" / "table"
-    meta = ingest(str(source), label_column, str(out))
+    meta = ingest(str(source), label_column, str(out), task=task)
     frame, schema = load_table(out)
     return meta, frame, schema
 
 
-def fails(source, tmp_path: Path, *needles: str, label_column: str = "") -> str:
+def fails(source, tmp_path: Path, *needles: str, label_column: str = "", task: str = "auto") -> str:
     """Ingest must raise one-line KubetrainError mentioning `needles`, writing nothing."""
     parent = tmp_path / "out"
-    parent.mkdir(exist_ok=True)
+    parent.mkdir(parents=True, exist_ok=True)
     out = parent / "table"
     with pytest.raises(KubetrainError) as info:
-        ingest(str(source), label_column, str(out))
+        ingest(str(source), label_column, str(out), task=task)
     message = str(info.value)
     assert "\n" not in message and message.strip() == message
     for needle in needles:
@@ -494,22 +494,53 @@ def test_s3_streams_csv_and_parquet(tmp_path, s3_env, small_blocks):
     fails(f"s3://{bucket}/data/bad.csv", tmp_path / "d", "data row 251", "4 fields")
 
 
-def test_a_continuous_numeric_label_is_refused_with_one_line(tmp_path):
-    rows = "".join(f"{i},{1000 + 17 * i}\n" for i in range(200))
+def test_a_continuous_numeric_label_is_a_regression_unless_classes_are_asked_for(tmp_path):
+    rows = "".join(f"{i},{1000 + 17 * i}.5\n" for i in range(200))
     path = write_csv(tmp_path / "salaries.csv", "years,salary\n" + rows)
+    meta, frame, schema = run(path, tmp_path, label_column="salary")
+    assert (meta["task"], schema.task, schema.class_names) == ("regression", "regression", [])
+    assert sorted(frame["label"].astype(float)) == [1000 + 17 * i + 0.5 for i in range(200)]
     message = fails(
         path,
-        tmp_path,
+        tmp_path / "c",
         "200 distinct numbers",
-        "regression",
-        "bin it into classes",
+        "--task regression",
+        "bin it",
         label_column="salary",
+        task="classification",
     )
     assert "\n" not in message
     many = "".join(f"{i},{i % 30}\n" for i in range(3000))  # 30 numeric classes, 100 rows each
     ok = write_csv(tmp_path / "classes.csv", "x,label\n" + many)
-    meta, _, _ = run(ok, tmp_path / "ok")
-    assert len(meta["classes"]) == 30
+    meta, _, schema = run(ok, tmp_path / "ok")
+    assert (len(meta["classes"]), schema.task) == (30, "classification")
+    # ...which --task regression reads as numbers
+    meta, _, schema = run(ok, tmp_path / "reg", task="regression")
+    assert (schema.task, schema.class_names) == ("regression", [])
+
+
+def test_regression_needs_finite_numeric_labels(tmp_path):
+    text = write_csv(tmp_path / "t.csv", "x,y\n" + "".join(f"{i},v{i % 3}\n" for i in range(60)))
+    fails(text, tmp_path / "a", "'v0'", "not a number", task="regression", label_column="y")
+    inf = write_csv(
+        tmp_path / "i.csv", "x,y\n" + "".join(f"{i},{i}.5\n" for i in range(60)) + "61,inf\n"
+    )
+    fails(inf, tmp_path / "b", "'inf'", "not a number", task="regression", label_column="y")
+    one = write_csv(tmp_path / "o.csv", "x,y\n" + "".join(f"{i},2.5\n" for i in range(60)))
+    fails(one, tmp_path / "c", "single value", task="regression", label_column="y")
+
+
+def test_a_label_with_too_many_values_to_count_is_no_set_of_classes(tmp_path, monkeypatch):
+    from kubetrain.data import ingest as ingest_module
+
+    monkeypatch.setattr(ingest_module, "MAX_COUNTED_LABELS", 50)
+    names = write_csv(tmp_path / "n.csv", "x,who\n" + "".join(f"{i},name{i}\n" for i in range(80)))
+    fails(names, tmp_path / "a", "over 50 distinct values", label_column="who")
+    numbers = write_csv(
+        tmp_path / "m.csv", "x,y\n" + "".join(f"{i},{i * 1.5}\n" for i in range(80))
+    )
+    meta, _, schema = run(numbers, tmp_path / "b", label_column="y")
+    assert schema.task == "regression"
 
 
 def test_a_csv_whose_every_row_is_malformed_names_the_first_not_empty(tmp_path):

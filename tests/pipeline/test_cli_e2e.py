@@ -13,7 +13,19 @@ from sklearn.datasets import load_breast_cancer
 
 pytestmark = pytest.mark.e2e
 
-FAST = ["--tune-trials", "2", "--tune-epochs", "2", "--epochs", "4", "--patience", "2"]
+# one validation split in trials (K-fold costs K fits; the regression run keeps it on)
+FAST = [
+    "--tune-trials",
+    "2",
+    "--tune-epochs",
+    "2",
+    "--epochs",
+    "4",
+    "--patience",
+    "2",
+    "--cv-folds",
+    "0",
+]
 STAGES = ["ingest", "clean", "augment", "tune", "train", "evaluate", "compress"]
 
 
@@ -178,6 +190,8 @@ def s3_ddp_run(tmp_path_factory, s3_env_module):
         "2",
         "--epochs",
         "4",
+        "--cv-folds",
+        "0",
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
     return s3_env, summary_of(runs)
@@ -204,3 +218,41 @@ def test_ddp_over_two_processes_with_another_katib_algorithm(s3_ddp_run):
     assert s["test_metrics"]["accuracy"] > 0.85
     info = json.loads((Path(s["artifacts"]["trained_model"]) / "info.json").read_text())
     assert info["metrics"]["processes"] == 2
+
+
+def test_a_numeric_label_trains_a_regression_end_to_end(tmp_path):
+    """A CSV whose label is a measurement: auto picks regression, clean stratifies on its
+    quantiles, tuning maximizes R^2, the gate and compression judge R^2 and RMSE, and the
+    report plots predicted against actual."""
+    import numpy as np
+    import pandas as pd
+
+    rng = np.random.default_rng(3)
+    frame = pd.DataFrame({"size": rng.uniform(20, 200, 1200), "rooms": rng.integers(1, 6, 1200)})
+    frame["city"] = rng.choice(["north", "south", "east"], 1200)
+    frame["price"] = (
+        2.5 * frame["size"]
+        + 10 * frame.rooms
+        + 40 * (frame.city == "north")
+        + rng.normal(0, 5, 1200)
+    )
+    csv = tmp_path / "houses.csv"
+    frame.to_csv(csv, index=False)
+    runs = tmp_path / "runs"
+    proc = kubetrain(
+        runs, "--dataset", str(csv), "--label-column", "price", *FAST[:4], "--epochs", "15"
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr
+    s = summary_of(runs)
+    assert s["task"] == "regression"
+    assert all(st["status"] == "succeeded" for st in s["stages"]), s["stages"]
+    m = s["test_metrics"]
+    assert m["r2"] > 0.8 and 0 < m["mae"] <= m["rmse"]
+    assert "validation_metrics" in s and s["validation_metrics"]["val_r2"] > 0.8
+    assert s["quality_gate"]["passed"] and "test R^2" in s["quality_gate"]["reason"]
+    c = s["compressed"]
+    assert c["rmse"] <= c["baseline_rmse"] * (1 + s["config"]["error_budget"]) + 1e-9
+    report = Path(s["artifacts"]["report"]).read_text()
+    assert "Predicted vs actual" in report and "Validation R^2" not in proc.stdout
+    assert "objective validation-r2 (maximize)" in proc.stdout  # the tuner's first line
+    assert "val_r2" in proc.stdout and "R^2" in proc.stdout

@@ -163,7 +163,7 @@ def counts_total(counts: dict[str, float]) -> int:
 
 @pytest.fixture(scope="module")
 def ingested(kfp_local):
-    return run(ingest, dataset="digits", label_column="", fingerprint="")
+    return run(ingest, fingerprint="", **settings(ingest, dataset="digits", label_column=""))
 
 
 @pytest.fixture(scope="module")
@@ -368,7 +368,7 @@ def test_tune_writes_trials_and_report(tuned):
     assert read_json(trials.path)["meta"]["trials"] == 2
     assert (
         trials.metadata["trials"] == 2
-        and trials.metadata["objective"] == D.flat()["tune_objective"]
+        and trials.metadata["objective"] == "validation-accuracy"  # auto, for classes
     )
     assert "Hyperparameter tuning" in Path(tuned["report"].path).read_text()
 
@@ -409,7 +409,7 @@ def test_train_saves_a_model_with_the_tuned_values(trained, tuned):
 
 def test_evaluate_passes_a_trained_model(evaluated):
     assert evaluated["gate"] == "pass"
-    accuracy = evaluated["accuracy"]
+    accuracy = evaluated["score"]
     assert 0.8 <= accuracy <= 1.0
     metrics = evaluated["metrics"].metadata
     assert metrics["accuracy"] == pytest.approx(accuracy)
@@ -431,7 +431,7 @@ def test_evaluate_fails_the_gate_for_a_weak_model(weak_evaluated):
     weak, verdict = weak_evaluated
     assert weak["trained_model"].metadata["hyperparameters"]["learning_rate"] == 1e-7
     assert verdict["gate"] == "fail"
-    assert verdict["accuracy"] < 0.99
+    assert verdict["score"] < 0.99
     assert verdict["evaluation"].metadata["gate"] == "fail"
     assert "0.99" in read_json(verdict["evaluation"].path)["gate_reason"]
 
@@ -449,7 +449,7 @@ def test_compress_exports_an_onnx_model_within_budget(compressed, evaluated, cle
     assert summary["uri"] == model.uri
     assert summary["chosen"] in {v["name"] for v in summary["variants"]}
     assert model.metadata == {"format": "onnx", "variant": summary["chosen"], "file": "model.onnx"}
-    assert summary["baseline_accuracy"] == pytest.approx(evaluated["accuracy"])
+    assert summary["baseline_accuracy"] == pytest.approx(evaluated["score"])
     metrics = compressed["metrics"].metadata
     assert metrics["bytes"] > 0 and metrics["cpu_latency_ms"] > 0
     assert metrics["accuracy"] >= summary["baseline_accuracy"] - D.flat()["accuracy_budget"] - 1e-9
@@ -508,7 +508,7 @@ def test_publish_writes_a_complete_bundle(published, tuned, evaluated, ingested)
     assert listed == on_disk
     metrics = read_json(str(bundle / "metrics.json"))
     assert metrics["gate"] == "pass"
-    assert metrics["accuracy"] == pytest.approx(evaluated["accuracy"])
+    assert metrics["accuracy"] == pytest.approx(evaluated["score"])
     card = (bundle / "model_card.md").read_text()
     assert ingested["table"].metadata["content_hash"] in card
     best = tuned["best_hyperparameters"]
@@ -520,7 +520,7 @@ def test_publish_writes_a_complete_bundle(published, tuned, evaluated, ingested)
 
 def test_a_failing_component_raises_with_the_kubetrain_error(tmp_path, capfd, kfp_local):
     with kfp_local_session(tmp_path) as outputs, pytest.raises(RuntimeError, match="FAILURE"):
-        ingest(dataset="missing.csv", label_column="", fingerprint="")
+        ingest(fingerprint="", **settings(ingest, dataset="missing.csv", label_column=""))
     log = capfd.readouterr()
     text = log.out + log.err
     assert "KubetrainError: dataset missing.csv not found" in text

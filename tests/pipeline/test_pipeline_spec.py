@@ -69,7 +69,7 @@ STAGE_OUTPUTS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
             "evaluation": "system.Artifact",
             "report": "system.HTML",
         },
-        {"gate": "STRING", "accuracy": "NUMBER_DOUBLE"},
+        {"gate": "STRING", "score": "NUMBER_DOUBLE"},
     ),
     "comp-compress": (
         {"compressed_model": "system.Model", "metrics": "system.Metrics", "report": "system.HTML"},

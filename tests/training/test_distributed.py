@@ -276,7 +276,8 @@ def test_accuracy_matches_a_one_process_run(probe_run, splits, single):
     reports, _, out = probe_run
     _, _, schema = load_split(splits[0])
     Xv, yv, _ = load_split(splits[1])
-    model = build(spec_for(schema, CFG.train.model, CFG.hyper.width, CFG.hyper.dropout))
+    rows = len(load_split(splits[0])[1])  # model=auto picks by the training rows
+    model = build(spec_for(schema, CFG.train.model, CFG.hyper.width, CFG.hyper.dropout, rows))
     model.load_state_dict(torch.load(out / "rank0.pt", weights_only=True))
     ddp_accuracy = _accuracy(model.eval(), Xv, yv)  # measured again from the outside
     assert ddp_accuracy == pytest.approx(reports[0]["metrics"]["val_accuracy"], abs=1e-6)

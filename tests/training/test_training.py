@@ -82,7 +82,7 @@ def _without_time(history):
 # --- learning -------------------------------------------------------------------------
 
 
-def test_mlp_learns_breast_cancer(cancer):
+def test_the_auto_network_learns_breast_cancer(cancer):
     train, val, schema = cancer
     result = fit(
         TRAIN,
@@ -94,7 +94,7 @@ def test_mlp_learns_breast_cancer(cancer):
         epochs=5,
         verbose=False,
     )
-    assert result.spec.arch == "mlp"  # model=auto on a table
+    assert result.spec.arch == "tabular"  # model=auto on a table of under 5,000 rows
     assert result.metrics["val_accuracy"] > 0.93
     # the reported metric is the returned model's, measured again from the outside
     assert _accuracy(result.model, *val) == pytest.approx(result.metrics["val_accuracy"], abs=1e-6)
@@ -612,10 +612,13 @@ def test_validation_is_scored_in_chunks_with_the_whole_split_result(monkeypatch)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
     X, y = torch.randn(1000, 5), torch.randint(0, 3, (1000,))
-    whole = loop._evaluate(model, X, y, contextlib.nullcontext)
+    objective = loop.Objective()
+    whole = loop._evaluate(model, X, y, contextlib.nullcontext, objective)
     monkeypatch.setattr(loop, "EVAL_ROWS", 64)  # 16 chunks, the last one short
-    chunked = loop._evaluate(model, X, y, contextlib.nullcontext)
+    chunked = loop._evaluate(model, X, y, contextlib.nullcontext, objective)
     with torch.no_grad():
         logits = model(X)
-    assert whole[0] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
-    assert chunked[0] == pytest.approx(whole[0], rel=1e-6) and chunked[1] == whole[1]
+    loss, acc = "validation-loss", "validation-accuracy"
+    assert whole[loss] == pytest.approx(nn.functional.cross_entropy(logits, y).item(), rel=1e-6)
+    assert whole[acc] == pytest.approx((logits.argmax(1) == y).float().mean().item())
+    assert chunked[loss] == pytest.approx(whole[loss], rel=1e-6) and chunked[acc] == whole[acc]

@@ -185,7 +185,7 @@ def test_every_katib_algorithm_has_a_sampler_and_unknown_is_an_error():
 @pytest.mark.parametrize("algorithm", TUNE_ALGORITHMS)
 def test_tune_with_every_algorithm(cancer, algorithm):
     train, val, schema = cancer
-    cfg = TuneConfig(tune_algorithm=algorithm, tune_trials=3, tune_epochs=2)
+    cfg = TuneConfig(cv_folds=0, tune_algorithm=algorithm, tune_trials=3, tune_epochs=2)
     seen = []
     best, rows, _ = tune(TRAIN, cfg, SEED, train, val, schema, on_trial=seen.append)
     assert len(rows) == cfg.tune_trials == len(seen)
@@ -205,6 +205,7 @@ def test_tune_with_every_algorithm(cancer, algorithm):
 def test_parallel_trials(cancer):
     train, val, schema = cancer
     cfg = TuneConfig(
+        cv_folds=0,
         tune_algorithm="random",
         tune_trials=3,
         tune_parallel=2,
@@ -230,14 +231,16 @@ def test_parallel_trials_really_overlap(cancer, monkeypatch):
         return 0.9, 0.3
 
     monkeypatch.setattr(tuning, "fit", ScriptedFit(curve))
-    cfg = TuneConfig(tune_algorithm="random", tune_trials=4, tune_parallel=2, tune_epochs=2)
+    cfg = TuneConfig(
+        cv_folds=0, tune_algorithm="random", tune_trials=4, tune_parallel=2, tune_epochs=2
+    )
     _, rows, _ = tune(TRAIN, cfg, SEED, train, val, schema)
     assert len(rows) == 4
 
 
 def test_run_trial_reports_both_metrics(cancer):
     train, val, schema = cancer
-    cfg = TuneConfig(tune_epochs=2)
+    cfg = TuneConfig(cv_folds=0, tune_epochs=2)
     # a trial's values as Katib hands them over: ints as floats, categoricals as strings
     params = {
         "learning_rate": 5e-3,
@@ -267,7 +270,11 @@ def test_medianstop_prunes_trials_below_the_median(cancer, monkeypatch):
     fake = ScriptedFit(lambda hyper, index, epoch: (0.9, 0.3) if index < 3 else (0.5, 0.7))
     monkeypatch.setattr(tuning, "fit", fake)
     cfg = TuneConfig(
-        tune_algorithm="random", tune_trials=5, tune_epochs=6, tune_early_stopping="medianstop"
+        cv_folds=0,
+        tune_algorithm="random",
+        tune_trials=5,
+        tune_epochs=6,
+        tune_early_stopping="medianstop",
     )
     best, rows, _ = tune(TRAIN, cfg, SEED, train, val, schema)
     assert [r["state"] for r in rows] == ["COMPLETE"] * 3 + ["PRUNED"] * 2
@@ -283,7 +290,11 @@ def test_no_early_stopping_prunes_nothing(cancer, monkeypatch):
     fake = ScriptedFit(lambda hyper, index, epoch: (0.9, 0.3) if index < 3 else (0.5, 0.7))
     monkeypatch.setattr(tuning, "fit", fake)
     cfg = TuneConfig(
-        tune_algorithm="random", tune_trials=5, tune_epochs=6, tune_early_stopping="none"
+        cv_folds=0,
+        tune_algorithm="random",
+        tune_trials=5,
+        tune_epochs=6,
+        tune_early_stopping="none",
     )
     _, rows, _ = tune(TRAIN, cfg, SEED, train, val, schema)
     assert [r["state"] for r in rows] == ["COMPLETE"] * 5
@@ -303,7 +314,7 @@ def test_objective_direction(cancer, monkeypatch, objective):
     )
     monkeypatch.setattr(tuning, "fit", fake)
     cfg = TuneConfig(
-        tune_algorithm="random", tune_trials=5, tune_epochs=2, tune_objective=objective
+        cv_folds=0, tune_algorithm="random", tune_trials=5, tune_epochs=2, tune_objective=objective
     )
     best, rows, _ = tune(TRAIN, cfg, SEED, train, val, schema)
     done = [r for r in rows if r["state"] == "COMPLETE"]
@@ -321,6 +332,7 @@ def test_objective_direction(cancer, monkeypatch, objective):
 def test_real_loss_objective_picks_the_lowest_loss(cancer):
     train, val, schema = cancer
     cfg = TuneConfig(
+        cv_folds=0,
         tune_algorithm="random",
         tune_trials=3,
         tune_epochs=2,
@@ -342,7 +354,7 @@ def test_too_many_failed_trials_stop_the_study(cancer, monkeypatch):
         raise KubetrainError("training diverged at epoch 1; lower --learning-rate")
 
     monkeypatch.setattr(tuning, "run_trial", failing)
-    cfg = TuneConfig(tune_algorithm="random", tune_trials=8, tune_max_failed=1)
+    cfg = TuneConfig(cv_folds=0, tune_algorithm="random", tune_trials=8, tune_max_failed=1)
     with pytest.raises(
         KubetrainError,
         match=r"2 tuning trials failed .*maxFailedTrialCount 1"
@@ -366,7 +378,7 @@ def test_failures_within_the_limit_are_recorded(cancer, monkeypatch):
 
     monkeypatch.setattr(tuning, "fit", fake)
     monkeypatch.setattr(tuning, "run_trial", sometimes_failing)
-    cfg = TuneConfig(tune_algorithm="random", tune_trials=5, tune_max_failed=2)
+    cfg = TuneConfig(cv_folds=0, tune_algorithm="random", tune_trials=5, tune_max_failed=2)
     best, rows, _ = tune(TRAIN, cfg, SEED, train, val, schema)
     assert [r["state"] for r in rows] == ["FAIL", "COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert "diverged" in rows[0]["error"] and rows[0]["value"] is None
@@ -380,7 +392,7 @@ def test_a_spent_time_budget_stops_the_study_after_one_completed_trial(cancer, c
     """A budget gone before the first trial ends: that trial still runs to the end and is
     the result; no other starts."""
     train, val, schema = cancer
-    cfg = TuneConfig(tune_trials=20, tune_epochs=2, tune_time_budget=1e-9)
+    cfg = TuneConfig(cv_folds=0, tune_trials=20, tune_epochs=2, tune_time_budget=1e-9)
     best, rows, facts = tune(TRAIN, cfg, SEED, train, val, schema)
     assert [r["state"] for r in rows] == ["COMPLETE"]
     assert rows[0]["epochs"] == 2 and best == rows[0]["params"]
@@ -391,11 +403,13 @@ def test_a_spent_time_budget_stops_the_study_after_one_completed_trial(cancer, c
     assert trial_line.endswith("| ETA 0s")  # no more than the budget leaves, not 19 trials'
 
 
-def test_trials_running_when_the_budget_ends_finish(cancer):
-    """Two trials in parallel, each longer than the budget: both end COMPLETE, with all
-    their epochs, and no third starts."""
+def test_trials_running_when_the_budget_ends_stop_once_one_completed(cancer):
+    """Two trials in parallel, each longer than the budget: the first to finish completes
+    with all its epochs (a study always gets one result), the other is stopped at its next
+    epoch (pruned), and no third starts."""
     train, val, schema = cancer
     cfg = TuneConfig(
+        cv_folds=0,
         tune_algorithm="random",
         tune_trials=10,
         tune_parallel=2,
@@ -405,16 +419,18 @@ def test_trials_running_when_the_budget_ends_finish(cancer):
     )
     recipe = TrainConfig(patience=1000)  # every trial runs its 100 epochs
     best, rows, facts = tune(recipe, cfg, SEED, train, val, schema)
-    assert [(r["state"], r["epochs"]) for r in rows] == [("COMPLETE", 100)] * 2
+    assert sorted(r["state"] for r in rows) == ["COMPLETE", "PRUNED"]
+    done = next(r for r in rows if r["state"] == "COMPLETE")
+    assert done["epochs"] == 100
     assert all(r["seconds"] > cfg.tune_time_budget for r in rows)
     assert facts["trials_run"] == 2 and facts["stopped_by_time_budget"] is True
-    assert best == max(rows, key=lambda r: r["value"])["params"]
+    assert best == done["params"]
 
 
 def test_no_budget_or_an_ample_one_runs_every_trial(cancer):
     train, val, schema = cancer
     for budget in (0.0, -1.0, 3600.0):
-        cfg = TuneConfig(tune_trials=2, tune_epochs=1, tune_time_budget=budget)
+        cfg = TuneConfig(cv_folds=0, tune_trials=2, tune_epochs=1, tune_time_budget=budget)
         _, rows, facts = tune(TRAIN, cfg, SEED, train, val, schema)
         assert len(rows) == 2
         assert facts == {
@@ -431,7 +447,7 @@ def test_no_completed_trial_falls_back_to_the_configured_values(cancer, capsys):
     (X, y), val, schema = cancer
     X = X.copy()
     X[:, 0] = np.nan
-    cfg = TuneConfig(tune_trials=2, tune_epochs=1, tune_max_failed=3)
+    cfg = TuneConfig(cv_folds=0, tune_trials=2, tune_epochs=1, tune_max_failed=3)
     best, rows, facts = tune(TRAIN, cfg, SEED, (X, y), val, schema)
     assert best == {} and [r["state"] for r in rows] == ["FAIL", "FAIL"]
     assert facts["note"].startswith("no tuning trial completed (2 FAIL); the train step uses")
@@ -439,7 +455,9 @@ def test_no_completed_trial_falls_back_to_the_configured_values(cancer, capsys):
     assert HyperConfig().replace(best) == HyperConfig()  # what the train stage applies
     # with the budget spent at once, trials go on one at a time until one completes
     # or the failure limit ends the study, as without a budget
-    cfg = TuneConfig(tune_trials=10, tune_epochs=1, tune_max_failed=2, tune_time_budget=1e-9)
+    cfg = TuneConfig(
+        cv_folds=0, tune_trials=10, tune_epochs=1, tune_max_failed=2, tune_time_budget=1e-9
+    )
     with pytest.raises(KubetrainError, match=r"3 tuning trials failed .*diverged"):
         tune(TRAIN, cfg, SEED, (X, y), val, schema)
 
@@ -465,7 +483,7 @@ def test_tuning_over_the_budget_trains_on_a_stratified_sample(sharded_cancer, mo
     train, val, X, y = sharded_cancer
     budget = 80 * X.shape[1] * 4  # half of it holds 40 of the 160 rows
     monkeypatch.setenv("KUBETRAIN_MEMORY_BUDGET", str(budget))
-    cfg = TuneConfig(tune_algorithm="random", tune_trials=2, tune_epochs=1)
+    cfg = TuneConfig(cv_folds=0, tune_algorithm="random", tune_trials=2, tune_epochs=1)
     best, rows, extra = tune_here(TuneRequest(train, val, TRAIN, cfg, SEED))
     out = capsys.readouterr().out
     assert "trials train on a stratified sample of 40 rows (seed 42)" in out
@@ -488,3 +506,13 @@ def test_tuning_over_the_budget_trains_on_a_stratified_sample(sharded_cancer, mo
     (Xw, _), _ = tuning.tuning_split(train, SEED)
     np.testing.assert_array_equal(Xw, X)  # within the budget: every row, as before
     assert "sample" not in capsys.readouterr().out
+
+
+def test_a_big_split_within_the_budget_is_sampled_for_trials(sharded_cancer, monkeypatch, capsys):
+    """A trial only ranks hyperparameters: past MAX_TRIAL_ROWS it trains on a stratified
+    sample, even when the whole split would fit in memory."""
+    train, _, X, y = sharded_cancer
+    monkeypatch.setattr(tuning, "MAX_TRIAL_ROWS", 80)
+    (Xs, ys), _ = tuning.tuning_split(train, SEED, budget=10**9)
+    assert len(ys) == 80 and np.bincount(ys).tolist() == (np.bincount(y) // 2).tolist()
+    assert "stratified sample of 80 of the training split's 160 rows" in capsys.readouterr().out
