@@ -320,7 +320,7 @@ class TrainConfig(Section):
         "periodic embeddings and a k-member ensemble (~9x the MLP's CPU time, more "
         "accurate on small and on large nonlinear tables); 'resnet' for images of 16 px "
         "and more (depth and width by image size; resnet8/14/20/32 fix the depth); 'auto' "
-        "picks 'tabular' for tables of up to 5,000 training rows and 'mlp' beyond, "
+        "picks 'tabular' for tables of up to 100,000 training rows and 'mlp' beyond, "
         "'resnet' or 'cnn' (smaller images) for images.",
         ("auto", "mlp", "cnn", "tabular", "resnet", "resnet8", "resnet14", "resnet20", "resnet32"),
     )

@@ -94,7 +94,7 @@ def test_the_auto_network_learns_breast_cancer(cancer):
         epochs=5,
         verbose=False,
     )
-    assert result.spec.arch == "tabular"  # model=auto on a table of under 5,000 rows
+    assert result.spec.arch == "tabular"  # model=auto on a table of up to 100,000 rows
     assert result.metrics["val_accuracy"] > 0.93
     # the reported metric is the returned model's, measured again from the outside
     assert _accuracy(result.model, *val) == pytest.approx(result.metrics["val_accuracy"], abs=1e-6)
