@@ -11,6 +11,7 @@ from kubetrain.components.common import component
 def evaluate(
     trained_model: Input[Model],
     test: Input[Dataset],
+    tuning: dict,
     min_accuracy: float,
     min_r2: float,
     max_gap_to_baseline: float,
@@ -27,7 +28,9 @@ def evaluate(
     from kubetrain.stages import evaluate_stage
 
     cfg = RunConfig.pick(locals())
-    result = evaluate_stage(trained_model.path, test.path, evaluation.path, report.path, cfg.gate)
+    result = evaluate_stage(
+        trained_model.path, test.path, evaluation.path, report.path, cfg.gate, tuning
+    )
     regression = result.get("task") == "regression"
     score = "r2" if regression else "accuracy"
     shown = (
@@ -38,6 +41,9 @@ def evaluate(
     for name in shown:
         if result[name] is not None:  # roc_auc needs two classes in the test split
             metrics.log_metric(name, float(result[name]))
+    for name, value in result.get("cross_validation", {}).items():  # K-fold mean and std
+        if name.endswith(("_mean", "_std")):
+            metrics.log_metric(f"cv_{name}", float(value))
     if "challenger" in result:  # the gradient-boosting challenger the train stage saved
         metrics.log_metric(f"challenger_{score}", float(result["challenger"][score]))
         metrics.log_metric("gap_to_challenger", float(result["gap_to_challenger"]))

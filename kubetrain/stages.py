@@ -502,8 +502,15 @@ def train_stage(
 
 
 def evaluate_stage(
-    model_path: str, test_path: str, evaluation_path: str, report_path: str, gate: GateConfig
+    model_path: str,
+    test_path: str,
+    evaluation_path: str,
+    report_path: str,
+    gate: GateConfig,
+    tuning: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """Test metrics and the gate; with ``tuning`` (the tune step's output) the best
+    trial's K-fold figures go beside them (``cross_validation``)."""
     from kubetrain.assessment.evaluation import evaluate
 
     result = evaluate(
@@ -513,6 +520,9 @@ def evaluate_stage(
         max_gap_to_baseline=gate.max_gap_to_baseline,
         min_r2=gate.min_r2,
     )
+    cv = ((tuning or {}).get("meta") or {}).get("cv")
+    if cv:
+        result["cross_validation"] = cv
     write_json(evaluation_path, result)
     regression = result.get("task") == "regression"
     if regression:
@@ -547,13 +557,19 @@ def evaluation_sections(result: dict[str, Any]) -> list[Section]:
         if "challenger" in result
         else []
     )
-    if result.get("task") == "regression":
+    regression = result.get("task") == "regression"
+    scores = ("r2", "rmse", "mae") if regression else ("accuracy", "macro_f1", "roc_auc")
+    folds = cross_validation_sections(
+        result.get("cross_validation"), {k: result[k] for k in scores}
+    )
+    if regression:
         return [
             Section(
                 "Test metrics",
                 facts={k: result[k] for k in ("r2", "rmse", "mae", "target_std", "test_rows")},
                 text=result["gate_reason"],
             ),
+            *folds,
             Section("Predicted vs actual", images=[plots.regression_fit(result["points"])]),
             *rival,
         ]
@@ -577,6 +593,7 @@ def evaluation_sections(result: dict[str, Any]) -> list[Section]:
             "Confusion matrix",
             images=[plots.confusion_matrix(result["confusion_matrix"], result["class_names"])],
         ),
+        *folds,
         Section("ROC", images=[plots.roc_curves(result["roc"])]),
         Section("Per class", tables=[result["per_class"]]),
         *rival,

@@ -175,7 +175,10 @@ def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:
             run_id=run_id,
         )
         judged = step(
-            "evaluate", trained_model=trained.outputs["trained_model"], test=splits.outputs["test"]
+            "evaluate",
+            trained_model=trained.outputs["trained_model"],
+            test=splits.outputs["test"],
+            tuning=tuning,  # the best trial's K-fold figures, shown beside the test's
         )
         with dsl.If(judged.outputs["gate"] == "pass", name="quality-gate-passed"):
             small = step(

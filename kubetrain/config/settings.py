@@ -188,8 +188,11 @@ class CleanConfig(Section):
     outlier_threshold: float = _opt(3.0, "z-score limit, or IQR multiplier for 'iqr'.", low=0.1)
     scaling: str = _opt(
         "standard",
-        "Feature scaling fitted on the training split only.",
-        ("standard", "minmax", "none"),
+        "Feature scaling fitted on the training split only: 'standard' (mean, std), "
+        "'minmax', 'robust' (continuous columns centred on their median and divided by "
+        "their interquartile range, which skewed money-like columns and outliers do not "
+        "stretch; the other columns standardized) or 'none'.",
+        ("standard", "minmax", "robust", "none"),
     )
     test_fraction: float = _opt(
         0.2, "Share of rows held out for the final test.", low=0.05, high=0.5

@@ -192,7 +192,7 @@ class Preprocessor:
         if p["bounds"] is not None and cfg.outliers != "none":
             lo, hi = p["bounds"]
             X[:, :n] = np.clip(X[:, :n], lo, hi)
-        p["scale"] = self._scaler(X, image)
+        p["scale"] = self._scaler(X, image, n)
         return self
 
     def _encode(self, frame: pd.DataFrame) -> np.ndarray:
@@ -220,15 +220,18 @@ class Preprocessor:
         q1, q3 = np.percentile(num, 25, axis=0), np.percentile(num, 75, axis=0)
         return [(q1 - t * (q3 - q1)).tolist(), (q3 + t * (q3 - q1)).tolist()]
 
-    def _scaler(self, X: np.ndarray, image: bool) -> dict[str, Any]:
+    def _scaler(self, X: np.ndarray, image: bool, n_continuous: int = 0) -> dict[str, Any]:
         kind = self.cfg.scaling
         if kind == "none" or X.size == 0:
             return {"kind": "none"}
         axis = None if image else 0  # images: one scalar keeps pixel relations intact
-        if kind == "standard":
-            offset, scale = X.mean(axis=axis), X.std(axis=axis)
-        else:
+        if kind == "minmax":
             offset, scale = X.min(axis=axis), X.max(axis=axis) - X.min(axis=axis)
+        else:
+            offset, scale = X.mean(axis=axis), X.std(axis=axis)
+        if kind == "robust" and not image and n_continuous:
+            q1, median, q3 = np.percentile(X[:, :n_continuous], [25, 50, 75], axis=0)
+            offset[:n_continuous], scale[:n_continuous] = median, q3 - q1
         scale = np.where(np.asarray(scale) > 1e-12, scale, 1.0)
         return {
             "kind": kind,

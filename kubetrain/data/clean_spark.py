@@ -431,6 +431,7 @@ def clean_spark(
         stats.update(plan.select(prep, encoded, hashes, labels, seed))
         del hashes, labels
         prep.params["bounds"] = encoded.bounds(cfg, plan.n_num(prep), plan.image)
+        robust = plan.robust(encoded, prep)
         if prep.params["bounds"] is not None:
             encoded = _merged(
                 rows.mapInArrow(
@@ -443,7 +444,9 @@ def clean_spark(
                     "payload binary",
                 )
             )
-        prep.params["scale"] = _scale(cfg, encoded.moments, plan.image, plan.encoded_width(prep))
+        prep.params["scale"] = _scale(
+            cfg, encoded.moments, plan.image, plan.encoded_width(prep), robust
+        )
 
         say("spark pass 4/4: transform and write the splits")
         drop = plan.drop_outliers(prep)

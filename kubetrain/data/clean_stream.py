@@ -206,6 +206,14 @@ class EncodedStats:
             self.selection = self.selection.merge(other.selection)
         return self
 
+    def robust(self, bounds: list | None) -> tuple[np.ndarray, np.ndarray]:
+        """(median, interquartile range) of each continuous column, clipped to the outlier
+        ``bounds`` when they apply (quantiles of the clipped values: clipping is monotone)."""
+        q = np.array([[s.quantile(p) for s in self.samples] for p in (0.25, 0.5, 0.75)])
+        if bounds is not None:
+            q = np.clip(q, np.asarray(bounds[0]), np.asarray(bounds[1]))
+        return q[1], q[2] - q[0]
+
     def bounds(self, cfg: CleanConfig, n_num: int, image: bool) -> list | None:
         """The outlier bounds `Preprocessor.outlier_mask` applies, or None."""
         if cfg.outliers == "none" or not n_num or image:
@@ -382,13 +390,16 @@ def clean_streaming(
     )
     stats.update(plan.select(prep, encoded, hashes, y_all, seed))
     prep.params["bounds"] = encoded.bounds(cfg, plan.n_num(prep), plan.image)
+    robust = plan.robust(encoded, prep)
     if prep.params["bounds"] is not None:
         encoded = _fold(
             functools.partial(plan.encoded_stats, prep, False),
             functools.partial(_add_encoded, prep, prep.params["bounds"]),
             train_batches(),
         )
-    prep.params["scale"] = _scale(cfg, encoded.moments, plan.image, plan.encoded_width(prep))
+    prep.params["scale"] = _scale(
+        cfg, encoded.moments, plan.image, plan.encoded_width(prep), robust
+    )
 
     # --- pass 3: transform and write ----------------------------------------------------
     drop = plan.drop_outliers(prep)
@@ -652,9 +663,16 @@ class Plan:
     def encoded_stats(self, prep: Preprocessor, first: bool) -> EncodedStats:
         """Pass 2b's summary (``first``: IQR samples and selection statistics too), or
         pass 2c's (moments of the clipped matrix only)."""
-        iqr = first and self.cfg.outliers == "iqr" and not self.image
+        quantiles = self.cfg.outliers == "iqr" or self.cfg.scaling == "robust"
+        iqr = first and quantiles and not self.image
         selection = first and self.selects
         return EncodedStats(self.encoded_width(prep), self.n_num(prep), iqr, selection)
+
+    def robust(self, encoded: EncodedStats, prep: Preprocessor) -> tuple | None:
+        """Pass 2b's (median, IQR) of the continuous columns when scaling is robust."""
+        if self.cfg.scaling != "robust" or self.image:
+            return None
+        return encoded.robust(prep.params["bounds"])
 
     def select(
         self,
@@ -908,16 +926,28 @@ class FillStats:
         return out
 
 
-def _scale(cfg: CleanConfig, m: _ColumnMoments, image: bool, width: int) -> dict[str, Any]:
-    """`Preprocessor._scaler` from merged moments."""
+def _scale(
+    cfg: CleanConfig,
+    m: _ColumnMoments,
+    image: bool,
+    width: int,
+    robust: tuple[np.ndarray, np.ndarray] | None = None,
+) -> dict[str, Any]:
+    """`Preprocessor._scaler` from merged moments (and, for robust scaling, pass 2b's
+    median and IQR of the continuous columns)."""
     kind = cfg.scaling
     if kind == "none" or width == 0 or m.count == 0:
         return {"kind": "none"}
-    if image:
+    if image:  # one scalar for every pixel; robust scaling is standard here
         mean, std, lo, hi = m.overall()
-        offset, scale = (mean, std) if kind == "standard" else (lo, hi - lo)
+        offset, scale = (lo, hi - lo) if kind == "minmax" else (mean, std)
+    elif kind == "minmax":
+        offset, scale = m.min, m.max - m.min
     else:
-        offset, scale = (m.mean, m.std) if kind == "standard" else (m.min, m.max - m.min)
+        offset, scale = m.mean.copy(), m.std.copy()
+        if robust is not None:
+            median, iqr = robust
+            offset[: len(median)], scale[: len(iqr)] = median, iqr
     scale = np.where(np.asarray(scale) > 1e-12, scale, 1.0)
     return {
         "kind": kind,

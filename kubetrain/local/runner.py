@@ -567,7 +567,6 @@ def write_report(path: Path, summary: dict[str, Any], outputs: dict[str, Any]) -
     """The run report: every stage's picture in one self-contained HTML file."""
     from kubetrain.stages import (
         compression_sections,
-        cross_validation_sections,
         evaluation_sections,
     )
 
@@ -653,7 +652,6 @@ def write_report(path: Path, summary: dict[str, Any], outputs: dict[str, Any]) -
             else [],
             tables=[[summary["best_hyperparameters"]]],
         ),
-        *cross_validation_sections(trials_doc["meta"].get("cv"), summary["test_metrics"]),
         Section(
             "Learning curves (final training)",
             images=[plots.learning_curves(model_info.get("history", []))],

@@ -49,6 +49,7 @@ CASES = [
     {},
     {"impute": "mean", "outliers": "iqr", "outlier_action": "drop"},
     {"impute": "drop", "outliers": "zscore", "scaling": "minmax"},
+    {"scaling": "robust", "outliers": "iqr"},
 ]
 
 

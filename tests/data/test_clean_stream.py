@@ -97,7 +97,21 @@ CASES = [
     ),
     dict(scaling="none", impute="drop"),
     dict(scaling="standard", impute="drop", outliers="zscore", outlier_threshold=2.0),
+    dict(scaling="robust", impute="median"),
+    dict(scaling="robust", impute="mean", outliers="iqr", outlier_threshold=1.0),
 ]
+
+
+def test_robust_scaling_centres_continuous_columns_on_median_and_iqr(tmp_path: Path) -> None:
+    cfg = RunConfig.from_flat({"scaling": "robust"})
+    _, splits = run(tmp_path, write_table(tmp_path, raw_frame()), cfg, batch_rows=50, tag="r")
+    X, _, schema = splits["train"]
+    n = schema.feature_names.index("x2") + 1  # x1, x2: the continuous columns, first
+    q1, median, q3 = np.percentile(X[:, :n], [25, 50, 75], axis=0)
+    np.testing.assert_allclose(median, 0, atol=1e-6)
+    np.testing.assert_allclose(q3 - q1, 1, atol=1e-6)
+    # the one-hot columns are standardized as before
+    np.testing.assert_allclose(X[:, n:].mean(0), 0, atol=1e-5)
 
 
 @pytest.mark.parametrize("changes", CASES, ids=lambda c: "-".join(map(str, c.values())))

@@ -254,5 +254,8 @@ def test_a_numeric_label_trains_a_regression_end_to_end(tmp_path):
     assert c["rmse"] <= c["baseline_rmse"] * (1 + s["config"]["error_budget"]) + 1e-9
     report = Path(s["artifacts"]["report"]).read_text()
     assert "Predicted vs actual" in report and "Validation R^2" not in proc.stdout
+    # 1,200 rows: tuning cross-validated (5 folds), its figures beside the test's
+    assert s["cross_validation"]["folds"] == 5 and "validation-r2_mean" in s["cross_validation"]
+    assert "Cross-validation (best trial)" in report and "held-out test r2" in report
     assert "objective validation-r2 (maximize)" in proc.stdout  # the tuner's first line
     assert "val_r2" in proc.stdout and "R^2" in proc.stdout

@@ -81,6 +81,14 @@ NOT_SETTINGS = {
     "train": {"hyperparameters", "cluster", "run_id"},
     "publish": {"best_hyperparameters", "run_id"},
     "tune": {"cluster", "run_id"},
+    "evaluate": {"tuning"},
+}
+#: The tune step's K-fold figures as the evaluate step receives them (`folds.summary`).
+CV = {
+    "folds": 2,
+    "per_fold": [{"validation-accuracy": 0.9}, {"validation-accuracy": 0.8}],
+    "validation-accuracy_mean": 0.85,
+    "validation-accuracy_std": 0.05,
 }
 # what the local target passes for those that are not data (see pipelines/training.py)
 LOCAL_EXTRAS = {"cluster": {}, "run_id": ""}
@@ -208,6 +216,7 @@ def evaluated(trained, cleaned):
         evaluate,
         trained_model=trained["trained_model"],
         test=cleaned["test"],
+        tuning={"meta": {"cv": CV}},
         **{**settings(evaluate), "min_accuracy": 0.5},
     )
 
@@ -248,6 +257,7 @@ def weak_evaluated(cleaned):
         evaluate,
         trained_model=weak["trained_model"],
         test=cleaned["test"],
+        tuning={"meta": {}},
         **{**settings(evaluate), "min_accuracy": 0.99},
     )
 
@@ -416,6 +426,12 @@ def test_evaluate_passes_a_trained_model(evaluated):
     for name in ("macro_f1", "precision_macro", "recall_macro", "roc_auc"):
         assert 0 <= metrics[name] <= 1, name
     assert read_json(evaluated["metrics"].path) == metrics
+    # the tune step's K-fold figures reach the UI and the report beside the test's
+    assert metrics["cv_validation-accuracy_mean"] == CV["validation-accuracy_mean"]
+    assert metrics["cv_validation-accuracy_std"] == CV["validation-accuracy_std"]
+    report = Path(evaluated["report"].path).read_text()
+    assert "Cross-validation (best trial)" in report and "0.8500 ± 0.0500" in report
+    assert read_json(evaluated["evaluation"].path)["cross_validation"] == CV
     classification = evaluated["classification"].metadata
     matrix = classification["confusionMatrix"]
     assert len(matrix["rows"]) == DIGITS_CLASSES
