@@ -173,10 +173,11 @@ TABLE_EXPANSION = 8
 
 def clean_here(req: CleanRequest) -> dict[str, Any]:
     """The local engine: in memory when the table fits the budget, else streamed in batches."""
-    from kubetrain.core.memory import fits
+    from kubetrain.core.memory import fits, reuse_freed_memory
     from kubetrain.data.clean import clean as clean_table
     from kubetrain.data.clean_stream import clean_streaming
 
+    reuse_freed_memory()
     paths = (req.table_path, req.train_path, req.val_path, req.test_path)
     on_disk = sum(f.stat().st_size for f in Path(req.table_path).rglob("*") if f.is_file())
     if fits(on_disk * TABLE_EXPANSION):

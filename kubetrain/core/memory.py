@@ -49,3 +49,31 @@ def parse_bytes(text: str, name: str) -> int:
 
 def fits(nbytes: int, budget: int | None = None) -> bool:
     return nbytes <= (memory_budget() if budget is None else budget)
+
+
+#: glibc's mallopt parameters (malloc.h) and what `reuse_freed_memory` sets them to.
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
+_MALLOC = {_M_MMAP_THRESHOLD: 32 * 2**20, _M_TRIM_THRESHOLD: 2**30, _M_ARENA_MAX: 2}
+
+
+def reuse_freed_memory() -> bool:
+    """Let this process reuse the memory it frees instead of handing it back to the kernel.
+
+    A batch stage allocates and frees arrays of tens of MB per batch. With glibc's
+    defaults each one is mapped fresh and every page faults on first touch: cleaning 1M
+    rows spent 2.6 of its 9 CPU seconds in the kernel. Large blocks from the heap (up
+    to 32 MiB, glibc's ceiling for this setting), no trimming below 1 GiB and two
+    arenas cut that to about 1.4 s (`make bench-scale`). The peak is unchanged: freed
+    blocks are reused, not added to. Returns False where there is no glibc (musl,
+    macOS): nothing changes there.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return all(mallopt(param, value) == 1 for param, value in _MALLOC.items())

@@ -352,12 +352,24 @@ def table_batches(path: str | os.PathLike, batch_rows: int) -> Iterator[pd.DataF
     Each part is read whole (parts are bounded) and checked against its size
     and sha256 in meta.json before any of its rows is yielded.
     """
+    schema = table_schema(path)
+    for batch in table_record_batches(path, batch_rows):
+        yield table_frame(batch, schema)
+
+
+def table_record_batches(path: str | os.PathLike, batch_rows: int) -> Iterator[pa.RecordBatch]:
+    """`table_batches` before the conversion to pandas (Arrow holds text far more
+    compactly than pandas objects: a stage may keep these in memory and convert each
+    batch when it needs it, with `table_frame`)."""
     root, meta = _table_meta(path)
-    schema = _table_schema(meta)
     for part in _parts(meta):
         source = _part_source(root, part)
-        for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
-            yield with_label_aliases(batch.to_pandas(), schema)
+        yield from pq.ParquetFile(source).iter_batches(batch_size=batch_rows)
+
+
+def table_frame(batch: pa.RecordBatch, schema: Schema) -> pd.DataFrame:
+    """One record batch of the table as the frame `table_batches` yields."""
+    return with_label_aliases(batch.to_pandas(), schema)
 
 
 def with_label_aliases(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:
@@ -404,25 +416,36 @@ def _table_schema(meta: dict[str, Any]) -> Schema:
     return Schema.from_json({k: v for k, v in meta.items() if k in fields})
 
 
+#: Parts this process has checked, as (path, size, mtime_ns, sha256): a stage that reads
+#: a table several times (the streaming clean: four passes) hashes each part once.
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
 def _part_source(root: Path, part: dict[str, Any]) -> Path | pa.BufferReader:
     """What to read a part from: its bytes once they match meta.json's size and sha256
-    (a part of the previous format, which has no checksum: its path)."""
+    (a part of the previous format, which has no checksum: its path). A part already
+    checked by this process, and not rewritten since (same size and mtime), is read
+    from its path without hashing it again."""
     path = root / part["name"]
     if "sha256" not in part:
         return path
     if not path.is_file():
         raise KubetrainError(f"table part {path} is missing; {TABLE_FIX}")
-    size = path.stat().st_size
-    if size != int(part["bytes"]):
+    stat = path.stat()
+    if stat.st_size != int(part["bytes"]):
         raise KubetrainError(
-            f"table part {path} is damaged: {size} bytes, expected {part['bytes']} "
+            f"table part {path} is damaged: {stat.st_size} bytes, expected {part['bytes']} "
             f"(truncated or overwritten); {TABLE_FIX}"
         )
+    key = (str(path), stat.st_size, stat.st_mtime_ns, part["sha256"])
+    if key in _VERIFIED:
+        return path
     data = path.read_bytes()
     if hashlib.sha256(data).hexdigest() != part["sha256"]:
         raise KubetrainError(
             f"table part {path} is damaged: its sha256 does not match {TABLE_META}; {TABLE_FIX}"
         )
+    _VERIFIED.add(key)
     return pa.BufferReader(data)
 
 

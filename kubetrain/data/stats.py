@@ -27,6 +27,8 @@ import pandas as pd
 
 #: Values kept by a `QuantileSample`: exact below this many rows, about 0.3% rank error above.
 SAMPLE_SIZE = 100_000
+#: A merged `QuantileSample` is trimmed back to k once it holds more than this many times k.
+SLACK = 3
 
 
 @dataclass
@@ -97,19 +99,28 @@ class QuantileSample:
         return cls(k, np.asarray(keys, np.uint64)[present], v[present], int(present.sum()))._trim()
 
     def merge(self, other: QuantileSample) -> QuantileSample:
+        """The union's bottom-k. It may hold up to `SLACK` x k candidates until read
+        (`quantile`, `trimmed`): trimming takes a partition of every held key, and a
+        fold that trimmed after each batch spent most of its time there."""
         k = min(self.k, other.k)
         mine, theirs = self._below(other._cut(k)), other._below(self._cut(k))
-        return QuantileSample(
+        merged = QuantileSample(
             k,
             np.concatenate([mine.keys, theirs.keys]),
             np.concatenate([mine.values, theirs.values]),
             self.count + other.count,
-        )._trim()
+        )
+        return merged._trim() if len(merged.keys) > SLACK * k else merged
+
+    def trimmed(self) -> QuantileSample:
+        """Exactly the ``k`` values with the smallest keys (ties broken by value)."""
+        return self._trim()
 
     def _cut(self, k: int) -> np.uint64 | None:
         """The largest key that can survive a merge: a side already holding ``k`` values
-        keeps nothing above its own largest key, so the other side's larger keys are
-        dropped before the merge (a streamed fold then copies a few values, not ``k``)."""
+        keeps nothing above its own largest key (nor above its k-th smallest, but the
+        largest costs no partition), so the other side's larger keys are dropped before
+        the merge (a streamed fold then copies a few values, not ``k``)."""
         return self.keys.max() if len(self.keys) >= k else None
 
     def _below(self, cut: np.uint64 | None) -> QuantileSample:
@@ -132,9 +143,10 @@ class QuantileSample:
         return self
 
     def quantile(self, q: float) -> float:
-        if self.values.size == 0:
+        values = self._trim().values
+        if values.size == 0:
             return float("nan")
-        return float(np.quantile(self.values, q))
+        return float(np.quantile(values, q))
 
 
 @dataclass

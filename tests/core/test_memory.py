@@ -36,3 +36,17 @@ def test_the_environment_overrides_the_budget(monkeypatch) -> None:
     assert fits(256 * 2**20) and not fits(256 * 2**20 + 1)
     monkeypatch.delenv("KUBETRAIN_MEMORY_BUDGET")
     assert memory_budget() > 0
+
+
+def test_reuse_freed_memory_tunes_glibc_and_allocations_still_work() -> None:
+    import platform
+
+    import numpy as np
+
+    from kubetrain.core.memory import reuse_freed_memory
+
+    tuned = reuse_freed_memory()
+    if platform.libc_ver()[0] == "glibc":
+        assert tuned  # every mallopt call was accepted
+    blocks = [np.ones(4_000_000) for _ in range(3)]  # 32 MB each: past the mmap threshold
+    assert sum(float(b.sum()) for b in blocks) == 12_000_000

@@ -256,3 +256,45 @@ def test_rows_differing_only_in_a_dropped_column_are_duplicates(tmp_path: Path) 
     assert without["duplicates_removed"] == reference["duplicates_removed"] > 0
     for name in SPLITS:  # the same rows, routed alike, as if the column never existed
         np.testing.assert_array_equal(splits[name][0], reference_splits[name][0])
+
+
+def test_holding_the_arrow_batches_or_rereading_the_parts_writes_the_same_splits(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Under the budget pass 1 keeps the table's Arrow batches for the later passes; over
+    it (a 1-byte budget) every pass reads the parts again. Both write the same splits."""
+    table = write_table(tmp_path, raw_frame(3))
+    cfg = RunConfig()
+    held_stats, held = run(tmp_path, table, cfg, batch_rows=40, tag="held")
+    monkeypatch.setenv("KUBETRAIN_MEMORY_BUDGET", "1")
+    streamed_stats, streamed = run(tmp_path, table, cfg, batch_rows=40, tag="streamed")
+    for name in SPLITS:
+        assert np.array_equal(held[name][0], streamed[name][0])
+        assert np.array_equal(held[name][1], streamed[name][1])
+    assert held_stats["splits"] == streamed_stats["splits"]
+
+
+def test_read_ahead_and_write_behind_keep_order_and_raise_the_first_error() -> None:
+    from kubetrain.data.clean_stream import read_ahead, write_behind
+
+    assert list(read_ahead(iter(range(50)), 2)) == list(range(50))
+
+    def broken():
+        yield 1
+        raise KubetrainError("part 7 is damaged")
+
+    with pytest.raises(KubetrainError, match="part 7 is damaged"):
+        list(read_ahead(broken(), 2))
+    written: list[int] = []
+    write_behind(written.append, ((i,) for i in range(20)))
+    assert written == list(range(20))
+
+    def write(i: int) -> None:
+        if i == 3:
+            raise OSError("disk full")
+        written.append(i)
+
+    written.clear()
+    with pytest.raises(OSError, match="disk full"):
+        write_behind(write, ((i,) for i in range(20)))
+    assert written == [0, 1, 2]  # nothing after the failed write

@@ -5,6 +5,7 @@ tables of the previous format (one data.parquet) still read."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -177,6 +178,19 @@ def test_a_damaged_part_fails_in_one_line_naming_it(tmp_path, damage):
         message = one_line(info)
         assert "part-00001.parquet" in message and expected[damage] in message
         assert "re-run ingest" in message
+
+
+def test_a_part_damaged_after_a_read_is_checked_again(tmp_path):
+    """A stage reads a table several times and hashes each part once; a part changed
+    after that (a new mtime) is hashed again, so the damage is still caught."""
+    write_parts(tmp_path / "t", frame(50), part_rows=20)
+    assert sum(len(b) for b in table_batches(tmp_path / "t", 8)) == 50  # checked here
+    part = tmp_path / "t" / "part-00001.parquet"
+    body, mtime = part.read_bytes(), part.stat().st_mtime_ns
+    part.write_bytes(body[:100] + bytes([body[100] ^ 1]) + body[101:])
+    os.utime(part, ns=(mtime + 1_000_000, mtime + 1_000_000))  # whatever the clock's tick
+    with pytest.raises(KubetrainError, match=r"part-00001\.parquet is damaged: its sha256"):
+        list(table_batches(tmp_path / "t", 8))
 
 
 def test_not_a_table(tmp_path):
