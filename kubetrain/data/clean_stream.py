@@ -330,14 +330,15 @@ def clean_streaming(
     read: Callable[[], Iterator[pd.DataFrame]] = functools.partial(
         table_batches, table_path, batch_rows
     )
-    first_read = read
+    # the later passes read raw batches: pandas frames held in memory, else Arrow record
+    # batches (kept by pass 1 while they fit the budget, else read from the parts again)
+    raw: Callable[[], Iterator[pd.DataFrame | pa.RecordBatch]]
     if in_memory:
         held = list(read())
-        read = first_read = functools.partial(iter, held)
-    else:  # pass 1 keeps the Arrow batches while they fit: later passes skip the Parquet
+        raw = first_read = functools.partial(iter, held)
+    else:
         arrow = HeldBatches(table_path, batch_rows)
-        first_read = arrow.first_read
-        read = functools.partial(arrow.read, read)
+        first_read, raw = arrow.first_read, arrow.read
 
     # --- pass 1: dedupe, count missing values, route ---------------------------------
     stats: dict[str, Any] = {"rows_in": 0, "duplicates_removed": 0, "missing_values": 0}
@@ -377,19 +378,18 @@ def clean_streaming(
         """(kept feature rows, their hashes, labels, split codes), batch by batch; with
         ``split``, only that split's rows (the frame is filtered once, not twice)."""
         start = cursor = 0
-        for frame in read():
-            c = codes[start : start + len(frame)]
-            start += len(frame)
+        for batch in raw():
+            c = codes[start : start + len(batch)]
+            start += len(batch)
             kept = c != DROPPED
             n = int(kept.sum())
             h, y = hashes[cursor : cursor + n], y_all[cursor : cursor + n]
             cursor += n
             if plan.schema.regression:  # the number itself, not its quantile bin
-                y = plan.targets(frame[LABEL].to_numpy()[kept])
+                y = plan.targets(_column(batch, LABEL)[kept])
             rows = kept if split is None else c == split
             inner = rows[kept]
-            features = frame.drop(columns=[LABEL])[rows].reset_index(drop=True)
-            yield features, h[inner], y[inner], c[rows]
+            yield _feature_rows(batch, rows, plan.schema), h[inner], y[inner], c[rows]
 
     def train_batches():
         for features, h, _, _ in kept_batches(0):
@@ -472,10 +472,30 @@ class HeldBatches:
                     self.batches = None
             yield table_frame(batch, self.schema)
 
-    def read(self, streamed: Callable[[], Iterator[pd.DataFrame]]) -> Iterator[pd.DataFrame]:
+    def read(self) -> Iterator[pa.RecordBatch]:
         if self.batches is None:
-            return streamed()
-        return (table_frame(batch, self.schema) for batch in self.batches)
+            return table_record_batches(self.table_path, self.batch_rows)
+        return iter(self.batches)
+
+
+def _column(batch: pd.DataFrame | pa.RecordBatch, name: str) -> np.ndarray:
+    if isinstance(batch, pd.DataFrame):
+        return batch[name].to_numpy()
+    return batch.column(name).to_numpy(zero_copy_only=False)
+
+
+def _feature_rows(
+    batch: pd.DataFrame | pa.RecordBatch, rows: np.ndarray, schema: Schema
+) -> pd.DataFrame:
+    """The feature columns of ``rows`` as a frame. A record batch is filtered in Arrow
+    before it becomes pandas: the training passes then convert two rows in three, and
+    pandas' boolean indexing (a copy of every block) is not needed."""
+    if isinstance(batch, pd.DataFrame):
+        return batch.drop(columns=[LABEL])[rows].reset_index(drop=True)
+    features = batch.drop_columns([LABEL])
+    if not rows.all():
+        features = features.filter(pa.array(rows))
+    return table_frame(features, schema)
 
 
 @dataclass
