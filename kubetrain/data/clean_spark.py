@@ -60,6 +60,7 @@ from kubetrain.data.clean_stream import (
     apply_batch,
     batch_keys,
     encode_train,
+    sample_cut,
 )
 from kubetrain.data.datasets import LABEL, Schema, atomic_dir
 
@@ -405,13 +406,17 @@ def clean_spark(
         labels = keys.column("y").to_numpy().astype(np.int64)
         keep, codes = plan.route(hashes, labels, keys.column("missing").to_numpy(), stats, seed)
         hashes, labels = hashes[keep], labels[keep]  # feature selection's sample labels
+        cut = sample_cut(hashes[codes == 0])  # the training rows medians are taken from
         routing = sc.broadcast(Routing.of(hashes, codes))
         del keys, keep, codes
 
         say("spark pass 2/4: fill values and categories")
         fill = _merged(
             rows.mapInArrow(
-                functools.partial(_fold, routing, plan.fill_stats, _add_fill), "payload binary"
+                functools.partial(
+                    _fold, routing, functools.partial(plan.fill_stats, cut), _add_fill
+                ),
+                "payload binary",
             )
         )
         prep = plan.preprocessor(fill)

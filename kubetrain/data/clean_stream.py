@@ -96,12 +96,23 @@ from kubetrain.data.datasets import (
     table_schema,
 )
 from kubetrain.data.feature_selection import SelectionStats, labels_of, select
-from kubetrain.data.stats import Frequencies, Moments, QuantileSample, route, row_hashes
+from kubetrain.data.stats import (
+    SAMPLE_SIZE,
+    Frequencies,
+    Moments,
+    QuantileSample,
+    route,
+    row_hashes,
+)
 from kubetrain.data.validation import TableProfile, raise_fatal, table_anomalies, validate
 
 #: Distinct values a numeric column may have for ``impute="most_frequent"`` (exact counts).
 MAX_MODE_VALUES = 1_000_000
 DROPPED = -1  # routing code of a raw row that is a duplicate or was dropped for missing values
+#: Fewest values a median is taken from when the table has more: a column missing in
+#: most rows has few values among the sampled rows (`FillStats`).
+MIN_MEDIAN_SAMPLE = 256
+NO_CUT = np.uint64(np.iinfo(np.uint64).max)  # every row is sampled
 
 
 class _ColumnMoments:
@@ -365,6 +376,7 @@ def clean_streaming(
     raise_fatal(a.to_json() for a in table_anomalies(plan.types, plan.schema, profile))
     keep, routed = plan.route(hashes, y_all, missing, stats, seed)
     hashes, y_all = hashes[keep], y_all[keep]
+    cut = sample_cut(hashes[routed == 0])  # the training rows medians are taken from
     codes = np.full(len(unique_all), DROPPED, np.int8)  # per raw row: -1, 0 train, 1 val, 2 test
     codes[np.flatnonzero(unique_all)[keep]] = routed
     del unique_all, routed, missing, keep
@@ -396,7 +408,7 @@ def clean_streaming(
             yield features, h
 
     # --- pass 2: fill values and categories (training rows only) ----------------------
-    fill = _fold(plan.fill_stats, FillStats.add, train_batches())
+    fill = _fold(functools.partial(plan.fill_stats, cut), FillStats.add, train_batches())
     prep = plan.preprocessor(fill)
 
     # --- pass 2b (and 2c when outliers are handled): the encoded matrix; selection -----
@@ -784,8 +796,9 @@ class Plan:
             hashes[keep], y_kept, self.cfg.test_fraction, self.cfg.val_fraction, seed
         )
 
-    def fill_stats(self) -> FillStats:
-        return FillStats(self.cfg, self.types)
+    def fill_stats(self, cut: np.uint64 = NO_CUT) -> FillStats:
+        """An empty pass-2 summary; ``cut``: `sample_cut` of the training rows' hashes."""
+        return FillStats(self.cfg, self.types, cut)
 
     def preprocessor(self, fill: FillStats) -> Preprocessor:
         prep = Preprocessor(self.cfg, self.schema)
@@ -971,28 +984,48 @@ def target_bins(labels: pd.Series) -> tuple[float, ...]:
     return tuple(float(e) for e in np.unique(edges))
 
 
+def sample_cut(train_hashes: np.ndarray, k: int = SAMPLE_SIZE) -> np.uint64:
+    """The largest row hash among the ``k`` training rows with the smallest hashes (the
+    hashes are unique after deduplication): the rows a median is sampled from."""
+    if len(train_hashes) <= k:
+        return NO_CUT
+    return np.uint64(np.partition(train_hashes, k - 1)[k - 1])
+
+
 class FillStats:
     """What `Preprocessor.fit` learns (fill values, categories, earliest dates), folded
     batch by batch (pass 2) and merged across workers: exact counts, means merged like
-    `_ColumnMoments`, medians from `QuantileSample`s keyed by row hash, minima.
+    `_ColumnMoments`, medians from a row sample, minima.
+
+    The median of a column is that of its values in the ``SAMPLE_SIZE`` training rows
+    with the smallest row hashes (every training row below that many: exact), chosen
+    by `sample_cut` once routing is known, so a batch only picks its rows under the
+    cut and merging is appending; if that leaves under `MIN_MEDIAN_SAMPLE` values (a
+    column missing in most rows), the median is that of the column's
+    `MIN_MEDIAN_SAMPLE` values with the smallest hashes. Both are uniform, hash-chosen
+    and independent of batching and engine. (A bottom-k sample per column, trimmed at
+    every merge, took a tenth of the whole clean on 1M rows.)
 
     Numbers, booleans and dates (as epoch seconds) get a numeric fill; hashed columns
     need none (a missing value hashes to zeros) and dropped columns are not read."""
 
-    def __init__(self, cfg: CleanConfig, types: Typing) -> None:
+    def __init__(self, cfg: CleanConfig, types: Typing, cut: np.uint64 = NO_CUT) -> None:
         self.strategy = cfg.impute if cfg.impute != "drop" else "median"
         self.types = types
+        self.cut = np.uint64(cut)
         shape = fill_params(types)
         self.numeric = [*shape["numeric"], *shape["boolean"], *shape["datetime"]]
         self.categorical = list(shape["categorical"])
         self.present = dict.fromkeys(self.numeric, 0)
         self.means = dict.fromkeys(self.numeric, 0.0)
-        self.samples = {c: QuantileSample() for c in self.numeric}
+        self.sampled: dict[str, list[np.ndarray]] = {c: [] for c in self.numeric}
+        self.samples = {c: QuantileSample(MIN_MEDIAN_SAMPLE) for c in self.numeric}
         self.modes: dict[str, dict[float, int]] = {c: {} for c in self.numeric}
         self.cats = {c: Frequencies(cap=MAX_CATEGORIES) for c in self.categorical}
         self.earliest = dict.fromkeys(shape["datetime"], np.inf)
 
     def add(self, frame: pd.DataFrame, h: np.ndarray) -> None:
+        under = h <= self.cut
         for c in self.numeric:
             t = self.types[c]
             v = to_float(frame[c], t.kind, t.how)
@@ -1000,7 +1033,9 @@ class FillStats:
             if self.strategy == "mean" and len(present):
                 self._add_mean(c, len(present), float(present.mean()))
             elif self.strategy == "median":
-                self.samples[c] = self.samples[c].merge(QuantileSample.of(v, h))
+                picked = v[under]
+                self.sampled[c].append(picked[~np.isnan(picked)])
+                self.samples[c] = self.samples[c].merge(QuantileSample.of(v, h, MIN_MEDIAN_SAMPLE))
             elif self.strategy == "most_frequent":
                 values, counts = np.unique(present, return_counts=True)
                 self._add_counts(
@@ -1020,6 +1055,7 @@ class FillStats:
                     self._add_mean(c, other.present[c], other.means[c])
             else:
                 self.present[c] += other.present[c]
+            self.sampled[c] += other.sampled[c]
             self.samples[c] = self.samples[c].merge(other.samples[c])
             self._add_counts(self.modes, c, other.modes[c])
         for c in self.categorical:
@@ -1062,7 +1098,11 @@ class FillStats:
             if self.strategy == "mean":
                 fill[c] = float(self.means[c])
             elif self.strategy == "median":
-                fill[c] = self.samples[c].quantile(0.5)
+                sampled = np.concatenate([np.empty(0), *self.sampled[c]])
+                if len(sampled) >= MIN_MEDIAN_SAMPLE:
+                    fill[c] = float(np.median(sampled))
+                else:  # few values under the cut (or in all): the smallest hashes' values
+                    fill[c] = self.samples[c].quantile(0.5)
             else:
                 fill[c] = float(min(self.modes[c].items(), key=lambda kv: (-kv[1], kv[0]))[0])
         for c, first in self.earliest.items():

@@ -298,3 +298,44 @@ def test_read_ahead_and_write_behind_keep_order_and_raise_the_first_error() -> N
     with pytest.raises(OSError, match="disk full"):
         write_behind(write, ((i,) for i in range(20)))
     assert written == [0, 1, 2]  # nothing after the failed write
+
+
+def test_medians_come_from_the_rows_under_the_hash_cut_whatever_the_batching() -> None:
+    """A median is that of the column's values in the k training rows with the smallest
+    hashes; a column with fewer than 256 values there takes its 256 smallest-hash values."""
+    import functools
+
+    import pyarrow as pa
+
+    from kubetrain.config.settings import CleanConfig
+    from kubetrain.data.clean_stream import MIN_MEDIAN_SAMPLE, FillStats, sample_cut
+    from kubetrain.data.column_types import infer_types
+
+    rng = np.random.default_rng(7)
+    n = 6000
+    dense = rng.exponential(size=n)
+    sparse = np.where(rng.random(n) < 0.9, np.nan, rng.normal(size=n))
+    frame = pd.DataFrame({"dense": dense, "sparse": sparse})
+    h = rng.permutation(np.arange(1, n + 1, dtype=np.uint64) * np.uint64(2**40))
+    types = infer_types(frame, pa.Schema.from_pandas(frame), ["dense", "sparse"])
+    cut = sample_cut(h, k=1000)
+    assert (h <= cut).sum() == 1000
+
+    def fold(sizes):
+        parts, start = [], 0
+        for size in sizes:
+            acc = FillStats(CleanConfig(), types, cut)
+            acc.add(
+                frame.iloc[start : start + size].reset_index(drop=True), h[start : start + size]
+            )
+            parts.append(acc)
+            start += size
+        return functools.reduce(FillStats.merge, parts).params()["fill"]
+
+    one, other = fold([n]), fold([1234, 3000, 1766])
+    assert one == other
+    assert one["dense"] == pytest.approx(np.median(dense[h <= cut]), abs=0)
+    present = ~np.isnan(sparse)
+    assert (present & (h <= cut)).sum() < MIN_MEDIAN_SAMPLE  # too few under the cut
+    smallest = np.argsort(np.where(present, h, np.uint64(2**64 - 1)))[:MIN_MEDIAN_SAMPLE]
+    assert one["sparse"] == pytest.approx(np.median(sparse[smallest]), abs=1e-12)
