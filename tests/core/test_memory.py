@@ -42,11 +42,14 @@ def test_reuse_freed_memory_tunes_glibc_and_allocations_still_work() -> None:
     import platform
 
     import numpy as np
+    import pyarrow as pa
 
     from kubetrain.core.memory import reuse_freed_memory
 
     tuned = reuse_freed_memory()
     if platform.libc_ver()[0] == "glibc":
-        assert tuned  # every mallopt call was accepted
+        assert tuned  # every mallopt call was accepted, and Arrow took jemalloc
+        assert pa.default_memory_pool().backend_name == "jemalloc"
+    assert len(pa.array(np.arange(1_000_000))) == 1_000_000  # Arrow still allocates
     blocks = [np.ones(4_000_000) for _ in range(3)]  # 32 MB each: past the mmap threshold
     assert sum(float(b.sum()) for b in blocks) == 12_000_000
