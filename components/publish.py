@@ -14,9 +14,11 @@ def publish(
     best_hyperparameters: dict,
     publish_uri: str,
     model_name: str,
+    registry_url: str,
     run_id: str,
 ) -> str:
-    """Upload ONNX + PyTorch weights + metrics + model card atomically; returns its URI."""
+    """Upload ONNX + PyTorch weights + metrics + model card atomically, and register the
+    version in the Kubeflow Model Registry when registry_url is set; returns its URI."""
     from kubetrain.config import RunConfig
     from kubetrain.stages import publish_stage
 

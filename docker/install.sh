@@ -38,7 +38,7 @@ trap 'rm -rf "$src"' EXIT
 
 target=$src
 if [[ "$flavor" == cpu ]]; then
-    target="${src}[spark]"
+    target="${src}[spark,serve,registry]"  # serve: the InferenceService runs this image
 fi
 
 echo "kubetrain | install | $flavor image venv in $venv (${extra[*]:-default indexes})"

@@ -161,6 +161,10 @@ def build_bundle(
         "gate",
         "gate_reason",
         "test_rows",
+        "task",
+        "r2",
+        "rmse",
+        "mae",
     )
     (out / "metrics.json").write_text(json.dumps({k: evaluation.get(k) for k in keep}, indent=2))
     (out / "compression.json").write_text(json.dumps(compression, indent=2))

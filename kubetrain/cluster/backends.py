@@ -17,7 +17,16 @@ from typing import Any
 from kubetrain import stages
 from kubetrain.config.cluster import ClusterConfig
 from kubetrain.config.settings import CleanConfig, FinalConfig, RunConfig
-from kubetrain.stages import Cleaner, CleanRequest, Trainer, TrainRequest, Tuner, TuneRequest
+from kubetrain.stages import (
+    Cleaner,
+    CleanRequest,
+    Deployer,
+    DeployRequest,
+    Trainer,
+    TrainRequest,
+    Tuner,
+    TuneRequest,
+)
 from kubetrain.training import distributed
 
 
@@ -83,6 +92,22 @@ def trainer_for(
     if distributed.should_launch(final.nproc):
         return train_with_torchrun
     return stages.train_here
+
+
+def deployer_for(
+    cluster: ClusterConfig | Mapping[str, Any] | None = None, run_id: str = ""
+) -> Deployer:
+    """A KServe InferenceService on a cluster; here, the champion/challenger decision only."""
+    placement = _placement(cluster)
+    if placement is None:
+        return stages.deploy_here
+    return functools.partial(deploy_on_kserve, placement, run_id)
+
+
+def deploy_on_kserve(placement: ClusterConfig, run_id: str, req: DeployRequest) -> dict[str, Any]:
+    from kubetrain.cluster import inference
+
+    return inference.deploy(placement, run_id or req.run_id, req)
 
 
 #: Where the local runner keeps checkpoints (set for its kfp.local task processes).

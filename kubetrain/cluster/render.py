@@ -1,8 +1,9 @@
 """`kubetrain render`: the cluster resources a run would create, for review or `kubectl apply`.
 
 Writes the SparkApplication the clean step creates (with --engine spark), the
-Katib Experiment the tune step creates and the TrainJob the train step creates
-(with --num-nodes > 1 or --gpus > 1), from the same `RunConfig` and
+Katib Experiment the tune step creates, the TrainJob the train step creates
+(with --num-nodes > 1 or --gpus > 1) and the InferenceService the deploy step
+creates (with --deploy), from the same `RunConfig` and
 `ClusterConfig` as `compile --target cluster`. On a real run the data URIs are
 the upstream artifacts' URIs; here they default to a path under the pipeline
 root that you can point at real data with --table-uri/--train-uri/--validation-uri.
@@ -39,7 +40,7 @@ def render(
     """
     import yaml
 
-    from kubetrain.cluster import katib, spark, trainjob
+    from kubetrain.cluster import inference, katib, spark, trainjob
 
     exp = katib.experiment(
         cfg.train, cfg.tune, cfg.seed, cluster, train_uri, val_uri, katib.experiment_name(run_id)
@@ -70,22 +71,40 @@ def render(
         place.meta,
         run_id=run_id,
     )
+    isvc = inference.inference_service(
+        cluster,
+        inference.service_name(cfg.publish.model_name),
+        _bundle_uri(cfg, cluster, run_id),
+        cfg.deploy.serving_runtime,
+        run_id,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "experiment": out_dir / "katib-experiment.yaml",
         "trainjob": out_dir / "trainjob.yaml",
         "sparkapplication": out_dir / "sparkapplication.yaml",
+        "inferenceservice": out_dir / "inferenceservice.yaml",
     }
+    paths["inferenceservice"].write_text(inference.to_yaml(isvc))
     paths["experiment"].write_text(katib.to_yaml(exp))
     paths["trainjob"].write_text(yaml.safe_dump(job, sort_keys=False))
     paths["sparkapplication"].write_text(yaml.safe_dump(app, sort_keys=False))
     return paths
 
 
+def _bundle_uri(cfg: RunConfig, cluster: cluster_config.ClusterConfig, run_id: str) -> str:
+    """The version a run publishes (`publish_uri`, else under the pipeline root)."""
+    from kubetrain.assessment.publish import version_for_run
+
+    root = cfg.publish.publish_uri or f"{cluster.pipeline_root.rstrip('/')}/models"
+    return f"{root.rstrip('/')}/{cfg.publish.model_name}/{version_for_run(run_id)}/"
+
+
 def add_parser(sub) -> None:
     parser = sub.add_parser(
         "render",
-        help="write the SparkApplication, Katib Experiment and TrainJob a cluster run would create",
+        help="write the SparkApplication, Katib Experiment, TrainJob and InferenceService a "
+        "cluster run would create",
     )
     flags.add_arguments(parser.add_argument_group("run settings"))
     cluster_config.add_arguments(parser.add_argument_group("cluster placement"))

@@ -48,6 +48,12 @@ class InputSchema:
     columns: list[Column]  # every feature column of the table, in table order
     class_names: list[str]
     image_shape: list[int] | None  # (channels, height, width) for images
+    #: "classification" (`class_names` are the outputs) or "regression" (one number)
+    task: str = "classification"
+
+    @property
+    def regression(self) -> bool:
+        return self.task == "regression"
 
     @property
     def kept(self) -> list[Column]:
@@ -75,6 +81,7 @@ class InputSchema:
             ],
             "class_names": self.class_names,
             "image_shape": self.image_shape,
+            "task": self.task,
             # the exact Arrow types (the "arrow" strings above are for people)
             "arrow_schema": base64.b64encode(arrow.serialize().to_pybytes()).decode(),
         }
@@ -101,6 +108,7 @@ class InputSchema:
             ],
             class_names=list(data["class_names"]),
             image_shape=data.get("image_shape") or None,
+            task=data.get("task", "classification"),
         )
 
 
@@ -122,7 +130,9 @@ def input_schema(table_path: str, params: dict[str, Any]) -> InputSchema:
         kind = kinds.get(f.name, "dropped")
         how = dates.get(f.name, {}).get("how", "")
         columns.append(Column(f.name, kind, f.type, kind in DROPPED_KINDS, how))
-    return InputSchema(schema.kind, columns, list(schema.class_names), schema.image_shape)
+    return InputSchema(
+        schema.kind, columns, list(schema.class_names), schema.image_shape, schema.task
+    )
 
 
 def write(out: Path, table_path: str, params: dict[str, Any]) -> None:

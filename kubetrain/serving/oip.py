@@ -14,13 +14,17 @@ Inputs a table model takes (one of):
 * rows, a kubetrain extension for clients that hold records: ``{"rows": [{"age": 31,
   "city": "Oslo", ...}, ...]}``.
 
-An image model takes one tensor (any name) of shape ``[n, C, H, W]``, ``[n, H, W]`` or
-``[n, C*H*W]``, numeric datatype, data flat (row-major) or nested; or ``{"rows": [image,
-...]}`` with each image a nested list.
+An image model takes one tensor (any name), either raw pixels of shape ``[n, C, H, W]``,
+``[n, H, W]`` or ``[n, C*H*W]``, numeric datatype, data flat (row-major) or nested; or
+encoded files (PNG, JPEG, WebP, ... as ingest reads them): datatype ``BYTES``, shape
+``[n]``, each element the file's base64 text, as KServe's image examples send them (JSON
+cannot carry raw bytes). ``{"rows": [image, ...]}`` takes either, each image a nested list
+or base64 text.
 
-The response has two outputs: ``label`` (BYTES, ``[n]``, the class names) and
-``probabilities`` (FP32, ``[n, classes]``, columns in the order of the model metadata's
-``parameters.class_names``).
+The response of a classifier has two outputs: ``label`` (BYTES, ``[n]``, the class names)
+and ``probabilities`` (FP32, ``[n, classes]``, columns in the order of the model
+metadata's ``parameters.class_names``); a regression's has one, ``value`` (FP32, ``[n]``,
+the prediction in the target's units).
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ def infer(predictor: Predictor, body: Any, model_version: str) -> dict[str, Any]
         raise RowError("the request body must be a JSON object with 'inputs' (or 'rows')")
     if "inputs" in body:
         tensors = _tensors(body["inputs"])
-        if predictor.image:
+        if predictor.image and _encoded(tensors):
+            result = predictor.predict_encoded(_flat(tensors[0]))
+        elif predictor.image:
             result = predictor.predict_images(_image_tensor(tensors))
         else:
             result = predictor.predict_columns(_column_tensors(tensors))
@@ -62,26 +68,33 @@ def response(name: str, version: str, result: Prediction, request_id: Any = None
     out: dict[str, Any] = {
         "model_name": name,
         "model_version": version,
-        "outputs": [
-            {"name": "label", "datatype": "BYTES", "shape": [n], "data": result.labels},
-            {
-                "name": "probabilities",
-                "datatype": "FP32",
-                "shape": [n, k],
-                "data": result.probabilities.ravel().tolist(),
-            },
-        ],
+        "outputs": _outputs(result, n, k),
     }
     if request_id is not None:
         out["id"] = str(request_id)
     return out
 
 
+def _outputs(result: Prediction, n: int, k: int) -> list[dict[str, Any]]:
+    if result.values is not None:
+        return [{"name": "value", "datatype": "FP32", "shape": [n], "data": result.values.tolist()}]
+    return [
+        {"name": "label", "datatype": "BYTES", "shape": [n], "data": result.labels},
+        {
+            "name": "probabilities",
+            "datatype": "FP32",
+            "shape": [n, k],
+            "data": result.probabilities.ravel().tolist(),
+        },
+    ]
+
+
 def metadata(predictor: Predictor, version: str) -> dict[str, Any]:
     """``GET /v2/models/{name}``: inputs, outputs, and the classes in output order."""
-    if predictor.image:
+    if predictor.image:  # either tensor: pixels, or encoded files (`_encoded`)
         inputs = [
-            {"name": "pixels", "datatype": "FP32", "shape": [-1, *predictor.schema.image_shape]}
+            {"name": "pixels", "datatype": "FP32", "shape": [-1, *predictor.schema.image_shape]},
+            {"name": "image", "datatype": "BYTES", "shape": [-1]},
         ]
     else:
         inputs = [
@@ -93,20 +106,30 @@ def metadata(predictor: Predictor, version: str) -> dict[str, Any]:
         "versions": [version],
         "platform": f"kubetrain-{predictor.runtime}",
         "inputs": inputs,
-        "outputs": [
-            {"name": "label", "datatype": "BYTES", "shape": [-1]},
-            {
-                "name": "probabilities",
-                "datatype": "FP32",
-                "shape": [-1, len(predictor.class_names)],
-            },
-        ],
+        "outputs": (
+            [{"name": "value", "datatype": "FP32", "shape": [-1]}]
+            if predictor.regression
+            else [
+                {"name": "label", "datatype": "BYTES", "shape": [-1]},
+                {
+                    "name": "probabilities",
+                    "datatype": "FP32",
+                    "shape": [-1, len(predictor.class_names)],
+                },
+            ]
+        ),
         "parameters": {
+            "task": predictor.schema.task,
             "class_names": predictor.class_names,
             "column_types": {c.name: c.kind for c in predictor.schema.kept},
             "ignored_columns": [c.name for c in predictor.schema.columns if c.dropped],
             "test_metrics": {
-                k: predictor.metrics.get(k) for k in ("accuracy", "macro_f1", "roc_auc")
+                k: predictor.metrics.get(k)
+                for k in (
+                    ("r2", "rmse", "mae")
+                    if predictor.regression
+                    else ("accuracy", "macro_f1", "roc_auc")
+                )
             },
         },
     }
@@ -182,13 +205,28 @@ def _column_tensors(tensors: list[Mapping[str, Any]]) -> dict[str, list[Any]]:
     return columns
 
 
+def _encoded(tensors: list[Mapping[str, Any]]) -> bool:
+    """Whether an image model was sent encoded files: one BYTES tensor of shape [n]."""
+    if len(tensors) != 1 or tensors[0]["datatype"] != "BYTES":
+        return False
+    if len(tensors[0]["shape"]) != 1:
+        raise RowError(
+            f"input {tensors[0]['name']!r}: shape {tensors[0]['shape']}; encoded images are a "
+            "BYTES tensor of shape [n], one base64 file per image",
+            str(tensors[0]["name"]),
+        )
+    return True
+
+
 def _image_tensor(tensors: list[Mapping[str, Any]]) -> np.ndarray:
     if len(tensors) != 1:
         raise RowError("an image model takes one input tensor (the images)", "pixels")
     t = tensors[0]
     if t["datatype"] not in NUMERIC:
         raise RowError(
-            f"input {t['name']!r}: images are numbers, not {t['datatype']}", str(t["name"])
+            f"input {t['name']!r}: images are numbers (pixels) or BYTES (encoded files), not "
+            f"{t['datatype']}",
+            str(t["name"]),
         )
     if len(t["shape"]) < 2:
         raise RowError(

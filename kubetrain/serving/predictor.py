@@ -1,4 +1,5 @@
-"""Raw rows or images in, class probabilities out: a published bundle, ready to serve.
+"""Raw rows or images in, class probabilities (or a regression's values) out: a published
+bundle, ready to serve.
 
 Why it reuses clean instead of its own encoder: the model only means anything on
 clean's exact encoding. The bundle's ``preprocessor.json`` is the fitted
@@ -12,7 +13,14 @@ Two runtimes: ``pytorch`` (default) runs ``pytorch/``, the network evaluate meas
 the quality gate passed, with evaluate's own scorer (`kubetrain.training.models.
 predict_proba`); ``onnx`` runs ``model.onnx``, the variant compress kept (smaller; an int8
 variant's scores differ from the network's within compress's accuracy budget), with
-compress's scorer (`kubetrain.assessment.compression.onnx_predict`).
+compress's scorer (`kubetrain.assessment.compression.onnx_predict`). A regression
+bundle's network is a `kubetrain.training.models.Regressor`, whose one output is already
+in the target's units (both runtimes): that number is the prediction, nothing is
+applied to it.
+
+Images come as pixel arrays or as encoded files (PNG, JPEG, WebP, ...); files are
+decoded by ingest's own `kubetrain.data.image_decode.decode` to the model's shape, so a
+served photo gets the pixels an ingested one got.
 """
 
 from __future__ import annotations
@@ -38,11 +46,17 @@ RUNTIMES = ("pytorch", "onnx")
 
 @dataclass(frozen=True)
 class Prediction:
-    """Per row: the class name and every class's probability (`class_names` order)."""
+    """Per row: the class name and every class's probability (`class_names` order), or
+    for a regression (``values`` set, no classes) the predicted value."""
 
     labels: list[str]
-    probabilities: np.ndarray  # float32 (rows, classes)
+    probabilities: np.ndarray  # float32 (rows, classes); (rows, 0) for a regression
     class_names: list[str]
+    values: np.ndarray | None = None  # float32 (rows,): a regression's predictions
+
+    @property
+    def regression(self) -> bool:
+        return self.values is not None
 
 
 class Predictor:
@@ -54,8 +68,9 @@ class Predictor:
         self.bundle, self.runtime = bundle, runtime
         self.schema, params = input_schema.read(bundle.root)
         require(
-            bool(self.schema.class_names),
-            f"{bundle.source} is a regression model; kubetrain serve serves classifiers so far",
+            self.schema.regression or bool(self.schema.class_names),
+            f"{bundle.source}: its schema.json has no classes and is not a regression; "
+            "publish the model again with this kubetrain",
         )
         self.prep = preprocessor(params, self.schema)
         self._score = _scorer(bundle, runtime)
@@ -70,11 +85,22 @@ class Predictor:
     def image(self) -> bool:
         return self.schema.kind == "image"
 
+    @property
+    def regression(self) -> bool:
+        return self.schema.regression
+
     def features(self, frame: pd.DataFrame) -> np.ndarray:
         """Clean's encoding of raw ``frame`` (float32, rows x model inputs)."""
         return self.prep.transform(frame)
 
     def predict_frame(self, frame: pd.DataFrame) -> Prediction:
+        if self.regression:
+            scores = (
+                np.asarray(self._score(self.features(frame)), np.float32)
+                if len(frame)
+                else np.zeros((0, 1), np.float32)
+            )
+            return Prediction([], np.zeros((len(scores), 0), np.float32), [], scores[:, 0])
         if frame.empty:
             empty = np.zeros((0, len(self.class_names)), np.float32)
             return Prediction([], empty, self.class_names)
@@ -83,9 +109,11 @@ class Predictor:
         return Prediction(labels, proba, self.class_names)
 
     def predict_rows(self, rows: Sequence[Any]) -> Prediction:
-        """Table rows (JSON objects keyed by column name); an image model takes pixel
-        arrays here too (`predict_images`)."""
+        """Table rows (JSON objects keyed by column name); an image model takes images
+        here: pixel arrays, or encoded files as base64 text (`predict_encoded`)."""
         if self.image:
+            if isinstance(rows, list | tuple) and rows and all(isinstance(r, str) for r in rows):
+                return self.predict_encoded(rows)
             return self.predict_images(_pixels(rows))
         return self.predict_frame(raw.table_frame(rows, self.schema))
 
@@ -97,6 +125,12 @@ class Predictor:
     def predict_images(self, pixels: np.ndarray) -> Prediction:
         require(self.image, "this is a table model: send rows keyed by column name")
         return self.predict_frame(raw.image_frame(np.asarray(pixels), self.schema))
+
+    def predict_encoded(self, images: Sequence[str | bytes]) -> Prediction:
+        """Encoded image files (bytes, or base64 text as JSON carries them), decoded as
+        ingest decodes them (`kubetrain.serving.rows.decode_images`)."""
+        require(self.image, "this is a table model: send rows keyed by column name")
+        return self.predict_images(raw.decode_images(images, self.schema))
 
 
 def preprocessor(params: dict[str, Any], schema: InputSchema) -> Preprocessor:

@@ -20,6 +20,8 @@ test row's unseen category did.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -30,6 +32,7 @@ import pyarrow as pa
 
 from kubetrain.core.errors import KubetrainError
 from kubetrain.data.column_types import to_float
+from kubetrain.data.image_decode import Target, decode
 from kubetrain.data.raw_schema import Column, InputSchema
 
 #: Column names listed in an "unknown column" message before "...".
@@ -109,6 +112,43 @@ def image_frame(pixels: np.ndarray, schema: InputSchema) -> pd.DataFrame:
     names = [c.name for c in schema.columns]
     arrays = [pa.array(flat[:, j], type=c.arrow) for j, c in enumerate(schema.columns)]
     return pa.Table.from_arrays(arrays, names=names).to_pandas()
+
+
+def image_target(schema: InputSchema) -> Target:
+    """The shape ingest brought every image to, as `image_decode.decode` takes it: a square
+    model resizes (shorter side, centre crop) as ``--image-size`` did, so a file of the
+    model's own size passes unchanged and another size is brought to it; a non-square
+    model (ingested at its images' own size) takes only that size."""
+    assert schema.image_shape is not None
+    channels, height, width = schema.image_shape
+    if height == width:
+        return Target(channels, height)
+    return Target(channels, 0, (height, width))
+
+
+def decode_images(images: Sequence[Any], schema: InputSchema) -> np.ndarray:
+    """Encoded image files (bytes, or base64 text) as ``(n, C, H, W)`` uint8 pixels, decoded
+    by ingest's own `kubetrain.data.image_decode.decode`; a file it would have skipped
+    (corrupt, tiny, greyscale in a colour model, ...) is a `RowError` with its reason."""
+    if not isinstance(images, list | tuple):
+        raise RowError("images must be a list of encoded files (base64 text)", "image")
+    target = image_target(schema)
+    out = []
+    for i, item in enumerate(images):
+        if isinstance(item, str):
+            try:
+                item = base64.b64decode(item, validate=True)
+            except (binascii.Error, ValueError):
+                raise RowError(f"image {i} is not base64 text", "image") from None
+        if not isinstance(item, bytes | bytearray):
+            raise RowError(f"image {i} is not an encoded file (base64 text)", "image")
+        decoded = decode(bytes(item), target)
+        if decoded.pixels is None:
+            raise RowError(f"image {i}: {decoded.reason}: {decoded.detail}", "image")
+        out.append(decoded.pixels)
+    if not out:
+        return np.zeros((0, *schema.image_shape), np.uint8)  # type: ignore[misc]
+    return np.stack(out)
 
 
 def _column(col: Column, values: Sequence[Any]) -> pa.Array:

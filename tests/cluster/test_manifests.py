@@ -84,6 +84,10 @@ EXPECTED_GRANTS = {
         ("sparkoperator.k8s.io", "sparkapplications", v, None)
         for v in ("create", "get", "list", "watch", "delete")
     },
+    *{
+        ("serving.kserve.io", "inferenceservices", v, None)
+        for v in ("create", "get", "list", "watch", "update", "delete")
+    },
     *{("", r, v, None) for r in ("pods", "pods/log", "events") for v in ("get", "list", "watch")},
     ("", "configmaps", "get", "kfp-launcher"),
     ("", "secrets", "get", ClusterConfig().s3_secret),

@@ -125,3 +125,33 @@ def test_render_rejects_bad_settings_in_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: num_nodes=0") and "\n" not in err
     assert not (tmp_path / "trainjob.yaml").exists()
+
+
+def test_render_writes_the_inference_service(tmp_path):
+    """KServe's CRD is not in kubernetes-validate's schemas: checked structurally (API
+    version, the custom predictor running `kubetrain serve` on the bundle, S3 keys by
+    reference, the restricted profile, the workload account)."""
+    from kubetrain.cluster import inference
+
+    argv = ["render", "--publish-uri", "s3://ml/models", "--model-name", "churn.v2"]
+    assert main([*argv, "--serving-runtime", "onnx", "--output-dir", str(tmp_path)]) == 0
+    isvc = yaml.safe_load((tmp_path / "inferenceservice.yaml").read_text())
+    inference.validate(isvc)
+    assert isvc["apiVersion"] == "serving.kserve.io/v1beta1" and isvc["kind"] == "InferenceService"
+    assert isvc["metadata"]["name"] == "churn-v2" and isvc["metadata"]["namespace"] == "kubetrain"
+    bundle = "s3://ml/models/churn.v2/run-rendered/"
+    assert isvc["metadata"]["annotations"]["kubetrain.io/bundle"] == bundle
+    predictor = isvc["spec"]["predictor"]
+    (c,) = predictor["containers"]
+    assert c["name"] == "kserve-container" and c["image"].endswith("-cpu")
+    assert c["command"] == ["kubetrain", "serve"]
+    assert c["args"][c["args"].index("--bundle") + 1] == bundle
+    assert c["args"][c["args"].index("--runtime") + 1] == "onnx"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert c["resources"]["requests"] and c["resources"]["limits"]
+    keys = {e["name"]: e for e in c["env"]}
+    assert keys["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "kubetrain-s3"
+    assert "value" not in keys["AWS_SECRET_ACCESS_KEY"]
+    volumes = _assert_restricted_pod(predictor, "kubetrain-workload")
+    _assert_restricted_container(c, volumes)
+    assert predictor["automountServiceAccountToken"] is False

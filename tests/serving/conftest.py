@@ -50,15 +50,17 @@ class Trained:
 
     bundle: Path
     test_rows: list[dict]  # raw rows of the test split (table: by column; image: 8x8 lists)
-    probabilities: np.ndarray  # the evaluate stage's scores of those rows
-    labels: list[str]  # their true classes
+    probabilities: np.ndarray  # the evaluate stage's scores of those rows (a regression's
+    # predicted values, as one column)
+    labels: list  # their true classes (a regression's true values)
     features: np.ndarray  # the test split's features (clean's encoding), in split order
     evaluation: dict
 
 
-def churn_csv(path: Path, rows: int = 700, seed: int = 0) -> Path:
+def churn_csv(path: Path, rows: int = 700, seed: int = 0, regression: bool = False) -> Path:
     """A table with a numeric, a categorical, a text, a date and an ID column whose
-    label depends on the first four (so a small network learns it well)."""
+    label depends on the first four (so a small network learns it well); with
+    ``regression`` the label is ``spend``, a number that depends on them too."""
     rng = np.random.default_rng(seed)
     amount = rng.gamma(2.0, 30.0, rows).round(2)
     plan = rng.choice(PLANS, rows)
@@ -82,6 +84,9 @@ def churn_csv(path: Path, rows: int = 700, seed: int = 0) -> Path:
         }
     )
     frame.loc[rng.choice(rows, 15, replace=False), "amount"] = np.nan  # imputed
+    if regression:
+        spend = 2 * amount + 40 * (plan == "pro") + 30 * mood + rng.normal(0, 3, rows)
+        frame = frame.drop(columns=["churned"]).assign(spend=spend.round(2))
     frame.to_csv(path, index=False)
     return path
 
@@ -151,7 +156,8 @@ def raw_test_rows(
         rows = [np.asarray(r, np.float64).reshape(shape).tolist() for r in raw[names].to_numpy()]
     else:
         rows = [_json_row(r) for r in raw[names].to_dict("records")]
-    return rows, [spec.class_names[i] for i in y], proba, X
+    truth = y.tolist() if schema.regression else [spec.class_names[i] for i in y]
+    return rows, truth, proba, X
 
 
 def _json_row(row: dict) -> dict:
@@ -174,6 +180,15 @@ def table_bundle(tmp_path_factory: pytest.TempPathFactory) -> Trained:
     d = tmp_path_factory.mktemp("table-bundle")
     data = DataConfig(dataset=str(churn_csv(d / "churn.csv")), label_column="churned")
     return _one_thread(lambda: train_bundle(d, data, "churn", epochs=12, width=32))
+
+
+@pytest.fixture(scope="session")
+def regression_bundle(tmp_path_factory: pytest.TempPathFactory) -> Trained:
+    """The table above with a number to predict (``spend``) instead of classes."""
+    d = tmp_path_factory.mktemp("regression-bundle")
+    csv = churn_csv(d / "spend.csv", regression=True)
+    data = DataConfig(dataset=str(csv), label_column="spend", task="regression")
+    return _one_thread(lambda: train_bundle(d, data, "spend", epochs=12, width=32))
 
 
 @pytest.fixture(scope="session")

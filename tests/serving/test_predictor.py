@@ -144,3 +144,60 @@ def test_a_bundle_on_s3_serves_the_same(table_bundle, s3_env, tmp_path):
     assert (bundle.name, bundle.version) == ("churn", "v1")
     result = Predictor(bundle).predict_rows(table_bundle.test_rows[:20])
     np.testing.assert_allclose(result.probabilities, table_bundle.probabilities[:20], atol=1e-6)
+
+
+def test_a_regression_bundle_serves_values_equal_to_the_pipeline(regression_bundle):
+    t = regression_bundle
+    predictor = Predictor(open_bundle(str(t.bundle)))
+    assert predictor.regression and predictor.class_names == []
+    result = predictor.predict_rows(t.test_rows)
+    assert result.regression and result.labels == [] and result.probabilities.shape[1] == 0
+    np.testing.assert_allclose(result.values, t.probabilities[:, 0], rtol=1e-6, atol=1e-4)
+    assert t.evaluation["r2"] > 0.5  # a model worth serving: the values track the target
+    reply = oip.infer(predictor, {"rows": t.test_rows[:3]}, "v1")
+    assert [o["name"] for o in reply["outputs"]] == ["value"]
+    assert reply["outputs"][0]["shape"] == [3]
+    meta = oip.metadata(predictor, "v1")
+    assert meta["parameters"]["task"] == "regression"
+    assert set(meta["parameters"]["test_metrics"]) == {"r2", "rmse", "mae"}
+    assert meta["parameters"]["test_metrics"]["r2"] == pytest.approx(t.evaluation["r2"])
+    with pytest.raises(RowError, match="'plan'"):
+        predictor.predict_rows([{**t.test_rows[0], "plan": 3}])
+
+
+def test_encoded_images_decode_as_ingest_does(digits_bundle):
+    """Digits' raw pixels (0..16) as 8-bit greyscale PNG files: decoded by ingest's
+    decoder, they give the pipeline's own probabilities; a file ingest would skip is
+    refused in one line naming the image."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    t = digits_bundle
+    predictor = Predictor(open_bundle(str(t.bundle)))
+    files = []
+    for image in t.test_rows[:40]:
+        buffer = io.BytesIO()
+        Image.fromarray(np.asarray(image, np.uint8), "L").save(buffer, "PNG")
+        files.append(base64.b64encode(buffer.getvalue()).decode())
+    result = predictor.predict_rows(files)
+    np.testing.assert_allclose(result.probabilities, t.probabilities[:40], atol=1e-6)
+    reply = oip.infer(
+        predictor,
+        {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [2], "data": files[:2]}]},
+        "v1",
+    )
+    np.testing.assert_allclose(
+        np.reshape(reply["outputs"][1]["data"], (2, -1)), t.probabilities[:2], atol=1e-6
+    )
+    colour = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(colour, "PNG")
+    for bad, words in [
+        (base64.b64encode(b"not an image").decode(), "image 1: corrupt"),
+        (base64.b64encode(colour.getvalue()).decode(), "image 1: channels"),
+        ("%%%", "image 1 is not base64"),
+    ]:
+        with pytest.raises(RowError, match=words) as caught:
+            predictor.predict_rows([files[0], bad])
+        assert caught.value.column == "image" and "\n" not in str(caught.value)

@@ -245,3 +245,51 @@ def test_onnx_runtime_equals_compress_scoring(table_bundle):
 
 def reply_class_names(url: str, name: str) -> list[str]:
     return call(f"{url}/v2/models/{name}")[1]["parameters"]["class_names"]
+
+
+def test_a_regression_bundle_serves_values_over_http(regression_bundle):
+    """Values, not probabilities: column tensors and rows at batch 1 equal the evaluate
+    stage's predictions; a violation gets a 400 naming the column, and serving goes on."""
+    t, schema = regression_bundle, schema_of(regression_bundle)
+    with served(t.bundle) as url:
+        infer = f"{url}/v2/models/spend/infer"
+        status, reply = call(infer, {"inputs": column_tensors(t.test_rows, schema)})
+        assert status == 200, reply
+        (out,) = reply["outputs"]
+        assert (out["name"], out["datatype"], out["shape"]) == ("value", "FP32", [len(t.test_rows)])
+        np.testing.assert_allclose(out["data"], t.probabilities[:, 0], rtol=1e-6, atol=1e-4)
+        meta = call(f"{url}/v2/models/spend")[1]
+        assert meta["outputs"] == [{"name": "value", "datatype": "FP32", "shape": [-1]}]
+        assert meta["parameters"]["task"] == "regression"
+        status, reply = call(infer, {"rows": [{**t.test_rows[0], "signup": "someday"}]})
+        assert status == 400 and "'signup'" in reply["error"] and "\n" not in reply["error"]
+        p50, p99, replies = latency(infer, [{"rows": [row]} for row in t.test_rows])
+    values = [r["outputs"][0]["data"][0] for r in replies]
+    np.testing.assert_allclose(values, t.probabilities[:, 0], rtol=1e-6, atol=1e-4)
+    print(f"\nregression bundle, batch 1 over HTTP: p50 {p50:.2f} ms, p99 {p99:.2f} ms "
+          f"({len(replies)} requests)")  # fmt: skip
+
+
+def test_digits_as_encoded_png_files_over_http(digits_server, digits_bundle):
+    """Images as files (a BYTES tensor of base64 PNGs), decoded by ingest's decoder: the
+    pipeline's probabilities; a corrupt file gets a 400 and serving goes on."""
+    import base64
+    import io
+
+    from PIL import Image
+
+    t = digits_bundle
+    files = []
+    for image in t.test_rows:
+        buffer = io.BytesIO()
+        Image.fromarray(np.asarray(image, np.uint8), "L").save(buffer, "PNG")
+        files.append(base64.b64encode(buffer.getvalue()).decode())
+    url = f"{digits_server}/v2/models/digits/infer"
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [len(files)], "data": files}
+    status, reply = call(url, {"inputs": [tensor]})
+    assert status == 200, reply
+    np.testing.assert_allclose(outputs(reply)[1], t.probabilities, atol=ATOL)
+    junk = base64.b64encode(b"GIF89a but not really").decode()
+    status, reply = call(url, {"inputs": [{**tensor, "shape": [1], "data": [junk]}]})
+    assert status == 400 and "corrupt" in reply["error"] and "\n" not in reply["error"]
+    assert call(url, {"rows": files[:1]})[0] == 200
