@@ -154,6 +154,44 @@ class SmallCNN(nn.Module):
         return self.head(self.features(x.reshape(-1, *self.shape)))
 
 
+class StudentCNN(nn.Module):
+    """The distillation student for images (`kubetrain.assessment.distill`): SmallCNN's
+    two 3x3 conv layers (16 and 32 channels), each followed by a 2x2 max pool while the
+    pooled side stays 4 px or more, so the second conv runs on a quarter of the pixels
+    (8x8 digits: 4x4) and the dense head (``width``) stays small for any image size.
+
+    Measured on digits (CNN teacher width 128, test accuracy 1.000; students distilled 10
+    epochs; ONNX Runtime, one thread, speed-up over the teacher at batch 64): this
+    design 0.997 and 3.3x; 8/16 channels pooled only after the second conv 0.997 and
+    2.6x; 8/16 pooled early 0.994 and 3.8x; 4/8 channels 0.994 and 3.6x."""
+
+    CHANNELS = (16, 32)
+
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        channels, height, width = spec.image_shape or (1, 0, 0)
+        self.shape = (channels, height, width)
+        layers: list[nn.Module] = []
+        side, into = (height, width), channels
+        for out in self.CHANNELS:
+            layers += [nn.Conv2d(into, out, 3, padding=1), nn.ReLU()]
+            if min(side) // 2 >= 4:
+                layers.append(nn.MaxPool2d(2))
+                side = (side[0] // 2, side[1] // 2)
+            into = out
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(into * side[0] * side[1], spec.width),
+            nn.ReLU(),
+            nn.Dropout(spec.dropout),
+            nn.Linear(spec.width, spec.num_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x.reshape(-1, *self.shape)))
+
+
 class PeriodicEmbedding(nn.Module):
     """PLR: column j's value x becomes ``ReLU(W_j [cos(2 pi c_j x), sin(2 pi c_j x)] + b_j)``.
 
@@ -340,7 +378,12 @@ def _categorical_columns(schema: Schema) -> list[int]:
     return columns
 
 
-ARCHITECTURES: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": SmallCNN, "tabular": TabularNet}
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    "mlp": MLP,
+    "cnn": SmallCNN,
+    "tabular": TabularNet,
+    "student-cnn": StudentCNN,
+}
 
 
 def _resnet(spec: ModelSpec) -> nn.Module:

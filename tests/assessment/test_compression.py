@@ -16,8 +16,9 @@ from onnx import numpy_helper
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from kubetrain.assessment import compression
+from kubetrain.assessment import compression, distill, tradeoff
 from kubetrain.assessment.compression import (
+    Extras,
     choose,
     compress,
     export_onnx,
@@ -196,17 +197,29 @@ def test_int8_is_much_smaller_and_keeps_accuracy(compressed, arch, int8_op):
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
-def test_choice_respects_budget_and_is_smallest(compressed, arch):
+def test_balanced_choice_is_the_smallest_no_slower_variant_within_budget(compressed, arch):
     result, out_dir, *_ = compressed[arch]
     assert [v["name"] for v in result["variants"]] == list(compression.VARIANTS)
+    assert result["objective"] == "balanced"
     floor = result["baseline_accuracy"] - result["accuracy_budget"] - 1e-9
+    fp32 = _variant(result, "fp32")
+    assert fp32["speedup_b1"] == fp32["speedup_b64"] == 1.0
     for v in result["variants"]:
         assert v["within_budget"] == (v["name"] == "fp32" or v["accuracy"] >= floor)
+        assert 0 < v["latency_b1_ms"] == v["cpu_latency_ms"]
+        assert v["latency_b64_ms"] > 0
+        assert v["ms_per_row_b64"] == pytest.approx(v["latency_b64_ms"] / 64, abs=1e-5)
+    fast_enough = [
+        v
+        for v in result["variants"]
+        if v["within_budget"] and tradeoff.slowdown(v, fp32) <= 1 + tradeoff.LATENCY_TOLERANCE
+    ]
     chosen = _variant(result, result["chosen"])
-    assert chosen["within_budget"]
-    assert chosen["gzip_bytes"] == min(
-        v["gzip_bytes"] for v in result["variants"] if v["within_budget"]
-    )
+    assert chosen in fast_enough
+    assert chosen["gzip_bytes"] == min(v["gzip_bytes"] for v in fast_enough)
+    # the front: no variant beats a Pareto-optimal one on every axis
+    assert [v["pareto"] for v in result["variants"]] == tradeoff.pareto(result["variants"])
+    assert any(v["pareto"] for v in result["variants"])
     assert (out_dir / "model.onnx").read_bytes() == (out_dir / chosen["file"]).read_bytes()
     assert json.loads((out_dir / "compression.json").read_text()) == json.loads(json.dumps(result))
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
@@ -290,6 +303,7 @@ def test_int8_that_loses_accuracy_is_rejected(mlp_case, tmp_path):
         accuracy_budget=1.0,
         prune_amount=0.0,
         out_dir=tmp_path / "lax",
+        extras=Extras(objective="size"),
     )
     assert lax["chosen"] == "int8"
 
@@ -401,13 +415,14 @@ def sharded_mlp(mlp_case, tmp_path, monkeypatch):
 
 def test_streamed_compression_picks_the_same_variant(sharded_mlp, tmp_path, capsys):
     bundle, X, y, test = sharded_mlp
-    arrays = compress(bundle, X, y, accuracy_budget=0.01, prune_amount=0.5, out_dir=tmp_path / "a")
+    size = Extras(objective="size")  # the same figures give the same choice (no timing)
+    arrays = compress(bundle, X, y, 0.01, 0.5, out_dir=tmp_path / "a", extras=size)
     whole = compression.compress_split(
-        bundle, test, 0.01, 0.5, out_dir=tmp_path / "w", budget=10**9
+        bundle, test, 0.01, 0.5, out_dir=tmp_path / "w", budget=10**9, extras=size
     )
     assert "streaming" not in capsys.readouterr().out
     streamed = compression.compress_split(
-        bundle, test, 0.01, 0.5, out_dir=tmp_path / "s", budget=1000
+        bundle, test, 0.01, 0.5, out_dir=tmp_path / "s", budget=1000, extras=size
     )
     out = capsys.readouterr().out
     assert "streaming: the test split (450 rows)" in out and "scored 450/450 rows" in out
@@ -449,3 +464,282 @@ def test_a_bad_streamed_split_is_refused_and_writes_nothing(sharded_mlp, tmp_pat
         compression.compress_split(bundle, tmp_path / "short", out_dir=out, budget=1000)
     _assert_one_line_error(excinfo, "30", "64", "test split")
     assert not out.exists()
+
+
+# --- latency-aware choice, static int8, distillation -----------------------------------
+
+
+def _t(name, accuracy, gzip_bytes, b1, b64, within=True):
+    return {
+        "name": name,
+        "accuracy": accuracy,
+        "gzip_bytes": gzip_bytes,
+        "latency_b1_ms": b1,
+        "latency_b64_ms": b64,
+        "within_budget": within,
+    }
+
+
+def test_each_objective_picks_its_variant():
+    """The issue's case: int8 smallest but 3.8x slower at batch 1; a student smaller than
+    fp32 and faster at both sizes; a static int8 faster at 64 rows, slower at one."""
+    variants = [
+        _t("fp32", 0.99, 1000, 0.010, 0.40),
+        _t("pruned", 0.99, 600, 0.0105, 0.41),  # same graph: within the tolerance
+        _t("int8", 0.99, 250, 0.038, 2.4),
+        _t("int8-static", 0.985, 300, 0.012, 0.30),
+        _t("student", 0.986, 400, 0.008, 0.18),
+        _t("student-int8", 0.97, 100, 0.009, 0.15, within=False),
+    ]
+    assert tradeoff.choose(variants, "size") == "int8"
+    assert tradeoff.choose(variants, "balanced") == "student"
+    assert tradeoff.choose(variants, "latency") == "student"  # student-int8 is over budget
+    variants[4]["within_budget"] = False
+    assert tradeoff.choose(variants, "balanced") == "pruned"
+    assert tradeoff.choose(variants, "latency") == "fp32"  # pruned is 5% slower, no faster
+    with pytest.raises(ValueError):
+        tradeoff.choose(variants, "fastest")
+    with pytest.raises(ValueError):
+        tradeoff.choose(variants[1:], "size")
+
+
+def test_pareto_marks_the_variants_nothing_beats_on_every_axis():
+    variants = [
+        _t("fp32", 0.99, 1000, 0.0098, 0.39),  # 2% faster than pruned: timing noise
+        _t("pruned", 0.99, 600, 0.010, 0.40),  # beats fp32: smaller, as fast within 10%
+        _t("int8", 0.99, 250, 0.038, 2.4),  # smallest
+        _t("slow", 0.98, 700, 0.020, 0.50),  # beaten by pruned on every axis
+        _t("student", 0.95, 400, 0.008, 0.18),  # fastest
+    ]
+    assert tradeoff.pareto(variants) == [False, True, True, False, True]
+    regression = [{k: v for k, v in d.items() if k != "accuracy"} for d in variants[:2]]
+    regression[0]["rmse"], regression[1]["rmse"] = 1.0, 2.0  # lower is better
+    assert tradeoff.pareto(regression) == [True, True]
+
+
+def test_interleaved_latency_is_a_bounded_median(compressed):
+    result, out_dir, *_ = compressed["cnn"]
+    sessions = {n: compression._session(out_dir / f"{n}.onnx") for n in ("fp32", "int8")}
+    rows = np.zeros((3, NUM_FEATURES), np.float32)
+    batch = tradeoff.batch_of(rows, 64)
+    assert batch.shape == (64, NUM_FEATURES) and batch.flags.c_contiguous
+    ms = tradeoff.measure_latencies(
+        sessions, batch, input_name="features", output_name="logits", max_seconds=0.01
+    )
+    assert set(ms) == {"fp32", "int8"} and all(0 < v < 1000 for v in ms.values())
+
+
+def test_compress_objective_setting_is_checked():
+    from kubetrain.config.settings import CompressConfig
+
+    assert CompressConfig().compress_objective == "balanced"
+    with pytest.raises(KubetrainError, match="compress_objective='fast'"):
+        CompressConfig(compress_objective="fast")
+    with pytest.raises(KubetrainError, match="distill_epochs"):
+        CompressConfig(distill_epochs=-1)
+
+
+@pytest.fixture(scope="module")
+def with_training_rows(cnn_case, digits, tmp_path_factory, empty_cwd):
+    """compress() of the digits CNN given its training rows: static int8 and a student."""
+    from kubetrain.data.datasets import Schema
+
+    bundle, X, y = cnn_case
+    X_train, _, y_train, _ = digits
+    schema = Schema("image", [f"p{i}" for i in range(NUM_FEATURES)], CLASSES, [1, 8, 8])
+    rows = ((X_train / 16.0).astype(np.float32), y_train, schema)
+    out_dir = tmp_path_factory.mktemp("cnn-trained") / "out"
+    with contextlib.chdir(empty_cwd):
+        result = compress(
+            bundle,
+            X,
+            y,
+            out_dir=out_dir,
+            extras=Extras(train=rows, distill_epochs=2, seed=1),
+        )
+    return result, out_dir
+
+
+def test_static_int8_and_student_are_built_measured_and_judged(with_training_rows, empty_cwd):
+    result, out_dir = with_training_rows
+    names = [v["name"] for v in result["variants"]]
+    assert names == list(compression.VARIANTS) + list(compression.TRAINED_VARIANTS)
+    assert result["calibration_rows"] == compression.CALIBRATION_ROWS
+    assert result["not_built"] == {}
+    # static int8: QDQ pairs around the conv layers, int8 kernels, calibrated ranges
+    graph = onnx.load(str(out_dir / "int8-static.onnx")).graph
+    ops = {n.op_type for n in graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops and "ConvInteger" not in ops
+    kernels = [i for i in graph.initializer if len(i.dims) == 4]
+    assert kernels and all(i.data_type == onnx.TensorProto.INT8 for i in kernels)
+    static = _variant(result, "int8-static")
+    assert static["accuracy"] >= result["baseline_accuracy"] - 0.03
+    assert static["bytes"] < _variant(result, "fp32")["bytes"] / 2
+    # the student: a smaller CNN, trained as recorded, scored like every variant
+    record = result["distillation"]
+    assert record["student"] == {"arch": "student-cnn", "width": 16}
+    assert record["rows"] == 1347 and record["epochs"] == 2 and 1 <= record["best_epoch"] <= 2
+    student = _variant(result, "student")
+    assert student["bytes"] < _variant(result, "fp32")["bytes"] / 2
+    assert student["accuracy"] > 0.5  # 2 epochs: learning, not necessarily within budget
+    for v in result["variants"]:
+        assert v["within_budget"] == (
+            v["name"] == "fp32"
+            or v["accuracy"] >= result["baseline_accuracy"] - result["accuracy_budget"] - 1e-9
+        )
+    assert (out_dir / "model.onnx").read_bytes() == (
+        out_dir / f"{result['chosen']}.onnx"
+    ).read_bytes()
+    assert list(empty_cwd.iterdir()) == []
+
+
+def test_distillation_loss_is_the_soft_and_hard_mix():
+    teacher = torch.tensor([[2.0, 0.0, -1.0], [0.0, 3.0, 0.0]])
+    labels = torch.tensor([0, 2])
+    loss = distill.DistillLoss(teacher=teacher, labels=labels, temperature=2.0, alpha=0.7)
+    rows = torch.tensor([0, 1])
+    hard = torch.nn.functional.cross_entropy(teacher, labels)
+    # a student that equals the teacher pays only the hard part
+    assert float(loss.loss(teacher.clone(), rows)) == pytest.approx(0.3 * float(hard))
+    worse = float(loss.loss(torch.zeros(2, 3), rows))
+    assert worse > 0.3 * float(torch.nn.functional.cross_entropy(torch.zeros(2, 3), labels))
+    # validation sums stay the plain cross-entropy on true labels
+    assert loss.sums(teacher, labels)[1] == 1.0  # row 0 right, row 1 wrong
+    regression = distill.DistillLoss(True, 2.0, teacher=torch.tensor([[1.0], [3.0]]))
+    assert float(regression.loss(torch.tensor([1.0, 5.0]), rows)) == pytest.approx(0.5)
+
+
+def test_student_specs_are_smaller_networks():
+    table = ModelSpec("tabular", 20, 3, 128, 0.1, class_names=["a", "b", "c"])
+    assert (distill.student_spec(table).arch, distill.student_spec(table).width) == ("mlp", 32)
+    image = ModelSpec("resnet8", 3072, 10, 128, 0.1, image_shape=[3, 32, 32])
+    student = build(distill.student_spec(image))
+    teacher_params = sum(
+        p.numel() for p in build(ModelSpec("cnn", 3072, 10, 128, 0.1, [3, 32, 32])).parameters()
+    )
+    assert sum(p.numel() for p in student.parameters()) < teacher_params / 4
+    assert student(torch.zeros(2, 3072)).shape == (2, 10)
+
+
+def test_training_rows_are_capped_by_a_stratified_sample(tmp_path):
+    from kubetrain.data import shards
+    from kubetrain.data.datasets import Schema
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(600, 5)).astype(np.float32)
+    y = np.repeat(np.arange(3), 200)
+    shards.write(
+        tmp_path / "train",
+        X,
+        y,
+        Schema("table", list("abcde"), ["x", "y", "z"]),
+        max_rows_per_shard=100,
+    )
+    X_all, y_all, schema = distill.read_rows(tmp_path / "train", seed=0)
+    assert len(X_all) == 600 and schema.num_classes == 3
+    X_few, y_few, _ = distill.read_rows(tmp_path / "train", seed=0, max_rows=90)
+    assert len(X_few) == 90 and np.bincount(y_few).tolist() == [30, 30, 30]
+    X_bytes, _, _ = distill.read_rows(tmp_path / "train", seed=0, max_bytes=20 * 5 * 4)
+    assert len(X_bytes) <= 21
+
+
+def test_regression_student_fits_the_teachers_values():
+    """A regression's student is an MLP fitted to the teacher's predictions (MSE)."""
+    from kubetrain.data.datasets import Schema
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(300, 6)).astype(np.float32)
+    target = {"mean": 10.0, "std": 3.0}
+    spec = ModelSpec("mlp", 6, 1, 32, 0.0, task="regression", target=target)
+    torch.manual_seed(0)
+    teacher = build(spec).eval()
+    y = predict_proba(teacher, X).numpy()[:, 0]  # the teacher is exact on these
+    schema = Schema("table", list("abcdef"), [], extra={"target": target}, task="regression")
+    made = distill.distill(
+        teacher, spec, (X, y, schema), (X[:50], y[:50]), epochs=3, temperature=4.0, seed=0
+    )
+    assert made.spec.arch == "mlp" and made.spec.task == "regression"
+    assert made.validation["validation-r2"] > 0.5
+
+
+def test_report_shows_the_pareto_front(with_training_rows):
+    from kubetrain import stages
+    from kubetrain.report import plots
+
+    result, _ = with_training_rows
+    sections = stages.compression_sections(result, result["accuracy_budget"])
+    front = next(s for s in sections if "Pareto" in s.title)
+    assert front.images[0].startswith(plots.PNG_MAGIC)
+    table = front.tables[0]
+    assert [row["name"] for row in table] == [v["name"] for v in result["variants"]]
+    assert [row["pareto"] for row in table] == [v["pareto"] for v in result["variants"]]
+    assert sum(row["chosen"] for row in table) == 1
+    assert any(s.title == "Distilled student" for s in sections)
+    assert plots.compression_pareto([]) != front.images[0]  # "no data" figure, no error
+
+
+def test_a_static_int8_graph_the_runtime_refuses_is_left_out(tmp_path):
+    """The tabular network's per-column embeddings are a batched MatMul, whose per-channel
+    int8 weights ONNX Runtime's QLinearMatMul refuses: that variant is noted, not fatal."""
+    from dataclasses import asdict
+
+    from kubetrain.data.datasets import Schema
+    from kubetrain.training.models import TabularShape
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(120, 6)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(np.int64)
+    spec = ModelSpec("tabular", 6, 2, 16, 0.0, class_names=["a", "b"])
+    spec.tabular = asdict(TabularShape())
+    torch.manual_seed(0)
+    save_model(tmp_path / "model", build(spec).eval(), spec)
+    schema = Schema("table", list("abcdef"), ["a", "b"])
+    result = compress(
+        tmp_path / "model",
+        X[:60],
+        y[:60],
+        prune_amount=0.0,
+        out_dir=tmp_path / "out",
+        extras=Extras(train=(X[60:], y[60:], schema)),
+    )
+    assert "int8-static" not in [v["name"] for v in result["variants"]]
+    assert "QLinearMatMul" in result["not_built"]["int8-static"]
+    assert "\n" not in result["not_built"]["int8-static"]
+    assert not (tmp_path / "out" / "int8-static.onnx").exists()
+
+
+def test_a_regression_gets_a_student_judged_on_rmse(tmp_path):
+    from kubetrain.data import shards
+    from kubetrain.data.datasets import Schema
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(400, 6)).astype(np.float32)
+    target = {"mean": 10.0, "std": 3.0}
+    spec = ModelSpec("mlp", 6, 1, 64, 0.0, task="regression", target=target)
+    torch.manual_seed(0)
+    teacher = build(spec).eval()
+    y = predict_proba(teacher, X).numpy()[:, 0] + rng.normal(0, 0.1, 400).astype(np.float32)
+    schema = Schema("table", list("abcdef"), [], extra={"target": target}, task="regression")
+    for name, rows in (
+        ("train", slice(0, 250)),
+        ("val", slice(250, 300)),
+        ("test", slice(300, 400)),
+    ):
+        shards.write(tmp_path / name, X[rows], y[rows], schema)
+    save_model(tmp_path / "model", teacher, spec)
+    result = compression.compress_split(
+        tmp_path / "model",
+        tmp_path / "test",
+        out_dir=tmp_path / "out",
+        train_path=tmp_path / "train",
+        val_path=tmp_path / "val",
+        extras=Extras(distill_epochs=1, objective="latency"),
+    )
+    names = [v["name"] for v in result["variants"]]
+    assert "student" in names and result["distillation"]["student"]["arch"] == "mlp"
+    assert result["objective"] == "latency" and "baseline_rmse" in result
+    allowed = result["baseline_rmse"] * (1 + result["error_budget"]) + 1e-9
+    for v in result["variants"]:
+        assert v["within_budget"] == (v["name"] == "fp32" or v["rmse"] <= allowed)
+    assert [v["pareto"] for v in result["variants"]] == tradeoff.pareto(result["variants"])
+    assert result["chosen"] == tradeoff.choose(result["variants"], "latency")
