@@ -24,7 +24,7 @@ S3_ENV  := manifests/base/s3-credentials.env
 LINT_PATHS := kubetrain components pipelines tests
 RUFF       := $(VENV)/bin/ruff
 
-.PHONY: help install install-serve install-test run serve compile render lint format test test-fast bench bench-scale bench-images deploy submit images push clean
+.PHONY: help install install-serve install-test run serve compile render lint format test test-fast bench bench-scale bench-images bench-gpu deploy submit images push clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -59,7 +59,7 @@ serve: $(VENV)/.serve ## serve a published bundle over KServe's v2 protocol; ARG
 compile: install ## write the pipeline YAML to pipelines/compiled/ (TARGET=local|cluster)
 	$(VENV)/bin/kubetrain compile --target $(TARGET) --image-registry $(IMAGE_REGISTRY) --image-tag $(IMAGE_TAG) $(ARGS)
 
-render: install ## write the SparkApplication, Katib Experiment and TrainJob a cluster run creates; ARGS="--engine spark"
+render: install ## write the SparkApplication, Katib Experiment, TrainJob and InferenceService a cluster run creates; ARGS="--engine spark"
 	$(VENV)/bin/kubetrain render --image-registry $(IMAGE_REGISTRY) --image-tag $(IMAGE_TAG) $(ARGS)
 
 submit: install ## compile for the cluster, upload and run on Kubeflow; ARGS="--host http://localhost:8080 --param epochs=50 --wait"
@@ -89,6 +89,9 @@ bench-scale: install ## peak RSS per stage at 1M vs 10M rows, clean vs pandas+sk
 
 bench-images: install ## image path on CPU: generate, decode, augment, ResNet train img/s; ARGS="--images 2000"
 	$(PY) -m kubetrain.local.bench_images $(ARGS)
+
+bench-gpu: install ## train stage's loop vs a tuned raw loop, img/s on the GPU (CPU: ARGS="--quick")
+	$(PY) -m kubetrain.local.bench_gpu $(ARGS)
 
 images: ## build the CPU (with Java and pyspark for --engine spark) and CUDA images (IMAGE_REGISTRY, IMAGE_TAG)
 	$(DOCKER) build -f docker/Dockerfile.cpu  $(BUILD_ARGS) -t $(IMAGE):$(IMAGE_TAG)-cpu .

@@ -9,18 +9,24 @@ from kubetrain.components.common import component
 def augment(
     train: Input[Dataset],
     augment_copies: int,
-    max_shift: int,
+    crop_area: float,
     max_rotation: float,
-    flip_horizontal: bool,
+    flip: str,
     flip_vertical: bool,
-    noise_std: float,
     brightness: float,
+    contrast: float,
+    saturation: float,
+    cutout: float,
+    mixup: float,
+    cutmix: float,
+    noise_std: float,
     oversample: bool,
     seed: int,
     augmented: Output[Dataset],
     report: Output[HTML],
 ):
-    """Augment the training split only: image warps/noise, or table oversampling/jitter."""
+    """Augment the training split only: tables get oversampling/jitter; for images the
+    policy that training applies per batch is recorded (and shown), nothing is copied."""
     from kubetrain.config import RunConfig
     from kubetrain.stages import augment_stage, compact
 

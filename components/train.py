@@ -18,6 +18,7 @@ def train(
     lr_schedule: str,
     patience: int,
     device: str,
+    torch_compile: str,
     initial_weights: str,
     learning_rate: float,
     weight_decay: float,

@@ -19,6 +19,7 @@ def tune(
     lr_schedule: str,
     patience: int,
     device: str,
+    torch_compile: str,
     initial_weights: str,
     tune_trials: int,
     tune_time_budget: float,

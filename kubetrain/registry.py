@@ -132,13 +132,21 @@ STAGES: tuple[Stage, ...] = (
         "publish",
         description="Publish the model bundle to --publish-uri.",
     ),
+    Stage(
+        "deploy",
+        "deploy",
+        stages.deploy_stage,
+        "deploy",
+        description="Champion/challenger on the test split, then the KServe InferenceService.",
+    ),
 )
-#: Stage names in pipeline order (publish runs only when publish_uri is set).
+#: Stage names in pipeline order (publish runs only when publish_uri is set, deploy only
+#: when deploy is set too).
 STAGE_NAMES: tuple[str, ...] = tuple(dict.fromkeys(s.stage for s in STAGES))
 #: What a person can run by hand with `python -m kubetrain.cli.stage` (publish needs the
 #: upstream artifacts' metadata, which only the pipeline hands over).
 CLI_STAGES: tuple[Stage, ...] = tuple(
-    s for s in STAGES if not s.alternative and s.stage != "publish"
+    s for s in STAGES if not s.alternative and s.stage not in ("publish", "deploy")
 )
 
 

@@ -28,6 +28,7 @@ from kubetrain.config.settings import (
     CleanConfig,
     CompressConfig,
     DataConfig,
+    DeployConfig,
     FinalConfig,
     GateConfig,
     HyperConfig,
@@ -222,14 +223,24 @@ def clean_stage(
 def augment_stage(
     train_path: str, out_path: str, report_path: str, augment: AugmentConfig, seed: int
 ) -> dict[str, Any]:
+    """Tables: oversampling and jittered copies. Images: the split as it is, with the
+    policy training applies per batch recorded in its schema, and shown in the report
+    on a few training images."""
     from kubetrain.data.augment import augment as augment_split
+    from kubetrain.data.shards import read_schema
+    from kubetrain.training.batch_augment import policy_from
 
-    meta = augment_split(train_path, out_path, augment, seed)
-    progress.log("augment", f"{meta['rows_before']} -> {meta['rows_after']} training rows")
-    write_html(
-        report_path,
-        "Augmentation",
-        [
+    schema = read_schema(train_path) if _sharded(train_path) else load_split(train_path)[2]
+    policy = None
+    if schema.kind == "image" and augment.augment_copies != 0:
+        assert schema.image_shape is not None
+        policy = policy_from(augment, schema.image_shape)
+    meta = augment_split(
+        train_path, out_path, augment, seed, policy=policy.to_dict() if policy else None
+    )
+    if schema.kind != "image":
+        progress.log("augment", f"{meta['rows_before']} -> {meta['rows_after']} training rows")
+        sections = [
             Section(
                 "Training rows per class",
                 facts={"rows before": meta["rows_before"], "rows after": meta["rows_after"]},
@@ -242,9 +253,48 @@ def augment_stage(
                     )
                 ],
             )
-        ],
-    )
+        ]
+    else:
+        sections = _image_augment_sections(train_path, schema, policy, seed, meta)
+    write_html(report_path, "Augmentation", sections)
     return meta
+
+
+def _sharded(path: str) -> bool:
+    from kubetrain.data.shards import is_sharded
+
+    return is_sharded(path)
+
+
+def _image_augment_sections(
+    train_path: str, schema: Any, policy: Any, seed: int, meta: dict[str, Any]
+) -> list[Section]:
+    """The policy, and a grid of training images beside augmented versions of them."""
+    from kubetrain.data.augment import sample_images
+    from kubetrain.training.batch_augment import preview
+
+    if policy is None:
+        progress.log("augment", "images: per-batch augmentation off (augment_copies=0)")
+        return [Section("Images", text="Per-batch augmentation is off (augment_copies=0).")]
+    settings = policy.to_dict()
+    on = [f"{k}={v:.3g}" if isinstance(v, float) else k for k, v in settings.items() if v]
+    progress.log(
+        "augment",
+        f"images: {meta['rows_before']} training rows, not copied; training augments each "
+        f"batch: {', '.join(on)}",
+    )
+    X, y = sample_images(train_path, 8)
+    rows = preview(X, y, schema.image_shape, policy, seed, max(schema.num_classes, 1))
+    grid = plots.image_grid(
+        [r for _, r in rows], [t for t, _ in rows], "Training images, augmented per batch"
+    )
+    return [
+        Section(
+            "Per-batch augmentation (in training, on the training device)",
+            facts={"training rows (not copied)": meta["rows_before"], **settings},
+            images=[(grid, "Every batch of every epoch is augmented afresh")],
+        )
+    ]
 
 
 def tune_here(req: TuneRequest) -> tuple[dict[str, Any], list[dict[str, Any]], dict[str, Any]]:
@@ -375,6 +425,7 @@ def cross_validation_sections(
 def train_here(req: TrainRequest) -> dict[str, Any]:
     """The in-process training backend (also rank 0 of a DDP run): fit, then write outputs."""
     from kubetrain.training import challenger
+    from kubetrain.training.batch_augment import recorded
     from kubetrain.training.loop import describe, fit
     from kubetrain.training.models import save_model
 
@@ -406,12 +457,15 @@ def train_here(req: TrainRequest) -> dict[str, Any]:
     rival = challenger.train_beside(
         req.final.challenger, train_data, schema, req.train_path, (Xv, yv), req.seed
     )
+    policy = recorded(schema)
     info = {
         "hyperparameters": described,
         "history": result.history,
         "metrics": result.metrics,
         "schema": schema.extra.get("preprocessing", {}),
         "feature_names": schema.feature_names,
+        # what the model was trained with (images): the published bundle carries it
+        **({"augment_policy": policy.to_dict()} if policy else {}),
     }
     save_model(req.model_path, result.model, result.spec, info)
     challenger.save(req.model_path, rival)
@@ -435,6 +489,7 @@ def train_here(req: TrainRequest) -> dict[str, Any]:
             ),
             Section("Learning curves", images=[plots.learning_curves(result.history)]),
             Section("Hyperparameters", tables=[[described]]),
+            *([Section("Per-batch augmentation", tables=[[policy.to_dict()]])] if policy else []),
             Section(
                 "Gradient-boosting challenger",
                 facts={k.removeprefix("challenger_"): v for k, v in rival.meta.items()},
@@ -602,11 +657,24 @@ def evaluation_sections(result: dict[str, Any]) -> list[Section]:
 
 
 def compress_stage(
-    model_path: str, test_path: str, out_path: str, report_path: str, compress: CompressConfig
+    model_path: str,
+    test_path: str,
+    out_path: str,
+    report_path: str,
+    compress: CompressConfig,
+    seed: int = 42,
+    train_path: str = "",
+    val_path: str = "",
 ) -> dict[str, Any]:
-    from kubetrain.assessment.compression import compress_split
+    """Compress ``model_path``, scored on ``test_path``; with ``train_path`` (and
+    ``val_path``, the student's early stopping) also static int8 and a distilled student."""
+    from kubetrain.assessment.compression import Extras, compress_split
 
-    progress.log("compress", f"pruning {compress.prune_amount:.0%}, int8 quantization, ONNX export")
+    progress.log(
+        "compress",
+        f"pruning {compress.prune_amount:.0%}, int8 quantization, ONNX export"
+        + (f", distillation ({compress.distill_epochs} epochs)" if train_path else ""),
+    )
     # the test split in memory when it fits the budget, else scored batch by batch
     summary = compress_split(
         model_path,
@@ -615,21 +683,94 @@ def compress_stage(
         compress.prune_amount,
         out_dir=out_path,
         error_budget=compress.error_budget,
+        train_path=train_path or None,
+        val_path=val_path or None,
+        extras=Extras(
+            objective=compress.compress_objective,
+            distill_epochs=compress.distill_epochs,
+            temperature=compress.distill_temperature,
+            seed=seed,
+        ),
     )
     chosen = next(v for v in summary["variants"] if v["name"] == summary["chosen"])
     score = "rmse" if "rmse" in chosen else "accuracy"
     progress.log(
         "compress",
-        f"kept {chosen['name']}: {chosen['bytes']} bytes, {score} "
-        f"{chosen[score]:.4g}, {chosen['cpu_latency_ms']:.3f} ms",
+        f"kept {chosen['name']} ({summary['objective']}): {chosen['bytes']} bytes, {score} "
+        f"{chosen[score]:.4g}, {chosen['latency_b1_ms']:.3f} ms at batch 1, "
+        f"{chosen['latency_b64_ms']:.3f} ms at batch 64 ({chosen['speedup_b64']:.2f}x fp32)",
     )
     write_html(report_path, "Compression", compression_sections(summary, compress.accuracy_budget))
     return summary
 
 
+#: The columns of the compress report's trade-off table, in order.
+TRADEOFF_COLUMNS = (
+    "name",
+    "accuracy",
+    "rmse",
+    "gzip_bytes",
+    "latency_b1_ms",
+    "latency_b64_ms",
+    "ms_per_row_b64",
+    "speedup_b1",
+    "speedup_b64",
+    "within_budget",
+    "pareto",
+    "chosen",
+)
+
+
 def compression_sections(summary: dict[str, Any], budget: float) -> list[Section]:
     variants = [dict(v, chosen=v["name"] == summary["chosen"]) for v in summary["variants"]]
-    if "baseline_rmse" in summary:  # a regression: RMSE within a relative budget
+    regression = "baseline_rmse" in summary
+    front = [{k: v[k] for k in TRADEOFF_COLUMNS if k in v} for v in variants]
+    floor = (
+        summary["baseline_rmse"] * (1 + summary["error_budget"])
+        if regression
+        else summary["baseline_accuracy"] - budget
+    )
+    pareto = Section(
+        "Size, latency and accuracy (Pareto front)",
+        text=(
+            f"Objective {summary.get('objective', 'size')}: "
+            + {
+                "size": "the smallest gzip size within the budget.",
+                "latency": "the fastest within the budget (the worse of its batch-1 and "
+                "batch-64 speed-ups over fp32).",
+                "balanced": "the smallest within the budget that is no slower than fp32 "
+                f"at batch 1 and at batch 64 (tolerance "
+                f"{summary.get('latency_tolerance', 0):.0%}).",
+            }.get(summary.get("objective", "size"), "")
+            + " Latency: ONNX Runtime on the CPU, one thread, median of interleaved runs. "
+            "pareto: no other variant is at least as small, as fast at both batch sizes "
+            "and as accurate."
+        ),
+        images=[plots.compression_pareto(variants, floor)],
+        tables=[front],
+    )
+    distilled = summary.get("distillation")
+    student = (
+        [
+            Section(
+                "Distilled student",
+                facts={
+                    **{
+                        role: "{arch} width {width}".format(**distilled[role])
+                        for role in ("student", "teacher")
+                    },
+                    "training rows": distilled["rows"],
+                    "epochs (best)": f"{distilled['epochs']} ({distilled['best_epoch']})",
+                    "temperature": distilled["temperature"],
+                    "seconds": distilled["seconds"],
+                    **{k: round(v, 4) for k, v in distilled["validation"].items()},
+                },
+            )
+        ]
+        if distilled
+        else []
+    )
+    if regression:  # a regression: RMSE within a relative budget
         return [
             Section(
                 "Kept variant",
@@ -639,6 +780,8 @@ def compression_sections(summary: dict[str, Any], budget: float) -> list[Section
                     "relative RMSE budget": summary["error_budget"],
                 },
             ),
+            pareto,
+            *student,
             Section("Variants", tables=[variants]),
         ]
     return [
@@ -650,6 +793,8 @@ def compression_sections(summary: dict[str, Any], budget: float) -> list[Section
                 "accuracy budget": budget,
             },
         ),
+        pareto,
+        *student,
         Section(
             "Size vs accuracy",
             images=[plots.compression_tradeoff(variants, summary["baseline_accuracy"], budget)],
@@ -686,7 +831,7 @@ def publish_stage(
 
     best = HyperConfig().replace(hyperparameters or {}).to_dict()
     # a retry of the same KFP run targets the same version, and finishes or replaces it
-    return publish_model(
+    uri = publish_model(
         trained_model,
         compressed_model,
         evaluation_path,
@@ -697,3 +842,73 @@ def publish_stage(
         run_id=run_id,
         table_path=table_path,
     )
+    if publish.registry_url:
+        from kubetrain.assessment.registration import register
+
+        register(
+            publish.registry_url,
+            publish.model_name,
+            uri.rstrip("/").rsplit("/", 1)[-1],
+            uri,
+            Path(compressed_model),
+            json.loads(Path(evaluation_path).read_text()),
+            run_id,
+        )
+    return uri
+
+
+@dataclass(frozen=True)
+class DeployRequest:
+    """What a deploy backend gets: the published bundle and the run's table and test
+    split (its held-out rows score champion and challenger and feed the smoke test)."""
+
+    bundle_uri: str
+    table_path: str
+    test_path: str
+    publish: PublishConfig
+    deploy: DeployConfig
+    run_id: str = ""
+
+
+#: A deploy backend: returns the deploy record (`deploy_stage` documents it).
+Deployer = Callable[[DeployRequest], dict[str, Any]]
+
+
+def deploy_here(req: DeployRequest) -> dict[str, Any]:
+    """Locally nothing serves: champion/challenger against the previously published
+    version of the model, recorded so a run shows what the cluster would have done."""
+    from kubetrain.serving import challenge
+
+    new, heldout = challenge.load(req.bundle_uri, req.table_path, req.test_path, "pytorch")
+    previous = challenge.previous_version(
+        req.publish.publish_uri, req.publish.model_name, req.bundle_uri
+    )
+    old = challenge.load_bundle(previous, "pytorch") if previous else None
+    decision = challenge.challenge(new, old, heldout, req.deploy.deploy_margin)
+    return {
+        "target": "local",
+        "challenger": req.bundle_uri,
+        "champion": previous,
+        "decision": decision.to_dict(),
+        "deployed": False,
+        "note": "no endpoint runs locally: the decision is recorded; serve the bundle with "
+        "`kubetrain serve --bundle` (a cluster run deploys it to KServe)",
+    }
+
+
+def deploy_stage(
+    bundle_uri: str,
+    table_path: str,
+    test_path: str,
+    out_path: str,
+    publish: PublishConfig,
+    deploy: DeployConfig,
+    deployer: Deployer = deploy_here,
+    run_id: str = "",
+) -> dict[str, Any]:
+    """Champion/challenger, then (on a cluster) the InferenceService; writes the record
+    (``target``, ``challenger``/``champion`` URIs, ``decision``, ``deployed``) as JSON."""
+    record = deployer(DeployRequest(bundle_uri, table_path, test_path, publish, deploy, run_id))
+    write_json(out_path, record)
+    progress.log("deploy", f"deploy decision: {record['decision']['reason']}")
+    return record

@@ -185,9 +185,11 @@ def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:
                 "compress",
                 trained_model=trained.outputs["trained_model"],
                 test=splits.outputs["test"],
+                train=splits.outputs["train"],  # static int8 calibration, distillation
+                validation=splits.outputs["validation"],
             )
             with dsl.If(params["publish_uri"] != "", name="publish-requested"):
-                step(
+                published = step(
                     "publish",
                     trained_model=trained.outputs["trained_model"],
                     compressed_model=small.outputs["compressed_model"],
@@ -196,6 +198,15 @@ def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:
                     best_hyperparameters=best,
                     run_id=run_id,
                 )
+                with dsl.If(params["deploy"] == True, name="deploy-requested"):  # noqa: E712
+                    step(
+                        "deploy",
+                        bundle_uri=published.output,
+                        table=raw.outputs["table"],
+                        test=splits.outputs["test"],
+                        cluster=cluster,
+                        run_id=run_id,
+                    )
         with dsl.Else(name="quality-gate-failed"):
             skipped = step("skip-compression", evaluation=judged.outputs["evaluation"])
         return Outputs(

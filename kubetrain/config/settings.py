@@ -21,7 +21,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from kubetrain.core.errors import KubetrainError
+from kubetrain.core.errors import KubetrainError, require
 
 BUILTIN_DATASETS = ("digits", "breast_cancer", "wine")
 TUNE_ALGORITHMS = (
@@ -289,27 +289,82 @@ class AugmentConfig(Section):
     name: ClassVar[str] = "augment"
     augment_copies: int = _opt(
         -1,
-        "Augmented copies added per training example (0 disables augmentation; -1: one copy "
-        "for training splits up to 200,000 rows, none beyond).",
+        "Tables: jittered copies added per training row (-1: one copy for training splits up "
+        "to 200,000 rows, none beyond). Images are never copied: each batch is augmented "
+        "afresh on the training device (the options below), and 0 turns that off.",
         low=-1,
         high=20,
     )
-    max_shift: int = _opt(1, "Images: largest random shift in pixels.", low=0, high=8)
-    max_rotation: float = _opt(10.0, "Images: largest random rotation in degrees.", low=0, high=180)
-    flip_horizontal: bool = _opt(
-        False, "Images: random left-right flips (off: digits must not be mirrored)."
+    crop_area: float = _opt(
+        -1.0,
+        "Images: random resized crop, the smallest share of the image's area kept (1: no "
+        "crop; -1: auto, 0.8 for images under 64 px, 0.35 from 64 px).",
+        low=-1,
+        high=1,
+    )
+    max_rotation: float = _opt(
+        -1.0,
+        "Images: largest random rotation in degrees (-1: auto, 10 for one-channel images, "
+        "none for colour ones).",
+        low=-1,
+        high=180,
+    )
+    flip: str = _opt(
+        "auto",
+        "Images: random left-right flips: 'on', 'off', or 'auto': on for colour images, off "
+        "for one-channel ones (digits, glyphs, scans: a mirrored 2 or R is no 2 or R).",
+        ("auto", "on", "off"),
     )
     flip_vertical: bool = _opt(False, "Images: random up-down flips.")
-    noise_std: float = _opt(
-        0.05, "Gaussian noise std (scaled units) for images and table jitter.", low=0, high=2
+    brightness: float = _opt(
+        0.1,
+        "Images: largest brightness shift, in standard deviations of the pixels.",
+        low=0,
+        high=2,
     )
-    brightness: float = _opt(0.1, "Images: largest relative brightness change.", low=0, high=1)
+    contrast: float = _opt(0.1, "Images: largest relative contrast change.", low=0, high=1)
+    saturation: float = _opt(
+        0.1, "Colour images: largest relative saturation change.", low=0, high=1
+    )
+    cutout: float = _opt(
+        0.0,
+        "Images: side of the square erased from each image, as a share of its side (0: off).",
+        low=0,
+        high=0.9,
+    )
+    mixup: float = _opt(
+        0.0,
+        "Images: mixup of pairs with a Beta(a, a) weight, a given here (0: off; 0.2 to 0.4 is "
+        "usual); the targets become class probabilities. With cutmix too, each batch takes one.",
+        low=0,
+        high=10,
+    )
+    cutmix: float = _opt(
+        0.0,
+        "Images: cutmix with a Beta(a, a) box share, a given here (0: off; 1 is usual).",
+        low=0,
+        high=10,
+    )
+    noise_std: float = _opt(
+        0.05, "Tables: Gaussian jitter std (scaled units) of the copied rows.", low=0, high=2
+    )
     oversample: bool = _opt(
         False,
         "Tables: oversample minority classes up to the majority count (each at most 4x its "
         "rows). Off by default: balancing trades accuracy for minority recall (a table whose "
         "minority is a sixth of the rows: test accuracy 0.59 with it, 0.75 without).",
     )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.crop_area != -1 and self.crop_area < 0.05:
+            raise KubetrainError(
+                f"crop_area={self.crop_area}: use -1 (auto) or a share between 0.05 and 1"
+            )
+        if self.max_rotation != -1 and self.max_rotation < 0:
+            raise KubetrainError(
+                f"max_rotation={self.max_rotation}: use -1 (auto) or degrees from 0 to 180"
+            )
 
 
 @dataclass(frozen=True)
@@ -342,6 +397,12 @@ class TrainConfig(Section):
     )
     device: str = _opt(
         "auto", "Where to train: 'auto' uses CUDA when present.", ("auto", "cpu", "cuda")
+    )
+    torch_compile: str = _opt(
+        "auto",
+        "torch.compile the network: 'on', 'off', or 'auto' (on when training on CUDA); if "
+        "compiling fails the run logs one line and trains uncompiled.",
+        ("auto", "on", "off"),
     )
     initial_weights: str = _opt(
         "",
@@ -418,7 +479,8 @@ class TuneConfig(Section):
         -1,
         "K-fold cross-validation in tuning: each trial trains K times on the training and "
         "validation rows, one fold held out each time, and scores the mean; -1 (auto): 5 "
-        "folds up to 20,000 rows, none beyond; 0: one validation split.",
+        "folds up to 20,000 rows (images: up to 1,024 values each), none beyond; 0: one "
+        "validation split.",
         low=-1,
         high=20,
     )
@@ -485,6 +547,23 @@ class CompressConfig(Section):
         high=10,
     )
     prune_amount: float = _opt(0.5, "Share of smallest-magnitude weights pruned.", low=0, high=0.99)
+    compress_objective: str = _opt(
+        "balanced",
+        "Which variant within the budget is kept: size (smallest gzip), latency (fastest "
+        "at batch 1 and 64, by the worse of its two speed-ups over fp32) or balanced (the "
+        "smallest that is no slower than fp32 at batch 1 and at batch 64).",
+        ("size", "latency", "balanced"),
+    )
+    distill_epochs: int = _opt(
+        10,
+        "Epochs of the distilled student (a narrower MLP, or a smaller CNN for images) "
+        "trained on the model's softened outputs; 0: no student.",
+        low=0,
+        high=1000,
+    )
+    distill_temperature: float = _opt(
+        4.0, "Softmax temperature of the distillation targets.", low=0.1, high=100
+    )
 
 
 @dataclass(frozen=True)
@@ -500,6 +579,12 @@ class PublishConfig(Section):
     model_name: str = _opt(
         "kubetrain-model", "Model name: the bundle goes to <publish_uri>/<model_name>/<version>/."
     )
+    registry_url: str = _opt(
+        "",
+        "Kubeflow Model Registry REST address (http://model-registry-service.kubeflow:8080); "
+        "set, publish registers each version there (name, version, URI, format, metrics, "
+        "run id); empty skips it.",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -508,6 +593,36 @@ class PublishConfig(Section):
                 f"model_name={self.model_name!r} must be lower-case letters, "
                 "digits, '.', '_' or '-' (it becomes an object-store path)"
             )
+
+
+@dataclass(frozen=True)
+class DeployConfig(Section):
+    """Whether and how the published bundle goes live (KServe on a cluster)."""
+
+    name: ClassVar[str] = "deploy"
+    deploy: bool = _opt(
+        False,
+        "After publish, deploy the bundle if it beats the served model on the test split "
+        "(accuracy, or R^2 for a regression): on a cluster a KServe InferenceService is "
+        "created or updated; locally the decision against the previously published "
+        "version is only recorded.",
+    )
+    deploy_margin: float = _opt(
+        0.0, "How much the new model must beat the served one by to replace it (0: any gain)."
+    )
+    serving_runtime: str = _opt(
+        "pytorch",
+        "What the InferenceService serves: pytorch (the network the quality gate passed) "
+        "or onnx (the variant compress kept).",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        require(
+            self.serving_runtime in ("pytorch", "onnx"),
+            f"serving_runtime={self.serving_runtime!r}; use pytorch or onnx",
+        )
+        require(self.deploy_margin >= 0, f"deploy_margin={self.deploy_margin}; use 0 or more")
 
 
 SECTIONS: dict[str, type[Section]] = {
@@ -523,6 +638,7 @@ SECTIONS: dict[str, type[Section]] = {
         GateConfig,
         CompressConfig,
         PublishConfig,
+        DeployConfig,
     )
 }
 #: The one setting outside every section: every stage that draws random numbers reads it.
@@ -548,6 +664,7 @@ class RunConfig:
     gate: GateConfig = field(default_factory=GateConfig)
     compress: CompressConfig = field(default_factory=CompressConfig)
     publish: PublishConfig = field(default_factory=PublishConfig)
+    deploy: DeployConfig = field(default_factory=DeployConfig)
 
     def __post_init__(self) -> None:
         check_value(seed_field(), self.seed)

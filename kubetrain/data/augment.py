@@ -1,9 +1,11 @@
 """Augment: more (and more varied) training rows; validation and test stay untouched.
 
-Images get one batched affine warp per copy (rotation, shift, optional flips
-through `affine_grid`/`grid_sample`), then brightness and noise. Tables get
-minority-class oversampling and Gaussian jitter on continuous columns only
-(one-hot columns stay 0/1).
+Tables get minority-class oversampling and Gaussian jitter on continuous columns
+only (one-hot columns stay 0/1). Images are not copied: the training loop
+augments each batch afresh on its device (`kubetrain.training.batch_augment`),
+so every epoch sees new variants and the split stays its own size. For them this
+stage writes the split unchanged with the augmentation policy recorded in its
+schema (``schema.extra["augment_policy"]``), which every trainer reads.
 
 A training split over the memory budget is augmented shard by shard
 (`kubetrain.data.batches`): every batch is written followed by its augmented
@@ -14,14 +16,12 @@ with the split as one batch; either way the output is written piece by piece.
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import time
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 from kubetrain.config.settings import AugmentConfig
 from kubetrain.core import progress
@@ -34,47 +34,12 @@ from kubetrain.data.datasets import Schema
 #: of times; its copies are written in pieces of this size).
 CHUNK_ROWS = 65_536
 #: Bytes the in-memory path holds per byte of the split (see `held_bytes`; tables:
-#: measured 1.45 on 3M rows x 35 features, oversampled, one copy).
-HELD_PER_BYTE = {"image": 6.0, "table": 1.5}
-
-
-def augment_images(
-    X: np.ndarray, shape: list[int], cfg: AugmentConfig, rng: torch.Generator
-) -> np.ndarray:
-    """One randomly warped copy of every image in `X` (flat rows)."""
-    n = len(X)
-    c, h, w = shape
-    imgs = torch.as_tensor(X, dtype=torch.float32).reshape(n, c, h, w)
-    angle = (torch.rand(n, generator=rng) * 2 - 1) * math.radians(cfg.max_rotation)
-    shift = torch.randint(-cfg.max_shift, cfg.max_shift + 1, (n, 2), generator=rng).float()
-    sx = torch.ones(n)
-    sy = torch.ones(n)
-    if cfg.flip_horizontal:
-        sx = torch.where(torch.rand(n, generator=rng) < 0.5, -1.0, 1.0)
-    if cfg.flip_vertical:
-        sy = torch.where(torch.rand(n, generator=rng) < 0.5, -1.0, 1.0)
-    cos, sin = torch.cos(angle), torch.sin(angle)
-    # theta works in [-1, 1] coordinates; h/w and w/h make it a true rotation in pixels
-    # for non-square images (for square ones they are 1).
-    theta = torch.stack(
-        [
-            torch.stack([cos * sx, -sin * sy * h / w, shift[:, 0] * 2 / w], dim=1),
-            torch.stack([sin * sx * w / h, cos * sy, shift[:, 1] * 2 / h], dim=1),
-        ],
-        dim=1,
-    )
-    grid = F.affine_grid(theta, list(imgs.shape), align_corners=False)
-    # Pixels shifted in from outside the frame are background (each image's minimum).
-    # Not "border" padding: digits' strokes often touch the edge and would be smeared
-    # (duplicated); not plain zeros: 0 is the mean intensity in scaled units.
-    low = imgs.amin(dim=(1, 2, 3), keepdim=True)
-    out = low + F.grid_sample(imgs - low, grid, padding_mode="zeros", align_corners=False)
-    if cfg.brightness > 0:
-        factor = 1 + (torch.rand(n, 1, 1, 1, generator=rng) * 2 - 1) * cfg.brightness
-        out = low + (out - low) * factor
-    if cfg.noise_std > 0:
-        out = out + torch.randn(out.shape, generator=rng) * cfg.noise_std
-    return out.reshape(n, -1).numpy()
+#: measured 1.45 on 3M rows x 35 features, oversampled, one copy; images are passed
+#: through).
+HELD_PER_BYTE = {"image": 1.0, "table": 1.5}
+#: Where the policy goes in the written split's schema (read by
+#: `kubetrain.training.batch_augment.recorded`).
+POLICY_KEY = "augment_policy"
 
 
 def jitter(X: np.ndarray, schema: Schema, std: float, rng: np.random.Generator) -> np.ndarray:
@@ -101,9 +66,10 @@ def extra_rows(counts: np.ndarray, oversample: bool) -> np.ndarray:
 def counts_after(counts: np.ndarray, schema: Schema, cfg: AugmentConfig) -> np.ndarray:
     """Rows per class the augmentation writes (what both paths produce)."""
     counts = np.asarray(counts, np.int64)
+    if schema.kind == "image":
+        return counts  # augmented per batch in training, never copied
     cfg = cfg.replace({"augment_copies": copies_for(cfg, int(counts.sum()), quiet=True)})
-    if schema.kind != "image":
-        counts = counts + extra_rows(counts, cfg.oversample)
+    counts = counts + extra_rows(counts, cfg.oversample)
     return counts * (1 + cfg.augment_copies)
 
 
@@ -158,22 +124,19 @@ def augment_batches(
     """The augmented split, piece by piece, from its batches and its class ``counts``;
     deterministic given the seed and the batches.
 
-    Every batch is followed by its augmented rows. Images: `augment_copies`
-    warped copies of the batch. Tables: each class's extra rows (up to the
+    Images pass through unchanged (training augments them per batch). For tables every
+    batch is followed by its augmented rows: each class's extra rows (up to the
     majority count) are shared out over the batches in proportion to their
     rows of the class (`spread`), so the class counts written are the same
     however the split is batched; with ONE batch this is exactly the in-memory
     augmentation, with many the random draws differ (same counts, other rows
     and noise).
     """
-    cfg = cfg.replace({"augment_copies": copies_for(cfg, int(np.sum(counts)))})
     if schema.kind == "image":
-        gen = torch.Generator().manual_seed(seed)
         for X, y in source:
             yield X.astype(np.float32, copy=False), y
-            for _ in range(cfg.augment_copies):
-                yield augment_images(X, schema.image_shape, cfg, gen), y
         return
+    cfg = cfg.replace({"augment_copies": copies_for(cfg, int(np.sum(counts)))})
     rng = np.random.default_rng(seed)
     counts = np.asarray(counts, np.int64)
     # a regression has no classes to balance: its rows are one group, never oversampled
@@ -207,8 +170,7 @@ def augment_arrays(
 
 
 def held_bytes(split: Batches) -> float:
-    """What the in-memory path holds: the split, plus for images a warped copy of it
-    with its sampling grid and temporaries (about 5x), for tables the indices of the
+    """What the in-memory path holds: the split, plus for tables the indices of the
     balanced rows and one chunk of jittered rows."""
     kind = split.schema.kind if split.schema else "table"
     return split.nbytes * HELD_PER_BYTE.get(kind, HELD_PER_BYTE["table"])
@@ -235,24 +197,37 @@ def copies_for(cfg: AugmentConfig, rows: int, quiet: bool = False) -> int:
 
 
 def augment(
-    train_path: str, out_path: str, cfg: AugmentConfig, seed: int, budget: int | None = None
+    train_path: str,
+    out_path: str,
+    cfg: AugmentConfig,
+    seed: int,
+    budget: int | None = None,
+    policy: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The augment stage; returns metadata (rows and class counts before and after).
 
     In memory when the split (and what augmenting it takes, `held_bytes`) fits the
     memory budget, else streamed shard by shard; either way the output is written
-    piece by piece, never held whole (see `augment_batches`)."""
+    piece by piece, never held whole (see `augment_batches`). Images are written as
+    they are, with ``policy`` (the per-batch augmentation training applies; None: none)
+    in the schema."""
     started = time.perf_counter()
     split = batches.open_split(train_path, held_bytes, budget)
     schema = split.schema
     assert schema is not None
+    image = schema.kind == "image"
+    if image:  # the policy replaces any earlier one; None records that there is none
+        extra = {k: v for k, v in schema.extra.items() if k != POLICY_KEY}
+        schema = dataclasses.replace(
+            schema, extra={**extra, **({POLICY_KEY: policy} if policy else {})}
+        )
     if split.streamed:
         progress.log(
             "augment",
             f"streaming: the training split ({split.rows:,} rows, {split.nbytes:,} bytes) is "
             "over the memory budget; extra rows are drawn shard by shard",
         )
-    cfg = cfg.replace({"augment_copies": copies_for(cfg, split.rows)})
+    cfg = cfg.replace({"augment_copies": 0 if image else copies_for(cfg, split.rows)})
     pieces = augment_batches(
         batches.logged(split, "augment", "augmented"), split.class_counts, schema, cfg, seed
     )
@@ -266,6 +241,7 @@ def augment(
         "rows_before": split.rows,
         "rows_after": int(w.manifest["rows"]),
         "copies": cfg.augment_copies,
+        **({"policy": policy or {}} if image else {}),
         "class_counts_before": _named(split.class_counts, schema.class_names),
         "class_counts_after": _named(w.manifest["class_counts"], schema.class_names),
         "seconds": round(time.perf_counter() - started, 3),
@@ -274,3 +250,14 @@ def augment(
 
 def _named(counts: Iterable[int], class_names: list[str]) -> dict[str, int]:
     return {name: int(c) for name, c in zip(class_names, counts, strict=False)}
+
+
+def sample_images(path: str, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The first ``n`` rows of a split (one shard read, whatever its size): the images the
+    stage's report shows augmented."""
+    if shards.is_sharded(path):
+        return next(shards.iter_batches(path, batch_rows=n))
+    from kubetrain.data.datasets import load_split
+
+    X, y, _ = load_split(path)
+    return X[:n], y[:n]

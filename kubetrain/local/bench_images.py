@@ -8,9 +8,9 @@ Measures, on a generated 10-class RGB folder (`kubetrain.data.synthetic_images`)
 * training steps of the default ResNet for the image size: images/s of a plain
   fp32 loop and of the same loop in channels_last, forward + backward + AdamW.
 
-The GPU counterpart (``make bench-gpu``, the train stage against a tuned raw
-loop) is not built yet; these CPU figures are the baseline it will be read
-against.
+The GPU counterpart is ``make bench-gpu`` (`kubetrain.local.bench_gpu`: the train
+stage's loop against a tuned raw loop); these CPU figures are the baseline it is
+read against.
 """
 
 from __future__ import annotations

@@ -45,10 +45,11 @@ from kubetrain.report.html import Section, write_html
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 EXCEPTION = re.compile(r"^\s*[\w.]*(Error|Exception|Interrupt)\b: ")
 TASK_STAGE = registry.task_stage()
-#: The run table's rows; publish is added when the run publishes.
-STAGES = tuple(s for s in registry.STAGE_NAMES if s != "publish")
+#: The run table's rows; publish is added when the run publishes (and deploy with --deploy).
+STAGES = tuple(s for s in registry.STAGE_NAMES if s not in ("publish", "deploy"))
 SKIPPED_TASKS = frozenset(s.task for s in registry.STAGES if s.alternative)
 PUBLISHED = re.compile(r"model bundle published to (\S+)")
+DEPLOYED = re.compile(r"\| deploy decision: (.+)$")
 TRACEBACK = "Traceback (most recent call last):"
 #: How often a run folder is drawn again when the name is taken (never, in practice).
 RUN_DIR_ATTEMPTS = 8
@@ -92,13 +93,14 @@ class StageClock:
             "task": task,
         }
 
-    def table(self, publish: bool = False) -> list[dict[str, Any]]:
+    def table(self, publish: bool = False, deploy: bool = False) -> list[dict[str, Any]]:
         """One row per stage of a finished run; a stage kfp.local never logged was
         served from its cache as part of a cached sub-DAG."""
         by_stage = {rec["name"]: rec for rec in self.stages.values()}
+        extra = (("publish",) if publish else ()) + (("deploy",) if publish and deploy else ())
         return [
             by_stage.get(s, {"name": s, "status": "cached", "seconds": 0.0, "task": ""})
-            for s in STAGES + (("publish",) if publish else ())
+            for s in STAGES + extra
         ]
 
 
@@ -119,6 +121,7 @@ class ConsoleFilter(io.TextIOBase):
         self.traceback_exception: str | None = None  # last traceback's final line
         self.last_exception: str | None = None  # any other exception-looking line
         self.published: str | None = None
+        self.deploy_decision: str | None = None  # the deploy stage's one-line verdict
         #: The first error writing the log (a full disk); later writes go to the console only.
         self.log_failure: OSError | None = None
         self._in_traceback = False
@@ -151,6 +154,8 @@ class ConsoleFilter(io.TextIOBase):
             self.last_exception = line.strip()
         if m := PUBLISHED.search(line):
             self.published = m.group(1)
+        if m := DEPLOYED.search(line):
+            self.deploy_decision = m.group(1).strip()
         shown = self.clock.feed(line)
         if shown is None and progress.PREFIX in line:
             shown = line[line.index(progress.PREFIX) :]
@@ -450,10 +455,12 @@ def _run_local(cfg: RunConfig, runs: Path, cache: bool, console) -> dict[str, An
         run_id,
         run_dir,
         task.outputs,
-        clock.table(publish=bool(cfg.publish.publish_uri)),
+        clock.table(publish=bool(cfg.publish.publish_uri), deploy=cfg.deploy.deploy),
         seconds,
     )
     summary["published"] = out.published
+    if cfg.deploy.deploy:
+        summary["deploy_decision"] = out.deploy_decision
     _write_run(runs, run_dir, summary, task.outputs)
     return summary
 

@@ -34,6 +34,8 @@ __all__ = [
     "confusion_matrix",
     "roc_curves",
     "compression_tradeoff",
+    "compression_pareto",
+    "image_grid",
     "PNG_MAGIC",
 ]
 
@@ -241,6 +243,40 @@ def class_balance_compare(
     ax.set_title(
         f"{_text(title, 40)}  (n: {int(vb.sum()):,} \u2192 {int(va.sum()):,})", fontsize=11
     )
+    return _png(fig)
+
+
+def image_grid(
+    rows: Sequence[np.ndarray], row_titles: Sequence[str], title: str = "Images"
+) -> bytes:
+    """Rows of images, each an array ``(n, channels, height, width)`` of standardized
+    pixels (one or three channels), e.g. originals and augmented versions of them.
+
+    All rows share one grey scale, the originals' 1st to 99th percentile, so brightness
+    and contrast changes stay visible (each image scaled on its own would hide them)."""
+    arrays = [np.asarray(r, dtype=float) for r in rows if np.ndim(r) == 4 and len(r)]
+    if not arrays:
+        return _no_data(title)
+    cols = min(len(a) for a in arrays)
+    finite = arrays[0][np.isfinite(arrays[0])]
+    lo, hi = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
+    scale = hi - lo if hi > lo else 1.0
+    side = 1.0
+    fig = _figure(1.2 + side * cols, 0.35 + side * len(arrays))
+    axes = fig.subplots(len(arrays), cols, squeeze=False)
+    for i, images in enumerate(arrays):
+        for j in range(cols):
+            ax = axes[i][j]
+            img = np.clip((np.nan_to_num(images[j]) - lo) / scale, 0.0, 1.0)
+            if img.shape[0] == 3:
+                ax.imshow(img.transpose(1, 2, 0), interpolation="nearest")
+            else:
+                ax.imshow(img[0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0 and i < len(row_titles):
+                ax.set_ylabel(_text(row_titles[i], 14), fontsize=8)
+    fig.suptitle(_text(title, 60), fontsize=10)
     return _png(fig)
 
 
@@ -734,6 +770,102 @@ def compression_tradeoff(
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7, frameon=False, loc="best")
     return _png(fig)
+
+
+def compression_pareto(
+    variants: Sequence[Mapping[str, Any]],
+    floor: float | None = None,
+    title: str = "Compression: latency vs accuracy",
+) -> bytes:
+    """The size/latency/accuracy trade-off of the compressed variants, in two panels:
+    CPU ms per row at batch 1 and at batch 64 against accuracy (RMSE for a regression,
+    then lower is better), each point's area proportional to its gzip size.
+
+    Pareto-optimal variants (``pareto``: none beats them on size, both latencies and
+    accuracy at once, a front in four dimensions, so no line joins them) are filled
+    orange, the others hollow; the chosen one is ringed in red; ``floor`` (the accuracy
+    a variant needs, or the RMSE it may not exceed) is dashed."""
+    rows = [v for v in (variants or []) if isinstance(v, Mapping)]
+    rmse = not any(math.isfinite(_num(v.get("accuracy"))) for v in rows)
+    quality = _nums(v.get("rmse" if rmse else "accuracy") for v in rows)
+    sizes = _nums(v.get("gzip_bytes") for v in rows)
+    big = max(
+        (int(k[len("latency_b") : -3]) for v in rows for k in v if _is_batch_key(k)), default=0
+    )
+    panels = [("batch 1", _nums(v.get("latency_b1_ms") for v in rows))]
+    if big > 1:
+        per_row = _nums(v.get(f"latency_b{big}_ms") for v in rows) / big
+        panels.append((f"batch {big}", per_row))
+    if not rows or not any((np.isfinite(x) & np.isfinite(quality)).any() for _, x in panels):
+        return _no_data(title)
+    names = [str(v.get("name", f"variant {i}")) for i, v in enumerate(rows)]
+    front = np.array([bool(v.get("pareto")) for v in rows])
+    chosen = np.array([bool(v.get("chosen")) for v in rows])
+    finite_sizes = sizes[np.isfinite(sizes) & (sizes > 0)]
+    area = (
+        30 + 220 * np.sqrt(np.nan_to_num(sizes, nan=0.0) / finite_sizes.max())
+        if finite_sizes.size
+        else np.full(len(rows), 45.0)
+    )
+    fig = _figure(WIDE)
+    for ax, (label, latency) in zip(
+        fig.subplots(1, len(panels), squeeze=False)[0], panels, strict=False
+    ):
+        _style(ax)
+        ok = np.isfinite(latency) & np.isfinite(quality) & (latency > 0)
+        for mask, face, legend in (
+            (ok & ~front, "white", "dominated"),
+            (ok & front, _ORANGE, "Pareto-optimal"),
+        ):
+            if mask.any():
+                ax.scatter(
+                    latency[mask],
+                    quality[mask],
+                    s=area[mask],
+                    color=face,
+                    edgecolor="black",
+                    linewidth=0.6,
+                    zorder=3,
+                    label=legend,
+                )
+        pick = ok & chosen
+        if pick.any():
+            ax.scatter(
+                latency[pick],
+                quality[pick],
+                s=area[pick] + 160,
+                facecolor="none",
+                edgecolor=_RED,
+                linewidth=2,
+                zorder=4,
+                label="chosen",
+            )
+        for i in np.flatnonzero(ok):
+            ax.annotate(
+                _text(names[i], 18),
+                (latency[i], quality[i]),
+                xytext=(6, 6),
+                textcoords="offset points",
+                fontsize=7,
+            )
+        if floor is not None and math.isfinite(_num(floor)):
+            ax.axhline(_num(floor), color=_RED, linestyle="--", linewidth=1, label="budget")
+        shown = latency[ok]
+        if shown.size > 1 and shown.max() / shown.min() > 20:
+            ax.set_xscale("log")
+        ax.margins(x=0.15, y=0.15)
+        ax.set_xlabel(f"CPU ms per row, {label} (one thread)", fontsize=9)
+        ax.set_ylabel("test RMSE (lower is better)" if rmse else "test accuracy", fontsize=9)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, frameon=False, loc="best")
+    fig.suptitle(_text(title + " (point area: gzip size)", 70), fontsize=10)
+    return _png(fig)
+
+
+def _is_batch_key(key: str) -> bool:
+    """``latency_b<N>_ms``: a variant's ms per call at batch size N."""
+    middle = key[len("latency_b") : -3]
+    return key.startswith("latency_b") and key.endswith("_ms") and middle.isdigit()
 
 
 def regression_fit(

@@ -23,14 +23,21 @@ mean, not black, so standardized statistics barely shift.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kubetrain.config.settings import AugmentConfig
 from kubetrain.core.errors import require
+from kubetrain.data.augment import POLICY_KEY
+from kubetrain.data.datasets import Schema
+
+__all__ = ["POLICY_KEY", "AugmentPolicy", "augment_batch", "mix", "policy_from", "recorded"]
+#: Images from this side on get the Inception crop (`policy_from`); smaller ones a light one.
+LARGE_SIDE = 64
 
 
 @dataclass(frozen=True)
@@ -69,14 +76,85 @@ class AugmentPolicy:
 
 
 def policy_for(image_shape: list[int]) -> AugmentPolicy:
-    """The default policy for an image shape: digit-like images (one channel, small)
-    keep their orientation (a flipped 2 is no 2) and get a light crop; colour images
-    get the usual flips, crops and colour jitter."""
+    """The default policy for an image shape (`policy_from` with the default settings)."""
+    return policy_from(AugmentConfig(), image_shape)
+
+
+def policy_from(cfg: AugmentConfig, image_shape: list[int]) -> AugmentPolicy:
+    """The settings' policy for images of ``image_shape`` (c, h, w), the automatic
+    choices made:
+
+    * flips off for one-channel images (digits, glyphs and scans, where mirroring
+      changes what the image shows), on for colour ones;
+    * rotation up to 10 degrees for one-channel images (handwriting slants), none for
+      colour ones (its filled corners cost more than it teaches at 32 px);
+    * the crop keeps at least 80% of the area of images under `LARGE_SIDE` px (like
+      the small shifts and scales of CIFAR recipes: an 8x8 digit or a 32x32 object
+      cropped to a third is another picture) and 35% of bigger ones (the Inception
+      crop of ImageNet recipes).
+
+    Measured on the generated 2,000-image 32x32 set (1,300 training rows, ResNet, 30
+    epochs, 2 CPU cores; test accuracy): no augmentation 0.595, crop 0.8 + flips 0.580
+    (the same validation accuracy, training loss 0.86 against 0.53: it regularizes,
+    which pays off with longer training); crop 0.35 + flips + rotation 10 + jitter 0.2
+    (this module's first defaults) 0.40 in the whole pipeline: too strong for 30
+    epochs."""
     channels, height, width = image_shape
-    if channels == 1 and min(height, width) < 16:
-        return AugmentPolicy(crop_min_area=0.8, flip_horizontal=False, max_rotation=10.0,
-                             saturation=0.0)  # fmt: skip
-    return AugmentPolicy()
+    large = min(height, width) >= LARGE_SIDE
+    flip = cfg.flip == "on" or (cfg.flip == "auto" and channels > 1)
+    crop = cfg.crop_area if cfg.crop_area >= 0 else (0.35 if large else 0.8)
+    rotation = cfg.max_rotation if cfg.max_rotation >= 0 else (10.0 if channels == 1 else 0.0)
+    return AugmentPolicy(
+        crop_min_area=crop,
+        flip_horizontal=flip,
+        flip_vertical=cfg.flip_vertical,
+        max_rotation=rotation,
+        brightness=cfg.brightness,
+        contrast=cfg.contrast,
+        saturation=cfg.saturation if channels == 3 else 0.0,
+        cutout=cfg.cutout,
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+    )
+
+
+def recorded(schema: Schema) -> AugmentPolicy | None:
+    """The policy the augment stage recorded in a training split's schema
+    (``schema.extra[POLICY_KEY]``), if any. Every trainer (the final training, Optuna
+    and Katib trials, each DDP rank) reads its split's schema, so all apply the same."""
+    stored = schema.extra.get(POLICY_KEY) if schema.kind == "image" else None
+    if not stored:
+        return None
+    known = {f.name for f in fields(AugmentPolicy)}
+    unknown = sorted(set(stored) - known)
+    require(
+        not unknown,
+        f"the training split's augmentation policy has unknown setting(s) {', '.join(unknown)} "
+        "(written by another kubetrain version); re-run the augment stage",
+    )
+    return AugmentPolicy(**stored)
+
+
+def preview(
+    X: np.ndarray,
+    y: np.ndarray,
+    image_shape: list[int],
+    policy: AugmentPolicy,
+    seed: int,
+    classes: int,
+    variants: int = 3,
+) -> list[tuple[str, np.ndarray]]:
+    """Flat images ``X`` (n, c*h*w) as they are, then ``variants`` augmentations of them
+    and, with mixup/cutmix on, one mixed: (title, images (n, c, h, w)) per row, for a
+    report."""
+    gen = torch.Generator().manual_seed(seed)
+    images = torch.as_tensor(X, dtype=torch.float32).reshape(len(X), *image_shape)
+    rows = [("original", images)]
+    rows += [(f"augmented {i + 1}", augment_batch(images, policy, gen)) for i in range(variants)]
+    if policy.mixes:
+        labels = torch.as_tensor(y, dtype=torch.int64).clamp(0, classes - 1)
+        rows.append(("mixed", mix(rows[-1][1], labels, classes, policy, gen)[0]))
+    return [(title, r.numpy()) for title, r in rows]
 
 
 def augment_batch(x: torch.Tensor, policy: AugmentPolicy, gen: torch.Generator) -> torch.Tensor:
@@ -89,25 +167,33 @@ def augment_batch(x: torch.Tensor, policy: AugmentPolicy, gen: torch.Generator) 
 
 
 def mix(
-    x: torch.Tensor, y: torch.Tensor, classes: int, policy: AugmentPolicy, gen: torch.Generator
+    x: torch.Tensor,
+    y: torch.Tensor,
+    classes: int,
+    policy: AugmentPolicy,
+    gen: torch.Generator,
+    host: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Mixup or cutmix of the batch with a shuffled copy of itself: ``(x, soft targets)``.
 
     Without either option the targets are the one-hot labels, so a loop can use
-    soft targets throughout."""
+    soft targets throughout. The few scalars (which of the two, the weight, the
+    box) come from ``host``, a CPU generator, when given: drawn on a GPU they
+    would each wait for the device (a host sync per step)."""
     target = F.one_hot(y, classes).to(x.dtype)
     if not policy.mixes:
         return x, target
+    scalars = host if host is not None else gen
     use_cutmix = policy.cutmix_alpha > 0 and (
-        policy.mixup_alpha == 0 or _uniform(1, gen, x.device).item() < 0.5
+        policy.mixup_alpha == 0 or _uniform(1, scalars, x.device).item() < 0.5
     )
     alpha = policy.cutmix_alpha if use_cutmix else policy.mixup_alpha
-    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen, device=gen.device).item())
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=scalars, device=scalars.device).item())
     lam = float(np.random.default_rng(seed).beta(alpha, alpha))  # torch's Beta takes no generator
     perm = torch.randperm(len(x), generator=gen, device=gen.device).to(x.device)
     if use_cutmix:
         _, _, h, w = x.shape
-        top, left, bh, bw = _box(h, w, math.sqrt(1 - lam), gen, x.device)
+        top, left, bh, bw = _box(h, w, math.sqrt(1 - lam), scalars)
         mixed = x.clone()
         mixed[:, :, top : top + bh, left : left + bw] = x[perm, :, top : top + bh, left : left + bw]
         lam = 1 - (bh * bw) / (h * w)  # the share actually kept
@@ -186,13 +272,11 @@ def _jitter(x: torch.Tensor, policy: AugmentPolicy, gen: torch.Generator) -> tor
     return out
 
 
-def _box(
-    h: int, w: int, side: float, gen: torch.Generator, device: torch.device
-) -> tuple[int, int, int, int]:
+def _box(h: int, w: int, side: float, gen: torch.Generator) -> tuple[int, int, int, int]:
     """(top, left, height, width) of a box `side` x the image's sides, at a random place."""
     bh, bw = max(1, round(h * side)), max(1, round(w * side))
-    top = int(_uniform(1, gen, device).item() * (h - bh + 1))
-    left = int(_uniform(1, gen, device).item() * (w - bw + 1))
+    top = int(torch.rand(1, generator=gen, device=gen.device).item() * (h - bh + 1))
+    left = int(torch.rand(1, generator=gen, device=gen.device).item() * (w - bw + 1))
     return min(top, h - bh), min(left, w - bw), bh, bw
 
 

@@ -22,15 +22,22 @@ from kubetrain.config.settings import TuneConfig
 #: most: beyond it one validation split is already large, and K fits cost K times more.
 AUTO_MAX_ROWS = 20_000
 AUTO_FOLDS = 5
+#: ... and for images of at most this many values: a ResNet on 2,000 32x32x3 images
+#: trains for minutes a fit on 2 cores, so 5 fits per trial overran a 120 s tuning budget
+#: 3-6 times (measured), while digits (8x8) and small tables take seconds.
+AUTO_MAX_IMAGE_VALUES = 1024
 HASH_DECIMALS = 5
 #: Target quantile groups a regression's folds are stratified on.
 REGRESSION_GROUPS = 10
 
 
-def folds_for(tune: TuneConfig, rows: int) -> int:
-    """The folds to use: as set (0 or 1: off), or for -1 `AUTO_FOLDS` up to `AUTO_MAX_ROWS`."""
+def folds_for(tune: TuneConfig, rows: int, image_shape: list[int] | None = None) -> int:
+    """The folds to use: as set (0 or 1: off), or for -1 `AUTO_FOLDS` up to `AUTO_MAX_ROWS`
+    rows of tables or of images up to `AUTO_MAX_IMAGE_VALUES` values."""
     if tune.cv_folds >= 0:
         return tune.cv_folds if tune.cv_folds >= 2 else 0
+    if image_shape and int(np.prod(image_shape)) > AUTO_MAX_IMAGE_VALUES:
+        return 0
     return AUTO_FOLDS if rows <= AUTO_MAX_ROWS else 0
 
 

@@ -16,6 +16,20 @@ world`` rows per step (the global batch stays ``batch_size``), validation is
 sharded and all-reduced so every rank sees the same numbers and takes the same
 early-stopping decision, and only rank 0 logs and writes checkpoints. Outside
 a group nothing changes.
+
+Images are augmented per batch on the training device with the policy the augment
+stage recorded in the split's schema (`kubetrain.training.batch_augment`): crops,
+flips, rotation, colour jitter, cutout and, as options, mixup/cutmix with soft
+targets. The draws come from a generator on the device, reseeded every epoch
+from (seed, epoch, rank), so a run and its resume augment alike.
+
+On CUDA the loop also: lays conv nets and their batches out channels_last (the
+layout tensor cores take without transposes), runs under bf16 autocast,
+``torch.compile``s the network (`TrainConfig.torch_compile`; a failure is logged
+in one line and training continues uncompiled), keeps the split on the GPU when
+it fits (`DEVICE_SHARE` of the free memory; else pinned host memory, copied
+batch by batch without blocking) and syncs with the host once per epoch, not
+per step. On the CPU each of these is a no-op.
 """
 
 from __future__ import annotations
@@ -39,6 +53,7 @@ from kubetrain.core import progress
 from kubetrain.core.errors import KubetrainError, require
 from kubetrain.data.datasets import Schema
 from kubetrain.training import checkpoint, distributed, stream
+from kubetrain.training.batch_augment import AugmentPolicy, augment_batch, mix, recorded
 from kubetrain.training.models import ModelSpec, build, spec_for
 from kubetrain.training.objective import Objective
 from kubetrain.training.resnet import load_initial_weights
@@ -60,6 +75,11 @@ Split = tuple[np.ndarray, np.ndarray]
 MID_EPOCH_CHECKPOINT_S = 300.0
 #: DataLoader processes that read shards for a streamed split; None: `stream_workers`.
 STREAM_WORKERS: int | None = None
+#: Share of the GPU's free memory an in-memory split may take on the device; a bigger one
+#: stays in pinned host memory and is copied batch by batch.
+DEVICE_SHARE = 0.5
+#: The `torch.compile` backend (tests use "eager", which traces without generating code).
+COMPILE_BACKEND: Any = "inductor"
 
 
 def stream_workers(device: torch.device, n_shards: int) -> int:
@@ -130,14 +150,20 @@ def make_optimizer(
         {"params": decay, "weight_decay": hyper.weight_decay},
         {"params": rest, "weight_decay": 0.0},
     ]
+    # On a GPU one fused kernel updates every parameter (no per-tensor launches).
+    fused = {"fused": True} if all(p.is_cuda for p in model.parameters()) else {}
     if train.optimizer == "sgd":
         return torch.optim.SGD(
-            groups, lr=hyper.learning_rate, momentum=train.momentum, nesterov=train.momentum > 0
+            groups,
+            lr=hyper.learning_rate,
+            momentum=train.momentum,
+            nesterov=train.momentum > 0,
+            **fused,
         )
     if train.optimizer == "adam":
         # Adam's weight_decay is L2 added to the gradient; AdamW decouples it.
-        return torch.optim.Adam(groups, lr=hyper.learning_rate)
-    return torch.optim.AdamW(groups, lr=hyper.learning_rate)
+        return torch.optim.Adam(groups, lr=hyper.learning_rate, **fused)
+    return torch.optim.AdamW(groups, lr=hyper.learning_rate, **fused)
 
 
 def make_schedule(opt: torch.optim.Optimizer, train: TrainConfig, epochs: int):
@@ -197,13 +223,18 @@ def fit(
     """
     _check_splits(train_data, val_data, schema)
     config = fit_config(train, hyper, seed, epochs)
+    policy = recorded(schema)
+    if policy is not None:  # another policy trains another model: no resume across them
+        config["augment_policy"] = policy.to_dict()
     seed_everything(seed)
     where = _place(train.device)
     verbose = verbose and where.rank == 0
     rows = train_data.rows if isinstance(train_data, Streamed) else len(train_data[0])
     spec = spec_for(schema, train.model, hyper.width, hyper.dropout, rows)
     objective = Objective.of(schema, train.regression_loss)
-    loop = _Loop.start(spec, train, hyper, seed, epochs, where, train_data, val_data, objective)
+    loop = _Loop.start(
+        spec, train, hyper, seed, epochs, where, train_data, val_data, objective, policy
+    )
     ckpt = checkpoint.path_in(checkpoint_dir)
     so_far = _resume(loop, ckpt, config, stage if verbose else None)
     # A checkpointed run that had already stopped early has nothing left to train.
@@ -254,6 +285,26 @@ def fit(
     return _result(loop, spec, so_far, started, stopped_by_hook, config)
 
 
+def training_loop(
+    spec: ModelSpec,
+    train: TrainConfig,
+    hyper: HyperConfig,
+    seed: int,
+    train_data: Split | Streamed,
+    val_data: Split,
+    schema: Schema,
+    epochs: int = 1,
+) -> _Loop:
+    """The loop `fit` trains with, for a given network spec, without fit's epochs,
+    checkpoints and early stopping: `make bench-gpu` times its ``train_epoch``."""
+    seed_everything(seed)
+    where = _place(train.device)
+    objective = Objective.of(schema, train.regression_loss)
+    return _Loop.start(
+        spec, train, hyper, seed, epochs, where, train_data, val_data, objective, recorded(schema)
+    )
+
+
 # --- the pieces of fit -------------------------------------------------------------------
 
 
@@ -294,18 +345,28 @@ def _check_splits(train_data: Split | Streamed, val_data: Split, schema: Schema)
     )
 
 
+#: Called after each step of a streamed epoch with (batches done, the loss sum so far as
+#: a device tensor, rows seen); reading the tensor is a host sync, so only when needed.
+StepHook = Callable[[int, torch.Tensor, int], None]
+
+
 def _mid_epoch_saver(
     loop: _Loop, ckpt: Path | None, config: dict[str, Any], so_far: _Progress, epoch: int
-) -> Callable[[int, float, int], None] | None:
+) -> StepHook | None:
     """For a streamed epoch: a step callback that checkpoints every MID_EPOCH_CHECKPOINT_S."""
     if loop.stream is None or ckpt is None or loop.where.rank != 0:
         return None
     last = [time.monotonic()]
 
-    def save(batches: int, loss_sum: float, rows: int) -> None:
+    def save(batches: int, loss_sum: torch.Tensor, rows: int) -> None:
         if time.monotonic() - last[0] < MID_EPOCH_CHECKPOINT_S:
             return
-        so_far.position = {"epoch": epoch, "batches": batches, "loss_sum": loss_sum, "rows": rows}
+        so_far.position = {
+            "epoch": epoch,
+            "batches": batches,
+            "loss_sum": float(loss_sum.item()),
+            "rows": rows,
+        }
         checkpoint.save(ckpt, loop.state_dict(config, so_far))
         so_far.position, last[0] = None, time.monotonic()
 
@@ -362,6 +423,40 @@ def _autocast(device: torch.device) -> Callable[[], AbstractContextManager]:
     return lambda: torch.autocast("cpu", enabled=False)
 
 
+def _fits_device(nbytes: int, device: torch.device) -> bool:
+    """Whether arrays of ``nbytes`` may live on ``device`` (always on the CPU; on a GPU
+    within `DEVICE_SHARE` of its free memory, leaving room for activations)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return nbytes <= DEVICE_SHARE * free
+
+
+def _held(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    """``t`` in pinned memory when a GPU copies from it (the copies then overlap compute)."""
+    return t.pin_memory() if pin and torch.cuda.is_available() else t
+
+
+def _compile(model: nn.Module, setting: str, where: _Placement) -> nn.Module | None:
+    """``torch.compile(model)`` when `TrainConfig.torch_compile` asks for it ('auto': on
+    CUDA), else None. Compiling happens at the first step; `_Loop._step` falls back to the
+    uncompiled model if it fails there."""
+    if setting == "off" or (setting == "auto" and where.device.type != "cuda"):
+        return None
+    try:
+        return torch.compile(model, backend=COMPILE_BACKEND)
+    except Exception as exc:  # noqa: BLE001 - no compiler here: train uncompiled
+        if where.rank == 0:
+            progress.log("train", f"torch.compile unavailable, training uncompiled: {_brief(exc)}")
+        return None
+
+
+def _brief(exc: BaseException) -> str:
+    """An exception as one short line (compiler errors span pages)."""
+    first = (str(exc).strip().splitlines() or [""])[0]
+    return f"{type(exc).__name__}: {first[:200]}"
+
+
 @dataclass
 class _Loop:
     """What one run trains with and mutates epoch by epoch, and the steps of an epoch."""
@@ -377,9 +472,20 @@ class _Loop:
     l1: float
     objective: Objective
     batch_rows: int  # per step on this rank
-    # X, y (None when streamed), X_val, y_val
+    # X, y (None when streamed), X_val, y_val: on the device, or pinned host memory
     data: tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor, torch.Tensor]
     stream: Streamed | None = None  # the sharded training split, when it is streamed
+    #: ``model`` compiled (`torch.compile`), or None: uncompiled, or compiling failed.
+    compiled: nn.Module | None = None
+    #: Images: (channels, height, width); None for tables.
+    image_shape: tuple[int, int, int] | None = None
+    conv: bool = False  # the network takes images (n, c, h, w)
+    channels_last: bool = False
+    policy: AugmentPolicy | None = None  # per-batch augmentation of a training image batch
+    classes: int = 0
+    #: the augmentation's draws on the device, and its few scalars on the host (`mix`)
+    aug_gen: torch.Generator | None = None
+    host_gen: torch.Generator | None = None
 
     @classmethod
     def start(
@@ -393,21 +499,35 @@ class _Loop:
         train_data: Split | Streamed,
         val_data: Split,
         objective: Objective,
+        policy: AugmentPolicy | None = None,
     ) -> _Loop:
         net = build(spec)  # same seed, same initial weights on every rank
         if train.initial_weights:
             load_initial_weights(net, train.initial_weights)
+        conv = spec.image_shape is not None and spec.arch not in ("mlp", "tabular")
+        channels_last = conv and where.device.type == "cuda"
         net = net.to(where.device)
+        if channels_last:
+            net = net.to(memory_format=torch.channels_last)
         opt = make_optimizer(net, train, hyper)
-        # Whole splits live on the device; index batching avoids per-batch host copies.
         X_val, y_val = val_data
         stream = train_data if isinstance(train_data, Streamed) else None
+        # Whole splits live on the device when they fit: index batching, no host copies.
+        arrays = [X_val, y_val] if stream else [*train_data, X_val, y_val]
+        resident = _fits_device(sum(a.nbytes for a in arrays), where.device)
+        home = where.device if resident else torch.device("cpu")
+        pin = not resident  # host memory the GPU copies from without blocking
 
         def features(a: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(a, dtype=torch.float32, device=where.device)
+            t = torch.as_tensor(a, dtype=torch.float32, device=home)
+            if conv:  # stored as the network takes it: batches come out laid out
+                t = t.reshape(len(t), *spec.image_shape)  # type: ignore[misc]
+                if channels_last:
+                    t = t.contiguous(memory_format=torch.channels_last)
+            return _held(t, pin)
 
         def labels(a: np.ndarray) -> torch.Tensor:
-            return torch.as_tensor(a, dtype=objective.label_dtype, device=where.device)
+            return _held(torch.as_tensor(a, dtype=objective.label_dtype, device=home), pin)
 
         if stream is None:
             X, y = train_data
@@ -418,9 +538,11 @@ class _Loop:
         batch_rows = min(effective_batch(hyper.batch_size, rows), rows)
         if where.ddp:  # the global batch stays batch_size: each rank takes its share of it
             batch_rows = max(1, batch_rows // where.world_size)
+        model = distributed.wrap(net, where.device) if where.ddp else net
+        image = spec.image_shape is not None and len(spec.image_shape) == 3
         return cls(
             net=net,
-            model=distributed.wrap(net, where.device) if where.ddp else net,
+            model=model,
             opt=opt,
             sched=make_schedule(opt, train, epochs),
             gen=torch.Generator().manual_seed(seed),
@@ -432,18 +554,27 @@ class _Loop:
             batch_rows=batch_rows,
             data=data,
             stream=stream,
+            compiled=_compile(model, train.torch_compile, where),
+            image_shape=tuple(spec.image_shape) if image else None,  # type: ignore[arg-type]
+            conv=conv,
+            channels_last=channels_last,
+            policy=policy if image else None,
+            classes=spec.num_classes,
+            aug_gen=torch.Generator(device=where.device) if policy and image else None,
+            host_gen=torch.Generator() if policy and image else None,
         )
 
     def train_epoch(
         self,
         epoch: int,
         resume_at: dict[str, Any] | None = None,
-        on_step: Callable[[int, float, int], None] | None = None,
+        on_step: StepHook | None = None,
     ) -> float:
         """One pass over the training split; its mean loss over every row of every rank.
 
         The loss sum stays on the device: one host sync per epoch, not per step.
         """
+        self._seed_augmentation(epoch)
         if self.stream is not None:
             return self._train_streamed(epoch, resume_at, on_step)
         X, y, _, _ = self.data
@@ -453,15 +584,12 @@ class _Loop:
         if w.ddp:  # same permutation on every rank; each takes its slice (same batch count)
             order = distributed.shard_order(order, w.rank, w.world_size)
             torch.manual_seed(distributed.rank_seed(self.seed, epoch, w.rank))  # own dropout
-        order = order.to(w.device)
+        order = order.to(X.device)
         total = torch.zeros((), dtype=torch.float64, device=w.device)
         for i in range(0, len(order), self.batch_rows):
             idx = order[i : i + self.batch_rows]
-            loss = self._loss(X[idx], y[idx])
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            total += loss.detach().double() * len(idx)
+            loss = self._step(self._to_device(X[idx]), self._to_device(y[idx]))
+            total.add_(loss, alpha=len(idx))  # one kernel, no host sync
         self.sched.step()
         # all-reduced (identity on one process): every rank sees the same number
         total_sum, seen = distributed.all_reduce_sum([total.item(), len(order)])
@@ -471,7 +599,7 @@ class _Loop:
         self,
         epoch: int,
         resume_at: dict[str, Any] | None,
-        on_step: Callable[[int, float, int], None] | None,
+        on_step: StepHook | None,
     ) -> float:
         """`train_epoch` over a sharded split: a fixed number of steps on every rank."""
         w, split = self.where, self.stream
@@ -502,24 +630,85 @@ class _Loop:
             if step >= steps:
                 break
             if step < done:  # trained before the interruption: the order is the same
+                if self.policy is not None:  # and the augmentation draws the same, as then
+                    self.training_batch(
+                        xb.to(w.device), yb.to(w.device, self.objective.label_dtype)
+                    )
                 continue
             xb = xb.to(w.device, non_blocking=True)
             yb = yb.to(w.device, dtype=self.objective.label_dtype, non_blocking=True)
-            loss = self._loss(xb, yb)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            total += loss.detach().double() * len(yb)
+            loss = self._step(xb, yb)
+            total.add_(loss, alpha=len(yb))
             seen += len(yb)
             if on_step:
-                on_step(step + 1, float(total.item()), seen)
+                on_step(step + 1, total, seen)
         self.sched.step()
         total_sum, rows = distributed.all_reduce_sum([total.item(), seen])
         return total_sum / max(rows, 1)
 
+    def _seed_augmentation(self, epoch: int) -> None:
+        """Each epoch's augmentation draws from (seed, epoch, rank): the same after a resume,
+        different on every rank."""
+        if self.aug_gen is None or self.host_gen is None:
+            return
+        s = distributed.rank_seed(self.seed + 1, epoch, self.where.rank)
+        self.aug_gen.manual_seed(s)
+        self.host_gen.manual_seed(s)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.where.device, non_blocking=True)
+
+    def training_batch(self, X: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the network trains on for rows ``X`` (flat) and labels ``y``: images
+        augmented (`policy`), mixed with soft targets when mixup/cutmix is on, and laid
+        out for the network (`inputs`)."""
+        if self.image_shape is None or self.policy is None:
+            return self.inputs(X), y
+        assert self.aug_gen is not None
+        images = augment_batch(X.reshape(len(X), *self.image_shape), self.policy, self.aug_gen)
+        if self.policy.mixes and not self.objective.regression:
+            images, y = mix(images, y, self.classes, self.policy, self.aug_gen, self.host_gen)
+        return self._layout(images), y
+
+    def inputs(self, X: torch.Tensor) -> torch.Tensor:
+        """Flat rows as the network takes them: conv nets get (n, c, h, w) images,
+        channels_last on CUDA."""
+        if self.image_shape is None or not self.conv:
+            return X
+        return self._layout(X.reshape(len(X), *self.image_shape))
+
+    def _layout(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.conv:
+            return images.reshape(len(images), -1)
+        return (
+            images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+        )
+
+    def _step(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on a batch; its loss, detached, on the device."""
+        X, y = self.training_batch(X, y)
+        try:
+            loss = self._backward(X, y)
+        except Exception as exc:
+            if self.compiled is None:
+                raise
+            self.compiled = None  # any compiler failure: go on uncompiled
+            if self.where.rank == 0:
+                progress.log("train", f"torch.compile failed, training uncompiled: {_brief(exc)}")
+            loss = self._backward(X, y)  # a real error fails here too
+        self.opt.step()
+        return loss.detach()
+
+    def _backward(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.opt.zero_grad(set_to_none=True)
+        loss = self._loss(X, y)
+        loss.backward()
+        return loss
+
     def _loss(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        model = self.compiled if self.compiled is not None else self.model
         with self.autocast():
-            loss = self.objective.loss(self.model(X).float(), y)
+            loss = self.objective.loss(model(X).float(), y)
         if self.l1 > 0:
             loss = loss + self.l1 * sum(p.abs().sum() for p in self.net.parameters() if p.ndim > 1)
         return loss
@@ -528,11 +717,15 @@ class _Loop:
         """`Objective.score`'s metrics on the validation split, the same on every rank."""
         _, _, X, y = self.data
         w = self.where
+
+        def prepare(xb: torch.Tensor) -> torch.Tensor:
+            return self.inputs(self._to_device(xb))
+
         if w.ddp:
             return _evaluate_sharded(
-                self.net, X, y, self.autocast, self.objective, w.rank, w.world_size
+                self.net, X, y, self.autocast, self.objective, w.rank, w.world_size, prepare
             )
-        return _evaluate(self.model, X, y, self.autocast, self.objective)
+        return _evaluate(self.model, X, y, self.autocast, self.objective, prepare)
 
     def state_dict(self, config: dict[str, Any], so_far: _Progress) -> dict[str, Any]:
         """Everything a resume needs, as tensors and plain values only (`checkpoint.load`
@@ -661,14 +854,25 @@ def _result(
 EVAL_ROWS = 65_536
 
 
+def _as_is(X: torch.Tensor) -> torch.Tensor:
+    return X
+
+
 @torch.no_grad()
 def _sums(
-    model: nn.Module, X: torch.Tensor, y: torch.Tensor, autocast, objective: Objective
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    autocast,
+    objective: Objective,
+    prepare: Callable[[torch.Tensor], torch.Tensor] = _as_is,
 ) -> list[float]:
-    """`Objective.sums` over ``X`` in `EVAL_ROWS` chunks."""
+    """`Objective.sums` over ``X`` in `EVAL_ROWS` chunks; ``prepare`` moves and lays out
+    a chunk for the network (`_Loop.inputs`)."""
     total: list[float] = []
     for start in range(0, len(y), EVAL_ROWS):
-        xb, yb = X[start : start + EVAL_ROWS], y[start : start + EVAL_ROWS]
+        xb = prepare(X[start : start + EVAL_ROWS])
+        yb = y[start : start + EVAL_ROWS].to(xb.device, non_blocking=True)
         with autocast():
             out = model(xb).float()
         part = objective.sums(out, yb)
@@ -678,10 +882,15 @@ def _sums(
 
 @torch.no_grad()
 def _evaluate(
-    model: nn.Module, X: torch.Tensor, y: torch.Tensor, autocast, objective: Objective
+    model: nn.Module,
+    X: torch.Tensor,
+    y: torch.Tensor,
+    autocast,
+    objective: Objective,
+    prepare: Callable[[torch.Tensor], torch.Tensor] = _as_is,
 ) -> dict[str, float]:
     model.eval()
-    return objective.score(_sums(model, X, y, autocast, objective), len(y))
+    return objective.score(_sums(model, X, y, autocast, objective, prepare), len(y))
 
 
 @torch.no_grad()
@@ -693,9 +902,11 @@ def _evaluate_sharded(
     objective: Objective,
     rank: int,
     world_size: int,
+    prepare: Callable[[torch.Tensor], torch.Tensor] = _as_is,
 ) -> dict[str, float]:
     """`_evaluate` over all ranks: each scores rows ``rank::world``, the sums are all-reduced."""
     model.eval()
     Xs, ys = X[rank::world_size], y[rank::world_size]
-    *sums, count = distributed.all_reduce_sum([*_sums(model, Xs, ys, autocast, objective), len(ys)])
+    sums_here = _sums(model, Xs, ys, autocast, objective, prepare)
+    *sums, count = distributed.all_reduce_sum([*sums_here, len(ys)])
     return objective.score(sums, int(count))

@@ -245,7 +245,7 @@ def run_trial(
     Called by the local Optuna study and by the Katib trial entrypoint, so a trial
     means the same on both; the final training shares `train`, not the epoch count.
     """
-    k = folds.folds_for(tune, len(train_data[1]) + len(val_data[1]))
+    k = folds.folds_for(tune, len(train_data[1]) + len(val_data[1]), schema.image_shape)
     if k:
         return _cross_validated(train, hyper, tune, seed, train_data, val_data, schema, hook, k)
     result = fit(
@@ -337,7 +337,7 @@ def tune(
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tune = objective_for(tune, schema.regression)
     space = for_algorithm(search_space(), tune.tune_algorithm)
-    k = folds.folds_for(tune, len(train_data[1]) + len(val_data[1]))
+    k = folds.folds_for(tune, len(train_data[1]) + len(val_data[1]), schema.image_shape)
     goal = GOALS[tune.tune_objective]
     study = optuna.create_study(
         direction=goal,

@@ -484,6 +484,8 @@ def test_trial_command_line_is_pinned():
         "6",
         "--device",
         "auto",
+        "--torch-compile",
+        "auto",
         "--seed",
         "42",
         "--tune-epochs",

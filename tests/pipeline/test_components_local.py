@@ -224,7 +224,12 @@ def evaluated(trained, cleaned):
 @pytest.fixture(scope="module")
 def compressed(trained, cleaned):
     return run(
-        compress, trained_model=trained["trained_model"], test=cleaned["test"], **settings(compress)
+        compress,
+        trained_model=trained["trained_model"],
+        test=cleaned["test"],
+        train=cleaned["train"],
+        validation=cleaned["validation"],
+        **settings(compress),
     )
 
 
@@ -333,18 +338,18 @@ def test_clean_splits_stratified_and_scaled(cleaned, ingested):
 # ---------------------------------------------------------------- augment
 
 
-def test_augment_grows_only_the_training_split(augmented, cleaned):
+def test_augment_records_the_image_policy_and_copies_nothing(augmented, cleaned):
     out = augmented["augmented"]
     meta = out.metadata
-    X, y, _ = load_split(out.path)
+    X, y, schema = load_split(out.path)
     before = cleaned["train"].metadata["rows"]
-    assert meta["rows_before"] == before
-    assert D.flat()["augment_copies"] == -1 and meta["copies"] == 1  # auto: a small split
-    assert len(X) == len(y) == meta["rows_after"] == before * (1 + meta["copies"])
+    assert meta["rows_before"] == meta["rows_after"] == before == len(X) == len(y)
+    assert meta["copies"] == 0  # digits are images: augmented per batch in training
     assert counts_total(meta["class_counts_after"]) == len(y)
-    assert counts_total(meta["class_counts_before"]) == before
+    assert schema.extra["augment_policy"] == meta["policy"]
+    assert meta["policy"]["flip_horizontal"] is False  # one-channel digits are not mirrored
     X_train, _, _ = load_split(cleaned["train"].path)
-    assert X.shape[1:] == X_train.shape[1:]
+    np.testing.assert_array_equal(X, X_train)
     assert "data:image/png;base64," in Path(augmented["report"].path).read_text()
 
 

@@ -80,6 +80,7 @@ STAGE_OUTPUTS: dict[str, tuple[dict[str, str], dict[str, str]]] = {
         {"summary": "STRUCT"},
     ),
     "comp-publish": ({}, {"Output": "STRING"}),
+    "comp-deploy": ({"record": "system.Artifact"}, {}),
 }
 STAGE_INPUT_ARTIFACTS = {
     "comp-ingest": {},
@@ -89,7 +90,12 @@ STAGE_INPUT_ARTIFACTS = {
     "comp-default-hyperparameters": {},
     "comp-train": {"train": "system.Dataset", "validation": "system.Dataset"},
     "comp-evaluate": {"trained_model": "system.Model", "test": "system.Dataset"},
-    "comp-compress": {"trained_model": "system.Model", "test": "system.Dataset"},
+    "comp-compress": {
+        "trained_model": "system.Model",
+        "test": "system.Dataset",
+        "train": "system.Dataset",
+        "validation": "system.Dataset",
+    },
     "comp-skip-compression": {"evaluation": "system.Artifact"},
     "comp-publish": {
         "trained_model": "system.Model",
@@ -97,6 +103,7 @@ STAGE_INPUT_ARTIFACTS = {
         "evaluation": "system.Artifact",
         "table": "system.Dataset",
     },
+    "comp-deploy": {"table": "system.Dataset", "test": "system.Dataset"},
 }
 DISPLAY_NAMES = {
     "comp-ingest": "ingest",
@@ -109,10 +116,12 @@ DISPLAY_NAMES = {
     "comp-compress": "compress",
     "comp-skip-compression": "compress (skipped: quality gate)",
     "comp-publish": "publish",
+    "comp-deploy": "deploy",
 }
 TUNING = "int(inputs.parameter_values['pipelinechannel--tune_trials']) > 0"
 GATE = "inputs.parameter_values['pipelinechannel--evaluate-gate'] == 'pass'"
 PUBLISH = "inputs.parameter_values['pipelinechannel--publish_uri'] != ''"
+DEPLOY = "inputs.parameter_values['pipelinechannel--deploy'] == true"
 PARAMETER_TYPES = {
     "str": "STRING",
     "int": "NUMBER_INTEGER",
@@ -445,6 +454,15 @@ def test_publishing_runs_after_compression_only_when_a_uri_is_given(compiled):
     # publish sits next to compress inside the gate-passed branch
     assert up[:-1] == leaves["comp-compress"][1]
     assert "compress" in up[-1].get("dependentTasks", [])
+
+
+def test_deploy_runs_after_publish_only_when_asked(compiled):
+    leaves = leaf_tasks(compiled.doc)
+    task, up = leaves["comp-deploy"]
+    assert conditions(up) == [GATE, PUBLISH, DEPLOY]
+    assert up[-1]["taskInfo"]["name"] == "deploy-requested"
+    assert up[:-1] == leaves["comp-publish"][1]  # inside publish-requested
+    assert "publish" in up[-1].get("dependentTasks", [])
 
 
 # ---------------------------------------------------------------- parameters

@@ -7,7 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from kubetrain.core.errors import KubetrainError
-from kubetrain.training.batch_augment import AugmentPolicy, augment_batch, mix, policy_for
+from kubetrain.training.batch_augment import (
+    AugmentPolicy,
+    augment_batch,
+    mix,
+    policy_for,
+    preview,
+)
 
 OFF = dict(
     crop_min_area=1.0,
@@ -95,6 +101,32 @@ def test_mixup_and_cutmix_give_soft_targets_that_train():
     own = target[torch.arange(32), y]
     changed = kept < 1
     torch.testing.assert_close(kept[changed], own[changed], atol=1e-5, rtol=0)
+
+
+def test_mix_takes_its_scalars_from_a_host_generator():
+    """On a GPU the loop passes a CPU generator for the weight and box: drawing them from
+    the device generator would sync with the host every step."""
+    x, y, policy = batch(n=32), torch.arange(32) % 4, AugmentPolicy(cutmix_alpha=1.0)
+    first = mix(x, y, 4, policy, gen(3), host=gen(9))
+    again = mix(x, y, 4, policy, gen(3), host=gen(9))
+    other = mix(x, y, 4, policy, gen(3), host=gen(10))
+    torch.testing.assert_close(first, again)
+    assert not torch.equal(first[0], other[0])  # another box: the scalars came from `host`
+
+
+def test_preview_rows_for_the_report():
+    x = batch(n=4, c=1, h=8, w=8)
+    rows = preview(x.reshape(4, -1).numpy(), [0, 1, 2, 3], [1, 8, 8],
+                   AugmentPolicy(mixup_alpha=0.4), seed=0, classes=4)  # fmt: skip
+    assert [t for t, _ in rows] == [
+        "original",
+        "augmented 1",
+        "augmented 2",
+        "augmented 3",
+        "mixed",
+    ]
+    assert all(r.shape == (4, 1, 8, 8) for _, r in rows)
+    torch.testing.assert_close(torch.as_tensor(rows[0][1]), x)
 
 
 def test_defaults_by_shape_and_bad_policies():

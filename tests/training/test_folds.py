@@ -54,6 +54,13 @@ def test_auto_folds_depend_on_the_rows(setting, rows, expected) -> None:
     assert folds.folds_for(TuneConfig(cv_folds=setting), rows) == expected
 
 
+def test_auto_folds_skip_images_a_resnet_takes_but_keep_digits() -> None:
+    auto = TuneConfig(cv_folds=-1)
+    assert folds.folds_for(auto, 1797, [1, 8, 8]) == 5  # digits: seconds per fit
+    assert folds.folds_for(auto, 2000, [3, 32, 32]) == 0  # minutes per fit on a CPU
+    assert folds.folds_for(TuneConfig(cv_folds=3), 2000, [3, 32, 32]) == 3  # as set
+
+
 def test_a_cross_validated_trial_scores_the_mean_of_its_folds() -> None:
     X, y = data(500)
     Xv, yv = data(150, seed=1)
