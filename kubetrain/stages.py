@@ -40,7 +40,6 @@ from kubetrain.core import progress
 from kubetrain.data.datasets import load_split, write_json, write_text
 from kubetrain.report import plots
 from kubetrain.report.html import Section, write_html, write_markdown
-from kubetrain.training import checkpoint, stream
 
 
 @dataclass(frozen=True)
@@ -424,7 +423,7 @@ def cross_validation_sections(
 
 def train_here(req: TrainRequest) -> dict[str, Any]:
     """The in-process training backend (also rank 0 of a DDP run): fit, then write outputs."""
-    from kubetrain.training import challenger
+    from kubetrain.training import challenger, checkpoint, stream
     from kubetrain.training.batch_augment import recorded
     from kubetrain.training.loop import describe, fit
     from kubetrain.training.models import save_model
@@ -531,6 +530,8 @@ def train_stage(
     """
     tuned = hyper.replace(hyperparameters or {})
     if checkpoint_root:
+        from kubetrain.training import checkpoint
+
         settings = {**train.to_dict(), **tuned.to_dict(), **final.to_dict(), "seed": seed}
         settings.pop("challenger")  # the network trains the same with or without one
         stable = checkpoint.stable_dir(checkpoint_root, train_path, val_path, settings)

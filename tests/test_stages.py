@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+
+import pytest
 
 from kubetrain.data.clean import quality_report
 from kubetrain.stages import METADATA_ITEMS, compact
@@ -39,3 +43,15 @@ def test_class_names_in_the_quality_report_are_inert():
     report = quality_report(stats)
     assert "<script>" not in report and "&lt;script&gt;" in report
     assert "a\\|b" in report  # a pipe would split the table cell
+
+
+@pytest.mark.integration
+def test_the_stage_cli_loads_without_torch_or_matplotlib():
+    """Every KFP step is a fresh process: ingest and clean must not pay torch's import
+    (1.5 s here) or matplotlib's; the stages that train or draw load them themselves."""
+    code = (
+        "import sys, kubetrain.cli.stage; "
+        "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -27,7 +27,6 @@ from kubetrain.stages import (
     Tuner,
     TuneRequest,
 )
-from kubetrain.training import distributed
 
 
 def _placement(cluster: ClusterConfig | Mapping[str, Any] | None) -> ClusterConfig | None:
@@ -89,6 +88,8 @@ def trainer_for(
     placement = _placement(cluster)
     if placement is not None and placement.trainjob:
         return functools.partial(train_on_trainjob, placement, run_id)
+    from kubetrain.training import distributed  # torch: imported by the stages that train
+
     if distributed.should_launch(final.nproc):
         return train_with_torchrun
     return stages.train_here
@@ -184,6 +185,8 @@ def train_on_trainjob(placement: ClusterConfig, run_id: str, req: TrainRequest) 
 
 def train_with_torchrun(req: TrainRequest) -> dict[str, Any]:
     """`final.nproc` local DDP processes; rank 0 runs `stages.train_here` and writes the outputs."""
+    from kubetrain.training import distributed
+
     cfg = RunConfig(seed=req.seed, train=req.train, hyper=req.hyper, final=req.final)
     return distributed.train_distributed(
         req.train_path,

@@ -18,13 +18,12 @@ from __future__ import annotations
 import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
-from matplotlib.ticker import MaxNLocator
+
+if TYPE_CHECKING:  # matplotlib loads when a figure is drawn, not with every stage
+    from matplotlib.figure import Figure
 
 __all__ = [
     "class_balance",
@@ -56,6 +55,9 @@ _MAX_TICK_LABELS = 40  # above this many classes, tick labels are unreadable
 
 
 def _figure(width: float = WIDTH, height: float = HEIGHT) -> Figure:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -70,6 +72,8 @@ def _png(fig: Figure) -> bytes:
 
 def _style(ax, integer_x: bool = False) -> None:
     if integer_x:  # epochs, trial numbers
+        from matplotlib.ticker import MaxNLocator
+
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3, linewidth=0.6)
     ax.set_axisbelow(True)
@@ -503,6 +507,8 @@ def tuning_trials(
             if state == "PRUNED" and ok.any():
                 last = np.flatnonzero(ok)[-1]
                 ax_int.plot(steps[last], curve[last], marker="x", color=_ORANGE, markersize=5)
+        from matplotlib.lines import Line2D
+
         handles = [
             Line2D([], [], color=_STATE_COLORS[s], linestyle=styles[s], label=s.lower())
             for s in ("COMPLETE", "PRUNED", "FAIL")
