@@ -16,7 +16,7 @@ from pathlib import Path
 from kfp import compiler, dsl
 
 from kubetrain import registry
-from kubetrain.cluster import security
+from kubetrain.cluster import k8s, security
 from kubetrain.config.cluster import ClusterConfig
 from kubetrain.core.errors import KubetrainError
 
@@ -78,10 +78,6 @@ def place_on_cluster(task: dsl.PipelineTask, stage: str, cluster: ClusterConfig)
     harden(task, stage)
 
 
-#: Pod labels of every step's pod: what a cluster policy (Kyverno, Gatekeeper) selects on.
-POD_LABELS = {"app.kubernetes.io/part-of": "kubetrain"}
-
-
 def harden(task: dsl.PipelineTask, stage: str) -> None:
     """The restricted pod security kfp-kubernetes 2.17 can put on a task.
 
@@ -104,7 +100,7 @@ def harden(task: dsl.PipelineTask, stage: str) -> None:
         kubernetes.empty_dir_mount(task, volume_name=mount["name"], mount_path=mount["mountPath"])
     for name, value in security.SCRATCH_ENV.items():
         task.set_env_variable(name, value)
-    for key, value in {**POD_LABELS, "app.kubernetes.io/component": stage}.items():
+    for key, value in k8s.labels(stage).items():
         kubernetes.add_pod_label(task, key, value)
 
 

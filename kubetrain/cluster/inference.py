@@ -121,10 +121,7 @@ def inference_service(
         "metadata": {
             "name": name,
             "namespace": cluster.namespace,
-            "labels": {
-                "app.kubernetes.io/name": "kubetrain",
-                "app.kubernetes.io/component": "serve",
-            },
+            "labels": k8s.labels("serve"),
             "annotations": {
                 MODE_ANNOTATION: "RawDeployment",
                 BUNDLE_ANNOTATION: bundle_uri,

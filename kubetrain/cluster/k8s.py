@@ -18,6 +18,15 @@ from typing import Any
 
 from kubetrain.core.errors import KubetrainError
 
+#: What every object kubetrain creates, and its pods, carry: the label the manifests put
+#: on their objects and the optional pod policy (manifests/README.md) selects on.
+PART_OF = {"app.kubernetes.io/part-of": "kubetrain"}
+
+
+def labels(component: str) -> dict[str, str]:
+    """The labels of an object a stage creates (and, copied by its operator, its pods)."""
+    return {**PART_OF, "app.kubernetes.io/component": component}
+
 
 def run_name(run_id: str, prefix: str, max_len: int) -> str:
     """A per-run resource name: `prefix-` + 10 hex digits of sha256(run_id).

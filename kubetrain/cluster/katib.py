@@ -344,10 +344,7 @@ def experiment(
         "metadata": {
             "name": name,
             "namespace": cluster.namespace,
-            "labels": {
-                "app.kubernetes.io/part-of": "kubetrain",
-                "app.kubernetes.io/component": "tune",
-            },
+            "labels": k8s.labels("tune"),
         },
         "spec": spec,
     }

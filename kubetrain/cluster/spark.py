@@ -247,7 +247,7 @@ def setting_args(clean: CleanConfig, seed: int) -> list[str]:
 
 def _labels(run_id: str) -> dict[str, str]:
     """What links the application (and, copied by the operator, its pods) to the run."""
-    labels = {"app.kubernetes.io/name": "kubetrain", "app.kubernetes.io/component": "clean"}
+    labels = k8s.labels("clean")
     if run_id:
         ok = len(run_id) <= 63 and _LABEL_VALUE.match(run_id)
         labels[RUN_LABEL] = run_id if ok else k8s.run_name(run_id, "run", 20)

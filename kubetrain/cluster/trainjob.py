@@ -138,10 +138,7 @@ def trainjob(
         "metadata": {
             "name": name,
             "namespace": cluster.namespace,
-            "labels": {
-                "app.kubernetes.io/name": "kubetrain",
-                "app.kubernetes.io/component": "train",
-            },
+            "labels": k8s.labels("train"),
         },
         "spec": {
             "runtimeRef": {

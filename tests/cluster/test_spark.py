@@ -235,7 +235,7 @@ def test_pods_run_restricted_driver_with_its_token_executors_without():
 
 def test_labels_link_the_application_to_the_run():
     assert _app()["metadata"]["labels"] == {
-        "app.kubernetes.io/name": "kubetrain",
+        "app.kubernetes.io/part-of": "kubetrain",
         "app.kubernetes.io/component": "clean",
         "kubetrain.io/run-id": RUN_ID,
     }
