@@ -75,10 +75,10 @@ format: install-test ## ruff: apply the safe lint fixes and reformat
 	$(RUFF) check --fix $(LINT_PATHS)
 	$(RUFF) format $(LINT_PATHS)
 
-test: install-test ## run every tier: unit, integration, e2e (CI runs this; about 7 minutes on 2 cores)
+test: install-test ## run every tier: unit, integration, e2e (CI runs this; about 10 minutes on 2 cores)
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 $(PYTEST_ARGS)
 
-test-fast: install-test ## run the unit tier only (about a minute; no servers or subprocesses)
+test-fast: install-test ## run the unit tier only (about 3 minutes; no servers or subprocesses)
 	$(PY) -m pytest -m unit -q $(PYTEST_ARGS)
 
 bench: install ## measure pipeline and stage speed
