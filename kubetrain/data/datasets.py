@@ -331,6 +331,11 @@ def table_schema(path: str | os.PathLike) -> Schema:
     return _table_schema(_table_meta(path)[1])
 
 
+def table_rows(path: str | os.PathLike) -> int:
+    """How many rows the table holds, from meta.json (no part is read)."""
+    return int(_table_meta(path)[1]["rows"])
+
+
 def table_files(path: str | os.PathLike) -> list[Path]:
     """The table's Parquet files in row order (what an engine like Spark reads directly)."""
     root, meta = _table_meta(path)

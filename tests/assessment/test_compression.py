@@ -621,8 +621,8 @@ def test_student_specs_are_smaller_networks():
     assert student(torch.zeros(2, 3072)).shape == (2, 10)
 
 
-def test_training_rows_are_capped_by_a_stratified_sample(tmp_path):
-    from kubetrain.data import shards
+def test_training_rows_are_capped_by_a_stratified_sample(tmp_path, monkeypatch):
+    from kubetrain.data import batches, shards
     from kubetrain.data.datasets import Schema
 
     rng = np.random.default_rng(0)
@@ -641,6 +641,11 @@ def test_training_rows_are_capped_by_a_stratified_sample(tmp_path):
     assert len(X_few) == 90 and np.bincount(y_few).tolist() == [30, 30, 30]
     X_bytes, _, _ = distill.read_rows(tmp_path / "train", seed=0, max_bytes=20 * 5 * 4)
     assert len(X_bytes) <= 21
+    # a sample is streamed: the split is never loaded whole, however much memory is free
+    loaded = []
+    monkeypatch.setattr(batches, "load_split", lambda *a: loaded.append(a) or 1 / 0)
+    X_streamed, _, _ = distill.read_rows(tmp_path / "train", seed=0, max_rows=90)
+    assert not loaded and np.array_equal(X_streamed, X_few)
 
 
 def test_regression_student_fits_the_teachers_values():

@@ -274,6 +274,27 @@ def test_holding_the_arrow_batches_or_rereading_the_parts_writes_the_same_splits
     assert held_stats["splits"] == streamed_stats["splits"]
 
 
+def test_a_table_that_would_not_fit_is_not_held_from_its_first_batch(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Holding decides on the first batch, extrapolated to the table's rows: a table
+    over the budget is never held (not filled up to the budget and then let go)."""
+    from kubetrain.data.clean_stream import HeldBatches
+
+    table = write_table(tmp_path, raw_frame(3))
+    first = HeldBatches(table, 40)
+    frames = list(first.first_read())
+    assert first.batches is not None and len(first.batches) == len(frames) > 2
+    per_batch = first.batches[0].nbytes
+    monkeypatch.setenv("KUBETRAIN_MEMORY_BUDGET", str(per_batch * 2))  # > 1 batch, < table
+    over = HeldBatches(table, 40)
+    seen = []
+    for frame in over.first_read():
+        seen.append(over.batches)  # decided at the first batch already
+        assert len(frame)
+    assert seen[0] is None and over.batches is None
+
+
 def test_read_ahead_and_write_behind_keep_order_and_raise_the_first_error() -> None:
     from kubetrain.data.clean_stream import read_ahead, write_behind
 
