@@ -774,6 +774,8 @@ def report(result: dict[str, Any]) -> str:
     lines += ["", "Targets"]
     for name, value, verdict in result["targets"]:
         lines.append(f"  {name:<44}{value:<38}{verdict}")
+        if len(name) >= 44 or len(value) >= 38:  # a long row: its verdict on its own line
+            lines[-1:] = [f"  {name}", f"  {'':<44}{value:<38}{verdict}"]
     c = result["clean"]
     lines += [
         "",
