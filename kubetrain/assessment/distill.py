@@ -59,6 +59,12 @@ ALPHA = 0.7
 #: Measured on digits (CNN teacher 0.964, student 8/16 channels, 30 epochs): 3e-3 0.938,
 #: 1e-2 0.973 test accuracy.
 LEARNING_RATE = 1e-2
+#: A student still at chance after its first epoch (its outputs collapsed to a constant:
+#: a 32x32x3 ResNet-8 teacher's logits reach +-76, and at 1e-2 seed 42's first steps
+#: killed the head, validation accuracy 0.10 for 10 epochs) starts again at this share
+#: of the rate, at most `RESTARTS` times (there: 0.39 after 10 epochs, the restart included).
+RESTART_FACTOR = 1 / 3
+RESTARTS = 2
 #: Rows an epoch has at least: a smaller split is repeated, so that a few epochs are
 #: enough steps (digits' 1,347 rows are 21 steps of 64 rows).
 MIN_EPOCH_ROWS = 4096
@@ -187,8 +193,20 @@ def distill(
     under load: 0.6 s with one thread, 5.4-15 s with two."""
     previous = torch.get_num_threads()
     torch.set_num_threads(CPU_THREADS)
+    rate = LEARNING_RATE
     try:
-        return _distill(teacher, spec, train, validation, epochs, temperature, seed)
+        for restart in range(RESTARTS + 1):
+            last = restart == RESTARTS
+            out = _distill(teacher, spec, train, validation, epochs, temperature, seed, rate, last)
+            if out is not None:
+                return out
+            rate *= RESTART_FACTOR
+            progress.log(
+                "compress",
+                f"the student is at chance after its first epoch; distilling again at "
+                f"learning rate {rate:.2g}",
+            )
+        raise AssertionError("the last try always returns")  # pragma: no cover
     finally:
         torch.set_num_threads(previous)
 
@@ -201,7 +219,11 @@ def _distill(
     epochs: int,
     temperature: float,
     seed: int,
-) -> Distilled:
+    learning_rate: float,
+    last_try: bool = False,
+) -> Distilled | None:
+    """The distilled student, or None when it is still at chance after its first epoch
+    (see `RESTART_FACTOR`) and this is not the ``last_try``."""
     started = time.perf_counter()
     X, y, schema = train
     student = student_spec(spec)
@@ -213,7 +235,7 @@ def _distill(
         student,
         TrainConfig(torch_compile="off"),
         HyperConfig(
-            learning_rate=LEARNING_RATE,
+            learning_rate=learning_rate,
             width=student.width,
             dropout=0.0,
             batch_size=BATCH_SIZE,
@@ -239,6 +261,8 @@ def _distill(
     for epoch in range(1, epochs + 1):
         loss = loop.train_epoch(epoch)
         metrics = loop.validate()
+        if epoch == 1 and not last_try and _at_chance(metrics, base, validation[1]):
+            return None
         key = (metrics[base.score_metric], -metrics["validation-loss"])
         if best is None or key > best[0]:
             best = (key, epoch, copy.deepcopy(loop.net.state_dict()), metrics)
@@ -252,3 +276,13 @@ def _distill(
     net.load_state_dict(best[2])
     net = net.to("cpu").eval()
     return Distilled(net, student, len(X), epochs, best[1], best[3], time.perf_counter() - started)
+
+
+def _at_chance(metrics: dict[str, float], objective: Objective, y: np.ndarray) -> bool:
+    """Whether the student scores no better than a constant: the majority class's share
+    of the validation rows (a classifier), or R^2 <= 0 (a regression)."""
+    score = metrics[objective.score_metric]
+    if objective.regression:
+        return score <= 0.0
+    shares = np.bincount(np.asarray(y, np.int64)) / max(1, len(y))
+    return score <= float(shares.max()) + 1e-9

@@ -748,3 +748,16 @@ def test_a_regression_gets_a_student_judged_on_rmse(tmp_path):
         assert v["within_budget"] == (v["name"] == "fp32" or v["rmse"] <= allowed)
     assert [v["pareto"] for v in result["variants"]] == tradeoff.pareto(result["variants"])
     assert result["chosen"] == tradeoff.choose(result["variants"], "latency")
+
+
+def test_a_student_at_chance_is_recognised_for_a_restart():
+    """`distill` restarts a student whose first epoch left it no better than a constant."""
+    from kubetrain.training.objective import Objective
+
+    y = np.array([0, 0, 0, 1, 2])  # the majority class is 60% of the rows
+    classifier = Objective(False)
+    assert distill._at_chance({"validation-accuracy": 0.6}, classifier, y)
+    assert not distill._at_chance({"validation-accuracy": 0.8}, classifier, y)
+    regression = Objective(True)
+    assert distill._at_chance({"validation-r2": -0.1}, regression, y)
+    assert not distill._at_chance({"validation-r2": 0.3}, regression, y)
