@@ -226,15 +226,11 @@ def fit(
     policy = recorded(schema)
     if policy is not None:  # another policy trains another model: no resume across them
         config["augment_policy"] = policy.to_dict()
-    seed_everything(seed)
-    where = _place(train.device)
-    verbose = verbose and where.rank == 0
     rows = train_data.rows if isinstance(train_data, Streamed) else len(train_data[0])
     spec = spec_for(schema, train.model, hyper.width, hyper.dropout, rows)
-    objective = Objective.of(schema, train.regression_loss)
-    loop = _Loop.start(
-        spec, train, hyper, seed, epochs, where, train_data, val_data, objective, policy
-    )
+    loop = training_loop(spec, train, hyper, seed, train_data, val_data, schema, epochs)
+    where, objective = loop.where, loop.objective
+    verbose = verbose and where.rank == 0
     ckpt = checkpoint.path_in(checkpoint_dir)
     so_far = _resume(loop, ckpt, config, stage if verbose else None)
     # A checkpointed run that had already stopped early has nothing left to train.
@@ -296,7 +292,8 @@ def training_loop(
     epochs: int = 1,
 ) -> _Loop:
     """The loop `fit` trains with, for a given network spec, without fit's epochs,
-    checkpoints and early stopping: `make bench-gpu` times its ``train_epoch``."""
+    checkpoints and early stopping: `fit` drives it, `make bench-gpu` times its
+    ``train_epoch`` and distillation trains a student with it."""
     seed_everything(seed)
     where = _place(train.device)
     objective = Objective.of(schema, train.regression_loss)
