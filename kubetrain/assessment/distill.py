@@ -195,9 +195,10 @@ def distill(
     torch.set_num_threads(CPU_THREADS)
     rate = LEARNING_RATE
     try:
+        soft = teacher_outputs(teacher, train[0])  # once: every restart learns the same
         for restart in range(RESTARTS + 1):
             last = restart == RESTARTS
-            out = _distill(teacher, spec, train, validation, epochs, temperature, seed, rate, last)
+            out = _distill(soft, spec, train, validation, epochs, temperature, seed, rate, last)
             if out is not None:
                 return out
             rate *= RESTART_FACTOR
@@ -212,7 +213,7 @@ def distill(
 
 
 def _distill(
-    teacher: nn.Module,
+    soft: torch.Tensor,
     spec: ModelSpec,
     train: tuple[np.ndarray, np.ndarray, Schema],
     validation: tuple[np.ndarray, np.ndarray],
@@ -222,8 +223,9 @@ def _distill(
     learning_rate: float,
     last_try: bool = False,
 ) -> Distilled | None:
-    """The distilled student, or None when it is still at chance after its first epoch
-    (see `RESTART_FACTOR`) and this is not the ``last_try``."""
+    """The student distilled from the teacher's outputs ``soft`` (`teacher_outputs`), or
+    None when it is still at chance after its first epoch (see `RESTART_FACTOR`) and
+    this is not the ``last_try``."""
     started = time.perf_counter()
     X, y, schema = train
     student = student_spec(spec)
@@ -253,7 +255,7 @@ def _distill(
         base.regression,
         base.scale,
         base.huber,
-        teacher=teacher_outputs(teacher, X).to(device),
+        teacher=soft.to(device),
         labels=torch.as_tensor(np.asarray(y if not schema.regression else [], np.int64)).to(device),
         temperature=float(temperature),
     )
