@@ -47,9 +47,7 @@ import logging
 import math
 import os
 import shutil
-import statistics
 import tempfile
-import time
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -66,10 +64,11 @@ from kubetrain.assessment.tradeoff import (
     LATENCY_TOLERANCE,
     OBJECTIVES,
     batch_of,
+    choose,
     measure_latencies,
     pareto,
+    quality,
 )
-from kubetrain.assessment.tradeoff import choose as choose_by
 from kubetrain.core import progress
 from kubetrain.core.errors import KubetrainError
 from kubetrain.data import batches
@@ -99,7 +98,7 @@ SCORE_BYTES = 48
 __all__ = [
     "compress",
     "compress_split",
-    "choose",
+    "mark_within_budget",
     "within_budget",
     "export_onnx",
     "prune_model",
@@ -107,7 +106,6 @@ __all__ = [
     "quantize_static_int8",
     "Extras",
     "onnx_predict",
-    "measure_latency",
     "verify_export",
     "gzip_size",
 ]
@@ -308,38 +306,6 @@ def onnx_predict(
     return (probs / probs.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
-def measure_latency(
-    path: str | os.PathLike,
-    num_features: int,
-    sample: np.ndarray | None = None,
-    *,
-    warmup: int = 5,
-    max_runs: int = 200,
-    max_seconds: float = 0.2,
-    session: Any = None,
-) -> float:
-    """Median batch-1 CPU latency in ms, single intra-op thread.
-
-    Bounded: `warmup` runs, then at most `max_runs` timed runs or `max_seconds`
-    of them, whichever ends first (at least 3 timed runs)."""
-    session = session or _session(path)
-    x = (
-        np.zeros((1, num_features), np.float32)
-        if sample is None
-        else np.ascontiguousarray(sample, np.float32).reshape(1, num_features)
-    )
-    feed = {INPUT_NAME: x}
-    for _ in range(warmup):
-        session.run([OUTPUT_NAME], feed)
-    times: list[float] = []
-    deadline = time.perf_counter() + max_seconds
-    while len(times) < max_runs and (len(times) < 3 or time.perf_counter() < deadline):
-        start = time.perf_counter()
-        session.run([OUTPUT_NAME], feed)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000.0
-
-
 def gzip_size(path: str | os.PathLike) -> int:
     """Bytes after gzip -9 (what the file costs in transit and object storage)."""
     return len(gzip.compress(Path(path).read_bytes(), compresslevel=9, mtime=0))
@@ -399,18 +365,12 @@ def within_budget(accuracy: float, baseline: float, budget: float) -> bool:
     return accuracy >= baseline - budget - 1e-9  # 1e-9: float noise in baseline - budget
 
 
-def choose(variants: Sequence[dict[str, Any]], baseline: float, budget: float) -> str:
-    """Name of the variant with the smallest ``gzip_bytes`` among those whose
-    ``accuracy`` is at least ``baseline - budget``; ``fp32`` always qualifies
-    (it is the model itself). Ties go to the earlier variant in the list."""
-    qualified = [
-        (v["gzip_bytes"], i, v["name"])
-        for i, v in enumerate(variants)
-        if v["name"] == "fp32" or within_budget(v["accuracy"], baseline, budget)
-    ]
-    if not qualified:
-        raise ValueError("no variant is within the accuracy budget and fp32 is missing")
-    return min(qualified)[2]
+def mark_within_budget(variants: Sequence[dict[str, Any]], base: float, allowed: float) -> None:
+    """Set each variant's ``within_budget``: its quality (`tradeoff.quality`: accuracy,
+    or minus RMSE) at most ``allowed`` below ``base``; fp32 (the model itself) always is.
+    `tradeoff.choose` then keeps one of those by objective."""
+    for v in variants:
+        v["within_budget"] = v["name"] == "fp32" or within_budget(quality(v), base, allowed)
 
 
 # ------------------------------------------------------------------- the stage
@@ -827,19 +787,12 @@ def _compress(
                 }
             )
         if regression:  # lower RMSE is better: judged on -RMSE, budget in RMSE units
-            rmse = baseline["rmse"]
-            for v in variants:
-                v["within_budget"] = v["name"] == "fp32" or within_budget(
-                    -v["rmse"], -rmse, rmse * error_budget
-                )
+            mark_within_budget(variants, -baseline["rmse"], baseline["rmse"] * error_budget)
         else:
-            for v in variants:
-                v["within_budget"] = v["name"] == "fp32" or within_budget(
-                    v["accuracy"], baseline["accuracy"], accuracy_budget
-                )
+            mark_within_budget(variants, baseline["accuracy"], accuracy_budget)
         for v, optimal in zip(variants, pareto(variants), strict=True):
             v["pareto"] = optimal
-        chosen = choose_by(variants, extras.objective)
+        chosen = choose(variants, extras.objective)
         shutil.copyfile(tmp / f"{chosen}.onnx", tmp / "model.onnx")
 
         result = {

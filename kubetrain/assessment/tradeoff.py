@@ -47,6 +47,7 @@ __all__ = [
     "choose",
     "measure_latencies",
     "pareto",
+    "quality",
 ]
 
 
@@ -87,7 +88,7 @@ def measure_latencies(
     return {name: statistics.median(t) * 1000.0 for name, t in times.items()}
 
 
-def _quality(v: Mapping[str, Any]) -> float:
+def quality(v: Mapping[str, Any]) -> float:
     """Higher is better: accuracy, or minus a regression's RMSE."""
     return float(v["accuracy"]) if "accuracy" in v else -float(v["rmse"])
 
@@ -102,7 +103,7 @@ def pareto(variants: Sequence[Mapping[str, Any]]) -> list[bool]:
     points = [
         (
             float(v["gzip_bytes"]),
-            _quality(v),
+            quality(v),
             (float(v["latency_b1_ms"]), float(v["latency_b64_ms"])),
         )
         for v in variants

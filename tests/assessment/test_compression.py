@@ -19,7 +19,6 @@ from sklearn.model_selection import train_test_split
 from kubetrain.assessment import compression, distill, tradeoff
 from kubetrain.assessment.compression import (
     Extras,
-    choose,
     compress,
     export_onnx,
     onnx_predict,
@@ -235,6 +234,14 @@ def _v(name, accuracy, gzip_bytes):
     return {"name": name, "accuracy": accuracy, "gzip_bytes": gzip_bytes}
 
 
+def choose(variants, baseline, budget):
+    """The stage's size rule: the budget marked (`mark_within_budget`), the smallest
+    kept (`tradeoff.choose` with objective ``size``)."""
+    marked = [dict(v) for v in variants]
+    compression.mark_within_budget(marked, baseline, budget)
+    return tradeoff.choose(marked, "size")
+
+
 def test_choose_picks_smallest_within_budget():
     variants = [
         _v("fp32", 0.97, 1000),
@@ -390,7 +397,11 @@ def test_latency_measurement_is_bounded(compressed):
 
     result, out_dir, *_ = compressed["cnn"]
     start = time.perf_counter()
-    ms = compression.measure_latency(out_dir / "int8.onnx", NUM_FEATURES, max_seconds=0.05)
+    session = compression._session(out_dir / "int8.onnx")
+    batch = tradeoff.batch_of(np.zeros((1, NUM_FEATURES), np.float32), 1)
+    ms = tradeoff.measure_latencies(
+        {"int8": session}, batch, input_name="features", output_name="logits", max_seconds=0.05
+    )["int8"]
     assert time.perf_counter() - start < 2.0
     assert 0 < ms < 100
 
