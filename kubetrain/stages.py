@@ -226,10 +226,10 @@ def augment_stage(
     policy training applies per batch recorded in its schema, and shown in the report
     on a few training images."""
     from kubetrain.data.augment import augment as augment_split
-    from kubetrain.data.shards import read_schema
+    from kubetrain.data.shards import is_sharded, read_schema
     from kubetrain.training.batch_augment import policy_from
 
-    schema = read_schema(train_path) if _sharded(train_path) else load_split(train_path)[2]
+    schema = read_schema(train_path) if is_sharded(train_path) else load_split(train_path)[2]
     policy = None
     if schema.kind == "image" and augment.augment_copies != 0:
         assert schema.image_shape is not None
@@ -257,12 +257,6 @@ def augment_stage(
         sections = _image_augment_sections(train_path, schema, policy, seed, meta)
     write_html(report_path, "Augmentation", sections)
     return meta
-
-
-def _sharded(path: str) -> bool:
-    from kubetrain.data.shards import is_sharded
-
-    return is_sharded(path)
 
 
 def _image_augment_sections(

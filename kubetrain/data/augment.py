@@ -255,9 +255,5 @@ def _named(counts: Iterable[int], class_names: list[str]) -> dict[str, int]:
 def sample_images(path: str, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The first ``n`` rows of a split (one shard read, whatever its size): the images the
     stage's report shows augmented."""
-    if shards.is_sharded(path):
-        return next(shards.iter_batches(path, batch_rows=n))
-    from kubetrain.data.datasets import load_split
-
-    X, y, _ = load_split(path)
-    return X[:n], y[:n]
+    X, y, _ = batches.head(path, n)
+    return X, y

@@ -15,6 +15,7 @@ counts) come from the shards' manifest, so a streamed split is read once.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -81,6 +82,19 @@ def of(X: np.ndarray, y: np.ndarray, schema: Schema | None = None, **kw: Any) ->
     else:
         counts = np.zeros(classes, np.int64)
     return Batches(schema, len(X), int(np.prod(X.shape[1:])), counts, arrays=(X, y), **kw)
+
+
+def head(path: str | os.PathLike, rows: int) -> tuple[np.ndarray, np.ndarray, Schema]:
+    """The first ``rows`` rows of the split at ``path`` and its schema, reading only the
+    shards they are in (a split of the old ``arrays.npz`` format cannot be read in part:
+    it is loaded whole)."""
+    if not shards.is_sharded(path):
+        X, y, schema = load_split(path)
+        return X[:rows], y[:rows], schema
+    split = dataclasses.replace(streamed(path), batch_rows=max(1, rows))
+    X, y = next(iter(split), (np.empty((0, split.features), np.float32), np.empty(0)))
+    assert split.schema is not None
+    return X[:rows], y[:rows], split.schema
 
 
 def streamed(uri: str | os.PathLike, batch_bytes: int | None = None) -> Batches:

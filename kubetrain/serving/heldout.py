@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from kubetrain.core.errors import KubetrainError
-from kubetrain.data.datasets import LABEL, load_split, table_batches
+from kubetrain.data import batches
+from kubetrain.data.datasets import LABEL, table_batches
 from kubetrain.serving.predictor import Predictor
 
 #: Test rows scored by champion/challenger and sent by the smoke test, at most.
@@ -39,8 +40,7 @@ def heldout_rows(
 ) -> Heldout:
     """The first ``limit`` rows of the test split at ``test_path`` as raw rows of the
     ingested table at ``table_path``, encoded by ``predictor``'s bundle (the run's own)."""
-    X, y, schema = load_split(test_path)
-    X, y = X[:limit], y[:limit]
+    X, y, schema = batches.head(test_path, limit)  # not the whole split: 2M rows at 10M
     wanted: dict[bytes, list[int]] = {}
     for i, x in enumerate(np.ascontiguousarray(X, np.float32)):
         wanted.setdefault(x.tobytes(), []).append(i)

@@ -98,3 +98,16 @@ def test_stratified_sample_keeps_class_shares_and_is_deterministic(sharded):
     assert not np.array_equal(other[0], Xs)
     tiny = batches.stratified_sample(batches.open_split(path, budget=1000), 5, seed=4)[1]
     assert set(tiny.tolist()) == {0, 1, 2}  # every class present, however small the sample
+
+
+def test_head_reads_the_first_rows_of_a_split_of_either_format(sharded, tmp_path):
+    path, X, y = sharded
+    for rows in (1, 130, 10_000):  # within the first shard, across shards, past the end
+        Xh, yh, schema = batches.head(path, rows)
+        np.testing.assert_array_equal(Xh, X[:rows])
+        np.testing.assert_array_equal(yh, y[:rows])
+        assert schema == SCHEMA
+    save_split_npz(tmp_path / "old", X, y, SCHEMA)
+    Xh, yh, _ = batches.head(tmp_path / "old", 130)
+    np.testing.assert_array_equal(Xh, X[:130])
+    np.testing.assert_array_equal(yh, y[:130])
