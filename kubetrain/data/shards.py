@@ -27,6 +27,13 @@ while one fixed-size list column is a single contiguous float32 buffer that
 turns into the 2-D ``(rows, features)`` array the models take without a copy
 (``column.flatten().to_numpy().reshape(rows, features)``).
 
+Image pixels may be stored as they were decoded, ``FixedSizeList<uint8>``
+(``dtype=np.uint8``): a quarter of float32's bytes on disk, over the network and
+in a loader's memory. The manifest's ``decode`` (``offset``, ``scale``) turns a
+stored value ``v`` into the feature ``(v - offset) / scale``; readers apply it
+with a 256-entry float32 table, so every reader still gets float32 features
+equal to what clean's float64 arithmetic cast to float32 gives.
+
 Writes never publish half a dataset: local writes go to a temporary sibling
 directory renamed into place (`kubetrain.data.datasets.atomic_dir`); on S3
 the old manifest is deleted first, shards are written under the prefix and the
@@ -58,7 +65,7 @@ import pyarrow.parquet as pq
 
 from kubetrain.core import integrity, storage
 from kubetrain.core.errors import KubetrainError
-from kubetrain.data.datasets import Schema, atomic_dir
+from kubetrain.data.datasets import Schema, atomic_dir, pixel_rows
 
 MiB = 1024 * 1024
 FORMAT = "kubetrain-shards"
@@ -79,6 +86,8 @@ _SHARD = "part-{:05d}.parquet"
 _TASK_SHARD = "part-{:05d}-{:05d}.parquet"
 _SHARD_NAME = re.compile(r"part-\d{5,}(-\d{5,})?\.parquet")
 _COMPRESSION = "snappy"  # fast both ways; float features hardly compress anyway
+#: How features may be stored: float32, or uint8 image pixels with a ``decode``.
+STORED = (np.dtype(np.float32), np.dtype(np.uint8))
 
 
 # --- writing -----------------------------------------------------------------------
@@ -102,14 +111,21 @@ class ShardWriter:
         max_rows_per_shard: int | None,
         errors: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
         name: Callable[[int], str] = _SHARD.format,
+        dtype: Any = np.float32,
     ) -> None:
         if shard_bytes < 1 or (max_rows_per_shard is not None and max_rows_per_shard < 1):
             raise KubetrainError(
                 f"shard_bytes={shard_bytes} / max_rows_per_shard={max_rows_per_shard} "
                 "must be positive"
             )
+        if np.dtype(dtype) not in STORED:
+            raise KubetrainError(f"features stored as {np.dtype(dtype)}; use float32 or uint8")
         self.schema = schema
         self.stats: dict[str, Any] = {}
+        #: uint8 storage: ``{"offset", "scale"}`` turning stored values into features; set
+        #: before the ``with`` block ends (the scaler is often fitted while writing)
+        self.decode: dict[str, float] | None = None
+        self._dtype = np.dtype(dtype)
         self.manifest: dict[str, Any] = {}  # set once the dataset is published
         self.written: list[str] = []  # every shard name opened, for cleanup on failure
         self._opener = opener
@@ -163,7 +179,7 @@ class ShardWriter:
             take = min(room, len(X) - start)
             self._pending.append(
                 (
-                    np.array(X[start : start + take], np.float32, order="C"),
+                    np.array(X[start : start + take], self._dtype, order="C"),
                     np.array(y[start : start + take], self._y_type.to_pandas_dtype()),
                 )
             )
@@ -175,14 +191,12 @@ class ShardWriter:
     def _start(self, features: int) -> None:
         """Size shards and row groups once the width is known (from the first batch)."""
         self._features = features
-        row_bytes = 4 * features + 4
+        row_bytes = self._dtype.itemsize * features + 4
         self._rows_per_shard = max(1, self._shard_bytes // row_bytes)
         if self._max_rows is not None:
             self._rows_per_shard = min(self._rows_per_shard, self._max_rows)
         self._group_rows = max(1, min(self._rows_per_shard, ROW_GROUP_BYTES // row_bytes))
-        self._arrow_schema = pa.schema(
-            [("x", pa.list_(pa.float32(), features)), ("y", self._y_type)]
-        )
+        self._arrow_schema = pa.schema([("x", _x_type(self._dtype, features)), ("y", self._y_type)])
 
     @property
     def _y_type(self) -> pa.DataType:
@@ -225,7 +239,7 @@ class ShardWriter:
                 use_dictionary=["y"],  # dictionaries of float features only cost time
                 write_statistics=["y"],
             )
-        features = pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), self._features)
+        features = _x_array(X, self._arrow_schema.field("x").type)
         self._parquet.write_table(
             pa.Table.from_arrays([features, pa.array(y)], schema=self._arrow_schema),
             row_group_size=len(y),
@@ -263,11 +277,17 @@ class ShardWriter:
         features = self._features
         if features is None:  # no rows at all: the schema is all there is to go by
             features = len(self.schema.feature_names)
+        stored = {}
+        if self._dtype != np.float32:
+            if self.decode is None:
+                raise KubetrainError("uint8 features need decode (offset, scale) set")
+            stored = {"dtype": str(self._dtype), "decode": dict(self.decode)}
         return {
             "format": FORMAT,
             "version": VERSION,
             "schema": asdict(self.schema),
             "features": features,
+            **stored,
             "rows": sum(s["rows"] for s in self._shards),
             "class_counts": self._counts.tolist(),
             "shards": self._shards,
@@ -292,6 +312,7 @@ def writer(
     *,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
     max_rows_per_shard: int | None = None,
+    dtype: Any = np.float32,
 ) -> Iterator[ShardWriter]:
     """Write a sharded dataset batch by batch; it is published only if the block succeeds.
 
@@ -310,6 +331,7 @@ def writer(
             shard_bytes,
             max_rows_per_shard,
             functools.partial(_s3_errors, uri),
+            dtype=dtype,
         )
         try:
             yield w
@@ -330,6 +352,7 @@ def writer(
             schema,
             shard_bytes,
             max_rows_per_shard,
+            dtype=dtype,
         )
         try:
             yield w
@@ -503,9 +526,10 @@ def read_schema(uri: str | os.PathLike) -> Schema:
 
 
 def iter_batches(
-    uri: str | os.PathLike, batch_rows: int = DEFAULT_BATCH_ROWS
+    uri: str | os.PathLike, batch_rows: int = DEFAULT_BATCH_ROWS, raw: bool = False
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Stream ``(X float32 (n, features), y int64 (n,))`` batches in the stored order.
+    """Stream ``(X float32 (n, features), y int64 (n,))`` batches in the stored order
+    (``raw``: ``X`` as stored, uint8 for pixels, not decoded).
 
     Every batch has exactly ``batch_rows`` rows but the last. Each shard is
     read whole and its sha256 checked before any of its rows is yielded, so
@@ -514,12 +538,12 @@ def iter_batches(
     if batch_rows < 1:
         raise KubetrainError(f"batch_rows={batch_rows} must be positive")
     manifest = read_manifest(uri)
-    features = int(manifest["features"])
+    features, lut = int(manifest["features"]), None if raw else decoder(manifest)
     pending: list[tuple[np.ndarray, np.ndarray]] = []
     pending_rows = 0
     for shard in manifest["shards"]:
         for batch in _open_shard(uri, shard).iter_batches(batch_size=batch_rows):
-            pending.append(_arrays(batch, features))
+            pending.append(_arrays(batch, features, lut))
             pending_rows += batch.num_rows
             if pending_rows < batch_rows:
                 continue
@@ -533,6 +557,18 @@ def iter_batches(
             pending, pending_rows = [(X[start:], y[start:])], pending_rows - start
     if pending_rows:
         yield np.concatenate([p[0] for p in pending]), np.concatenate([p[1] for p in pending])
+
+
+def copy(src: str | os.PathLike, dst: str | os.PathLike, schema: Schema) -> dict[str, Any]:
+    """The dataset at ``src`` written to ``dst`` under ``schema``, its rows, storage
+    (uint8 stays uint8), decode and fitted statistics as they are; returns the manifest."""
+    manifest = read_manifest(src)
+    with writer(dst, schema, dtype=np.dtype(manifest.get("dtype", "float32"))) as w:
+        w.stats.update(manifest.get("stats", {}))
+        w.decode = manifest.get("decode")
+        for X, y in iter_batches(src, raw=True):
+            w.write(X, y)
+    return w.manifest
 
 
 def read_all(uri: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, Schema]:
@@ -550,10 +586,10 @@ def read_all(uri: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, Schema]:
         )
     X = np.empty((rows, features), np.float32)
     y = np.empty(rows, label_dtype(manifest))
-    at = 0
+    at, lut = 0, decoder(manifest)
     for shard in manifest["shards"]:
         n = int(shard["rows"])
-        _fill(uri, shard, X[at : at + n], y[at : at + n])
+        _fill(uri, shard, X[at : at + n], y[at : at + n], lut)
         at += n
     return X, y, Schema.from_json(manifest["schema"])
 
@@ -566,7 +602,7 @@ def read_shard(
     `read_manifest`'s, ``shard`` one of its ``manifest["shards"]``."""
     n, features = int(shard["rows"]), int(manifest["features"])
     X, y = np.empty((n, features), np.float32), np.empty(n, label_dtype(manifest))
-    _fill(uri, shard, X, y)
+    _fill(uri, shard, X, y, decoder(manifest))
     return X, y
 
 
@@ -575,7 +611,25 @@ def label_dtype(manifest: dict[str, Any]) -> type:
     return np.float32 if manifest["schema"].get("task") == "regression" else np.int64
 
 
-def _fill(uri: str | os.PathLike, shard: dict[str, Any], X: np.ndarray, y: np.ndarray) -> None:
+def decoder(manifest: dict[str, Any]) -> np.ndarray | None:
+    """The stored value -> feature table of a uint8 dataset (None: stored as float32)."""
+    if manifest.get("dtype", "float32") == "float32":
+        return None
+    if manifest["dtype"] != "uint8" or "decode" not in manifest:
+        raise KubetrainError(
+            f"features stored as {manifest['dtype']!r} without a decode; {FIX} with this kubetrain"
+        )
+    d = manifest["decode"]
+    return ((np.arange(256, dtype=np.float64) - d["offset"]) / d["scale"]).astype(np.float32)
+
+
+def _fill(
+    uri: str | os.PathLike,
+    shard: dict[str, Any],
+    X: np.ndarray,
+    y: np.ndarray,
+    lut: np.ndarray | None = None,
+) -> None:
     """Decode a shard into ``X``/``y`` (sized from the manifest) batch by batch: decoding it
     whole first would hold its values twice."""
     at, features = 0, X.shape[1]
@@ -584,7 +638,7 @@ def _fill(uri: str | os.PathLike, shard: dict[str, Any], X: np.ndarray, y: np.nd
         if at + n > len(y):
             at += n
             break
-        X[at : at + n], y[at : at + n] = _arrays(batch, features)
+        X[at : at + n], y[at : at + n] = _arrays(batch, features, lut)
         at += n
     if at != len(y):
         raise KubetrainError(
@@ -593,15 +647,35 @@ def _fill(uri: str | os.PathLike, shard: dict[str, Any], X: np.ndarray, y: np.nd
         )
 
 
-def _arrays(data: pa.Table | pa.RecordBatch, features: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(X, y)`` numpy views of a table or batch's ``x`` and ``y`` columns."""
+def _arrays(
+    data: pa.Table | pa.RecordBatch, features: int, lut: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(X, y)`` numpy views of a table or batch's ``x`` and ``y`` columns (with ``lut``,
+    `decoder`'s table: the uint8 values decoded to float32 features, a new array)."""
     x = data.column("x")
     if isinstance(x, pa.ChunkedArray):
         x = x.combine_chunks()
-    values = x.flatten().to_numpy(zero_copy_only=False)  # no nulls: a view in practice
+    if pa.types.is_fixed_size_binary(x.type):  # uint8 pixels, one fixed-size value per row
+        values = pixel_rows(x).reshape(-1)
+    else:
+        values = x.flatten().to_numpy(zero_copy_only=False)  # no nulls: a view in practice
+    if lut is not None:
+        values = lut[values]
     y = data.column("y").to_numpy()
     y = y.astype(np.float32 if np.issubdtype(y.dtype, np.floating) else np.int64, copy=False)
     return values.reshape(len(y), features), y
+
+
+def _x_type(dtype: np.dtype, features: int) -> pa.DataType:
+    """float32 features as a fixed-size list; uint8 pixels as fixed-size binary, which
+    Parquet stores as one byte per value (a list of uint8 is stored as INT32 values)."""
+    return pa.binary(features) if dtype == np.uint8 else pa.list_(pa.float32(), features)
+
+
+def _x_array(X: np.ndarray, x_type: pa.DataType) -> pa.Array:
+    if pa.types.is_fixed_size_binary(x_type):
+        return pa.FixedSizeBinaryArray.from_buffers(x_type, len(X), [None, pa.py_buffer(X)])
+    return pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), x_type.list_size)
 
 
 def _open_shard(uri: str | os.PathLike, shard: dict[str, Any]) -> pq.ParquetFile:

@@ -63,6 +63,45 @@ def test_image_round_trip_flattens_to_the_models_layout(tmp_path):
     assert np.array_equal(y, labels) and schema.image_shape == [3, 8, 8]
 
 
+def test_uint8_pixels_are_stored_as_bytes_and_read_as_decoded_features(tmp_path):
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, (300, 3 * 8 * 8), dtype=np.uint8)
+    labels = rng.integers(0, 10, 300)
+    offset, scale = 117.25, 63.5
+    with shards.writer(tmp_path / "u8", IMAGES, dtype=np.uint8) as w:
+        w.write(pixels[:100], labels[:100])
+        w.write(pixels[100:], labels[100:])
+        w.decode = {"offset": offset, "scale": scale}
+    # what clean's float64 arithmetic gives, cast to float32 as float shards store it
+    expected = ((pixels.astype(np.float64) - offset) / scale).astype(np.float32)
+    shards.write(tmp_path / "f32", expected, labels, IMAGES)
+    X, y, _ = shards.read_all(tmp_path / "u8")
+    assert X.dtype == np.float32 and np.array_equal(X, expected) and np.array_equal(y, labels)
+    streamed = np.concatenate([b for b, _ in shards.iter_batches(tmp_path / "u8", 64)])
+    assert np.array_equal(streamed, expected)
+    manifest = shards.read_manifest(tmp_path / "u8")
+    assert manifest["dtype"] == "uint8" and manifest["decode"] == {"offset": offset, "scale": scale}
+    assert np.array_equal(shards.read_shard(tmp_path / "u8", manifest, manifest["shards"][0])[0], X)
+    u8_bytes = sum(p.stat().st_size for p in (tmp_path / "u8").glob("part-*"))
+    f32_bytes = sum(p.stat().st_size for p in (tmp_path / "f32").glob("part-*"))
+    assert u8_bytes < 1.1 * pixels.size  # a byte per pixel (a list of uint8 takes four)
+    assert u8_bytes < f32_bytes / 2
+
+
+def test_uint8_storage_needs_its_decode(tmp_path):
+    with (
+        pytest.raises(KubetrainError, match="decode"),
+        shards.writer(tmp_path / "u8", IMAGES, dtype=np.uint8) as w,
+    ):
+        w.write(np.zeros((3, 192), np.uint8), np.zeros(3, int))
+    assert not (tmp_path / "u8").exists()
+    with (
+        pytest.raises(KubetrainError, match="float32 or uint8"),
+        shards.writer(tmp_path / "i16", IMAGES, dtype=np.int16),
+    ):
+        pass
+
+
 def test_batches_written_one_by_one_equal_one_write(tmp_path):
     X, y = table(1000)
     with shards.writer(tmp_path / "ds", TABLE, max_rows_per_shard=300) as w:
