@@ -37,7 +37,7 @@ from kubetrain.config.settings import (
     TuneConfig,
 )
 from kubetrain.core import progress
-from kubetrain.data.datasets import load_split, write_json, write_text
+from kubetrain.data.datasets import is_image_table, load_split, write_json, write_text
 from kubetrain.report import plots
 from kubetrain.report.html import Section, write_html, write_markdown
 
@@ -175,10 +175,13 @@ def clean_here(req: CleanRequest) -> dict[str, Any]:
     """The local engine: in memory when the table fits the budget, else streamed in batches."""
     from kubetrain.core.memory import fits, reuse_freed_memory
     from kubetrain.data.clean import clean as clean_table
+    from kubetrain.data.clean_images import clean_images
     from kubetrain.data.clean_stream import clean_streaming
 
     reuse_freed_memory()
     paths = (req.table_path, req.train_path, req.val_path, req.test_path)
+    if is_image_table(req.table_path):  # pixels stay uint8; any size streams
+        return clean_images(*paths, req.clean, req.seed)
     on_disk = sum(f.stat().st_size for f in Path(req.table_path).rglob("*") if f.is_file())
     if fits(on_disk * TABLE_EXPANSION):
         return clean_table(*paths, req.clean, req.seed)
@@ -203,6 +206,13 @@ def clean_stage(
     """Clean with whichever engine was chosen (here, or Spark locally or on the cluster)."""
     from kubetrain.data.clean import quality_report
 
+    if cleaner is not clean_here and is_image_table(table_path):
+        progress.log(
+            "clean",
+            "an image table is cleaned here, not by Spark: one pass keys and routes the "
+            "images, one writes them, and pixels need no per-column work to spread out",
+        )
+        cleaner = clean_here
     meta = cleaner(
         CleanRequest(table_path, train_path, val_path, test_path, clean, seed, table_uri, run_id)
     )

@@ -212,15 +212,14 @@ def augment(
     they are, with ``policy`` (the per-batch augmentation training applies; None: none)
     in the schema."""
     started = time.perf_counter()
+    if shards.is_sharded(train_path) and shards.read_schema(train_path).kind == "image":
+        return _images(train_path, out_path, policy, started)
     split = batches.open_split(train_path, held_bytes, budget)
     schema = split.schema
     assert schema is not None
-    image = schema.kind == "image"
-    if image:  # the policy replaces any earlier one; None records that there is none
-        extra = {k: v for k, v in schema.extra.items() if k != POLICY_KEY}
-        schema = dataclasses.replace(
-            schema, extra={**extra, **({POLICY_KEY: policy} if policy else {})}
-        )
+    image = schema.kind == "image"  # an old ``arrays.npz`` split of images
+    if image:
+        schema = _with_policy(schema, policy)
     if split.streamed:
         progress.log(
             "augment",
@@ -246,6 +245,33 @@ def augment(
         "class_counts_after": _named(w.manifest["class_counts"], schema.class_names),
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def _images(
+    train_path: str, out_path: str, policy: dict[str, Any] | None, started: float
+) -> dict[str, Any]:
+    """An image split copied as it is stored (uint8 pixels stay uint8), with the policy."""
+    before = shards.read_manifest(train_path)
+    schema = _with_policy(Schema.from_json(before["schema"]), policy)
+    after = shards.copy(train_path, out_path, schema)
+    counts = _named(after["class_counts"], schema.class_names)
+    return {
+        "stage": "augment",
+        "kind": "image",
+        "rows_before": int(before["rows"]),
+        "rows_after": int(after["rows"]),
+        "copies": 0,
+        "policy": policy or {},
+        "class_counts_before": _named(before["class_counts"], schema.class_names),
+        "class_counts_after": counts,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _with_policy(schema: Schema, policy: dict[str, Any] | None) -> Schema:
+    """The policy replaces any earlier one; None records that there is none."""
+    extra = {k: v for k, v in schema.extra.items() if k != POLICY_KEY}
+    return dataclasses.replace(schema, extra={**extra, **({POLICY_KEY: policy} if policy else {})})
 
 
 def _named(counts: Iterable[int], class_names: list[str]) -> dict[str, int]:

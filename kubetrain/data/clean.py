@@ -35,7 +35,7 @@ from kubetrain.data.column_types import (
     legacy_types,
     to_float,
 )
-from kubetrain.data.datasets import Schema
+from kubetrain.data.datasets import Schema, is_image_table
 
 MIN_ROWS_PER_CLASS = 3  # one each for train, validation and test
 #: Rows of the report's column table (a wide table's columns are in the stage metadata).
@@ -367,9 +367,13 @@ def clean(
 ) -> dict[str, Any]:
     """The clean stage for a table that fits in memory: read once, then the streaming
     clean's passes (`kubetrain.data.clean_stream`) over the held batches, so both
-    paths, and the Spark engine, dedupe, route and fit exactly alike."""
-    from kubetrain.data.clean_stream import clean_streaming  # it builds on this module
+    paths, and the Spark engine, dedupe, route and fit exactly alike. An image table
+    takes `kubetrain.data.clean_images.clean_images`, whatever its size."""
+    from kubetrain.data.clean_images import clean_images  # they build on this module
+    from kubetrain.data.clean_stream import clean_streaming
 
+    if is_image_table(table_path):
+        return clean_images(table_path, train_path, val_path, test_path, cfg, seed)
     return clean_streaming(
         table_path, train_path, val_path, test_path, cfg, seed, batch_rows=1 << 17, in_memory=True
     )

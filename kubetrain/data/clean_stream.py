@@ -305,7 +305,7 @@ def class_codes_of(labels: pd.Series, index: dict[str, int]) -> np.ndarray:
     return np.asarray([*index.values(), -1], np.int64)[found]
 
 
-def _first_unseen(hashes: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def first_unseen(hashes: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(mask of rows whose hash occurs neither earlier in the batch nor in ``seen``,
     ``seen`` with their hashes added); ``seen`` is sorted.
 
@@ -362,7 +362,7 @@ def clean_streaming(
     for rows, (hashes, y, missing), batch_profile in ordered_map(keyed, first_read()):
         profile.merge(batch_profile)
         stats["rows_in"] += rows
-        unique, seen = _first_unseen(hashes, seen)
+        unique, seen = first_unseen(hashes, seen)
         kept_hashes.append(hashes[unique])
         kept_labels.append(y[unique].astype(plan.label_dtype))
         kept_missing.append(missing[unique])

@@ -49,6 +49,9 @@ from kubetrain.core.integrity import FIX, sha256_file, verify_checksums, write_c
 from kubetrain.core.storage import is_s3
 
 LABEL = "label"  # name of the label column inside a canonical table
+#: An image table's one feature column: each image's uint8 values in channel-first order,
+#: as fixed-size binary (one byte per value on disk; `kubetrain.data.image_ingest`).
+PIXELS = "pixels"
 #: Schema ``extra`` key: {label as written: class} for labels that differ from a class only
 #: by case (ingest merges them after the rows are written); every reader applies it.
 LABEL_ALIASES = "label_aliases"
@@ -375,6 +378,21 @@ def table_record_batches(path: str | os.PathLike, batch_rows: int) -> Iterator[p
 def table_frame(batch: pa.RecordBatch, schema: Schema) -> pd.DataFrame:
     """One record batch of the table as the frame `table_batches` yields."""
     return with_label_aliases(batch.to_pandas(), schema)
+
+
+def pixel_rows(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A `PIXELS` column as uint8 ``(rows, values)``: a view of its buffer, no copy."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    width = column.type.byte_width
+    start = column.offset * width
+    flat = np.frombuffer(column.buffers()[1], np.uint8)[start : start + len(column) * width]
+    return flat.reshape(len(column), width)
+
+
+def is_image_table(path: str | os.PathLike) -> bool:
+    """Whether the table at ``path`` holds images as a `PIXELS` column."""
+    return PIXELS in table_arrow_schema(path).names
 
 
 def with_label_aliases(frame: pd.DataFrame, schema: Schema) -> pd.DataFrame:

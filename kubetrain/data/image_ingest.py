@@ -2,10 +2,11 @@
 
 The output is the table every other source produces (`kubetrain.data.datasets`:
 Parquet parts plus ``meta.json``, published atomically by `table_writer`), of
-kind ``image``: one ``pixel_i`` column per value in channel-first order (as the
-NPZ image path writes them) and the label column, so clean, augment and
-training take an image folder exactly as they take an NPZ of images. Pixels are
-stored as uint8, a quarter of float32's bytes; clean scales them.
+kind ``image``, with two columns: ``pixels`` (`datasets.PIXELS`: each image's
+uint8 values in channel-first order, one fixed-size binary value, a byte per
+value on disk) and the label. The schema still names every value (``pixel_i``,
+as the NPZ image path's columns are named), which is what serving checks
+arrays against. Clean keeps the pixels uint8 (`kubetrain.data.clean_images`).
 
 Images that cannot be used (see `kubetrain.data.image_decode` for the
 reasons) are reported and left out (``on_bad="skip"``), or the first of them
@@ -31,22 +32,22 @@ import pyarrow as pa
 
 from kubetrain.core import progress
 from kubetrain.core.errors import KubetrainError, require
-from kubetrain.data.datasets import LABEL, Schema, table_writer
+from kubetrain.data.datasets import LABEL, PIXELS, Schema, table_writer
 from kubetrain.data.image_decode import MIN_SIDE, Decoded, Target, decode_all, probe
 from kubetrain.data.image_sources import ImageRef, list_images, read_image_bytes
 
 ON_BAD = ("skip", "fail")
 #: Images whose headers decide the data set's channels and (unless configured) size.
 SAMPLE = 64
-#: Images written per table batch.
+#: Most images and bytes of pixels per table batch.
 BATCH_IMAGES = 1024
+BATCH_BYTES = 32 * 1024 * 1024
 #: Examples of skipped images kept in the schema (all are counted).
 EXAMPLES = 10
 PROGRESS_S = 5.0
-#: Most values per image: the table has one column per value, and its cost grows with the
-#: columns (measured on 2 shared cores: 3,500 images/s at 32x32x3, 135 at 128x128x3, 16 at
-#: 256x256x3). Images as uint8 shards of one list column each would lift this limit.
-MAX_VALUES = 3 * 128 * 128
+#: Most values per image (512x512 RGB): beyond it an unresized folder of photos would
+#: make a table of many GB and a network no GPU trains fast; --image-size brings it in.
+MAX_VALUES = 3 * 512 * 512
 
 
 @dataclass(frozen=True)
@@ -99,8 +100,8 @@ def ingest_images(
     require(
         int(np.prod(shape)) <= MAX_VALUES,
         f"the images of {source} are {_shape_text(shape)}: {int(np.prod(shape)):,} values each, "
-        f"one table column per value, which ingest and clean handle only up to {MAX_VALUES:,} "
-        "for now; set --image-size 128 or less",
+        f"more than the {MAX_VALUES:,} (512x512x3) kubetrain trains on; set --image-size N "
+        "(224 is usual for photos) to resize them",
     )
     features = [f"pixel_{i}" for i in range(int(np.prod(shape)))]
     workers = options.workers or min(8, os.cpu_count() or 1)
@@ -116,7 +117,7 @@ def ingest_images(
             counts.update(labels)
             digest.update(X.tobytes())
             digest.update("\n".join(labels).encode())
-            writer.write(_record_batch(X, labels, features))
+            writer.write(_record_batch(X, labels))
         seconds = time.perf_counter() - decode_started
         rows = sum(counts.values())
         classes = _ordered(counts)
@@ -214,6 +215,8 @@ def _batches(
 ) -> Iterator[tuple[np.ndarray, list[str]]]:
     """Decoded images in `BATCH_IMAGES` batches, ``(uint8 (n, features), labels)``."""
     items = [(ref.location, functools.partial(read_image_bytes, ref.location)) for ref in refs]
+    height, width = target.keep or (target.size, target.size)
+    per_batch = max(1, min(BATCH_IMAGES, BATCH_BYTES // (target.channels * height * width)))
     pixels: list[np.ndarray] = []
     names: list[str] = []
     last = time.monotonic()
@@ -224,7 +227,7 @@ def _batches(
         else:
             pixels.append(decoded.pixels.reshape(-1))
             names.append(ref.label)
-        if len(pixels) == BATCH_IMAGES:
+        if len(pixels) == per_batch:
             yield np.stack(pixels), names
             pixels, names = [], []
         if time.monotonic() - last > PROGRESS_S:
@@ -252,10 +255,12 @@ def _refuse_or_skip(where: str, decoded: Decoded, options: ImageOptions, skipped
     skipped.add(where, decoded)
 
 
-def _record_batch(X: np.ndarray, labels: list[str], features: list[str]) -> pa.RecordBatch:
-    columns = np.ascontiguousarray(X.T)  # one contiguous buffer per pixel column
-    arrays = [pa.array(col) for col in columns]
-    return pa.RecordBatch.from_arrays([*arrays, pa.array(labels, pa.string())], [*features, LABEL])
+def _record_batch(X: np.ndarray, labels: list[str]) -> pa.RecordBatch:
+    """``X`` uint8 (n, values) as the `PIXELS` column: its buffer as it is, no copy."""
+    X = np.ascontiguousarray(X, np.uint8)
+    kind = pa.binary(X.shape[1])
+    pixels = pa.FixedSizeBinaryArray.from_buffers(kind, len(X), [None, pa.py_buffer(X)])
+    return pa.RecordBatch.from_arrays([pixels, pa.array(labels, pa.string())], [PIXELS, LABEL])
 
 
 def _ordered(counts: Counter[str]) -> list[str]:

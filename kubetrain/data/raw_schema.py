@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from kubetrain.core.errors import KubetrainError, require
 from kubetrain.data.column_types import DROPPED_KINDS
-from kubetrain.data.datasets import LABEL, table_arrow_schema, table_schema
+from kubetrain.data.datasets import LABEL, PIXELS, table_arrow_schema, table_schema
 
 SCHEMA_FILE = "schema.json"
 PREPROCESSOR_FILE = "preprocessor.json"
@@ -123,6 +123,9 @@ def input_schema(table_path: str, params: dict[str, Any]) -> InputSchema:
         **dict.fromkeys(params.get("numeric", []), "numeric"),
     }
     dates = params.get("datetime", {})
+    if PIXELS in arrow.names:  # an image table: every value of the pixels column is one
+        pixel = [Column(name, "numeric", pa.uint8(), False) for name in schema.feature_names]
+        return InputSchema("image", pixel, list(schema.class_names), schema.image_shape)
     columns = []
     for f in arrow:
         if f.name == LABEL:

@@ -4,6 +4,7 @@ Measures, on a generated 10-class RGB folder (`kubetrain.data.synthetic_images`)
 
 * generation: images/s written as PNG;
 * ingest: images/s decoded, checked and written as the image table, per thread count;
+* clean (`kubetrain.data.clean_images`): images/s deduplicated, split and written as uint8 shards;
 * per-batch augmentation (`kubetrain.training.batch_augment`): images/s;
 * training steps of the default ResNet for the image size: images/s of a plain
   fp32 loop and of the same loop in channels_last, forward + backward + AdamW.
@@ -24,6 +25,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from kubetrain.config.settings import CleanConfig
+from kubetrain.data.clean_images import clean_images
 from kubetrain.data.image_ingest import ImageOptions, ingest_images
 from kubetrain.data.synthetic_images import generate_folder
 from kubetrain.training.batch_augment import AugmentPolicy, augment_batch
@@ -66,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
                 str(folder), "", f"{tmp}/t{workers}", ImageOptions(workers=workers)
             )
             results[f"ingest_images_per_s_{workers}_threads"] = meta["images_per_second"]
+        started = time.perf_counter()
+        splits = [f"{tmp}/{name}" for name in ("train", "validation", "test")]
+        clean_images(f"{tmp}/t1", *splits, CleanConfig(), 0)
+        results["clean_images_per_s"] = args.images / (time.perf_counter() - started)
     shape = [3, args.size, args.size]
     x = torch.randn(512, *shape)
     gen = torch.Generator().manual_seed(0)

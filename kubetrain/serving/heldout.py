@@ -10,6 +10,7 @@ first ``limit`` test rows are all found, so a large table is not held in memory.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,12 +19,21 @@ import pandas as pd
 
 from kubetrain.core.errors import KubetrainError
 from kubetrain.data import batches
-from kubetrain.data.datasets import LABEL, table_batches
+from kubetrain.data.datasets import (
+    LABEL,
+    PIXELS,
+    is_image_table,
+    pixel_rows,
+    table_batches,
+    table_record_batches,
+)
+from kubetrain.serving import rows
 from kubetrain.serving.predictor import Predictor
 
 #: Test rows scored by champion/challenger and sent by the smoke test, at most.
 LIMIT = 500
 BATCH_ROWS = 50_000
+BATCH_BYTES = 64 * 1024 * 1024  # of an image table's pixels
 
 
 @dataclass(frozen=True)
@@ -46,13 +56,11 @@ def heldout_rows(
         wanted.setdefault(x.tobytes(), []).append(i)
     found: list[Any] = [None] * len(X)
     left = len(X)
-    names = [c.name for c in predictor.schema.columns]
-    for frame in table_batches(table_path, BATCH_ROWS):
-        raw = frame.drop(columns=[LABEL])
+    for raw, client_row in _raw_batches(predictor, table_path):
         encoded = np.ascontiguousarray(predictor.features(raw), np.float32)
         for j, row in enumerate(encoded):
             for i in wanted.pop(row.tobytes(), []):
-                found[i] = _client_row(raw.iloc[j], names, predictor)
+                found[i] = client_row(j)
                 left -= 1
         if left == 0:
             break
@@ -66,12 +74,32 @@ def heldout_rows(
     return Heldout(found, truth)
 
 
-def _client_row(row: pd.Series, names: list[str], predictor: Predictor) -> Any:
-    if predictor.image:
-        shape = predictor.schema.image_shape
-        assert shape is not None
-        pixels = np.asarray(row[names].to_numpy(), np.float64)
-        return pixels.reshape(shape[1:] if shape[0] == 1 else shape).tolist()
+def _raw_batches(
+    predictor: Predictor, table_path: str
+) -> Iterator[tuple[pd.DataFrame, Callable[[int], Any]]]:
+    """Per batch of the table: its raw feature frame (what the preprocessor reads) and
+    row ``j`` as a client sends it (JSON values; an image as nested pixel lists)."""
+    names = [c.name for c in predictor.schema.columns]
+    if not predictor.image:
+        for frame in table_batches(table_path, BATCH_ROWS):
+            raw = frame.drop(columns=[LABEL])
+            yield raw, lambda j, raw=raw: _json_row(raw.iloc[j], names)
+        return
+    shape = predictor.schema.image_shape
+    assert shape is not None
+    client_shape = shape[1:] if shape[0] == 1 else shape
+    if not is_image_table(table_path):  # an NPZ of images or digits: a column per value
+        for frame in table_batches(table_path, BATCH_ROWS):
+            pixels = np.asarray(frame[names].to_numpy(), np.float64)
+            yield frame[names], lambda j, p=pixels: p[j].reshape(client_shape).tolist()
+        return
+    for batch in table_record_batches(table_path, max(1, BATCH_BYTES // len(names))):
+        pixels = pixel_rows(batch.column(PIXELS))
+        frame = rows.image_frame(pixels, predictor.schema)
+        yield frame, lambda j, p=pixels: p[j].reshape(client_shape).tolist()
+
+
+def _json_row(row: pd.Series, names: list[str]) -> dict[str, Any]:
     return {name: json_value(row[name]) for name in names}
 
 

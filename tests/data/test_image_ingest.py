@@ -8,12 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from PIL import Image
 
 from kubetrain.core import storage
 from kubetrain.core.errors import KubetrainError
-from kubetrain.data.datasets import LABEL, load_table
+from kubetrain.data.datasets import LABEL, PIXELS, load_table, pixel_rows
 from kubetrain.data.image_ingest import ImageOptions
 from kubetrain.data.image_sources import is_image_source
 from kubetrain.data.ingest import ingest
@@ -27,10 +28,13 @@ def folder(tmp_path_factory) -> Path:
 
 
 def run(source, tmp_path: Path, options: ImageOptions | None = None, label_column: str = ""):
+    """Ingest's metadata, the table's (uint8 (rows, values) pixels, labels) and schema."""
     out = tmp_path / "out" / "table"
     meta = ingest(str(source), label_column, str(out), images=options or ImageOptions())
     frame, schema = load_table(out)
-    return meta, frame, schema
+    assert list(frame.columns) == [PIXELS, LABEL]
+    pixels = pixel_rows(pa.array(frame[PIXELS], pa.binary(len(schema.feature_names))))
+    return meta, (pixels, frame[LABEL].tolist()), schema
 
 
 def fails(source, tmp_path: Path, options: ImageOptions, *needles: str) -> str:
@@ -98,18 +102,21 @@ def test_folder_ingests_as_an_image_table(folder, tmp_path):
     assert schema.class_names == sorted(CLASSES)
     assert meta["class_counts"] == {c: 6 for c in sorted(CLASSES)}
     assert meta["skipped_images"]["count"] == 0 and meta["images_per_second"] > 0
-    assert frame[schema.feature_names[0]].dtype == np.uint8  # a quarter of float32's bytes
+    pixels, labels = frame
+    assert pixels.dtype == np.uint8 and pixels.shape == (60, 3072)
     # row 0 is the first file of the first class folder, channel-first like the NPZ path
     first = sorted((folder / "checker").iterdir())[0]
     expected = np.asarray(Image.open(first)).transpose(2, 0, 1).reshape(-1)
-    assert frame[LABEL][0] == "checker"
-    np.testing.assert_array_equal(frame[schema.feature_names].to_numpy()[0], expected)
+    assert labels[0] == "checker"
+    np.testing.assert_array_equal(pixels[0], expected)
+    parts = list((tmp_path / "out" / "table").glob("part-*.parquet"))
+    assert sum(p.stat().st_size for p in parts) < 1.1 * pixels.size  # a byte per value
 
 
 def test_manifest_csv_and_parquet_with_resizing(folder, tmp_path):
     meta, frame, schema = run(folder / "manifest.csv", tmp_path / "csv", ImageOptions(size=16))
     assert schema.image_shape == [3, 16, 16] and meta["rows"] == 60
-    assert frame[LABEL].tolist()[:3] == ["disc", "ring", "square"]  # the manifest's order
+    assert frame[1][:3] == ["disc", "ring", "square"]  # the manifest's order
     manifest = pd.read_csv(folder / "manifest.csv")
     manifest["path"] = [str(folder / p) for p in manifest["path"]]  # absolute paths too
     manifest.rename(columns={"label": "class"}).to_parquet(tmp_path / "m.parquet")
@@ -234,11 +241,15 @@ def test_a_folder_fingerprint_changes_with_its_files(folder, tmp_path):
     assert fingerprint(str(root)) != before
 
 
-def test_images_too_large_for_the_table_need_an_image_size(tmp_path):
+def test_large_images_ingest_whole_and_larger_ones_need_an_image_size(tmp_path, monkeypatch):
     root = tmp_path / "large"
     for i in range(4):
         (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
-        Image.new("RGB", (160, 160), (i * 40, 0, 0)).save(root / f"c{i % 2}" / f"{i}.png")
-    fails(root, tmp_path, ImageOptions(), "--image-size 128 or less", "160x160x3")
+        Image.new("RGB", (160, 160), (i * 40, i, 0)).save(root / f"c{i % 2}" / f"{i}.png")
+    meta, (pixels, _), schema = run(root, tmp_path / "whole")  # 76,800 values: one column
+    assert schema.image_shape == [3, 160, 160] and pixels.shape == (4, 76800)
+    assert pixels.reshape(4, 3, 160, 160)[1, :, 5, 7].tolist() == [80, 2, 0]  # c0/2.png
+    monkeypatch.setattr("kubetrain.data.image_ingest.MAX_VALUES", 3 * 128 * 128)
+    fails(root, tmp_path, ImageOptions(), "--image-size N", "160x160x3")
     meta, _, schema = run(root, tmp_path / "ok", ImageOptions(size=32))
     assert schema.image_shape == [3, 32, 32] and meta["rows"] == 4
