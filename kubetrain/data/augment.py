@@ -212,8 +212,8 @@ def augment(
     they are, with ``policy`` (the per-batch augmentation training applies; None: none)
     in the schema."""
     started = time.perf_counter()
-    if shards.is_sharded(train_path) and shards.read_schema(train_path).kind == "image":
-        return _images(train_path, out_path, policy, started)
+    if shards.is_sharded(train_path) and (stored := shards.read_schema(train_path)).kind == "image":
+        return _images(train_path, out_path, stored, policy, started)
     split = batches.open_split(train_path, held_bytes, budget)
     schema = split.schema
     assert schema is not None
@@ -248,21 +248,25 @@ def augment(
 
 
 def _images(
-    train_path: str, out_path: str, policy: dict[str, Any] | None, started: float
+    train_path: str,
+    out_path: str,
+    schema: Schema,
+    policy: dict[str, Any] | None,
+    started: float,
 ) -> dict[str, Any]:
-    """An image split copied as it is stored (uint8 pixels stay uint8), with the policy."""
-    before = shards.read_manifest(train_path)
-    schema = _with_policy(Schema.from_json(before["schema"]), policy)
-    after = shards.copy(train_path, out_path, schema)
-    counts = _named(after["class_counts"], schema.class_names)
+    """An image split copied as it is stored (uint8 pixels stay uint8), with the policy:
+    its rows and class counts are the same before and after."""
+    schema = _with_policy(schema, policy)
+    copied = shards.copy(train_path, out_path, schema)
+    counts = _named(copied["class_counts"], schema.class_names)
     return {
         "stage": "augment",
         "kind": "image",
-        "rows_before": int(before["rows"]),
-        "rows_after": int(after["rows"]),
+        "rows_before": int(copied["rows"]),
+        "rows_after": int(copied["rows"]),
         "copies": 0,
         "policy": policy or {},
-        "class_counts_before": _named(before["class_counts"], schema.class_names),
+        "class_counts_before": counts,
         "class_counts_after": counts,
         "seconds": round(time.perf_counter() - started, 3),
     }

@@ -45,12 +45,12 @@ from kubetrain.data.clean_stream import (
     Plan,
     SplitCounts,
     class_codes_of,
+    class_index,
     first_unseen,
 )
 from kubetrain.data.column_types import infer_types
 from kubetrain.data.datasets import (
     LABEL,
-    LABEL_ALIASES,
     PIXELS,
     pixel_rows,
     table_files,
@@ -61,7 +61,7 @@ from kubetrain.data.datasets import (
 )
 from kubetrain.data.validation import TableProfile
 
-#: Images per record batch read from the table (bounded by bytes too: `_batch_rows`).
+#: Most images and bytes of pixels per record batch read from the table.
 BATCH_IMAGES = 4096
 BATCH_BYTES = 64 * 1024 * 1024
 PROGRESS_S = 5.0
@@ -88,9 +88,7 @@ def clean_images(
         overrides=cfg.type_overrides,
         drop=cfg.dropped_columns,
     )
-    index = {name: i for i, name in enumerate(schema.class_names)}
-    for variant, name in schema.extra.get(LABEL_ALIASES, {}).items():
-        index.setdefault(variant, index[name])
+    index = class_index(schema)
     plan = Plan(cfg, schema, features, [], index, types)
     batch_rows = max(1, min(BATCH_IMAGES, BATCH_BYTES // max(1, len(features))))
     on_disk = sum(f.stat().st_size for f in table_files(table_path))

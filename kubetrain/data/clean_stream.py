@@ -296,6 +296,15 @@ def batch_keys(
     return hashes, codes(frame[LABEL]), missing
 
 
+def class_index(schema: Schema) -> dict[str, int]:
+    """Each class name, and each label variant ingest merged into one, to its class code."""
+    index = {name: i for i, name in enumerate(schema.class_names)}
+    for variant, name in schema.extra.get(LABEL_ALIASES, {}).items():  # "YES" -> "yes"
+        if name in index:
+            index.setdefault(variant, index[name])
+    return index
+
+
 def class_codes_of(labels: pd.Series, index: dict[str, int]) -> np.ndarray:
     """``labels.map(index)``, -1 where a label is not in it: by Arrow's hash lookup for
     text labels (what ingest writes), where pandas' ``map`` costs about 20 times as much."""
@@ -721,10 +730,7 @@ class Plan:
         (`kubetrain.data.column_types.read_sample`): every engine passes the same rows,
         so every engine types the columns alike."""
         numeric, categorical = columns_of(arrow_schema)
-        index = {name: i for i, name in enumerate(schema.class_names)}
-        for variant, name in schema.extra.get(LABEL_ALIASES, {}).items():  # "YES" -> "yes"
-            if name in index:
-                index.setdefault(variant, index[name])
+        index = class_index(schema)
         features = [n for n in arrow_schema.names if n != LABEL]
         types = infer_types(
             sample,

@@ -390,6 +390,14 @@ def pixel_rows(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return flat.reshape(len(column), width)
 
 
+def pixel_column(pixels: np.ndarray) -> pa.FixedSizeBinaryArray:
+    """uint8 ``(rows, values)`` as a `PIXELS` column (`pixel_rows` reads it back): one
+    fixed-size binary value per row over the array's own buffer."""
+    pixels = np.ascontiguousarray(pixels, np.uint8)
+    kind = pa.binary(pixels.shape[1])
+    return pa.FixedSizeBinaryArray.from_buffers(kind, len(pixels), [None, pa.py_buffer(pixels)])
+
+
 def is_image_table(path: str | os.PathLike) -> bool:
     """Whether the table at ``path`` holds images as a `PIXELS` column."""
     return PIXELS in table_arrow_schema(path).names

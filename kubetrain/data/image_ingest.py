@@ -32,7 +32,7 @@ import pyarrow as pa
 
 from kubetrain.core import progress
 from kubetrain.core.errors import KubetrainError, require
-from kubetrain.data.datasets import LABEL, PIXELS, Schema, table_writer
+from kubetrain.data.datasets import LABEL, PIXELS, Schema, pixel_column, table_writer
 from kubetrain.data.image_decode import MIN_SIDE, Decoded, Target, decode_all, probe
 from kubetrain.data.image_sources import ImageRef, list_images, read_image_bytes
 
@@ -256,11 +256,8 @@ def _refuse_or_skip(where: str, decoded: Decoded, options: ImageOptions, skipped
 
 
 def _record_batch(X: np.ndarray, labels: list[str]) -> pa.RecordBatch:
-    """``X`` uint8 (n, values) as the `PIXELS` column: its buffer as it is, no copy."""
-    X = np.ascontiguousarray(X, np.uint8)
-    kind = pa.binary(X.shape[1])
-    pixels = pa.FixedSizeBinaryArray.from_buffers(kind, len(X), [None, pa.py_buffer(X)])
-    return pa.RecordBatch.from_arrays([pixels, pa.array(labels, pa.string())], [PIXELS, LABEL])
+    labels_array = pa.array(labels, pa.string())
+    return pa.RecordBatch.from_arrays([pixel_column(X), labels_array], [PIXELS, LABEL])
 
 
 def _ordered(counts: Counter[str]) -> list[str]:

@@ -27,9 +27,10 @@ while one fixed-size list column is a single contiguous float32 buffer that
 turns into the 2-D ``(rows, features)`` array the models take without a copy
 (``column.flatten().to_numpy().reshape(rows, features)``).
 
-Image pixels may be stored as they were decoded, ``FixedSizeList<uint8>``
-(``dtype=np.uint8``): a quarter of float32's bytes on disk, over the network and
-in a loader's memory. The manifest's ``decode`` (``offset``, ``scale``) turns a
+Image pixels may be stored as they were decoded (``dtype=np.uint8``): ``x`` is
+then fixed-size binary, a byte per value (Parquet would store a list of uint8
+as INT32 values), a quarter of float32's bytes on disk, over the network and in
+a loader's memory. The manifest's ``decode`` (``offset``, ``scale``) turns a
 stored value ``v`` into the feature ``(v - offset) / scale``; readers apply it
 with a 256-entry float32 table, so every reader still gets float32 features
 equal to what clean's float64 arithmetic cast to float32 gives.
@@ -65,7 +66,7 @@ import pyarrow.parquet as pq
 
 from kubetrain.core import integrity, storage
 from kubetrain.core.errors import KubetrainError
-from kubetrain.data.datasets import Schema, atomic_dir, pixel_rows
+from kubetrain.data.datasets import Schema, atomic_dir, pixel_column, pixel_rows
 
 MiB = 1024 * 1024
 FORMAT = "kubetrain-shards"
@@ -674,7 +675,7 @@ def _x_type(dtype: np.dtype, features: int) -> pa.DataType:
 
 def _x_array(X: np.ndarray, x_type: pa.DataType) -> pa.Array:
     if pa.types.is_fixed_size_binary(x_type):
-        return pa.FixedSizeBinaryArray.from_buffers(x_type, len(X), [None, pa.py_buffer(X)])
+        return pixel_column(X)
     return pa.FixedSizeListArray.from_arrays(pa.array(X.reshape(-1)), x_type.list_size)
 
 
