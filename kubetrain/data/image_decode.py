@@ -101,6 +101,8 @@ def decode(data: bytes, target: Target, min_side: int = MIN_SIDE) -> Decoded:
             img.load()
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:  # fmt: skip
+        if isinstance(exc, UnidentifiedImageError):  # its text names an in-memory buffer
+            return Decoded(None, "corrupt", "not an image format Pillow reads")
         return Decoded(None, "corrupt", _first_line(exc))
     return Decoded(_pixels(img, target))
 
