@@ -436,11 +436,14 @@ def train_here(req: TrainRequest) -> dict[str, Any]:
     # in memory when the split fits the budget; streamed from its shards when it does not
     train_data, schema = stream.training_split(req.train_path)
     Xv, yv, _ = load_split(req.val_path)
-    streamed = isinstance(train_data, stream.Streamed)
-    rows = train_data.rows if streamed else len(train_data[0])
+    rows = len(train_data[0]) if isinstance(train_data, tuple) else train_data.rows
+    held = {
+        stream.Streamed: " (streamed from shards)",
+        stream.Stored: " (uint8 pixels, decoded batch by batch on the device)",
+    }.get(type(train_data), "")
     progress.log(
         "train",
-        f"{rows} rows{' (streamed from shards)' if streamed else ''}, "
+        f"{rows} rows{held}, "
         f"{len(schema.feature_names)} features, "
         f"{'a number to predict' if schema.regression else f'{schema.num_classes} classes'}, "
         f"hyperparameters {described}",

@@ -572,8 +572,9 @@ def copy(src: str | os.PathLike, dst: str | os.PathLike, schema: Schema) -> dict
     return w.manifest
 
 
-def read_all(uri: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, Schema]:
-    """The whole dataset in memory: ``(X float32 (rows, features), y int64, schema)``.
+def read_all(uri: str | os.PathLike, raw: bool = False) -> tuple[np.ndarray, np.ndarray, Schema]:
+    """The whole dataset in memory: ``(X float32 (rows, features), y int64, schema)``
+    (``raw``: ``X`` as stored, uint8 for pixels, not decoded).
 
     The arrays are allocated once from the manifest's row count and filled
     shard by shard, so the peak is the result plus one shard.
@@ -585,9 +586,9 @@ def read_all(uri: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, Schema]:
         raise KubetrainError(
             f"{_display(uri)}/{MANIFEST} says {rows} rows but lists shards of {listed}; {FIX}"
         )
-    X = np.empty((rows, features), np.float32)
+    X = np.empty((rows, features), _read_dtype(manifest, raw))
     y = np.empty(rows, label_dtype(manifest))
-    at, lut = 0, decoder(manifest)
+    at, lut = 0, None if raw else decoder(manifest)
     for shard in manifest["shards"]:
         n = int(shard["rows"])
         _fill(uri, shard, X[at : at + n], y[at : at + n], lut)
@@ -596,15 +597,22 @@ def read_all(uri: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, Schema]:
 
 
 def read_shard(
-    uri: str | os.PathLike, manifest: dict[str, Any], shard: dict[str, Any]
+    uri: str | os.PathLike, manifest: dict[str, Any], shard: dict[str, Any], raw: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One shard's ``(X float32, y int64)``, checked against its sha256: the unit a
-    streaming reader deals out to ranks and data-loader workers. ``manifest`` is
-    `read_manifest`'s, ``shard`` one of its ``manifest["shards"]``."""
+    """One shard's ``(X float32, y int64)`` (``raw``: ``X`` as stored), checked against its
+    sha256: the unit a streaming reader deals out to ranks and data-loader workers.
+    ``manifest`` is `read_manifest`'s, ``shard`` one of its ``manifest["shards"]``."""
     n, features = int(shard["rows"]), int(manifest["features"])
-    X, y = np.empty((n, features), np.float32), np.empty(n, label_dtype(manifest))
-    _fill(uri, shard, X, y, decoder(manifest))
+    X = np.empty((n, features), _read_dtype(manifest, raw))
+    y = np.empty(n, label_dtype(manifest))
+    _fill(uri, shard, X, y, None if raw else decoder(manifest))
     return X, y
+
+
+def _read_dtype(manifest: dict[str, Any], raw: bool) -> np.dtype:
+    """What ``X`` is read as: float32 features, or with ``raw`` the stored type."""
+    decoder(manifest)  # an unknown storage fails here, named, raw or not
+    return np.dtype(manifest.get("dtype", "float32")) if raw else np.dtype(np.float32)
 
 
 def label_dtype(manifest: dict[str, Any]) -> type:

@@ -7,10 +7,11 @@ times:
 
 * ``stage``: `kubetrain.training.loop`'s ``train_epoch``, the code every
   training and tuning trial runs (channels_last, bf16 autocast, torch.compile,
-  fused AdamW, data resident on the device, one host sync per epoch), without
+  fused AdamW, the images resident on the device as uint8 and decoded per batch,
+  as the train stage holds an image split, one host sync per epoch), without
   augmentation; ``stage+aug``: the same with the default per-batch augmentation
   policy of the shape (what an image run trains with);
-* ``raw``: a hand-written loop on the same network: data on the device,
+* ``raw``: a hand-written loop on the same network: float32 data on the device,
   ``randperm`` batches, bf16 autocast, channels_last, ``torch.compile``, fused
   AdamW, ``zero_grad(set_to_none=True)``, no host sync.
 
@@ -52,6 +53,7 @@ from kubetrain.data.datasets import Schema
 from kubetrain.training import distributed, loop, models
 from kubetrain.training.batch_augment import policy_from
 from kubetrain.training.models import ModelSpec, spec_for
+from kubetrain.training.stream import Stored
 
 
 class ConvNet(nn.Module):
@@ -108,11 +110,15 @@ def schema_of(shape: tuple[int, int, int], policy: dict[str, Any] | None) -> Sch
     )
 
 
-def synthetic(n: int, shape: tuple[int, int, int], seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Standardized random images and labels: the throughput does not depend on content."""
+def synthetic(n: int, shape: tuple[int, int, int], seed: int) -> Stored:
+    """Random uint8 images and labels with a standardizing decode, as clean stores an image
+    split: the stage trains on them as the train stage does (resident as uint8, decoded
+    per batch on the device); the raw loop on their float32 features. The throughput
+    does not depend on content."""
     rng = np.random.default_rng(seed)
-    X = rng.standard_normal((n, int(np.prod(shape))), dtype=np.float32)
-    return X, rng.integers(0, CLASSES, n).astype(np.int64)
+    X = rng.integers(0, 256, (n, int(np.prod(shape))), dtype=np.uint8)
+    lut = ((np.arange(256) - 127.5) / 73.9).astype(np.float32)  # a uniform byte's mean, sd
+    return Stored(X, rng.integers(0, CLASSES, n).astype(np.int64), lut)
 
 
 def _sync(device: torch.device) -> None:
@@ -161,7 +167,7 @@ class GpuSampler:
 
 def stage_rate(
     case: Case,
-    data: tuple[np.ndarray, np.ndarray],
+    data: Stored,
     batch: int,
     epochs: int,
     compile_setting: str,
@@ -175,9 +181,9 @@ def stage_rate(
     train = TrainConfig(
         model="cnn" if case.arch == "cnn" else "resnet", torch_compile=compile_setting
     )
-    spec = spec_for(schema, train.model, hyper.width, hyper.dropout, len(data[1]))
+    spec = spec_for(schema, train.model, hyper.width, hyper.dropout, data.rows)
     spec.arch = case.arch if case.arch != "resnet" else spec.arch
-    val = (data[0][:batch], data[1][:batch])
+    val = (data.lut[data.X[:batch]], data.y[:batch])
     lp = loop.training_loop(spec, train, hyper, 0, data, val, schema, epochs + 1)
     # the batch as given: fit would grow it with the rows (`loop.effective_batch`)
     lp.batch_rows = max(1, batch // lp.where.world_size)
@@ -190,7 +196,7 @@ def stage_rate(
             lp.train_epoch(epoch)
         _sync(device)
         seconds = time.perf_counter() - started
-    rows = len(data[1]) // lp.where.world_size * lp.where.world_size
+    rows = data.rows // lp.where.world_size * lp.where.world_size
     return {
         "img_s": rows * epochs / seconds,
         "compiled": lp.compiled is not None,
@@ -201,25 +207,27 @@ def stage_rate(
 
 def raw_rate(
     case: Case,
-    data: tuple[np.ndarray, np.ndarray],
+    data: Stored,
     batch: int,
     epochs: int,
     compile_setting: str,
 ) -> dict[str, Any]:
-    """img/s of a tuned hand-written loop on the same network, data and batch."""
+    """img/s of a tuned hand-written loop on the same network, data (as float32 on the
+    device) and batch."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     schema = schema_of(case.shape, None)
-    spec = spec_for(schema, "cnn" if case.arch == "cnn" else "resnet", 128, 0.0, len(data[1]))
+    spec = spec_for(schema, "cnn" if case.arch == "cnn" else "resnet", 128, 0.0, data.rows)
     spec.arch = case.arch if case.arch != "resnet" else spec.arch
     net = models.build(spec).to(device)
     cuda = device.type == "cuda"
     if cuda:
         net = net.to(memory_format=torch.channels_last)
     layout = torch.channels_last if cuda else torch.contiguous_format
-    X = torch.as_tensor(data[0], device=device).reshape(len(data[0]), *case.shape)
+    features, labels = data.decoded()
+    X = torch.as_tensor(features, device=device).reshape(len(features), *case.shape)
     X = X.contiguous(memory_format=layout)
-    y = torch.as_tensor(data[1], device=device)
+    y = torch.as_tensor(labels, device=device)
     opt = torch.optim.AdamW(
         net.parameters(), lr=2e-3, weight_decay=1e-4, **({"fused": True} if cuda else {})
     )

@@ -274,7 +274,8 @@ def train_beside(
     seed: int,
 ) -> Challenger:
     """What the train stage calls after the network: the split it trained on, held in
-    memory (``(X, y)``) or streamed (then read again here, batch by batch). A failing
+    memory (``(X, y)``) or not (streamed, or uint8 `Stored` pixels: then read again here,
+    batch by batch, as float32 features). A failing
     challenger is recorded, not raised: a yardstick must not cost the trained network."""
     if not enabled:
         return Challenger(None, {"challenger_note": "off (challenger=false)"})

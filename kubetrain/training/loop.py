@@ -29,7 +29,9 @@ layout tensor cores take without transposes), runs under bf16 autocast,
 in one line and training continues uncompiled), keeps the split on the GPU when
 it fits (`DEVICE_SHARE` of the free memory; else pinned host memory, copied
 batch by batch without blocking) and syncs with the host once per epoch, not
-per step. On the CPU each of these is a no-op.
+per step. On the CPU each of these is a no-op. Image pixels stay uint8 (`Stored`,
+or streamed as stored) until a batch is on the device, where a 256-entry table
+decodes them: a quarter of the bytes resident and copied.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ from kubetrain.training.batch_augment import AugmentPolicy, augment_batch, mix, 
 from kubetrain.training.models import ModelSpec, build, spec_for
 from kubetrain.training.objective import Objective
 from kubetrain.training.resnet import load_initial_weights
-from kubetrain.training.stream import Streamed
+from kubetrain.training.stream import Stored, Streamed
 
 #: Settings a tuner may override: exactly the `HyperConfig` section.
 TUNABLE: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(HyperConfig))
@@ -203,7 +205,7 @@ def fit(
     train: TrainConfig,
     hyper: HyperConfig,
     seed: int,
-    train_data: Split | Streamed,
+    train_data: Split | Stored | Streamed,
     val_data: Split,
     schema: Schema,
     epochs: int,
@@ -214,7 +216,8 @@ def fit(
 ) -> FitResult:
     """Train with early stopping on validation loss; returns the best epoch's weights.
 
-    `train_data` is the split in memory, or a `Streamed` sharded split that is
+    `train_data` is the split in memory (float32 arrays, or uint8 pixels as `Stored`,
+    decoded batch by batch on the device), or a `Streamed` sharded split that is
     read batch by batch (see `kubetrain.training.stream`). With
     ``checkpoint_dir`` every epoch ends with a checkpoint there (a streamed
     epoch also writes one every MID_EPOCH_CHECKPOINT_S), and a run of the same
@@ -226,7 +229,7 @@ def fit(
     policy = recorded(schema)
     if policy is not None:  # another policy trains another model: no resume across them
         config["augment_policy"] = policy.to_dict()
-    rows = train_data.rows if isinstance(train_data, Streamed) else len(train_data[0])
+    rows = _rows(train_data)
     spec = spec_for(schema, train.model, hyper.width, hyper.dropout, rows)
     loop = training_loop(spec, train, hyper, seed, train_data, val_data, schema, epochs)
     where, objective = loop.where, loop.objective
@@ -286,7 +289,7 @@ def training_loop(
     train: TrainConfig,
     hyper: HyperConfig,
     seed: int,
-    train_data: Split | Streamed,
+    train_data: Split | Stored | Streamed,
     val_data: Split,
     schema: Schema,
     epochs: int = 1,
@@ -324,11 +327,15 @@ def _place(requested: str) -> _Placement:
     return _Placement(device, ddp, rank, world_size)
 
 
-def _check_splits(train_data: Split | Streamed, val_data: Split, schema: Schema) -> None:
+def _rows(train_data: Split | Stored | Streamed) -> int:
+    return len(train_data[0]) if isinstance(train_data, tuple) else train_data.rows
+
+
+def _check_splits(train_data: Split | Stored | Streamed, val_data: Split, schema: Schema) -> None:
     rows, features = (
-        (train_data.rows, train_data.features)
-        if isinstance(train_data, Streamed)
-        else (len(train_data[0]), train_data[0].shape[1])
+        (len(train_data[0]), train_data[0].shape[1])
+        if isinstance(train_data, tuple)
+        else (train_data.rows, train_data.features)
     )
     X_va = val_data[0]
     require(
@@ -483,6 +490,9 @@ class _Loop:
     #: the augmentation's draws on the device, and its few scalars on the host (`mix`)
     aug_gen: torch.Generator | None = None
     host_gen: torch.Generator | None = None
+    #: uint8 pixels (`Stored`, or a streamed uint8 split): their float32 features, by
+    #: stored value, on the device (`features`)
+    lut: torch.Tensor | None = None
 
     @classmethod
     def start(
@@ -493,7 +503,7 @@ class _Loop:
         seed: int,
         epochs: int,
         where: _Placement,
-        train_data: Split | Streamed,
+        train_data: Split | Stored | Streamed,
         val_data: Split,
         objective: Objective,
         policy: AugmentPolicy | None = None,
@@ -509,14 +519,18 @@ class _Loop:
         opt = make_optimizer(net, train, hyper)
         X_val, y_val = val_data
         stream = train_data if isinstance(train_data, Streamed) else None
-        # Whole splits live on the device when they fit: index batching, no host copies.
-        arrays = [X_val, y_val] if stream else [*train_data, X_val, y_val]
+        held = (train_data.X, train_data.y) if isinstance(train_data, Stored) else train_data
+        # Whole splits live on the device when they fit (uint8 pixels as stored, a
+        # quarter of the bytes): index batching, no host copies.
+        arrays = [X_val, y_val] if stream else [*held, X_val, y_val]  # type: ignore[misc]
         resident = _fits_device(sum(a.nbytes for a in arrays), where.device)
         home = where.device if resident else torch.device("cpu")
         pin = not resident  # host memory the GPU copies from without blocking
+        lut = None if isinstance(train_data, tuple) else train_data.lut
 
         def features(a: np.ndarray) -> torch.Tensor:
-            t = torch.as_tensor(a, dtype=torch.float32, device=home)
+            stored = a.dtype == np.uint8 and lut is not None  # decoded batch by batch
+            t = torch.as_tensor(a, dtype=None if stored else torch.float32, device=home)
             if conv:  # stored as the network takes it: batches come out laid out
                 t = t.reshape(len(t), *spec.image_shape)  # type: ignore[misc]
                 if channels_last:
@@ -527,7 +541,7 @@ class _Loop:
             return _held(torch.as_tensor(a, dtype=objective.label_dtype, device=home), pin)
 
         if stream is None:
-            X, y = train_data
+            X, y = held  # type: ignore[misc]
             data = (features(X), labels(y), features(X_val), labels(y_val))
             rows = len(X)
         else:
@@ -559,6 +573,7 @@ class _Loop:
             classes=spec.num_classes,
             aug_gen=torch.Generator(device=where.device) if policy and image else None,
             host_gen=torch.Generator() if policy and image else None,
+            lut=None if lut is None else torch.as_tensor(lut, device=where.device),
         )
 
     def train_epoch(
@@ -585,7 +600,7 @@ class _Loop:
         total = torch.zeros((), dtype=torch.float64, device=w.device)
         for i in range(0, len(order), self.batch_rows):
             idx = order[i : i + self.batch_rows]
-            loss = self._step(self._to_device(X[idx]), self._to_device(y[idx]))
+            loss = self._step(self.features(X[idx]), self._to_device(y[idx]))
             total.add_(loss, alpha=len(idx))  # one kernel, no host sync
         self.sched.step()
         # all-reduced (identity on one process): every rank sees the same number
@@ -629,10 +644,10 @@ class _Loop:
             if step < done:  # trained before the interruption: the order is the same
                 if self.policy is not None:  # and the augmentation draws the same, as then
                     self.training_batch(
-                        xb.to(w.device), yb.to(w.device, self.objective.label_dtype)
+                        self.features(xb), yb.to(w.device, self.objective.label_dtype)
                     )
                 continue
-            xb = xb.to(w.device, non_blocking=True)
+            xb = self.features(xb)
             yb = yb.to(w.device, dtype=self.objective.label_dtype, non_blocking=True)
             loss = self._step(xb, yb)
             total.add_(loss, alpha=len(yb))
@@ -654,6 +669,14 @@ class _Loop:
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return t.to(self.where.device, non_blocking=True)
+
+    def features(self, X: torch.Tensor) -> torch.Tensor:
+        """A batch of rows on the device as float32 features: uint8 pixels cross as bytes
+        and are decoded there, through the split's table."""
+        X = self._to_device(X)
+        if X.dtype != torch.uint8 or self.lut is None:
+            return X
+        return self.lut[X.long()]
 
     def training_batch(self, X: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """What the network trains on for rows ``X`` (flat) and labels ``y``: images
@@ -716,7 +739,7 @@ class _Loop:
         w = self.where
 
         def prepare(xb: torch.Tensor) -> torch.Tensor:
-            return self.inputs(self._to_device(xb))
+            return self.inputs(self.features(xb))
 
         if w.ddp:
             return _evaluate_sharded(

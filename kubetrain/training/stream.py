@@ -4,8 +4,9 @@
 batching is fastest). A bigger split is streamed: each epoch the shards are
 shuffled with the seed and dealt to the (DDP rank x DataLoader worker) slots,
 each slot reads its shards one by one into a shuffle buffer and yields
-batches, and the loop runs a fixed number of steps, the same on every rank
-(DDP would hang on a rank that runs out first). Memory per worker is one shard
+batches (uint8 pixels as stored: `fit` decodes them on the device), and the
+loop runs a fixed number of steps, the same on every rank (DDP would hang on a
+rank that runs out first). Memory per worker is one shard
 plus the buffer. With fewer shards than slots (a split just over the budget, many
 ranks) each shard is read by several slots, each keeping every k-th of its rows,
 so no rank is left without batches.
@@ -47,19 +48,57 @@ class Streamed:
         return cls(str(uri), int(manifest["rows"]), int(manifest["features"]), manifest)
 
     @property
+    def stored_uint8(self) -> bool:
+        return self.manifest.get("dtype", "float32") == "uint8"
+
+    @property
     def nbytes(self) -> int:
-        return self.rows * self.features * 4
+        """The features' bytes in memory: as stored for uint8 pixels (`Stored`), else float32."""
+        return self.rows * self.features * (1 if self.stored_uint8 else 4)
+
+    @property
+    def lut(self) -> np.ndarray | None:
+        """The stored value -> feature table of uint8 pixels (`shards.decoder`), else None."""
+        return shards.decoder(self.manifest)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A uint8 image split held as stored, with the table that decodes it: a quarter of
+    the float32 bytes in host memory, on the GPU and in every host-to-device copy.
+    `fit` decodes each batch on the training device (``lut[X]``), which gives exactly
+    the float32 features `shards.read_all` would have (the same table)."""
+
+    X: np.ndarray  # uint8 (rows, features)
+    y: np.ndarray
+    lut: np.ndarray  # float32 (256,)
+
+    @property
+    def rows(self) -> int:
+        return len(self.y)
+
+    @property
+    def features(self) -> int:
+        return int(self.X.shape[1])
+
+    def decoded(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(X float32, y)``: what a reader that does not decode batches on a device takes."""
+        return self.lut[self.X], self.y
 
 
 def training_split(path: str, budget: int | None = None) -> tuple[Any, Any]:
     """The training split as `fit` takes it: in memory when it fits the budget (the fast
-    path), else `Streamed` from its shards. Returns (split, schema)."""
+    path; uint8 pixels as `Stored`), else `Streamed` from its shards. Returns (split,
+    schema)."""
     from kubetrain.data.datasets import load_split
 
     if shards.is_sharded(path):
         split = Streamed.open(path)
         if not fits(split.nbytes, budget):
             return split, shards.read_schema(path)
+        if split.stored_uint8:
+            X, y, schema = shards.read_all(path, raw=True)
+            return Stored(X, y, split.lut), schema  # type: ignore[arg-type]
     X, y, schema = load_split(path)
     return (X, y), schema
 
@@ -126,7 +165,8 @@ class ShardStream(IterableDataset):
         held = 0
         mine, part, parts = portion(len(listed), self.seed, self.epoch, slot, slots)
         for index in mine:
-            X, y = shards.read_shard(self.split.uri, self.split.manifest, listed[index])
+            # as stored: uint8 pixels cross to the device as bytes and are decoded there
+            X, y = shards.read_shard(self.split.uri, self.split.manifest, listed[index], raw=True)
             if parts > 1:  # a shard shared with other slots: every parts-th row from part
                 X, y = X[part::parts], y[part::parts]
             xs.append(X)
