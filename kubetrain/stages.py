@@ -432,9 +432,10 @@ def train_here(req: TrainRequest) -> dict[str, Any]:
     from kubetrain.training.loop import describe, fit
     from kubetrain.training.models import save_model
 
-    described = describe(req.train, req.hyper, req.seed, req.final.epochs)
     # in memory when the split fits the budget; streamed from its shards when it does not
     train_data, schema = stream.training_split(req.train_path)
+    epochs = req.final.epochs_for(schema.kind)
+    described = describe(req.train, req.hyper, req.seed, epochs)
     Xv, yv, _ = load_split(req.val_path)
     rows = len(train_data[0]) if isinstance(train_data, tuple) else train_data.rows
     held = {
@@ -456,7 +457,7 @@ def train_here(req: TrainRequest) -> dict[str, Any]:
             train_data,
             (Xv, yv),
             schema,
-            req.final.epochs,
+            epochs,
             hook=after_epoch,
             checkpoint_dir=checkpoint_dir,
         )

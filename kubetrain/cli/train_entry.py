@@ -173,7 +173,7 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
             train_data,
             (Xv, yv),
             schema,
-            cfg.final.epochs,
+            cfg.final.epochs_for(schema.kind),
             checkpoint_dir=args.checkpoint_dir,
         )
         return None

@@ -412,7 +412,7 @@ def _run_local(cfg: RunConfig, runs: Path, cache: bool, console) -> dict[str, An
     clock = StageClock()
     console.write(
         f"{progress.PREFIX} run {run_id} | dataset {cfg.data.dataset} | "
-        f"{cfg.tune.tune_trials} tuning trials | up to {cfg.final.epochs} epochs | "
+        f"{cfg.tune.tune_trials} tuning trials | up to {cfg.final.epochs or 'auto'} epochs | "
         f"cache {'on' if cache else 'off'}\n"
     )
     log_path = run_dir / "pipeline.log"

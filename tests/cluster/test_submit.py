@@ -751,7 +751,7 @@ def test_no_cache_sends_the_spec_inline_with_caching_off_in_every_dag(kfp_server
             ["epochs=5", "epoks=3"],
             r"--param epoks: not a pipeline parameter \(did you mean epochs\?\)",
         ),
-        (["epochs=0"], r"epochs=0 is out of range"),
+        (["epochs=-1"], r"epochs=-1 is out of range"),
         (["epochs=many"], r"epochs must be a int, got 'many'"),
         (["optimizer=lbfgs"], r"optimizer='lbfgs' is not supported; use one of: sgd, adam, adamw"),
         (["test_fraction=0.5", "val_fraction=0.4"], r"keep it below 0.8"),

@@ -137,3 +137,10 @@ def test_label_column_of_a_built_in_dataset_is_refused_up_front():
     with pytest.raises(KubetrainError, match="does not apply to the built-in dataset 'wine'"):
         RunConfig.from_flat({"dataset": "wine", "label_column": "quality"})
     assert RunConfig.from_flat({"dataset": "x.csv", "label_column": "y"}).data.label_column
+
+
+def test_epochs_left_at_auto_depend_on_the_data_and_a_given_count_is_kept():
+    auto = RunConfig.from_flat({}).final
+    assert auto.epochs == 0 and auto.epochs_for("table") < auto.epochs_for("image")
+    given = RunConfig.from_flat({"epochs": "7"}).final
+    assert given.epochs_for("table") == given.epochs_for("image") == 7

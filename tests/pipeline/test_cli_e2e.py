@@ -142,7 +142,7 @@ def test_failed_quality_gate_skips_compression_and_exits_3(tmp_path):
     "args, expected",
     [
         (["--dataset", "no/such/file.csv"], "not found"),
-        (["--epochs", "0"], "epochs=0 is out of range"),
+        (["--epochs", "-1"], "epochs=-1 is out of range"),
         (["--tune-algorithm", "hyperband"], "is not supported; use one of"),
         (["--dataset", "{csv}", "--label-column", "nope"], "label column 'nope' not in"),
     ],
