@@ -27,7 +27,6 @@ from kubetrain.data.datasets import (
     table_batches,
     table_record_batches,
 )
-from kubetrain.serving import rows
 from kubetrain.serving.predictor import Predictor
 
 #: Test rows scored by champion/challenger and sent by the smoke test, at most.
@@ -56,8 +55,8 @@ def heldout_rows(
         wanted.setdefault(x.tobytes(), []).append(i)
     found: list[Any] = [None] * len(X)
     left = len(X)
-    for raw, client_row in _raw_batches(predictor, table_path):
-        encoded = np.ascontiguousarray(predictor.features(raw), np.float32)
+    for encoded, client_row in _encoded_batches(predictor, table_path):
+        encoded = np.ascontiguousarray(encoded, np.float32)
         for j, row in enumerate(encoded):
             for i in wanted.pop(row.tobytes(), []):
                 found[i] = client_row(j)
@@ -74,16 +73,17 @@ def heldout_rows(
     return Heldout(found, truth)
 
 
-def _raw_batches(
+def _encoded_batches(
     predictor: Predictor, table_path: str
-) -> Iterator[tuple[pd.DataFrame, Callable[[int], Any]]]:
-    """Per batch of the table: its raw feature frame (what the preprocessor reads) and
-    row ``j`` as a client sends it (JSON values; an image as nested pixel lists)."""
+) -> Iterator[tuple[np.ndarray, Callable[[int], Any]]]:
+    """Per batch of the table: its rows encoded by the bundle's preprocessor (an image
+    table's pixels straight from their column) and row ``j`` as a client sends it (JSON
+    values; an image as nested pixel lists)."""
     names = [c.name for c in predictor.schema.columns]
     if not predictor.image:
         for frame in table_batches(table_path, BATCH_ROWS):
             raw = frame.drop(columns=[LABEL])
-            yield raw, lambda j, raw=raw: _json_row(raw.iloc[j], names)
+            yield predictor.features(raw), lambda j, raw=raw: _json_row(raw.iloc[j], names)
         return
     shape = predictor.schema.image_shape
     assert shape is not None
@@ -91,12 +91,17 @@ def _raw_batches(
     if not is_image_table(table_path):  # an NPZ of images or digits: a column per value
         for frame in table_batches(table_path, BATCH_ROWS):
             pixels = np.asarray(frame[names].to_numpy(), np.float64)
-            yield frame[names], lambda j, p=pixels: p[j].reshape(client_shape).tolist()
+            yield (
+                predictor.features(frame[names]),
+                lambda j, p=pixels: p[j].reshape(client_shape).tolist(),
+            )
         return
     for batch in table_record_batches(table_path, max(1, BATCH_BYTES // len(names))):
         pixels = pixel_rows(batch.column(PIXELS))
-        frame = rows.image_frame(pixels, predictor.schema)
-        yield frame, lambda j, p=pixels: p[j].reshape(client_shape).tolist()
+        yield (
+            predictor.pixel_features(pixels),
+            lambda j, p=pixels: p[j].reshape(client_shape).tolist(),
+        )
 
 
 def _json_row(row: pd.Series, names: list[str]) -> dict[str, Any]:

@@ -94,19 +94,27 @@ class Predictor:
         return self.prep.transform(frame)
 
     def predict_frame(self, frame: pd.DataFrame) -> Prediction:
+        if not len(frame):
+            return self.predict_features(np.zeros((0, self.num_features), np.float32))
+        return self.predict_features(self.features(frame))
+
+    def predict_features(self, X: np.ndarray) -> Prediction:
+        """The prediction for rows already encoded (`features`, `pixel_features`)."""
         if self.regression:
             scores = (
-                np.asarray(self._score(self.features(frame)), np.float32)
-                if len(frame)
-                else np.zeros((0, 1), np.float32)
+                np.asarray(self._score(X), np.float32) if len(X) else np.zeros((0, 1), np.float32)
             )
             return Prediction([], np.zeros((len(scores), 0), np.float32), [], scores[:, 0])
-        if frame.empty:
+        if not len(X):
             empty = np.zeros((0, len(self.class_names)), np.float32)
             return Prediction([], empty, self.class_names)
-        proba = np.asarray(self._score(self.features(frame)), np.float32)
+        proba = np.asarray(self._score(X), np.float32)
         labels = [self.class_names[i] for i in proba.argmax(axis=1)]
         return Prediction(labels, proba, self.class_names)
+
+    def pixel_features(self, pixels: np.ndarray) -> np.ndarray:
+        """Clean's encoding of images given as arrays of pixel values (see `predict_images`)."""
+        return self.prep.transform_pixels(raw.image_rows(np.asarray(pixels), self.schema))
 
     def predict_rows(self, rows: Sequence[Any]) -> Prediction:
         """Table rows (JSON objects keyed by column name); an image model takes images
@@ -123,8 +131,10 @@ class Predictor:
         return self.predict_frame(raw.columns_frame(columns, self.schema))
 
     def predict_images(self, pixels: np.ndarray) -> Prediction:
+        """Images as arrays of pixel values, encoded straight from the array: no frame of a
+        column per value (seconds per 224x224 image)."""
         require(self.image, "this is a table model: send rows keyed by column name")
-        return self.predict_frame(raw.image_frame(np.asarray(pixels), self.schema))
+        return self.predict_features(self.pixel_features(pixels))
 
     def predict_encoded(self, images: Sequence[str | bytes]) -> Prediction:
         """Encoded image files (bytes, or base64 text as JSON carries them), decoded as

@@ -93,9 +93,10 @@ def columns_frame(columns: dict[str, Sequence[Any]], schema: InputSchema) -> pd.
     return frame
 
 
-def image_frame(pixels: np.ndarray, schema: InputSchema) -> pd.DataFrame:
-    """Images (``(n, C, H, W)``, ``(n, H, W)`` or ``(n, C*H*W)`` numbers) as the pixel
-    frame clean's preprocessor reads (one column per pixel, row-major, as ingested)."""
+def image_rows(pixels: np.ndarray, schema: InputSchema) -> np.ndarray:
+    """Images (``(n, C, H, W)``, ``(n, H, W)`` or ``(n, C*H*W)`` numbers) as rows of
+    values (``(n, C*H*W)``, row-major, as ingested) that `Preprocessor.transform_pixels`
+    encodes, checked: the model's shape, numbers, finite."""
     assert schema.image_shape is not None
     width = int(np.prod(schema.image_shape))
     if pixels.ndim < 2 or int(np.prod(pixels.shape[1:])) != width:
@@ -109,9 +110,9 @@ def image_frame(pixels: np.ndarray, schema: InputSchema) -> pd.DataFrame:
     if not np.issubdtype(pixels.dtype, np.number) or np.issubdtype(pixels.dtype, np.bool_):
         raise RowError(f"'pixels' must be numbers, got {pixels.dtype}", "pixels")
     flat = pixels.reshape(len(pixels), width)
-    names = [c.name for c in schema.columns]
-    arrays = [pa.array(flat[:, j], type=c.arrow) for j, c in enumerate(schema.columns)]
-    return pa.Table.from_arrays(arrays, names=names).to_pandas()
+    if np.issubdtype(flat.dtype, np.floating) and not np.isfinite(flat).all():
+        raise RowError("'pixels' must be finite numbers (no NaN or infinity)", "pixels")
+    return flat
 
 
 def image_target(schema: InputSchema) -> Target:

@@ -201,3 +201,22 @@ def test_encoded_images_decode_as_ingest_does(digits_bundle):
         with pytest.raises(RowError, match=words) as caught:
             predictor.predict_rows([files[0], bad])
         assert caught.value.column == "image" and "\n" not in str(caught.value)
+
+
+def test_images_are_encoded_from_their_array_as_from_a_frame_of_their_values(digits_bundle):
+    """The pixel path skips the frame of a column per value (seconds per 224x224 image):
+    its features are the frame path's, bit for bit, and a non-finite pixel is refused in
+    one line naming 'pixels'."""
+    import pandas as pd
+
+    predictor = Predictor(open_bundle(str(digits_bundle.bundle)))
+    pixels = np.asarray(digits_bundle.test_rows, np.float64).reshape(
+        len(digits_bundle.test_rows), -1
+    )
+    frame = pd.DataFrame(pixels, columns=[c.name for c in predictor.schema.columns])
+    assert np.array_equal(predictor.pixel_features(pixels), predictor.features(frame))
+    bad = pixels[:2].copy()
+    bad[1, 5] = np.nan
+    with pytest.raises(RowError, match="finite") as caught:
+        predictor.predict_images(bad)
+    assert caught.value.column == "pixels" and "\n" not in str(caught.value)
