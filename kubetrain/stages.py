@@ -38,6 +38,7 @@ from kubetrain.config.settings import (
 )
 from kubetrain.core import progress
 from kubetrain.data.datasets import is_image_table, load_split, write_json, write_text
+from kubetrain.data.packed_json import pack
 from kubetrain.report import plots
 from kubetrain.report.html import Section, write_html, write_markdown
 
@@ -218,7 +219,7 @@ def clean_stage(
     )
     validation = meta.pop("validation", None)
     if validation is not None:  # beside the training shards: no new pipeline output
-        write_json(Path(train_path) / VALIDATION_FILE, validation)
+        write_json(Path(train_path) / VALIDATION_FILE, pack(validation))
     write_text(report_path, quality_report({**meta, "validation": validation}))
     sizes = ", ".join(f"{k} {v['rows']}" for k, v in meta["splits"].items())
     progress.log(

@@ -154,7 +154,9 @@ def clean_images(
             train.add(pixels[c == 0])
         prep = Preprocessor(cfg, schema)
         prep.params = fill_params(types) | {"bounds": None, "scale": train.scaler(cfg)}
-        prep.params["fill"] = dict(zip(features, train.means(), strict=True))
+        # no pixel is ever missing in an image table; a frame given to `transform` with
+        # NaN gets the training pixels' mean (one value: per pixel it was 3.5 MB at 224)
+        prep.params["fill"] = dict.fromkeys(features, train.mean())
         nothing = EncodedStats(0, 0, want_iqr=False)  # no selection: pixels keep their grid
         stats.update(plan.select(prep, nothing, all_hashes, y_all, seed))
         split_schema = plan.split_schema(prep)
@@ -195,11 +197,11 @@ def _routed(
 
 
 class _PixelSums:
-    """Sums of the training pixels (exact, in integers): per pixel, and of all of them
-    with their squares, minimum and maximum. A class: the sums grow batch by batch."""
+    """Sums of the training pixels (exact, in integers) and of their squares, minimum
+    and maximum. A class: the sums grow batch by batch."""
 
     def __init__(self, values: int) -> None:
-        self.per_pixel = np.zeros(values, np.int64)
+        self.values = values
         self.rows = self.total = self.squares = 0
         self.low, self.high = 255, 0
 
@@ -207,18 +209,17 @@ class _PixelSums:
         if not len(pixels):
             return
         self.rows += len(pixels)
-        self.per_pixel += pixels.sum(axis=0, dtype=np.int64)
         self.total += int(pixels.sum(dtype=np.int64))
         # squares of uint8 fit in uint16; summed per row in int64 they cannot overflow
         self.squares += int((pixels.astype(np.uint16) ** 2).sum(dtype=np.int64))
         self.low, self.high = min(self.low, int(pixels.min())), max(self.high, int(pixels.max()))
 
-    def means(self) -> list[float]:
-        return (self.per_pixel / max(self.rows, 1)).tolist()
+    def mean(self) -> float:
+        return self.total / max(self.rows * self.values, 1)
 
     def scaler(self, cfg: CleanConfig) -> dict[str, Any]:
         """`Preprocessor._scaler` for an image (one scalar for every pixel)."""
-        n = self.rows * len(self.per_pixel)
+        n = self.rows * self.values
         if cfg.scaling == "none" or n == 0:
             return {"kind": "none"}
         if cfg.scaling == "minmax":

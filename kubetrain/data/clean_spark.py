@@ -63,6 +63,7 @@ from kubetrain.data.clean_stream import (
     sample_cut,
 )
 from kubetrain.data.datasets import LABEL, Schema, atomic_dir
+from kubetrain.data.packed_json import unpack
 
 #: Rows per Arrow batch handed to a task's Python worker.
 BATCH_ROWS = 65_536
@@ -92,7 +93,7 @@ class Table:
 
 def open_table(uri: str) -> Table:
     """The table's schema, parts and row count, from its meta.json and Parquet footers."""
-    meta = json.loads(_read(uri, "meta.json", "the table's meta.json"))
+    meta = unpack(json.loads(_read(uri, "meta.json", "the table's meta.json")))
     listed = meta.pop("parts", None) or [{"name": "data.parquet"}]
     meta.pop("rows", None)
     fields = Schema.__dataclass_fields__

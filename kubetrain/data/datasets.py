@@ -47,6 +47,7 @@ import pyarrow.parquet as pq
 from kubetrain.core.errors import KubetrainError
 from kubetrain.core.integrity import FIX, sha256_file, verify_checksums, write_checksums
 from kubetrain.core.storage import is_s3
+from kubetrain.data.packed_json import pack, unpack
 
 LABEL = "label"  # name of the label column inside a canonical table
 #: An image table's one feature column: each image's uint8 values in channel-first order,
@@ -298,7 +299,7 @@ def table_writer(
         except BaseException:
             writer.abort()
             raise
-        (tmp / TABLE_META).write_text(json.dumps(meta, indent=2))  # last
+        (tmp / TABLE_META).write_text(json.dumps(pack(meta), indent=2))  # last
 
 
 def _text_columns(schema: pa.Schema) -> list[str]:
@@ -423,7 +424,7 @@ def _table_meta(path: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
             "ingest stage"
         )
     try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        meta = unpack(json.loads(meta_file.read_text(encoding="utf-8")))
         if not isinstance(meta, dict):
             raise ValueError("not an object")
     except (ValueError, UnicodeDecodeError) as exc:

@@ -21,6 +21,7 @@ import pyarrow as pa
 from kubetrain.core.errors import KubetrainError, require
 from kubetrain.data.column_types import DROPPED_KINDS
 from kubetrain.data.datasets import LABEL, PIXELS, table_arrow_schema, table_schema
+from kubetrain.data.packed_json import pack, unpack
 
 SCHEMA_FILE = "schema.json"
 PREPROCESSOR_FILE = "preprocessor.json"
@@ -140,8 +141,10 @@ def input_schema(table_path: str, params: dict[str, Any]) -> InputSchema:
 
 def write(out: Path, table_path: str, params: dict[str, Any]) -> None:
     """Write ``schema.json`` and ``preprocessor.json`` into the bundle folder ``out``."""
-    (out / SCHEMA_FILE).write_text(json.dumps(input_schema(table_path, params).to_json(), indent=1))
-    (out / PREPROCESSOR_FILE).write_text(json.dumps(params, indent=1))
+    (out / SCHEMA_FILE).write_text(
+        json.dumps(pack(input_schema(table_path, params).to_json()), indent=1)
+    )
+    (out / PREPROCESSOR_FILE).write_text(json.dumps(pack(params), indent=1))
 
 
 def read(root: Path) -> tuple[InputSchema, dict[str, Any]]:
@@ -152,8 +155,8 @@ def read(root: Path) -> tuple[InputSchema, dict[str, Any]]:
             f"{root} has no {' or '.join(missing)}: it was published before bundles served "
             "raw rows; publish the model again with this kubetrain"
         )
-    data = json.loads((root / SCHEMA_FILE).read_text())
-    return InputSchema.from_json(data), json.loads((root / PREPROCESSOR_FILE).read_text())
+    data = unpack(json.loads((root / SCHEMA_FILE).read_text()))
+    return InputSchema.from_json(data), unpack(json.loads((root / PREPROCESSOR_FILE).read_text()))
 
 
 __all__ = ["Column", "InputSchema", "input_schema", "read", "write"]

@@ -67,10 +67,12 @@ import pyarrow.parquet as pq
 from kubetrain.core import integrity, storage
 from kubetrain.core.errors import KubetrainError
 from kubetrain.data.datasets import Schema, atomic_dir, pixel_column, pixel_rows
+from kubetrain.data.packed_json import pack, unpack
 
 MiB = 1024 * 1024
 FORMAT = "kubetrain-shards"
-VERSION = 1
+#: 2: per-pixel runs packed (`kubetrain.data.packed_json`)
+VERSION = 2
 #: Written last; its presence is what makes the directory a dataset.
 MANIFEST = "_manifest.json"
 #: Default bound on the values in one shard (uncompressed): big enough that S3 requests
@@ -340,7 +342,7 @@ def writer(
                 data = _manifest_bytes(w.finish())
                 with fs.open_output_stream(f"{base}/{MANIFEST}") as f:
                     f.write(data)
-                w.manifest = json.loads(data)
+                w.manifest = unpack(json.loads(data))
         except BaseException:
             w.abort()
             with contextlib.suppress(Exception):  # best effort: without a manifest
@@ -362,7 +364,7 @@ def writer(
             w.abort()
             raise
         (tmp / MANIFEST).write_bytes(data)  # last
-        w.manifest = json.loads(data)
+        w.manifest = unpack(json.loads(data))
 
 
 @contextlib.contextmanager
@@ -441,7 +443,7 @@ def publish(
             f.write(data)
     else:
         (Path(uri) / MANIFEST).write_bytes(data)
-    return json.loads(data)
+    return unpack(json.loads(data))
 
 
 def unpublish(uri: str | os.PathLike) -> None:
@@ -489,7 +491,7 @@ def read_manifest(uri: str | os.PathLike) -> dict[str, Any]:
     """
     where = _display(uri)
     try:
-        data = json.loads(_read_bytes(uri, MANIFEST))
+        data = unpack(json.loads(_read_bytes(uri, MANIFEST)))
     except FileNotFoundError:
         if _has_shards(uri):
             raise KubetrainError(
@@ -764,7 +766,7 @@ INDENT_MAX_FEATURES = 4096
 
 def _manifest_bytes(manifest: dict[str, Any]) -> bytes:
     indent = 1 if int(manifest.get("features", 0)) <= INDENT_MAX_FEATURES else None
-    return json.dumps(manifest, indent=indent, sort_keys=True, default=_json_default).encode()
+    return json.dumps(pack(manifest), indent=indent, sort_keys=True, default=_json_default).encode()
 
 
 def _schema_json(schema: Schema) -> dict[str, Any]:

@@ -60,6 +60,7 @@ from torch import nn
 from kubetrain.core.errors import KubetrainError
 from kubetrain.core.integrity import verify_checksums, write_checksums
 from kubetrain.data.datasets import Schema, atomic_dir
+from kubetrain.data.packed_json import pack, unpack
 from kubetrain.training.resnet import MIN_SIDE as RESNET_MIN_SIDE
 from kubetrain.training.resnet import RESNET_DEPTHS, ResNet, ResNetShape, resnet_shape
 
@@ -428,7 +429,7 @@ def save_model(
         }
         torch.save(state, tmp / "weights.pt")
         (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
-        (tmp / "info.json").write_text(json.dumps(info or {}, indent=2, default=str))
+        (tmp / "info.json").write_text(json.dumps(pack(info or {}), indent=2, default=str))
         write_checksums(tmp)
 
 
@@ -444,7 +445,11 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec, dict[str,
     model = build(spec)
     model.load_state_dict(torch.load(root / "weights.pt", map_location="cpu", weights_only=True))
     model.eval()
-    info = json.loads((root / "info.json").read_text()) if (root / "info.json").exists() else {}
+    info = (
+        unpack(json.loads((root / "info.json").read_text()))
+        if (root / "info.json").exists()
+        else {}
+    )
     return model, spec, info
 
 

@@ -17,6 +17,7 @@ from kubetrain.data import shards
 from kubetrain.data.augment import augment
 from kubetrain.data.datasets import LABEL, PIXELS, is_image_table, load_table, pixel_rows
 from kubetrain.data.ingest import ingest
+from kubetrain.data.packed_json import pixel_names
 from kubetrain.data.synthetic_images import generate_folder
 from kubetrain.stages import clean_stage
 
@@ -80,7 +81,13 @@ def test_splits_keep_uint8_pixels_and_decode_to_clean_scaled_features(table, tmp
     d = manifest["decode"]
     np.testing.assert_array_equal(X, ((train - d["offset"]) / d["scale"]).astype(np.float32))
     assert schema.extra["preprocessing"]["scale"]["offset"] == [d["offset"]]
-    assert schema.image_shape == [3, 32, 32] and len(schema.feature_names) == 3072
+    assert schema.image_shape == [3, 32, 32] and schema.feature_names == pixel_names(3072)
+    # on disk, the per-pixel names, types and fill are counts (they were 96% of the file)
+    prep = schema.extra["preprocessing"]
+    assert prep["types"] == dict.fromkeys(schema.feature_names, "numeric")
+    assert prep["fill"] == dict.fromkeys(schema.feature_names, pytest.approx(train.mean()))
+    on_disk = (Path(paths[0]) / shards.MANIFEST).read_text()
+    assert '"$pixels": 3072' in on_disk and len(on_disk) < 10_000
     # stratified: each class's rows are split alike (within one row of the fractions)
     counts = np.array([meta["splits"][s]["class_counts"][c] for c in classes for s in SPLITS])
     assert counts.reshape(len(classes), 3)[:, 0].min() >= 5
