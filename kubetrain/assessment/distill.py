@@ -70,8 +70,10 @@ RESTARTS = 2
 MIN_EPOCH_ROWS = 4096
 #: Rows per step.
 BATCH_SIZE = 64
-#: torch threads while the student trains on the CPU (`distill`).
+#: torch threads while the student trains on the CPU (`distill`) on rows of at most
+#: `SMALL_ROW` values (32x32 RGB: 3,072).
 CPU_THREADS = 1
+SMALL_ROW = 4096
 
 __all__ = ["DistillLoss", "Distilled", "distill", "read_rows", "student_spec", "teacher_outputs"]
 
@@ -187,12 +189,14 @@ def distill(
     ``epochs`` epochs; returns the epoch with the best validation score (accuracy, or
     R^2), ties to the lower validation loss, on the CPU in eval mode.
 
-    On the CPU with one torch thread (`CPU_THREADS`), restored afterwards: a student's
-    batches are too small to split across threads, and when the cores are busy the
-    threads wait on each other. Measured on digits, 2 epochs, a shared 2-core machine
-    under load: 0.6 s with one thread, 5.4-15 s with two."""
+    Rows of up to `SMALL_ROW` values train with one torch thread (`CPU_THREADS`),
+    restored afterwards: their batches are too small to split across threads, and when
+    the cores are busy the threads wait on each other. Measured on digits, 2 epochs, a
+    shared 2-core machine under load: 0.6 s with one thread, 5.4-15 s with two. Bigger
+    images keep every thread: an epoch of 400 rows at 224x224x3 took 23 s with one
+    and 15 s with two."""
     previous = torch.get_num_threads()
-    torch.set_num_threads(CPU_THREADS)
+    torch.set_num_threads(CPU_THREADS if train[0].shape[1] <= SMALL_ROW else previous)
     rate = LEARNING_RATE
     try:
         soft = teacher_outputs(teacher, train[0])  # once: every restart learns the same
@@ -229,7 +233,7 @@ def _distill(
     started = time.perf_counter()
     X, y, schema = train
     student = student_spec(spec)
-    rows = np.tile(np.arange(len(X)), -(-MIN_EPOCH_ROWS // len(X)))  # labels: row indices
+    rows = np.tile(np.arange(len(X)), epoch_repeats(X))  # labels: row indices
     # no per-batch augmentation: the teacher's outputs are for the rows as they are
     extra = {k: v for k, v in schema.extra.items() if k != POLICY_KEY}
     plain = dataclasses.replace(schema, extra=extra)
@@ -278,6 +282,13 @@ def _distill(
     net.load_state_dict(best[2])
     net = net.to("cpu").eval()
     return Distilled(net, student, len(X), epochs, best[1], best[3], time.perf_counter() - started)
+
+
+def epoch_repeats(X: np.ndarray) -> int:
+    """How many times an epoch repeats the student's rows: up to `MIN_EPOCH_ROWS` rows,
+    within `MAX_BYTES` of copies. Rows alone made 224x224 images 4,096 copied rows (2.4
+    GiB; 3.7 GiB peak) and 147 s an epoch on one CPU thread, for any split size."""
+    return max(1, min(-(-MIN_EPOCH_ROWS // max(1, len(X))), MAX_BYTES // max(1, X.nbytes)))
 
 
 def _at_chance(metrics: dict[str, float], objective: Objective, y: np.ndarray) -> bool:

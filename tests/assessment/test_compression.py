@@ -659,6 +659,18 @@ def test_training_rows_are_capped_by_a_stratified_sample(tmp_path, monkeypatch):
     assert not loaded and np.array_equal(X_streamed, X_few)
 
 
+def test_an_epoch_repeats_small_splits_within_the_byte_bound():
+    """Digits-sized rows repeat to MIN_EPOCH_ROWS; big images stop at MAX_BYTES of copies
+    (224x224 rows were repeated to 4,096 rows, 2.4 GiB, whatever the split's size)."""
+    digits = np.zeros((1347, 64), np.float32)
+    assert len(digits) * distill.epoch_repeats(digits) >= distill.MIN_EPOCH_ROWS
+    for rows in (1, 100, 445):
+        big = np.zeros((rows, 3 * 224 * 224), np.float32)
+        repeats = distill.epoch_repeats(big)
+        assert repeats >= 1 and repeats * big.nbytes <= max(big.nbytes, distill.MAX_BYTES)
+    assert distill.epoch_repeats(np.zeros((100, 3 * 224 * 224), np.float32)) == 4
+
+
 def test_regression_student_fits_the_teachers_values():
     """A regression's student is an MLP fitted to the teacher's predictions (MSE)."""
     from kubetrain.data.datasets import Schema
