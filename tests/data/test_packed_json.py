@@ -81,3 +81,20 @@ def test_equal_container_values_are_not_shared_after_unpacking():
     back = round_trip({name: {"how": "year"} for name in names})
     back["pixel_0"]["how"] = "changed"
     assert back["pixel_1"] == {"how": "year"}
+
+
+def test_an_image_input_schema_is_written_small_and_read_back_as_it_was(tmp_path):
+    """A bundle's schema.json for 32x32 RGB: no per-pixel Arrow schema, columns packed."""
+    import pyarrow as pa
+
+    from kubetrain.data.raw_schema import Column, InputSchema
+
+    columns = [Column(name, "numeric", pa.uint8(), False) for name in pixel_names(N)]
+    image = InputSchema("image", columns, ["a", "b"], [3, 32, 32])
+    text = json.dumps(pack(image.to_json()))
+    assert len(text) < 1_000 and "arrow_schema" not in text
+    assert InputSchema.from_json(unpack(json.loads(text))) == image
+    # a table keeps its exact Arrow types
+    table = InputSchema("table", [Column("when", "datetime", pa.timestamp("ms"), False)], [], None)
+    back = InputSchema.from_json(unpack(json.loads(json.dumps(pack(table.to_json())))))
+    assert back == table and back.columns[0].arrow == pa.timestamp("ms")
