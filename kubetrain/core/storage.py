@@ -609,6 +609,7 @@ def download_published(
                         "publish that version again"
                     )
             download(_join(prefix, MANIFEST), tmp / MANIFEST)
+            tmp.chmod(0o755)  # mkdtemp makes 0700
             if dest.exists():
                 dest.rmdir()
             os.replace(tmp, dest)
@@ -1089,6 +1090,7 @@ def _publish_local(
             (tmp / MANIFEST).write_text(
                 json.dumps({"files": entries, **({RUN_TAG: tag} if tag else {})}, indent=1)
             )
+            tmp.chmod(0o755)  # mkdtemp makes 0700: a server under another user reads it
             if dest.exists():
                 dest.rename(old)
             tmp.rename(dest)

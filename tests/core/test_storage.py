@@ -414,6 +414,7 @@ def test_readers_only_see_published_prefixes(s3: Bucket, tmp_path: Path):
     assert storage.published_prefixes(s3.uri("models/none/")) == []
 
     got = storage.download_published(s3.uri("models/m/v1"), tmp_path / "v1")
+    assert got.stat().st_mode & 0o777 == 0o755
     manifest = storage.read_bytes(s3.uri("models/m/v1/_SUCCESS"))
     assert read_tree(got) == {**files, "_SUCCESS": manifest}
     with pytest.raises(KubetrainError, match="models/m/v2/ is not published"):
@@ -827,6 +828,7 @@ def test_local_path_variants(tmp_path: Path):
     assert not storage.is_published(tmp_path / "pub")
     assert storage.publish(tmp_path / "tree", tmp_path / "pub") == f"{tmp_path / 'pub'}/"
     assert storage.is_published(tmp_path / "pub")
+    assert (tmp_path / "pub").stat().st_mode & 0o777 == 0o755  # not mkdtemp's 0700
     assert {e["path"] for e in storage.read_manifest(tmp_path / "pub")} == set(files)
     manifest = (tmp_path / "pub" / "_SUCCESS").read_bytes()
     assert read_tree(tmp_path / "pub") == {**files, "_SUCCESS": manifest}
