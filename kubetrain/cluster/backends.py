@@ -141,6 +141,7 @@ def tune_on_katib(
         katib.experiment_name(run_id),
         train_rows=split_rows(req.train_path),
         regression=_regression(req.train_path),
+        width=_uses_width(req.train.model, req.train_path),
         timeout_s=placement.wait_timeout,
         keep=placement.finished_jobs == "keep",
     )
@@ -161,6 +162,17 @@ def _regression(path: str) -> bool:
     from kubetrain.data import shards
 
     return bool(path) and shards.is_sharded(path) and shards.read_schema(path).regression
+
+
+def _uses_width(model: str, path: str) -> bool:
+    """Whether the network for the sharded split at `path` has a width to search (True
+    when there is no split to read)."""
+    from kubetrain.data import shards
+    from kubetrain.training.models import uses_width
+
+    if not path or not shards.is_sharded(path):
+        return True
+    return uses_width(model, shards.read_schema(path), split_rows(path))
 
 
 def train_on_trainjob(placement: ClusterConfig, run_id: str, req: TrainRequest) -> dict[str, Any]:

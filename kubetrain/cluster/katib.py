@@ -219,13 +219,15 @@ def experiment(
     resume_policy: str = "Never",
     train_rows: int = 0,
     regression: bool = False,
+    width: bool = True,
 ) -> dict[str, Any]:
     """The Experiment manifest (a plain dict): `tune`'s search over trials of the `train` recipe.
 
     Trials read both splits straight from the upstream artifacts' URIs (s3:// on
     the cluster), so no PVC is shared between the pipeline step and the trials.
     maxTrialCount is `tune_trials`, capped by the grid's size and by the time budget
-    (`budgeted_trials`, from `train_rows`).
+    (`budgeted_trials`, from `train_rows`). ``width`` False leaves the width out of the
+    search (`tuning.search_space`: a ResNet has none to set).
     """
     if tune.tune_trials < 1:
         raise KubetrainError(
@@ -237,7 +239,7 @@ def experiment(
             "device=cuda but the cluster config requests no GPU (gpus=0); "
             "use --device auto or cpu, or set --gpus 1"
         )
-    space = tuning.for_algorithm(tuning.search_space(), tune.tune_algorithm)
+    space = tuning.for_algorithm(tuning.search_space(width), tune.tune_algorithm)
     params = parameters(space)
     max_trials = tune.tune_trials
     if tune.tune_algorithm == "grid":  # optuna's grid refuses more trials than points
@@ -395,6 +397,7 @@ def tune(
     api=None,
     train_rows: int = 0,
     regression: bool = False,
+    width: bool = True,
     **follow_options: Any,
 ) -> tuple[dict[str, Any], list[dict], dict[str, Any]]:
     """Build, validate, run: (best hyperparameters, trial rows, meta for the artifacts).
@@ -405,7 +408,17 @@ def tune(
     sizes the time budget's maxTrialCount (`budgeted_trials`).
     """
     exp = experiment(
-        train, tune, seed, cluster, train_uri, val_uri, name, resume_policy, train_rows, regression
+        train,
+        tune,
+        seed,
+        cluster,
+        train_uri,
+        val_uri,
+        name,
+        resume_policy,
+        train_rows,
+        regression,
+        width,
     )
     options = {
         "timeout_s": cluster.wait_timeout,

@@ -348,6 +348,12 @@ def choose_arch(requested: str, schema: Schema, rows: int = 0) -> str:
     return requested
 
 
+def uses_width(requested: str, schema: Schema, rows: int = 0) -> bool:
+    """Whether `HyperConfig.width` sizes the network model ``requested`` gets for
+    ``schema``: not a ResNet's, whose channels come from `ResNetShape`."""
+    return not choose_arch(requested, schema, rows).startswith("resnet")
+
+
 def spec_for(schema: Schema, arch: str, width: int, dropout: float, rows: int = 0) -> ModelSpec:
     chosen = choose_arch(arch, schema, rows)
     return ModelSpec(

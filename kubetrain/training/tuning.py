@@ -27,6 +27,7 @@ from kubetrain.data import batches
 from kubetrain.data.datasets import Schema
 from kubetrain.training import folds
 from kubetrain.training.loop import EpochHook, Split, fit
+from kubetrain.training.models import uses_width
 
 GOALS = {
     "validation-accuracy": "maximize",
@@ -88,13 +89,15 @@ class Param:
             return value
 
 
-def search_space() -> list[Param]:
-    """Learning rate, weight decay, dropout, width and batch size, as the issue defines."""
+def search_space(width: bool = True) -> list[Param]:
+    """Learning rate, weight decay, dropout, width and batch size; without ``width`` for
+    a network that has none to set (`models.uses_width`: a ResNet's channels come from
+    its shape), where searching it only spread a few trials over a value without effect."""
     return [
         Param("learning_rate", "double", 3e-4, 1e-2, log=True),
         Param("weight_decay", "double", 1e-6, 1e-2, log=True),
         Param("dropout", "double", 0.0, 0.5),
-        Param("width", "int", 32, 256, step=32),
+        *([Param("width", "int", 32, 256, step=32)] if width else []),
         Param("batch_size", "categorical", values=("32", "64", "128")),
     ]
 
@@ -336,7 +339,8 @@ def tune(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     tune = objective_for(tune, schema.regression)
-    space = for_algorithm(search_space(), tune.tune_algorithm)
+    width = uses_width(train.model, schema, len(train_data[1]))
+    space = for_algorithm(search_space(width), tune.tune_algorithm)
     k = folds.folds_for(tune, len(train_data[1]) + len(val_data[1]), schema.image_shape)
     goal = GOALS[tune.tune_objective]
     study = optuna.create_study(

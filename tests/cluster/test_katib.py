@@ -504,6 +504,19 @@ def test_trial_command_line_is_pinned():
     ]
 
 
+@pytest.mark.parametrize("algorithm", ["tpe", "grid"])
+def test_a_resnets_search_leaves_out_the_width_it_has_not(algorithm):
+    cfg = RunConfig.from_flat({"tune_algorithm": algorithm})
+    exp = katib.experiment(
+        cfg.train, cfg.tune, cfg.seed, ClusterConfig(), TRAIN_URI, VAL_URI, NAME, width=False
+    )
+    katib.validate(exp)
+    names = [p["name"] for p in exp["spec"]["parameters"]]
+    assert names == ["learning-rate", "weight-decay", "dropout", "batch-size"]
+    command = " ".join(container_of(exp)["command"])
+    assert "--width" not in command and "--batch-size" in command
+
+
 BAD = {
     "unknown goal": (
         lambda s: s["objective"].update(type="maximise"),

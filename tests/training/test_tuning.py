@@ -182,6 +182,26 @@ def test_every_katib_algorithm_has_a_sampler_and_unknown_is_an_error():
 # --- real studies ---------------------------------------------------------------------
 
 
+def test_a_resnet_is_tuned_without_the_width_it_does_not_use(cancer):
+    """A ResNet's channels come from its shape: searching `width` spread 3 trials over a
+    value without effect. The small CNN (digits) and the table networks keep it."""
+    from kubetrain.training.models import uses_width
+
+    rng = np.random.default_rng(0)
+    image = Schema("image", [f"pixel_{i}" for i in range(3 * 16 * 16)], ["a", "b"], [3, 16, 16])
+    digits = Schema("image", [f"p{i}" for i in range(64)], ["a", "b"], [1, 8, 8])
+    assert not uses_width("auto", image) and not uses_width("resnet20", image)
+    assert uses_width("auto", digits) and uses_width("auto", cancer[2])
+    assert "width" not in [p.name for p in search_space(width=False)]
+    X = rng.normal(size=(48, 3 * 16 * 16)).astype(np.float32)
+    y = np.repeat([0, 1], 24)
+    cfg = TuneConfig(cv_folds=0, tune_trials=2, tune_epochs=1, tune_time_budget=0)
+    best, rows, _ = tune(TRAIN, cfg, SEED, (X[:32], y[:32]), (X[32:], y[32:]), image)
+    assert rows and all("width" not in r["params"] for r in rows) and "width" not in best
+    best, rows, _ = tune(TRAIN, cfg, SEED, *cancer)
+    assert all("width" in r["params"] for r in rows if r["params"])
+
+
 @pytest.mark.parametrize("algorithm", TUNE_ALGORITHMS)
 def test_tune_with_every_algorithm(cancer, algorithm):
     train, val, schema = cancer
