@@ -269,9 +269,21 @@ class Preprocessor:
         return ((num < lo) | (num > hi)).any(axis=1)
 
     def transform(self, frame: pd.DataFrame) -> np.ndarray:
-        """Encode, clip, keep the selected columns, scale. Bounds and scaler are fitted on
-        the full encoded width (before selection), so they are sliced like the columns."""
-        X = self._encode(frame)
+        """Encode, clip, keep the selected columns, scale."""
+        return self._finished(self._encode(frame))
+
+    def transform_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """`transform` of images given as their rows of values (``(n, C*H*W)`` finite
+        numbers), without the frame of a column per value that `transform` reads: at
+        224x224x3 that frame alone took seconds per image to build and encode. An
+        image's pixels are all numeric and never missing, so their encoding is the values
+        themselves in float64; the rest is `transform`'s."""
+        return self._finished(np.array(pixels, np.float64))  # this call's own: changed in place
+
+    def _finished(self, X: np.ndarray) -> np.ndarray:
+        """Clip, keep the selected columns, scale the encoded float64 ``X`` (changed in
+        place). Bounds and scaler are fitted on the full encoded width (before
+        selection), so they are sliced like the columns."""
         if self.params.get("bounds") is not None:
             n = continuous_width(self.params)
             X[:, :n] = np.clip(X[:, :n], *self.params["bounds"])
@@ -283,22 +295,6 @@ class Preprocessor:
             X -= _picked(s["offset"], selected)
             X /= _picked(s["scale"], selected)
         return np.ascontiguousarray(X, np.float32)  # rows contiguous, as shards store them
-
-    def transform_pixels(self, pixels: np.ndarray) -> np.ndarray:
-        """`transform` of images given as their rows of values (``(n, C*H*W)`` finite
-        numbers), without the frame of a column per value that `transform` reads: at
-        224x224x3 that frame alone took seconds per image to build and encode. Images have
-        no missing values, bounds or categories to encode, so what is left is selection
-        and the scaler, in the same float64 arithmetic (the same float32 features)."""
-        X = np.array(pixels, np.float64)  # this call's own: scaled in place
-        selected = self.selected()
-        if selected is not None:
-            X = X[:, selected]
-        s = self.params["scale"]
-        if s["kind"] != "none":
-            X -= _picked(s["offset"], selected)
-            X /= _picked(s["scale"], selected)
-        return np.ascontiguousarray(X, np.float32)
 
     def selected(self) -> list[int] | None:
         """Indices into the encoded width of the columns `transform` outputs (feature
