@@ -139,40 +139,30 @@ def tune_on_katib(
         storage.object_uri(req.train_uri),
         storage.object_uri(req.val_uri),
         katib.experiment_name(run_id),
-        train_rows=split_rows(req.train_path),
-        regression=_regression(req.train_path),
-        width=_uses_width(req.train.model, req.train_path),
+        **_split_facts(req.train_path, req.train.model),
         timeout_s=placement.wait_timeout,
         keep=placement.finished_jobs == "keep",
     )
 
 
-def split_rows(path: str) -> int:
-    """Rows of a sharded split, from its manifest; 0 when there is none to read (Katib's
-    trial-time estimate then counts only a trial's start)."""
+def _split_facts(path: str, model: str) -> dict[str, Any]:
+    """What the Experiment needs of the training split, from its manifest (read once):
+    its rows (the time budget's trial estimate), whether it is a regression, and whether
+    its network has a width to search. With no split to read: 0 rows (the estimate then
+    counts only a trial's start), a classifier, a width."""
     from kubetrain.data import shards
-
-    if not path or not shards.is_sharded(path):
-        return 0
-    return int(shards.read_manifest(path)["rows"])
-
-
-def _regression(path: str) -> bool:
-    """Whether the sharded split at `path` is a regression's (False when there is none)."""
-    from kubetrain.data import shards
-
-    return bool(path) and shards.is_sharded(path) and shards.read_schema(path).regression
-
-
-def _uses_width(model: str, path: str) -> bool:
-    """Whether the network for the sharded split at `path` has a width to search (True
-    when there is no split to read)."""
-    from kubetrain.data import shards
+    from kubetrain.data.datasets import Schema
     from kubetrain.training.models import uses_width
 
     if not path or not shards.is_sharded(path):
-        return True
-    return uses_width(model, shards.read_schema(path), split_rows(path))
+        return {"train_rows": 0, "regression": False, "width": True}
+    manifest = shards.read_manifest(path)
+    schema, rows = Schema.from_json(manifest["schema"]), int(manifest["rows"])
+    return {
+        "train_rows": rows,
+        "regression": schema.regression,
+        "width": uses_width(model, schema, rows),
+    }
 
 
 def train_on_trainjob(placement: ClusterConfig, run_id: str, req: TrainRequest) -> dict[str, Any]:

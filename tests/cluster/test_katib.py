@@ -310,8 +310,14 @@ def test_the_cluster_tune_step_counts_the_training_rows_from_the_manifest(tmp_pa
     X, y = np.zeros((250, 3), np.float32), np.arange(250) % 2
     schema = Schema("table", ["a", "b", "c"], ["n", "p"])
     shards.write(tmp_path / "train", X, y, schema, max_rows_per_shard=100)
-    assert backends.split_rows(str(tmp_path / "train")) == 250
-    assert backends.split_rows(str(tmp_path / "missing")) == 0  # the estimate: start only
+    facts = backends._split_facts(str(tmp_path / "train"), "auto")
+    assert facts == {"train_rows": 250, "regression": False, "width": True}
+    missing = backends._split_facts(str(tmp_path / "missing"), "auto")
+    assert missing["train_rows"] == 0  # the estimate: start only
+    # 16x16 RGB images get a ResNet, whose channels are not searched
+    image = Schema("image", [f"pixel_{i}" for i in range(768)], ["n", "p"], [3, 16, 16])
+    shards.write(tmp_path / "images", np.zeros((20, 768), np.float32), y[:20], image)
+    assert backends._split_facts(str(tmp_path / "images"), "auto")["width"] is False
 
 
 def test_trial_job_runs_the_entrypoint_on_the_gpu_pool_with_s3_credentials():
