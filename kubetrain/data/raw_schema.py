@@ -164,10 +164,10 @@ def read(root: Path) -> tuple[InputSchema, dict[str, Any]]:
     return InputSchema.from_json(data), unpack(json.loads((root / PREPROCESSOR_FILE).read_text()))
 
 
-__all__ = ["Column", "InputSchema", "input_schema", "read", "write"]
-
-
 def _arrow_text(columns: list[Column]) -> str:
     """The columns' exact Arrow types, serialized as base64 text for JSON."""
     arrow = pa.schema([pa.field(c.name, c.arrow) for c in columns])
     return base64.b64encode(arrow.serialize().to_pybytes()).decode()
+
+
+__all__ = ["Column", "InputSchema", "input_schema", "read", "write"]
