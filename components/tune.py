@@ -21,6 +21,11 @@ def tune(
     device: str,
     torch_compile: str,
     initial_weights: str,
+    learning_rate: float,
+    weight_decay: float,
+    dropout: float,
+    width: int,
+    batch_size: int,
     tune_trials: int,
     tune_time_budget: float,
     tune_parallel: int,
@@ -36,7 +41,8 @@ def tune(
     trials: Output[Dataset],
     report: Output[HTML],
 ) -> NamedTuple("Tuned", [("best_hyperparameters", dict), ("tuning", dict)]):
-    """Search learning rate, weight decay, dropout, width and batch size (Katib semantics).
+    """Search learning rate, weight decay, dropout, width and batch size (Katib semantics);
+    locally the configured values are the first trial.
 
     Locally (cluster empty) the trials run in this pod with Optuna; compiled for a
     cluster, a Katib Experiment runs them on the GPU pool.
@@ -57,6 +63,7 @@ def tune(
         tuner=tuner_for(cluster, run_id),
         train_uri=train.uri,
         val_uri=validation.uri,
+        hyper=cfg.hyper,
     )
     trials.metadata.update(tuning["meta"])
     return (best, tuning)

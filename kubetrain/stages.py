@@ -68,6 +68,8 @@ class TuneRequest:
     seed: int
     train_uri: str = ""
     val_uri: str = ""
+    #: The configured values: the local study's first trial (`tuning.tune`'s baseline).
+    hyper: HyperConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -308,7 +310,9 @@ def tune_here(req: TuneRequest) -> tuple[dict[str, Any], list[dict[str, Any]], d
 
     (X, y), schema = tuning_split(req.train_path, req.seed)
     Xv, yv, _ = load_split(req.val_path)
-    best, trials, facts = tune(req.train, req.tune, req.seed, (X, y), (Xv, yv), schema)
+    best, trials, facts = tune(
+        req.train, req.tune, req.seed, (X, y), (Xv, yv), schema, baseline=req.hyper
+    )
     return best, trials, {"backend": "optuna", **facts}
 
 
@@ -323,15 +327,17 @@ def tune_stage(
     tuner: Tuner = tune_here,
     train_uri: str = "",
     val_uri: str = "",
+    hyper: HyperConfig | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Search the hyperparameters with whichever backend was chosen (Optuna here, Katib there)."""
+    """Search the hyperparameters with whichever backend was chosen (Optuna here, Katib there);
+    `hyper`, the configured values, is the local study's first trial."""
     from kubetrain.data.shards import read_schema
     from kubetrain.training.tuning import GOALS, objective_for
 
     tune = objective_for(tune, read_schema(train_path).regression)
     started = time.perf_counter()
     best, trials, extra = tuner(
-        TuneRequest(train_path, val_path, train, tune, seed, train_uri, val_uri)
+        TuneRequest(train_path, val_path, train, tune, seed, train_uri, val_uri, hyper)
     )
     progress.log("tune", f"best hyperparameters: {best}")
     meta = {
@@ -375,7 +381,7 @@ def _write_trials(
     write_json(trials_path, tuning)
     rows = [
         {
-            "trial": t["number"],
+            "trial": f"{t['number']} (baseline)" if t.get("baseline") else t["number"],
             "state": t["state"],
             meta["objective"]: t.get("value"),
             **t["params"],

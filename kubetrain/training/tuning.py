@@ -164,6 +164,22 @@ def make_pruner(early_stopping: str):
     return p.NopPruner()
 
 
+def baseline_params(hyper: HyperConfig, space: list[Param]) -> dict[str, Any]:
+    """The configured values of `hyper` that lie in `space`, as Optuna takes them (a
+    categorical value as its string): the study's first trial (`tune`'s ``baseline``).
+    A value outside the space is left to the sampler: Optuna refuses it."""
+    out: dict[str, Any] = {}
+    for p in space:
+        value = getattr(hyper, p.name)
+        if p.type == "categorical":
+            text = next((v for v in p.values if p.cast(v) == value), None)
+            if text is not None:
+                out[p.name] = text
+        elif p.min <= value <= p.max and (p.step is None or (value - p.min) % p.step == 0):
+            out[p.name] = value
+    return out
+
+
 def suggest(trial, space: list[Param]) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for p in space:
@@ -320,11 +336,19 @@ def tune(
     val_data: Split,
     schema: Schema,
     on_trial: Callable[[dict[str, Any]], None] | None = None,
+    baseline: HyperConfig | None = None,
 ) -> tuple[dict[str, Any], list[dict], dict[str, Any]]:
     """Run the study; returns (best hyperparameters, trials table, study facts).
 
     Each trial's `HyperConfig` is the defaults with the sampled values applied: the
     search space covers every tunable, so no value of the caller's leaks into a trial.
+    With ``baseline`` (the configured values) the first trial runs those values that lie
+    in the space (Optuna's ``enqueue_trial``; not with grid search, whose points are
+    fixed): the study then returns other values only when a trial scored better than
+    them on validation. A few short trials rank hyperparameters noisily (on 2,000
+    generated 32x32 images, 3 ten-epoch trials picked values that tested 0.8975 and 0.865
+    where others tested 0.955), and a baseline the team already trusts should not lose
+    to a noisier pick.
 
     `tune_time_budget` (> 0) is Optuna's ``timeout``: no trial starts once it has
     passed and trials already running finish. The budget never ends a study without a
@@ -348,6 +372,9 @@ def tune(
         sampler=make_sampler(tune.tune_algorithm, seed, space, tune.tune_trials),
         pruner=make_pruner(tune.tune_early_stopping),
     )
+    first = baseline_params(baseline, space) if baseline and tune.tune_algorithm != "grid" else {}
+    if first:
+        study.enqueue_trial(first)
     total, started, lock = tune.tune_trials, time.perf_counter(), threading.Lock()
     budget = tune.tune_time_budget if tune.tune_time_budget > 0 else None
     rows: list[dict[str, Any]] = []
@@ -358,7 +385,8 @@ def tune(
         f"{tune.tune_objective} ({goal}), early stopping "
         f"{tune.tune_early_stopping}, time budget "
         f"{'none' if budget is None else f'{budget:g} s'}"
-        + (f", {k}-fold cross-validation (mean over folds)" if k else ""),
+        + (f", {k}-fold cross-validation (mean over folds)" if k else "")
+        + (f"; trial #0 is the configured values (baseline): {_shown(first)}" if first else ""),
     )
 
     def objective(trial) -> float:
@@ -373,6 +401,8 @@ def tune(
 
         t0 = time.perf_counter()
         row = {"number": trial.number, "params": params, "intermediate": curve}
+        if first and trial.number == 0:  # the enqueued trial is always the first created
+            row["baseline"] = True
         try:
             hyper = HyperConfig().replace(params)
             metrics = run_trial(train, hyper, tune, seed, train_data, val_data, schema, hook)
@@ -489,6 +519,10 @@ def tune(
         facts["cv"] = {"folds": len(best["folds"]), "per_fold": best["folds"]}
         facts["cv"] |= folds.summary(best["folds"])
     return dict(best["params"]), rows, facts
+
+
+def _shown(params: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
 
 
 def grid_points(space: list[Param]) -> int:

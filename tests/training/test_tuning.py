@@ -536,3 +536,69 @@ def test_a_big_split_within_the_budget_is_sampled_for_trials(sharded_cancer, mon
     (Xs, ys), _ = tuning.tuning_split(train, SEED, budget=10**9)
     assert len(ys) == 80 and np.bincount(ys).tolist() == (np.bincount(y) // 2).tolist()
     assert "stratified sample of 80 of the training split's 160 rows" in capsys.readouterr().out
+
+
+# --- the configured values as the first trial -------------------------------------------
+
+
+def test_the_configured_values_are_the_first_trial_and_win_unless_beaten(cancer, monkeypatch):
+    """The baseline trains first with exactly the configured values; a study whose other
+    trials all score lower returns it, and one with a better trial returns that."""
+    train, val, schema = cancer
+    configured = HyperConfig(learning_rate=4e-3, weight_decay=2e-4, dropout=0.25, width=96)
+    mine = lambda hyper: hyper == configured  # noqa: E731
+    cfg = TuneConfig(cv_folds=0, tune_algorithm="tpe", tune_trials=4, tune_epochs=2)
+    fake = ScriptedFit(lambda hyper, index, epoch: (0.95, 0.1) if mine(hyper) else (0.8, 0.4))
+    monkeypatch.setattr(tuning, "fit", fake)
+    best, rows, _ = tune(TRAIN, cfg, SEED, train, val, schema, baseline=configured)
+    assert fake.hypers[0] == configured and rows[0]["baseline"] is True
+    assert not any(r.get("baseline") for r in rows[1:]) and len(rows) == 4
+    assert HyperConfig().replace(best) == configured
+    fake = ScriptedFit(lambda hyper, index, epoch: (0.5, 0.9) if mine(hyper) else (0.8, 0.4))
+    monkeypatch.setattr(tuning, "fit", fake)
+    best, rows, _ = tune(TRAIN, cfg, SEED, train, val, schema, baseline=configured)
+    assert fake.hypers[0] == configured and HyperConfig().replace(best) != configured
+    assert best == max(rows, key=lambda r: r["value"])["params"]
+
+
+def test_a_configured_value_outside_the_space_is_left_to_the_sampler(cancer, capsys):
+    """batch_size 100 is no categorical choice and dropout 0.8 is past the range: Optuna
+    would refuse them, so the first trial samples those two and keeps the rest."""
+    train, val, schema = cancer
+    configured = HyperConfig(learning_rate=5e-3, dropout=0.8, batch_size=100, width=64)
+    space = search_space()
+    assert tuning.baseline_params(configured, space) == {
+        "learning_rate": 5e-3,
+        "weight_decay": HyperConfig().weight_decay,
+        "width": 64,
+    }
+    assert tuning.baseline_params(HyperConfig(width=100), space).get("width") is None  # off step
+    cfg = TuneConfig(cv_folds=0, tune_algorithm="random", tune_trials=2, tune_epochs=1)
+    _, rows, _ = tune(TRAIN, cfg, SEED, train, val, schema, baseline=configured)
+    first = rows[0]["params"]
+    assert rows[0]["baseline"] and first["learning_rate"] == 5e-3 and first["width"] == 64
+    assert first["batch_size"] in (32, 64, 128) and first["dropout"] <= 0.5
+    assert "trial #0 is the configured values (baseline): learning_rate=0.005" in (
+        capsys.readouterr().out
+    )
+
+
+def test_grid_search_runs_its_own_points_only(cancer):
+    train, val, schema = cancer
+    cfg = TuneConfig(cv_folds=0, tune_algorithm="grid", tune_trials=2, tune_epochs=1)
+    _, rows, _ = tune(TRAIN, cfg, SEED, train, val, schema, baseline=HyperConfig(dropout=0.3))
+    grid = for_algorithm(search_space(), "grid")
+    assert not any(r.get("baseline") for r in rows)
+    assert all(_in_space(r["params"], grid) for r in rows)
+
+
+def test_the_tune_stage_passes_the_configured_values_as_the_baseline(sharded_cancer):
+    from kubetrain.stages import TuneRequest, tune_here
+
+    train, val, _, _ = sharded_cancer
+    cfg = TuneConfig(cv_folds=0, tune_algorithm="random", tune_trials=2, tune_epochs=1)
+    configured = HyperConfig(learning_rate=5e-3, dropout=0.2, batch_size=32)
+    _, rows, _ = tune_here(TuneRequest(train, val, TRAIN, cfg, SEED, hyper=configured))
+    assert rows[0]["baseline"] and HyperConfig().replace(rows[0]["params"]) == configured
+    _, rows, _ = tune_here(TuneRequest(train, val, TRAIN, cfg, SEED))  # none: all sampled
+    assert not any(r.get("baseline") for r in rows)
