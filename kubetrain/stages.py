@@ -360,7 +360,12 @@ def default_hyperparameters_stage(
     from kubetrain.training.tuning import GOALS
 
     best = hyper.to_dict()
-    progress.log("tune", f"skipped (tune_trials=0); using {best}")
+    auto = [k for k, v in best.items() if v == 0 and k in ("learning_rate", "batch_size")]
+    progress.log(
+        "tune",
+        f"skipped (tune_trials=0); using {best}"
+        + (f" ({' and '.join(auto)} 0: auto, set by the kind of data)" if auto else ""),
+    )
     meta = {
         "stage": "tune",
         "algorithm": "none",
@@ -442,7 +447,7 @@ def train_here(req: TrainRequest) -> dict[str, Any]:
     # in memory when the split fits the budget; streamed from its shards when it does not
     train_data, schema = stream.training_split(req.train_path)
     epochs = req.final.epochs_for(schema.kind)
-    described = describe(req.train, req.hyper, req.seed, epochs)
+    described = describe(req.train, req.hyper.for_kind(schema.kind), req.seed, epochs)
     Xv, yv, _ = load_split(req.val_path)
     rows = len(train_data[0]) if isinstance(train_data, tuple) else train_data.rows
     held = {
@@ -845,13 +850,14 @@ def publish_stage(
 ) -> str:
     from kubetrain.assessment.publish import publish_model
 
-    best = HyperConfig().replace(hyperparameters or {}).to_dict()
+    meta = read_meta(table_path)
+    best = HyperConfig().replace(hyperparameters or {}).for_kind(meta["kind"]).to_dict()
     # a retry of the same KFP run targets the same version, and finishes or replaces it
     uri = publish_model(
         trained_model,
         compressed_model,
         evaluation_path,
-        read_meta(table_path),
+        meta,
         best,
         publish.publish_uri,
         publish.model_name,

@@ -412,22 +412,47 @@ class TrainConfig(Section):
     )
 
 
+#: The learning rate and batch size by kind of data when their setting is 0 (auto). A
+#: ResNet from scratch on a few thousand images needs more and bigger steps than an MLP
+#: on a table: on 2,000 generated 32x32 images (60 epochs, same split) lr 2e-3 at batch
+#: 64 tested 0.80, 6e-3 at 64 0.905, 2e-3 at 32 0.91, and 6e-3 at 32 0.9575.
+AUTO_HYPER: dict[str, dict[str, float]] = {
+    "table": {"learning_rate": 2e-3, "batch_size": 64},
+    "image": {"learning_rate": 6e-3, "batch_size": 32},
+}
+
+
 @dataclass(frozen=True)
 class HyperConfig(Section):
     """The values a tuner searches; tuned values replace these."""
 
     name: ClassVar[str] = "hyper"
-    learning_rate: float = _opt(2e-3, "Peak learning rate.", low=1e-7, high=10)
+    learning_rate: float = _opt(
+        0.0,
+        "Peak learning rate; 0: auto, "
+        f"{AUTO_HYPER['table']['learning_rate']:g} for tables and "
+        f"{AUTO_HYPER['image']['learning_rate']:g} for images.",
+        low=0,
+        high=10,
+    )
     weight_decay: float = _opt(1e-4, "L2 weight decay.", low=0, high=1)
     dropout: float = _opt(0.1, "Dropout probability.", low=0, high=0.9)
     width: int = _opt(128, "Hidden width of the network.", low=4, high=8192)
     batch_size: int = _opt(
-        64,
+        0,
         "Mini-batch size up to 16,384 training rows; bigger splits double it per doubling "
-        "of rows (up to 4,096), so large tables do not crawl at small steps.",
-        low=1,
+        "of rows (up to 4,096), so large tables do not crawl at small steps; 0: auto, "
+        f"{AUTO_HYPER['table']['batch_size']:g} for tables and "
+        f"{AUTO_HYPER['image']['batch_size']:g} for images.",
+        low=0,
         high=65_536,
     )
+
+    def for_kind(self, kind: str) -> HyperConfig:
+        """These values with each 0 (auto) resolved by the kind of data ("table" or
+        "image"); resolving twice changes nothing."""
+        auto = {k: v for k, v in AUTO_HYPER[kind].items() if not getattr(self, k)}
+        return self.replace(auto) if auto else self
 
 
 #: The final training's epochs by kind of data when `FinalConfig.epochs` is 0. A conv net

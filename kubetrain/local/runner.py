@@ -488,7 +488,8 @@ def summarize(
 ) -> dict[str, Any]:
     evaluation = json.loads(Path(outputs["evaluation"].path).read_text())
     compression = outputs["compression"]
-    best = cfg.hyper.replace(outputs["best_hyperparameters"]).to_dict()
+    kind = _meta(outputs["dataset"])["kind"]
+    best = cfg.hyper.replace(outputs["best_hyperparameters"]).for_kind(kind).to_dict()
     if compression.get("skipped"):
         compressed: dict[str, Any] = {"skipped": True, "reason": compression["reason"]}
     else:

@@ -225,6 +225,7 @@ def fit(
     and learning rates as never stopping).
     """
     _check_splits(train_data, val_data, schema)
+    hyper = hyper.for_kind(schema.kind)  # 0 (auto): the learning rate and batch by kind
     config = fit_config(train, hyper, seed, epochs)
     policy = recorded(schema)
     if policy is not None:  # another policy trains another model: no resume across them
@@ -297,6 +298,7 @@ def training_loop(
     """The loop `fit` trains with, for a given network spec, without fit's epochs,
     checkpoints and early stopping: `fit` drives it, `make bench-gpu` times its
     ``train_epoch`` and distillation trains a student with it."""
+    hyper = hyper.for_kind(schema.kind)
     seed_everything(seed)
     where = _place(train.device)
     objective = Objective.of(schema, train.regression_loss)

@@ -372,7 +372,11 @@ def tune(
         sampler=make_sampler(tune.tune_algorithm, seed, space, tune.tune_trials),
         pruner=make_pruner(tune.tune_early_stopping),
     )
-    first = baseline_params(baseline, space) if baseline and tune.tune_algorithm != "grid" else {}
+    first = (
+        baseline_params(baseline.for_kind(schema.kind), space)
+        if baseline and tune.tune_algorithm != "grid"
+        else {}
+    )
     if first:
         study.enqueue_trial(first)
     total, started, lock = tune.tune_trials, time.perf_counter(), threading.Lock()

@@ -1328,8 +1328,8 @@ def test_trial_bad_arguments_exit_2_with_one_line(splits, capsys):
             "width must be a int",
         ),
         (
-            ["--train", str(splits[0]), "--validation", str(splits[1]), "--batch-size", "0"],
-            "batch_size=0 is out of range",
+            ["--train", str(splits[0]), "--validation", str(splits[1]), "--batch-size", "-8"],
+            "batch_size=-8 is out of range",
         ),
         (
             ["--train", "/nonexistent/train", "--validation", str(splits[1])],

@@ -16,6 +16,7 @@ import pytest
 from kubetrain import registry
 from kubetrain.cli import stage as stage_cli
 from kubetrain.config.settings import SECTIONS, RunConfig, section_of_setting
+from kubetrain.core.errors import KubetrainError
 
 SETTINGS = set(section_of_setting())
 
@@ -53,8 +54,8 @@ def test_the_drifted_flags_of_old_are_right_now():
 
     assert "--seed" in helped("clean") and "--seed" in helped("augment")
     tune = helped("tune")
-    assert "--epochs" not in tune and "--batch-size" not in tune and "--nproc" not in tune
-    assert "--tune-epochs" in tune
+    assert "--epochs" not in tune and "--nproc" not in tune
+    assert "--tune-epochs" in tune and "--batch-size" in tune  # the baseline trial's values
 
 
 def test_every_section_is_read_by_some_stage():
@@ -144,3 +145,16 @@ def test_epochs_left_at_auto_depend_on_the_data_and_a_given_count_is_kept():
     assert auto.epochs == 0 and auto.epochs_for("table") < auto.epochs_for("image")
     given = RunConfig.from_flat({"epochs": "7"}).final
     assert given.epochs_for("table") == given.epochs_for("image") == 7
+
+
+def test_learning_rate_and_batch_left_at_auto_depend_on_the_data_and_given_ones_are_kept():
+    auto = RunConfig.from_flat({}).hyper
+    assert (auto.learning_rate, auto.batch_size) == (0, 0)
+    table, image = auto.for_kind("table"), auto.for_kind("image")
+    assert table.batch_size > image.batch_size and table.learning_rate < image.learning_rate
+    assert image.for_kind("table") == image  # resolving twice changes nothing
+    assert table.dropout == image.dropout == auto.dropout  # only the two auto values move
+    given = RunConfig.from_flat({"learning_rate": "0.01", "batch_size": "16"}).hyper
+    assert given.for_kind("image") == given.for_kind("table") == given
+    with pytest.raises(KubetrainError, match="learning_rate=-0.1 is out of range"):
+        RunConfig.from_flat({"learning_rate": "-0.1"})

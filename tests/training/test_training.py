@@ -308,8 +308,33 @@ def test_fit_config_holds_everything_that_decides_training(cancer):
     train, val, schema = cancer
     recipe, hyper = TrainConfig(patience=100), HyperConfig(width=16)
     result = fit(recipe, hyper, 3, train, val, schema, epochs=1, verbose=False)
-    assert result.config == fit_config(recipe, hyper, 3, 1)
-    assert result.config == {**recipe.to_dict(), **hyper.to_dict(), "seed": 3, "epochs": 1}
+    resolved = hyper.for_kind("table")  # the learning rate and batch size 0: auto
+    assert (resolved.learning_rate, resolved.batch_size) == (2e-3, 64)
+    assert result.config == fit_config(recipe, resolved, 3, 1)
+    assert result.config == {**recipe.to_dict(), **resolved.to_dict(), "seed": 3, "epochs": 1}
+
+
+def test_images_left_at_auto_train_with_the_image_learning_rate_and_batch(digits, monkeypatch):
+    """The same auto settings train an image split with smaller, larger steps than a table."""
+    train, val, schema = digits
+    steps = []
+    monkeypatch.setattr(torch.optim.AdamW, "step", _counted(torch.optim.AdamW.step, steps))
+    result = fit(TRAIN, HyperConfig(width=32), SEED, train, val, schema, epochs=1, verbose=False)
+    image = HyperConfig().for_kind("image")
+    assert (result.config["learning_rate"], result.config["batch_size"]) == (
+        image.learning_rate,
+        image.batch_size,
+    )
+    assert result.history[0]["lr"] == image.learning_rate
+    assert len(steps) == math.ceil(len(train[1]) / image.batch_size)
+
+
+def _counted(step, calls: list):
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return step(self, *args, **kwargs)
+
+    return counting
 
 
 def test_resume_keeps_early_stopping_count(cancer, tmp_path):

@@ -545,7 +545,9 @@ def test_the_configured_values_are_the_first_trial_and_win_unless_beaten(cancer,
     """The baseline trains first with exactly the configured values; a study whose other
     trials all score lower returns it, and one with a better trial returns that."""
     train, val, schema = cancer
-    configured = HyperConfig(learning_rate=4e-3, weight_decay=2e-4, dropout=0.25, width=96)
+    configured = HyperConfig(
+        learning_rate=4e-3, weight_decay=2e-4, dropout=0.25, width=96, batch_size=128
+    )
     mine = lambda hyper: hyper == configured  # noqa: E731
     cfg = TuneConfig(cv_folds=0, tune_algorithm="tpe", tune_trials=4, tune_epochs=2)
     fake = ScriptedFit(lambda hyper, index, epoch: (0.95, 0.1) if mine(hyper) else (0.8, 0.4))
