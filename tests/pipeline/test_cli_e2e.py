@@ -112,7 +112,11 @@ def test_csv_file_with_tuning_skipped(tmp_path):
     assert tune["status"] == "skipped"
     assert s["dataset"]["rows"] == len(frame) and s["dataset"]["kind"] == "table"
     assert s["test_metrics"]["accuracy"] > 0.9
-    assert s["best_hyperparameters"]["learning_rate"] == s["config"]["learning_rate"]
+    # the configured values, their 0 (auto) resolved for a table
+    assert s["config"]["learning_rate"] == s["config"]["batch_size"] == 0
+    best = s["best_hyperparameters"]
+    assert (best["learning_rate"], best["batch_size"]) == (2e-3, 64)
+    assert best["dropout"] == s["config"]["dropout"]
 
 
 def test_failed_quality_gate_skips_compression_and_exits_3(tmp_path):
