@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from kubetrain.config.settings import (
+    AUTO_HYPER,
     AugmentConfig,
     CleanConfig,
     CompressConfig,
@@ -360,7 +361,7 @@ def default_hyperparameters_stage(
     from kubetrain.training.tuning import GOALS
 
     best = hyper.to_dict()
-    auto = [k for k, v in best.items() if v == 0 and k in ("learning_rate", "batch_size")]
+    auto = [k for k in AUTO_HYPER["table"] if best[k] == 0]
     progress.log(
         "tune",
         f"skipped (tune_trials=0); using {best}"

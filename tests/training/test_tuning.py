@@ -604,3 +604,17 @@ def test_the_tune_stage_passes_the_configured_values_as_the_baseline(sharded_can
     assert rows[0]["baseline"] and HyperConfig().replace(rows[0]["params"]) == configured
     _, rows, _ = tune_here(TuneRequest(train, val, TRAIN, cfg, SEED))  # none: all sampled
     assert not any(r.get("baseline") for r in rows)
+
+
+def test_skipped_tuning_says_which_values_the_kind_of_data_sets(tmp_path, capsys):
+    from kubetrain.stages import default_hyperparameters_stage
+
+    trials, report = str(tmp_path / "trials"), str(tmp_path / "report.html")
+    best, _ = default_hyperparameters_stage(trials, report, HyperConfig(), TuneConfig())
+    assert best["learning_rate"] == best["batch_size"] == 0  # the train step resolves them
+    assert "(learning_rate and batch_size 0: auto, set by the kind of data)" in (
+        capsys.readouterr().out
+    )
+    default_hyperparameters_stage(trials, report, HyperConfig(batch_size=16), TuneConfig())
+    out = capsys.readouterr().out
+    assert "(learning_rate 0: auto" in out and "batch_size 0" not in out
