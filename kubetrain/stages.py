@@ -443,14 +443,16 @@ def train_here(req: TrainRequest) -> dict[str, Any]:
     from kubetrain.training import challenger, checkpoint, stream
     from kubetrain.training.batch_augment import recorded
     from kubetrain.training.loop import describe, fit
-    from kubetrain.training.models import save_model
+    from kubetrain.training.models import save_model, uses_width
 
     # in memory when the split fits the budget; streamed from its shards when it does not
     train_data, schema = stream.training_split(req.train_path)
     epochs = req.final.epochs_for(schema.kind)
-    described = describe(req.train, req.hyper.for_kind(schema.kind), req.seed, epochs)
     Xv, yv, _ = load_split(req.val_path)
     rows = len(train_data[0]) if isinstance(train_data, tuple) else train_data.rows
+    hyper = req.hyper.for_kind(schema.kind)
+    width = uses_width(req.train.model, schema, rows)
+    described = describe(req.train, hyper, req.seed, epochs, width)
     held = {
         stream.Streamed: " (streamed from shards)",
         stream.Stored: " (uint8 pixels, decoded batch by batch on the device)",
@@ -465,7 +467,7 @@ def train_here(req: TrainRequest) -> dict[str, Any]:
     with checkpoint.mirrored(req.checkpoint_dir) as (checkpoint_dir, after_epoch):
         result = fit(
             req.train,
-            req.hyper,
+            hyper,
             req.seed,
             train_data,
             (Xv, yv),
@@ -850,9 +852,12 @@ def publish_stage(
     run_id: str = "",
 ) -> str:
     from kubetrain.assessment.publish import publish_model
+    from kubetrain.training.models import arch_uses_width, read_spec
 
     meta = read_meta(table_path)
     best = HyperConfig().replace(hyperparameters or {}).for_kind(meta["kind"]).to_dict()
+    if not arch_uses_width(read_spec(trained_model).arch):
+        del best["width"]  # a ResNet's channels come from its shape: the value did nothing
     # a retry of the same KFP run targets the same version, and finishes or replaces it
     uri = publish_model(
         trained_model,

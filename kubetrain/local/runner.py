@@ -488,8 +488,11 @@ def summarize(
 ) -> dict[str, Any]:
     evaluation = json.loads(Path(outputs["evaluation"].path).read_text())
     compression = outputs["compression"]
-    kind = _meta(outputs["dataset"])["kind"]
-    best = cfg.hyper.replace(outputs["best_hyperparameters"]).for_kind(kind).to_dict()
+    trained = _meta(outputs["trained_model"])
+    # the values the model trained with (auto ones resolved, no width a ResNet ignores),
+    # typed again: KFP metadata holds every number as a float
+    used = {k: v for k, v in trained["hyperparameters"].items() if k in cfg.hyper.to_dict()}
+    best = {k: v for k, v in cfg.hyper.replace(used).to_dict().items() if k in used}
     if compression.get("skipped"):
         compressed: dict[str, Any] = {"skipped": True, "reason": compression["reason"]}
     else:
@@ -505,7 +508,6 @@ def summarize(
             f"baseline_{score}": compression[f"baseline_{score}"],
         }
     regression = evaluation.get("task") == "regression"
-    trained = _meta(outputs["trained_model"])
     return {
         "run_id": run_id,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),

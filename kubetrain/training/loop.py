@@ -118,12 +118,15 @@ def tuned_values(hyper: HyperConfig) -> dict[str, Any]:
     return hyper.to_dict()
 
 
-def describe(train: TrainConfig, hyper: HyperConfig, seed: int, epochs: int) -> dict[str, Any]:
+def describe(
+    train: TrainConfig, hyper: HyperConfig, seed: int, epochs: int, width: bool = True
+) -> dict[str, Any]:
     """The hyperparameters worth showing next to a result (not device or patience: they
-    change how a run is executed or cut short, not what it learns)."""
+    change how a run is executed or cut short, not what it learns; not ``width`` when the
+    network has none, `models.uses_width`)."""
     config = fit_config(train, hyper, seed, epochs)
     keys = TUNABLE + ("optimizer", "lr_schedule", "epochs", "model", "l1", "seed")
-    return {k: config[k] for k in keys}
+    return {k: config[k] for k in keys if width or k != "width"}
 
 
 def pick_device(requested: str) -> torch.device:

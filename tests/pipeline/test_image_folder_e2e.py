@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from kubetrain.config.settings import HyperConfig
 from kubetrain.core import storage
 from kubetrain.data.synthetic_images import generate_folder
 from kubetrain.serving.challenge import load_bundle
@@ -59,6 +60,13 @@ def test_s3_image_folder_trains_a_resnet_compresses_and_publishes(tmp_path, s3_e
     assert spec["arch"] == "resnet" and spec["image_shape"] == [3, 16, 16]
     assert summary["compressed"]["format"] == "onnx" and summary["compressed"]["bytes"] > 0
     assert storage.is_published(summary["published"])
+    # what the ResNet trained with: the image learning rate and batch (auto), no width
+    image = HyperConfig().for_kind("image")
+    best = summary["best_hyperparameters"]
+    assert "width" not in best and best["batch_size"] == image.batch_size
+    assert best["learning_rate"] == image.learning_rate
+    card = storage.read_bytes(summary["published"].rstrip("/") + "/model_card.md").decode()
+    assert f"- learning_rate: {image.learning_rate}" in card and "- width:" not in card
     # deploy ran after publish: locally the champion/challenger decision is recorded
     # (no earlier version of "shapes" is published, so the new model wins)
     assert "deploy" in status  # and succeeded, like every stage above

@@ -499,6 +499,11 @@ def test_describe_names_what_a_result_was_trained_with():
         "seed": 7,
     }
     assert list(shown)[: len(TUNABLE)] == list(TUNABLE)
+    resnet = describe(TrainConfig(), hyper, 7, 12, width=False)  # its shape sets its channels
+    assert "width" not in resnet and resnet == {k: v for k, v in shown.items() if k != "width"} | {
+        "optimizer": "adamw",
+        "l1": 0.0,
+    }
 
 
 def test_cnn_on_a_table_is_a_user_error(cancer):
