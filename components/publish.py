@@ -11,14 +11,14 @@ def publish(
     compressed_model: Input[Model],
     evaluation: Input[Artifact],
     table: Input[Dataset],
-    best_hyperparameters: dict,
     publish_uri: str,
     model_name: str,
     registry_url: str,
     run_id: str,
 ) -> str:
     """Upload ONNX + PyTorch weights + metrics + model card atomically, and register the
-    version in the Kubeflow Model Registry when registry_url is set; returns its URI."""
+    version in the Kubeflow Model Registry when registry_url is set; returns its URI. The
+    card's hyperparameters are those the trained model recorded."""
     from kubetrain.config import RunConfig
     from kubetrain.stages import publish_stage
 
@@ -28,7 +28,6 @@ def publish(
         compressed_model.path,
         evaluation.path,
         table.path,
-        best_hyperparameters,
         cfg.publish,
         run_id,
     )

@@ -847,24 +847,19 @@ def publish_stage(
     compressed_model: str,
     evaluation_path: str,
     table_path: str,
-    hyperparameters: dict[str, Any],
     publish: PublishConfig,
     run_id: str = "",
 ) -> str:
     from kubetrain.assessment.publish import publish_model
-    from kubetrain.training.models import arch_uses_width, read_spec
+    from kubetrain.training.loop import trained_hyperparameters
 
-    meta = read_meta(table_path)
-    best = HyperConfig().replace(hyperparameters or {}).for_kind(meta["kind"]).to_dict()
-    if not arch_uses_width(read_spec(trained_model).arch):
-        del best["width"]  # a ResNet's channels come from its shape: the value did nothing
     # a retry of the same KFP run targets the same version, and finishes or replaces it
     uri = publish_model(
         trained_model,
         compressed_model,
         evaluation_path,
-        meta,
-        best,
+        read_meta(table_path),
+        trained_hyperparameters(trained_model),  # as the train stage recorded them
         publish.publish_uri,
         publish.model_name,
         run_id=run_id,

@@ -195,7 +195,6 @@ def build_pipeline(policy: TaskPolicy = TaskPolicy()) -> Callable:
                     compressed_model=small.outputs["compressed_model"],
                     evaluation=judged.outputs["evaluation"],
                     table=raw.outputs["table"],
-                    best_hyperparameters=best,
                     run_id=run_id,
                 )
                 with dsl.If(params["deploy"] == True, name="deploy-requested"):  # noqa: E712

@@ -30,7 +30,6 @@ from typing import Any
 from kubetrain.core import progress, storage
 from kubetrain.core.errors import KubetrainError, require
 from kubetrain.core.markdown import md_text
-from kubetrain.data.packed_json import unpack
 
 # Run ids usable verbatim in a version name: one safe path segment, not too long.
 _SAFE_RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -174,9 +173,9 @@ def build_bundle(
     )
     if table_path:
         from kubetrain.data import raw_schema as schema
+        from kubetrain.training.models import read_info
 
-        info = unpack(json.loads((Path(trained_model) / "info.json").read_text()))
-        schema.write(out, table_path, info.get("schema") or {})
+        schema.write(out, table_path, read_info(trained_model).get("schema") or {})
 
 
 def publish_model(

@@ -488,11 +488,11 @@ def summarize(
 ) -> dict[str, Any]:
     evaluation = json.loads(Path(outputs["evaluation"].path).read_text())
     compression = outputs["compression"]
+    from kubetrain.training.loop import trained_hyperparameters
+
     trained = _meta(outputs["trained_model"])
-    # the values the model trained with (auto ones resolved, no width a ResNet ignores),
-    # typed again: KFP metadata holds every number as a float
-    used = {k: v for k, v in trained["hyperparameters"].items() if k in cfg.hyper.to_dict()}
-    best = {k: v for k, v in cfg.hyper.replace(used).to_dict().items() if k in used}
+    # the values the model trained with (auto ones resolved, no width a ResNet ignores)
+    best = trained_hyperparameters(outputs["trained_model"].path)
     if compression.get("skipped"):
         compressed: dict[str, Any] = {"skipped": True, "reason": compression["reason"]}
     else:
@@ -584,7 +584,9 @@ def write_report(path: Path, summary: dict[str, Any], outputs: dict[str, Any]) -
     clean_meta = _meta(outputs["train_split"])
     aug_meta = _meta(outputs["augmented"])
     trials_doc = outputs["tuning"]
-    model_info = json.loads((Path(outputs["trained_model"].path) / "info.json").read_text())
+    from kubetrain.training.models import read_info
+
+    model_info = read_info(outputs["trained_model"].path)
     evaluation = json.loads(Path(outputs["evaluation"].path).read_text())
     compression = outputs["compression"]
     classes = [str(c) for c in ingest_meta.get("classes", [])]

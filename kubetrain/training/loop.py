@@ -56,7 +56,7 @@ from kubetrain.core.errors import KubetrainError, require
 from kubetrain.data.datasets import Schema
 from kubetrain.training import checkpoint, distributed, stream
 from kubetrain.training.batch_augment import AugmentPolicy, augment_batch, mix, recorded
-from kubetrain.training.models import ModelSpec, build, spec_for
+from kubetrain.training.models import ModelSpec, build, read_info, spec_for
 from kubetrain.training.objective import Objective
 from kubetrain.training.resnet import load_initial_weights
 from kubetrain.training.stream import Stored, Streamed
@@ -127,6 +127,13 @@ def describe(
     config = fit_config(train, hyper, seed, epochs)
     keys = TUNABLE + ("optimizer", "lr_schedule", "epochs", "model", "l1", "seed")
     return {k: config[k] for k in keys if width or k != "width"}
+
+
+def trained_hyperparameters(model_path: str | os.PathLike) -> dict[str, Any]:
+    """The tunable values the model at ``model_path`` trained with, as the train stage
+    recorded them (`describe`: auto ones resolved, no width for a network without one)."""
+    recorded = read_info(model_path).get("hyperparameters", {})
+    return {k: v for k, v in recorded.items() if k in TUNABLE}
 
 
 def pick_device(requested: str) -> torch.device:

@@ -351,17 +351,7 @@ def choose_arch(requested: str, schema: Schema, rows: int = 0) -> str:
 def uses_width(requested: str, schema: Schema, rows: int = 0) -> bool:
     """Whether `HyperConfig.width` sizes the network model ``requested`` gets for
     ``schema``: not a ResNet's, whose channels come from `ResNetShape`."""
-    return arch_uses_width(choose_arch(requested, schema, rows))
-
-
-def arch_uses_width(arch: str) -> bool:
-    """`uses_width` of a built network's ``arch`` (`ModelSpec.arch`)."""
-    return not arch.startswith("resnet")
-
-
-def read_spec(path: str | os.PathLike) -> ModelSpec:
-    """A model bundle's `ModelSpec`, without loading its weights."""
-    return ModelSpec(**json.loads((Path(path) / "spec.json").read_text()))
+    return not choose_arch(requested, schema, rows).startswith("resnet")
 
 
 def spec_for(schema: Schema, arch: str, width: int, dropout: float, rows: int = 0) -> ModelSpec:
@@ -457,16 +447,18 @@ def load_model(path: str | os.PathLike) -> tuple[nn.Module, ModelSpec, dict[str,
             "pass the train stage's model output"
         )
     verify_checksums(root)
-    spec = read_spec(root)
+    spec = ModelSpec(**json.loads((root / "spec.json").read_text()))
     model = build(spec)
     model.load_state_dict(torch.load(root / "weights.pt", map_location="cpu", weights_only=True))
     model.eval()
-    info = (
-        unpack(json.loads((root / "info.json").read_text()))
-        if (root / "info.json").exists()
-        else {}
-    )
-    return model, spec, info
+    return model, spec, read_info(root)
+
+
+def read_info(path: str | os.PathLike) -> dict[str, Any]:
+    """What training recorded beside a model (``info.json``: hyperparameters, history,
+    preprocessing); empty when there is none."""
+    file = Path(path) / "info.json"
+    return unpack(json.loads(file.read_text())) if file.exists() else {}
 
 
 @torch.no_grad()

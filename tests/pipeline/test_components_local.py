@@ -79,7 +79,7 @@ NOT_SETTINGS = {
     "ingest": {"fingerprint"},
     "clean": {"cluster", "run_id"},
     "train": {"hyperparameters", "cluster", "run_id"},
-    "publish": {"best_hyperparameters", "run_id"},
+    "publish": {"run_id"},
     "tune": {"cluster", "run_id"},
     "evaluate": {"tuning"},
 }
@@ -234,7 +234,7 @@ def compressed(trained, cleaned):
 
 
 @pytest.fixture(scope="module")
-def published(tmp_path_factory, ingested, tuned, trained, evaluated, compressed):
+def published(tmp_path_factory, ingested, trained, evaluated, compressed):
     folder = tmp_path_factory.mktemp("published")
     uri = run(
         publish,
@@ -242,7 +242,6 @@ def published(tmp_path_factory, ingested, tuned, trained, evaluated, compressed)
         compressed_model=compressed["compressed_model"],
         evaluation=evaluated["evaluation"],
         table=ingested["table"],
-        best_hyperparameters=tuned["best_hyperparameters"],
         **settings(publish, publish_uri=str(folder)),
     )["Output"]
     return folder, uri

@@ -120,7 +120,6 @@ def train_bundle(d: Path, data: DataConfig, name: str, epochs: int, width: int) 
         str(d / "small"),
         str(d / "eval.json"),
         table,
-        {"width": width},
         PublishConfig(publish_uri=str(d / "published"), model_name=name),
         run_id="serving-test",
     )
